@@ -1,0 +1,213 @@
+"""The ONNX model contract shared by ``training`` (which writes it) and the runtime (which reads it).
+
+One file carries everything the consumer needs: the graph, the detection boundary, the input
+shape and the provenance. Keeping the contract in the torch-free runtime package means the
+exporter and the scorer cannot drift apart: both import these names and this pydantic model.
+
+Graph I/O:
+    inputs  ``image`` float32 [N, C, H, W] in [0, 1]; ``label`` int64 [N]; N is dynamic.
+    outputs ``score`` float32 [N] (higher = more trustworthy);
+            ``poisoned`` bool [N] (score below the boundary of that sample's class);
+            ``p_value`` float32 [N] (optional: conformal p-value against the calibration split).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = "1"
+
+INPUT_IMAGE = "image"
+INPUT_LABEL = "label"
+OUTPUT_SCORE = "score"
+OUTPUT_POISONED = "poisoned"
+OUTPUT_P_VALUE = "p_value"
+
+REQUIRED_INPUTS = (INPUT_IMAGE, INPUT_LABEL)
+REQUIRED_OUTPUTS = (OUTPUT_SCORE, OUTPUT_POISONED)
+
+# metadata_props keys (all values are strings in ONNX).
+META_PREFIX = "depois."
+META_SCHEMA_VERSION = "depois.schema_version"
+META_BOUNDARY = "depois.boundary"
+META_TARGET_FPR = "depois.target_fpr"
+META_INPUT_SHAPE = "depois.input_shape"
+META_NUM_CLASSES = "depois.num_classes"
+META_DATASET = "depois.dataset"
+META_SCORE_KIND = "depois.score_kind"
+META_MODEL_VERSION = "depois.model_version"
+META_CREATED_AT = "depois.created_at"
+META_WEIGHTS_SHA256 = "depois.weights_sha256"
+META_HAS_P_VALUE = "depois.has_p_value"
+
+ScoreKind = Literal["critic", "fused"]
+
+
+class ContractError(ValueError):
+    """A model file that does not honour the contract; the message says what to fix."""
+
+
+class Boundary(BaseModel):
+    """Detection boundary: a sample is poisoned when its score is below its class's threshold.
+
+    ``global_`` is always set (it is the fallback and what dashboards show); ``per_class`` is
+    present when the boundary was calibrated per class. ``paper_mean_k_std`` records the
+    original De-Pois rule (mean - k*std of the calibration scores) for comparison only.
+    """
+
+    model_config = ConfigDict(populate_by_name=True, frozen=True)
+
+    global_: float = Field(alias="global")
+    per_class: list[float] | None = None
+    paper_mean_k_std: float | None = None
+    paper_k: float | None = None
+
+    def for_labels(self, labels: "object") -> "object":
+        """Vectorised threshold per sample (numpy array in, numpy array out)."""
+        import numpy as np
+
+        labels = np.asarray(labels, dtype=np.int64)
+        if self.per_class is None:
+            return np.full(labels.shape, self.global_, dtype=np.float32)
+        return np.asarray(self.per_class, dtype=np.float32)[labels]
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, exclude_none=True), sort_keys=True)
+
+
+class ModelMetadata(BaseModel):
+    """Typed view of the ``depois.*`` metadata_props of a model file."""
+
+    model_config = ConfigDict(frozen=True)
+
+    schema_version: str
+    boundary: Boundary
+    target_fpr: float = Field(gt=0.0, lt=1.0)
+    input_shape: tuple[int, int, int]
+    num_classes: int = Field(ge=2)
+    dataset: str
+    score_kind: ScoreKind
+    model_version: str = Field(min_length=1)
+    created_at: str
+    weights_sha256: str | None = None
+    has_p_value: bool = False
+
+    @field_validator("schema_version")
+    @classmethod
+    def _known_schema(cls, v: str) -> str:
+        if v != SCHEMA_VERSION:
+            raise ValueError(
+                f"model schema_version {v!r} is not supported by this runtime (expects "
+                f"{SCHEMA_VERSION!r}); re-export the model with a matching depois-train"
+            )
+        return v
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(d <= 0 for d in v):
+            raise ValueError(f"input_shape must be positive, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _per_class_matches(self) -> "ModelMetadata":
+        pc = self.boundary.per_class
+        if pc is not None and len(pc) != self.num_classes:
+            raise ValueError(
+                f"boundary.per_class has {len(pc)} entries but num_classes is {self.num_classes}"
+            )
+        return self
+
+    def to_props(self) -> dict[str, str]:
+        """Serialise to ONNX metadata_props (string -> string)."""
+        props = {
+            META_SCHEMA_VERSION: self.schema_version,
+            META_BOUNDARY: self.boundary.to_json(),
+            META_TARGET_FPR: repr(float(self.target_fpr)),
+            META_INPUT_SHAPE: ",".join(str(d) for d in self.input_shape),
+            META_NUM_CLASSES: str(self.num_classes),
+            META_DATASET: self.dataset,
+            META_SCORE_KIND: self.score_kind,
+            META_MODEL_VERSION: self.model_version,
+            META_CREATED_AT: self.created_at,
+            META_HAS_P_VALUE: "true" if self.has_p_value else "false",
+        }
+        if self.weights_sha256:
+            props[META_WEIGHTS_SHA256] = self.weights_sha256
+        return props
+
+    @classmethod
+    def from_props(cls, props: Mapping[str, str]) -> "ModelMetadata":
+        """Parse ONNX metadata_props; raise ContractError naming the missing or bad key."""
+        required = [
+            META_SCHEMA_VERSION, META_BOUNDARY, META_TARGET_FPR, META_INPUT_SHAPE,
+            META_NUM_CLASSES, META_DATASET, META_SCORE_KIND, META_MODEL_VERSION, META_CREATED_AT,
+        ]
+        missing = [k for k in required if k not in props]
+        if missing:
+            raise ContractError(
+                f"model metadata lacks {', '.join(missing)}; export it with "
+                "`depois-train export-onnx`, which writes every depois.* key"
+            )
+        try:
+            return cls(
+                schema_version=props[META_SCHEMA_VERSION],
+                boundary=Boundary.model_validate_json(props[META_BOUNDARY]),
+                target_fpr=float(props[META_TARGET_FPR]),
+                input_shape=tuple(int(x) for x in props[META_INPUT_SHAPE].split(",")),
+                num_classes=int(props[META_NUM_CLASSES]),
+                dataset=props[META_DATASET],
+                score_kind=props[META_SCORE_KIND],
+                model_version=props[META_MODEL_VERSION],
+                created_at=props[META_CREATED_AT],
+                weights_sha256=props.get(META_WEIGHTS_SHA256),
+                has_p_value=props.get(META_HAS_P_VALUE, "false") == "true",
+            )
+        except (ValidationError, ValueError) as exc:
+            raise ContractError(f"model metadata is invalid: {exc}") from exc
+
+
+class ModelCard(BaseModel):
+    """The JSON written beside the ONNX file: provenance plus the file's sha256.
+
+    The sha256 of the ONNX file cannot live inside the file itself, so the card carries it and
+    the runtime refuses a model whose bytes do not match its card (tampering or a half-copied
+    file both show up here).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    onnx_file: str
+    onnx_sha256: str
+    metadata: ModelMetadata
+    dataset: str
+    sizes: dict[str, int] = Field(default_factory=dict)
+    seed: int | None = None
+    steps: dict[str, int] = Field(default_factory=dict)
+    times_s: dict[str, float] = Field(default_factory=dict)
+    calibration: dict[str, float] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
+def card_path_for(model_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.card.json`` (same folder)."""
+    p = Path(model_path)
+    return p.with_name(p.stem + ".card.json")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
