@@ -1,0 +1,70 @@
+"""Tiny HTTP endpoint: ``/metrics`` for Prometheus, ``/healthz`` and ``/readyz`` for orchestrators.
+
+prometheus-client's own server answers every path with metrics, which makes liveness and
+readiness probes meaningless; this one keeps the three apart while still using its exposition.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+Readiness = Callable[[], dict[str, bool]]
+
+
+class HealthServer:
+    """Serve metrics and probes from a daemon thread; ``port=0`` picks a free port."""
+
+    def __init__(self, registry: CollectorRegistry, readiness: Readiness,
+                 host: str = "127.0.0.1", port: int = 9108) -> None:
+        handler = _make_handler(registry, readiness)
+        self._server = ThreadingHTTPServer((host, port), handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="depois-http",
+                                        daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> "HealthServer":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _make_handler(registry: CollectorRegistry, readiness: Readiness) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._send(200, b'{"status": "alive"}', "application/json")
+            elif path == "/readyz":
+                checks = readiness()
+                ok = all(checks.values())
+                body = json.dumps({"ready": ok, "checks": checks}).encode()
+                self._send(200 if ok else 503, body, "application/json")
+            else:
+                self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # scrapes are not news
+            return
+
+    return Handler

@@ -1,0 +1,107 @@
+"""Prometheus metrics of the consumer and the replay tool.
+
+Every metric lives on an explicit ``CollectorRegistry`` owned by a ``Metrics`` object, so two
+consumers in one test process (or a consumer and a replay run) never collide on the global
+registry. Label values are bounded sets: topics, partitions, destinations, reason codes, class
+labels; never a sample id.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+NAMESPACE = "depois"
+
+DESTINATIONS = ("clean", "quarantine", "dlq")
+
+# Scores are z-scale for the fused score (standardised on the calibration split) and roughly so
+# for the critic; the buckets are dense around the usual boundaries (-3..0) and wide at the tails.
+SCORE_BUCKETS = (
+    -50.0, -20.0, -10.0, -8.0, -6.0, -5.0, -4.0, -3.5, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5,
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    """All depois metrics on one registry (pass ``registry=None`` for a fresh private one)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r, ns = self.registry, NAMESPACE
+
+        self.records_consumed = Counter(
+            "records_consumed", "Records read from the ingest topic.", ["topic"],
+            namespace=ns, registry=r)
+        self.records_routed = Counter(
+            "records_routed", "Records produced to an output topic, by destination.",
+            ["destination"], namespace=ns, registry=r)
+        self.dead_lettered = Counter(
+            "dead_lettered", "Records sent to the dead-letter topic, by bounded reason code.",
+            ["reason"], namespace=ns, registry=r)
+        self.quarantined_by_label = Counter(
+            "quarantined_by_label", "Quarantined records by their claimed class label.",
+            ["label"], namespace=ns, registry=r)
+        self.score = Histogram(
+            "score", "Detector score of every scored record (higher = more trustworthy).",
+            buckets=SCORE_BUCKETS, namespace=ns, registry=r)
+        self.poison_rate = Gauge(
+            "poison_rate", "Quarantined fraction of scored records over the sliding window.",
+            namespace=ns, registry=r)
+        self.batch_size = Histogram(
+            "batch_size", "Records per scored batch.", buckets=BATCH_BUCKETS,
+            namespace=ns, registry=r)
+        self.inference_duration = Histogram(
+            "inference_duration_seconds", "Wall time of one onnxruntime batch run.",
+            ["provider"], buckets=INFERENCE_BUCKETS, namespace=ns, registry=r)
+        self.end_to_end_latency = Histogram(
+            "end_to_end_latency_seconds",
+            "Record timestamp to output produced (acknowledged), per record.",
+            buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
+        self.consumer_lag = Gauge(
+            "consumer_lag", "Records between the committed position and the partition end.",
+            ["topic", "partition"], namespace=ns, registry=r)
+        self.partitions_assigned = Gauge(
+            "partitions_assigned", "Ingest partitions currently assigned to this member.",
+            namespace=ns, registry=r)
+        self.commits = Counter(
+            "commits", "Successful offset commits.", namespace=ns, registry=r)
+        self.commit_failures = Counter(
+            "commit_failures", "Offset commits that failed (the batch will be re-delivered).",
+            namespace=ns, registry=r)
+        self.produce_retries = Counter(
+            "produce_retries", "Batch produce attempts that failed and were retried.",
+            namespace=ns, registry=r)
+        self.detection_boundary = Gauge(
+            "detection_boundary", "Global detection boundary of the loaded model.",
+            namespace=ns, registry=r)
+        self.circuit_open = Gauge(
+            "circuit_breaker_open", "1 while the poison-rate circuit breaker pauses consumption.",
+            namespace=ns, registry=r)
+        self.circuit_trips = Counter(
+            "circuit_breaker_trips", "Times the poison-rate circuit breaker opened.",
+            namespace=ns, registry=r)
+        self.model_info = Info(
+            "model", "Loaded model: version, sha256, provider actually used, score kind, data set.",
+            namespace=ns, registry=r)
+        self.provider_fallback = Gauge(
+            "provider_fallback",
+            "1 when a GPU provider was requested (or auto found one) but the session runs on CPU.",
+            namespace=ns, registry=r)
+        self.model_reloads = Counter(
+            "model_reloads", "Hot-reload attempts, by outcome (loaded|rejected).", ["outcome"],
+            namespace=ns, registry=r)
+        self.last_batch_timestamp = Gauge(
+            "last_batch_timestamp_seconds", "Unix time of the last committed batch.",
+            namespace=ns, registry=r)
+        self.replay_outcomes = Counter(
+            "replay_outcomes",
+            "Replay tool outcomes by action (list|export|rescore|release) and outcome.",
+            ["action", "outcome"], namespace=ns, registry=r)
+
+        for d in DESTINATIONS:  # export zeros so rate() works before the first record of a kind
+            self.records_routed.labels(destination=d)
+        self.model_reloads.labels(outcome="loaded")
+        self.model_reloads.labels(outcome="rejected")
