@@ -1,0 +1,31 @@
+# depois-stream developer entry points. Everything runs inside .venv so a fresh machine needs
+# only python3 (>= 3.10); torch is pinned to the CPU wheel (an unpinned torch pulls CUDA builds).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test test-fast bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[train,eval,dev]'
+
+demo: install
+	$(BIN)/python -m depois_stream.demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast:
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf artifacts runs .pytest_cache

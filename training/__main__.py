@@ -1,0 +1,3 @@
+from training.cli import app
+
+app(prog_name="depois-train")
