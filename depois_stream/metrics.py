@@ -105,3 +105,23 @@ class Metrics:
             self.records_routed.labels(destination=d)
         self.model_reloads.labels(outcome="loaded")
         self.model_reloads.labels(outcome="rejected")
+
+
+def observe_many(histogram: Histogram, values: "np.ndarray") -> None:
+    """Observe a whole batch at once: one bucket count per bucket instead of one call per value.
+
+    ``Histogram.observe`` costs a Python loop over the buckets per value, which at stream rates
+    is a noticeable share of the hot path; the result is identical to observing each value.
+    """
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return
+    bounds = np.asarray(histogram._upper_bounds, dtype=np.float64)
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    for bucket, count in zip(histogram._buckets, counts.tolist()):
+        if count:
+            bucket.inc(count)
+    histogram._sum.inc(float(values.sum()))
