@@ -40,6 +40,20 @@ class PoisonedStream:
     def poison_rate(self) -> float:
         return float(self.is_poison.mean()) if self.is_poison.size else 0.0
 
+    @classmethod
+    def from_slots(cls, data: Labeled, slots: np.ndarray, attack: str, images: np.ndarray | None = None,
+                   labels: np.ndarray | None = None, target_label: int | None = None) -> "PoisonedStream":
+        """Wrap the attacked arrays (or ``data``'s own where untouched) with the poison mask."""
+        is_poison = np.zeros(len(data.labels), dtype=bool)
+        is_poison[slots] = True
+        return cls(
+            images=np.asarray(data.images if images is None else images, dtype=np.float32),
+            labels=np.asarray(data.labels if labels is None else labels, dtype=np.int64),
+            is_poison=is_poison,
+            attack=attack,
+            target_label=target_label,
+        )
+
 
 def poison_count(n: int, rate: float) -> int:
     """How many of ``n`` slots a ``rate`` poisons; rejects rates that cannot be honoured."""
@@ -61,19 +75,6 @@ def _pick(rng: np.random.Generator, candidates: np.ndarray, n: int, attack: str)
     return np.sort(rng.choice(candidates, size=n, replace=False))
 
 
-def _stream(data: Labeled, idx: np.ndarray, attack: str, images: np.ndarray | None = None,
-            labels: np.ndarray | None = None, target_label: int | None = None) -> PoisonedStream:
-    is_poison = np.zeros(len(data.labels), dtype=bool)
-    is_poison[idx] = True
-    return PoisonedStream(
-        images=np.asarray(data.images if images is None else images, dtype=np.float32),
-        labels=np.asarray(data.labels if labels is None else labels, dtype=np.int64),
-        is_poison=is_poison,
-        attack=attack,
-        target_label=target_label,
-    )
-
-
 def random_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
     """Each poisoned sample gets a label drawn uniformly from the *other* classes."""
     k = _num_classes(data, num_classes)
@@ -81,7 +82,7 @@ def random_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | Non
     idx = _pick(rng, np.arange(len(data.labels)), poison_count(len(data.labels), rate), "random_flip")
     labels = data.labels.copy()
     labels[idx] = (labels[idx] + rng.integers(1, k, size=idx.size)) % k
-    return _stream(data, idx, "random_flip", labels=labels)
+    return PoisonedStream.from_slots(data, idx, "random_flip", labels=labels)
 
 
 def systematic_shift(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
@@ -91,7 +92,7 @@ def systematic_shift(data: Labeled, rate: float, seed: int, *, num_classes: int 
     idx = _pick(rng, np.arange(len(data.labels)), poison_count(len(data.labels), rate), "systematic_shift")
     labels = data.labels.copy()
     labels[idx] = (labels[idx] + 1) % k
-    return _stream(data, idx, "systematic_shift", labels=labels)
+    return PoisonedStream.from_slots(data, idx, "systematic_shift", labels=labels)
 
 
 def targeted_flip(data: Labeled, rate: float, seed: int, *, source: int = 1, target: int = 7) -> PoisonedStream:
@@ -116,7 +117,7 @@ def targeted_flip(data: Labeled, rate: float, seed: int, *, source: int = 1, tar
     idx = np.sort(np.concatenate([flipped, injected]))
     labels = data.labels.copy()
     labels[idx] = target
-    return _stream(data, idx, "targeted_flip", images=images, labels=labels, target_label=target)
+    return PoisonedStream.from_slots(data, idx, "targeted_flip", images=images, labels=labels, target_label=target)
 
 
 def trigger_size(height: int) -> int:
@@ -146,7 +147,7 @@ def backdoor_patch(data: Labeled, rate: float, seed: int, *, target: int = 0) ->
     images[idx] = apply_trigger(images[idx])
     labels = data.labels.copy()
     labels[idx] = target
-    return _stream(data, idx, "backdoor", images=images, labels=labels, target_label=target)
+    return PoisonedStream.from_slots(data, idx, "backdoor", images=images, labels=labels, target_label=target)
 
 
 def resize_area(images: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -186,4 +187,4 @@ def ood_injection(data: Labeled, rate: float, seed: int, *, donor: np.ndarray | 
     images[idx] = fresh
     labels = data.labels.copy()
     labels[idx] = rng.integers(0, k, size=idx.size)
-    return _stream(data, idx, "ood_injection", images=images, labels=labels)
+    return PoisonedStream.from_slots(data, idx, "ood_injection", images=images, labels=labels)

@@ -1,0 +1,148 @@
+"""Attacks poison exactly the requested share, keep the stream's shape, and repeat under a seed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from depois_stream.attacks import (
+    PoisonedStream,
+    apply_trigger,
+    backdoor_patch,
+    ood_injection,
+    random_flip,
+    resize_area,
+    systematic_shift,
+    targeted_flip,
+    trigger_size,
+)
+from training.attacks import ATTACKS, CollisionConfig, GPConfig, feature_collision, gp_attack
+from training.downstream import ClassifierConfig
+
+
+@dataclass(frozen=True)
+class Data:
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int = 10
+
+
+@pytest.fixture(scope="module")
+def digits() -> Data:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    return Data((bunch.images[:400] / 16.0).astype(np.float32)[:, None], bunch.target[:400].astype(np.int64))
+
+
+def changed(data: Data, s: PoisonedStream) -> np.ndarray:
+    img = np.any(s.images != data.images, axis=(1, 2, 3))
+    return img | (s.labels != data.labels)
+
+
+NUMPY_ATTACKS = {
+    "random_flip": random_flip,
+    "systematic_shift": systematic_shift,
+    "targeted_flip": targeted_flip,
+    "backdoor": backdoor_patch,
+    "ood_injection": ood_injection,
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_ATTACKS))
+@pytest.mark.parametrize("rate", [0.0, 0.1, 0.3])
+def test_numpy_attack_changes_exactly_the_poisoned_slots(digits: Data, name: str, rate: float) -> None:
+    s = NUMPY_ATTACKS[name](digits, rate, seed=3)
+    assert s.images.shape == digits.images.shape and s.images.dtype == np.float32
+    assert s.labels.shape == digits.labels.shape and s.labels.dtype == np.int64
+    assert s.is_poison.sum() == round(rate * len(digits.labels))
+    np.testing.assert_array_equal(changed(digits, s), s.is_poison)
+    assert s.images.min() >= 0.0 and s.images.max() <= 1.0
+    assert s.labels.min() >= 0 and s.labels.max() < 10
+
+
+@pytest.mark.parametrize("name", sorted(NUMPY_ATTACKS))
+def test_numpy_attack_is_deterministic_and_leaves_input_alone(digits: Data, name: str) -> None:
+    before = digits.images.copy(), digits.labels.copy()
+    a, b = NUMPY_ATTACKS[name](digits, 0.2, seed=7), NUMPY_ATTACKS[name](digits, 0.2, seed=7)
+    other = NUMPY_ATTACKS[name](digits, 0.2, seed=8)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.is_poison, other.is_poison)
+    np.testing.assert_array_equal(digits.images, before[0])
+    np.testing.assert_array_equal(digits.labels, before[1])
+
+
+def test_label_rules(digits: Data) -> None:
+    shift = systematic_shift(digits, 0.3, seed=0)
+    np.testing.assert_array_equal(shift.labels[shift.is_poison], (digits.labels[shift.is_poison] + 1) % 10)
+    flip = random_flip(digits, 0.3, seed=0)
+    assert np.all(flip.labels[flip.is_poison] != digits.labels[flip.is_poison])
+    assert len(np.unique(flip.labels[flip.is_poison] - digits.labels[flip.is_poison])) > 2
+
+
+def test_targeted_flip_teaches_source_as_target(digits: Data) -> None:
+    # 40 ones in 400 samples: rate 0.3 flips all of them, then injects 80 copies of ones.
+    s = targeted_flip(digits, 0.3, seed=0, source=1, target=7)
+    assert np.all(s.labels[s.is_poison] == 7)
+    assert np.all(s.labels[digits.labels == 1] == 7)
+    ones = {im.tobytes() for im in digits.images[digits.labels == 1]}
+    assert all(im.tobytes() in ones for im in s.images[s.is_poison])
+
+
+def test_backdoor_stamps_trigger_on_other_classes(digits: Data) -> None:
+    s = backdoor_patch(digits, 0.2, seed=0, target=0)
+    assert np.all(digits.labels[s.is_poison] != 0) and np.all(s.labels[s.is_poison] == 0)
+    np.testing.assert_array_equal(s.images[s.is_poison], apply_trigger(digits.images[s.is_poison]))
+    assert trigger_size(8) == 2 and trigger_size(28) == 4
+
+
+def test_ood_injection_uses_donor_resized_or_noise(digits: Data) -> None:
+    donor = np.zeros((5, 1, 28, 28), np.float32)
+    donor[:, :, 10:18, 10:18] = 1.0  # a centred square -> a 2x2 bright centre at 8x8
+    s = ood_injection(digits, 0.1, seed=0, donor=donor)
+    np.testing.assert_allclose(s.images[s.is_poison], resize_area(donor[:1], 8, 8).repeat(40, 0))
+    noise = ood_injection(digits, 0.1, seed=0)
+    assert noise.images[noise.is_poison].std() > 0.2
+
+
+def test_resize_area_keeps_mean_intensity() -> None:
+    img = np.random.default_rng(0).random((3, 1, 32, 32)).astype(np.float32)
+    np.testing.assert_allclose(resize_area(img, 8, 8).mean(axis=(1, 2, 3)), img.mean(axis=(1, 2, 3)), rtol=1e-5)
+
+
+def test_runtime_attacks_do_not_import_torch() -> None:
+    code = "import sys, depois_stream.attacks; assert 'torch' not in sys.modules and 'sklearn' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_registry_names_every_attack_and_one_clean_label() -> None:
+    assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == set(ATTACKS)
+    assert [n for n, spec in ATTACKS.items() if spec.clean_label] == ["feature_collision"]
+
+
+SMALL_NET = ClassifierConfig(hidden=32, steps=60)
+
+
+def test_gp_attack_poisons_exact_share_with_shifted_labels(digits: Data) -> None:
+    cfg = GPConfig(pretrain_steps=80, attack_steps=40, target=SMALL_NET)
+    a, b = gp_attack(digits, 0.2, seed=1, config=cfg), gp_attack(digits, 0.2, seed=1, config=cfg)
+    assert a.is_poison.sum() == 80 and a.images.dtype == np.float32 and a.images.shape == digits.images.shape
+    np.testing.assert_array_equal(a.labels[a.is_poison], (digits.labels[a.is_poison] + 1) % 10)
+    np.testing.assert_array_equal(a.images[~a.is_poison], digits.images[~a.is_poison])
+    np.testing.assert_array_equal(a.images, b.images)
+    assert 0.0 <= a.images.min() and a.images.max() <= 1.0
+
+
+def test_feature_collision_keeps_labels_and_epsilon(digits: Data) -> None:
+    cfg = CollisionConfig(epsilon=0.1, steps=30, surrogate=SMALL_NET)
+    s = feature_collision(digits, 0.1, seed=2, config=cfg)
+    np.testing.assert_array_equal(s.labels, digits.labels)
+    assert s.is_poison.sum() == 40 and np.all(digits.labels[s.is_poison] != cfg.target_class)
+    delta = np.abs(s.images - digits.images)
+    assert delta.max() <= 0.1 + 1e-6 and np.all(delta[s.is_poison].max(axis=(1, 2, 3)) > 0)
+    assert np.all(delta[~s.is_poison] == 0)
