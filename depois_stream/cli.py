@@ -180,3 +180,7 @@ app.command()(produce)
 from depois_stream.replay_cli import replay_app  # noqa: E402  (registration only)
 
 app.add_typer(replay_app, name="replay")
+
+from depois_stream.report import report_command  # noqa: E402  (registration only)
+
+app.command("report")(report_command)
