@@ -407,12 +407,13 @@ def report_command(
         "1m", help="Value for Grafana's $__rate_interval: at least 4x the scrape interval."),
     end: float | None = typer.Option(None, help="Unix time the report ends at (default: now)."),
 ) -> None:
-    """Render the Grafana dashboard's panels to one PNG, from the same queries, via Prometheus.
+    """Render the Grafana dashboard's panels to one PNG, from the same queries.
 
-    For when Grafana is not at hand (CI, an incident ticket, a review): every panel of the
-    dashboard JSON becomes one chart, in dashboard order. Panels whose query fails show the
-    Prometheus error and make the command exit 1 after the PNG is written; panels with no data
-    say so.
+    For when Grafana is not at hand (CI, an incident ticket, a review): each
+    panel of the dashboard JSON becomes one chart, in dashboard order, from
+    Prometheus' HTTP API. A panel whose query fails shows the Prometheus error
+    and makes the command exit 1 after the PNG is written; exit 2 means
+    Prometheus could not be reached at all.
     """
     for name, value in (("--range", range_), ("--rate-interval", rate_interval)):
         try:
