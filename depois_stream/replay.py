@@ -1,0 +1,483 @@
+"""Read quarantined records back, select the ones a reviewer asks for, and release them.
+
+The selection and release planning are pure functions over ``QuarantinedRecord`` so the rules
+(what a filter means, what the loop guard refuses, what a released record carries) can be read
+and tested without a broker. The Kafka side is thin and deliberately conservative: it reads with
+manual ``assign()`` and no group id, so it can never commit, and therefore never move, the live
+consumer's offsets, whatever topic or group the operator points it at.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from depois_stream import headers as H
+from depois_stream.audit import (
+    DEFAULT_AUDIT_TOPIC, AuditRecord, RecordLocation, parse_audit_values, released_ids,
+)
+from depois_stream.contract import utc_now_iso
+from depois_stream.metrics import Metrics
+
+CLIENT_ID = "depois-replay"
+# Why a quarantine record is there when the router gave no error class: its score was below the
+# boundary. DLQ records carry their own bounded reason code in depois.error_class.
+REASON_BELOW_BOUNDARY = "below_boundary"
+
+# Replay decides these itself; in particular a group id would let it commit offsets.
+_OWNED_KAFKA_KEYS = frozenset({
+    "bootstrap_servers", "group_id", "enable_auto_commit", "auto_offset_reset", "client_id",
+    "acks", "key_deserializer", "value_deserializer", "key_serializer", "value_serializer",
+})
+
+SkipReason = Literal["already_released", "loop_guard", "not_quarantined", "duplicate"]
+
+
+class ReplayError(RuntimeError):
+    """Replay cannot proceed; the message says what to fix."""
+
+
+class ReplaySettings(BaseSettings):
+    """Where replay reads and writes; the same ``DEPOIS_*`` variables the consumer uses."""
+
+    model_config = SettingsConfigDict(env_prefix="DEPOIS_", extra="ignore")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    quarantine_topic: str = "depois.quarantine"
+    clean_topic: str = "depois.clean"
+    audit_topic: str = DEFAULT_AUDIT_TOPIC
+    kafka: dict[str, Any] = {}  # security passthrough (sasl_*, ssl_*, security_protocol)
+    read_timeout_s: float = 60.0
+
+    @field_validator("kafka")
+    @classmethod
+    def _passthrough_only(cls, v: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted(set(v) & _OWNED_KAFKA_KEYS)
+        if owned:
+            raise ValueError(f"{owned} are chosen by replay itself: it reads without a consumer "
+                             "group so that it can never commit the live consumer's offsets")
+        return v
+
+
+@dataclass(frozen=True)
+class QuarantinedRecord:
+    """One record of the quarantine (or dead-letter) topic with its router headers parsed."""
+
+    location: RecordLocation
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...]
+    h: dict[str, str] = field(repr=False)
+
+    @classmethod
+    def from_kafka(cls, topic: str, partition: int, offset: int, timestamp_ms: int | None,
+                   key: bytes | None, value: bytes | None,
+                   headers: Sequence[tuple[str, bytes]] | None) -> "QuarantinedRecord":
+        raw = tuple(headers or ())
+        return cls(RecordLocation(topic=topic, partition=partition, offset=offset,
+                                  timestamp_ms=timestamp_ms),
+                   key, value, raw, H.as_dict(list(raw)))
+
+    @property
+    def sample_id(self) -> str:
+        """The message key (the contract's sample id); a record without one is named by place."""
+        if self.key:
+            return self.key.decode("utf-8", "replace")
+        loc = self.source or self.location
+        return f"{loc.topic}:{loc.partition}:{loc.offset}"
+
+    @property
+    def verdict(self) -> str | None:
+        return self.h.get(H.VERDICT)
+
+    @property
+    def label(self) -> int | None:
+        return _int(self.h.get(H.LABEL))
+
+    @property
+    def score(self) -> float | None:
+        return _float(self.h.get(H.SCORE))
+
+    @property
+    def boundary(self) -> float | None:
+        return _float(self.h.get(H.BOUNDARY))
+
+    @property
+    def p_value(self) -> float | None:
+        return _float(self.h.get(H.P_VALUE))
+
+    @property
+    def model_version(self) -> str | None:
+        return self.h.get(H.MODEL_VERSION)
+
+    @property
+    def model_sha256(self) -> str | None:
+        return self.h.get(H.MODEL_SHA256)
+
+    @property
+    def content_type(self) -> str | None:
+        return self.h.get(H.CONTENT_TYPE)
+
+    @property
+    def replay_count(self) -> int:
+        return _int(self.h.get(H.REPLAY_COUNT)) or 0
+
+    @property
+    def source(self) -> RecordLocation | None:
+        topic, partition = self.h.get(H.SOURCE_TOPIC), _int(self.h.get(H.SOURCE_PARTITION))
+        offset = _int(self.h.get(H.SOURCE_OFFSET))
+        if topic is None or partition is None or offset is None:
+            return None
+        return RecordLocation(topic=topic, partition=partition, offset=offset,
+                              timestamp_ms=_int(self.h.get(H.SOURCE_TIMESTAMP)))
+
+    @property
+    def reason(self) -> str:
+        """Bounded code for why the record is here (the filter's ``reason``)."""
+        if self.h.get(H.ERROR_CLASS):
+            return self.h[H.ERROR_CLASS]
+        score, boundary = self.score, self.boundary
+        if score is not None and boundary is not None and score < boundary:
+            return REASON_BELOW_BOUNDARY
+        return self.verdict or "unknown"
+
+
+def _int(text: str | None) -> int | None:
+    try:
+        return int(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
+class ReplayFilter(BaseModel):
+    """What a reviewer selects; every field left ``None`` matches everything.
+
+    Score bounds are inclusive. A record without the header a set field needs (a dead-letter
+    record has no score) does not match that field: a filter should never widen by accident.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    ids: frozenset[str] | None = None
+    labels: frozenset[int] | None = None
+    min_score: float | None = None
+    max_score: float | None = None
+    model_versions: frozenset[str] | None = None
+    source_partitions: frozenset[int] | None = None
+    reasons: frozenset[str] | None = None
+
+    @property
+    def selects_everything(self) -> bool:
+        return all(v is None for v in self.model_dump().values())
+
+    def matches(self, r: QuarantinedRecord) -> bool:
+        score = r.score
+        source = r.source
+        return (
+            (self.ids is None or r.sample_id in self.ids)
+            and (self.labels is None or r.label in self.labels)
+            and (self.min_score is None or (score is not None and score >= self.min_score))
+            and (self.max_score is None or (score is not None and score <= self.max_score))
+            and (self.model_versions is None or r.model_version in self.model_versions)
+            and (self.source_partitions is None
+                 or (source is not None and source.partition in self.source_partitions))
+            and (self.reasons is None or r.reason in self.reasons)
+        )
+
+
+def select(records: Iterable[QuarantinedRecord], flt: ReplayFilter) -> list[QuarantinedRecord]:
+    return [r for r in records if flt.matches(r)]
+
+
+class ReadWindow(BaseModel):
+    """Which part of a topic to read: all of it, a time range, or explicit offsets.
+
+    ``offsets`` maps partition -> (first, last) with ``last`` inclusive or ``None`` for "to the
+    end"; partitions not named are not read. Times are record timestamps in epoch ms, ``since``
+    inclusive and ``until`` exclusive; they seek with ``offsets_for_times`` and are also checked
+    per record, because a broker's timestamp index is only a hint (Tansu ignores it).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    since_ms: int | None = None
+    until_ms: int | None = None
+    offsets: dict[int, tuple[int, int | None]] | None = None
+
+    def contains(self, partition: int, offset: int, timestamp_ms: int | None) -> bool:
+        if self.offsets is not None:
+            if partition not in self.offsets:
+                return False
+            first, last = self.offsets[partition]
+            if offset < first or (last is not None and offset > last):
+                return False
+        if self.since_ms is not None and (timestamp_ms is None or timestamp_ms < self.since_ms):
+            return False
+        if self.until_ms is not None and (timestamp_ms is None or timestamp_ms >= self.until_ms):
+            return False
+        return True
+
+
+def parse_offsets(specs: Sequence[str]) -> dict[int, tuple[int, int | None]]:
+    """``["0:10-20", "1:5"]`` -> {0: (10, 20), 1: (5, None)}; raises ValueError naming the bad one."""
+    out: dict[int, tuple[int, int | None]] = {}
+    for spec in specs:
+        try:
+            part, _, rng = spec.partition(":")
+            first, dash, last = rng.partition("-")
+            p, lo = int(part), int(first)
+            hi = int(last) if dash and last else None
+        except ValueError:
+            raise ValueError(f"offset range {spec!r} is not PARTITION:FIRST[-LAST], "
+                             "e.g. 0:120-180 or 2:40") from None
+        if p < 0 or lo < 0 or (hi is not None and hi < lo):
+            raise ValueError(f"offset range {spec!r} is empty or negative")
+        out[p] = (lo, hi)
+    return out
+
+
+# ---------------------------------------------------------------- release planning (pure)
+
+@dataclass
+class ReleasePlan:
+    release: list[QuarantinedRecord]
+    skipped: list[tuple[QuarantinedRecord, SkipReason]]
+
+
+def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str]) -> ReleasePlan:
+    """Decide per selected record whether it may go to the clean topic.
+
+    Refused: ids with a release on the audit topic (idempotence), records that were already
+    released once (replay_count >= 1: a loop guard should a released copy ever be routed back),
+    records that are not quarantine verdicts (dead letters cannot be decoded downstream) and a
+    second copy of an id in the same selection (at-least-once delivery can duplicate records).
+    """
+    plan = ReleasePlan(release=[], skipped=[])
+    seen: set[str] = set()
+    for r in records:
+        sid = r.sample_id
+        why: SkipReason | None = None
+        if sid in already_released:
+            why = "already_released"
+        elif r.replay_count >= 1:
+            why = "loop_guard"
+        elif r.verdict != H.VERDICT_QUARANTINE:
+            why = "not_quarantined"
+        elif sid in seen:
+            why = "duplicate"
+        if why is None:
+            seen.add(sid)
+            plan.release.append(r)
+        else:
+            plan.skipped.append((r, why))
+    return plan
+
+
+_OVERWRITTEN = {H.VERDICT, H.REPLAY_COUNT, H.RELEASED_BY, H.RELEASED_AT, H.RELEASED_REASON}
+
+
+def release_headers(r: QuarantinedRecord, operator: str, reason: str,
+                    released_at: str) -> list[tuple[str, bytes]]:
+    """The quarantine headers (score, model, provenance, content type) plus who, when and why.
+
+    Everything the router wrote is kept so the clean copy still explains where it came from;
+    only the verdict changes, to ``released``, which a trainer can choose to treat differently.
+    """
+    kept = [(k, v) for k, v in r.headers if k not in _OVERWRITTEN]
+    return kept + [
+        (H.VERDICT, H.VERDICT_RELEASED.encode()),
+        (H.REPLAY_COUNT, str(r.replay_count + 1).encode()),
+        (H.RELEASED_BY, operator.encode("utf-8")),
+        (H.RELEASED_AT, released_at.encode()),
+        (H.RELEASED_REASON, reason.encode("utf-8")),
+    ]
+
+
+def audit_record_for(r: QuarantinedRecord, operator: str, reason: str, released_at: str,
+                     destination_topic: str) -> AuditRecord:
+    return AuditRecord(
+        sample_id=r.sample_id, action="release", operator=operator, reason=reason,
+        timestamp=released_at, label=r.label, model_version=r.model_version, score=r.score,
+        boundary=r.boundary, source=r.source, quarantine=r.location,
+        destination_topic=destination_topic, replay_count=r.replay_count + 1,
+    )
+
+
+class ReleaseReport(BaseModel):
+    dry_run: bool
+    released: list[str]
+    skipped: dict[str, list[str]]  # skip reason -> sample ids
+    unreadable_audit_records: int
+
+
+def require_operator_and_reason(operator: str | None, reason: str | None) -> tuple[str, str]:
+    missing = [n for n, v in (("--operator", operator), ("--reason", reason))
+               if v is None or not v.strip()]
+    if missing:
+        raise ReplayError(
+            f"release needs {' and '.join(missing)}: every release is written to the audit topic "
+            "with who approved it and why, e.g. --operator alice --reason 'ticket 1234: "
+            "mislabelled by the detector, checked by hand'")
+    return operator.strip(), reason.strip()  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- Kafka I/O (thin)
+
+def _consumer(bootstrap: str, kafka: dict[str, Any]) -> Any:
+    from kafka import KafkaConsumer
+
+    # group_id=None: no group membership, no offset commits, ever.
+    return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                         auto_offset_reset="earliest", client_id=CLIENT_ID, **kafka)
+
+
+def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
+             kafka: dict[str, Any] | None = None, timeout_s: float = 60.0,
+             missing_ok: bool = False, grace_s: float = 0.5) -> list[Any]:
+    """Read ``window`` of ``topic`` (all of it by default) and return kafka ConsumerRecords.
+
+    Reading stops once every partition reached the end offset snapshotted at start and one
+    poll came back empty (at most ``grace_s`` later). The extra poll is for brokers whose end
+    offset is a batch base rather than the last offset (Tansu); on Kafka it costs one poll.
+    """
+    from kafka import TopicPartition
+
+    window = window or ReadWindow()
+    consumer = _consumer(bootstrap, kafka or {})
+    try:
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            if missing_ok:
+                return []
+            raise ReplayError(f"topic {topic!r} does not exist on {bootstrap}; check --topic "
+                              "and DEPOIS_BOOTSTRAP_SERVERS")
+        if window.offsets is not None:
+            unknown = sorted(set(window.offsets) - parts)
+            if unknown:
+                raise ReplayError(f"{topic!r} has partitions {sorted(parts)}, not {unknown}")
+            parts = set(window.offsets)
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        starts, stops = _bounds(consumer, tps, window)
+        for tp in tps:
+            consumer.seek(tp, starts[tp])
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout_s
+        caught_up_at: float | None = None
+        while True:
+            batch = consumer.poll(timeout_ms=200)
+            for recs in batch.values():
+                out.extend(r for r in recs if window.contains(r.partition, r.offset, r.timestamp))
+            now = time.monotonic()
+            if caught_up_at is None and all(consumer.position(tp) >= stops[tp] for tp in tps):
+                caught_up_at = now
+            if caught_up_at is not None and (not batch or now - caught_up_at > grace_s):
+                return out
+            if now > deadline:
+                raise ReplayError(f"reading {topic!r} did not reach its end within {timeout_s} s; "
+                                  "narrow the window (--since/--offsets) or raise the timeout")
+    finally:
+        consumer.close(autocommit=False)
+
+
+def _bounds(consumer: Any, tps: list[Any], window: ReadWindow) -> tuple[dict[Any, int], dict[Any, int]]:
+    begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+    starts, stops = dict(begin), dict(end)
+    if window.since_ms is not None:
+        found = consumer.offsets_for_times({tp: window.since_ms for tp in tps})
+        for tp in tps:
+            starts[tp] = found[tp].offset if found.get(tp) is not None else end[tp]
+    if window.offsets is not None:
+        for tp in tps:
+            first, last = window.offsets[tp.partition]
+            starts[tp] = max(first, begin[tp])
+            if last is not None:
+                stops[tp] = min(last + 1, end[tp])
+    for tp in tps:
+        stops[tp] = max(stops[tp], starts[tp])
+    return starts, stops
+
+
+def read_quarantine(settings: ReplaySettings, window: ReadWindow | None = None,
+                    topic: str | None = None) -> list[QuarantinedRecord]:
+    recs = read_raw(settings.bootstrap_servers, topic or settings.quarantine_topic, window,
+                    kafka=settings.kafka, timeout_s=settings.read_timeout_s)
+    return [QuarantinedRecord.from_kafka(r.topic, r.partition, r.offset, r.timestamp, r.key,
+                                         r.value, r.headers) for r in recs]
+
+
+def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:
+    """All audit records (and how many values were unreadable); a missing topic is empty."""
+    recs = read_raw(settings.bootstrap_servers, settings.audit_topic, kafka=settings.kafka,
+                    timeout_s=settings.read_timeout_s, missing_ok=True)
+    return parse_audit_values(r.value for r in recs)
+
+
+def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], operator: str | None,
+            reason: str | None, *, dry_run: bool = False,
+            metrics: Metrics | None = None) -> ReleaseReport:
+    """Publish ``selected`` to the clean topic and audit each one; see ``plan_release``.
+
+    Clean copies are flushed before their audit records are written: a crash in between leaves a
+    released sample without its audit record (so a rerun would release it twice), never an
+    audit record claiming a release that did not happen.
+    """
+    operator, reason = require_operator_and_reason(operator, reason)
+    audit, unreadable = read_audit(settings)
+    plan = plan_release(selected, released_ids(audit))
+    if not dry_run and plan.release:
+        _publish(settings, plan.release, operator, reason)
+    report = ReleaseReport(
+        dry_run=dry_run, released=[r.sample_id for r in plan.release],
+        skipped=_group_skips(plan.skipped), unreadable_audit_records=unreadable,
+    )
+    if metrics is not None:
+        outcome = "dry_run" if dry_run else "released"
+        metrics.replay_outcomes.labels(action="release", outcome=outcome).inc(len(plan.release))
+        for why, ids in report.skipped.items():
+            metrics.replay_outcomes.labels(action="release", outcome=f"skipped_{why}").inc(len(ids))
+    return report
+
+
+def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for r, why in skipped:
+        out.setdefault(why, []).append(r.sample_id)
+    return out
+
+
+def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], operator: str,
+             reason: str) -> None:
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
+                             client_id=CLIENT_ID, **settings.kafka)
+    try:
+        released_at = utc_now_iso()
+        futures = [producer.send(settings.clean_topic, value=r.value, key=r.key,
+                                 headers=release_headers(r, operator, reason, released_at))
+                   for r in records]
+        producer.flush()
+        for f in futures:
+            f.get(timeout=30)
+        futures = [producer.send(settings.audit_topic, key=r.sample_id.encode("utf-8"),
+                                 value=audit_record_for(r, operator, reason, released_at,
+                                                        settings.clean_topic).to_bytes())
+                   for r in records]
+        producer.flush()
+        for f in futures:
+            f.get(timeout=30)
+    finally:
+        producer.close()
+
