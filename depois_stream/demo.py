@@ -1,0 +1,191 @@
+"""`python -m depois_stream.demo` (what `make demo` runs): the whole product on the bundled digits.
+
+Train a small De-Pois model, start a local broker, publish a poisoned digits test split with a
+few invalid records, filter it until the stream is drained, then score the filter against the
+producer's ground truth. Training runs as a `depois-train` subprocess so this process never
+imports torch, exactly like a deployment where the model arrives as a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import typer
+from pydantic import BaseModel
+
+from depois_stream.config import ConsumerConfig
+from depois_stream.headers import ERROR_CLASS, as_dict
+from depois_stream.produce_cli import AttackChoice, EncodingChoice
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+class DemoResult(BaseModel):
+    """What the demo prints, also returned so tests can check it."""
+
+    published: int
+    poisoned: int
+    malformed: int
+    consumed: int
+    clean: int
+    quarantined: int
+    dead_lettered: int
+    dlq_reasons: dict[str, int]
+    dlq_as_expected: bool  # every malformed record dead-lettered with the reason the producer meant
+    precision: float  # quarantined samples that were poisoned
+    recall: float  # poisoned samples that were quarantined
+    false_positive_rate: float  # clean samples that were quarantined
+    breaker_trips: int
+    metrics_url: str | None
+
+
+def train_model(out_dir: Path, dataset: str = "digits", seed: int = 0) -> Path:
+    """Run `depois-train all` and return the ONNX file it exported."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "training", "all", "--dataset", dataset, "--seed", str(seed),
+           "--out", str(out_dir)]
+    typer.echo(f"training: {' '.join(cmd[2:])}")
+    if subprocess.run(cmd).returncode != 0:
+        raise typer.Exit(1)
+    models = sorted(out_dir.rglob("*.onnx"), key=lambda p: p.stat().st_mtime)
+    if not models:
+        typer.echo(f"depois-train finished but wrote no .onnx file under {out_dir}", err=True)
+        raise typer.Exit(1)
+    return models[-1]
+
+
+def read_records(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
+    """Every record of ``topic`` from its start, waiting until ``expected`` have arrived."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        records: list = []
+        deadline = time.monotonic() + timeout_s
+        while len(records) < expected and time.monotonic() < deadline:
+            for batch in consumer.poll(timeout_ms=200).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den else math.nan
+
+
+def run_demo(cfg: ConsumerConfig, *, attack: str = "random-flip", rate: float = 0.2,
+             malformed: int = 6, encoding: str = "binary", seed: int = 0,
+             manifest_path: Path | None = None) -> DemoResult:
+    """Publish a poisoned digits test split to ``cfg.ingest_topic``, filter it, score the result.
+
+    The broker named by ``cfg.bootstrap_servers`` must be running; the output topics are read
+    back from the broker rather than taken from the consumer's counters, so the numbers are
+    what a downstream reader would actually see.
+    """
+    from depois_stream.broker import create_topics
+    from depois_stream.consumer import StreamFilter
+    from depois_stream.producer import attack_by_name, load_samples, produce
+
+    create_topics(cfg.bootstrap_servers, [cfg.ingest_topic, cfg.clean_topic, cfg.quarantine_topic,
+                                          cfg.dlq_topic])
+    data = load_samples("digits", "test")
+    chosen = None if attack == "none" else attack_by_name(attack, data.num_classes)
+    manifest = produce(cfg.bootstrap_servers, cfg.ingest_topic, data, attack=chosen, rate=rate,
+                       seed=seed, encoding=encoding, malformed=malformed)
+    if manifest_path is not None:
+        manifest.write(manifest_path)
+    flt = StreamFilter(cfg)
+    stats = flt.run()
+    metrics_url = "http://{}:{}/metrics".format(*flt.http_address) if flt.http_address else None
+
+    quarantined = {r.key.decode() for r in
+                   read_records(cfg.bootstrap_servers, cfg.quarantine_topic, stats.quarantined)}
+    dead = read_records(cfg.bootstrap_servers, cfg.dlq_topic, stats.dead_lettered)
+    clean = read_records(cfg.bootstrap_servers, cfg.clean_topic, stats.clean)
+    dlq_reasons = {r.key.decode(): as_dict(r.headers).get(ERROR_CLASS, "") for r in dead}
+    poisoned = set(manifest.poisoned_ids)
+    honest = manifest.samples - len(poisoned)
+    return DemoResult(
+        published=manifest.sent, poisoned=len(poisoned), malformed=len(manifest.malformed),
+        consumed=stats.consumed, clean=len(clean), quarantined=len(quarantined),
+        dead_lettered=len(dead), dlq_reasons=dict(Counter(dlq_reasons.values())),
+        dlq_as_expected=dlq_reasons == manifest.malformed,
+        precision=_ratio(len(quarantined & poisoned), len(quarantined)),
+        recall=_ratio(len(quarantined & poisoned), len(poisoned)),
+        false_positive_rate=_ratio(len(quarantined - poisoned), honest),
+        breaker_trips=stats.breaker_trips, metrics_url=metrics_url,
+    )
+
+
+def render(result: DemoResult, cfg: ConsumerConfig, attack: str, rate: float) -> str:
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(result.dlq_reasons.items())) or "none"
+    lines = [
+        f"published      {result.published} records to {cfg.ingest_topic}: {result.poisoned} "
+        f"poisoned ({attack}, {rate:.0%}), {result.malformed} malformed",
+        f"consumed       {result.consumed}",
+        f"clean          {result.clean:5d}  -> {cfg.clean_topic}",
+        f"quarantined    {result.quarantined:5d}  -> {cfg.quarantine_topic}",
+        f"dead-lettered  {result.dead_lettered:5d}  -> {cfg.dlq_topic} ({reasons})",
+        f"precision      {result.precision:.3f}  (quarantined samples that were poisoned)",
+        f"recall         {result.recall:.3f}  (poisoned samples that were quarantined)",
+        f"false alarms   {result.false_positive_rate:.3f}  (honest samples that were quarantined)",
+        f"metrics        served at {result.metrics_url or '(disabled)'} while the consumer ran",
+    ]
+    if not result.dlq_as_expected:
+        lines.append("WARNING: the dead-letter topic does not match the malformed records sent")
+    if result.breaker_trips:
+        lines.append(f"WARNING: the circuit breaker tripped {result.breaker_trips} time(s): the "
+                     "model quarantined more than the limit allows, so part of the stream was "
+                     "left unconsumed (see docs/consumer.md)")
+    return "\n".join(lines)
+
+
+@app.command()
+def main(
+    out: Path = typer.Option(Path("artifacts/demo"), help="Where the model, the ground-truth manifest and the broker log go."),
+    model: Optional[Path] = typer.Option(
+        None, help="Use this exported ONNX model (its model.card.json beside it) instead of training."),
+    attack: AttackChoice = typer.Option(AttackChoice.random_flip, help="Attack applied to the published stream."),
+    rate: float = typer.Option(0.2, min=0.0, max=1.0, help="Fraction of samples poisoned."),
+    malformed: int = typer.Option(6, min=0, help="Invalid records mixed in (must be dead-lettered)."),
+    encoding: EncodingChoice = typer.Option(EncodingChoice.binary, help="Wire encoding of the published records."),
+    metrics_port: int = typer.Option(0, help="Port of the consumer's /metrics endpoint (0 = a free one)."),
+    seed: int = typer.Option(0, help="Seed of training and of the attack."),
+    verbose: bool = typer.Option(False, help="Show the consumer's log."),
+) -> None:
+    """Train, publish a poisoned stream, filter it, and print how well the poisons were caught."""
+    from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS, LocalBroker
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    model_path = model or train_model(out, seed=seed)
+    with LocalBroker(log_path=out / "tansu.log") as broker:
+        typer.echo(f"model          {model_path}")
+        typer.echo(f"broker         {broker.bootstrap} (Tansu, in memory)")
+        cfg = ConsumerConfig(
+            bootstrap_servers=broker.bootstrap, model_path=model_path, metrics_port=metrics_port,
+            session_timeout_ms=TEST_SESSION_TIMEOUT_MS, heartbeat_interval_ms=TEST_HEARTBEAT_INTERVAL_MS,
+            exit_when_idle_s=3.0)
+        result = run_demo(cfg, attack=attack.value, rate=rate, malformed=malformed,
+                          encoding=encoding.value, seed=seed, manifest_path=out / "manifest.json")
+    typer.echo(render(result, cfg, attack.value, rate))
+    typer.echo(f"ground truth   {out / 'manifest.json'}")
+    typer.echo(f"took           {time.monotonic() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,33 @@
+"""The demo's filter-and-score path on the real broker, with the fast centroid model."""
+
+from __future__ import annotations
+
+import pytest
+
+from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
+from depois_stream.config import ConsumerConfig
+from depois_stream.demo import render, run_demo
+from depois_stream.producer import Manifest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_accounts_for_every_record_and_catches_the_flips(broker, unique, centroid_model, tmp_path):
+    cfg = ConsumerConfig(
+        bootstrap_servers=broker.bootstrap, model_path=centroid_model, group_id=unique,
+        ingest_topic=f"{unique}.ingest", clean_topic=f"{unique}.clean",
+        quarantine_topic=f"{unique}.quarantine", dlq_topic=f"{unique}.dlq", metrics_port=0,
+        session_timeout_ms=TEST_SESSION_TIMEOUT_MS, heartbeat_interval_ms=TEST_HEARTBEAT_INTERVAL_MS,
+        exit_when_idle_s=2.0)
+    result = run_demo(cfg, attack="random-flip", rate=0.2, malformed=6, seed=0,
+                      manifest_path=tmp_path / "manifest.json")
+
+    manifest = Manifest.read(tmp_path / "manifest.json")
+    assert result.published == manifest.sent == 537 + 6
+    assert result.consumed == result.published
+    assert result.clean + result.quarantined + result.dead_lettered == result.published
+    assert result.dlq_as_expected and result.dead_lettered == 6
+    assert result.recall >= 0.7 and result.precision >= 0.7
+    assert result.false_positive_rate <= 0.1
+    assert result.metrics_url and result.metrics_url.startswith("http://127.0.0.1:")
+    assert f"recall         {result.recall:.3f}" in render(result, cfg, "random-flip", 0.2)
