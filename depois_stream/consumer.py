@@ -390,8 +390,11 @@ class StreamFilter:
             return
         self._next_lag_check = now + self.cfg.lag_interval_s
         try:
-            ends = consumer.end_offsets(list(assigned), timeout_ms=2000)
-            lags = {tp: max(0, end - consumer.position(tp, timeout_ms=2000))
+            ends = consumer.end_offsets(list(assigned), timeout_ms=2000)  # also the broker probe
+            # Fetch responses carry the high watermark too; Tansu's ListOffsets answer lags
+            # behind it, so take whichever is further.
+            lags = {tp: max(0, max(end, consumer.highwater(tp) or 0)
+                            - consumer.position(tp, timeout_ms=2000))
                     for tp, end in ends.items()}
         except KafkaError as exc:
             log.warning("could not read end offsets for the lag metric: %s", exc)

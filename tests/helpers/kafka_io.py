@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -44,34 +46,49 @@ def consumer_config(bootstrap: str, topics: Topics, group: str, model_path, **ov
 
 
 def publish(bootstrap: str, topic: str, ids: list[str], images: np.ndarray, labels: np.ndarray,
-            extra: list[tuple[bytes | None, bytes | None]] = ()) -> int:
-    """Send binary-encoded samples (key = id) plus raw ``(value, content_type)`` records."""
+            extra: list[tuple[bytes | None, bytes | None]] = ()) -> dict[int, int]:
+    """Send binary-encoded samples (key = id) plus raw ``(value, content_type)`` records.
+
+    Returns the end offset per partition from the broker's acks (Tansu's ListOffsets answer
+    lags behind, so tests must not compare against ``end_offsets``)."""
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    futures = []
     try:
         for sid, (value, ctype) in zip(ids, encode_batch(ids, images, labels, encoding="binary")):
-            producer.send(topic, value=value, key=sid.encode(), headers=[(H.CONTENT_TYPE, ctype.encode())])
+            futures.append(producer.send(topic, value=value, key=sid.encode(),
+                                         headers=[(H.CONTENT_TYPE, ctype.encode())]))
         for k, (value, ctype) in enumerate(extra):
             hdrs = [(H.CONTENT_TYPE, ctype)] if ctype is not None else []
-            producer.send(topic, value=value, key=f"bad-{k}".encode(), headers=hdrs)
+            futures.append(producer.send(topic, value=value, key=f"bad-{k}".encode(), headers=hdrs))
         producer.flush()
     finally:
         producer.close()
-    return len(ids) + len(extra)
+    ends: dict[int, int] = {}
+    for f in futures:
+        meta = f.get(timeout=10)
+        ends[meta.partition] = max(ends.get(meta.partition, 0), meta.offset + 1)
+    return ends
 
 
-def read_all(bootstrap: str, topic: str) -> list:
-    """Every record currently in ``topic`` (all partitions), without a consumer group."""
+def read_all(bootstrap: str, topic: str, timeout_s: float = 20.0) -> list:
+    """Every record currently in ``topic`` (all partitions), without a consumer group.
+
+    Stops when each partition's position reaches the high watermark reported by its fetch
+    responses (correct on Tansu, unlike its ListOffsets)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
         parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
-        ends = consumer.end_offsets(parts)
         out: list = []
-        while any(consumer.position(tp) < ends[tp] for tp in parts):
-            for records in consumer.poll(timeout_ms=500).values():
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
                 out.extend(records)
-        return out
+            hw = {tp: consumer.highwater(tp) for tp in parts}
+            if all(hw[tp] is not None and consumer.position(tp) >= hw[tp] for tp in parts):
+                return out
+        raise AssertionError(f"could not read {topic} to its end in {timeout_s} s")
     finally:
         consumer.close(autocommit=False)
 
@@ -88,10 +105,8 @@ def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
         consumer.close(autocommit=False)
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        return {tp.partition: off for tp, off in consumer.end_offsets(parts).items()}
-    finally:
-        consumer.close()
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)

@@ -1,0 +1,92 @@
+"""Consumer settings: flags beat env beat the config file, and bad settings stop start-up clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from depois_stream.config import ConfigError, load_config
+
+
+def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg_file = tmp_path / "depois.yaml"
+    cfg_file.write_text("batch-size: 64\ngroup_id: from-file\nlinger_ms: 7\nmodel_path: m.onnx\n")
+    monkeypatch.setenv("DEPOIS_GROUP_ID", "from-env")
+    monkeypatch.setenv("DEPOIS_LINGER_MS", "9")
+    cfg = load_config(config_file=cfg_file, linger_ms=11, batch_size=None)
+    assert (cfg.batch_size, cfg.group_id, cfg.linger_ms) == (64, "from-env", 11)
+    assert cfg.model_path == Path("m.onnx")
+
+
+@pytest.mark.parametrize("suffix, text", [
+    (".toml", 'batch_size = 32\nmodel_path = "m.onnx"\n'),
+    (".json", '{"batch_size": 32, "model_path": "m.onnx"}'),
+])
+def test_toml_and_json_files(tmp_path: Path, suffix: str, text: str) -> None:
+    path = tmp_path / f"c{suffix}"
+    path.write_text(text)
+    assert load_config(config_file=path).batch_size == 32
+
+
+def test_config_file_named_by_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model_path: m.onnx\ndevice: cpu\n")
+    monkeypatch.setenv("DEPOIS_CONFIG_FILE", str(path))
+    assert load_config().device == "cpu"
+
+
+def test_kafka_security_options_pass_through(tmp_path: Path) -> None:
+    cfg = load_config(model_path="m.onnx", kafka={"security_protocol": "SASL_SSL",
+                                                  "sasl_mechanism": "PLAIN"})
+    assert cfg.kafka["security_protocol"] == "SASL_SSL"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({}, "model_path: Field required"),
+    ({"model_path": "m", "batch_size": 0}, "batch_size"),
+    ({"model_path": "m", "device": "tpu"}, "device"),
+    ({"model_path": "m", "bacth_size": 3}, "bacth_size: Extra inputs"),
+    ({"model_path": "m", "kafka": {"acks": 0}}, "set by depois-stream itself"),
+    ({"model_path": "m", "kafka": {"sasl_pasword": "x"}}, "not kafka-python client options"),
+    ({"model_path": "m", "clean_topic": "depois.ingest"}, "topics must differ"),
+    ({"model_path": "m", "heartbeat_interval_ms": 5000, "session_timeout_ms": 6000}, "a third"),
+])
+def test_bad_settings_name_the_problem(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(**overrides)
+
+
+def test_unreadable_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(config_file=tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("batch_size: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid yaml"):
+        load_config(config_file=bad)
+    (tmp_path / "c.ini").write_text("x=1")
+    with pytest.raises(ConfigError, match="unknown extension"):
+        load_config(config_file=tmp_path / "c.ini")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "depois_stream", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_cli_refuses_a_bad_model_with_exit_2_and_no_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"garbage")
+    (tmp_path / "model.card.json").write_text("{}")
+    proc = _cli("run", "--model-path", str(bad), "--bootstrap-servers", "127.0.0.1:1")
+    assert proc.returncode == 2
+    assert "model card" in proc.stderr and "not valid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
+    proc = _cli("run", "--model-path", str(tmp_path / "m.onnx"), "--batch-size", "0")
+    assert proc.returncode == 2
+    assert "batch_size" in proc.stderr and "Traceback" not in proc.stderr
