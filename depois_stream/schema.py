@@ -14,6 +14,7 @@ layout is documented byte by byte in ``docs/wire-format.md``.
 from __future__ import annotations
 
 import base64
+import functools
 import binascii
 import math
 from dataclasses import dataclass, field
@@ -120,7 +121,8 @@ def _to_wire(images: np.ndarray, dtype: Dtype) -> np.ndarray:
         if images.size and (not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1):
             raise ValueError("a float image sent as uint8 must be finite and in [0, 1]; "
                              "send it as float32 to transmit it unchanged")
-        out = np.round(images.astype(np.float64) * 255).astype(np.uint8)
+        scaled = np.multiply(images, np.float32(255), dtype=np.float32)
+        out = np.rint(scaled, out=scaled).astype(np.uint8)
     return np.ascontiguousarray(out)
 
 
@@ -199,6 +201,7 @@ def encode_batch(ids: Sequence[str], images: np.ndarray, labels: Sequence[int] |
 # Decoding
 
 
+@functools.lru_cache(maxsize=64)
 def _normalise_content_type(ct: str | bytes | None) -> str | None:
     """Header value -> media type without parameters; absent or empty means the JSON default."""
     if ct is None:
@@ -225,16 +228,12 @@ def _value_failures(images: np.ndarray) -> list[tuple[str, str] | None]:
     finite = np.isfinite(flat).all(axis=1)
     with np.errstate(invalid="ignore"):
         in_range = ((flat >= 0) & (flat <= 1)).all(axis=1)
-    out: list[tuple[str, str] | None] = []
-    for ok_finite, ok_range in zip(finite.tolist(), in_range.tolist()):
-        if not ok_finite:
-            out.append(("non_finite", "float32 pixels contain NaN or infinity; send finite values "
-                                      "in [0, 1]"))
-        elif not ok_range:
-            out.append(("value_out_of_range", "float32 pixels must already be scaled to [0, 1] "
-                                              "(send uint8 0..255 to have them divided by 255)"))
-        else:
-            out.append(None)
+    out: list[tuple[str, str] | None] = [None] * len(images)
+    for k in np.flatnonzero(~finite).tolist():
+        out[k] = ("non_finite", "float32 pixels contain NaN or infinity; send finite values in [0, 1]")
+    for k in np.flatnonzero(finite & ~in_range).tolist():
+        out[k] = ("value_out_of_range", "float32 pixels must already be scaled to [0, 1] (send "
+                                        "uint8 0..255 to have them divided by 255)")
     return out
 
 
@@ -371,11 +370,12 @@ def _decode_binary_group(values: list[bytes], positions: list[int],
                             dtype=_NUMPY_DTYPES[name]).reshape(len(sel), *input_shape)
         images = _pixels_to_float(raw)
         problems = _value_failures(images) if name == "float32" else [None] * len(sel)
+        start = HEADER_SIZE + nbytes
+        id_lens, labels = headers["id_len"].tolist(), headers["label"].tolist()
         good: list[int] = []
         for j, (k, problem) in enumerate(zip(sel, problems)):
-            start = HEADER_SIZE + nbytes
             try:
-                sample_id = values[k][start:start + int(headers["id_len"][k])].decode("utf-8")
+                sample_id = values[k][start:start + id_lens[k]].decode("utf-8")
             except UnicodeDecodeError:
                 problem = ("malformed", "sample id is not valid UTF-8")
             if problem is not None:
@@ -383,7 +383,7 @@ def _decode_binary_group(values: list[bytes], positions: list[int],
                 continue
             good.append(j)
             out.index.append(positions[k])
-            out.labels.append(int(headers["label"][k]))
+            out.labels.append(labels[k])
             out.ids.append(sample_id)
         out.images.append(images[good])
 
@@ -435,7 +435,7 @@ def decode_batch(values: Sequence[bytes | None], content_types: Sequence[str | b
             failures.append(DecodeFailure(pos, "too_large", f"record is {len(value)} bytes, above "
                                                             f"the {max_bytes}-byte limit"))
         elif (media := _normalise_content_type(ct)) in groups:
-            groups[media][0].append(bytes(value))
+            groups[media][0].append(value)
             groups[media][1].append(pos)
         else:
             failures.append(DecodeFailure(pos, "unsupported_content_type", (
