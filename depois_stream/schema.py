@@ -193,8 +193,10 @@ def encode_batch(ids: Sequence[str], images: np.ndarray, labels: Sequence[int] |
         _check_text("source", src)
     header = _binary_header(len(ids), images.shape[1:], dtype, labels,
                             np.array([len(b) for b in id_bytes]), len(src), ts)
-    return [(b"".join((header[k].tobytes(), pixels[k].tobytes(), id_bytes[k], src)),
-             CONTENT_TYPE_BINARY) for k in range(len(ids))]
+    heads, payloads = memoryview(header.tobytes()), memoryview(pixels.tobytes())
+    step = pixels[0].nbytes if len(pixels) else 0
+    return [(b"".join((heads[k * HEADER_SIZE:(k + 1) * HEADER_SIZE], payloads[k * step:(k + 1) * step],
+                       id_bytes[k], src)), CONTENT_TYPE_BINARY) for k in range(len(ids))]
 
 
 # ---------------------------------------------------------------------------------------------
