@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
 from typer.testing import CliRunner
 
 from depois_stream.cli import app
+from depois_stream.demo import read_records
 from depois_stream.headers import CONTENT_TYPE
 from depois_stream.producer import (
     Manifest, SampleSet, attack_by_name, build_records, load_samples, poison, produce,
@@ -18,23 +17,6 @@ from depois_stream.producer import (
 from depois_stream.schema import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, decode_batch
 
 pytestmark = pytest.mark.slow
-
-
-def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
-    """Every record of ``topic`` (all partitions, from the start), waiting for ``expected``."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        records: list = []
-        deadline = time.monotonic() + timeout_s
-        while len(records) < expected and time.monotonic() < deadline:
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
 
 
 def _digits(digits_arrays) -> SampleSet:
@@ -51,7 +33,7 @@ def test_poisoned_stream_reads_back_with_keys_types_and_ground_truth(broker, uni
     assert set(manifest.malformed.values()) >= {"malformed", "size_mismatch", "shape_mismatch",
                                                 "label_out_of_range", "non_finite"}
 
-    records = read_topic(broker.bootstrap, unique, manifest.sent)
+    records = read_records(broker.bootstrap, unique, manifest.sent)
     assert len(records) == manifest.sent
     assert {r.partition for r in records} == {0, 1}
     keys = [r.key.decode() for r in records]
@@ -73,7 +55,7 @@ def test_json_float32_round_trips_the_images_exactly(broker, unique, digits_arra
     data = _digits(digits_arrays)
     manifest = produce(broker.bootstrap, unique, data, encoding="json", dtype="float32", limit=40)
     assert manifest.poisoned_ids == [] and manifest.attack is None
-    records = read_topic(broker.bootstrap, unique, 40)
+    records = read_records(broker.bootstrap, unique, 40)
     assert [dict(r.headers)[CONTENT_TYPE].decode() for r in records] == [CONTENT_TYPE_JSON] * 40
     batch = decode_batch([r.value for r in records], [CONTENT_TYPE_JSON] * 40, input_shape=(1, 8, 8),
                          num_classes=10)
@@ -112,7 +94,7 @@ def test_produce_command_writes_a_manifest_that_matches_the_topic(broker, unique
     manifest = Manifest.read(path)
     assert (manifest.sent, len(manifest.poisoned_ids), manifest.attack) == (102, 10, "backdoor")
     assert json.loads(path.read_text())["topic"] == unique
-    assert len(read_topic(broker.bootstrap, unique, 102)) == 102
+    assert len(read_records(broker.bootstrap, unique, 102)) == 102
 
 
 def test_produce_command_reports_an_unreachable_broker(tmp_path):
