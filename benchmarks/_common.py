@@ -1,0 +1,152 @@
+"""What every benchmark needs: the machine it ran on, a fair timer, a table, a model to time.
+
+Numbers without the machine and the command are not reproducible, so every result block starts
+with both. Timings are medians of repeated runs after a warm-up (first calls pay for allocation and
+kernel selection), and every variant of one table is measured in the same process, one after the
+other, so ratios compare like with like.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        return float("nan")
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def machine_description() -> str:
+    """One line per fact a reader needs to compare our numbers with theirs."""
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    return "\n".join([
+        f"- machine: {_cpu_model()}, {os.cpu_count()} logical CPUs, {_memory_gib():.0f} GiB RAM, "
+        f"{platform.system()} {platform.release()}",
+        f"- load average before the run: {load}",
+        f"- python {platform.python_version()}, numpy {_version('numpy')}, "
+        f"onnxruntime-gpu {_version('onnxruntime-gpu')}, onnxruntime {_version('onnxruntime')}, "
+        f"torch {_version('torch')}, kafka-python {_version('kafka-python')}, "
+        f"crc32c {_version('crc32c')}",
+        f"- git commit {_git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+    ])
+
+
+def command_line() -> str:
+    return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median wall time of one call and the throughput it implies for ``items`` per call."""
+
+    seconds: float
+    p90_seconds: float
+    items: int
+    repeats: int
+
+    @property
+    def per_second(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else float("inf")
+
+
+def time_call(fn: Callable[[], object], items: int, min_time_s: float = 1.0,
+              min_repeats: int = 5, warmup: int = 3) -> Timing:
+    """Call ``fn`` until ``min_time_s`` and ``min_repeats`` are both reached; median and p90."""
+    for _ in range(warmup):
+        fn()
+    samples: list[float] = []
+    start = time.perf_counter()
+    while len(samples) < min_repeats or time.perf_counter() - start < min_time_s:
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return Timing(statistics.median(samples), samples[int(0.9 * (len(samples) - 1))], items,
+                  len(samples))
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured table, right-aligned numbers, readable in a terminal as well."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|",
+                      *(fmt(r) for r in cells[1:])])
+
+
+def fmt_rate(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f}" if seconds < 0.01 else f"{seconds * 1e3:.1f}"
+
+
+def load_or_fit(detector_dir: Path | None, dataset: str, steps: str):
+    """A FittedDetector: loaded when a directory is given, else fitted now (quick or default steps).
+
+    Speed does not depend on how long the networks trained, but the int8 verdict agreement does,
+    so report int8 numbers from a fully trained detector."""
+    from training.detector import FittedDetector
+    from training.pipeline import FitConfig, fit
+
+    if detector_dir is not None:
+        return FittedDetector.load(detector_dir, device="cpu")
+    if steps not in ("quick", "default"):
+        raise ValueError(f"steps must be quick or default, got {steps!r}")
+    cfg = FitConfig.quick(dataset=dataset) if steps == "quick" else FitConfig(dataset=dataset, device="cpu")
+    return fit(cfg, progress=False)
+
+
+def write_report(path: Path | None, title: str, body: str) -> str:
+    """Print the block and append it to ``path`` (if given) with the machine and the command."""
+    block = "\n".join([f"### {title}", "", machine_description(), f"- command: `{command_line()}`",
+                       "", body, ""])
+    print(block)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as f:
+            f.write(block + "\n")
+    return block

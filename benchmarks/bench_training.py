@@ -1,0 +1,80 @@
+"""Wall time of ``depois-train all`` (fit + export) per data set, as a user would run it.
+
+The command runs in a child process exactly as typed on a shell, so the number includes the
+interpreter and torch start-up and the data loading a user also pays for. The stage split comes
+from the model card the run writes (``times_s``).
+
+\b
+    python benchmarks/bench_training.py --datasets digits,fashion-mnist
+    python benchmarks/bench_training.py --datasets digits --device cuda
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from _common import markdown_table, write_report
+
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+
+
+def train_command(dataset: str, out_dir: Path, device: str, extra: list[str]) -> list[str]:
+    exe = shutil.which("depois-train")
+    base = [exe] if exe else [sys.executable, "-m", "training"]
+    return [*base, "all", "--dataset", dataset, "--out", str(out_dir), "--device", device, *extra]
+
+
+def run_timed(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of exactly this child, via ``wait4``; exits on failure."""
+    with log.open("w") as f:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    code = proc.returncode = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.stderr.write(log.read_text()[-4000:])
+        raise SystemExit(f"`{' '.join(cmd)}` failed with exit code {code}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def stage_times(out_dir: Path) -> dict[str, float]:
+    """``times_s`` of the model card(s) the run wrote (empty when none is found)."""
+    for card in sorted(out_dir.rglob("*.card.json")):
+        return {k: float(v) for k, v in json.loads(card.read_text()).get("times_s", {}).items()}
+    return {}
+
+
+@app.command(help=__doc__)
+def main(
+    datasets: str = typer.Option("digits,fashion-mnist", help="Comma-separated data sets to train."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto, passed to depois-train."),
+    extra: list[str] = typer.Option([], help="Extra arguments for depois-train all (repeatable), "
+                                             "e.g. --extra=--seed --extra=1."),
+    out: Optional[Path] = typer.Option(None, help="Append the result block to this markdown file."),
+) -> None:
+    """Run `depois-train all` once per data set and tabulate wall time and stage times."""
+    rows = []
+    for dataset in datasets.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = train_command(dataset, Path(tmp), device, extra)
+            wall, rss_mib = run_timed(cmd, Path(tmp) / "train.log")
+            stages = stage_times(Path(tmp))
+        rows.append([dataset, device, f"{wall:.0f}", f"{wall / 60:.1f}",
+                     ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) or "-", f"{rss_mib:.0f}"])
+    write_report(out, f"Training wall time (`depois-train all`, {device})", markdown_table(
+        ["data set", "device", "wall s", "wall min", "stages s (model card)", "peak RSS MiB"], rows))
+
+
+if __name__ == "__main__":
+    app()
