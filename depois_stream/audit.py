@@ -8,7 +8,8 @@ there is never published to the clean topic again, whichever operator or machine
 
 from __future__ import annotations
 
-from typing import Iterable, Literal
+from collections.abc import Iterable
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 

@@ -10,15 +10,21 @@ consumer's offsets, whatever topic or group the operator points it at.
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from depois_stream import headers as H
 from depois_stream.audit import (
-    DEFAULT_AUDIT_TOPIC, AuditRecord, RecordLocation, parse_audit_values, released_ids,
+    DEFAULT_AUDIT_TOPIC,
+    AuditRecord,
+    RecordLocation,
+    parse_audit_values,
+    released_ids,
 )
 from depois_stream.contract import utc_now_iso
 from depois_stream.metrics import Metrics
@@ -76,7 +82,7 @@ class QuarantinedRecord:
     @classmethod
     def from_kafka(cls, topic: str, partition: int, offset: int, timestamp_ms: int | None,
                    key: bytes | None, value: bytes | None,
-                   headers: Sequence[tuple[str, bytes]] | None) -> "QuarantinedRecord":
+                   headers: Sequence[tuple[str, bytes]] | None) -> QuarantinedRecord:
         raw = tuple(headers or ())
         return cls(RecordLocation(topic=topic, partition=partition, offset=offset,
                                   timestamp_ms=timestamp_ms),
@@ -230,7 +236,7 @@ class ReadWindow(BaseModel):
 
 
 def parse_offsets(specs: Sequence[str]) -> dict[int, tuple[int, int | None]]:
-    """``["0:10-20", "1:5"]`` -> {0: (10, 20), 1: (5, None)}; raises ValueError naming the bad one."""
+    """``["0:10-20", "1:5"]`` -> {0: (10, 20), 1: (5, None)}; ValueError names a bad spec."""
     out: dict[int, tuple[int, int | None]] = {}
     for spec in specs:
         try:
@@ -245,6 +251,44 @@ def parse_offsets(specs: Sequence[str]) -> dict[int, tuple[int, int | None]]:
             raise ValueError(f"offset range {spec!r} is empty or negative")
         out[p] = (lo, hi)
     return out
+
+
+class ListedRecord(BaseModel):
+    """What ``replay list`` shows of one record."""
+
+    id: str
+    label: int | None
+    score: float | None
+    boundary: float | None
+    reason: str
+    model_version: str | None
+    source: RecordLocation | None
+    quarantine: RecordLocation
+
+
+class Listing(BaseModel):
+    """The selected records plus totals; the totals are what a reviewer reads first."""
+
+    records: list[ListedRecord]
+    read: int
+    selected: int
+    by_label: dict[str, int]
+    by_reason: dict[str, int]
+    by_model_version: dict[str, int]
+
+
+def summarize(read: int, chosen: Sequence[QuarantinedRecord]) -> Listing:
+    def count(values: Iterable[object]) -> dict[str, int]:
+        return dict(sorted(Counter(str(v) for v in values).items()))
+
+    return Listing(
+        records=[ListedRecord(id=r.sample_id, label=r.label, score=r.score, boundary=r.boundary,
+                              reason=r.reason, model_version=r.model_version, source=r.source,
+                              quarantine=r.location) for r in chosen],
+        read=read, selected=len(chosen), by_label=count(r.label for r in chosen),
+        by_reason=count(r.reason for r in chosen),
+        by_model_version=count(r.model_version for r in chosen),
+    )
 
 
 # ---------------------------------------------------------------- release planning (pure)
@@ -322,14 +366,14 @@ class ReleaseReport(BaseModel):
 
 
 def require_operator_and_reason(operator: str | None, reason: str | None) -> tuple[str, str]:
-    missing = [n for n, v in (("--operator", operator), ("--reason", reason))
-               if v is None or not v.strip()]
+    who, why = (operator or "").strip(), (reason or "").strip()
+    missing = [flag for flag, v in (("--operator", who), ("--reason", why)) if not v]
     if missing:
         raise ReplayError(
             f"release needs {' and '.join(missing)}: every release is written to the audit topic "
             "with who approved it and why, e.g. --operator alice --reason 'ticket 1234: "
             "mislabelled by the detector, checked by hand'")
-    return operator.strip(), reason.strip()  # type: ignore[union-attr]
+    return who, why
 
 
 # ---------------------------------------------------------------- Kafka I/O (thin)
@@ -391,7 +435,9 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
         consumer.close(autocommit=False)
 
 
-def _bounds(consumer: Any, tps: list[Any], window: ReadWindow) -> tuple[dict[Any, int], dict[Any, int]]:
+def _bounds(consumer: Any, tps: list[Any],
+            window: ReadWindow) -> tuple[dict[Any, int], dict[Any, int]]:
+    """Start and stop offset per partition: stop is exclusive and never before start."""
     begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
     starts, stops = dict(begin), dict(end)
     if window.since_ms is not None:
@@ -411,10 +457,12 @@ def _bounds(consumer: Any, tps: list[Any], window: ReadWindow) -> tuple[dict[Any
 
 def read_quarantine(settings: ReplaySettings, window: ReadWindow | None = None,
                     topic: str | None = None) -> list[QuarantinedRecord]:
+    """Records of the quarantine topic (or ``topic``) in time order, as a reviewer reads them."""
     recs = read_raw(settings.bootstrap_servers, topic or settings.quarantine_topic, window,
                     kafka=settings.kafka, timeout_s=settings.read_timeout_s)
     return [QuarantinedRecord.from_kafka(r.topic, r.partition, r.offset, r.timestamp, r.key,
-                                         r.value, r.headers) for r in recs]
+                                         r.value, r.headers)
+            for r in sorted(recs, key=lambda r: (r.timestamp, r.partition, r.offset))]
 
 
 def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:

@@ -8,11 +8,10 @@ re-scores or releases what is left. Only ``release`` writes anything to Kafka.
 from __future__ import annotations
 
 import inspect
-import json
-from collections import Counter
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Callable, NoReturn, Optional, TypeVar
+from typing import Annotated, Literal, NoReturn, Optional, TypeVar
 
 import typer
 from prometheus_client import write_to_textfile
@@ -20,8 +19,17 @@ from pydantic import ValidationError
 
 from depois_stream.metrics import Metrics
 from depois_stream.replay import (
-    QuarantinedRecord, ReadWindow, ReplayError, ReplayFilter, ReplaySettings, parse_offsets,
-    read_quarantine, release, require_operator_and_reason, select,
+    QuarantinedRecord,
+    ReadWindow,
+    ReplayError,
+    ReplayFilter,
+    ReplaySettings,
+    parse_offsets,
+    read_quarantine,
+    release,
+    require_operator_and_reason,
+    select,
+    summarize,
 )
 
 F = TypeVar("F", bound=Callable[..., None])
@@ -93,7 +101,8 @@ def _time_ms(text: str | None, flag: str) -> int | None:
     try:
         t = datetime.fromisoformat(text)
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is neither ISO-8601 nor epoch ms", param_hint=flag)
+        raise typer.BadParameter(f"{text!r} is neither ISO-8601 nor epoch ms",
+                                 param_hint=flag) from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=timezone.utc)
     return int(t.timestamp() * 1000)
@@ -118,10 +127,11 @@ def _read_selected(settings: ReplaySettings, topic: str | None, since: str | Non
                    until: str | None, offsets: list[str] | None,
                    flt: ReplayFilter) -> tuple[int, list[QuarantinedRecord]]:
     try:
-        window = ReadWindow(since_ms=_time_ms(since, "--since"), until_ms=_time_ms(until, "--until"),
+        window = ReadWindow(since_ms=_time_ms(since, "--since"),
+                            until_ms=_time_ms(until, "--until"),
                             offsets=parse_offsets(offsets) if offsets else None)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--offsets")
+        raise typer.BadParameter(str(exc), param_hint="--offsets") from None
     try:
         records = read_quarantine(settings, window, topic)
     except ReplayError as exc:
@@ -156,7 +166,8 @@ def list_(
     offsets: Offsets = None, ids: Ids = None, label: Labels = None, min_score: MinScore = None,
     max_score: MaxScore = None, model_version: ModelVersions = None,
     partition: Partitions = None, reason_code: Reasons = None,
-    limit: Annotated[int, typer.Option(help="Print at most this many rows (totals count all).")] = 50,
+    limit: Annotated[int, typer.Option(
+        help="Print at most this many rows (the totals count all).")] = 50,
     as_json: AsJson = False, metrics_textfile: MetricsFile = None,
 ) -> None:
     """Print the selected quarantine records as a table, then totals by label, reason and model.
@@ -171,35 +182,27 @@ def list_(
     metrics = Metrics()
     metrics.replay_outcomes.labels(action="list", outcome="listed").inc(len(chosen))
     _save_metrics(metrics, metrics_textfile)
-    totals = {
-        "read": read, "selected": len(chosen),
-        "by_label": dict(sorted(Counter(str(r.label) for r in chosen).items())),
-        "by_reason": dict(sorted(Counter(r.reason for r in chosen).items())),
-        "by_model_version": dict(sorted(Counter(str(r.model_version) for r in chosen).items())),
-    }
+    listing = summarize(read, chosen)
     if as_json:
-        rows = [{"id": r.sample_id, "label": r.label, "score": r.score, "boundary": r.boundary,
-                 "reason": r.reason, "model_version": r.model_version,
-                 "source": r.source.model_dump() if r.source else None,
-                 "quarantine": r.location.model_dump()} for r in chosen]
-        typer.echo(json.dumps({"records": rows, "totals": totals}, indent=2))
+        typer.echo(listing.model_dump_json(indent=2))
         return
     typer.echo(f"{'ID':<24} {'LABEL':>5} {'SCORE':>10} {'BOUNDARY':>10} {'REASON':<15} "
                f"{'MODEL':<18} {'SOURCE':>10} {'AT':>10}  TIME")
-    for r in chosen[:limit]:
+    for r in listing.records[:limit]:
         src = f"{r.source.partition}:{r.source.offset}" if r.source else "-"
-        at = f"{r.location.partition}:{r.location.offset}"
-        when = (datetime.fromtimestamp(r.location.timestamp_ms / 1000, tz=timezone.utc)
-                .strftime("%Y-%m-%dT%H:%M:%SZ") if r.location.timestamp_ms else "-")
-        typer.echo(f"{r.sample_id[:24]:<24} {str(r.label):>5} {_fmt(r.score):>10} "
+        at = f"{r.quarantine.partition}:{r.quarantine.offset}"
+        ms = r.quarantine.timestamp_ms
+        when = (datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+                if ms and ms > 0 else "-")
+        typer.echo(f"{r.id[:24]:<24} {str(r.label):>5} {_fmt(r.score):>10} "
                    f"{_fmt(r.boundary):>10} {r.reason[:15]:<15} {str(r.model_version)[:18]:<18} "
                    f"{src:>10} {at:>10}  {when}")
-    if len(chosen) > limit:
-        typer.echo(f"... {len(chosen) - limit} more (raise --limit or use --json)")
-    typer.echo(f"\nread {read}, selected {len(chosen)}")
-    for name in ("by_label", "by_reason", "by_model_version"):
-        parts = ", ".join(f"{k}: {v}" for k, v in totals[name].items())  # type: ignore[union-attr]
-        typer.echo(f"{name.replace('_', ' ')}: {parts or '-'}")
+    if listing.selected > limit:
+        typer.echo(f"... {listing.selected - limit} more (raise --limit or use --json)")
+    typer.echo(f"\nread {listing.read}, selected {listing.selected}")
+    for name, counts in (("by label", listing.by_label), ("by reason", listing.by_reason),
+                         ("by model version", listing.by_model_version)):
+        typer.echo(f"{name}: {', '.join(f'{k}: {v}' for k, v in counts.items()) or '-'}")
 
 
 @_command("export")
@@ -240,7 +243,8 @@ def rescore_(
         "--model", help="ONNX model to try (its model card must sit beside it).")],
     histogram: Annotated[Path, typer.Option(
         help="Where to write the score histogram PNG.")] = Path("rescore-histogram.png"),
-    device: Annotated[str, typer.Option(help="auto, cuda or cpu.")] = "auto",
+    device: Annotated[Literal["auto", "cuda", "cpu"], typer.Option(
+        help="Where onnxruntime scores: auto (CUDA when offered), cuda or cpu.")] = "auto",
     bootstrap: Bootstrap = None, topic: Topic = None, since: Since = None, until: Until = None,
     offsets: Offsets = None, ids: Ids = None, label: Labels = None, min_score: MinScore = None,
     max_score: MaxScore = None, model_version: ModelVersions = None,
@@ -256,13 +260,11 @@ def rescore_(
     from depois_stream.replay_export import rescore
     from depois_stream.scorer import ModelLoadError, Scorer
 
-    if device not in ("auto", "cuda", "cpu"):
-        raise typer.BadParameter("choose auto, cuda or cpu", param_hint="--device")
     settings = _settings(bootstrap)
     flt = _filter(ids, label, min_score, max_score, model_version, partition, reason_code)
     _, chosen = _read_selected(settings, topic, since, until, offsets, flt)
     try:
-        scorer = Scorer.load(model, device=device)  # type: ignore[arg-type]
+        scorer = Scorer.load(model, device=device)
     except ModelLoadError as exc:
         _fail(str(exc))
     metrics = Metrics()
@@ -282,7 +284,7 @@ def rescore_(
 @_command("release")
 def release_(
     operator: Annotated[Optional[str], typer.Option(
-        help="Who approves the release (recorded in headers and the audit topic). Required.")] = None,
+        help="Who approves the release (goes into headers and the audit topic). Required.")] = None,
     reason: Annotated[Optional[str], typer.Option(
         help="Why the samples are safe, e.g. a ticket reference. Required.")] = None,
     dry_run: Annotated[bool, typer.Option(

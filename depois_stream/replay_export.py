@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydantic import BaseModel
@@ -24,6 +25,9 @@ from depois_stream.audit import RecordLocation
 from depois_stream.metrics import Metrics
 from depois_stream.replay import QuarantinedRecord
 from depois_stream.schema import DecodeError, decode_image
+
+if TYPE_CHECKING:  # onnxruntime is loaded only by the commands that score
+    from depois_stream.scorer import Scorer
 
 MANIFEST = "manifest.jsonl"
 SAMPLES = "samples.npz"
@@ -47,7 +51,7 @@ def decode_records(records: Sequence[QuarantinedRecord],
     """Decode every record's value; without ``input_shape`` the first decoded shape is the norm.
 
     One shape per export or rescore keeps the NPZ a single array; a record of another shape
-    (a different data set on the same topic) is reported rather than silently resized.
+    (a different data set on the same topic) is reported as a decode error, not resized.
     """
     images: list[np.ndarray] = []
     labels: list[int] = []
@@ -64,11 +68,8 @@ def decode_records(records: Sequence[QuarantinedRecord],
         except DecodeError as exc:
             errors[i] = str(exc)
             continue
-        if shape is None:
-            shape = tuple(image.shape)  # type: ignore[assignment]
-        elif tuple(image.shape) != shape:
-            errors[i] = f"shape_mismatch: image is {list(image.shape)}, this selection is {list(shape)}"
-            continue
+        c, h, w = image.shape
+        shape = (c, h, w)  # later records must match it (the decoder says shape_mismatch)
         images.append(image)
         labels.append(label)
         rows.append(i)
@@ -144,8 +145,9 @@ def export(records: Sequence[QuarantinedRecord], folder: Path, *,
                              title=f"quarantine review sheet {s + 1}/{len(sheet_names)}: "
                                    f"#cell y=label, score below (see {MANIFEST})")
     if metrics is not None:
-        metrics.replay_outcomes.labels(action="export", outcome="exported").inc(len(dec.rows))
-        metrics.replay_outcomes.labels(action="export", outcome="decode_failed").inc(len(dec.errors))
+        outcomes = metrics.replay_outcomes
+        outcomes.labels(action="export", outcome="exported").inc(len(dec.rows))
+        outcomes.labels(action="export", outcome="decode_failed").inc(len(dec.errors))
     return ExportSummary(folder=folder, records=len(records), decoded=len(dec.rows),
                          decode_failed=len(dec.errors), sheets=sheet_names)
 
@@ -218,21 +220,21 @@ class RescoreReport(BaseModel):
     histogram: Path | None
 
 
-def rescore(records: Sequence[QuarantinedRecord], scorer: object,
+def rescore(records: Sequence[QuarantinedRecord], scorer: Scorer,
             histogram: Path | None = None, *, metrics: Metrics | None = None) -> RescoreReport:
-    """Score ``records`` with ``scorer`` (a ``depois_stream.scorer.Scorer``); publish nothing.
+    """Score ``records`` with ``scorer`` and count what it would let through; publish nothing.
 
     "Would pass" is the new model's own verdict (score at or above its boundary for that class),
     so per-class boundaries and p-value models are judged exactly as the consumer would.
     """
-    meta = scorer.metadata  # type: ignore[attr-defined]
-    dec = decode_records(records, input_shape=tuple(meta.input_shape), num_classes=meta.num_classes)
-    result = scorer.score(dec.images, dec.labels)  # type: ignore[attr-defined]
+    meta = scorer.metadata
+    dec = decode_records(records, input_shape=meta.input_shape, num_classes=meta.num_classes)
+    result = scorer.score(dec.images, dec.labels)
     passed = ~np.asarray(result.poisoned, dtype=bool)
     selected = Counter(dec.labels.tolist())
     passing = Counter(dec.labels[passed].tolist())
     report = RescoreReport(
-        model_path=scorer.path, model_version=meta.model_version,  # type: ignore[attr-defined]
+        model_path=scorer.path, model_version=meta.model_version,
         selected=len(records), scored=len(dec.rows), decode_failed=len(dec.errors),
         would_pass=int(passed.sum()),
         by_label={k: LabelCounts(selected=v, would_pass=passing.get(k, 0))
@@ -244,8 +246,9 @@ def rescore(records: Sequence[QuarantinedRecord], scorer: object,
                          title=f"rescore with {meta.model_version}: {report.would_pass}/"
                                f"{report.scored} would pass")
     if metrics is not None:
-        metrics.replay_outcomes.labels(action="rescore", outcome="would_pass").inc(report.would_pass)
-        metrics.replay_outcomes.labels(action="rescore", outcome="would_quarantine").inc(
+        outcomes = metrics.replay_outcomes
+        outcomes.labels(action="rescore", outcome="would_pass").inc(report.would_pass)
+        outcomes.labels(action="rescore", outcome="would_quarantine").inc(
             report.scored - report.would_pass)
     return report
 
@@ -262,9 +265,9 @@ def render_histogram(scores: np.ndarray, passed: np.ndarray, boundary: float, pa
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size:
         lo, hi = float(scores.min()), float(scores.max())
-        bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
-        ax.hist([scores[passed], scores[~passed]], bins=bins, stacked=True,
-                label=["would pass", "would stay quarantined"], color=["tab:green", "tab:red"])
+        ax.hist([scores[passed], scores[~passed]], bins=30, range=(lo, max(hi, lo + 1e-6)),
+                stacked=True, label=["would pass", "would stay quarantined"],
+                color=["tab:green", "tab:red"])
         span = max(hi - lo, 1e-6)
         if lo - span <= boundary <= hi + span:
             ax.axvline(boundary, color="k", linestyle="--", label=f"boundary {boundary:.3g}")

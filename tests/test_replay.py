@@ -21,13 +21,25 @@ from typer.testing import CliRunner
 from depois_stream import headers as H
 from depois_stream.audit import AuditRecord
 from depois_stream.broker import (
-    TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS, create_topics,
+    TEST_HEARTBEAT_INTERVAL_MS,
+    TEST_SESSION_TIMEOUT_MS,
+    create_topics,
 )
 from depois_stream.cli import app
 from depois_stream.metrics import Metrics
 from depois_stream.replay import (
-    QuarantinedRecord, ReadWindow, ReplayError, ReplayFilter, ReplaySettings, parse_offsets,
-    plan_release, read_audit, read_quarantine, read_raw, release, release_headers,
+    QuarantinedRecord,
+    ReadWindow,
+    ReplayError,
+    ReplayFilter,
+    ReplaySettings,
+    parse_offsets,
+    plan_release,
+    read_audit,
+    read_quarantine,
+    read_raw,
+    release,
+    release_headers,
 )
 
 N_SAMPLES = 60
@@ -84,7 +96,8 @@ def quarantine(broker, centroid_model: Path, digits_arrays) -> Quarantine:
         ingest_topic=topics["ingest"], clean_topic=topics["clean"],
         quarantine_topic=topics["quarantine"], dlq_topic=topics["dlq"], group_id=f"live-{tag}",
         metrics_port=None, breaker_max_rate=1.0, exit_when_idle_s=1.5,
-        session_timeout_ms=TEST_SESSION_TIMEOUT_MS, heartbeat_interval_ms=TEST_HEARTBEAT_INTERVAL_MS)
+        session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=TEST_HEARTBEAT_INTERVAL_MS)
     stats = StreamFilter(cfg).run()
     assert stats.consumed == N_SAMPLES and stats.quarantined == len(expected)
 
@@ -128,7 +141,7 @@ def test_list_reads_exactly_the_quarantined_ids_with_their_scores(quarantine: Qu
         assert rec["label"] == quarantine.labels[sid]
         assert rec["reason"] == "below_boundary"
         assert rec["source"]["topic"] == quarantine.ingest_topic
-    assert doc["totals"]["selected"] == doc["totals"]["read"] == len(quarantine.expected)
+    assert doc["selected"] == doc["read"] == len(quarantine.expected)
 
 
 def test_filters_select_the_matching_subset(quarantine: Quarantine) -> None:
@@ -156,21 +169,24 @@ def test_filters_select_the_matching_subset(quarantine: Quarantine) -> None:
 def test_explicit_offsets_read_only_that_range(quarantine: Quarantine) -> None:
     doc = listed(quarantine, "--offsets", "0:1-3")
     assert sorted(r["quarantine"]["offset"] for r in doc["records"]) == [1, 2, 3]
-    assert doc["totals"]["read"] == 3
+    assert doc["read"] == 3
 
 
 def test_time_window_excludes_records_outside_it(quarantine: Quarantine) -> None:
-    assert listed(quarantine, "--until", "2000-01-01T00:00:00Z")["totals"]["read"] == 0
-    assert listed(quarantine, "--since", "2000-01-01T00:00:00Z")["totals"]["read"] == len(
+    assert listed(quarantine, "--until", "2000-01-01T00:00:00Z")["read"] == 0
+    assert listed(quarantine, "--since", "2000-01-01T00:00:00Z")["read"] == len(
         quarantine.expected)
 
 
-def test_text_table_prints_totals(quarantine: Quarantine) -> None:
-    code, out = replay(quarantine, "list")
+def test_text_table_prints_totals_and_metrics_file(quarantine: Quarantine, tmp_path: Path) -> None:
+    prom = tmp_path / "replay.prom"
+    code, out = replay(quarantine, "list", "--metrics-textfile", str(prom))
     assert code == 0, out
     n = len(quarantine.expected)
     assert f"read {n}, selected {n}" in out
     assert f"below_boundary: {n}" in out
+    assert f'depois_replay_outcomes_total{{action="list",outcome="listed"}} {float(n)}' in (
+        prom.read_text())
 
 
 # ---------------------------------------------------------------- export and rescore
@@ -358,7 +374,8 @@ def test_filter_fields_missing_on_a_record_never_match() -> None:
     assert ReplayFilter(max_score=0.0).matches(dlq) is False
     assert ReplayFilter(source_partitions=frozenset({0})).matches(dlq) is False
     assert ReplayFilter(reasons=frozenset({"malformed"})).matches(dlq) is True
-    assert ReplayFilter().selects_everything and not ReplayFilter(labels=frozenset({1})).selects_everything
+    assert ReplayFilter().selects_everything
+    assert not ReplayFilter(labels=frozenset({1})).selects_everything
 
 
 def test_read_window_and_offset_specs() -> None:
