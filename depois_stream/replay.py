@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -378,9 +380,7 @@ def require_operator_and_reason(operator: str | None, reason: str | None) -> tup
 
 # ---------------------------------------------------------------- Kafka I/O (thin)
 
-def _consumer(bootstrap: str, kafka: dict[str, Any]) -> Any:
-    from kafka import KafkaConsumer
-
+def _consumer(bootstrap: str, kafka: dict[str, Any]) -> KafkaConsumer:
     # group_id=None: no group membership, no offset commits, ever.
     return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                          auto_offset_reset="earliest", client_id=CLIENT_ID, **kafka)
@@ -388,15 +388,13 @@ def _consumer(bootstrap: str, kafka: dict[str, Any]) -> Any:
 
 def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
              kafka: dict[str, Any] | None = None, timeout_s: float = 60.0,
-             missing_ok: bool = False, grace_s: float = 0.5) -> list[Any]:
+             missing_ok: bool = False, grace_s: float = 0.5) -> list[ConsumerRecord]:
     """Read ``window`` of ``topic`` (all of it by default) and return kafka ConsumerRecords.
 
     Reading stops once every partition reached the end offset snapshotted at start and one
     poll came back empty (at most ``grace_s`` later). The extra poll is for brokers whose end
     offset is a batch base rather than the last offset (Tansu); on Kafka it costs one poll.
     """
-    from kafka import TopicPartition
-
     window = window or ReadWindow()
     consumer = _consumer(bootstrap, kafka or {})
     try:
@@ -416,7 +414,7 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
         starts, stops = _bounds(consumer, tps, window)
         for tp in tps:
             consumer.seek(tp, starts[tp])
-        out: list[Any] = []
+        out: list[ConsumerRecord] = []
         deadline = time.monotonic() + timeout_s
         caught_up_at: float | None = None
         while True:
@@ -435,8 +433,8 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
         consumer.close(autocommit=False)
 
 
-def _bounds(consumer: Any, tps: list[Any],
-            window: ReadWindow) -> tuple[dict[Any, int], dict[Any, int]]:
+def _bounds(consumer: KafkaConsumer, tps: list[TopicPartition],
+            window: ReadWindow) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
     """Start and stop offset per partition: stop is exclusive and never before start."""
     begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
     starts, stops = dict(begin), dict(end)
@@ -447,7 +445,8 @@ def _bounds(consumer: Any, tps: list[Any],
     if window.offsets is not None:
         for tp in tps:
             first, last = window.offsets[tp.partition]
-            starts[tp] = max(first, begin[tp])
+            # Past the end would make the client reset to the beginning; clamp instead.
+            starts[tp] = min(max(first, starts[tp]), end[tp])
             if last is not None:
                 stops[tp] = min(last + 1, end[tp])
     for tp in tps:
@@ -507,8 +506,6 @@ def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]) -> dict[st
 
 def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], operator: str,
              reason: str) -> None:
-    from kafka import KafkaProducer
-
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
                              client_id=CLIENT_ID, **settings.kafka)
     try:

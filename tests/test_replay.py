@@ -170,6 +170,9 @@ def test_explicit_offsets_read_only_that_range(quarantine: Quarantine) -> None:
     doc = listed(quarantine, "--offsets", "0:1-3")
     assert sorted(r["quarantine"]["offset"] for r in doc["records"]) == [1, 2, 3]
     assert doc["read"] == 3
+    assert listed(quarantine, "--offsets", "0:100000")["read"] == 0  # past the end: empty
+    code, out = replay(quarantine, "list", "--offsets", "7:0")
+    assert code == 1 and "partitions" in out
 
 
 def test_time_window_excludes_records_outside_it(quarantine: Quarantine) -> None:
