@@ -9,6 +9,7 @@ metric name drifted; this can.
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -164,3 +165,22 @@ def test_report_command_renders_the_dashboard_to_png(scraped, tmp_path: Path) ->
     assert result.returncode == 0, result.stderr
     assert f"({len(panels)} panels" in result.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
+
+
+def test_report_shows_a_broken_query_and_exits_1(scraped, tmp_path: Path) -> None:
+    """A dashboard edit that breaks one query must not hide the others, nor pass silently."""
+    _, _, prom = scraped
+    board = json.loads(DASHBOARD.read_text())
+    good, broken = board["panels"][5], dict(board["panels"][6])
+    broken["targets"] = [{"refId": "A", "expr": "sum(rate(depois_records_routed_total[1m])"}]
+    board["panels"] = [good, broken]
+    dashboard = tmp_path / "edited.json"
+    dashboard.write_text(json.dumps(board))
+    out = tmp_path / "edited.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "depois_stream", "report", "--prometheus-url", prom.url,
+         "--dashboard", str(dashboard), "--range", "5m", "--rate-interval", "1m", "--out", str(out)],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "query failed: A: bad_data" in result.stderr and "(2 panels, 0 without data)" in result.stdout
+    assert out.exists()
