@@ -203,3 +203,15 @@ def test_grafana_provisioning_points_at_the_dashboard_and_its_datasource() -> No
     assert uids == {datasource["uid"]}
     assert datasource["url"] == "http://prometheus:9090"
     assert provider["options"]["path"] == "/etc/grafana/dashboards"
+
+
+# --- docs -------------------------------------------------------------------------------------
+
+def test_operations_doc_lists_every_metric_and_every_alert() -> None:
+    doc = (REPO / "docs" / "operations.md").read_text()
+    table = set(re.findall(r"^\| `(depois_[a-z0-9_]+)`", doc, flags=re.M))
+    families = {f.name + {"counter": "_total", "info": "_info"}.get(f.type, "")
+                for f in Metrics().registry.collect()}
+    assert table == families, "docs/operations.md's metrics table is out of date"
+    sections = set(re.findall(r"^### (Depois\w+)", doc, flags=re.M))
+    assert sections == {r["alert"] for r in alert_rules()}, "each alert needs a runbook section"
