@@ -103,6 +103,11 @@ class StreamFilter:
         self._broker_ok_at = 0.0
         self._next_lag_check = 0.0
 
+    @property
+    def assignment(self) -> frozenset[TopicPartition]:
+        """Ingest partitions this member currently owns (empty while joining or after stop)."""
+        return self._rebalance.assigned
+
     # ------------------------------------------------------------------ lifecycle
 
     def run(self, stop: threading.Event | None = None) -> RunStats:
@@ -212,7 +217,6 @@ class StreamFilter:
         scorer, m = self.scorer, self.metrics
         meta = scorer.metadata
         n = len(records)
-        m.records_consumed.labels(self.cfg.ingest_topic).inc(n)
         m.batch_size.observe(n)
 
         # 1. decode: never raises; failures become dead letters
@@ -321,6 +325,7 @@ class StreamFilter:
     def _account(self, records: list[ConsumerRecord], failures: list[Any], labels: np.ndarray,
                  result: ScoreResult, plan: router.RoutePlan) -> None:
         m, counts = self.metrics, plan.counts()
+        m.records_consumed.labels(self.cfg.ingest_topic).inc(len(records))
         now_ms = time.time() * 1000
         observe_many(m.end_to_end_latency,
                      (now_ms - np.fromiter((r.timestamp for r in records), np.float64,

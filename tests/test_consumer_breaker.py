@@ -1,0 +1,59 @@
+"""A model that would quarantine the whole stream trips the breaker: nothing is routed or committed
+until an operator fixes the model and resumes; then the held-back batch is filtered normally."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from depois_stream import headers as H
+from depois_stream.consumer import RESUME_FLAG, StreamFilter
+from depois_stream.metrics import Metrics
+from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all, wait_for
+from tests.test_consumer_reload import _deploy
+
+
+def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
+        broker, unique, tmp_path: Path, digits_arrays):
+    _, _, xte, yte = digits_arrays
+    model = tmp_path / "model.onnx"
+    _deploy(model, digits_arrays, "miscalibrated", boundary=10.0)  # every sample "poisoned"
+    control = tmp_path / "control"
+    control.mkdir()
+    topics = Topics.create(broker.bootstrap, unique)
+    ids = [f"{unique}-{i}" for i in range(200)]
+    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
+
+    metrics = Metrics()
+    cfg = consumer_config(broker.bootstrap, topics, unique, model, exit_when_idle_s=None,
+                          breaker_window=64, breaker_min_samples=32, control_dir=control,
+                          breaker_cooldown_s=3600)
+    flt = StreamFilter(cfg, metrics)
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    runner.start()
+    sample = metrics.registry.get_sample_value
+    try:
+        wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
+        time.sleep(1.0)  # paused: nothing more may happen
+        assert sample("depois_circuit_breaker_open") == 1
+        assert sample("depois_circuit_breaker_trips_total") == 1
+        assert flt.stats.consumed == 0
+        assert all(not read_all(broker.bootstrap, t) for t in topics.outputs())
+        assert set(committed(broker.bootstrap, unique, topics.ingest).values()) == {None}
+
+        _deploy(model, digits_arrays, "fixed", boundary=-10.0)  # every sample passes
+        wait_for(lambda: sample("depois_model_reloads_total", {"outcome": "loaded"}) == 1)
+        (control / RESUME_FLAG).touch()
+        wait_for(lambda: flt.stats.consumed >= len(ids))
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+
+    assert sample("depois_circuit_breaker_open") == 0
+    assert not (control / RESUME_FLAG).exists()  # the flag is consumed
+    clean = read_all(broker.bootstrap, topics.clean)
+    assert sorted(r.key.decode() for r in clean) == sorted(ids)
+    assert {H.as_dict(r.headers)[H.MODEL_VERSION] for r in clean} == {"fixed"}
+    assert committed(broker.bootstrap, unique, topics.ingest) == ends
