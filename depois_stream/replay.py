@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -41,6 +43,9 @@ _OWNED_KAFKA_KEYS = frozenset({
     "bootstrap_servers", "group_id", "enable_auto_commit", "auto_offset_reset", "client_id",
     "acks", "key_deserializer", "value_deserializer", "key_serializer", "value_serializer",
 })
+
+Header = tuple[str, bytes]
+Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
 
 SkipReason = Literal["already_released", "loop_guard", "not_quarantined", "duplicate"]
 
@@ -334,7 +339,7 @@ _OVERWRITTEN = {H.VERDICT, H.REPLAY_COUNT, H.RELEASED_BY, H.RELEASED_AT, H.RELEA
 
 
 def release_headers(r: QuarantinedRecord, operator: str, reason: str,
-                    released_at: str) -> list[tuple[str, bytes]]:
+                    released_at: str) -> list[Header]:
     """The quarantine headers (score, model, provenance, content type) plus who, when and why.
 
     Everything the router wrote is kept so the clean copy still explains where it came from;
@@ -380,6 +385,16 @@ def require_operator_and_reason(operator: str | None, reason: str | None) -> tup
 
 # ---------------------------------------------------------------- Kafka I/O (thin)
 
+@contextmanager
+def _kafka_errors(bootstrap: str) -> Iterator[None]:
+    """Client errors become one ReplayError line instead of a kafka-python traceback."""
+    try:
+        yield
+    except KafkaError as exc:
+        raise ReplayError(f"Kafka at {bootstrap} failed: {exc}; check --bootstrap-servers / "
+                          "DEPOIS_BOOTSTRAP_SERVERS and the DEPOIS_KAFKA security options") from exc
+
+
 def _consumer(bootstrap: str, kafka: dict[str, Any]) -> KafkaConsumer:
     # group_id=None: no group membership, no offset commits, ever.
     return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
@@ -396,41 +411,48 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
     offset is a batch base rather than the last offset (Tansu); on Kafka it costs one poll.
     """
     window = window or ReadWindow()
-    consumer = _consumer(bootstrap, kafka or {})
-    try:
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            if missing_ok:
-                return []
-            raise ReplayError(f"topic {topic!r} does not exist on {bootstrap}; check --topic "
-                              "and DEPOIS_BOOTSTRAP_SERVERS")
-        if window.offsets is not None:
-            unknown = sorted(set(window.offsets) - parts)
-            if unknown:
-                raise ReplayError(f"{topic!r} has partitions {sorted(parts)}, not {unknown}")
-            parts = set(window.offsets)
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        starts, stops = _bounds(consumer, tps, window)
-        for tp in tps:
-            consumer.seek(tp, starts[tp])
-        out: list[ConsumerRecord] = []
-        deadline = time.monotonic() + timeout_s
-        caught_up_at: float | None = None
-        while True:
-            batch = consumer.poll(timeout_ms=200)
-            for recs in batch.values():
-                out.extend(r for r in recs if window.contains(r.partition, r.offset, r.timestamp))
-            now = time.monotonic()
-            if caught_up_at is None and all(consumer.position(tp) >= stops[tp] for tp in tps):
-                caught_up_at = now
-            if caught_up_at is not None and (not batch or now - caught_up_at > grace_s):
-                return out
-            if now > deadline:
-                raise ReplayError(f"reading {topic!r} did not reach its end within {timeout_s} s; "
-                                  "narrow the window (--since/--offsets) or raise the timeout")
-    finally:
-        consumer.close(autocommit=False)
+    with _kafka_errors(bootstrap):
+        consumer = _consumer(bootstrap, kafka or {})
+        try:
+            parts = consumer.partitions_for_topic(topic)
+            if not parts:
+                if missing_ok:
+                    return []
+                raise ReplayError(f"topic {topic!r} does not exist on {bootstrap}; check "
+                                  "--topic and DEPOIS_BOOTSTRAP_SERVERS")
+            if window.offsets is not None:
+                unknown = sorted(set(window.offsets) - parts)
+                if unknown:
+                    raise ReplayError(f"{topic!r} has partitions {sorted(parts)}, not {unknown}")
+                parts = set(window.offsets)
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            starts, stops = _bounds(consumer, tps, window)
+            for tp in tps:
+                consumer.seek(tp, starts[tp])
+            return _drain(consumer, tps, stops, window, timeout_s, grace_s)
+        finally:
+            consumer.close(autocommit=False)
+
+
+def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[TopicPartition, int],
+           window: ReadWindow, timeout_s: float, grace_s: float) -> list[ConsumerRecord]:
+    out: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout_s
+    caught_up_at: float | None = None
+    while True:
+        batch = consumer.poll(timeout_ms=200)
+        for recs in batch.values():
+            out.extend(r for r in recs if window.contains(r.partition, r.offset, r.timestamp))
+        now = time.monotonic()
+        if caught_up_at is None and all(consumer.position(tp) >= stops[tp] for tp in tps):
+            caught_up_at = now
+        if caught_up_at is not None and (not batch or now - caught_up_at > grace_s):
+            return out
+        if now > deadline:
+            raise ReplayError(f"reading {tps[0].topic!r} did not reach its end within "
+                              f"{timeout_s} s; narrow the window (--since/--offsets) or raise "
+                              "DEPOIS_READ_TIMEOUT_S")
 
 
 def _bounds(consumer: KafkaConsumer, tps: list[TopicPartition],
@@ -506,23 +528,27 @@ def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]) -> dict[st
 
 def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], operator: str,
              reason: str) -> None:
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                             client_id=CLIENT_ID, **settings.kafka)
-    try:
-        released_at = utc_now_iso()
-        futures = [producer.send(settings.clean_topic, value=r.value, key=r.key,
-                                 headers=release_headers(r, operator, reason, released_at))
-                   for r in records]
-        producer.flush()
-        for f in futures:
-            f.get(timeout=30)
-        futures = [producer.send(settings.audit_topic, key=r.sample_id.encode("utf-8"),
-                                 value=audit_record_for(r, operator, reason, released_at,
-                                                        settings.clean_topic).to_bytes())
-                   for r in records]
-        producer.flush()
-        for f in futures:
-            f.get(timeout=30)
-    finally:
-        producer.close()
+    released_at = utc_now_iso()
+    copies: list[Message] = [(r.key, r.value, release_headers(r, operator, reason, released_at))
+                             for r in records]
+    audits: list[Message] = [(r.sample_id.encode("utf-8"),
+                              audit_record_for(r, operator, reason, released_at,
+                                               settings.clean_topic).to_bytes(), [])
+                             for r in records]
+    with _kafka_errors(settings.bootstrap_servers):
+        producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
+                                 client_id=CLIENT_ID, **settings.kafka)
+        try:
+            _send_acknowledged(producer, settings.clean_topic, copies)
+            _send_acknowledged(producer, settings.audit_topic, audits)
+        finally:
+            producer.close()
 
+
+def _send_acknowledged(producer: KafkaProducer, topic: str,
+                       messages: list[Message], timeout_s: float = 30.0) -> None:
+    """Send and wait for every acknowledgement, so a failure stops before the next step."""
+    futures = [producer.send(topic, key=k, value=v, headers=h) for k, v, h in messages]
+    producer.flush(timeout=timeout_s)
+    for f in futures:
+        f.get(timeout=timeout_s)
