@@ -14,6 +14,7 @@ import math
 import subprocess
 import sys
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def scraped(broker, centroid_model, digits_arrays, tmp_path_factory):
     has seen every record consumed.
     """
     _, _, xte, yte = digits_arrays
-    unique = f"prom-it-{tmp_path_factory.getbasetemp().name[-6:]}"
+    unique = f"prom-it-{uuid.uuid4().hex[:8]}"  # module scope: the `unique` fixture is per test
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     cfg = consumer_config(broker.bootstrap, topics, unique, centroid_model, metrics_port=0,
                           exit_when_idle_s=None, breaker_max_rate=0.95, breaker_min_samples=1000)
