@@ -50,7 +50,6 @@ class Target(BaseModel):
     expr: str
     legend_format: str = Field("", alias="legendFormat")
     instant: bool = False
-    format: str = "time_series"
 
 
 class Panel(BaseModel):
@@ -65,6 +64,11 @@ class Panel(BaseModel):
     @property
     def unit(self) -> str:
         return str(self.field_config.get("defaults", {}).get("unit", "none"))
+
+    @property
+    def percent(self) -> bool:
+        """Grafana's ``percentunit`` stores fractions (0.2) and shows percentages (20 %)."""
+        return self.unit == "percentunit"
 
 
 class Dashboard(BaseModel):
@@ -233,9 +237,6 @@ def collect(client: PrometheusClient, dashboard: Dashboard, window: Window) -> l
 
 # --- drawing ---------------------------------------------------------------------------------
 
-_PERCENT_UNITS = {"percentunit"}
-
-
 def heatmap_matrix(series: list[Series]) -> tuple[list[str], list[float], list[list[float]]]:
     """Cumulative ``le`` bucket series -> (bucket names, times, per-bucket counts [bucket][time]).
 
@@ -298,7 +299,7 @@ def render_png(panels: list[PanelData], out: str | Path, *, title: str, subtitle
 
 
 def _draw_lines(ax: Any, data: PanelData, mdates: Any) -> None:
-    percent = data.panel.unit in _PERCENT_UNITS
+    percent = data.panel.percent
     for name, s in data.series:
         ys = [v * 100 if percent else v for v in s.values]
         ax.plot([_dt(t) for t in s.times], ys, label=name, linewidth=1.6)
@@ -311,7 +312,7 @@ def _draw_lines(ax: Any, data: PanelData, mdates: Any) -> None:
 
 def _draw_stat(ax: Any, data: PanelData, mdates: Any) -> None:
     """Grafana's stat panel: the latest value, large, over a faint sparkline of the range."""
-    percent = data.panel.unit in _PERCENT_UNITS
+    percent = data.panel.percent
     latest = [s.values[-1] for _, s in data.series if s.values and math.isfinite(s.values[-1])]
     if latest:
         shown = max(latest) * 100 if percent else max(latest)

@@ -74,8 +74,8 @@ def scraped(broker, centroid_model, digits_arrays, tmp_path_factory):
                                     attack=attack_by_name("random-flip", 10), rate=POISON_RATE,
                                     malformed=MALFORMED_PER_CHUNK))
                 total = sum(m.sent for m in sent)
-                wait_for(lambda: flt.stats.consumed >= total, timeout_s=60)
-                wait_for(lambda: _scalar(client, "sum(depois_records_consumed_total)") >= total)
+                wait_for(lambda n=total: flt.stats.consumed >= n, timeout_s=60)
+                wait_for(lambda n=total: _scalar(client, "sum(depois_records_consumed_total)") >= n)
             yield client, sent, prom
     finally:
         stop.set()

@@ -50,7 +50,7 @@ class PrometheusServer:
         self.config_path.write_text(yaml.safe_dump(config))
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 30.0) -> "PrometheusServer":
+    def start(self, timeout_s: float = 30.0) -> PrometheusServer:
         binary = prometheus_binary()
         if binary is None:
             raise RuntimeError("prometheus is not installed: apt-get install prometheus")
@@ -101,7 +101,7 @@ class PrometheusServer:
                 self._proc.wait()
         self._proc = None
 
-    def __enter__(self) -> "PrometheusServer":
+    def __enter__(self) -> PrometheusServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
