@@ -115,41 +115,50 @@ def export(records: Sequence[QuarantinedRecord], folder: Path, *,
     """Write manifest, NPZ and contact sheets for ``records`` into ``folder`` (created)."""
     folder.mkdir(parents=True, exist_ok=True)
     dec = decode_records(records)
-    npz_row = {row: k for k, row in enumerate(dec.rows)}
-    sheet_names = [f"contact_{s:03d}.png" for s in range(math.ceil(len(dec.rows) / SHEET_CELLS))]
-    ids = [r.sample_id for r in records]
+    entries = manifest_entries(records, dec)
+    (folder / MANIFEST).write_text("".join(e.model_dump_json() + "\n" for e in entries),
+                                   encoding="utf-8")
     scores = np.array([_nan(records[i].score) for i in dec.rows], dtype=np.float32)
-    boundaries = np.array([_nan(records[i].boundary) for i in dec.rows], dtype=np.float32)
-
-    with open(folder / MANIFEST, "w", encoding="utf-8") as f:
-        for i, r in enumerate(records):
-            k = npz_row.get(i)
-            entry = ManifestEntry(
-                id=ids[i], label=int(dec.labels[k]) if k is not None else r.label, score=r.score,
-                boundary=r.boundary, p_value=r.p_value, model_version=r.model_version,
-                model_sha256=r.model_sha256, reason=r.reason, provenance=r.source,
-                quarantine=r.location, timestamp=_iso(r.location.timestamp_ms), npz_index=k,
-                sheet=sheet_names[k // SHEET_CELLS] if k is not None else None,
-                cell=k % SHEET_CELLS if k is not None else None, decode_error=dec.errors.get(i),
-            )
-            f.write(entry.model_dump_json() + "\n")
-
-    np.savez_compressed(folder / SAMPLES, images=dec.images, labels=dec.labels,
-                        ids=np.array([ids[i] for i in dec.rows], dtype=str),
-                        scores=scores, boundaries=boundaries)
-    for s, name in enumerate(sheet_names):
+    np.savez_compressed(
+        folder / SAMPLES, images=dec.images, labels=dec.labels,
+        ids=np.array([records[i].sample_id for i in dec.rows], dtype=str), scores=scores,
+        boundaries=np.array([_nan(records[i].boundary) for i in dec.rows], dtype=np.float32))
+    sheets = _sheet_names(len(dec.rows))
+    for s, name in enumerate(sheets):
         cells = slice(s * SHEET_CELLS, (s + 1) * SHEET_CELLS)
         captions = [f"#{c} y={lab}\n{_fmt(sc)}" for c, (lab, sc) in
                     enumerate(zip(dec.labels[cells].tolist(), scores[cells].tolist()))]
         render_contact_sheet(dec.images[cells], captions, folder / name,
-                             title=f"quarantine review sheet {s + 1}/{len(sheet_names)}: "
+                             title=f"quarantine review sheet {s + 1}/{len(sheets)}: "
                                    f"#cell y=label, score below (see {MANIFEST})")
     if metrics is not None:
         outcomes = metrics.replay_outcomes
         outcomes.labels(action="export", outcome="exported").inc(len(dec.rows))
         outcomes.labels(action="export", outcome="decode_failed").inc(len(dec.errors))
     return ExportSummary(folder=folder, records=len(records), decoded=len(dec.rows),
-                         decode_failed=len(dec.errors), sheets=sheet_names)
+                         decode_failed=len(dec.errors), sheets=sheets)
+
+
+def _sheet_names(n_images: int) -> list[str]:
+    return [f"contact_{s:03d}.png" for s in range(math.ceil(n_images / SHEET_CELLS))]
+
+
+def manifest_entries(records: Sequence[QuarantinedRecord], dec: Decoded) -> list[ManifestEntry]:
+    """One entry per record, decoded or not, pointing at its NPZ row and contact-sheet cell."""
+    npz_row = {row: k for k, row in enumerate(dec.rows)}
+    sheets = _sheet_names(len(dec.rows))
+    out = []
+    for i, r in enumerate(records):
+        k = npz_row.get(i)
+        out.append(ManifestEntry(
+            id=r.sample_id, label=int(dec.labels[k]) if k is not None else r.label,
+            score=r.score, boundary=r.boundary, p_value=r.p_value,
+            model_version=r.model_version, model_sha256=r.model_sha256, reason=r.reason,
+            provenance=r.source, quarantine=r.location, timestamp=_iso(r.location.timestamp_ms),
+            npz_index=k, sheet=sheets[k // SHEET_CELLS] if k is not None else None,
+            cell=k % SHEET_CELLS if k is not None else None, decode_error=dec.errors.get(i),
+        ))
+    return out
 
 
 def _nan(x: float | None) -> float:

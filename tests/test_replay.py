@@ -409,3 +409,21 @@ def test_missing_topic_is_an_error_that_names_it(broker) -> None:
     settings = ReplaySettings(bootstrap_servers=broker.bootstrap, read_timeout_s=5)
     with pytest.raises(ReplayError, match="no-such-topic"):
         read_quarantine(settings, topic=f"no-such-topic-{uuid.uuid4().hex[:6]}")
+
+
+def test_export_keeps_undecodable_records_in_the_manifest(tmp_path: Path) -> None:
+    from depois_stream.replay_export import export
+    from depois_stream.schema import encode_sample
+
+    value, ctype = encode_sample("good", np.full((1, 4, 4), 0.5, np.float32), 3)
+    good = QuarantinedRecord.from_kafka("q", 0, 0, 1000, b"good", value, [
+        (H.CONTENT_TYPE, ctype.encode()), (H.VERDICT, b"quarantine"), (H.SCORE, b"-2.5")])
+    bad = QuarantinedRecord.from_kafka("q", 0, 1, 1000, b"bad", b"{not json", [])
+    summary = export([good, bad], tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / "manifest.jsonl").read_text().splitlines()]
+    assert (summary.decoded, summary.decode_failed, summary.sheets) == (1, 1, ["contact_000.png"])
+    assert [x["npz_index"] for x in lines] == [0, None]
+    assert lines[1]["decode_error"].startswith("malformed")
+    with np.load(tmp_path / "samples.npz") as npz:
+        assert list(npz["ids"]) == ["good"] and npz["scores"][0] == pytest.approx(-2.5)
+        np.testing.assert_allclose(npz["images"][0], 128 / 255, atol=1e-6)
