@@ -11,8 +11,10 @@ compared with the detector's own numpy scoring path; a model that disagrees is r
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -79,16 +81,20 @@ def _export_proto(graph: nn.Module, det: FittedDetector) -> onnx.ModelProto:
     c, h, w = det.metadata.input_shape
     example = (torch.zeros(2, c, h, w), torch.zeros(2, dtype=torch.int64))
     batch = torch.export.Dim("N", min=1)
-    program = torch.onnx.export(
-        graph,
-        example,
-        input_names=[INPUT_IMAGE, INPUT_LABEL],
-        output_names=[OUTPUT_SCORE, OUTPUT_POISONED, OUTPUT_P_VALUE],
-        dynamic_shapes={"image": {0: batch}, "label": {0: batch}},
-        opset_version=OPSET,
-        dynamo=True,
-        verbose=False,
-    )
+    # The exporter logs about optional torchvision ops and warns about internals we do not use.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            graph,
+            example,
+            input_names=[INPUT_IMAGE, INPUT_LABEL],
+            output_names=[OUTPUT_SCORE, OUTPUT_POISONED, OUTPUT_P_VALUE],
+            dynamic_shapes={"image": {0: batch}, "label": {0: batch}},
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+        )
     proto = program.model_proto
     for key, value in det.metadata.to_props().items():
         entry = proto.metadata_props.add()

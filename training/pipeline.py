@@ -94,7 +94,7 @@ def fit(cfg: FitConfig, progress: bool = True) -> FittedDetector:
         },
         "steps": steps.model_dump(),
         "acceptance_rate": synth.acceptance_rate,
-        "authenticator_trusted_accuracy": float(
+        "authenticator_calibration_accuracy": float(
             (np.exp(log_p) > 0.5).mean()  # p(label) > 0.5 implies the argmax is the label
         ),
         "calibration_fpr": float(flagged(scores, cal.labels, boundary).mean()),
