@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from depois_stream.schema import DLQ_REASONS
+
 NAMESPACE = "depois"
 
 DESTINATIONS = ("clean", "quarantine", "dlq")
@@ -105,6 +107,8 @@ class Metrics:
             self.records_routed.labels(destination=d)
         self.model_reloads.labels(outcome="loaded")
         self.model_reloads.labels(outcome="rejected")
+        for reason in DLQ_REASONS:  # same reason: a first burst of one kind must show in rate()
+            self.dead_lettered.labels(reason=reason)
 
 
 def observe_many(histogram: Histogram, values: "np.ndarray") -> None:
