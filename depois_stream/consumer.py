@@ -161,7 +161,7 @@ class StreamFilter:
         cfg = self.cfg
         options: dict[str, Any] = dict(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"depois-stream-{cfg.group_id}",
-            acks="all", enable_idempotence=True, linger_ms=5, batch_size=256 * 1024, **cfg.kafka)
+            acks="all", enable_idempotence=True, linger_ms=1000, batch_size=1024 * 1024, **cfg.kafka)
         if cfg.exactly_once:
             options["transactional_id"] = cfg.effective_transactional_id()
         producer = KafkaProducer(**options)
@@ -257,14 +257,18 @@ class StreamFilter:
 
     def _send_all(self, producer: KafkaProducer, records: list[ConsumerRecord],
                   plan: router.RoutePlan, which: Iterable[int]) -> list[tuple[int, Any]]:
+        """Send records ``which`` of the batch; each output keeps its source partition (modulo
+        the output topic's count), which preserves per-key order and skips per-record hashing."""
         topics = (self.cfg.clean_topic, self.cfg.quarantine_topic, self.cfg.dlq_topic)
+        n_parts = [len(producer.partitions_for(t)) for t in topics]
         dest = plan.destination.tolist()
         futures = []
         for i in which:
-            r = records[i]
+            r, d = records[i], dest[i]
             value = r.value if (r.value is not None or r.key is not None) else b""
-            futures.append((i, producer.send(topics[dest[i]], value=value, key=r.key,
-                                             headers=list(r.headers or ()) + plan.headers[i])))
+            futures.append((i, producer.send(topics[d], value=value, key=r.key,
+                                             headers=list(r.headers or ()) + plan.headers[i],
+                                             partition=r.partition % n_parts[d])))
         return futures
 
     def _deliver(self, producer: KafkaProducer, records: list[ConsumerRecord],

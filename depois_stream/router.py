@@ -70,8 +70,8 @@ def destinations(n: int, index: np.ndarray, poisoned: np.ndarray) -> np.ndarray:
 
 
 def _ascii(values: np.ndarray) -> list[bytes]:
-    """Format a numeric array once: str() of a float32 is its shortest exact repr."""
-    return np.char.encode(np.asarray(values).astype(str), "ascii").tolist()
+    """Format a numeric array in one pass; str() of a float32 is its shortest exact repr."""
+    return "\n".join(np.asarray(values).astype(str).tolist()).encode("ascii").split(b"\n")
 
 
 def plan(verdicts: Verdicts, provenance: Provenance, model_version: str,
@@ -89,15 +89,15 @@ def plan(verdicts: Verdicts, provenance: Provenance, model_version: str,
     ]
     out: list[list[Header]] = [[] for _ in range(n)]
 
-    columns = [_ascii(verdicts.score), _ascii(verdicts.threshold), _ascii(verdicts.labels)]
-    if verdicts.p_value is not None:
-        columns.append(_ascii(verdicts.p_value))
-    for row, i in enumerate(verdicts.index.tolist()):
-        values = [c[row] for c in columns]
-        hdrs = [(H.VERDICT, VERDICTS[dest[i]]), (H.SCORE, values[0]), (H.BOUNDARY, values[1]),
-                (H.LABEL, values[2])]
-        if len(values) == 4:
-            hdrs.append((H.P_VALUE, values[3]))
+    index = verdicts.index.tolist()
+    verdict = [VERDICTS[d] for d in dest[verdicts.index].tolist()]
+    p_values = _ascii(verdicts.p_value) if verdicts.p_value is not None else None
+    for row, (i, v, score, bound, label) in enumerate(zip(
+            index, verdict, _ascii(verdicts.score), _ascii(verdicts.threshold),
+            _ascii(verdicts.labels))):
+        hdrs = [(H.VERDICT, v), (H.SCORE, score), (H.BOUNDARY, bound), (H.LABEL, label)]
+        if p_values is not None:
+            hdrs.append((H.P_VALUE, p_values[row]))
         out[i] = hdrs + model + source[i]
 
     for i, reason, message in verdicts.failures:
