@@ -47,6 +47,10 @@ class DeliveryError(RuntimeError):
     """Output records could not be produced after all retries; nothing of the batch was committed."""
 
 
+class BrokerUnavailable(RuntimeError):
+    """Kafka could not be reached at start-up; the message says what to check."""
+
+
 @dataclass
 class RunStats:
     consumed: int = 0
@@ -113,9 +117,8 @@ class StreamFilter:
     def run(self, stop: threading.Event | None = None) -> RunStats:
         """Consume until ``stop`` is set (or the stream idles, with ``exit_when_idle_s``)."""
         stop = stop or threading.Event()
-        consumer = self._make_consumer()
-        producer = self._make_producer()
-        server = self._start_http(consumer)
+        consumer, producer = self._connect()
+        server = self._start_http()
         watcher = ModelWatcher(self.scorer, self._load_model, self.cfg.reload_interval_s,
                                on_outcome=lambda o: self.metrics.model_reloads.labels(o).inc())
         idle_since = time.monotonic()
@@ -144,6 +147,23 @@ class StreamFilter:
             self.metrics.partitions_assigned.set(0)
         return self.stats
 
+    def _connect(self) -> tuple[KafkaConsumer, KafkaProducer]:
+        try:
+            consumer = self._make_consumer()
+        except KafkaError as exc:
+            raise self._unreachable(exc) from exc
+        try:
+            return consumer, self._make_producer()
+        except KafkaError as exc:
+            consumer.close(autocommit=False)
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: KafkaError) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"cannot use Kafka at {self.cfg.bootstrap_servers} ({exc}): check --bootstrap-servers, "
+            "that the broker is up and the --kafka security options; for a local broker run "
+            "`depois-stream broker`")
+
     def _make_consumer(self) -> KafkaConsumer:
         cfg = self.cfg
         consumer = KafkaConsumer(
@@ -169,7 +189,7 @@ class StreamFilter:
             producer.init_transactions()
         return producer
 
-    def _start_http(self, consumer: KafkaConsumer) -> HealthServer | None:
+    def _start_http(self) -> HealthServer | None:
         if self.cfg.metrics_port is None:
             return None
         server = HealthServer(self.metrics.registry, self._readiness,

@@ -90,3 +90,11 @@ def test_cli_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
     proc = _cli("run", "--model-path", str(tmp_path / "m.onnx"), "--batch-size", "0")
     assert proc.returncode == 2
     assert "batch_size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_unreachable_broker_exits_2_with_what_to_check(centroid_model: Path) -> None:
+    proc = _cli("run", "--model-path", str(centroid_model), "--device", "cpu",
+                "--bootstrap-servers", "127.0.0.1:1", "--metrics-port", "0",
+                "--kafka", "bootstrap_timeout_ms=300")
+    assert proc.returncode == 2
+    assert "cannot use Kafka at 127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr
