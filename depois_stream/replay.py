@@ -73,7 +73,16 @@ class ReplaySettings(BaseSettings):
         if owned:
             raise ValueError(f"{owned} are chosen by replay itself: it reads without a consumer "
                              "group so that it can never commit the live consumer's offsets")
+        known = set(KafkaConsumer.DEFAULT_CONFIG) | set(KafkaProducer.DEFAULT_CONFIG)
+        unknown = sorted(set(v) - known)
+        if unknown:
+            raise ValueError(f"{unknown} are not kafka-python client options (e.g. "
+                             "security_protocol, sasl_mechanism, ssl_cafile)")
         return v
+
+    def client_options(self, client: type[KafkaConsumer] | type[KafkaProducer]) -> dict[str, Any]:
+        """The ``kafka`` options ``client`` understands (kafka-python rejects the others)."""
+        return {k: v for k, v in self.kafka.items() if k in client.DEFAULT_CONFIG}
 
 
 @dataclass(frozen=True)
@@ -480,7 +489,8 @@ def read_quarantine(settings: ReplaySettings, window: ReadWindow | None = None,
                     topic: str | None = None) -> list[QuarantinedRecord]:
     """Records of the quarantine topic (or ``topic``) in time order, as a reviewer reads them."""
     recs = read_raw(settings.bootstrap_servers, topic or settings.quarantine_topic, window,
-                    kafka=settings.kafka, timeout_s=settings.read_timeout_s)
+                    kafka=settings.client_options(KafkaConsumer),
+                    timeout_s=settings.read_timeout_s)
     return [QuarantinedRecord.from_kafka(r.topic, r.partition, r.offset, r.timestamp, r.key,
                                          r.value, r.headers)
             for r in sorted(recs, key=lambda r: (r.timestamp, r.partition, r.offset))]
@@ -488,7 +498,8 @@ def read_quarantine(settings: ReplaySettings, window: ReadWindow | None = None,
 
 def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:
     """All audit records (and how many values were unreadable); a missing topic is empty."""
-    recs = read_raw(settings.bootstrap_servers, settings.audit_topic, kafka=settings.kafka,
+    recs = read_raw(settings.bootstrap_servers, settings.audit_topic,
+                    kafka=settings.client_options(KafkaConsumer),
                     timeout_s=settings.read_timeout_s, missing_ok=True)
     return parse_audit_values(r.value for r in recs)
 
@@ -537,7 +548,7 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
                              for r in records]
     with _kafka_errors(settings.bootstrap_servers):
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                                 client_id=CLIENT_ID, **settings.kafka)
+                                 client_id=CLIENT_ID, **settings.client_options(KafkaProducer))
         try:
             _send_acknowledged(producer, settings.clean_topic, copies)
             _send_acknowledged(producer, settings.audit_topic, audits)

@@ -392,9 +392,16 @@ def test_read_window_and_offset_specs() -> None:
     assert not w.contains(0, 6, 200) and not w.contains(0, 6, None)
 
 
-def test_replay_settings_refuse_a_group_id() -> None:
+def test_replay_settings_refuse_a_group_id_and_route_options_per_client() -> None:
+    from kafka import KafkaConsumer, KafkaProducer
+
     with pytest.raises(ValueError, match="consumer group"):
         ReplaySettings(kafka={"group_id": "depois-stream"})
+    with pytest.raises(ValueError, match="not kafka-python client options"):
+        ReplaySettings(kafka={"sasl_mechanisms": "PLAIN"})
+    s = ReplaySettings(kafka={"security_protocol": "SSL", "fetch_max_wait_ms": 100, "linger_ms": 5})
+    assert s.client_options(KafkaConsumer) == {"security_protocol": "SSL", "fetch_max_wait_ms": 100}
+    assert s.client_options(KafkaProducer) == {"security_protocol": "SSL", "linger_ms": 5}
 
 
 def test_audit_record_round_trips() -> None:
