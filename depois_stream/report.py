@@ -289,7 +289,7 @@ def render_png(panels: list[PanelData], out: str | Path, *, title: str, subtitle
         else:
             _draw_lines(ax, data, mdates)
     # Fixed margins: tight_layout would draw the whole figure a second time to measure it.
-    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=1 - 0.8 / fig.get_figheight(),
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=1 - 1.2 / fig.get_figheight(),
                         hspace=0.35, wspace=0.22)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
