@@ -10,7 +10,6 @@ halfway through a stream.
 from __future__ import annotations
 
 import json
-import tomllib
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -131,7 +130,7 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
 def read_config_file(path: Path) -> dict[str, Any]:
     """Parse a YAML, TOML or JSON mapping; keys may use dashes like the flags do."""
     loaders = {".yaml": yaml.safe_load, ".yml": yaml.safe_load, ".json": json.loads,
-               ".toml": tomllib.loads}
+               ".toml": _toml_loads}
     loader = loaders.get(path.suffix.lower())
     if loader is None:
         raise ConfigError(f"config file {path}: unknown extension, use .yaml, .yml, .toml or .json")
@@ -144,6 +143,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def _toml_loads(text: str) -> Any:
+    try:
+        import tomllib
+    except ImportError as exc:  # Python 3.10
+        raise ConfigError("TOML config files need Python 3.11+; use YAML or JSON") from exc
+    return tomllib.loads(text)
 
 
 def load_config(**overrides: Any) -> ConsumerConfig:
