@@ -74,7 +74,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(broker, unique, centroid_
     assert at_kill < len(ids), "the consumer finished before it was killed; the test proved nothing"
 
     restarted = _start(broker.bootstrap, topics, unique, centroid_model, "--exit-when-idle-s", "1",
-                       session_timeout_ms=3000)
+                       "--batch-size", "128", session_timeout_ms=3000)  # the last --batch-size wins
     out, err = restarted.communicate(timeout=120)
     assert restarted.returncode == 0, err
 
