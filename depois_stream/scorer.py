@@ -118,7 +118,7 @@ class Scorer:
     def score(self, images: np.ndarray, labels: np.ndarray) -> ScoreResult:
         """Score one batch in a single onnxruntime run (an empty batch costs nothing)."""
         labels = np.ascontiguousarray(labels, dtype=np.int64)
-        threshold = self.metadata.boundary.for_labels(labels)
+        threshold = np.asarray(self.metadata.boundary.for_labels(labels), dtype=np.float32)
         if len(labels) == 0:
             empty = np.zeros(0, dtype=np.float32)
             return ScoreResult(empty, np.zeros(0, dtype=bool),
