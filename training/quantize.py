@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -30,6 +31,9 @@ from depois_stream.contract import (
     INPUT_IMAGE, INPUT_LABEL, OUTPUT_POISONED, OUTPUT_SCORE, META_MODEL_VERSION, ModelCard,
     card_path_for, sha256_file,
 )
+
+if TYPE_CHECKING:
+    from training.detector import FittedDetector
 
 MIN_AGREEMENT = 0.995
 QUANTIZED_OPS = ("MatMul",)
@@ -121,7 +125,9 @@ def gemm_to_matmul(model: ModelProto) -> ModelProto:
     return out
 
 
-def _run(path: Path, images: np.ndarray, labels: np.ndarray, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def run_onnx(path: str | Path, images: np.ndarray, labels: np.ndarray,
+             batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(score, poisoned) of a contract model on CPU, in chunks of ``batch``."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -160,6 +166,18 @@ def _write_card(src: Path, dst: Path, report: QuantizeReport) -> None:
     card_path_for(dst).write_text(json.dumps(card.model_dump(mode="json"), indent=2))
 
 
+def int8_path_for(fp32_path: str | Path) -> Path:
+    """``model.onnx`` -> ``model.int8.onnx`` (its card: ``model.int8.card.json``)."""
+    p = Path(fp32_path)
+    return p.with_name(p.stem + ".int8.onnx")
+
+
+def quantize_detector(det: "FittedDetector", fp32_path: str | Path) -> QuantizeReport:
+    """Quantise an exported detector, gated on its own calibration split (what the CLI calls)."""
+    return quantize_int8(fp32_path, int8_path_for(fp32_path), det.calibration.images,
+                         det.calibration.labels)
+
+
 def quantize_int8(
     src: str | Path,
     dst: str | Path,
@@ -184,8 +202,8 @@ def quantize_int8(
         q = onnx.load(str(int8_path))
         _retag_version(q)
         onnx.save(q, str(int8_path))
-        fp_scores, fp_verdicts = _run(src, images, labels)
-        q_scores, q_verdicts = _run(int8_path, images, labels)
+        fp_scores, fp_verdicts = run_onnx(src, images, labels)
+        q_scores, q_verdicts = run_onnx(int8_path, images, labels)
         agreement = verdict_agreement(fp_verdicts, q_verdicts)
         report = QuantizeReport(
             n=len(labels), agreement=agreement, disagreements=int(np.sum(fp_verdicts != q_verdicts)),

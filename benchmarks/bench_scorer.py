@@ -1,0 +1,151 @@
+"""Scorer throughput and latency: torch eager vs onnxruntime fp32 vs onnxruntime int8.
+
+All three run the same trained weights on the same batches in one process, one after the other,
+so the ratios in the table are what a user would see switching between them on this machine.
+onnxruntime runs through ``depois_stream.scorer.Scorer``, i.e. exactly what the consumer runs.
+
+\b
+    python benchmarks/bench_scorer.py --dataset digits                  # fit quick, then time
+    python benchmarks/bench_scorer.py --detector-dir runs/digits        # a trained detector
+    python benchmarks/bench_scorer.py --device cuda --batch-sizes 1024,4096,16384,65536
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal, Optional
+
+import numpy as np
+import typer
+
+from _common import Timing, fmt_ms, fmt_rate, load_or_fit, markdown_table, time_call, write_report
+
+app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
+
+CPU_BATCHES = "1,32,256,1024,4096"
+GPU_BATCHES = "1024,4096,16384,65536"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    run: Callable[[np.ndarray, np.ndarray], object]
+
+
+def tiled_batch(images: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` real samples (the calibration split repeated): real data exercises real branches."""
+    idx = np.arange(n) % len(labels)
+    return np.ascontiguousarray(images[idx]), np.ascontiguousarray(labels[idx])
+
+
+def torch_variant(det, device: str) -> Variant:
+    """The exported module itself (same weights, same graph) run eagerly under inference_mode."""
+    import torch
+    from training.export import build_scoring_graph
+
+    module = build_scoring_graph(det).to(device).eval()
+
+    def run(images: np.ndarray, labels: np.ndarray) -> object:
+        with torch.inference_mode():
+            out = module(torch.from_numpy(images).to(device), torch.from_numpy(labels).to(device))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+    return Variant("torch eager", run)
+
+
+def ort_variant(name: str, path: Path, device: str) -> Variant:
+    from depois_stream.scorer import Scorer
+
+    scorer = Scorer.load(path, device=device, require_gpu=device == "cuda")
+    return Variant(f"{name} ({scorer.provider.removesuffix('ExecutionProvider')})", scorer.score)
+
+
+def heldout_agreement(fp32: Path, int8: Path, dataset: str) -> str:
+    """Verdict agreement on the test split with 20 % random label flips: unlike the calibration
+    split (clean, small on digits), it has many samples near and below the boundary."""
+    from depois_stream.attacks import random_flip
+    from training.data import load_dataset
+    from training.quantize import run_onnx, verdict_agreement
+
+    test = load_dataset(dataset).test
+    stream = random_flip(test, 0.2, seed=0)
+    (_, fp), (_, q) = run_onnx(fp32, stream.images, stream.labels), run_onnx(int8, stream.images, stream.labels)
+    return (f"- int8 verdict agreement on the {dataset} test split with 20 % label flips: "
+            f"{verdict_agreement(fp, q):.4%} of {len(q)} (flagged: fp32 {fp.mean():.2%}, int8 {q.mean():.2%})")
+
+
+def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray,
+            batches: list[int], min_time_s: float) -> dict[tuple[str, int], Timing]:
+    results = {}
+    for b in batches:
+        x, y = tiled_batch(images, labels, b)
+        for v in variants:
+            results[(v.name, b)] = time_call(lambda: v.run(x, y), items=b, min_time_s=min_time_s)
+    return results
+
+
+def render(variants: list[Variant], batches: list[int], results: dict[tuple[str, int], Timing]) -> str:
+    base = variants[0].name
+    header = ["batch"] + [f"{v.name} samples/s" for v in variants] + \
+             [f"{v.name} / {base}" for v in variants[1:]] + [f"{v.name} p50 ms" for v in variants]
+    rows = []
+    for b in batches:
+        t = [results[(v.name, b)] for v in variants]
+        rows.append([b, *(fmt_rate(x.per_second) for x in t),
+                     *(f"{x.per_second / t[0].per_second:.2f}x" for x in t[1:]),
+                     *(fmt_ms(x.seconds) for x in t)])
+    return markdown_table(header, rows)
+
+
+@app.command(help=__doc__)
+def main(
+    detector_dir: Optional[Path] = typer.Option(
+        None, help="A trained detector directory (FittedDetector.save / `depois-train fit --out`). "
+                   "Without it a detector is fitted first with --steps."),
+    dataset: str = typer.Option("digits", help="Data set to fit on when no --detector-dir is given."),
+    steps: str = typer.Option("quick", help="quick | default: training length when fitting here."),
+    device: str = typer.Option("cpu", help="cpu | cuda. cuda uses the CUDA provider with IO binding "
+                                           "and fails if no GPU is visible."),
+    batch_sizes: Optional[str] = typer.Option(
+        None, help=f"Comma-separated batch sizes (default {CPU_BATCHES} on cpu, {GPU_BATCHES} on cuda)."),
+    threads: int = typer.Option(os.cpu_count() or 1, help="torch intra-op threads (onnxruntime uses "
+                                                          "its default: one per physical core)."),
+    min_time: float = typer.Option(1.0, help="Seconds spent timing each (variant, batch) cell."),
+    int8: bool = typer.Option(True, help="Also quantise to int8 (only if the verdict gate passes)."),
+    out: Optional[Path] = typer.Option(None, help="Append the result block to this markdown file."),
+) -> None:
+    """Time torch eager, onnxruntime fp32 and int8 on the same detector and batches."""
+    import torch
+
+    from training.export import export_onnx
+    from training.quantize import QuantizationRefused, quantize_int8
+
+    torch.set_num_threads(threads)
+    batches = [int(b) for b in (batch_sizes or (GPU_BATCHES if device == "cuda" else CPU_BATCHES)).split(",")]
+    det = load_or_fit(detector_dir, dataset, steps)
+    cal = det.calibration
+    notes = [f"- model: {det.metadata.model_version} ({det.metadata.dataset}, score {det.metadata.score_kind}, "
+             f"input {list(det.metadata.input_shape)}), torch threads {threads}, device {device}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = Path(tmp) / "model.onnx"
+        export_onnx(det, fp32)
+        variants = [torch_variant(det, device), ort_variant("ort fp32", fp32, device)]
+        if int8:
+            int8_path = Path(tmp) / "model.int8.onnx"
+            try:
+                notes.append(f"- gate: {quantize_int8(fp32, int8_path, cal.images, cal.labels).summary()}")
+                variants.append(ort_variant("ort int8", int8_path, device))
+                notes.append(heldout_agreement(fp32, int8_path, det.metadata.dataset))
+            except QuantizationRefused as refused:
+                notes.append(f"- gate: {refused.report.summary()}")
+        results = measure(variants, cal.images, cal.labels, batches, min_time)
+    write_report(out, f"Scorer throughput ({device})", "\n".join(notes) + "\n\n" + render(variants, batches, results))
+
+
+if __name__ == "__main__":
+    app()
