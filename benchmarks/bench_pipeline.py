@@ -35,6 +35,7 @@ from _common import fmt_rate, load_or_fit, markdown_table, write_report
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 POISON_RATE = 0.1  # a realistic share of quarantined records, far below the breaker's limit
+KAFKA_DEFAULT_FETCH_WAIT_MS = 500
 FORWARD_HEADERS = 11  # what the router adds to a scored record (verdict, score, ..., source.*)
 
 
@@ -178,7 +179,7 @@ def publish_backlog(bootstrap: str, topic: str, dataset: str, n: int, encoding: 
 
 
 def latency_run(bootstrap: str, dataset: str, model: Path, rate: float, seconds: float,
-                batch_size: int, linger_ms: int) -> np.ndarray:
+                batch_size: int, linger_ms: int, fetch_max_wait_ms: int) -> np.ndarray:
     """End-to-end latencies (s): ingest CreateTime -> received by a reader of the output topics."""
     from kafka import KafkaConsumer, KafkaProducer
 
@@ -196,7 +197,8 @@ def latency_run(bootstrap: str, dataset: str, model: Path, rate: float, seconds:
     records, _ = P.build_records(tiled, P.poison(tiled, None, 0.0, 0), encoding="binary")
 
     proc = mp.get_context("spawn").Process(
-        target=_run_filter, args=(bootstrap, ingest, outs, tag, model, batch_size, linger_ms, seconds + 90))
+        target=_run_filter,
+        args=(bootstrap, ingest, outs, tag, model, batch_size, linger_ms, fetch_max_wait_ms, seconds + 90))
     proc.start()
     reader = KafkaConsumer(*outs, bootstrap_servers=bootstrap, group_id=f"reader-{tag}",
                            fetch_max_wait_ms=10, **_client_settings(4096))
@@ -243,7 +245,7 @@ def latency_run(bootstrap: str, dataset: str, model: Path, rate: float, seconds:
 
 
 def _run_filter(bootstrap: str, ingest: str, outs: list[str], tag: str, model: Path,
-                batch_size: int, linger_ms: int, lifetime_s: float) -> None:
+                batch_size: int, linger_ms: int, fetch_max_wait_ms: int, lifetime_s: float) -> None:
     from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
     from depois_stream.config import ConsumerConfig
     from depois_stream.consumer import StreamFilter
@@ -252,6 +254,7 @@ def _run_filter(bootstrap: str, ingest: str, outs: list[str], tag: str, model: P
         bootstrap_servers=bootstrap, model_path=model, ingest_topic=ingest, group_id=f"lat-{tag}",
         clean_topic=outs[0], quarantine_topic=outs[1], dlq_topic=outs[2], batch_size=batch_size,
         linger_ms=linger_ms, device="cpu", metrics_port=None,
+        kafka={} if fetch_max_wait_ms == KAFKA_DEFAULT_FETCH_WAIT_MS else {"fetch_max_wait_ms": fetch_max_wait_ms},
         session_timeout_ms=TEST_SESSION_TIMEOUT_MS, heartbeat_interval_ms=TEST_HEARTBEAT_INTERVAL_MS)
     stop = threading.Event()
     threading.Timer(lifetime_s, stop.set).start()
@@ -271,7 +274,11 @@ def main(
     batch_size: int = typer.Option(512, help="max_poll_records of both clients = the filter's batch."),
     linger_ms: int = typer.Option(50, help="The filter's batch linger."),
     offered_rate: float = typer.Option(1000.0, help="Records/s offered in the latency run (0 skips it)."),
-    latency_seconds: float = typer.Option(10.0, help="Duration of the latency run."),
+    latency_seconds: float = typer.Option(10.0, help="Duration of each latency run."),
+    fetch_waits: str = typer.Option(
+        "500,20", help="Comma-separated fetch_max_wait_ms of the filter's consumer, one latency run "
+                       "each (500 is the kafka-python default; Tansu holds a fetch that long "
+                       "even when records are waiting)."),
     out: Optional[Path] = typer.Option(None, help="Append the result block to this markdown file."),
 ) -> None:
     """Raw consume vs full pipeline on the local Tansu broker, then latency at a fixed load."""
@@ -300,14 +307,15 @@ def main(
              "pipeline rec/s", "pipeline / raw", "pipeline / forward", "raw peak RSS MiB",
              "pipeline peak RSS MiB"], rows)
         if offered_rate > 0:
-            lat = latency_run(broker.bootstrap, dataset, model, offered_rate, latency_seconds,
-                              batch_size, linger_ms)
             expected = int(offered_rate * latency_seconds)
+            lat_rows = []
+            for wait in (int(w) for w in fetch_waits.split(",")):
+                lat = latency_run(broker.bootstrap, dataset, model, offered_rate, latency_seconds,
+                                  batch_size, linger_ms, wait)
+                pct = [f"{np.percentile(lat, q) * 1e3:.1f}" for q in (50, 99, 100)] if len(lat) else ["-"] * 3
+                lat_rows.append([fmt_rate(offered_rate), wait, f"{len(lat)}/{expected}", *pct])
             body += "\n\n" + markdown_table(
-                ["offered rec/s", "received", "p50 ms", "p99 ms", "max ms"],
-                [[fmt_rate(offered_rate), f"{len(lat)}/{expected}",
-                  *(f"{np.percentile(lat, q) * 1e3:.1f}" for q in (50, 99, 100))]] if len(lat) else
-                [[fmt_rate(offered_rate), f"0/{expected}", "-", "-", "-"]])
+                ["offered rec/s", "fetch_max_wait_ms", "received", "p50 ms", "p99 ms", "max ms"], lat_rows)
         notes = (f"- model {model.name}, data set {dataset}, batch {batch_size}, linger {linger_ms} ms, "
                  f"1 partition, local Tansu broker on loopback; {POISON_RATE:.0%} random label flips")
         write_report(out, "Pipeline vs raw consume (local broker)", notes + "\n\n" + body)
