@@ -117,7 +117,7 @@ def run(
     """Filter the ingest topic until SIGTERM/SIGINT (which finish the batch and commit first)."""
     settings = {k: v for k, v in locals().items() if k not in {"config", "kafka", "log_level"}}
     from depois_stream.config import ConfigError, load_config
-    from depois_stream.consumer import BrokerUnavailable, DeliveryError, StreamFilter
+    from depois_stream.consumer import StartupError, DeliveryError, StreamFilter
     from depois_stream.scorer import ModelLoadError
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -130,7 +130,7 @@ def run(
         raise _fail(str(exc), EXIT_STARTUP) from None
     try:
         stats = flt.run(_stop_on_signals())
-    except BrokerUnavailable as exc:
+    except StartupError as exc:
         raise _fail(str(exc), EXIT_STARTUP) from None
     except DeliveryError as exc:
         raise _fail(str(exc), EXIT_DELIVERY) from None

@@ -18,9 +18,10 @@ import logging
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
@@ -47,8 +48,8 @@ class DeliveryError(RuntimeError):
     """Output records could not be produced after all retries; nothing of the batch was committed."""
 
 
-class BrokerUnavailable(RuntimeError):
-    """Kafka could not be reached at start-up; the message says what to check."""
+class StartupError(RuntimeError):
+    """Kafka or the metrics port is unusable at start-up; the message says what to check."""
 
 
 @dataclass
@@ -117,12 +118,10 @@ class StreamFilter:
     def run(self, stop: threading.Event | None = None) -> RunStats:
         """Consume until ``stop`` is set (or the stream idles, with ``exit_when_idle_s``)."""
         stop = stop or threading.Event()
-        consumer, producer = self._connect()
-        server = self._start_http()
-        watcher = ModelWatcher(self.scorer, self._load_model, self.cfg.reload_interval_s,
-                               on_outcome=lambda o: self.metrics.model_reloads.labels(o).inc())
-        idle_since = time.monotonic()
-        try:
+        with self._clients() as (consumer, producer):
+            watcher = ModelWatcher(self.scorer, self._load_model, self.cfg.reload_interval_s,
+                                   on_outcome=lambda o: self.metrics.model_reloads.labels(o).inc())
+            idle_since = time.monotonic()
             while not stop.is_set():
                 if (new := watcher.poll()) is not None:
                     self.scorer = new
@@ -137,15 +136,22 @@ class StreamFilter:
                 self._maybe_update_lag(consumer)
                 if (self.cfg.exit_when_idle_s is not None
                         and time.monotonic() - idle_since >= self.cfg.exit_when_idle_s):
-                    log.info("no records for %.1f s: exiting (exit_when_idle_s)", self.cfg.exit_when_idle_s)
+                    log.info("no records for %.1f s: exiting", self.cfg.exit_when_idle_s)
                     break
-        finally:
-            if server is not None:
-                server.close()
-            producer.close(timeout=10)
-            consumer.close(autocommit=False)
-            self.metrics.partitions_assigned.set(0)
         return self.stats
+
+    @contextmanager
+    def _clients(self) -> Iterator[tuple[KafkaConsumer, KafkaProducer]]:
+        """The HTTP endpoint and both Kafka clients, all closed on the way out, whatever happens."""
+        with ExitStack() as stack:
+            server = self._start_http()
+            if server is not None:
+                stack.callback(server.close)
+            consumer, producer = self._connect()
+            stack.callback(self.metrics.partitions_assigned.set, 0)
+            stack.callback(consumer.close, autocommit=False)
+            stack.callback(producer.close, timeout=10)
+            yield consumer, producer
 
     def _connect(self) -> tuple[KafkaConsumer, KafkaProducer]:
         try:
@@ -158,8 +164,8 @@ class StreamFilter:
             consumer.close(autocommit=False)
             raise self._unreachable(exc) from exc
 
-    def _unreachable(self, exc: KafkaError) -> BrokerUnavailable:
-        return BrokerUnavailable(
+    def _unreachable(self, exc: KafkaError) -> StartupError:
+        return StartupError(
             f"cannot use Kafka at {self.cfg.bootstrap_servers} ({exc}): check --bootstrap-servers, "
             "that the broker is up and the --kafka security options; for a local broker run "
             "`depois-stream broker`")
@@ -192,8 +198,13 @@ class StreamFilter:
     def _start_http(self) -> HealthServer | None:
         if self.cfg.metrics_port is None:
             return None
-        server = HealthServer(self.metrics.registry, self._readiness,
-                              self.cfg.metrics_host, self.cfg.metrics_port).start()
+        try:
+            server = HealthServer(self.metrics.registry, self._readiness,
+                                  self.cfg.metrics_host, self.cfg.metrics_port).start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port} "
+                f"({exc.strerror}): pick another --metrics-port (0 = any free port)") from exc
         self.http_address = server.address
         log.info("metrics and probes on http://%s:%d/metrics", *server.address)
         return server

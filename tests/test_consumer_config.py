@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,16 @@ def test_cli_unreachable_broker_exits_2_with_what_to_check(centroid_model: Path)
                 "--kafka", "bootstrap_timeout_ms=300")
     assert proc.returncode == 2
     assert "cannot use Kafka at 127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_busy_metrics_port_is_a_startup_error(centroid_model: Path) -> None:
+    from depois_stream.consumer import StartupError, StreamFilter
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", metrics_port=port,
+                                       bootstrap_servers="127.0.0.1:1"))
+        with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}.*--metrics-port"):
+            flt.run()
