@@ -1,0 +1,155 @@
+"""End to end: `depois-train all` on digits, the ONNX contract, parity refusal, determinism."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from sklearn.metrics import roc_auc_score
+from typer.testing import CliRunner
+
+from depois_stream.contract import (
+    INPUT_IMAGE,
+    INPUT_LABEL,
+    OUTPUT_P_VALUE,
+    OUTPUT_POISONED,
+    OUTPUT_SCORE,
+    ModelCard,
+    ModelMetadata,
+    card_path_for,
+    sha256_file,
+)
+from training import export as export_mod
+from training.augment import authenticator_log_p, synthesize
+from training.cli import app
+from training.config import FitConfig
+from training.data import load_dataset
+from training.detector import FittedDetector
+from training.pipeline import fit
+
+pytestmark = pytest.mark.slow
+
+TINY = dict(auth_steps=20, gan_steps=20, critic_steps=5, n_synthetic=100)
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`depois-train all` on digits with FitConfig.quick() step counts; returns the output folder."""
+    out = tmp_path_factory.mktemp("depois-train")
+    q = FitConfig.quick()
+    args = [
+        "all", "--dataset", "digits", "--device", "cpu", "--seed", "0", "--out", str(out),
+        "--auth-steps", str(q.auth_steps), "--gan-steps", str(q.gan_steps),
+        "--critic-steps", str(q.critic_steps), "--n-synthetic", str(q.n_synthetic),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def digits_detector(digits_run: Path) -> FittedDetector:
+    return FittedDetector.load(digits_run / "detector")
+
+
+def _session(model: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+
+
+def _label_flip(labels: np.ndarray, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    flipped = rng.random(len(labels)) < rate
+    poisoned = labels.copy()
+    poisoned[flipped] = (labels[flipped] + rng.integers(1, 10, flipped.sum())) % 10
+    return poisoned, flipped
+
+
+def test_onnx_model_separates_label_flips_on_the_digits_test_split(digits_run: Path) -> None:
+    test = load_dataset("digits").test
+    labels, flipped = _label_flip(test.labels, 0.2, seed=7)
+    score, poisoned, p_value = _session(digits_run / "model.onnx").run(
+        None, {INPUT_IMAGE: test.images, INPUT_LABEL: labels}
+    )
+    assert roc_auc_score(flipped, -score) >= 0.9
+    assert poisoned[flipped].mean() > 0.5  # most flips are stopped at the calibrated boundary
+    assert poisoned[~flipped].mean() < 0.1  # while clean traffic mostly passes
+    assert roc_auc_score(flipped, -p_value) >= 0.9
+
+
+def test_run_writes_plots_card_and_a_loadable_detector(digits_run: Path, digits_detector: FittedDetector) -> None:
+    for name in ("losses.png", "synthetic_grid.png"):
+        assert (digits_run / name).read_bytes()[:4] == b"\x89PNG"
+    card = ModelCard.model_validate_json(card_path_for(digits_run / "model.onnx").read_text())
+    assert card.onnx_sha256 == sha256_file(digits_run / "model.onnx")
+    assert card.sizes["calibration"] == len(digits_detector.calibration) == 50
+    assert card.calibration["achieved_fpr"] <= digits_detector.metadata.target_fpr
+    assert 0.0 < digits_detector.report["acceptance_rate"] <= 1.0
+
+
+def test_onnx_contract_names_dtypes_dynamic_batch_and_metadata(
+    digits_run: Path, digits_detector: FittedDetector
+) -> None:
+    model = digits_run / "model.onnx"
+    session = _session(model)
+    assert [(i.name, i.type) for i in session.get_inputs()] == [
+        (INPUT_IMAGE, "tensor(float)"), (INPUT_LABEL, "tensor(int64)")
+    ]
+    assert [o.name for o in session.get_outputs()] == [OUTPUT_SCORE, OUTPUT_POISONED, OUTPUT_P_VALUE]
+    assert onnx.load(str(model)).opset_import[0].version >= 17
+    meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
+    assert meta == digits_detector.metadata
+    assert meta.input_shape == (1, 8, 8) and meta.has_p_value
+    cal = digits_detector.calibration
+    for n in (1, 7, len(cal)):
+        score, poisoned, p_value = session.run(
+            None, {INPUT_IMAGE: cal.images[:n], INPUT_LABEL: cal.labels[:n]}
+        )
+        assert score.shape == poisoned.shape == p_value.shape == (n,)
+        assert score.dtype == np.float32 and poisoned.dtype == np.bool_ and p_value.dtype == np.float32
+        np.testing.assert_allclose(score, digits_detector.score(cal.images[:n], cal.labels[:n]), atol=1e-4)
+
+
+def test_export_refuses_a_graph_that_disagrees_with_torch(
+    digits_detector: FittedDetector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class Shifted(export_mod.ScoringGraph):
+        def forward(self, image, label):
+            score, poisoned, p_value = super().forward(image, label)
+            return score + 1e-2, poisoned, p_value
+
+    monkeypatch.setattr(export_mod, "build_scoring_graph", Shifted)
+    target = tmp_path / "broken.onnx"
+    with pytest.raises(export_mod.ExportParityError, match="no model was written"):
+        export_mod.export_onnx(digits_detector, target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synthesis_keeps_only_samples_the_authenticator_vouches_for(digits_detector: FittedDetector) -> None:
+    import torch
+
+    from training.augment import train_cgan
+
+    trusted = digits_detector.trusted
+    cgan = train_cgan(trusted, digits_detector.authenticator, 10, 30, 64, seed=5, device=torch.device("cpu"))
+    result = synthesize(
+        cgan.generator, digits_detector.authenticator, 300, 10, threshold=0.9, seed=6,
+        device=torch.device("cpu"), batch_size=256, max_attempts_factor=3,
+    )
+    log_p = authenticator_log_p(
+        digits_detector.authenticator, result.accepted.images, result.accepted.labels, torch.device("cpu")
+    )
+    assert len(result.accepted) > 0 and np.all(np.exp(log_p) >= 0.9 - 1e-6)
+    assert result.acceptance_rate < 1.0  # an undertrained generator's samples get rejected
+    assert result.passed >= len(result.accepted) and result.attempted >= 256
+
+
+def test_fit_is_deterministic_under_a_seed() -> None:
+    test = load_dataset("digits").test
+    runs = [fit(FitConfig.quick(seed=s, **TINY), progress=False) for s in (11, 11, 12)]
+    scores = [d.score(test.images, test.labels) for d in runs]
+    np.testing.assert_array_equal(scores[0], scores[1])
+    assert runs[0].metadata.boundary == runs[1].metadata.boundary
+    assert not np.allclose(scores[0], scores[2])
