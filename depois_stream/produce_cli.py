@@ -39,7 +39,8 @@ class SplitChoice(str, Enum):
 
 def produce(
     bootstrap_servers: str = typer.Option(
-        "127.0.0.1:9092", envvar="DEPOIS_BOOTSTRAP_SERVERS", help="Kafka bootstrap host:port list."),
+        "127.0.0.1:9092", "--bootstrap-servers", "--bootstrap", envvar="DEPOIS_BOOTSTRAP_SERVERS",
+        help="Kafka bootstrap host:port list."),
     topic: str = typer.Option(
         "depois.ingest", envvar="DEPOIS_INGEST_TOPIC", help="Topic to publish to (the consumer's ingest topic)."),
     dataset: str = typer.Option(
