@@ -116,8 +116,10 @@ def run(
 ) -> None:
     """Filter the ingest topic until SIGTERM/SIGINT (which finish the batch and commit first)."""
     settings = {k: v for k, v in locals().items() if k not in {"config", "kafka", "log_level"}}
+    from kafka.errors import KafkaError
+
     from depois_stream.config import ConfigError, load_config
-    from depois_stream.consumer import StartupError, DeliveryError, StreamFilter
+    from depois_stream.consumer import DeliveryError, StartupError, StreamFilter
     from depois_stream.scorer import ModelLoadError
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
@@ -134,6 +136,9 @@ def run(
         raise _fail(str(exc), EXIT_STARTUP) from None
     except DeliveryError as exc:
         raise _fail(str(exc), EXIT_DELIVERY) from None
+    except KafkaError as exc:  # e.g. the broker went away for longer than the client retries
+        raise _fail(f"Kafka error: {exc}; the batch in flight was not committed and will be "
+                    "re-read on restart", EXIT_DELIVERY) from None
     typer.echo(f"consumed={stats.consumed} clean={stats.clean} quarantined={stats.quarantined} "
                f"dead_lettered={stats.dead_lettered} batches={stats.batches} "
                f"breaker_trips={stats.breaker_trips}")

@@ -42,6 +42,7 @@ from depois_stream.scorer import Scorer, ScoreResult
 log = logging.getLogger(__name__)
 
 RESUME_FLAG = "resume"  # `touch <control_dir>/resume` closes an open circuit breaker
+_HEADER_ROOM = 64 * 1024  # produce-request bytes kept free for headers and batch framing
 
 
 class DeliveryError(RuntimeError):
@@ -107,6 +108,10 @@ class StreamFilter:
         self._rebalance = _Rebalance(self.metrics)
         self._broker_ok_at = 0.0
         self._next_lag_check = 0.0
+        # A record the producer cannot forward would fail its batch forever (a poison pill), so
+        # anything above this goes to the DLQ as too_large, without its payload.
+        max_request = int(cfg.kafka.get("max_request_size", KafkaProducer.DEFAULT_CONFIG["max_request_size"]))
+        self._max_value_bytes = max_request - _HEADER_ROOM
 
     @property
     def assignment(self) -> frozenset[TopicPartition]:
@@ -252,7 +257,8 @@ class StreamFilter:
 
         # 1. decode: never raises; failures become dead letters
         decoded = decode_batch([r.value for r in records], [_content_type(r.headers) for r in records],
-                               input_shape=meta.input_shape, num_classes=meta.num_classes)
+                               input_shape=meta.input_shape, num_classes=meta.num_classes,
+                               max_bytes=self._max_value_bytes)
         # 2. score the decodable samples in one onnxruntime run
         t0 = time.perf_counter()
         result = scorer.score(decoded.images, decoded.labels)
@@ -296,7 +302,10 @@ class StreamFilter:
         futures = []
         for i in which:
             r, d = records[i], dest[i]
-            value = r.value if (r.value is not None or r.key is not None) else b""
+            value = r.value
+            if (value is None and r.key is None) or (value is not None
+                                                     and len(value) > self._max_value_bytes):
+                value = b""  # a keyless tombstone cannot be sent; an oversize value cannot either
             futures.append((i, producer.send(topics[d], value=value, key=r.key,
                                              headers=list(r.headers or ()) + plan.headers[i],
                                              partition=r.partition % n_parts[d])))

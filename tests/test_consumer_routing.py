@@ -9,6 +9,7 @@ import urllib.request
 from collections import Counter
 
 import numpy as np
+from kafka import KafkaProducer
 
 from depois_stream import headers as H
 from depois_stream.consumer import StreamFilter
@@ -95,3 +96,19 @@ def test_every_record_routed_once_with_its_verdict(broker, unique, centroid_mode
     assert metrics.registry.get_sample_value("depois_records_consumed_total",
                                              {"topic": topics.ingest}) == total
     assert metrics.registry.get_sample_value("depois_score_count") == n
+
+
+def test_record_too_large_to_forward_is_dead_lettered_without_payload(broker, unique, centroid_model):
+    topics = Topics.create(broker.bootstrap, unique)
+    big = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=3 << 20)
+    try:
+        big.send(topics.ingest, value=b"\x00" * (1100 << 10), key=b"huge",
+                 headers=[(H.CONTENT_TYPE, CONTENT_TYPE_BINARY.encode())]).get(timeout=10)
+    finally:
+        big.close()
+    stats = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model)).run()
+    assert stats.dead_lettered == 1  # a poison pill for the producer, yet the stream moves on
+    (dead,) = read_all(broker.bootstrap, topics.dlq)
+    assert dead.key == b"huge" and dead.value == b""
+    assert H.as_dict(dead.headers)[H.ERROR_CLASS] == "too_large"
+    assert committed(broker.bootstrap, unique, topics.ingest) == {0: 1}
