@@ -32,7 +32,7 @@ from training.pipeline import fit
 
 pytestmark = pytest.mark.slow
 
-TINY = dict(auth_steps=20, gan_steps=20, critic_steps=5, n_synthetic=100)
+TINY = {"auth_steps": 20, "gan_steps": 20, "critic_steps": 5, "n_synthetic": 100}
 
 
 @pytest.fixture(scope="session")

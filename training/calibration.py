@@ -31,14 +31,14 @@ def threshold_at_fpr(scores: np.ndarray, target_fpr: float) -> float:
         raise ValueError("cannot calibrate a threshold on zero scores")
     if len(s) == 1:
         return float(s[0]) - 1.0
-    k = int(math.floor(target_fpr * len(s)))
+    k = math.floor(target_fpr * len(s))
     below = s[k - 1] if k > 0 else s[0] - (s[1] - s[0])
     return float((below + s[k]) / 2.0)
 
 
 def min_class_count(target_fpr: float) -> int:
     """Fewest calibration scores a class needs before its own FPR quantile means anything."""
-    return int(math.ceil(1.0 / target_fpr))
+    return math.ceil(1.0 / target_fpr)
 
 
 def per_class_thresholds(

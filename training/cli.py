@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -27,7 +27,7 @@ console = Console()
 
 DatasetOpt = Annotated[str, typer.Option("--dataset", help=f"Data set: {', '.join(DATASETS)}.")]
 DataDirOpt = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option(help="Folder with the IDX .gz files (mnist, mnist-5k test, fashion-mnist)."),
 ]
 OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download; a missing file is an error.")]
@@ -43,15 +43,15 @@ PerClassOpt = Annotated[
 ]
 TrustedOpt = Annotated[float, typer.Option(help="Share of the train split the defender trusts.")]
 CalOpt = Annotated[float, typer.Option(help="Share of the trusted pool held out for calibration.")]
-AuthStepsOpt = Annotated[Optional[int], typer.Option(help="Authenticator steps [data set default].")]
-GanStepsOpt = Annotated[Optional[int], typer.Option(help="cGAN steps [data set default].")]
+AuthStepsOpt = Annotated[int | None, typer.Option(help="Authenticator steps [data set default].")]
+GanStepsOpt = Annotated[int | None, typer.Option(help="cGAN steps [data set default].")]
 CriticStepsOpt = Annotated[
-    Optional[int], typer.Option(help="WGAN-GP generator steps, 5 critic steps each [data set default].")
+    int | None, typer.Option(help="WGAN-GP generator steps, 5 critic steps each [data set default].")
 ]
 BatchOpt = Annotated[int, typer.Option(help="Minibatch size of all stages.")]
 ThresholdOpt = Annotated[float, typer.Option(help="Keep a synthetic sample iff p_auth(label|x) >= this.")]
 SynthOpt = Annotated[
-    Optional[int], typer.Option(help="Synthetic samples to keep [train size - trusted size].")
+    int | None, typer.Option(help="Synthetic samples to keep [train size - trusted size].")
 ]
 
 
@@ -158,7 +158,7 @@ def fit(
 def export_onnx_cmd(
     out: OutOpt = Path("artifacts/model"),
     model: Annotated[
-        Optional[Path], typer.Option(help="ONNX file to write [OUT/model.onnx].")
+        Path | None, typer.Option(help="ONNX file to write [OUT/model.onnx].")
     ] = None,
 ) -> None:
     """Export OUT/detector to one ONNX file and its model card.
@@ -196,3 +196,8 @@ def all_cmd(
     det = _fit_and_save(cfg, out)
     _export(det, out / "model.onnx")
     _summary(det, out)
+
+
+from training.evaluate import evaluate  # noqa: E402  (torch-heavy; registered last on purpose)
+
+app.command("evaluate")(evaluate)

@@ -28,9 +28,9 @@ class Steps(BaseModel):
 
 DEFAULT_STEPS: dict[str, Steps] = {
     "digits": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
-    "mnist": Steps(auth_steps=2000, gan_steps=4000, critic_steps=2000),
-    "mnist-5k": Steps(auth_steps=2000, gan_steps=4000, critic_steps=2000),
-    "fashion-mnist": Steps(auth_steps=2000, gan_steps=4000, critic_steps=2000),
+    "mnist": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
+    "mnist-5k": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
+    "fashion-mnist": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
 }
 QUICK_STEPS = Steps(auth_steps=300, gan_steps=300, critic_steps=150)
 
@@ -59,7 +59,7 @@ class FitConfig(BaseModel):
     out_dir: Path | None = None
 
     @classmethod
-    def quick(cls, **overrides: object) -> "FitConfig":
+    def quick(cls, **overrides: object) -> FitConfig:
         """Tiny step counts for tests and smoke runs: a usable but not a good detector."""
         base = {**QUICK_STEPS.model_dump(), "n_synthetic": 1000, "device": "cpu"}
         return cls(**{**base, **overrides})

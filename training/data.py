@@ -18,9 +18,9 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -100,7 +100,7 @@ class LabeledImages:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index: np.ndarray) -> "LabeledImages":
+    def subset(self, index: np.ndarray) -> LabeledImages:
         return LabeledImages(self.images[index], self.labels[index])
 
 
@@ -135,8 +135,8 @@ def trusted_split(
     if not 0.0 < trusted_fraction <= 1.0 or not 0.0 < calibration_fraction < 1.0:
         raise ValueError("trusted_fraction must be in (0, 1] and calibration_fraction in (0, 1)")
     order = np.random.default_rng(seed).permutation(len(train))
-    pool = order[: max(2, int(round(trusted_fraction * len(train))))]
-    n_cal = max(1, int(round(calibration_fraction * len(pool))))
+    pool = order[: max(2, round(trusted_fraction * len(train)))]
+    n_cal = max(1, round(calibration_fraction * len(pool)))
     return TrustedSplit(trusted_train=train.subset(pool[n_cal:]), calibration=train.subset(pool[:n_cal]))
 
 

@@ -137,7 +137,7 @@ class FittedDetector:
         return out
 
     @classmethod
-    def load(cls, out_dir: str | Path, device: str = "cpu") -> "FittedDetector":
+    def load(cls, out_dir: str | Path, device: str = "cpu") -> FittedDetector:
         out = Path(out_dir)
         state = json.loads((out / STATE_FILE).read_text())
         tensors = torch.load(out / WEIGHTS_FILE, map_location="cpu", weights_only=True)

@@ -163,10 +163,14 @@ def export_onnx(det: FittedDetector, path: str | Path, quantize: str | None = No
             "acceptance_rate": float(report.get("acceptance_rate", float("nan"))),
         },
         notes=[
-            f"score_kind={det.metadata.score_kind}: fused = min(z_critic, z_log_p_auth), "
-            "standardised on the calibration split",
-            f"boundary per class: {det.metadata.boundary.per_class is not None}; classes that "
-            f"fell back to the global threshold: {report.get('per_class_fallback', [])}",
+            (
+                f"score_kind={det.metadata.score_kind}: fused = min(z_critic, z_log_p_auth), "
+                "standardised on the calibration split"
+            ),
+            (
+                f"boundary per class: {det.metadata.boundary.per_class is not None}; classes that "
+                f"fell back to the global threshold: {report.get('per_class_fallback', [])}"
+            ),
         ],
     )
     _write_atomically(card_path_for(path), card.model_dump_json(indent=2, by_alias=True).encode())

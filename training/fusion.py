@@ -32,7 +32,7 @@ class Standardiser(BaseModel):
     std: float
 
     @classmethod
-    def fit(cls, values: np.ndarray) -> "Standardiser":
+    def fit(cls, values: np.ndarray) -> Standardiser:
         values = np.asarray(values, dtype=np.float64)
         return cls(mean=float(values.mean()), std=max(float(values.std()), MIN_STD))
 
@@ -51,7 +51,7 @@ class FusionParams(BaseModel):
     auth: Standardiser
 
     @classmethod
-    def fit(cls, critic_raw: np.ndarray, log_p_label: np.ndarray) -> "FusionParams":
+    def fit(cls, critic_raw: np.ndarray, log_p_label: np.ndarray) -> FusionParams:
         return cls(critic=Standardiser.fit(critic_raw), auth=Standardiser.fit(log_p_label))
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from training.data import LabeledImages  # noqa: E402
+from training.data import LabeledImages
 
 PANELS = {
     "authenticator (cross-entropy)": ("authenticator",),
