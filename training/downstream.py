@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from depois_stream.attacks import apply_trigger
+from training.data import LabeledImages
 from training.torchutil import sample_index, seeded
 
 
@@ -95,20 +96,29 @@ def attack_success_rate(model: nn.Module, images: np.ndarray, labels: np.ndarray
 
 
 class DownstreamResult(BaseModel):
+    """Mean over the victim seeds: one seed on a few hundred held-out images is too noisy to
+    judge a 1-point gap."""
+
     accuracy: float
     backdoor_success: float | None = None
     train_size: int
+    seeds: int
 
 
-def evaluate_victim(
-    train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
-    num_classes: int, seed: int, config: ClassifierConfig, backdoor_target: int | None = None,
+def victim_result(
+    train_images: np.ndarray, train_labels: np.ndarray, test: LabeledImages, num_classes: int, seeds: list[int],
+    config: ClassifierConfig, backdoor_target: int | None = None,
 ) -> DownstreamResult:
-    """Train the victim on one stream and score it on the held-out test images."""
-    model = train_classifier(train_images, train_labels, num_classes, seed, config)
+    """Train one victim per seed on a stream and score them on the held-out ``test`` images."""
+    acc, asr = [], []
+    for seed in seeds:
+        model = train_classifier(train_images, train_labels, num_classes, seed, config)
+        acc.append(accuracy(model, test.images, test.labels))
+        if backdoor_target is not None:
+            asr.append(attack_success_rate(model, test.images, test.labels, backdoor_target))
     return DownstreamResult(
-        accuracy=accuracy(model, test_images, test_labels),
-        backdoor_success=None if backdoor_target is None
-        else attack_success_rate(model, test_images, test_labels, backdoor_target),
+        accuracy=float(np.mean(acc)),
+        backdoor_success=float(np.mean(asr)) if asr else None,
         train_size=int(len(train_labels)),
+        seeds=len(seeds),
     )
