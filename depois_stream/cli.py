@@ -54,8 +54,8 @@ def _parse_kafka(pairs: list[str]) -> dict[str, Any] | None:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise _fail(f"--kafka expects KEY=VALUE (e.g. security_protocol=SASL_SSL), got {pair!r}",
-                        EXIT_STARTUP)
+            raise _fail("--kafka expects KEY=VALUE (e.g. security_protocol=SASL_SSL), "
+                        f"got {pair!r}", EXIT_STARTUP)
         out[key.strip()] = yaml.safe_load(value)  # "9" -> 9, "true" -> True, text stays text
     return out
 
@@ -93,20 +93,28 @@ def run(
         "Kafka transaction (default: at-least-once). See docs/consumer.md for the Tansu caveat."),
     transactional_id: Optional[str] = typer.Option(
         None, help="Stable transactional.id for --exactly-once (default: group id + random)."),
-    metrics_host: Optional[str] = typer.Option(None, help="Bind address of /metrics, /healthz, /readyz."),
-    metrics_port: Optional[int] = typer.Option(None, help="Port of the HTTP endpoint (0 = any free port)."),
+    metrics_host: Optional[str] = typer.Option(
+        None, help="Bind address of /metrics, /healthz, /readyz."),
+    metrics_port: Optional[int] = typer.Option(
+        None, help="Port of the HTTP endpoint (0 = any free port)."),
     session_timeout_ms: Optional[int] = typer.Option(None, help="Group session timeout."),
     heartbeat_interval_ms: Optional[int] = typer.Option(None, help="Group heartbeat interval."),
-    breaker_window: Optional[int] = typer.Option(None, help="Samples the poison rate is computed over."),
+    breaker_window: Optional[int] = typer.Option(
+        None, help="Samples the poison rate is computed over."),
     breaker_max_rate: Optional[float] = typer.Option(
         None, help="Pause consumption when more than this fraction would be quarantined (0.5)."),
-    breaker_min_samples: Optional[int] = typer.Option(None, help="Samples needed before the breaker may open."),
-    breaker_cooldown_s: Optional[float] = typer.Option(None, help="An open breaker resumes by itself after this."),
+    breaker_min_samples: Optional[int] = typer.Option(
+        None, help="Samples needed before the breaker may open."),
+    breaker_cooldown_s: Optional[float] = typer.Option(
+        None, help="An open breaker resumes by itself after this."),
     control_dir: Optional[Path] = typer.Option(
         None, help="Operator folder: `touch DIR/resume` closes an open circuit breaker."),
-    reload_interval_s: Optional[float] = typer.Option(None, help="How often to check the model file for a new version."),
-    lag_interval_s: Optional[float] = typer.Option(None, help="How often to refresh the consumer lag metric."),
-    produce_retries: Optional[int] = typer.Option(None, help="Retries of a batch the broker did not acknowledge."),
+    reload_interval_s: Optional[float] = typer.Option(
+        None, help="How often to check the model file for a new version."),
+    lag_interval_s: Optional[float] = typer.Option(
+        None, help="How often to refresh the consumer lag metric."),
+    produce_retries: Optional[int] = typer.Option(
+        None, help="Retries of a batch the broker did not acknowledge."),
     kafka: list[str] = typer.Option(
         [], "--kafka", help="Extra kafka-python client option KEY=VALUE, repeatable "
         "(security: security_protocol, sasl_mechanism, sasl_plain_username, ssl_cafile, ...)."),
@@ -150,8 +158,10 @@ def broker(
     create_topics: bool = typer.Option(
         True, "--create-topics/--no-create-topics",
         help="Create the default depois.* topics at start (Tansu cannot add partitions later)."),
-    partitions: int = typer.Option(1, help="Partitions per created topic (= max consumers that share the work)."),
-    log_file: Optional[Path] = typer.Option(None, help="Where the broker's own log goes (default: discarded)."),
+    partitions: int = typer.Option(
+        1, help="Partitions per created topic (= max consumers that share the work)."),
+    log_file: Optional[Path] = typer.Option(
+        None, help="Where the broker's own log goes (default: discarded)."),
 ) -> None:
     """Run the in-memory Tansu broker on 127.0.0.1 until Ctrl-C/SIGTERM (data is lost on stop)."""
     from depois_stream.broker import BrokerError, LocalBroker, create_topics as create

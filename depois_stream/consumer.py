@@ -7,7 +7,7 @@ the batch (at-least-once) and never skips it. With ``exactly_once`` the outputs 
 in one transaction instead.
 
 Kafka only rebalances inside ``poll()``, and a batch is finished (produced and committed) before
-the next poll of the next batch, so revocation never interrupts a scored batch. Records still
+the consumer polls for the next one, so revocation never interrupts a scored batch. Records still
 *lingering* in the batch buffer when their partition is revoked were never produced or committed:
 they are dropped from the buffer and the partition's new owner reads them again.
 """
@@ -46,7 +46,7 @@ _HEADER_ROOM = 64 * 1024  # produce-request bytes kept free for headers and batc
 
 
 class DeliveryError(RuntimeError):
-    """Output records could not be produced after all retries; nothing of the batch was committed."""
+    """Outputs could not be produced after all retries; nothing of their batch was committed."""
 
 
 class StartupError(RuntimeError):
@@ -55,6 +55,8 @@ class StartupError(RuntimeError):
 
 @dataclass
 class RunStats:
+    """What one ``run`` routed (held-back breaker batches are not counted)."""
+
     consumed: int = 0
     clean: int = 0
     quarantined: int = 0
@@ -110,8 +112,9 @@ class StreamFilter:
         self._next_lag_check = 0.0
         # A record the producer cannot forward would fail its batch forever (a poison pill), so
         # anything above this goes to the DLQ as too_large, without its payload.
-        max_request = int(cfg.kafka.get("max_request_size", KafkaProducer.DEFAULT_CONFIG["max_request_size"]))
-        self._max_value_bytes = max_request - _HEADER_ROOM
+        max_request = cfg.kafka.get("max_request_size",
+                                    KafkaProducer.DEFAULT_CONFIG["max_request_size"])
+        self._max_value_bytes = int(max_request) - _HEADER_ROOM
 
     @property
     def assignment(self) -> frozenset[TopicPartition]:
@@ -192,7 +195,8 @@ class StreamFilter:
         cfg = self.cfg
         options: dict[str, Any] = dict(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"depois-stream-{cfg.group_id}",
-            acks="all", enable_idempotence=True, linger_ms=1000, batch_size=1024 * 1024, **cfg.kafka)
+            acks="all", enable_idempotence=True, linger_ms=1000, batch_size=1024 * 1024,
+            **cfg.kafka)
         if cfg.exactly_once:
             options["transactional_id"] = cfg.effective_transactional_id()
         producer = KafkaProducer(**options)
@@ -256,7 +260,8 @@ class StreamFilter:
         m.batch_size.observe(n)
 
         # 1. decode: never raises; failures become dead letters
-        decoded = decode_batch([r.value for r in records], [_content_type(r.headers) for r in records],
+        decoded = decode_batch([r.value for r in records],
+                               [_content_type(r.headers) for r in records],
                                input_shape=meta.input_shape, num_classes=meta.num_classes,
                                max_bytes=self._max_value_bytes)
         # 2. score the decodable samples in one onnxruntime run
@@ -277,10 +282,11 @@ class StreamFilter:
                             poisoned=result.poisoned, threshold=result.threshold,
                             p_value=result.p_value,
                             failures=[(f.index, f.reason, f.message) for f in decoded.failures]),
-            router.Provenance(topics=[r.topic for r in records],
-                              partitions=np.fromiter((r.partition for r in records), np.int64, n),
-                              offsets=np.fromiter((r.offset for r in records), np.int64, n),
-                              timestamps_ms=np.fromiter((r.timestamp for r in records), np.int64, n)),
+            router.Provenance(
+                topics=[r.topic for r in records],
+                partitions=np.fromiter((r.partition for r in records), np.int64, n),
+                offsets=np.fromiter((r.offset for r in records), np.int64, n),
+                timestamps_ms=np.fromiter((r.timestamp for r in records), np.int64, n)),
             meta.model_version, scorer.sha256)
 
         # 5. produce every record, then 6. commit the batch's offsets (or both in one transaction)
@@ -402,7 +408,8 @@ class StreamFilter:
             "(limit %.0f%%); consumption paused, the batch was not routed. Check the model, then "
             "resume with `touch %s` or wait %.0f s", 100 * self.breaker.rate,
             self.cfg.breaker_window, 100 * self.cfg.breaker_max_rate,
-            Path(self.cfg.control_dir or "<control_dir>") / RESUME_FLAG, self.cfg.breaker_cooldown_s)
+            Path(self.cfg.control_dir or "<control_dir>") / RESUME_FLAG,
+            self.cfg.breaker_cooldown_s)
 
     def _maybe_close_breaker(self, consumer: KafkaConsumer) -> None:
         if not self.breaker.is_open:

@@ -50,7 +50,7 @@ class ScoreResult:
     score: np.ndarray  # float32 [N], higher = more trustworthy
     poisoned: np.ndarray  # bool [N]
     p_value: np.ndarray | None  # float32 [N] when the model exports it
-    threshold: np.ndarray  # float32 [N]: the boundary applied to each sample (per class if calibrated so)
+    threshold: np.ndarray  # float32 [N]: boundary applied to each sample (its class's if per class)
 
 
 def requested_providers(device: Device, available: list[str]) -> list[str]:
@@ -75,7 +75,9 @@ class Scorer:
         # A GPU was asked for (explicitly or by auto finding one) but the session runs on CPU.
         self.provider_fallback = requested[0] == CUDA and self.provider != CUDA
         self.has_p_value = OUTPUT_P_VALUE in {o.name for o in session.get_outputs()}
-        self._outputs = [OUTPUT_SCORE, OUTPUT_POISONED] + ([OUTPUT_P_VALUE] if self.has_p_value else [])
+        self._outputs = [OUTPUT_SCORE, OUTPUT_POISONED]
+        if self.has_p_value:
+            self._outputs.append(OUTPUT_P_VALUE)
 
     @classmethod
     def load(cls, path: str | Path, device: Device = "auto", require_gpu: bool = False,
@@ -138,8 +140,8 @@ class Scorer:
     def _run_io_binding(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
         """Copy inputs to the GPU once and let outputs stay there until one copy back."""
         binding = self.session.io_binding()
-        binding.bind_ortvalue_input(INPUT_IMAGE, ort.OrtValue.ortvalue_from_numpy(images, "cuda", 0))
-        binding.bind_ortvalue_input(INPUT_LABEL, ort.OrtValue.ortvalue_from_numpy(labels, "cuda", 0))
+        for name, array in ((INPUT_IMAGE, images), (INPUT_LABEL, labels)):
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, "cuda", 0))
         for name in self._outputs:
             binding.bind_output(name, "cuda", 0)
         self.session.run_with_iobinding(binding)
@@ -188,7 +190,8 @@ def _check_io(session: ort.InferenceSession, path: Path) -> None:
         if missing:
             raise ModelLoadError(
                 f"{path}: graph lacks {kind}(s) {missing} (has {sorted(have)}); the runtime "
-                "contract is in depois_stream/contract.py, re-export with `depois-train export-onnx`")
+                "contract is in depois_stream/contract.py; re-export with "
+                "`depois-train export-onnx`")
         for name, arg in have.items():
             if name not in expected:
                 continue
@@ -196,7 +199,8 @@ def _check_io(session: ort.InferenceSession, path: Path) -> None:
             if arg.type != dtype or len(arg.shape) != rank:
                 raise ModelLoadError(
                     f"{path}: {kind} {name!r} is {arg.type} of rank {len(arg.shape)}, the "
-                    f"contract needs {dtype} of rank {rank}; re-export with `depois-train export-onnx`")
+                    f"contract needs {dtype} of rank {rank}; re-export with "
+                    "`depois-train export-onnx`")
 
 
 def _check_shape(session: ort.InferenceSession, meta: ModelMetadata, path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The poison-rate breaker opens on an implausible quarantine rate and closes by timeout or operator."""
+"""The poison-rate breaker opens on a wild quarantine rate; a timeout or operator closes it."""
 
 from __future__ import annotations
 

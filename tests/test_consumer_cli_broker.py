@@ -1,4 +1,4 @@
-"""`depois-stream broker`: a usable local broker with the default topics, stopped cleanly by SIGTERM."""
+"""`depois-stream broker`: a local broker with the default topics, stopped cleanly by SIGTERM."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Consumer settings: flags beat env beat the config file, and bad settings stop start-up clearly."""
+"""Consumer settings: flags beat env beat the config file; bad settings stop start-up clearly."""
 
 from __future__ import annotations
 
@@ -110,5 +110,6 @@ def test_busy_metrics_port_is_a_startup_error(centroid_model: Path) -> None:
         port = taken.getsockname()[1]
         flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", metrics_port=port,
                                        bootstrap_servers="127.0.0.1:1"))
-        with pytest.raises(StartupError, match=f"cannot serve metrics on 127.0.0.1:{port}.*--metrics-port"):
+        expected = f"cannot serve metrics on 127.0.0.1:{port}.*--metrics-port"
+        with pytest.raises(StartupError, match=expected):
             flt.run()

@@ -69,8 +69,8 @@ def test_every_record_routed_once_with_its_verdict(broker, unique, centroid_mode
         runner.join(timeout=30)
 
     outputs = {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
-    sources = Counter((H.as_dict(r.headers)[H.SOURCE_PARTITION], H.as_dict(r.headers)[H.SOURCE_OFFSET])
-                      for records in outputs.values() for r in records)
+    provenance = [H.as_dict(r.headers) for records in outputs.values() for r in records]
+    sources = Counter((h[H.SOURCE_PARTITION], h[H.SOURCE_OFFSET]) for h in provenance)
     assert sum(len(v) for v in outputs.values()) == total
     assert len(sources) == total and set(sources.values()) == {1}  # each input exactly once
 
@@ -90,7 +90,8 @@ def test_every_record_routed_once_with_its_verdict(broker, unique, centroid_mode
                for r in outputs[topics.clean])
 
     assert committed(broker.bootstrap, unique, topics.ingest) == ends
-    assert f'depois_records_routed_total{{destination="quarantine"}} {float(len(quarantined))}' in scrape
+    routed_q = f'depois_records_routed_total{{destination="quarantine"}} {float(len(quarantined))}'
+    assert routed_q in scrape
     assert 'depois_dead_lettered_total{reason="malformed"} 2.0' in scrape
     assert 'depois_model_info{dataset="test-centroid"' in scrape
     assert metrics.registry.get_sample_value("depois_records_consumed_total",
@@ -98,7 +99,8 @@ def test_every_record_routed_once_with_its_verdict(broker, unique, centroid_mode
     assert metrics.registry.get_sample_value("depois_score_count") == n
 
 
-def test_record_too_large_to_forward_is_dead_lettered_without_payload(broker, unique, centroid_model):
+def test_record_too_large_to_forward_is_dead_lettered_without_payload(
+        broker, unique, centroid_model):
     topics = Topics.create(broker.bootstrap, unique)
     big = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=3 << 20)
     try:

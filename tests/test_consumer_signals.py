@@ -56,7 +56,8 @@ def _outputs(bootstrap: str, topics: Topics) -> list:
     return [r for t in topics.outputs() for r in read_all(bootstrap, t)]
 
 
-def test_sigkill_mid_stream_then_restart_loses_nothing(broker, unique, centroid_model, digits_arrays):
+def test_sigkill_mid_stream_then_restart_loses_nothing(
+        broker, unique, centroid_model, digits_arrays):
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     ids, images, labels = _stream(1200, digits_arrays, unique)
     ends = publish(broker.bootstrap, topics.ingest, ids, images, labels)
@@ -100,7 +101,8 @@ def test_sigterm_finishes_the_batch_and_commits_exactly_what_it_produced(
     assert proc.returncode == 0, err
     assert "consumed=" in out
 
-    done = {p: offset or 0 for p, offset in committed(broker.bootstrap, unique, topics.ingest).items()}
+    done = {p: offset or 0
+            for p, offset in committed(broker.bootstrap, unique, topics.ingest).items()}
     assert sum(done.values()) < len(ids), "stream drained before SIGTERM; the test proved nothing"
     produced: dict[int, list[int]] = defaultdict(list)
     for r in _outputs(broker.bootstrap, topics):

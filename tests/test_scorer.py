@@ -1,4 +1,4 @@
-"""The scorer serves contract-conforming models and refuses everything else with a fix-it message."""
+"""The scorer serves contract-conforming models and refuses anything else with a fix-it message."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _copy_model(src: Path, dst_dir: Path) -> Path:
 
 
 def _rewrite(path: Path, edit) -> None:
-    """Edit the ONNX graph/metadata in place and re-issue a matching card (only the edit is wrong)."""
+    """Edit the ONNX file in place and re-issue a matching card (so only the edit is wrong)."""
     model = onnx.load(str(path))
     edit(model)
     onnx.save(model, str(path))

@@ -33,13 +33,15 @@ class Topics:
         return self.clean, self.quarantine, self.dlq
 
 
-def consumer_config(bootstrap: str, topics: Topics, group: str, model_path, **overrides) -> ConsumerConfig:
+def consumer_config(bootstrap: str, topics: Topics, group: str, model_path,
+                    **overrides) -> ConsumerConfig:
     """Consumer settings that make a group join take ~3 s and a drained stream end the run."""
     base = dict(
         bootstrap_servers=bootstrap, model_path=model_path, ingest_topic=topics.ingest,
         clean_topic=topics.clean, quarantine_topic=topics.quarantine, dlq_topic=topics.dlq,
         group_id=group, device="cpu", batch_size=64, linger_ms=20, metrics_port=None,
-        session_timeout_ms=TEST_SESSION_TIMEOUT_MS, heartbeat_interval_ms=TEST_HEARTBEAT_INTERVAL_MS,
+        session_timeout_ms=TEST_SESSION_TIMEOUT_MS,
+        heartbeat_interval_ms=TEST_HEARTBEAT_INTERVAL_MS,
         exit_when_idle_s=2.0, reload_interval_s=0.0, lag_interval_s=1.0,
     )
     return ConsumerConfig(**{**base, **overrides})
@@ -77,7 +79,8 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 20.0) -> list:
     responses (correct on Tansu, unlike its ListOffsets)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
-        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        parts = [TopicPartition(topic, p)
+                 for p in sorted(consumer.partitions_for_topic(topic) or [])]
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         out: list = []
