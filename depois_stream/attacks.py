@@ -42,7 +42,7 @@ class PoisonedStream:
 
     @classmethod
     def from_slots(cls, data: Labeled, slots: np.ndarray, attack: str, images: np.ndarray | None = None,
-                   labels: np.ndarray | None = None, target_label: int | None = None) -> "PoisonedStream":
+                   labels: np.ndarray | None = None, target_label: int | None = None) -> PoisonedStream:
         """Wrap the attacked arrays (or ``data``'s own where untouched) with the poison mask."""
         is_poison = np.zeros(len(data.labels), dtype=bool)
         is_poison[slots] = True
@@ -59,7 +59,7 @@ def poison_count(n: int, rate: float) -> int:
     """How many of ``n`` slots a ``rate`` poisons; rejects rates that cannot be honoured."""
     if not 0.0 <= rate <= 1.0:
         raise ValueError(f"poison rate must be in [0, 1], got {rate}")
-    return int(round(rate * n))
+    return round(rate * n)
 
 
 def _num_classes(data: Labeled, num_classes: int | None) -> int:

@@ -20,7 +20,13 @@ from depois_stream.attacks import (
     targeted_flip,
     trigger_size,
 )
-from training.attacks import ATTACKS, CollisionConfig, GPConfig, feature_collision, gp_attack
+from training.attacks import (
+    ATTACKS,
+    CollisionConfig,
+    GPConfig,
+    feature_collision,
+    gp_attack,
+)
 from training.downstream import ClassifierConfig
 
 

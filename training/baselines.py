@@ -10,8 +10,9 @@ the paper's boundary is mean - 1 * std of the clean critic scores.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 from sklearn.neighbors import KNeighborsClassifier

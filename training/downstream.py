@@ -9,8 +9,8 @@ reuse the same classifier as their surrogate, i.e. the attacker knows the victim
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ def make_classifier(input_dim: int, num_classes: int, hidden: int) -> nn.Sequent
 
 def train_classifier(
     images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
-    config: ClassifierConfig = ClassifierConfig(),
+    config: ClassifierConfig,
 ) -> nn.Sequential:
     """Fit the MLP with Adam on random minibatches; deterministic under ``seed``."""
     gen = seeded(seed)
@@ -119,6 +119,6 @@ def victim_result(
     return DownstreamResult(
         accuracy=float(np.mean(acc)),
         backdoor_success=float(np.mean(asr)) if asr else None,
-        train_size=int(len(train_labels)),
+        train_size=len(train_labels),
         seeds=len(seeds),
     )

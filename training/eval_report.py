@@ -6,6 +6,7 @@ without re-running anything, and so the numbers and their presentation cannot ge
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +24,7 @@ OURS = "depois-fused"
 
 
 def _pct(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{100 * x:.1f}"
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.1f}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -35,7 +36,7 @@ def _attack_label(attack: str, clean_label: bool) -> str:
     return f"{attack} (clean-label)" if clean_label else attack
 
 
-def tpr_table(report: "EvalReport", dataset: str) -> str:
+def tpr_table(report: EvalReport, dataset: str) -> str:
     """TPR at the target clean FPR per detector, best baseline marked, goal verdict per row."""
     rows = [r for r in report.detection if r.dataset == dataset]
     detectors = list(dict.fromkeys(r.detector for r in rows))
@@ -49,7 +50,7 @@ def tpr_table(report: "EvalReport", dataset: str) -> str:
     return _table(["attack", "rate", *detectors, "fused beats every baseline"], body)
 
 
-def downstream_table(report: "EvalReport", dataset: str) -> str:
+def downstream_table(report: EvalReport, dataset: str) -> str:
     """Victim accuracy on the held-out part after training on each version of the stream."""
     body = []
     for d in (d for d in report.downstream if d.dataset == dataset):
@@ -65,7 +66,7 @@ def downstream_table(report: "EvalReport", dataset: str) -> str:
                    "within 1 pt", "removed poisons / clean", "backdoor ASR poisoned / filtered / poisons removed"], body)
 
 
-def detail_table(report: "EvalReport", dataset: str) -> str:
+def detail_table(report: EvalReport, dataset: str) -> str:
     """Every metric of every detector (poison = positive class; boundary = detector's own)."""
     body = [
         [_attack_label(r.attack, r.clean_label), f"{r.rate:.2f}", r.detector, r.role, _pct(r.metrics.precision),
@@ -77,15 +78,18 @@ def detail_table(report: "EvalReport", dataset: str) -> str:
                    "TPR@1%FPR"], body)
 
 
-def render_markdown(report: "EvalReport") -> str:
+def render_markdown(report: EvalReport) -> str:
     parts = []
     for s in report.datasets:
         parts += [
             f"## {s.name}",
-            f"stream {s.stream} test images, victim held-out {s.holdout}, trusted-train {s.trusted}, "
-            f"calibration {s.calibration}; OOD donor: {s.ood_donor}; detector fit {s.fit_seconds:.0f} s, "
-            f"evaluation {s.eval_seconds:.0f} s. All numbers in %, poison = positive class. Victim accuracy "
-            f"on the unattacked stream: {_pct(s.unattacked_accuracy)} (mean of {report.config.victim_seeds} seed(s)).",
+            (
+                f"stream {s.stream} test images, victim held-out {s.holdout}, trusted-train {s.trusted}, "
+                f"calibration {s.calibration}; OOD donor: {s.ood_donor}; detector fit {s.fit_seconds:.0f} s, "
+                f"evaluation {s.eval_seconds:.0f} s. All numbers in %, poison = positive class. Victim accuracy "
+                f"on the unattacked stream: {_pct(s.unattacked_accuracy)} "
+                f"(mean of {report.config.victim_seeds} seed(s))."
+            ),
             "### TPR at 1 % clean FPR", tpr_table(report, s.name),
             "### Victim classifier (trained on each version of the stream, tested on the held-out part)", downstream_table(report, s.name),
             "### All detection metrics (each detector at its own boundary)", detail_table(report, s.name),

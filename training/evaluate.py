@@ -17,7 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import numpy as np
 import typer
@@ -27,7 +27,15 @@ from tqdm import tqdm
 from training.attacks import ATTACKS, CollisionConfig, GPConfig, PoisonedStream
 from training.baselines import Scorer, all_scorers
 from training.config import FitConfig
-from training.data import FASHION_FILES, FASHION_SYSTEM_DIR, MNIST_FILES, LabeledImages, load_dataset, parse_idx, verify_idx_file
+from training.data import (
+    FASHION_FILES,
+    FASHION_SYSTEM_DIR,
+    MNIST_FILES,
+    LabeledImages,
+    load_dataset,
+    parse_idx,
+    verify_idx_file,
+)
 from training.detection_metrics import DetectionMetrics, detection_metrics
 from training.detector import FittedDetector
 from training.downstream import ClassifierConfig, DownstreamResult, victim_result
@@ -42,11 +50,11 @@ class Budget(BaseModel):
     collision: CollisionConfig
 
     @classmethod
-    def full(cls) -> "Budget":
+    def full(cls) -> Budget:
         return cls(victim=ClassifierConfig(), gp=GPConfig(), collision=CollisionConfig())
 
     @classmethod
-    def quick(cls) -> "Budget":
+    def quick(cls) -> Budget:
         small = ClassifierConfig(hidden=64, steps=150)
         return cls(
             victim=ClassifierConfig(steps=400),
@@ -155,7 +163,7 @@ class StreamSource:
 def split_test(test: LabeledImages, stream_size: int, holdout_fraction: float, seed: int) -> tuple[LabeledImages, LabeledImages]:
     """Seeded cut of the test split into (stream, held-out victim test set), disjoint."""
     order = np.random.default_rng(seed).permutation(len(test))
-    n_hold = int(round(holdout_fraction * len(test)))
+    n_hold = round(holdout_fraction * len(test))
     return test.subset(np.sort(order[n_hold : n_hold + stream_size])), test.subset(np.sort(order[:n_hold]))
 
 
@@ -287,8 +295,9 @@ def _names(text: str, known: dict[str, object], what: str) -> list[str]:
 
 
 def evaluate(
-    dataset: Annotated[list[str], typer.Option(
-        "--dataset", "-d", help="Data set to evaluate; repeat for several (digits, fashion-mnist, mnist-5k).")] = ["digits"],
+    dataset: Annotated[list[str] | None, typer.Option(
+        "--dataset", "-d", help="Data set to evaluate; repeat for several (digits, fashion-mnist, mnist-5k) "
+        "[default: digits].")] = None,
     attacks: Annotated[str, typer.Option(
         help="Comma-separated attacks: " + ", ".join(ATTACKS) + ".")] = ",".join(ATTACKS),
     rates: Annotated[str, typer.Option(help="Comma-separated poison rates (share of the stream).")] = "0.1,0.2,0.3",
@@ -297,11 +306,11 @@ def evaluate(
     quick: Annotated[bool, typer.Option(
         "--quick", help="Tiny training budgets and rate 0.2 only (unless --rates is given): a smoke run for tests.")] = False,
     stream_size: Annotated[int, typer.Option(help="Most test samples put into the attacked stream.")] = 3000,
-    data_dir: Annotated[Optional[Path], typer.Option(help="Folder with the data set's IDX files.")] = None,
-    ood_dir: Annotated[Optional[Path], typer.Option(
+    data_dir: Annotated[Path | None, typer.Option(help="Folder with the data set's IDX files.")] = None,
+    ood_dir: Annotated[Path | None, typer.Option(
         help="Folder with the OOD donor's t10k IDX files (MNIST for fashion-mnist; Fashion-MNIST otherwise, "
              f"default {FASHION_SYSTEM_DIR}). Without one, OOD injection uses uniform noise.")] = None,
-    detector_dir: Annotated[Optional[Path], typer.Option(
+    detector_dir: Annotated[Path | None, typer.Option(
         help="Evaluate a detector saved by `depois-train fit --out` instead of fitting one (one data set only).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (detector training and scoring).")] = "auto",
     victim_seeds: Annotated[int, typer.Option(
@@ -319,6 +328,7 @@ def evaluate(
     The markdown tables are printed and saved under --out with evaluation.json and PNGs (score
     histograms of clean vs poisoned samples and ROC curves, one panel per attack).
     """
+    dataset = dataset or ["digits"]
     if detector_dir is not None and len(dataset) != 1:
         raise typer.BadParameter("--detector-dir evaluates one data set; pass exactly one --dataset")
     rate_list = _floats(rates)

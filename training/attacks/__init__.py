@@ -8,8 +8,8 @@ catch them all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from depois_stream.attacks import (
     Labeled,

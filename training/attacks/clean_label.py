@@ -48,13 +48,14 @@ def collide(
 
 def feature_collision(
     data: Labeled, rate: float, seed: int, *, num_classes: int | None = None,
-    config: CollisionConfig = CollisionConfig(),
+    config: CollisionConfig | None = None,
 ) -> PoisonedStream:
     """Perturb round(rate * N) samples not of ``target_class`` (labels unchanged).
 
     The target instance is a seeded pick among the stream's ``target_class`` images; the
     surrogate is trained on the stream itself, as an attacker who intercepts it would.
     """
+    config = config or CollisionConfig()
     k = num_classes or getattr(data, "num_classes", None) or int(np.max(data.labels)) + 1
     rng = np.random.default_rng(seed)
     n = len(data.labels)

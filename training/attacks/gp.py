@@ -110,13 +110,14 @@ def _ascend(
 
 def gp_attack(
     data: Labeled, rate: float, seed: int, *, num_classes: int | None = None,
-    config: GPConfig = GPConfig(),
+    config: GPConfig | None = None,
 ) -> PoisonedStream:
     """Replace round(rate * N) samples by G(image) labelled label + 1 mod K.
 
     The attacker trains G and its surrogate target on the stream's own clean images (what it
     would intercept), not on the defender's trusted pool.
     """
+    config = config or GPConfig()
     k = num_classes or getattr(data, "num_classes", None) or int(np.max(data.labels)) + 1
     rng = np.random.default_rng(seed)
     n = len(data.labels)
