@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
+import onnxruntime
 import typer
 from pydantic import BaseModel
 
@@ -170,6 +171,9 @@ def main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
+    # onnxruntime-gpu prints a CUDA-library error on CPU-only machines before falling back; the
+    # scorer already logs which provider it really uses, so the C++ noise only confuses a demo.
+    onnxruntime.set_default_logger_severity(4)
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
     model_path = model or train_model(out, seed=seed)
