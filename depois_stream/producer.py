@@ -102,6 +102,9 @@ def load_samples(dataset: str = "digits", split: Split = "test", npz: Path | Non
             images = images.astype(np.float32) / np.float32(255)
         if images.ndim == 3:
             images = images[:, None]
+        if images.ndim != 4 or len(images) != len(labels) or len(labels) == 0:
+            raise ValueError(f"{npz}: need images [N, C, H, W] or [N, H, W] and labels [N] with "
+                             f"N > 0; got images {images.shape} and labels {labels.shape}")
         return SampleSet(images.astype(np.float32), labels, Path(npz).name, int(labels.max()) + 1)
     try:
         from training.data import load_dataset

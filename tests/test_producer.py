@@ -104,3 +104,10 @@ def test_produce_command_reports_an_unreachable_broker(tmp_path):
     ])
     assert result.exit_code == 1
     assert "127.0.0.1:1" in result.output
+
+
+def test_npz_source_with_mismatched_arrays_is_refused_with_both_shapes(tmp_path):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=np.zeros((3, 8, 8), np.uint8), labels=np.zeros(2, np.int64))
+    with pytest.raises(ValueError, match=r"\(3, 1, 8, 8\).*\(2,\)"):
+        load_samples(npz=path)
