@@ -23,9 +23,10 @@ from pydantic_settings import (
 # Kafka client options a deployment may pass through (security and network tuning); the
 # consumer owns everything that decides delivery semantics (commits, acks, idempotence).
 _OWNED_KAFKA_KEYS = frozenset({
-    "bootstrap_servers", "group_id", "enable_auto_commit", "enable_idempotence", "acks",
-    "transactional_id", "isolation_level", "key_deserializer", "value_deserializer",
+    "bootstrap_servers", "client_id", "group_id", "enable_auto_commit", "enable_idempotence",
+    "acks", "transactional_id", "isolation_level", "key_deserializer", "value_deserializer",
     "key_serializer", "value_serializer", "max_poll_records", "auto_offset_reset",
+    "session_timeout_ms", "heartbeat_interval_ms", "linger_ms", "batch_size",
 })
 
 

@@ -51,6 +51,7 @@ def test_kafka_security_options_pass_through(tmp_path: Path) -> None:
     ({"model_path": "m", "device": "tpu"}, "device"),
     ({"model_path": "m", "bacth_size": 3}, "bacth_size: Extra inputs"),
     ({"model_path": "m", "kafka": {"acks": 0}}, "set by depois-stream itself"),
+    ({"model_path": "m", "kafka": {"linger_ms": 5}}, "set by depois-stream itself"),
     ({"model_path": "m", "kafka": {"sasl_pasword": "x"}}, "not kafka-python client options"),
     ({"model_path": "m", "clean_topic": "depois.ingest"}, "topics must differ"),
     ({"model_path": "m", "heartbeat_interval_ms": 5000, "session_timeout_ms": 6000}, "a third"),

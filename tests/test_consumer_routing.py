@@ -108,7 +108,9 @@ def test_record_too_large_to_forward_is_dead_lettered_without_payload(
                  headers=[(H.CONTENT_TYPE, CONTENT_TYPE_BINARY.encode())]).get(timeout=10)
     finally:
         big.close()
-    stats = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model)).run()
+    cfg = consumer_config(broker.bootstrap, topics, unique, centroid_model,
+                          kafka={"fetch_max_wait_ms": 100, "max_request_size": 1 << 20})
+    stats = StreamFilter(cfg).run()  # each client gets only the pass-through options it knows
     assert stats.dead_lettered == 1  # a poison pill for the producer, yet the stream moves on
     (dead,) = read_all(broker.bootstrap, topics.dlq)
     assert dead.key == b"huge" and dead.value == b""
