@@ -128,6 +128,9 @@ def test_int8_model_routes_like_fp32_and_honours_the_contract(tmp_path: Path, ca
     assert card.metadata.model_version == "mlp-test-1+int8"
     assert card.metadata.boundary == ModelMetadata.from_props(
         {p.key: p.value for p in onnx.load(str(src)).metadata_props}).boundary
+    from depois_stream.scorer import Scorer  # the consumer's loader: contract, card hash, boundary probe
+
+    assert Scorer.load(dst, device="cpu").metadata.model_version == "mlp-test-1+int8"
 
 
 def test_refuses_a_model_that_quantisation_breaks(tmp_path: Path, calib) -> None:
@@ -148,3 +151,54 @@ def test_refuses_a_model_that_quantisation_breaks(tmp_path: Path, calib) -> None
     assert refused.value.report.agreement < 0.6
     assert "agreement" in str(refused.value) and "Keep the fp32 model" in str(refused.value)
     assert not dst.exists() and not card_path_for(dst).exists()
+
+
+def untrained_detector(images: np.ndarray, labels: np.ndarray, target_fpr: float):
+    """A FittedDetector with freshly initialised networks, calibrated on (images, labels).
+
+    Training would cost minutes and changes nothing about the export path; fusion constants and
+    boundary are fitted as ``training.pipeline.fit`` does. Untrained networks score every sample
+    almost alike, so standardising amplifies int8 rounding: with the boundary at the median the
+    gate must refuse."""
+    import torch
+
+    from training.calibration import fit_boundary
+    from training.config import FitConfig
+    from training.data import LabeledImages
+    from training.detector import FittedDetector, build_metadata, weights_sha256
+    from training.fusion import FusionParams, combined_score
+    from training.models import Authenticator, Critic
+    from training.torchutil import batched
+
+    torch.manual_seed(0)
+    shape, k = tuple(images.shape[1:]), 10
+    auth, critic = Authenticator(shape, k).eval(), Critic(shape, k).eval()
+    cfg = FitConfig(dataset="digits", device="cpu", target_fpr=target_fpr)
+    cpu = torch.device("cpu")
+    critic_raw = batched(critic, images, labels, cpu)
+    log_p = batched(auth.log_p_label, images, labels, cpu)
+    fusion = FusionParams.fit(critic_raw, log_p)
+    scores = combined_score(critic_raw, log_p, fusion, cfg.score_kind)
+    boundary, _ = fit_boundary(scores, labels, k, cfg.target_fpr, cfg.per_class, cfg.paper_k)
+    meta = build_metadata(cfg, boundary, shape, k, weights_sha256(auth, critic))
+    cal = LabeledImages(images, labels)
+    return FittedDetector(auth, critic, fusion, meta, cfg, cal, cal, cal.subset(np.arange(10)),
+                          report={"acceptance_rate": 1.0}, device="cpu")
+
+
+@pytest.mark.slow
+def test_export_onnx_quantize_int8_refuses_and_keeps_the_fp32_model(tmp_path: Path, calib) -> None:
+    from typer.testing import CliRunner
+
+    from depois_stream.scorer import Scorer
+    from training.cli import app
+
+    images, labels = calib
+    untrained_detector(images, labels, target_fpr=0.5).save(tmp_path / "detector")
+
+    result = CliRunner().invoke(app, ["export-onnx", "--out", str(tmp_path), "--quantize", "int8"])
+
+    assert result.exit_code == 1
+    assert "int8 model refused" in result.output and "verdict agreement" in result.output
+    assert not (tmp_path / "model.int8.onnx").exists()
+    assert Scorer.load(tmp_path / "model.onnx").metadata.boundary.per_class is not None
