@@ -53,7 +53,10 @@ def train_model(out_dir: Path, dataset: str = "digits", seed: int = 0) -> Path:
     cmd = [sys.executable, "-m", "training", "all", "--dataset", dataset, "--seed", str(seed),
            "--out", str(out_dir)]
     typer.echo(f"training: {' '.join(cmd[2:])}")
-    if subprocess.run(cmd).returncode != 0:
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        typer.echo(f"depois-train exited with code {code}; the demo needs its model (is the "
+                   "train extra installed? `pip install -e '.[train]'`)", err=True)
         raise typer.Exit(1)
     models = sorted(out_dir.rglob("*.onnx"), key=lambda p: p.stat().st_mtime)
     if not models:
