@@ -135,7 +135,10 @@ def main(
         fp32 = Path(tmp) / "model.onnx"
         export_onnx(det, fp32)
         variants = [torch_variant(det, device), ort_variant("ort fp32", fp32, device)]
-        if int8:
+        if int8 and device == "cuda":
+            notes.append("- int8 not timed: dynamic quantisation targets CPU kernels "
+                         "(onnxruntime runs DynamicQuantizeMatMul on the CPU provider only)")
+        elif int8:
             int8_path = Path(tmp) / "model.int8.onnx"
             try:
                 notes.append(f"- gate: {quantize_int8(fp32, int8_path, cal.images, cal.labels).summary()}")
