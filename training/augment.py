@@ -52,7 +52,7 @@ def train_authenticator(
 
 
 def _jitter(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to one pixel: the trusted set is small (201 digits by default), and
+    """Shift each image by up to one pixel: the trusted set is small (about 200 digits by default), and
     translation invariance is the cheapest prior that keeps the classifier from memorising it."""
     dx, dy = (int(v) for v in torch.randint(-1, 2, (2,), generator=gen))
     return torch.roll(images, shifts=(dy, dx), dims=(2, 3))

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from training.augment import synthesize, train_authenticator, train_cgan
+from training.augment import authenticator_log_p, synthesize, train_authenticator, train_cgan
 from training.calibration import fit_boundary, flagged
 from training.config import FitConfig, Steps
 from training.data import LabeledImages, load_dataset, trusted_split
@@ -76,7 +76,7 @@ def fit(cfg: FitConfig, progress: bool = True) -> FittedDetector:
     lap("mimic")
 
     critic_raw = batched(mimic.critic, cal.images, cal.labels, device)
-    log_p = batched(auth.log_p_label, cal.images, cal.labels, device)
+    log_p = authenticator_log_p(auth, cal.images, cal.labels, device)
     fusion = FusionParams.fit(critic_raw, log_p)
     scores = combined_score(critic_raw, log_p, fusion, cfg.score_kind)
     boundary, fell_back = fit_boundary(scores, cal.labels, k, cfg.target_fpr, cfg.per_class, cfg.paper_k)
