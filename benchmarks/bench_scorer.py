@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -58,10 +59,18 @@ def torch_variant(det, device: str) -> Variant:
     return Variant("torch eager", run)
 
 
-def ort_variant(name: str, path: Path, device: str) -> Variant:
+def ort_variant(name: str, path: Path, device: str, single_thread: bool) -> Variant:
+    """The consumer's own Scorer; with ``single_thread`` its session is rebuilt on one thread
+    (onnxruntime then runs every kernel in the calling thread, so its CPU time is measurable)."""
+    import onnxruntime as ort
+
     from depois_stream.scorer import Scorer
 
     scorer = Scorer.load(path, device=device, require_gpu=device == "cuda")
+    if single_thread:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        scorer.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return Variant(f"{name} ({scorer.provider.removesuffix('ExecutionProvider')})", scorer.score)
 
 
@@ -79,20 +88,23 @@ def heldout_agreement(fp32: Path, int8: Path, dataset: str) -> str:
             f"{verdict_agreement(fp, q):.4%} of {len(q)} (flagged: fp32 {fp.mean():.2%}, int8 {q.mean():.2%})")
 
 
-def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray,
-            batches: list[int], min_time_s: float) -> dict[tuple[str, int], Timing]:
+def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray, batches: list[int],
+            min_time_s: float, clock: Callable[[], float]) -> dict[tuple[str, int], Timing]:
     results = {}
     for b in batches:
         x, y = tiled_batch(images, labels, b)
         for v in variants:
-            results[(v.name, b)] = time_call(lambda: v.run(x, y), items=b, min_time_s=min_time_s)
+            results[(v.name, b)] = time_call(lambda: v.run(x, y), items=b, min_time_s=min_time_s,
+                                             clock=clock)
     return results
 
 
-def render(variants: list[Variant], batches: list[int], results: dict[tuple[str, int], Timing]) -> str:
+def render(variants: list[Variant], batches: list[int], results: dict[tuple[str, int], Timing],
+           unit: str) -> str:
     base = variants[0].name
-    header = ["batch"] + [f"{v.name} samples/s" for v in variants] + \
-             [f"{v.name} / {base}" for v in variants[1:]] + [f"{v.name} p50 ms" for v in variants]
+    header = ["batch"] + [f"{v.name} {unit}" for v in variants] + \
+             [f"{v.name} / {base}" for v in variants[1:]] + \
+             [f"{v.name} p50 {'CPU ' if 'CPU' in unit else ''}ms" for v in variants]
     rows = []
     for b in batches:
         t = [results[(v.name, b)] for v in variants]
@@ -115,6 +127,10 @@ def main(
         None, help=f"Comma-separated batch sizes (default {CPU_BATCHES} on cpu, {GPU_BATCHES} on cuda)."),
     threads: int = typer.Option(os.cpu_count() or 1, help="torch intra-op threads (onnxruntime uses "
                                                           "its default: one per physical core)."),
+    clock: str = typer.Option(
+        "wall", help="wall: samples per wall-clock second with the threads above. cpu: samples per "
+                     "CPU-second with torch and onnxruntime on one thread each (the calling thread), "
+                     "which stays reproducible on a shared, busy machine."),
     min_time: float = typer.Option(1.0, help="Seconds spent timing each (variant, batch) cell."),
     int8: bool = typer.Option(True, help="Also quantise to int8 (only if the verdict gate passes)."),
     out: Optional[Path] = typer.Option(None, help="Append the result block to this markdown file."),
@@ -125,16 +141,21 @@ def main(
     from training.export import export_onnx
     from training.quantize import QuantizationRefused, quantize_int8
 
-    torch.set_num_threads(threads)
+    if clock not in ("wall", "cpu") or (clock == "cpu" and device != "cpu"):
+        raise typer.BadParameter("--clock is wall or cpu, and cpu only with --device cpu")
+    single = clock == "cpu"
+    torch.set_num_threads(1 if single else threads)
     batches = [int(b) for b in (batch_sizes or (GPU_BATCHES if device == "cuda" else CPU_BATCHES)).split(",")]
     det = load_or_fit(detector_dir, dataset, steps)
     cal = det.calibration
     notes = [f"- model: {det.metadata.model_version} ({det.metadata.dataset}, score {det.metadata.score_kind}, "
-             f"input {list(det.metadata.input_shape)}), torch threads {threads}, device {device}"]
+             f"input {list(det.metadata.input_shape)}), device {device}, "
+             + ("clock: CPU time of one thread (torch and onnxruntime single-threaded)" if single else
+                f"clock: wall, torch threads {threads}, onnxruntime default threads")]
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "model.onnx"
         export_onnx(det, fp32)
-        variants = [torch_variant(det, device), ort_variant("ort fp32", fp32, device)]
+        variants = [torch_variant(det, device), ort_variant("ort fp32", fp32, device, single)]
         if int8 and device == "cuda":
             notes.append("- int8 not timed: dynamic quantisation targets CPU kernels "
                          "(onnxruntime runs DynamicQuantizeMatMul on the CPU provider only)")
@@ -142,12 +163,15 @@ def main(
             int8_path = Path(tmp) / "model.int8.onnx"
             try:
                 notes.append(f"- gate: {quantize_int8(fp32, int8_path, cal.images, cal.labels).summary()}")
-                variants.append(ort_variant("ort int8", int8_path, device))
+                variants.append(ort_variant("ort int8", int8_path, device, single))
                 notes.append(heldout_agreement(fp32, int8_path, det.metadata.dataset))
             except QuantizationRefused as refused:
                 notes.append(f"- gate: {refused.report.summary()}")
-        results = measure(variants, cal.images, cal.labels, batches, min_time)
-    write_report(out, f"Scorer throughput ({device})", "\n".join(notes) + "\n\n" + render(variants, batches, results))
+        results = measure(variants, cal.images, cal.labels, batches, min_time,
+                          time.thread_time if single else time.perf_counter)
+    unit = "samples/CPU-s" if single else "samples/s"
+    write_report(out, f"Scorer throughput ({device}, {clock} clock)",
+                 "\n".join(notes) + "\n\n" + render(variants, batches, results, unit))
 
 
 if __name__ == "__main__":
