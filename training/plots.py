@@ -55,7 +55,7 @@ def plot_sample_grid(samples: LabeledImages, num_classes: int, path: str | Path,
             ax.axis("off")
             if j < len(images):
                 ax.imshow(images[j].mean(axis=0), cmap="gray", vmin=0.0, vmax=1.0)
-        axes[c, 0].set_title(str(c), fontsize=7, loc="left")
+        axes[c, 0].text(-0.15, 0.5, str(c), transform=axes[c, 0].transAxes, ha="right", va="center")
     fig.suptitle("accepted synthetic samples (row = label)", fontsize=9)
     fig.savefig(path, dpi=100)
     plt.close(fig)
