@@ -45,11 +45,17 @@ class Trial:
 
     records: int
     seconds: float
+    cpu_seconds: float  # CPU time of the whole consuming process (all its threads) meanwhile
     peak_rss_mib: float
 
     @property
     def rate(self) -> float:
         return self.records / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def cpu_us_per_record(self) -> float:
+        """Contention-proof cost: what one record costs this process, whatever else runs."""
+        return 1e6 * self.cpu_seconds / self.records if self.records else float("nan")
 
 
 def _peak_rss_mib() -> float:
@@ -81,26 +87,30 @@ def raw_trial(bootstrap: str, topic: str, n: int, batch_size: int) -> Trial:
             count += len(records)
             nbytes += sum(len(r.value) for r in records)
         if first is None and count:
-            first = (time.perf_counter(), count)
-    end = time.perf_counter()
+            first = (time.perf_counter(), count, time.process_time())
+    end, cpu_end = time.perf_counter(), time.process_time()
     consumer.close(autocommit=False)
-    return Trial(count - first[1], end - first[0], _peak_rss_mib())
+    return Trial(count - first[1], end - first[0], cpu_end - first[2], _peak_rss_mib())
 
 
-def forward_trial(bootstrap: str, topic: str, n: int, batch_size: int, header_count: int) -> Trial:
+def forward_trial(bootstrap: str, topic: str, n: int, batch_size: int, header_count: int,
+                  client: str = "kafka-python") -> Trial:
     """Consume, produce every record unchanged plus ``header_count`` headers (acks=all,
     idempotent), flush, commit: the filter's delivery work without decode, score or routing.
 
-    This is the ceiling of kafka-python itself for a filter that must forward every record; the
-    distance from it to the pipeline is what the filter's own code costs."""
-    from kafka import KafkaConsumer, KafkaProducer
+    With the kafka-python producer this is the ceiling of the filter's own client library; with
+    ``client="confluent-kafka"`` (librdkafka, C) it shows what swapping the producer would buy."""
+    from kafka import KafkaConsumer
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
+    from depois_stream.broker import create_topics
+
     tag = uuid.uuid4().hex[:8]
+    out_topic = f"fwd-{tag}"
+    create_topics(bootstrap, [out_topic])  # one partition; records keep theirs modulo 1, as the filter does
     consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=f"fwd-{tag}",
                              **_client_settings(batch_size))
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
-                             linger_ms=5, batch_size=256 * 1024)
+    send, flush, close = _producer(client, bootstrap)
     headers = [(f"depois.bench.{i}", b"0.123456789") for i in range(header_count)]
     count, first = 0, None
     while count < n:
@@ -108,18 +118,42 @@ def forward_trial(bootstrap: str, topic: str, n: int, batch_size: int, header_co
         offsets = {}
         for tp, records in polled.items():
             for r in records:
-                producer.send(f"fwd-{tag}", value=r.value, key=r.key, headers=list(r.headers) + headers)
+                send(out_topic, r.value, r.key, list(r.headers) + headers, 0)
             offsets[TopicPartition(tp.topic, tp.partition)] = OffsetAndMetadata(records[-1].offset + 1, "", -1)
             count += len(records)
         if offsets:
-            producer.flush()
+            flush()
             consumer.commit(offsets)
         if first is None and count:
-            first = (time.perf_counter(), count)
-    end = time.perf_counter()
-    producer.close()
+            first = (time.perf_counter(), count, time.process_time())
+    end, cpu_end = time.perf_counter(), time.process_time()
+    close()
     consumer.close(autocommit=False)
-    return Trial(count - first[1], end - first[0], _peak_rss_mib())
+    return Trial(count - first[1], end - first[0], cpu_end - first[2], _peak_rss_mib())
+
+
+def _producer(client: str, bootstrap: str):
+    """(send, flush, close) of an idempotent acks=all producer of the named client library, with
+    the filter's own producer settings (explicit partition, large linger: flush() sends)."""
+    if client == "confluent-kafka":
+        from confluent_kafka import Producer
+
+        p = Producer({"bootstrap.servers": bootstrap, "acks": "all", "enable.idempotence": True,
+                      "linger.ms": 5})
+        return (lambda t, v, k, h, part: p.produce(t, value=v, key=k, headers=h, partition=part)), p.flush, p.flush
+    from kafka import KafkaProducer
+
+    kp = KafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True,
+                       linger_ms=1000, batch_size=1 << 20)
+    return (lambda t, v, k, h, part: kp.send(t, value=v, key=k, headers=h, partition=part)), kp.flush, kp.close
+
+
+def _confluent_available() -> bool:
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def pipeline_trial(bootstrap: str, topic: str, n: int, batch_size: int, model: Path,
@@ -139,23 +173,23 @@ def pipeline_trial(bootstrap: str, topic: str, n: int, batch_size: int, model: P
     )
     filt = StreamFilter(cfg)
     stop = threading.Event()
-    marks: list[tuple[float, int]] = []
+    marks: list[tuple[float, int, float]] = []
 
-    def watch() -> None:  # stats change once per batch; 1 ms sampling is far finer than a batch
+    def watch() -> None:  # stats change once per batch (tens of ms); 5 ms sampling is fine enough
         while not stop.is_set():
             done = filt.stats.consumed
             if done and (not marks or marks[-1][1] != done):
-                marks.append((time.perf_counter(), done))
+                marks.append((time.perf_counter(), done, time.process_time()))
             if done >= n:
                 stop.set()
-            time.sleep(0.001)
+            time.sleep(0.005)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     filt.run(stop)
     watcher.join()
-    (t0, n0), (t1, n1) = marks[0], marks[-1]
-    return Trial(n1 - n0, t1 - t0, _peak_rss_mib())
+    (t0, n0, c0), (t1, n1, c1) = marks[0], marks[-1]
+    return Trial(n1 - n0, t1 - t0, c1 - c0, _peak_rss_mib())
 
 
 def _in_child(fn, *args) -> Trial:
@@ -299,13 +333,18 @@ def main(
             raw = _in_child(raw_trial, broker.bootstrap, topic, records, batch_size)
             fwd = _in_child(forward_trial, broker.bootstrap, topic, records, batch_size, FORWARD_HEADERS)
             pipe = _in_child(pipeline_trial, broker.bootstrap, topic, records, batch_size, model, linger_ms)
+            c_fwd = (_in_child(forward_trial, broker.bootstrap, topic, records, batch_size, FORWARD_HEADERS,
+                               "confluent-kafka") if _confluent_available() else None)
             rows.append([enc, records, fmt_rate(records / pub_s), fmt_rate(raw.rate), fmt_rate(fwd.rate),
-                         fmt_rate(pipe.rate), f"{pipe.rate / raw.rate:.2f}x", f"{pipe.rate / fwd.rate:.2f}x",
+                         fmt_rate(c_fwd.rate) if c_fwd else "n/a", fmt_rate(pipe.rate),
+                         f"{pipe.rate / raw.rate:.2f}x", f"{pipe.rate / fwd.rate:.2f}x",
+                         *(f"{t.cpu_us_per_record:.0f}" for t in (raw, fwd, pipe)),
                          f"{raw.peak_rss_mib:.0f}", f"{pipe.peak_rss_mib:.0f}"])
         body = markdown_table(
             ["encoding", "records", "publish rec/s", "raw consume rec/s", "consume+forward rec/s",
-             "pipeline rec/s", "pipeline / raw", "pipeline / forward", "raw peak RSS MiB",
-             "pipeline peak RSS MiB"], rows)
+             "consume+forward, confluent-kafka producer rec/s", "pipeline rec/s", "pipeline / raw",
+             "pipeline / forward", "raw CPU us/rec", "forward CPU us/rec", "pipeline CPU us/rec",
+             "raw peak RSS MiB", "pipeline peak RSS MiB"], rows)
         if offered_rate > 0:
             expected = int(offered_rate * latency_seconds)
             lat_rows = []
