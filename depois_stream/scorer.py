@@ -62,6 +62,15 @@ def requested_providers(device: Device, available: list[str]) -> list[str]:
     return [CPU]
 
 
+def session_options() -> ort.SessionOptions:
+    """No busy-waiting: by default onnxruntime's intra-op threads spin after every run, taking
+    the cores the Kafka client's Python thread needs between batches (on 2 cores that cost the
+    pipeline a third of its rate; see docs/performance.md)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 class Scorer:
     """One onnxruntime session plus the contract metadata read from the same file."""
 
@@ -92,7 +101,7 @@ class Scorer:
             _verify_card(path, sha)
         requested = requested_providers(device, ort.get_available_providers())
         try:
-            session = ort.InferenceSession(str(path), providers=requested)
+            session = ort.InferenceSession(str(path), session_options(), providers=requested)
         except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
             raise ModelLoadError(
                 f"onnxruntime cannot load {path} ({exc}); the file is not a valid ONNX model, "
