@@ -134,6 +134,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".part")
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the consumer may run as another user
     os.replace(tmp, path)
 
 
