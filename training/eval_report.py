@@ -44,7 +44,9 @@ def tpr_table(report: EvalReport, dataset: str) -> str:
     body = []
     for (attack, rate), goal in goals.items():
         cell = {r.detector: r.metrics.tpr_at_fpr for r in rows if (r.attack, r.rate) == (attack, rate)}
-        verdict = "yes" if goal.beats_baselines else f"no ({goal.best_baseline})"
+        verdict = ("yes" if goal.beats_baselines else
+                   f"tie ({goal.best_baseline})" if goal.fused_tpr == goal.best_baseline_tpr else
+                   f"no ({goal.best_baseline})")
         body.append([_attack_label(attack, goal.clean_label), f"{rate:.2f}"]
                     + [(f"**{_pct(cell[d])}**" if d == OURS else _pct(cell[d])) for d in detectors] + [verdict])
     return _table(["attack", "rate", *detectors, "fused beats every baseline"], body)
