@@ -48,6 +48,9 @@ GanStepsOpt = Annotated[int | None, typer.Option(help="cGAN steps [data set defa
 CriticStepsOpt = Annotated[
     int | None, typer.Option(help="WGAN-GP generator steps, 5 critic steps each [data set default].")
 ]
+ThreadsOpt = Annotated[
+    int, typer.Option(help="torch CPU threads; 1 is robust on a shared box, 0 = torch's default.")
+]
 BatchOpt = Annotated[int, typer.Option(help="Minibatch size of all stages.")]
 ThresholdOpt = Annotated[float, typer.Option(help="Keep a synthetic sample iff p_auth(label|x) >= this.")]
 QuantizeOpt = Annotated[
@@ -157,6 +160,7 @@ def fit(
     data_dir: DataDirOpt = None,
     offline: OfflineOpt = False,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
     out: OutOpt = Path("artifacts/model"),
     score: ScoreOpt = "fused",
@@ -203,6 +207,7 @@ def all_cmd(
     data_dir: DataDirOpt = None,
     offline: OfflineOpt = False,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
     out: OutOpt = Path("artifacts/model"),
     score: ScoreOpt = "fused",

@@ -48,6 +48,7 @@ class FitConfig(BaseModel):
     per_class: bool = True
     score_kind: ScoreKind = "fused"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(1, ge=0)  # torch intra-op threads on CPU; 0 = torch's default
     auth_steps: int | None = Field(None, ge=1)
     gan_steps: int | None = Field(None, ge=1)
     critic_steps: int | None = Field(None, ge=1)

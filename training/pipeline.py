@@ -12,14 +12,19 @@ import time
 
 import numpy as np
 
-from training.augment import authenticator_log_p, synthesize, train_authenticator, train_cgan
+from training.augment import (
+    authenticator_log_p,
+    synthesize,
+    train_authenticator,
+    train_cgan,
+)
 from training.calibration import fit_boundary, flagged
 from training.config import FitConfig, Steps
 from training.data import LabeledImages, load_dataset, trusted_split
 from training.detector import FittedDetector, build_metadata, weights_sha256
 from training.fusion import FusionParams, combined_score
 from training.mimic import train_mimic
-from training.torchutil import batched, resolve_device
+from training.torchutil import batched, intra_op_threads, resolve_device
 
 __all__ = ["FitConfig", "Steps", "fit"]
 
@@ -35,6 +40,11 @@ def _preview(data: LabeledImages, num_classes: int) -> LabeledImages:
 
 
 def fit(cfg: FitConfig, progress: bool = True) -> FittedDetector:
+    with intra_op_threads(cfg.threads):
+        return _fit(cfg, progress)
+
+
+def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     timer: dict[str, float] = {}
     start = time.perf_counter()
 
