@@ -300,7 +300,8 @@ def main(
     model: Optional[Path] = typer.Option(
         None, help="Exported ONNX model (with its .card.json). Without it a detector is fitted "
                    "(--detector-dir or --dataset) and exported to a temporary folder."),
-    detector_dir: Optional[Path] = typer.Option(None, help="Trained detector directory to export."),
+    detector_dir: Optional[Path] = typer.Option(None, help="Trained detector directory to export "
+                                                            "(OUT/detector of `depois-train all --out OUT`)."),
     dataset: str = typer.Option("digits", help="Data set whose test split is published (and "
                                                "fitted on, without --model)."),
     records: int = typer.Option(50_000, help="Backlog size per encoding."),

@@ -6,7 +6,7 @@ onnxruntime runs through ``depois_stream.scorer.Scorer``, i.e. exactly what the 
 
 \b
     python benchmarks/bench_scorer.py --dataset digits                  # fit quick, then time
-    python benchmarks/bench_scorer.py --detector-dir runs/digits        # a trained detector
+    python benchmarks/bench_scorer.py --detector-dir runs/digits/detector --clock cpu
     python benchmarks/bench_scorer.py --device cuda --batch-sizes 1024,4096,16384,65536
 """
 
@@ -117,7 +117,7 @@ def render(variants: list[Variant], batches: list[int], results: dict[tuple[str,
 @app.command(help=__doc__)
 def main(
     detector_dir: Optional[Path] = typer.Option(
-        None, help="A trained detector directory (FittedDetector.save / `depois-train fit --out`). "
+        None, help="A trained detector directory (OUT/detector of `depois-train fit|all --out OUT`). "
                    "Without it a detector is fitted first with --steps."),
     dataset: str = typer.Option("digits", help="Data set to fit on when no --detector-dir is given."),
     steps: str = typer.Option("quick", help="quick | default: training length when fitting here."),
