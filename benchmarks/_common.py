@@ -22,6 +22,16 @@ from typing import Callable, Sequence
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _load_average() -> str:
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+LOAD_AT_START = _load_average()  # benchmarks import this module first, before any work
+
+
 def _version(dist: str) -> str:
     try:
         return metadata.version(dist)
@@ -57,14 +67,10 @@ def _git_commit() -> str:
 
 def machine_description() -> str:
     """One line per fact a reader needs to compare our numbers with theirs."""
-    try:
-        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        load = "n/a"
     return "\n".join([
         f"- machine: {_cpu_model()}, {os.cpu_count()} logical CPUs, {_memory_gib():.0f} GiB RAM, "
         f"{platform.system()} {platform.release()}",
-        f"- load average before the run: {load}",
+        f"- load average (1, 5, 15 min) at start: {LOAD_AT_START}, at the end: {_load_average()}",
         f"- python {platform.python_version()}, numpy {_version('numpy')}, "
         f"onnxruntime-gpu {_version('onnxruntime-gpu')}, onnxruntime {_version('onnxruntime')}, "
         f"torch {_version('torch')}, kafka-python {_version('kafka-python')}, "
