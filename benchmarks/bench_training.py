@@ -1,8 +1,8 @@
 """Wall time of ``depois-train all`` (fit + export) per data set, as a user would run it.
 
 The command runs in a child process exactly as typed on a shell, so the number includes the
-interpreter and torch start-up and the data loading a user also pays for. The stage split comes
-from the model card the run writes (``times_s``).
+interpreter and torch start-up, the data loading and the ONNX export a user also pays for. The
+stage split and the step counts come from the model card the run writes.
 
 \b
     python benchmarks/bench_training.py --datasets digits,fashion-mnist
@@ -48,11 +48,13 @@ def run_timed(cmd: list[str], log: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024
 
 
-def stage_times(out_dir: Path) -> dict[str, float]:
-    """``times_s`` of the model card(s) the run wrote (empty when none is found)."""
-    for card in sorted(out_dir.rglob("*.card.json")):
-        return {k: float(v) for k, v in json.loads(card.read_text()).get("times_s", {}).items()}
-    return {}
+def card_facts(out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
+    """Stage times and step counts from the model card the run wrote (empty when none)."""
+    for path in sorted(out_dir.rglob("*.card.json")):
+        card = json.loads(path.read_text())
+        return ({k: float(v) for k, v in card.get("times_s", {}).items()},
+                {k: int(v) for k, v in card.get("steps", {}).items()})
+    return {}, {}
 
 
 @app.command(help=__doc__)
@@ -69,11 +71,13 @@ def main(
         with tempfile.TemporaryDirectory() as tmp:
             cmd = train_command(dataset, Path(tmp), device, extra)
             wall, rss_mib = run_timed(cmd, Path(tmp) / "train.log")
-            stages = stage_times(Path(tmp))
-        rows.append([dataset, device, f"{wall:.0f}", f"{wall / 60:.1f}",
+            stages, steps = card_facts(Path(tmp))
+        rows.append([dataset, device, "/".join(str(v) for v in steps.values()) or "-",
+                     f"{wall:.0f}", f"{wall / 60:.1f}",
                      ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) or "-", f"{rss_mib:.0f}"])
     write_report(out, f"Training wall time (`depois-train all`, {device})", markdown_table(
-        ["data set", "device", "wall s", "wall min", "stages s (model card)", "peak RSS MiB"], rows))
+        ["data set", "device", "steps auth/gan/critic", "wall s", "wall min", "stages s (model card)",
+         "peak RSS MiB"], rows))
 
 
 if __name__ == "__main__":
