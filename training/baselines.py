@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from sklearn.neighbors import KNeighborsClassifier
+from sklearn.neighbors import NearestNeighbors
 
 from training.calibration import paper_boundary, threshold_at_fpr
 from training.data import LabeledImages
@@ -55,15 +55,31 @@ def label_probability(proba: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return proba[np.arange(len(labels)), labels]
 
 
-def knn_agreement(trusted: LabeledImages, calibration: LabeledImages, target_fpr: float, k: int = 10) -> Scorer:
-    """Distance-weighted share of the k nearest trusted images that carry the sample's label."""
-    knn = KNeighborsClassifier(n_neighbors=k, weights="distance").fit(_flat(trusted.images), trusted.labels)
-    columns = {c: i for i, c in enumerate(knn.classes_)}
+def class_distances(trusted: LabeledImages, num_classes: int, k: int) -> Callable[[np.ndarray], np.ndarray]:
+    """[N, K] mean distance from each image to its k nearest trusted images of each class."""
+    index = [NearestNeighbors(n_neighbors=k).fit(_flat(trusted.images[trusted.labels == c]))
+             for c in range(num_classes)]
+    return lambda images: np.stack([nn.kneighbors(_flat(images))[0].mean(axis=1) for nn in index], axis=1)
+
+
+def knn_agreement(
+    trusted: LabeledImages, calibration: LabeledImages, num_classes: int, target_fpr: float, k: int = 10
+) -> Scorer:
+    """How much closer the sample sits to trusted images of its label than to any other class.
+
+    d_other / (d_same + d_other) with d = mean distance to the k nearest trusted images of a
+    class: 0.5 is the class border. A vote count over k neighbours would do the same job but is
+    discrete, and on Fashion-MNIST more than 1 % of clean images get zero votes, which makes the
+    TPR at 1 % FPR of a vote count zero by ties alone.
+    """
+    distances = class_distances(trusted, num_classes, k)
 
     def score(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        proba = knn.predict_proba(_flat(images))
-        known = np.array([columns.get(int(y), -1) for y in labels])
-        return np.where(known >= 0, proba[np.arange(len(labels)), np.maximum(known, 0)], 0.0)
+        d = distances(images)
+        same = d[np.arange(len(labels)), labels]
+        d[np.arange(len(labels)), labels] = np.inf
+        other = d.min(axis=1)
+        return other / np.maximum(same + other, 1e-12)
 
     return calibrated(f"knn-{k}", "baseline", score, calibration, target_fpr)
 
@@ -136,7 +152,7 @@ def all_scorers(det: FittedDetector, num_classes: int, seed: int, classifier: Cl
     scorers = [
         depois_fused(det),
         paper_critic(det),
-        knn_agreement(det.trusted, det.calibration, target_fpr),
+        knn_agreement(det.trusted, det.calibration, num_classes, target_fpr),
         classifier_likelihood(proba, det.calibration, target_fpr),
         confident_learning(proba),
         authenticator_only(det, target_fpr),
