@@ -43,10 +43,10 @@ PerClassOpt = Annotated[
 ]
 TrustedOpt = Annotated[float, typer.Option(help="Share of the train split the defender trusts.")]
 CalOpt = Annotated[float, typer.Option(help="Share of the trusted pool held out for calibration.")]
-AuthStepsOpt = Annotated[int | None, typer.Option(help="Authenticator steps [data set default].")]
-GanStepsOpt = Annotated[int | None, typer.Option(help="cGAN steps [data set default].")]
+AuthStepsOpt = Annotated[int | None, typer.Option(help="Authenticator steps (default: per data set, training/config.py).")]
+GanStepsOpt = Annotated[int | None, typer.Option(help="cGAN steps (default: per data set).")]
 CriticStepsOpt = Annotated[
-    int | None, typer.Option(help="WGAN-GP generator steps, 5 critic steps each [data set default].")
+    int | None, typer.Option(help="WGAN-GP generator steps, 5 critic steps each (default: per data set).")
 ]
 ThreadsOpt = Annotated[
     int, typer.Option(help="torch CPU threads; 1 is robust on a shared box, 0 = torch's default.")
@@ -63,7 +63,7 @@ QuantizeOpt = Annotated[
     ),
 ]
 SynthOpt = Annotated[
-    int | None, typer.Option(help="Synthetic samples to keep [train size - trusted size].")
+    int | None, typer.Option(help="Synthetic samples to keep (default: train size - trusted size).")
 ]
 
 
@@ -187,7 +187,7 @@ def fit(
 def export_onnx_cmd(
     out: OutOpt = Path("artifacts/model"),
     model: Annotated[
-        Path | None, typer.Option(help="ONNX file to write [OUT/model.onnx].")
+        Path | None, typer.Option(help="ONNX file to write (default: OUT/model.onnx).")
     ] = None,
     quantize: QuantizeOpt = None,
 ) -> None:
