@@ -73,17 +73,9 @@ class ConsumerConfig(BaseSettings):
     @field_validator("kafka")
     @classmethod
     def _passthrough_only(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from kafka import KafkaConsumer, KafkaProducer
+        from depois_stream.kafka_options import check_passthrough
 
-        owned = sorted(set(v) & _OWNED_KAFKA_KEYS)
-        if owned:
-            raise ValueError(f"{owned} are set by depois-stream itself (use its own flags)")
-        known = set(KafkaConsumer.DEFAULT_CONFIG) | set(KafkaProducer.DEFAULT_CONFIG)
-        unknown = sorted(set(v) - known)
-        if unknown:
-            raise ValueError(f"{unknown} are not kafka-python client options (e.g. "
-                             "security_protocol, sasl_mechanism, ssl_cafile)")
-        return v
+        return check_passthrough(v, _OWNED_KAFKA_KEYS, "are set by depois-stream itself (use its own flags)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "ConsumerConfig":

@@ -34,6 +34,7 @@ from depois_stream import router
 from depois_stream.breaker import BreakerSettings, CircuitBreaker
 from depois_stream.config import ConsumerConfig
 from depois_stream.http import HealthServer
+from depois_stream.kafka_options import options_for
 from depois_stream.metrics import Metrics, observe_many
 from depois_stream.reload import ModelWatcher
 from depois_stream.schema import decode_batch
@@ -187,7 +188,7 @@ class StreamFilter:
             session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms,
             isolation_level="read_committed" if cfg.exactly_once else "read_uncommitted",
-            **_options_for(KafkaConsumer, cfg.kafka))
+            **options_for(KafkaConsumer, cfg.kafka))
         consumer.subscribe([cfg.ingest_topic], listener=self._rebalance)
         return consumer
 
@@ -196,7 +197,7 @@ class StreamFilter:
         options: dict[str, Any] = dict(
             bootstrap_servers=cfg.bootstrap_servers, client_id=f"depois-stream-{cfg.group_id}",
             acks="all", enable_idempotence=True, linger_ms=1000, batch_size=1024 * 1024,
-            **_options_for(KafkaProducer, cfg.kafka))
+            **options_for(KafkaProducer, cfg.kafka))
         if cfg.exactly_once:
             options["transactional_id"] = cfg.effective_transactional_id()
         producer = KafkaProducer(**options)
@@ -472,12 +473,6 @@ class StreamFilter:
         })
         m.provider_fallback.set(1 if scorer.provider_fallback else 0)
         m.detection_boundary.set(meta.boundary.global_)
-
-
-def _options_for(client: type, options: dict[str, Any]) -> dict[str, Any]:
-    """The pass-through options this client knows (kafka-python rejects the other's, e.g. a
-    consumer's fetch_max_wait_ms given to the producer)."""
-    return {k: v for k, v in options.items() if k in client.DEFAULT_CONFIG}
 
 
 def _content_type(headers: list[tuple[str, bytes]] | None) -> bytes | None:

@@ -31,6 +31,7 @@ from depois_stream.audit import (
     released_ids,
 )
 from depois_stream.contract import utc_now_iso
+from depois_stream.kafka_options import check_passthrough, options_for
 from depois_stream.metrics import Metrics
 
 CLIENT_ID = "depois-replay"
@@ -69,20 +70,12 @@ class ReplaySettings(BaseSettings):
     @field_validator("kafka")
     @classmethod
     def _passthrough_only(cls, v: dict[str, Any]) -> dict[str, Any]:
-        owned = sorted(set(v) & _OWNED_KAFKA_KEYS)
-        if owned:
-            raise ValueError(f"{owned} are chosen by replay itself: it reads without a consumer "
-                             "group so that it can never commit the live consumer's offsets")
-        known = set(KafkaConsumer.DEFAULT_CONFIG) | set(KafkaProducer.DEFAULT_CONFIG)
-        unknown = sorted(set(v) - known)
-        if unknown:
-            raise ValueError(f"{unknown} are not kafka-python client options (e.g. "
-                             "security_protocol, sasl_mechanism, ssl_cafile)")
-        return v
+        return check_passthrough(v, _OWNED_KAFKA_KEYS, "are chosen by replay itself: it reads without a "
+                                 "consumer group so that it can never commit the live consumer's offsets")
 
     def client_options(self, client: type[KafkaConsumer] | type[KafkaProducer]) -> dict[str, Any]:
         """The ``kafka`` options ``client`` understands (kafka-python rejects the others)."""
-        return {k: v for k, v in self.kafka.items() if k in client.DEFAULT_CONFIG}
+        return options_for(client, self.kafka)
 
 
 @dataclass(frozen=True)
