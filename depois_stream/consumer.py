@@ -473,6 +473,12 @@ class StreamFilter:
         })
         m.provider_fallback.set(1 if scorer.provider_fallback else 0)
         m.detection_boundary.set(meta.boundary.global_)
+        # Export zeros for every series a dashboard or alert divides by, so that rate() and the
+        # per-class panels have a baseline before the first record of each kind arrives.
+        m.records_consumed.labels(topic=self.cfg.ingest_topic)
+        m.inference_duration.labels(provider=scorer.provider)
+        for label in range(meta.num_classes):
+            m.quarantined_by_label.labels(label=str(label))
 
 
 def _content_type(headers: list[tuple[str, bytes]] | None) -> bytes | None:

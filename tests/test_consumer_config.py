@@ -114,3 +114,19 @@ def test_busy_metrics_port_is_a_startup_error(centroid_model: Path) -> None:
         expected = f"cannot serve metrics on 127.0.0.1:{port}.*--metrics-port"
         with pytest.raises(StartupError, match=expected):
             flt.run()
+
+
+def test_series_that_dashboards_divide_by_exist_before_the_first_record(centroid_model: Path) -> None:
+    """rate() over a series that appears only with its first sample misses that first burst."""
+    from prometheus_client import generate_latest
+
+    from depois_stream.consumer import StreamFilter
+
+    flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", ingest_topic="in.x",
+                                   bootstrap_servers="127.0.0.1:1"))
+    text = generate_latest(flt.metrics.registry).decode()
+    assert 'depois_records_consumed_total{topic="in.x"} 0.0' in text
+    for label in range(10):
+        assert f'depois_quarantined_by_label_total{{label="{label}"}} 0.0' in text
+    provider = flt.scorer.provider
+    assert f'depois_inference_duration_seconds_count{{provider="{provider}"}} 0.0' in text
