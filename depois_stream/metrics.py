@@ -90,7 +90,7 @@ class Metrics:
             namespace=ns, registry=r)
         self.provider_fallback = Gauge(
             "provider_fallback",
-            "1 when a GPU provider was requested (or auto found one) but the session runs on CPU.",
+            "1 when --device cuda was requested but the session runs on CPU (auto never sets it).",
             namespace=ns, registry=r)
         self.model_reloads = Counter(
             "model_reloads", "Hot-reload attempts, by outcome (loaded|rejected).", ["outcome"],

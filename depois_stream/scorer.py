@@ -75,14 +75,17 @@ class Scorer:
     """One onnxruntime session plus the contract metadata read from the same file."""
 
     def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata, path: Path,
-                 sha256: str, requested: list[str]) -> None:
+                 sha256: str, requested: list[str], device: Device = "auto") -> None:
         self.session = session
         self.metadata = metadata
         self.path = path
         self.sha256 = sha256
         self.provider = session.get_providers()[0]
-        # A GPU was asked for (explicitly or by auto finding one) but the session runs on CPU.
-        self.provider_fallback = requested[0] == CUDA and self.provider != CUDA
+        # CUDA was tried but the session runs on CPU (missing CUDA/cuDNN libraries or no GPU).
+        self.cuda_unavailable = requested[0] == CUDA and self.provider != CUDA
+        # A fallback only counts (metric, warning, alert) when a GPU was demanded: `auto` on a
+        # CPU host with the onnxruntime-gpu wheel is a normal CPU deployment, not a fault.
+        self.provider_fallback = self.cuda_unavailable and device == "cuda"
         self.has_p_value = OUTPUT_P_VALUE in {o.name for o in session.get_outputs()}
         self._outputs = [OUTPUT_SCORE, OUTPUT_POISONED]
         if self.has_p_value:
@@ -112,10 +115,13 @@ class Scorer:
         except ContractError as exc:
             raise ModelLoadError(f"{path}: {exc}") from exc
         _check_shape(session, meta, path)
-        scorer = cls(session, meta, path, sha, requested)
+        scorer = cls(session, meta, path, sha, requested, device)
         if scorer.provider_fallback:
-            log.warning("model %s: %s was requested but onnxruntime runs on %s (CUDA libraries "
-                        "missing or no GPU visible)", path.name, requested[0], scorer.provider)
+            log.warning("model %s: --device cuda was requested but onnxruntime runs on %s (CUDA "
+                        "libraries missing or no GPU visible)", path.name, scorer.provider)
+        elif scorer.cuda_unavailable:
+            log.info("model %s: no usable CUDA, scoring on %s (device auto)", path.name,
+                     scorer.provider)
         if require_gpu and scorer.provider != CUDA:
             raise ModelLoadError(
                 f"--require-gpu is set but onnxruntime runs {path.name} on {scorer.provider}: "

@@ -67,8 +67,14 @@ def test_provider_reported_is_the_one_onnxruntime_uses(centroid_model: Path) -> 
     scorer = Scorer.load(centroid_model, device="auto")
     assert scorer.provider == scorer.session.get_providers()[0]
     asked_gpu = CUDA in ort.get_available_providers()
-    assert scorer.provider_fallback == (asked_gpu and scorer.provider != CUDA)
+    assert scorer.cuda_unavailable == (asked_gpu and scorer.provider != CUDA)
+    assert scorer.provider_fallback is False  # auto accepts CPU: not a fault to alert on
     assert Scorer.load(centroid_model, device="cpu").provider == CPU
+
+
+def test_cuda_demanded_but_not_used_is_a_fallback(centroid_model: Path) -> None:
+    scorer = Scorer.load(centroid_model, device="cuda")
+    assert scorer.provider_fallback == (scorer.provider != CUDA)
 
 
 def test_provider_request_follows_device() -> None:
