@@ -22,10 +22,40 @@ import typer
 from pydantic import BaseModel
 
 from depois_stream.config import ConsumerConfig
+from depois_stream import headers as H
 from depois_stream.headers import ERROR_CLASS, as_dict
 from depois_stream.produce_cli import AttackChoice, EncodingChoice
 
 app = typer.Typer(add_completion=False, help=__doc__)
+
+
+class QuarantineRow(BaseModel):
+    """One quarantined record as its headers describe it, plus the producer's ground truth."""
+
+    sample_id: str
+    label: str
+    score: str
+    boundary: str
+    source_offset: str
+    model_version: str
+    truly_poisoned: bool
+
+
+# Series worth showing after a run; histograms and per-partition gauges stay on /metrics.
+EXCERPT_PREFIXES = ("depois_records_consumed_total", "depois_records_routed_total",
+                    "depois_dead_lettered_total", "depois_quarantined_by_label_total",
+                    "depois_poison_rate", "depois_commits_total", "depois_detection_boundary")
+
+
+def metrics_excerpt(registry) -> list[str]:
+    """Non-zero samples of the headline series (zero-valued label sets are noise in a demo)."""
+    from prometheus_client import generate_latest
+
+    lines = []
+    for line in generate_latest(registry).decode().splitlines():
+        if line.startswith(EXCERPT_PREFIXES) and not line.endswith(" 0.0"):
+            lines.append(line)
+    return lines
 
 
 class DemoResult(BaseModel):
@@ -45,6 +75,8 @@ class DemoResult(BaseModel):
     false_positive_rate: float  # clean samples that were quarantined
     breaker_trips: int
     metrics_url: str | None
+    quarantine_rows: list[QuarantineRow] = []  # the first few, as an operator would see them
+    metrics_excerpt: list[str] = []  # the consumer's own counters, in Prometheus text format
 
 
 def train_model(out_dir: Path, dataset: str = "digits", seed: int = 0) -> Path:
@@ -113,13 +145,20 @@ def run_demo(cfg: ConsumerConfig, *, attack: str = "random-flip", rate: float = 
     stats = flt.run()
     metrics_url = "http://{}:{}/metrics".format(*flt.http_address) if flt.http_address else None
 
-    quarantined = {r.key.decode() for r in
-                   read_records(cfg.bootstrap_servers, cfg.quarantine_topic, stats.quarantined)}
+    q_records = read_records(cfg.bootstrap_servers, cfg.quarantine_topic, stats.quarantined)
+    quarantined = {r.key.decode() for r in q_records}
     dead = read_records(cfg.bootstrap_servers, cfg.dlq_topic, stats.dead_lettered)
     clean = read_records(cfg.bootstrap_servers, cfg.clean_topic, stats.clean)
     dlq_reasons = {r.key.decode(): as_dict(r.headers).get(ERROR_CLASS, "") for r in dead}
     poisoned = set(manifest.poisoned_ids)
     honest = manifest.samples - len(poisoned)
+    rows = []
+    for r in q_records[:8]:
+        h = as_dict(r.headers)
+        rows.append(QuarantineRow(
+            sample_id=r.key.decode(), label=h.get(H.LABEL, "?"), score=h.get(H.SCORE, "?"),
+            boundary=h.get(H.BOUNDARY, "?"), source_offset=h.get(H.SOURCE_OFFSET, "?"),
+            model_version=h.get(H.MODEL_VERSION, "?"), truly_poisoned=r.key.decode() in poisoned))
     return DemoResult(
         published=manifest.sent, poisoned=len(poisoned), malformed=len(manifest.malformed),
         consumed=stats.consumed, clean=len(clean), quarantined=len(quarantined),
@@ -129,7 +168,15 @@ def run_demo(cfg: ConsumerConfig, *, attack: str = "random-flip", rate: float = 
         recall=_ratio(len(quarantined & poisoned), len(poisoned)),
         false_positive_rate=_ratio(len(quarantined - poisoned), honest),
         breaker_trips=stats.breaker_trips, metrics_url=metrics_url,
+        quarantine_rows=rows, metrics_excerpt=metrics_excerpt(flt.metrics.registry),
     )
+
+
+def _short(number: str) -> str:
+    try:
+        return f"{float(number):.3f}"
+    except ValueError:
+        return number
 
 
 def render(result: DemoResult, cfg: ConsumerConfig, attack: str, rate: float) -> str:
@@ -146,6 +193,19 @@ def render(result: DemoResult, cfg: ConsumerConfig, attack: str, rate: float) ->
         f"false alarms   {result.false_positive_rate:.3f}  (honest samples that were quarantined)",
         f"metrics        served at {result.metrics_url or '(disabled)'} while the consumer ran",
     ]
+    if result.quarantine_rows:
+        lines += ["", f"first quarantined records (headers of {cfg.quarantine_topic}; "
+                  "'poisoned' is the producer's ground truth):",
+                  f"  {'id':<18} {'label':>5} {'score':>9} {'boundary':>9} {'offset':>6}  poisoned"]
+        for row in result.quarantine_rows:
+            lines.append(f"  {row.sample_id:<18} {row.label:>5} {_short(row.score):>9} "
+                         f"{_short(row.boundary):>9} {row.source_offset:>6}  "
+                         f"{'yes' if row.truly_poisoned else 'NO (false alarm)'}")
+        lines.append(f"  model version {result.quarantine_rows[0].model_version}; "
+                     f"`depois-stream replay list` shows them all")
+    if result.metrics_excerpt:
+        lines += ["", "consumer metrics (non-zero counters at exit):"]
+        lines += [f"  {line}" for line in result.metrics_excerpt]
     if not result.dlq_as_expected:
         lines.append("WARNING: the dead-letter topic does not match the malformed records sent")
     if result.breaker_trips:

@@ -31,3 +31,14 @@ def test_demo_accounts_for_every_record_and_catches_the_flips(broker, unique, ce
     assert result.false_positive_rate <= 0.1
     assert result.metrics_url and result.metrics_url.startswith("http://127.0.0.1:")
     assert f"recall         {result.recall:.3f}" in render(result, cfg, "random-flip", 0.2)
+
+    # What an operator reads: quarantined records with their headers, and the consumer's counters.
+    assert 0 < len(result.quarantine_rows) <= 8
+    for row in result.quarantine_rows:
+        assert float(row.score) < float(row.boundary)  # quarantined means below its boundary
+        assert row.label.isdigit() and row.source_offset.isdigit()
+    consumed = [m for m in result.metrics_excerpt if m.startswith("depois_records_consumed_total")]
+    assert consumed == [f'depois_records_consumed_total{{topic="{cfg.ingest_topic}"}} '
+                        f'{float(result.consumed)}']
+    shown = render(result, cfg, "random-flip", 0.2)
+    assert "first quarantined records" in shown and "consumer metrics" in shown
