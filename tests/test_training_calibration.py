@@ -16,7 +16,7 @@ from training.calibration import (
     paper_boundary,
     threshold_at_fpr,
 )
-from training.fusion import FusionParams, combined_score
+from training.fusion import FusionParams, Standardiser, combined_score
 
 
 @pytest.mark.parametrize("target", [0.01, 0.05, 0.2])
@@ -79,6 +79,29 @@ def test_fused_score_flags_a_sample_when_either_signal_is_abnormal() -> None:
     assert combined_score(np.array([5.0]), np.array([np.log(0.01)]), params, "critic")[0] > boundary
     with pytest.raises(ValueError, match="critic"):
         combined_score(critic, log_p, params, "knn")
+
+
+def test_fusion_shares_the_fpr_budget_when_one_signal_has_a_heavy_clean_tail() -> None:
+    """log p(label | image) is heavy-tailed on clean data (ambiguous images). With z-scores the
+    1 % boundary on min(z, z) sat where only that signal could reach it, so an off-manifold image
+    that the critic alone ranks below 99.9 % of clean data went through. Scales matched at the
+    target quantile must let the critic flag it, without losing the wrong label."""
+    rng = np.random.default_rng(4)
+    critic = rng.normal(0.0, 1.0, 2000)
+    log_p = np.log(rng.uniform(0.95, 1.0, 2000))
+    tail = rng.random(2000) < 0.03
+    log_p[tail] = np.log(rng.uniform(1e-4, 0.5, tail.sum()))
+    off_manifold = (np.array([-3.5]), np.array([np.log(0.99)]))
+    wrong_label = (np.array([0.0]), np.array([np.log(1e-3)]))
+
+    def flags(params: FusionParams) -> tuple[bool, bool]:
+        boundary = threshold_at_fpr(combined_score(critic, log_p, params, "fused"), 0.01)
+        return (combined_score(*off_manifold, params, "fused")[0] < boundary,
+                combined_score(*wrong_label, params, "fused")[0] < boundary)
+
+    assert flags(FusionParams.fit(critic, log_p, target_fpr=0.01)) == (True, True)
+    z_scores = FusionParams(critic=Standardiser.fit(critic), auth=Standardiser.fit(log_p))
+    assert flags(z_scores) == (False, True)  # the failure this scaling fixes
 
 
 def test_authenticator_gate_keeps_exactly_the_samples_at_or_above_threshold() -> None:

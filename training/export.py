@@ -165,8 +165,8 @@ def export_onnx(det: FittedDetector, path: str | Path, quantize: str | None = No
         },
         notes=[
             (
-                f"score_kind={det.metadata.score_kind}: fused = min(z_critic, z_log_p_auth), "
-                "standardised on the calibration split"
+                f"score_kind={det.metadata.score_kind}: fused = min(s_critic, s_log_p_auth), each "
+                "signal scaled so its calibration median is 0 and its target-FPR quantile -1"
             ),
             (
                 f"boundary per class: {det.metadata.boundary.per_class is not None}; classes that "
