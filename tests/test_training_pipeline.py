@@ -157,8 +157,12 @@ def test_fit_is_deterministic_under_a_seed() -> None:
 
 def test_infer_threshold_moves_the_operating_point_on_new_clean_data(digits_run: Path) -> None:
     det = FittedDetector.load(digits_run / "detector")  # a private copy: this test mutates it
+    version_before = det.metadata.model_version
     test = load_dataset("digits").test
     boundary = det.infer_threshold(test.images, test.labels, target_fpr=0.05, per_class=False)
     assert det.metadata.boundary == boundary and det.metadata.target_fpr == 0.05
+    # another boundary is another model: quarantine headers must be able to tell them apart
+    assert det.metadata.model_version != version_before
+    assert det.metadata.model_version.startswith("digits-seed")
     assert 0.03 <= det.predict(test.images, test.labels).mean() <= 0.05
     assert abs(np.mean(det.p_value(test.images, test.labels) <= 0.05) - 0.05) < 0.02

@@ -105,7 +105,9 @@ class FittedDetector:
         boundary, fell_back = fit_boundary(
             scores, labels, self.metadata.num_classes, target_fpr, per_class, self.config.paper_k
         )
-        self.metadata = self.metadata.model_copy(update={"boundary": boundary, "target_fpr": target_fpr})
+        version = model_version(self.config, self.metadata.weights_sha256, self.fusion, boundary)
+        self.metadata = self.metadata.model_copy(
+            update={"boundary": boundary, "target_fpr": target_fpr, "model_version": version})
         self.reference_scores = np.sort(scores)
         self.report["per_class_fallback"] = fell_back
         self.report["calibration_fpr"] = float(flagged(scores, labels, boundary).mean())
@@ -156,8 +158,22 @@ class FittedDetector:
         )
 
 
+def model_version(config: FitConfig, weights_sha: str, fusion: FusionParams | None, boundary: Boundary) -> str:
+    """Names everything that decides a verdict, not just the weights.
+
+    Quarantine headers and the audit trail cite this string, so two models that share networks
+    but not fusion constants or boundary (a re-scaled fusion, an ``infer_threshold``) must not
+    share it."""
+    h = hashlib.sha256(weights_sha.encode())
+    h.update(config.score_kind.encode())
+    h.update((fusion.model_dump_json() if fusion is not None else "").encode())
+    h.update(boundary.to_json().encode())
+    return f"{config.dataset}-seed{config.seed}-{h.hexdigest()[:12]}"
+
+
 def build_metadata(
-    config: FitConfig, boundary: Boundary, shape: tuple[int, int, int], num_classes: int, sha: str
+    config: FitConfig, boundary: Boundary, shape: tuple[int, int, int], num_classes: int, sha: str,
+    fusion: FusionParams | None = None,
 ) -> ModelMetadata:
     created = utc_now_iso()
     return ModelMetadata(
@@ -168,7 +184,7 @@ def build_metadata(
         num_classes=num_classes,
         dataset=config.dataset,
         score_kind=config.score_kind,
-        model_version=f"{config.dataset}-seed{config.seed}-{sha[:12]}",
+        model_version=model_version(config, sha, fusion, boundary),
         created_at=created,
         weights_sha256=sha,
         has_p_value=True,

@@ -90,7 +90,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     fusion = FusionParams.fit(critic_raw, log_p, cfg.target_fpr)
     scores = combined_score(critic_raw, log_p, fusion, cfg.score_kind)
     boundary, fell_back = fit_boundary(scores, cal.labels, k, cfg.target_fpr, cfg.per_class, cfg.paper_k)
-    metadata = build_metadata(cfg, boundary, splits.shape, k, weights_sha256(auth, mimic.critic))
+    metadata = build_metadata(cfg, boundary, splits.shape, k, weights_sha256(auth, mimic.critic), fusion)
     lap("calibration")
 
     report = {
