@@ -21,9 +21,9 @@ import onnxruntime
 import typer
 from pydantic import BaseModel
 
-from depois_stream.config import ConsumerConfig
 from depois_stream import headers as H
-from depois_stream.headers import ERROR_CLASS, as_dict
+from depois_stream.config import ConsumerConfig
+from depois_stream.headers import as_dict
 from depois_stream.produce_cli import AttackChoice, EncodingChoice
 
 app = typer.Typer(add_completion=False, help=__doc__)
@@ -149,7 +149,7 @@ def run_demo(cfg: ConsumerConfig, *, attack: str = "random-flip", rate: float = 
     quarantined = {r.key.decode() for r in q_records}
     dead = read_records(cfg.bootstrap_servers, cfg.dlq_topic, stats.dead_lettered)
     clean = read_records(cfg.bootstrap_servers, cfg.clean_topic, stats.clean)
-    dlq_reasons = {r.key.decode(): as_dict(r.headers).get(ERROR_CLASS, "") for r in dead}
+    dlq_reasons = {r.key.decode(): as_dict(r.headers).get(H.ERROR_CLASS, "") for r in dead}
     poisoned = set(manifest.poisoned_ids)
     honest = manifest.samples - len(poisoned)
     rows = []
