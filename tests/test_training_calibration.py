@@ -104,6 +104,15 @@ def test_fusion_shares_the_fpr_budget_when_one_signal_has_a_heavy_clean_tail() -
     assert flags(z_scores) == (False, True)  # the failure this scaling fixes
 
 
+def test_fusion_scale_stays_finite_at_a_target_fpr_near_one_half() -> None:
+    """The target quantile of a symmetric signal at FPR 0.5 is its median: a zero scale would
+    blow the scores up to 1e6 and break float32 parity of the exported graph."""
+    rng = np.random.default_rng(5)
+    params = FusionParams.fit(rng.normal(0.0, 1.0, 1000), np.log(rng.uniform(0.5, 1.0, 1000)), 0.5)
+    assert 0.5 < params.critic.std < 1.0  # the 25 % quantile of N(0, 1) is 0.67 below its median
+    assert params.auth.std > 0.05
+
+
 def test_authenticator_gate_keeps_exactly_the_samples_at_or_above_threshold() -> None:
     p = np.array([0.05, 0.5, 0.899, 0.9, 0.95, 1.0])
     kept = authentic_mask(np.log(p), 0.9)

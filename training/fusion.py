@@ -30,6 +30,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 MIN_STD = 1e-6
+# The scale is read at the target-FPR quantile, which only measures spread below the median; a
+# target FPR near 0.5 would put that quantile on the median and the scale at zero.
+MAX_SCALE_QUANTILE = 0.25
 
 
 class Standardiser(BaseModel):
@@ -49,10 +52,11 @@ class Standardiser(BaseModel):
 
     @classmethod
     def fit_tail(cls, values: np.ndarray, tail: float) -> Standardiser:
-        """Median -> 0 and the clean ``tail`` quantile -> -1 (see the module docstring)."""
+        """Median -> 0 and the clean ``tail`` quantile -> -1 (see the module docstring); tails above
+        ``MAX_SCALE_QUANTILE`` use that quantile instead."""
         values = np.asarray(values, dtype=np.float64)
         centre = float(np.median(values))
-        low = float(np.quantile(values, tail))
+        low = float(np.quantile(values, min(tail, MAX_SCALE_QUANTILE)))
         return cls(mean=centre, std=max(centre - low, MIN_STD))
 
     def apply(self, values: np.ndarray) -> np.ndarray:
