@@ -19,6 +19,7 @@ from typing import Optional
 
 import onnxruntime
 import typer
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
 from depois_stream import headers as H
@@ -47,7 +48,7 @@ EXCERPT_PREFIXES = ("depois_records_consumed_total", "depois_records_routed_tota
                     "depois_poison_rate", "depois_commits_total", "depois_detection_boundary")
 
 
-def metrics_excerpt(registry) -> list[str]:
+def metrics_excerpt(registry: CollectorRegistry) -> list[str]:
     """Non-zero samples of the headline series (zero-valued label sets are noise in a demo)."""
     from prometheus_client import generate_latest
 

@@ -177,10 +177,10 @@ def untrained_detector(images: np.ndarray, labels: np.ndarray, target_fpr: float
     cpu = torch.device("cpu")
     critic_raw = batched(critic, images, labels, cpu)
     log_p = batched(auth.log_p_label, images, labels, cpu)
-    fusion = FusionParams.fit(critic_raw, log_p)
+    fusion = FusionParams.fit(critic_raw, log_p, cfg.target_fpr)
     scores = combined_score(critic_raw, log_p, fusion, cfg.score_kind)
     boundary, _ = fit_boundary(scores, labels, k, cfg.target_fpr, cfg.per_class, cfg.paper_k)
-    meta = build_metadata(cfg, boundary, shape, k, weights_sha256(auth, critic))
+    meta = build_metadata(cfg, boundary, shape, k, weights_sha256(auth, critic), fusion)
     cal = LabeledImages(images, labels)
     return FittedDetector(auth, critic, fusion, meta, cfg, cal, cal, cal.subset(np.arange(10)),
                           report={"acceptance_rate": 1.0}, device="cpu")

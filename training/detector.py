@@ -158,7 +158,7 @@ class FittedDetector:
         )
 
 
-def model_version(config: FitConfig, weights_sha: str, fusion: FusionParams | None, boundary: Boundary) -> str:
+def model_version(config: FitConfig, weights_sha: str, fusion: FusionParams, boundary: Boundary) -> str:
     """Names everything that decides a verdict, not just the weights.
 
     Quarantine headers and the audit trail cite this string, so two models that share networks
@@ -166,14 +166,14 @@ def model_version(config: FitConfig, weights_sha: str, fusion: FusionParams | No
     share it."""
     h = hashlib.sha256(weights_sha.encode())
     h.update(config.score_kind.encode())
-    h.update((fusion.model_dump_json() if fusion is not None else "").encode())
+    h.update(fusion.model_dump_json().encode())
     h.update(boundary.to_json().encode())
     return f"{config.dataset}-seed{config.seed}-{h.hexdigest()[:12]}"
 
 
 def build_metadata(
     config: FitConfig, boundary: Boundary, shape: tuple[int, int, int], num_classes: int, sha: str,
-    fusion: FusionParams | None = None,
+    fusion: FusionParams,
 ) -> ModelMetadata:
     created = utc_now_iso()
     return ModelMetadata(

@@ -45,12 +45,6 @@ class Standardiser(BaseModel):
     std: float
 
     @classmethod
-    def fit(cls, values: np.ndarray) -> Standardiser:
-        """Plain z-score: mean and standard deviation."""
-        values = np.asarray(values, dtype=np.float64)
-        return cls(mean=float(values.mean()), std=max(float(values.std()), MIN_STD))
-
-    @classmethod
     def fit_tail(cls, values: np.ndarray, tail: float) -> Standardiser:
         """Median -> 0 and the clean ``tail`` quantile -> -1 (see the module docstring); tails above
         ``MAX_SCALE_QUANTILE`` use that quantile instead."""
@@ -74,7 +68,7 @@ class FusionParams(BaseModel):
     auth: Standardiser
 
     @classmethod
-    def fit(cls, critic_raw: np.ndarray, log_p_label: np.ndarray, target_fpr: float = 0.01) -> FusionParams:
+    def fit(cls, critic_raw: np.ndarray, log_p_label: np.ndarray, target_fpr: float) -> FusionParams:
         """Scales matched at the clean ``target_fpr`` quantile of each signal."""
         return cls(critic=Standardiser.fit_tail(critic_raw, target_fpr),
                    auth=Standardiser.fit_tail(log_p_label, target_fpr))
