@@ -8,7 +8,9 @@ Graph I/O:
     inputs  ``image`` float32 [N, C, H, W] in [0, 1]; ``label`` int64 [N]; N is dynamic.
     outputs ``score`` float32 [N] (higher = more trustworthy);
             ``poisoned`` bool [N] (score below the boundary of that sample's class);
-            ``p_value`` float32 [N] (optional: conformal p-value against the calibration split).
+            ``p_value`` float32 [N] (optional: conformal p-value against the calibration split);
+            ``evidence`` float32 [N, K] (optional: one p-value per evidence member, named in
+            order by the ``depois.evidence_members`` metadata; the smallest names the reason).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ INPUT_LABEL = "label"
 OUTPUT_SCORE = "score"
 OUTPUT_POISONED = "poisoned"
 OUTPUT_P_VALUE = "p_value"
+OUTPUT_EVIDENCE = "evidence"
 
 REQUIRED_INPUTS = (INPUT_IMAGE, INPUT_LABEL)
 REQUIRED_OUTPUTS = (OUTPUT_SCORE, OUTPUT_POISONED)
@@ -45,8 +48,9 @@ META_MODEL_VERSION = "depois.model_version"
 META_CREATED_AT = "depois.created_at"
 META_WEIGHTS_SHA256 = "depois.weights_sha256"
 META_HAS_P_VALUE = "depois.has_p_value"
+META_EVIDENCE_MEMBERS = "depois.evidence_members"  # comma-separated, column order of `evidence`
 
-ScoreKind = Literal["critic", "fused"]
+ScoreKind = Literal["critic", "fused", "union"]
 
 
 class ContractError(ValueError):
@@ -97,6 +101,17 @@ class ModelMetadata(BaseModel):
     created_at: str
     weights_sha256: str | None = None
     has_p_value: bool = False
+    evidence_members: tuple[str, ...] = ()
+
+    @field_validator("evidence_members")
+    @classmethod
+    def _member_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for name in v:
+            if not name or not all(c.isalnum() or c == "_" for c in name):
+                raise ValueError(f"evidence member names must be non-empty [A-Za-z0-9_], got {name!r}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"evidence member names must be unique, got {list(v)}")
+        return v
 
     @field_validator("schema_version")
     @classmethod
@@ -140,6 +155,8 @@ class ModelMetadata(BaseModel):
         }
         if self.weights_sha256:
             props[META_WEIGHTS_SHA256] = self.weights_sha256
+        if self.evidence_members:
+            props[META_EVIDENCE_MEMBERS] = ",".join(self.evidence_members)
         return props
 
     @classmethod
@@ -168,6 +185,8 @@ class ModelMetadata(BaseModel):
                 created_at=props[META_CREATED_AT],
                 weights_sha256=props.get(META_WEIGHTS_SHA256),
                 has_p_value=props.get(META_HAS_P_VALUE, "false") == "true",
+                evidence_members=tuple(
+                    m for m in props.get(META_EVIDENCE_MEMBERS, "").split(",") if m),
             )
         except (ValidationError, ValueError) as exc:
             raise ContractError(f"model metadata is invalid: {exc}") from exc

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from depois_stream.contract import (
-    INPUT_IMAGE, INPUT_LABEL, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE, ContractError,
+    INPUT_IMAGE, INPUT_LABEL, OUTPUT_EVIDENCE, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE, ContractError,
     ModelCard, ModelMetadata, card_path_for, sha256_file,
 )
 
@@ -36,6 +36,7 @@ _EXPECTED_OUTPUTS = {
     OUTPUT_SCORE: ("tensor(float)", 1),
     OUTPUT_POISONED: ("tensor(bool)", 1),
     OUTPUT_P_VALUE: ("tensor(float)", 1),
+    OUTPUT_EVIDENCE: ("tensor(float)", 2),
 }
 
 
@@ -51,6 +52,7 @@ class ScoreResult:
     poisoned: np.ndarray  # bool [N]
     p_value: np.ndarray | None  # float32 [N] when the model exports it
     threshold: np.ndarray  # float32 [N]: boundary applied to each sample (its class's if per class)
+    evidence: np.ndarray | None = None  # float32 [N, K]: per-member p-values when the model has them
 
 
 def requested_providers(device: Device, available: list[str]) -> list[str]:
@@ -87,9 +89,13 @@ class Scorer:
         # CPU host with the onnxruntime-gpu wheel is a normal CPU deployment, not a fault.
         self.provider_fallback = self.cuda_unavailable and device == "cuda"
         self.has_p_value = OUTPUT_P_VALUE in {o.name for o in session.get_outputs()}
+        names = {o.name for o in session.get_outputs()}
+        self.has_evidence = OUTPUT_EVIDENCE in names and bool(metadata.evidence_members)
         self._outputs = [OUTPUT_SCORE, OUTPUT_POISONED]
         if self.has_p_value:
             self._outputs.append(OUTPUT_P_VALUE)
+        if self.has_evidence:
+            self._outputs.append(OUTPUT_EVIDENCE)
 
     @classmethod
     def load(cls, path: str | Path, device: Device = "auto", require_gpu: bool = False,
@@ -138,8 +144,10 @@ class Scorer:
         threshold = np.asarray(self.metadata.boundary.for_labels(labels), dtype=np.float32)
         if len(labels) == 0:
             empty = np.zeros(0, dtype=np.float32)
+            members = len(self.metadata.evidence_members)
             return ScoreResult(empty, np.zeros(0, dtype=bool),
-                               empty if self.has_p_value else None, threshold)
+                               empty if self.has_p_value else None, threshold,
+                               np.zeros((0, members), np.float32) if self.has_evidence else None)
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.provider == CUDA:
             outs = self._run_io_binding(images, labels)
@@ -150,6 +158,7 @@ class Scorer:
             poisoned=np.asarray(outs[1], dtype=bool),
             p_value=np.asarray(outs[2], dtype=np.float32) if self.has_p_value else None,
             threshold=threshold,
+            evidence=np.asarray(outs[-1], dtype=np.float32) if self.has_evidence else None,
         )
 
     def _run_io_binding(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
@@ -169,6 +178,12 @@ class Scorer:
         labels = np.arange(self.metadata.num_classes, dtype=np.int64)
         probe = np.linspace(0.0, 1.0, len(labels) * int(np.prod(shape)), dtype=np.float32)
         res = self.score(probe.reshape(len(labels), *shape), labels)
+        members = self.metadata.evidence_members
+        if res.evidence is not None and res.evidence.shape != (len(labels), len(members)):
+            raise ModelLoadError(
+                f"{self.path}: the `evidence` output has shape {list(res.evidence.shape)} for "
+                f"{len(labels)} samples but the metadata names {len(members)} members "
+                f"({', '.join(members)}); re-export the model")
         expected = res.score < res.threshold
         clear = np.abs(res.score - res.threshold) > 1e-5 * (1.0 + np.abs(res.threshold))
         if np.any((res.poisoned != expected) & clear):
