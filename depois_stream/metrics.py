@@ -24,7 +24,11 @@ SCORE_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 INFERENCE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Up to an hour: a backlog after an outage must not read as a flat 60 s at every quantile.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                   120.0, 300.0, 600.0, 1800.0, 3600.0)
+DELIVERY_FAILURE_KINDS = ("retriable", "rejected")
+MODEL_REJECTION_REASONS = ("signature", "card", "contract", "load")
 
 
 class Metrics:
@@ -43,6 +47,10 @@ class Metrics:
         self.dead_lettered = Counter(
             "dead_lettered", "Records sent to the dead-letter topic, by bounded reason code.",
             ["reason"], namespace=ns, registry=r)
+        self.quarantined_by_reason = Counter(
+            "quarantined_by_reason", "Quarantined records by the evidence member that fired "
+            "(below_boundary when the model names no members).", ["reason"],
+            namespace=ns, registry=r)
         self.quarantined_by_label = Counter(
             "quarantined_by_label", "Quarantined records by their claimed class label.",
             ["label"], namespace=ns, registry=r)
@@ -63,8 +71,19 @@ class Metrics:
             "Record timestamp to output produced (acknowledged), per record.",
             buckets=LATENCY_BUCKETS, namespace=ns, registry=r)
         self.consumer_lag = Gauge(
-            "consumer_lag", "Records between the committed position and the partition end.",
+            "consumer_lag", "Records between the committed position and the partition end "
+            "(only partitions this member owns; removed on revocation).",
             ["topic", "partition"], namespace=ns, registry=r)
+        self.consumer_lag_seconds = Gauge(
+            "consumer_lag_seconds", "Age of the oldest record of the partition not yet filtered "
+            "(0 when caught up; only partitions this member owns).",
+            ["topic", "partition"], namespace=ns, registry=r)
+        self.broker_up = Gauge(
+            "broker_up", "1 when the last direct broker probe (a metadata request) succeeded.",
+            namespace=ns, registry=r)
+        self.group_joined = Gauge(
+            "group_joined", "1 while this member is in its consumer group (with or without "
+            "partitions).", namespace=ns, registry=r)
         self.partitions_assigned = Gauge(
             "partitions_assigned", "Ingest partitions currently assigned to this member.",
             namespace=ns, registry=r)
@@ -76,9 +95,19 @@ class Metrics:
         self.produce_retries = Counter(
             "produce_retries", "Batch produce attempts that failed and were retried.",
             namespace=ns, registry=r)
+        self.delivery_failures = Counter(
+            "delivery_failures", "Output records the broker did not acknowledge, by kind: "
+            "retriable (the batch is sent again) or rejected (the record is dead-lettered).",
+            ["kind"], namespace=ns, registry=r)
+        self.forged_headers = Counter(
+            "forged_headers", "Ingest records that carried depois.* headers (removed before "
+            "forwarding: only the filter writes them).", namespace=ns, registry=r)
         self.detection_boundary = Gauge(
             "detection_boundary", "Global detection boundary of the loaded model.",
             namespace=ns, registry=r)
+        self.target_fpr = Gauge(
+            "target_fpr", "Clean false-positive rate the loaded model was calibrated for: the "
+            "quarantine share expected from clean traffic.", namespace=ns, registry=r)
         self.circuit_open = Gauge(
             "circuit_breaker_open", "1 while the poison-rate circuit breaker pauses consumption.",
             namespace=ns, registry=r)
@@ -95,6 +124,16 @@ class Metrics:
         self.model_reloads = Counter(
             "model_reloads", "Hot-reload attempts, by outcome (loaded|rejected).", ["outcome"],
             namespace=ns, registry=r)
+        self.model_rejections = Counter(
+            "model_rejections", "Model files refused (start-up or hot reload), by reason "
+            "(signature|card|contract|load).", ["reason"], namespace=ns, registry=r)
+        self.model_signature_verified = Gauge(
+            "model_signature_verified", "1 when the serving model's signature was verified "
+            "against the configured public key, 0 when it runs unsigned.",
+            namespace=ns, registry=r)
+        self.build_info = Info(
+            "build", "depois-stream version and the Kafka client library in use.",
+            namespace=ns, registry=r)
         self.last_batch_timestamp = Gauge(
             "last_batch_timestamp_seconds", "Unix time of the last committed batch.",
             namespace=ns, registry=r)
@@ -109,6 +148,10 @@ class Metrics:
         self.model_reloads.labels(outcome="rejected")
         for reason in DLQ_REASONS:  # same reason: a first burst of one kind must show in rate()
             self.dead_lettered.labels(reason=reason)
+        for kind in DELIVERY_FAILURE_KINDS:
+            self.delivery_failures.labels(kind=kind)
+        for reason in MODEL_REJECTION_REASONS:
+            self.model_rejections.labels(reason=reason)
 
 
 def observe_many(histogram: Histogram, values: "np.ndarray") -> None:

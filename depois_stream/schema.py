@@ -30,6 +30,7 @@ CONTENT_TYPE_BINARY = "application/vnd.depois.sample.v1+binary"
 DLQ_REASONS = (
     "malformed", "schema", "unsupported_content_type", "shape_mismatch", "size_mismatch",
     "label_out_of_range", "non_finite", "value_out_of_range", "too_large",
+    "rejected_by_broker",  # not a decode failure: the broker refused the forwarded record
 )
 
 DEFAULT_MAX_BYTES = 16 << 20
