@@ -16,7 +16,7 @@ install: $(BIN)/python
 	$(BIN)/pip install -q -e '.[train,eval,dev]'
 
 demo: install
-	$(BIN)/python -m depois_stream.demo
+	$(BIN)/python -m depois_stream.sim.demo
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -68,7 +68,7 @@ def _peak_rss_mib() -> float:
 
 
 def _client_settings(batch_size: int) -> dict:
-    from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
+    from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
 
     return dict(enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=batch_size,
                 session_timeout_ms=TEST_SESSION_TIMEOUT_MS, heartbeat_interval_ms=TEST_HEARTBEAT_INTERVAL_MS)
@@ -103,7 +103,7 @@ def forward_trial(bootstrap: str, topic: str, n: int, batch_size: int, header_co
     from kafka import KafkaConsumer
     from kafka.structs import OffsetAndMetadata, TopicPartition
 
-    from depois_stream.broker import create_topics
+    from depois_stream.sim.broker import create_topics
 
     tag = uuid.uuid4().hex[:8]
     out_topic = f"fwd-{tag}"
@@ -159,9 +159,9 @@ def _confluent_available() -> bool:
 def pipeline_trial(bootstrap: str, topic: str, n: int, batch_size: int, model: Path,
                    linger_ms: int) -> Trial:
     """Run the real StreamFilter until it has routed ``n`` records; time after its first batch."""
-    from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
-    from depois_stream.config import ConsumerConfig
-    from depois_stream.consumer import StreamFilter
+    from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
+    from depois_stream.filter.config import ConsumerConfig
+    from depois_stream.filter.app import StreamFilter
 
     tag = uuid.uuid4().hex[:8]
     cfg = ConsumerConfig(
@@ -200,7 +200,7 @@ def _in_child(fn, *args) -> Trial:
 
 def publish_backlog(bootstrap: str, topic: str, dataset: str, n: int, encoding: str) -> float:
     """Publish ``n`` records (a 10 % random label flip of the test split, tiled); returns s."""
-    from depois_stream import producer as P
+    from depois_stream.sim import producer as P
 
     data = P.load_samples(dataset, "test")
     idx = np.arange(n) % len(data.labels)
@@ -217,9 +217,9 @@ def latency_run(bootstrap: str, dataset: str, model: Path, rate: float, seconds:
     """End-to-end latencies (s): ingest CreateTime -> received by a reader of the output topics."""
     from kafka import KafkaConsumer, KafkaProducer
 
-    from depois_stream import headers as H
-    from depois_stream import producer as P
-    from depois_stream.broker import create_topics
+    from depois_stream.contract import headers as H
+    from depois_stream.sim import producer as P
+    from depois_stream.sim.broker import create_topics
 
     tag = uuid.uuid4().hex[:8]
     ingest, outs = f"lat-ingest-{tag}", [f"clean-{tag}", f"quarantine-{tag}", f"dlq-{tag}"]
@@ -280,9 +280,9 @@ def latency_run(bootstrap: str, dataset: str, model: Path, rate: float, seconds:
 
 def _run_filter(bootstrap: str, ingest: str, outs: list[str], tag: str, model: Path,
                 batch_size: int, linger_ms: int, fetch_max_wait_ms: int, lifetime_s: float) -> None:
-    from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
-    from depois_stream.config import ConsumerConfig
-    from depois_stream.consumer import StreamFilter
+    from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
+    from depois_stream.filter.config import ConsumerConfig
+    from depois_stream.filter.app import StreamFilter
 
     cfg = ConsumerConfig(
         bootstrap_servers=bootstrap, model_path=model, ingest_topic=ingest, group_id=f"lat-{tag}",
@@ -317,7 +317,7 @@ def main(
     out: Optional[Path] = typer.Option(None, help="Append the result block to this markdown file."),
 ) -> None:
     """Raw consume vs full pipeline on the local Tansu broker, then latency at a fixed load."""
-    from depois_stream.broker import LocalBroker, create_topics
+    from depois_stream.sim.broker import LocalBroker, create_topics
 
     with tempfile.TemporaryDirectory() as tmp, LocalBroker(log_path=Path(tmp) / "tansu.log") as broker:
         if model is None:

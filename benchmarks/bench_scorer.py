@@ -64,7 +64,7 @@ def ort_variant(name: str, path: Path, device: str, single_thread: bool) -> Vari
     (onnxruntime then runs every kernel in the calling thread, so its CPU time is measurable)."""
     import onnxruntime as ort
 
-    from depois_stream.scorer import Scorer
+    from depois_stream.filter.detector import Scorer
 
     scorer = Scorer.load(path, device=device, require_gpu=device == "cuda")
     if single_thread:
@@ -77,7 +77,7 @@ def ort_variant(name: str, path: Path, device: str, single_thread: bool) -> Vari
 def heldout_agreement(fp32: Path, int8: Path, dataset: str) -> str:
     """Verdict agreement on the test split with 20 % random label flips: unlike the calibration
     split (clean, small on digits), it has many samples near and below the boundary."""
-    from depois_stream.attacks import random_flip
+    from depois_stream.sim.attacks import random_flip
     from training.data import load_dataset
     from training.quantize import run_onnx, verdict_agreement
 

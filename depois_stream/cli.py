@@ -126,9 +126,9 @@ def run(
     settings = {k: v for k, v in locals().items() if k not in {"config", "kafka", "log_level"}}
     from kafka.errors import KafkaError
 
-    from depois_stream.config import ConfigError, load_config
-    from depois_stream.consumer import DeliveryError, StartupError, StreamFilter
-    from depois_stream.scorer import ModelLoadError
+    from depois_stream.filter.config import ConfigError, load_config
+    from depois_stream.filter.app import DeliveryError, StartupError, StreamFilter
+    from depois_stream.filter.detector import ModelLoadError
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -164,7 +164,7 @@ def broker(
         None, help="Where the broker's own log goes (default: discarded)."),
 ) -> None:
     """Run the in-memory Tansu broker on 127.0.0.1 until Ctrl-C/SIGTERM (data is lost on stop)."""
-    from depois_stream.broker import BrokerError, LocalBroker, create_topics as create
+    from depois_stream.sim.broker import BrokerError, LocalBroker, create_topics as create
 
     stop = _stop_on_signals()
     try:
@@ -190,14 +190,14 @@ def version() -> None:
     typer.echo(__version__)
 
 
-from depois_stream.produce_cli import produce  # noqa: E402  (registration only)
+from depois_stream.sim.cli import produce  # noqa: E402  (registration only)
 
 app.command()(produce)
 
-from depois_stream.replay_cli import replay_app  # noqa: E402  (registration only)
+from depois_stream.audit.cli import replay_app  # noqa: E402  (registration only)
 
 app.add_typer(replay_app, name="replay")
 
-from depois_stream.report import report_command  # noqa: E402  (registration only)
+from depois_stream.audit.report import report_command  # noqa: E402  (registration only)
 
 app.command("report")(report_command)

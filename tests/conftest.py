@@ -19,7 +19,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
 
     Tests must use unique topic and group names (see ``unique``) since the broker is shared.
     """
-    from depois_stream.broker import LocalBroker
+    from depois_stream.sim.broker import LocalBroker
 
     log = tmp_path_factory.mktemp("tansu") / "tansu.log"
     with LocalBroker(log_path=log) as b:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from depois_stream.attacks import (
+from depois_stream.sim.attacks import (
     PoisonedStream,
     apply_trigger,
     backdoor_patch,
@@ -122,7 +122,7 @@ def test_resize_area_keeps_mean_intensity() -> None:
 
 
 def test_runtime_attacks_do_not_import_torch() -> None:
-    code = "import sys, depois_stream.attacks; assert 'torch' not in sys.modules and 'sklearn' not in sys.modules"
+    code = "import sys, depois_stream.sim.attacks; assert 'torch' not in sys.modules and 'sklearn' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from depois_stream.breaker import BreakerSettings, CircuitBreaker
+from depois_stream.filter.breaker import BreakerSettings, CircuitBreaker
 
 
 def _breaker(**kw) -> CircuitBreaker:

@@ -7,9 +7,9 @@ import threading
 import time
 from pathlib import Path
 
-from depois_stream import headers as H
-from depois_stream.consumer import RESUME_FLAG, StreamFilter
-from depois_stream.metrics import Metrics
+from depois_stream.contract import headers as H
+from depois_stream.filter.app import RESUME_FLAG, StreamFilter
+from depois_stream.filter.metrics import Metrics
 from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all, wait_for
 from tests.test_consumer_reload import _deploy
 

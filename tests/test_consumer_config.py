@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from depois_stream.config import ConfigError, load_config
+from depois_stream.filter.config import ConfigError, load_config
 
 
 def test_flags_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +103,7 @@ def test_cli_unreachable_broker_exits_2_with_what_to_check(centroid_model: Path)
 
 
 def test_busy_metrics_port_is_a_startup_error(centroid_model: Path) -> None:
-    from depois_stream.consumer import StartupError, StreamFilter
+    from depois_stream.filter.app import StartupError, StreamFilter
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -120,7 +120,7 @@ def test_series_that_dashboards_divide_by_exist_before_the_first_record(centroid
     """rate() over a series that appears only with its first sample misses that first burst."""
     from prometheus_client import generate_latest
 
-    from depois_stream.consumer import StreamFilter
+    from depois_stream.filter.app import StreamFilter
 
     flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", ingest_topic="in.x",
                                    bootstrap_servers="127.0.0.1:1"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from depois_stream.consumer import StreamFilter
+from depois_stream.filter.app import StreamFilter
 from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from depois_stream.consumer import StreamFilter
+from depois_stream.filter.app import StreamFilter
 from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all, wait_for
 
 

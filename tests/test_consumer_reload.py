@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from depois_stream import headers as H
-from depois_stream.consumer import StreamFilter
+from depois_stream.contract import headers as H
+from depois_stream.filter.app import StreamFilter
 from depois_stream.contract import card_path_for
-from depois_stream.metrics import Metrics
-from depois_stream.reload import ModelWatcher
-from depois_stream.scorer import Scorer
+from depois_stream.filter.metrics import Metrics
+from depois_stream.filter.reload import ModelWatcher
+from depois_stream.filter.detector import Scorer
 from tests.helpers.kafka_io import Topics, consumer_config, publish, read_all, wait_for
 from tests.helpers.onnx_models import build_centroid_model
 

@@ -11,10 +11,10 @@ from collections import Counter
 import numpy as np
 from kafka import KafkaProducer
 
-from depois_stream import headers as H
-from depois_stream.consumer import StreamFilter
-from depois_stream.metrics import Metrics
-from depois_stream.schema import CONTENT_TYPE_BINARY, encode_sample
+from depois_stream.contract import headers as H
+from depois_stream.filter.app import StreamFilter
+from depois_stream.filter.metrics import Metrics
+from depois_stream.contract.wire import CONTENT_TYPE_BINARY, encode_sample
 from tests.helpers.kafka_io import (
     Topics, committed, consumer_config, publish, read_all, wait_for,
 )

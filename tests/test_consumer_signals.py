@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from depois_stream import headers as H
-from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
+from depois_stream.contract import headers as H
+from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
 from tests.helpers.kafka_io import Topics, committed, publish, read_all, wait_for
 
 

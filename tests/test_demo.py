@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
-from depois_stream.config import ConsumerConfig
-from depois_stream.demo import render, run_demo
-from depois_stream.producer import Manifest
+from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
+from depois_stream.filter.config import ConsumerConfig
+from depois_stream.sim.demo import render, run_demo
+from depois_stream.sim.producer import Manifest
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from depois_stream.metrics import Metrics
-from depois_stream.report import load_dashboard, substitute_variables
+from depois_stream.filter.metrics import Metrics
+from depois_stream.audit.report import load_dashboard, substitute_variables
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"

@@ -9,12 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from depois_stream.cli import app
-from depois_stream.demo import read_records
-from depois_stream.headers import CONTENT_TYPE
-from depois_stream.producer import (
+from depois_stream.sim.demo import read_records
+from depois_stream.contract.headers import CONTENT_TYPE
+from depois_stream.sim.producer import (
     Manifest, SampleSet, attack_by_name, build_records, load_samples, poison, produce,
 )
-from depois_stream.schema import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, decode_batch
+from depois_stream.contract.wire import CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, decode_batch
 
 pytestmark = pytest.mark.slow
 

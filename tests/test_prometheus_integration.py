@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import yaml
 
-from depois_stream.consumer import StreamFilter
-from depois_stream.metrics import Metrics
-from depois_stream.producer import SampleSet, attack_by_name, produce
-from depois_stream.report import PrometheusClient, Window, collect, load_dashboard, panel_queries
+from depois_stream.filter.app import StreamFilter
+from depois_stream.filter.metrics import Metrics
+from depois_stream.sim.producer import SampleSet, attack_by_name, produce
+from depois_stream.audit.report import PrometheusClient, Window, collect, load_dashboard, panel_queries
 from tests.helpers.kafka_io import Topics, consumer_config, wait_for
 from tests.helpers.prometheus import ALERT_RULES, PrometheusServer, prometheus_binary
 

@@ -128,7 +128,7 @@ def test_int8_model_routes_like_fp32_and_honours_the_contract(tmp_path: Path, ca
     assert card.metadata.model_version == "mlp-test-1+int8"
     assert card.metadata.boundary == ModelMetadata.from_props(
         {p.key: p.value for p in onnx.load(str(src)).metadata_props}).boundary
-    from depois_stream.scorer import Scorer  # the consumer's loader: contract, card hash, boundary probe
+    from depois_stream.filter.detector import Scorer  # the consumer's loader: contract, card hash, boundary probe
 
     assert Scorer.load(dst, device="cpu").metadata.model_version == "mlp-test-1+int8"
 
@@ -190,7 +190,7 @@ def untrained_detector(images: np.ndarray, labels: np.ndarray, target_fpr: float
 def test_export_onnx_quantize_int8_refuses_and_keeps_the_fp32_model(tmp_path: Path, calib) -> None:
     from typer.testing import CliRunner
 
-    from depois_stream.scorer import Scorer
+    from depois_stream.filter.detector import Scorer
     from training.cli import app
 
     images, labels = calib

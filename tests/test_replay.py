@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from depois_stream import headers as H
-from depois_stream.audit import AuditRecord
-from depois_stream.broker import (
+from depois_stream.contract import headers as H
+from depois_stream.audit.trail import AuditRecord
+from depois_stream.sim.broker import (
     TEST_HEARTBEAT_INTERVAL_MS,
     TEST_SESSION_TIMEOUT_MS,
     create_topics,
 )
 from depois_stream.cli import app
-from depois_stream.metrics import Metrics
-from depois_stream.replay import (
+from depois_stream.filter.metrics import Metrics
+from depois_stream.audit.replay import (
     QuarantinedRecord,
     ReadWindow,
     ReplayError,
@@ -62,10 +62,10 @@ class Quarantine:
 def quarantine(broker, centroid_model: Path, digits_arrays) -> Quarantine:
     from kafka import KafkaProducer
 
-    from depois_stream.config import ConsumerConfig
-    from depois_stream.consumer import StreamFilter
-    from depois_stream.schema import encode_sample
-    from depois_stream.scorer import Scorer
+    from depois_stream.filter.config import ConsumerConfig
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.contract.wire import encode_sample
+    from depois_stream.filter.detector import Scorer
 
     _, _, xte, yte = digits_arrays
     # Quantised as the wire (uint8) will carry them, so the prediction sees what the consumer sees.
@@ -405,7 +405,7 @@ def test_replay_settings_refuse_a_group_id_and_route_options_per_client() -> Non
 
 
 def test_audit_record_round_trips() -> None:
-    from depois_stream.replay import audit_record_for
+    from depois_stream.audit.replay import audit_record_for
 
     rec = audit_record_for(_record("a"), "alice", "why", "2026-01-01T00:00:00+00:00", "clean")
     assert AuditRecord.model_validate_json(rec.to_bytes()) == rec
@@ -419,8 +419,8 @@ def test_missing_topic_is_an_error_that_names_it(broker) -> None:
 
 
 def test_export_keeps_undecodable_records_in_the_manifest(tmp_path: Path) -> None:
-    from depois_stream.replay_export import export
-    from depois_stream.schema import encode_sample
+    from depois_stream.audit.export import export
+    from depois_stream.contract.wire import encode_sample
 
     value, ctype = encode_sample("good", np.full((1, 4, 4), 0.5, np.float32), 3)
     good = QuarantinedRecord.from_kafka("q", 0, 0, 1000, b"good", value, [

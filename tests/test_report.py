@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from depois_stream.broker import free_port
-from depois_stream.report import (
+from depois_stream.sim.broker import free_port
+from depois_stream.audit.report import (
     Series, heatmap_matrix, legend, parse_duration, substitute_variables,
 )
 

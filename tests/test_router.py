@@ -6,8 +6,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from depois_stream import headers as H
-from depois_stream.router import CLEAN, DLQ, QUARANTINE, Provenance, Verdicts, destinations, plan
+from depois_stream.contract import headers as H
+from depois_stream.filter.router import CLEAN, DLQ, QUARANTINE, Provenance, Verdicts, destinations, plan
 
 
 def _provenance(n: int, topic: str = "in") -> Provenance:

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from depois_stream.schema import (
-    BINARY_MAGIC, CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, DLQ_REASONS, HEADER_DTYPE, HEADER_SIZE,
+from depois_stream.contract.wire import (
+    BINARY_MAGIC, CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, DECODE_REASONS, HEADER_DTYPE, HEADER_SIZE,
     DecodeError, SampleEnvelope, decode_batch, decode_image, encode_batch, encode_sample,
 )
 
@@ -35,7 +35,7 @@ def _assert_accounted(batch, n: int) -> None:
     assert len(set(failed)) == len(failed)
     assert set(failed).isdisjoint(batch.index.tolist())
     assert sorted(failed + batch.index.tolist()) == list(range(n))
-    assert all(f.reason in DLQ_REASONS and f.message for f in batch.failures)
+    assert all(f.reason in DECODE_REASONS and f.message for f in batch.failures)
     assert batch.images.shape == (len(batch.index), *SHAPE) and batch.images.dtype == np.float32
     assert len(batch.labels) == len(batch.ids) == len(batch.index)
 
@@ -180,10 +180,10 @@ BAD_RECORDS = {
 
 
 def test_every_dlq_reason_is_reachable() -> None:
-    assert set(BAD_RECORDS) == set(DLQ_REASONS)
+    assert set(BAD_RECORDS) == set(DECODE_REASONS)
 
 
-@pytest.mark.parametrize("reason", DLQ_REASONS)
+@pytest.mark.parametrize("reason", DECODE_REASONS)
 def test_each_bad_record_fails_with_its_reason_and_a_message(reason: str) -> None:
     records = BAD_RECORDS[reason]
     max_bytes = 64 if reason == "too_large" else 1 << 20

@@ -14,7 +14,7 @@ import pytest
 from depois_stream.contract import (
     META_BOUNDARY, META_INPUT_SHAPE, card_path_for, sha256_file,
 )
-from depois_stream.scorer import CPU, CUDA, ModelLoadError, Scorer, requested_providers
+from depois_stream.filter.detector import CPU, CUDA, ModelLoadError, Scorer, requested_providers
 from tests.helpers.onnx_models import build_centroid_model
 
 

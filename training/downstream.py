@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from depois_stream.attacks import apply_trigger
+from depois_stream.sim.attacks import apply_trigger
 from training.data import LabeledImages
 from training.torchutil import sample_index, seeded
 

@@ -9,10 +9,10 @@ from typing import Callable
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from depois_stream import headers as H
-from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS, create_topics
-from depois_stream.config import ConsumerConfig
-from depois_stream.schema import encode_batch
+from depois_stream.contract import headers as H
+from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS, create_topics
+from depois_stream.filter.config import ConsumerConfig
+from depois_stream.contract.wire import encode_batch
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from depois_stream.broker import free_port
+from depois_stream.sim.broker import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 ALERT_RULES = REPO / "deploy" / "prometheus" / "alerts.yml"

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from depois_stream.attacks import (
+from depois_stream.sim.attacks import (
     Labeled,
     PoisonedStream,
     apply_trigger,

@@ -15,7 +15,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from depois_stream.attacks import Labeled, PoisonedStream, poison_count
+from depois_stream.sim.attacks import Labeled, PoisonedStream, poison_count
 from training.downstream import ClassifierConfig, one_thread, train_classifier
 
 

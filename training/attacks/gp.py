@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from torch import nn
 from torch.func import functional_call
 
-from depois_stream.attacks import Labeled, PoisonedStream, poison_count
+from depois_stream.sim.attacks import Labeled, PoisonedStream, poison_count
 from training.downstream import ClassifierConfig, one_thread, train_classifier
 from training.torchutil import sample_index, seeded
 

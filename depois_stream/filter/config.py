@@ -73,7 +73,7 @@ class ConsumerConfig(BaseSettings):
     @field_validator("kafka")
     @classmethod
     def _passthrough_only(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from depois_stream.kafka_options import check_passthrough
+        from depois_stream.filter.kafka_options import check_passthrough
 
         return check_passthrough(v, _OWNED_KAFKA_KEYS, "are set by depois-stream itself (use its own flags)")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -73,6 +74,16 @@ class LocalBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def freeze(self) -> None:
+        """SIGSTOP the broker: connections stay open and nothing answers, like a network
+        partition or a hung broker (an outage that, unlike a restart, keeps Tansu's memory)."""
+        if self._proc is not None:
+            os.killpg(self._proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self._proc is not None:
+            os.killpg(self._proc.pid, signal.SIGCONT)
+
     def start(self, timeout_s: float = 20.0) -> "LocalBroker":
         url = f"tcp://{self.host}:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
@@ -94,6 +105,7 @@ class LocalBroker:
 
     def stop(self) -> None:
         if self._proc and self._proc.poll() is None:
+            self.thaw()
             self._proc.terminate()
             try:
                 self._proc.wait(timeout=5)

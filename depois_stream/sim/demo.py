@@ -1,4 +1,4 @@
-"""`python -m depois_stream.demo` (what `make demo` runs): the whole product on the bundled digits.
+"""`python -m depois_stream.sim.demo` (what `make demo` runs): the whole product on the bundled digits.
 
 Train a small De-Pois model, start a local broker, publish a poisoned digits test split with a
 few invalid records, filter it until the stream is drained, then score the filter against the
@@ -22,10 +22,10 @@ import typer
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 
-from depois_stream import headers as H
-from depois_stream.config import ConsumerConfig
-from depois_stream.headers import as_dict
-from depois_stream.produce_cli import AttackChoice, EncodingChoice
+from depois_stream.contract import headers as H
+from depois_stream.filter.config import ConsumerConfig
+from depois_stream.contract.headers import as_dict
+from depois_stream.sim.cli import AttackChoice, EncodingChoice
 
 app = typer.Typer(add_completion=False, help=__doc__)
 
@@ -130,9 +130,9 @@ def run_demo(cfg: ConsumerConfig, *, attack: str = "random-flip", rate: float = 
     back from the broker rather than taken from the consumer's counters, so the numbers are
     what a downstream reader would actually see.
     """
-    from depois_stream.broker import create_topics
-    from depois_stream.consumer import StreamFilter
-    from depois_stream.producer import attack_by_name, load_samples, produce
+    from depois_stream.sim.broker import create_topics
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.sim.producer import attack_by_name, load_samples, produce
 
     create_topics(cfg.bootstrap_servers, [cfg.ingest_topic, cfg.clean_topic, cfg.quarantine_topic,
                                           cfg.dlq_topic])
@@ -230,7 +230,7 @@ def main(
     verbose: bool = typer.Option(False, help="Show the consumer's log."),
 ) -> None:
     """Train, publish a poisoned stream, filter it, and print how well the poisons were caught."""
-    from depois_stream.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS, LocalBroker
+    from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS, LocalBroker
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

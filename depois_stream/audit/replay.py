@@ -22,8 +22,8 @@ from kafka.errors import KafkaError
 from pydantic import BaseModel, ConfigDict, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from depois_stream import headers as H
-from depois_stream.audit import (
+from depois_stream.contract import headers as H
+from depois_stream.audit.trail import (
     DEFAULT_AUDIT_TOPIC,
     AuditRecord,
     RecordLocation,
@@ -31,8 +31,8 @@ from depois_stream.audit import (
     released_ids,
 )
 from depois_stream.contract import utc_now_iso
-from depois_stream.kafka_options import check_passthrough, options_for
-from depois_stream.metrics import Metrics
+from depois_stream.filter.kafka_options import check_passthrough, options_for
+from depois_stream.filter.metrics import Metrics
 
 CLIENT_ID = "depois-replay"
 # Why a quarantine record is there when the router gave no error class: its score was below the

@@ -29,16 +29,16 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from depois_stream import headers as H
-from depois_stream import router
-from depois_stream.breaker import BreakerSettings, CircuitBreaker
-from depois_stream.config import ConsumerConfig
-from depois_stream.http import HealthServer
-from depois_stream.kafka_options import options_for
-from depois_stream.metrics import Metrics, observe_many
-from depois_stream.reload import ModelWatcher
-from depois_stream.schema import decode_batch
-from depois_stream.scorer import Scorer, ScoreResult
+from depois_stream.contract import headers as H
+from depois_stream.filter import router
+from depois_stream.filter.breaker import BreakerSettings, CircuitBreaker
+from depois_stream.filter.config import ConsumerConfig
+from depois_stream.filter.http import HealthServer
+from depois_stream.filter.kafka_options import options_for
+from depois_stream.filter.metrics import Metrics, observe_many
+from depois_stream.filter.reload import ModelWatcher
+from depois_stream.contract.wire import decode_batch
+from depois_stream.filter.detector import Scorer, ScoreResult
 
 log = logging.getLogger(__name__)
 

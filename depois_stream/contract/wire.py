@@ -27,11 +27,13 @@ from pydantic_core import from_json
 CONTENT_TYPE_JSON = "application/vnd.depois.sample.v1+json"
 CONTENT_TYPE_BINARY = "application/vnd.depois.sample.v1+binary"
 
-DLQ_REASONS = (
+DECODE_REASONS = (
     "malformed", "schema", "unsupported_content_type", "shape_mismatch", "size_mismatch",
     "label_out_of_range", "non_finite", "value_out_of_range", "too_large",
-    "rejected_by_broker",  # not a decode failure: the broker refused the forwarded record
 )
+# Every dead-letter error class: the decoder's, plus the broker refusing to take a forwarded
+# record (a record too large for the output topic's limits, for example).
+DLQ_REASONS = DECODE_REASONS + ("rejected_by_broker",)
 
 DEFAULT_MAX_BYTES = 16 << 20
 
@@ -75,7 +77,7 @@ class SampleEnvelope(BaseModel):
 
 
 class DecodeError(ValueError):
-    """One record that cannot become a sample; ``reason`` is one of ``DLQ_REASONS``."""
+    """One record that cannot become a sample; ``reason`` is one of ``DECODE_REASONS``."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(f"{reason}: {message}")

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
-from depois_stream import headers as H
+from depois_stream.contract import headers as H
 
 CLEAN, QUARANTINE, DLQ = 0, 1, 2
 DESTINATION_NAMES = ("clean", "quarantine", "dlq")  # index = destination code

@@ -1,7 +1,7 @@
 """Publish a data set to the ingest topic, optionally poisoned, and record which ids are poisons.
 
 This is the attacker-and-honest-source stand-in for the demo, tests and benchmarks: it turns
-(images, labels) into wire records, lets a numpy attack from ``depois_stream.attacks`` corrupt a
+(images, labels) into wire records, lets a numpy attack from ``depois_stream.sim.attacks`` corrupt a
 known subset, mixes in a few records that must be dead-lettered, and writes a manifest of the
 ground truth. The manifest is what detection precision/recall is scored against; the records
 themselves carry nothing that would reveal which ones are poisoned.
@@ -17,9 +17,9 @@ from typing import Any, Callable, Literal
 import numpy as np
 from pydantic import BaseModel
 
-from depois_stream import attacks
-from depois_stream.headers import CONTENT_TYPE
-from depois_stream.schema import (
+from depois_stream.sim import attacks
+from depois_stream.contract.headers import CONTENT_TYPE
+from depois_stream.contract.wire import (
     CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Dtype, Encoding, encode_batch, encode_sample,
 )
 
@@ -213,7 +213,7 @@ def produce(bootstrap_servers: str, topic: str, data: SampleSet, *, attack: Atta
     partitions later, and its auto-created topics get its own default count).
     """
     if partitions is not None:
-        from depois_stream.broker import create_topics
+        from depois_stream.sim.broker import create_topics
 
         create_topics(bootstrap_servers, [topic], partitions=partitions)
     if limit is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from depois_stream.schema import DLQ_REASONS
+from depois_stream.contract.wire import DLQ_REASONS
 
 NAMESPACE = "depois"
 

@@ -21,13 +21,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from pydantic import BaseModel
 
-from depois_stream.audit import RecordLocation
-from depois_stream.metrics import Metrics
-from depois_stream.replay import QuarantinedRecord
-from depois_stream.schema import DecodeError, decode_image
+from depois_stream.audit.trail import RecordLocation
+from depois_stream.filter.metrics import Metrics
+from depois_stream.audit.replay import QuarantinedRecord
+from depois_stream.contract.wire import DecodeError, decode_image
 
 if TYPE_CHECKING:  # onnxruntime is loaded only by the commands that score
-    from depois_stream.scorer import Scorer
+    from depois_stream.filter.detector import Scorer
 
 MANIFEST = "manifest.jsonl"
 SAMPLES = "samples.npz"

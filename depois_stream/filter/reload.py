@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from depois_stream.contract import card_path_for, sha256_file
-from depois_stream.scorer import ModelLoadError, Scorer
+from depois_stream.filter.detector import ModelLoadError, Scorer
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ import typer
 from prometheus_client import write_to_textfile
 from pydantic import ValidationError
 
-from depois_stream.metrics import Metrics
-from depois_stream.replay import (
+from depois_stream.filter.metrics import Metrics
+from depois_stream.audit.replay import (
     QuarantinedRecord,
     ReadWindow,
     ReplayError,
@@ -223,7 +223,7 @@ def export_(
     to 100 images each, captioned with cell number, label and score. Records whose bytes do
     not decode stay in the manifest with decode_error set.
     """
-    from depois_stream.replay_export import export
+    from depois_stream.audit.export import export
 
     settings = _settings(bootstrap)
     flt = _filter(ids, label, min_score, max_score, model_version, partition, reason_code)
@@ -257,8 +257,8 @@ def rescore_(
     anyone deploys it or releases by hand. Prints the totals and a per-label table (selected /
     would pass) and writes a histogram of the new scores split by the new verdict.
     """
-    from depois_stream.replay_export import rescore
-    from depois_stream.scorer import ModelLoadError, Scorer
+    from depois_stream.audit.export import rescore
+    from depois_stream.filter.detector import ModelLoadError, Scorer
 
     settings = _settings(bootstrap)
     flt = _filter(ids, label, min_score, max_score, model_version, partition, reason_code)

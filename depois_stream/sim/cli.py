@@ -80,7 +80,7 @@ def produce(
     from kafka.errors import KafkaError
 
     from depois_stream.cli import _parse_kafka
-    from depois_stream.producer import attack_by_name, load_samples, produce as publish
+    from depois_stream.sim.producer import attack_by_name, load_samples, produce as publish
 
     try:
         data = load_samples(dataset, split.value, npz=npz, data_dir=data_dir)

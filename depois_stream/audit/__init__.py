@@ -1,0 +1,1 @@
+"""Audit tools: read the quarantine back, export, re-score, release with an audit trail, report."""
