@@ -2,7 +2,7 @@
 
 The module fixture streams sklearn-digits test images through ``StreamFilter`` with the centroid
 model, a third of them with flipped labels. Which records the consumer quarantines is predicted
-independently by scoring the same images with ``Scorer``; every replay command is then checked
+independently by scoring the same images with ``Detector``; every replay command is then checked
 against that prediction through the real CLI.
 """
 
@@ -65,7 +65,7 @@ def quarantine(broker, centroid_model: Path, digits_arrays) -> Quarantine:
     from depois_stream.filter.config import ConsumerConfig
     from depois_stream.filter.app import StreamFilter
     from depois_stream.contract.wire import encode_sample
-    from depois_stream.filter.detector import Scorer
+    from depois_stream.filter.detector import Detector
 
     _, _, xte, yte = digits_arrays
     # Quantised as the wire (uint8) will carry them, so the prediction sees what the consumer sees.
@@ -75,7 +75,7 @@ def quarantine(broker, centroid_model: Path, digits_arrays) -> Quarantine:
     labels[flip] = (labels[flip] + 1) % 10
     ids = [f"digit-{i:03d}" for i in range(N_SAMPLES)]
 
-    scored = Scorer.load(centroid_model, device="cpu").score(images, labels)
+    scored = Detector.load(centroid_model, device="cpu").predict(images, labels)
     expected = {ids[i]: float(scored.score[i]) for i in np.flatnonzero(scored.poisoned)}
 
     tag = uuid.uuid4().hex[:8]
@@ -343,10 +343,10 @@ def _released(q: Quarantine) -> dict[str, QuarantinedRecord]:
 # ---------------------------------------------------------------- pure rules
 
 def _record(sid: str, verdict: str = "quarantine", replay_count: int | None = None,
-            **extra: str) -> QuarantinedRecord:
+            source_offset: int = 7, **extra: str) -> QuarantinedRecord:
     hdrs = [(H.VERDICT, verdict.encode()), (H.SCORE, b"-0.5"), (H.BOUNDARY, b"-0.1"),
             (H.LABEL, b"3"), (H.MODEL_VERSION, b"m1"), (H.SOURCE_TOPIC, b"in"),
-            (H.SOURCE_PARTITION, b"1"), (H.SOURCE_OFFSET, b"7")]
+            (H.SOURCE_PARTITION, b"1"), (H.SOURCE_OFFSET, str(source_offset).encode())]
     if replay_count is not None:
         hdrs.append((H.REPLAY_COUNT, str(replay_count).encode()))
     hdrs += [(k, v.encode()) for k, v in extra.items()]
@@ -355,9 +355,10 @@ def _record(sid: str, verdict: str = "quarantine", replay_count: int | None = No
 
 def test_plan_release_refuses_released_looped_dead_letter_and_repeated_records() -> None:
     plan = plan_release(
-        [_record("a"), _record("b"), _record("c", replay_count=1), _record("d", verdict="dlq"),
-         _record("a")],
-        already_released={"b"})
+        [_record("a", source_offset=1), _record("b", source_offset=2),
+         _record("c", replay_count=1, source_offset=3),
+         _record("d", verdict="dlq", source_offset=4), _record("a", source_offset=1)],
+        already_released={"in:1:2"})
     assert [r.sample_id for r in plan.release] == ["a"]
     assert [(r.sample_id, why) for r, why in plan.skipped] == [
         ("b", "already_released"), ("c", "loop_guard"), ("d", "not_quarantined"),

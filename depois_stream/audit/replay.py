@@ -27,11 +27,12 @@ from depois_stream.audit.trail import (
     DEFAULT_AUDIT_TOPIC,
     AuditRecord,
     RecordLocation,
+    location_id,
     parse_audit_values,
     released_ids,
 )
 from depois_stream.contract import utc_now_iso
-from depois_stream.filter.kafka_options import check_passthrough, options_for
+from depois_stream.filter.clients.kafka_python import check_passthrough, options_for
 from depois_stream.filter.metrics import Metrics
 
 CLIENT_ID = "depois-replay"
@@ -70,8 +71,9 @@ class ReplaySettings(BaseSettings):
     @field_validator("kafka")
     @classmethod
     def _passthrough_only(cls, v: dict[str, Any]) -> dict[str, Any]:
-        return check_passthrough(v, _OWNED_KAFKA_KEYS, "are chosen by replay itself: it reads without a "
-                                 "consumer group so that it can never commit the live consumer's offsets")
+        check_passthrough(v, _OWNED_KAFKA_KEYS, "are chosen by replay itself: it reads without a "
+                          "consumer group so that it can never commit the live consumer's offsets")
+        return v
 
     def client_options(self, client: type[KafkaConsumer] | type[KafkaProducer]) -> dict[str, Any]:
         """The ``kafka`` options ``client`` understands (kafka-python rejects the others)."""
@@ -99,11 +101,18 @@ class QuarantinedRecord:
 
     @property
     def sample_id(self) -> str:
-        """The message key (the contract's sample id); a record without one is named by place."""
+        """What people call the sample: its Kafka key as text (bytes that are not UTF-8 shown
+        as replacement characters), or its release id when it has no key. A label only: keys
+        may repeat, so nothing is decided by it."""
         if self.key:
             return self.key.decode("utf-8", "replace")
-        loc = self.source or self.location
-        return f"{loc.topic}:{loc.partition}:{loc.offset}"
+        return self.release_id
+
+    @property
+    def release_id(self) -> str:
+        """The sample's identity for release and the audit trail: the ingest record it came
+        from (``topic:partition:offset``), or this record's own place without provenance."""
+        return location_id(self.source or self.location)
 
     @property
     def verdict(self) -> str | None:
@@ -200,7 +209,7 @@ class ReplayFilter(BaseModel):
         score = r.score
         source = r.source
         return (
-            (self.ids is None or r.sample_id in self.ids)
+            (self.ids is None or r.sample_id in self.ids or r.release_id in self.ids)
             and (self.labels is None or r.label in self.labels)
             and (self.min_score is None or (score is not None and score >= self.min_score))
             and (self.max_score is None or (score is not None and score <= self.max_score))
@@ -311,15 +320,17 @@ class ReleasePlan:
 def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str]) -> ReleasePlan:
     """Decide per selected record whether it may go to the clean topic.
 
-    Refused: ids with a release on the audit topic (idempotence), records that were already
+    Records are identified by ``release_id`` (the ingest record they came from), never by key.
+    Refused: records with a release on the audit topic (idempotence), records that were already
     released once (replay_count >= 1: a loop guard should a released copy ever be routed back),
     records that are not quarantine verdicts (dead letters cannot be decoded downstream) and a
-    second copy of an id in the same selection (at-least-once delivery can duplicate records).
+    second copy of the same ingest record in the selection (at-least-once delivery can write
+    one ingest record to quarantine twice).
     """
     plan = ReleasePlan(release=[], skipped=[])
     seen: set[str] = set()
     for r in records:
-        sid = r.sample_id
+        sid = r.release_id
         why: SkipReason | None = None
         if sid in already_released:
             why = "already_released"

@@ -4,6 +4,12 @@ Overriding the detector is a decision somebody must be able to answer for later,
 release leaves one ``AuditRecord`` per sample on ``depois.audit`` (key = sample id). The same
 topic is what makes ``replay release`` idempotent: a sample id that already has a release record
 there is never published to the clean topic again, whichever operator or machine asks.
+
+A sample is identified by where it entered: the source topic, partition and offset carried in the
+quarantine record's provenance headers (``location_id``). The Kafka key (the sample id a producer
+chose) is shown to people and can be used to select records, but it identifies nothing: two
+distinct samples may share a key, and a sample sent again is a new record that may need its own
+release.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ class RecordLocation(BaseModel):
     timestamp_ms: int | None = None
 
 
+def location_id(loc: RecordLocation) -> str:
+    """``topic:partition:offset``: names one Kafka record for good (keys are producers' to pick
+    and may repeat or be missing; a location never does)."""
+    return f"{loc.topic}:{loc.partition}:{loc.offset}"
+
+
 class AuditRecord(BaseModel):
     """One operator decision about one sample, with the evidence the decision overrode."""
 
@@ -51,6 +63,11 @@ class AuditRecord(BaseModel):
     def to_bytes(self) -> bytes:
         return self.model_dump_json().encode("utf-8")
 
+    @property
+    def release_id(self) -> str:
+        """The ingest record the decision was about (the quarantine record if unknown)."""
+        return location_id(self.source or self.quarantine)
+
 
 def parse_audit_values(values: Iterable[bytes | None]) -> tuple[list[AuditRecord], int]:
     """Audit topic values -> (records, number of unreadable values).
@@ -69,4 +86,5 @@ def parse_audit_values(values: Iterable[bytes | None]) -> tuple[list[AuditRecord
 
 
 def released_ids(records: Iterable[AuditRecord]) -> set[str]:
-    return {r.sample_id for r in records if r.action == "release"}
+    """Release ids (source record locations) that were released already."""
+    return {r.release_id for r in records if r.action == "release"}

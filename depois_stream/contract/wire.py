@@ -252,7 +252,8 @@ def _label_message(label: int, num_classes: int | None) -> str:
 
 
 def _label_ok(label: int, num_classes: int | None) -> bool:
-    return label >= 0 and (num_classes is None or label < num_classes)
+    """Labels are class indices; without a model, any that fit the binary format's int32."""
+    return 0 <= label <= _I32.max and (num_classes is None or label < num_classes)
 
 
 def _decode_json(value: bytes, input_shape: tuple[int, int, int],
@@ -466,13 +467,15 @@ def _declared_shape(value: bytes, media: str | None) -> tuple[int, int, int] | N
     """The shape a record says it has, so a lone record can be decoded without a model."""
     if media == CONTENT_TYPE_BINARY and len(value) >= HEADER_SIZE:
         h = np.frombuffer(value[:HEADER_SIZE], dtype=HEADER_DTYPE)[0]
-        return int(h["channels"]), int(h["height"]), int(h["width"])
+        dims = int(h["channels"]), int(h["height"]), int(h["width"])
+        return dims if all(d >= 1 for d in dims) else None
     if media == CONTENT_TYPE_JSON:
         try:
             shape = from_json(value).get("shape")
         except (ValueError, AttributeError):
             return None
-        if isinstance(shape, list) and len(shape) == 3 and all(type(d) is int for d in shape):
+        if (isinstance(shape, list) and len(shape) == 3
+                and all(type(d) is int and 1 <= d <= _U16_MAX for d in shape)):
             return shape[0], shape[1], shape[2]
     return None
 
@@ -480,10 +483,12 @@ def _declared_shape(value: bytes, media: str | None) -> tuple[int, int, int] | N
 def decode_image(value: bytes, content_type: str | bytes | None, *,
                  input_shape: tuple[int, int, int] | None = None, num_classes: int | None = None,
                  max_bytes: int = DEFAULT_MAX_BYTES) -> tuple[str, int, np.ndarray]:
-    """One record -> (id, label, float32 [C, H, W]); raises DecodeError with a DLQ reason.
+    """One record -> (id, label, float32 [C, H, W]); raises DecodeError with a DLQ reason,
+    and nothing else, whatever the bytes.
 
     Without ``input_shape`` the record's own declared shape is accepted (for replay tools that
-    read records without a model at hand).
+    read records without a model at hand) when each dimension is 1..65535, as in the binary
+    format; any other declared shape is a ``shape_mismatch``.
     """
     shape = input_shape or _declared_shape(value, _normalise_content_type(content_type))
     batch = decode_batch([value], [content_type], input_shape=shape or (1, 1, 1),
