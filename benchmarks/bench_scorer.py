@@ -1,8 +1,8 @@
-"""Scorer throughput and latency: torch eager vs onnxruntime fp32 vs onnxruntime int8.
+"""Detector throughput and latency: torch eager vs onnxruntime fp32 vs onnxruntime int8.
 
 All three run the same trained weights on the same batches in one process, one after the other,
 so the ratios in the table are what a user would see switching between them on this machine.
-onnxruntime runs through ``depois_stream.scorer.Scorer``, i.e. exactly what the consumer runs.
+onnxruntime runs through ``depois_stream.filter.detector.Detector``, i.e. exactly what the consumer runs.
 
 \b
     python benchmarks/bench_scorer.py --dataset digits                  # fit quick, then time
@@ -60,13 +60,13 @@ def torch_variant(det, device: str) -> Variant:
 
 
 def ort_variant(name: str, path: Path, device: str, single_thread: bool) -> Variant:
-    """The consumer's own Scorer; with ``single_thread`` its session is rebuilt on one thread
+    """The consumer's own Detector; with ``single_thread`` its session is rebuilt on one thread
     (onnxruntime then runs every kernel in the calling thread, so its CPU time is measurable)."""
     import onnxruntime as ort
 
-    from depois_stream.filter.detector import Scorer
+    from depois_stream.filter.detector import Detector
 
-    scorer = Scorer.load(path, device=device, require_gpu=device == "cuda")
+    scorer = Detector.load(path, device=device, require_gpu=device == "cuda")
     if single_thread:
         options = ort.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = 1
@@ -170,7 +170,7 @@ def main(
         results = measure(variants, cal.images, cal.labels, batches, min_time,
                           time.thread_time if single else time.perf_counter)
     unit = "samples/CPU-s" if single else "samples/s"
-    write_report(out, f"Scorer throughput ({device}, {clock} clock)",
+    write_report(out, f"Detector throughput ({device}, {clock} clock)",
                  "\n".join(notes) + "\n\n" + render(variants, batches, results, unit))
 
 

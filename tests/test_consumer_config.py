@@ -97,7 +97,7 @@ def test_cli_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
 def test_cli_unreachable_broker_exits_2_with_what_to_check(centroid_model: Path) -> None:
     proc = _cli("run", "--model-path", str(centroid_model), "--device", "cpu",
                 "--bootstrap-servers", "127.0.0.1:1", "--metrics-port", "0",
-                "--kafka", "bootstrap_timeout_ms=300")
+                "--kafka", "bootstrap_timeout_ms=300", "--startup-timeout-s", "2")
     assert proc.returncode == 2
     assert "cannot use Kafka at 127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -128,5 +128,5 @@ def test_series_that_dashboards_divide_by_exist_before_the_first_record(centroid
     assert 'depois_records_consumed_total{topic="in.x"} 0.0' in text
     for label in range(10):
         assert f'depois_quarantined_by_label_total{{label="{label}"}} 0.0' in text
-    provider = flt.scorer.provider
+    provider = flt.detector.provider
     assert f'depois_inference_duration_seconds_count{{provider="{provider}"}} 0.0' in text

@@ -13,7 +13,7 @@ from depois_stream.filter.app import StreamFilter
 from depois_stream.contract import card_path_for
 from depois_stream.filter.metrics import Metrics
 from depois_stream.filter.reload import ModelWatcher
-from depois_stream.filter.detector import Scorer
+from depois_stream.filter.detector import Detector
 from tests.helpers.kafka_io import Topics, consumer_config, publish, read_all, wait_for
 from tests.helpers.onnx_models import build_centroid_model
 
@@ -40,7 +40,7 @@ class _Clock:
 
 
 def _watcher(path: Path, outcomes: list[str], clock: _Clock) -> ModelWatcher:
-    load = lambda p: Scorer.load(p, device="cpu")  # noqa: E731
+    load = lambda p: Detector.load(p, device="cpu")  # noqa: E731
     return ModelWatcher(load(path), load, interval_s=1.0, on_outcome=outcomes.append, clock=clock)
 
 

@@ -128,9 +128,9 @@ def test_int8_model_routes_like_fp32_and_honours_the_contract(tmp_path: Path, ca
     assert card.metadata.model_version == "mlp-test-1+int8"
     assert card.metadata.boundary == ModelMetadata.from_props(
         {p.key: p.value for p in onnx.load(str(src)).metadata_props}).boundary
-    from depois_stream.filter.detector import Scorer  # the consumer's loader: contract, card hash, boundary probe
+    from depois_stream.filter.detector import Detector  # the consumer's loader: contract, card hash, boundary probe
 
-    assert Scorer.load(dst, device="cpu").metadata.model_version == "mlp-test-1+int8"
+    assert Detector.load(dst, device="cpu").metadata.model_version == "mlp-test-1+int8"
 
 
 def test_refuses_a_model_that_quantisation_breaks(tmp_path: Path, calib) -> None:
@@ -190,7 +190,7 @@ def untrained_detector(images: np.ndarray, labels: np.ndarray, target_fpr: float
 def test_export_onnx_quantize_int8_refuses_and_keeps_the_fp32_model(tmp_path: Path, calib) -> None:
     from typer.testing import CliRunner
 
-    from depois_stream.filter.detector import Scorer
+    from depois_stream.filter.detector import Detector
     from training.cli import app
 
     images, labels = calib
@@ -201,4 +201,4 @@ def test_export_onnx_quantize_int8_refuses_and_keeps_the_fp32_model(tmp_path: Pa
     assert result.exit_code == 1
     assert "int8 model refused" in result.output and "verdict agreement" in result.output
     assert not (tmp_path / "model.int8.onnx").exists()
-    assert Scorer.load(tmp_path / "model.onnx").metadata.boundary.per_class is not None
+    assert Detector.load(tmp_path / "model.onnx").metadata.boundary.per_class is not None

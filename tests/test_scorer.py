@@ -14,7 +14,7 @@ import pytest
 from depois_stream.contract import (
     META_BOUNDARY, META_INPUT_SHAPE, card_path_for, sha256_file,
 )
-from depois_stream.filter.detector import CPU, CUDA, ModelLoadError, Scorer, requested_providers
+from depois_stream.filter.detector import CPU, CUDA, ModelLoadError, Detector, requested_providers
 from tests.helpers.onnx_models import build_centroid_model
 
 
@@ -46,9 +46,9 @@ def _set_prop(model: onnx.ModelProto, key: str, value: str | None) -> None:
 
 def test_scores_follow_the_claimed_label(centroid_model: Path, digits_arrays) -> None:
     _, _, xte, yte = digits_arrays
-    scorer = Scorer.load(centroid_model, device="cpu")
-    honest = scorer.score(xte, yte)
-    flipped = scorer.score(xte, (yte + 1) % 10)
+    scorer = Detector.load(centroid_model, device="cpu")
+    honest = scorer.predict(xte, yte)
+    flipped = scorer.predict(xte, (yte + 1) % 10)
     assert honest.poisoned.mean() < 0.15  # boundary calibrated at 5 % FPR on the training split
     assert flipped.poisoned.mean() > 0.6  # a wrong label is far from its class centroid
     np.testing.assert_array_equal(honest.poisoned, honest.score < honest.threshold)
@@ -58,22 +58,22 @@ def test_scores_follow_the_claimed_label(centroid_model: Path, digits_arrays) ->
 
 
 def test_empty_batch_needs_no_inference(centroid_model: Path) -> None:
-    scorer = Scorer.load(centroid_model, device="cpu")
-    res = scorer.score(np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64))
+    scorer = Detector.load(centroid_model, device="cpu")
+    res = scorer.predict(np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64))
     assert res.score.shape == res.poisoned.shape == res.threshold.shape == (0,)
 
 
 def test_provider_reported_is_the_one_onnxruntime_uses(centroid_model: Path) -> None:
-    scorer = Scorer.load(centroid_model, device="auto")
+    scorer = Detector.load(centroid_model, device="auto")
     assert scorer.provider == scorer.session.get_providers()[0]
     asked_gpu = CUDA in ort.get_available_providers()
     assert scorer.cuda_unavailable == (asked_gpu and scorer.provider != CUDA)
     assert scorer.provider_fallback is False  # auto accepts CPU: not a fault to alert on
-    assert Scorer.load(centroid_model, device="cpu").provider == CPU
+    assert Detector.load(centroid_model, device="cpu").provider == CPU
 
 
 def test_cuda_demanded_but_not_used_is_a_fallback(centroid_model: Path) -> None:
-    scorer = Scorer.load(centroid_model, device="cuda")
+    scorer = Detector.load(centroid_model, device="cuda")
     assert scorer.provider_fallback == (scorer.provider != CUDA)
 
 
@@ -85,32 +85,32 @@ def test_provider_request_follows_device() -> None:
 
 
 def test_require_gpu_refuses_a_cpu_session(centroid_model: Path) -> None:
-    if Scorer.load(centroid_model, device="auto").provider == CUDA:
+    if Detector.load(centroid_model, device="auto").provider == CUDA:
         pytest.skip("CUDA works here; the refusal path needs a machine without it")
     with pytest.raises(ModelLoadError, match="--require-gpu"):
-        Scorer.load(centroid_model, device="cuda", require_gpu=True)
+        Detector.load(centroid_model, device="cuda", require_gpu=True)
 
 
 def test_io_binding_matches_plain_run_on_gpu(centroid_model: Path, digits_arrays) -> None:
-    scorer = Scorer.load(centroid_model, device="auto")
+    scorer = Detector.load(centroid_model, device="auto")
     if scorer.provider != CUDA:
         pytest.skip("IO binding is only used on the CUDA provider")
     _, _, xte, yte = digits_arrays
-    cpu = Scorer.load(centroid_model, device="cpu").score(xte, yte)
-    np.testing.assert_allclose(scorer.score(xte, yte).score, cpu.score, rtol=1e-5, atol=1e-6)
+    cpu = Detector.load(centroid_model, device="cpu").predict(xte, yte)
+    np.testing.assert_allclose(scorer.predict(xte, yte).score, cpu.score, rtol=1e-5, atol=1e-6)
 
 
 def test_missing_model_says_how_to_get_one(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist.*depois-train"):
-        Scorer.load(tmp_path / "nope.onnx")
+        Detector.load(tmp_path / "nope.onnx")
 
 
 def test_missing_card_is_refused_unless_waived(centroid_model: Path, tmp_path: Path) -> None:
     path = _copy_model(centroid_model, tmp_path)
     card_path_for(path).unlink()
     with pytest.raises(ModelLoadError, match="card .* is missing"):
-        Scorer.load(path, device="cpu")
-    assert Scorer.load(path, device="cpu", verify_card=False).metadata.num_classes == 10
+        Detector.load(path, device="cpu")
+    assert Detector.load(path, device="cpu", verify_card=False).metadata.num_classes == 10
 
 
 def test_modified_model_fails_the_card_checksum(centroid_model: Path, tmp_path: Path) -> None:
@@ -119,21 +119,21 @@ def test_modified_model_fails_the_card_checksum(centroid_model: Path, tmp_path: 
     _set_prop(model, "depois.dataset", "tampered")
     onnx.save(model, str(path))
     with pytest.raises(ModelLoadError, match="sha256 .* modified or only partly copied"):
-        Scorer.load(path, device="cpu")
+        Detector.load(path, device="cpu")
 
 
 def test_corrupt_file_is_not_an_onnx_model(tmp_path: Path) -> None:
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"\x00not a protobuf" * 10)
     with pytest.raises(ModelLoadError, match="not a valid ONNX model"):
-        Scorer.load(path, verify_card=False)
+        Detector.load(path, verify_card=False)
 
 
 def test_missing_metadata_key_is_named(centroid_model: Path, tmp_path: Path) -> None:
     path = _copy_model(centroid_model, tmp_path)
     _rewrite(path, lambda m: _set_prop(m, META_BOUNDARY, None))
     with pytest.raises(ModelLoadError, match="depois.boundary"):
-        Scorer.load(path, device="cpu")
+        Detector.load(path, device="cpu")
 
 
 def test_renamed_output_breaks_the_contract(centroid_model: Path, tmp_path: Path) -> None:
@@ -147,14 +147,14 @@ def test_renamed_output_breaks_the_contract(centroid_model: Path, tmp_path: Path
 
     _rewrite(path, rename)
     with pytest.raises(ModelLoadError, match=r"lacks output.*'score'"):
-        Scorer.load(path, device="cpu")
+        Detector.load(path, device="cpu")
 
 
 def test_metadata_shape_must_match_the_graph(centroid_model: Path, tmp_path: Path) -> None:
     path = _copy_model(centroid_model, tmp_path)
     _rewrite(path, lambda m: _set_prop(m, META_INPUT_SHAPE, "1,28,28"))
     with pytest.raises(ModelLoadError, match="input_shape"):
-        Scorer.load(path, device="cpu")
+        Detector.load(path, device="cpu")
 
 
 def test_graph_and_metadata_boundary_must_agree(tmp_path: Path, digits_arrays) -> None:
@@ -163,5 +163,5 @@ def test_graph_and_metadata_boundary_must_agree(tmp_path: Path, digits_arrays) -
     build_centroid_model(path, xtr, ytr, num_classes=10, boundary=-0.05)
     _rewrite(path, lambda m: _set_prop(m, META_BOUNDARY, json.dumps({"global": -10.0})))
     with pytest.raises(ModelLoadError, match="disagrees with the boundary"):
-        Scorer.load(path, device="cpu")
+        Detector.load(path, device="cpu")
 

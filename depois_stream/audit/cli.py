@@ -258,17 +258,17 @@ def rescore_(
     would pass) and writes a histogram of the new scores split by the new verdict.
     """
     from depois_stream.audit.export import rescore
-    from depois_stream.filter.detector import ModelLoadError, Scorer
+    from depois_stream.filter.detector import ModelLoadError, Detector
 
     settings = _settings(bootstrap)
     flt = _filter(ids, label, min_score, max_score, model_version, partition, reason_code)
     _, chosen = _read_selected(settings, topic, since, until, offsets, flt)
     try:
-        scorer = Scorer.load(model, device=device)
+        detector = Detector.load(model, device=device)
     except ModelLoadError as exc:
         _fail(str(exc))
     metrics = Metrics()
-    report = rescore(chosen, scorer, histogram, metrics=metrics)
+    report = rescore(chosen, detector, histogram, metrics=metrics)
     _save_metrics(metrics, metrics_textfile)
     if as_json:
         typer.echo(report.model_dump_json(indent=2))

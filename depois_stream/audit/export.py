@@ -27,7 +27,7 @@ from depois_stream.audit.replay import QuarantinedRecord
 from depois_stream.contract.wire import DecodeError, decode_image
 
 if TYPE_CHECKING:  # onnxruntime is loaded only by the commands that score
-    from depois_stream.filter.detector import Scorer
+    from depois_stream.filter.detector import Detector
 
 MANIFEST = "manifest.jsonl"
 SAMPLES = "samples.npz"
@@ -229,21 +229,21 @@ class RescoreReport(BaseModel):
     histogram: Path | None
 
 
-def rescore(records: Sequence[QuarantinedRecord], scorer: Scorer,
+def rescore(records: Sequence[QuarantinedRecord], detector: Detector,
             histogram: Path | None = None, *, metrics: Metrics | None = None) -> RescoreReport:
-    """Score ``records`` with ``scorer`` and count what it would let through; publish nothing.
+    """Score ``records`` with ``detector`` and count what it would let through; publish nothing.
 
     "Would pass" is the new model's own verdict (score at or above its boundary for that class),
     so per-class boundaries and p-value models are judged exactly as the consumer would.
     """
-    meta = scorer.metadata
+    meta = detector.metadata
     dec = decode_records(records, input_shape=meta.input_shape, num_classes=meta.num_classes)
-    result = scorer.score(dec.images, dec.labels)
+    result = detector.run(dec.images, dec.labels)
     passed = ~np.asarray(result.poisoned, dtype=bool)
     selected = Counter(dec.labels.tolist())
     passing = Counter(dec.labels[passed].tolist())
     report = RescoreReport(
-        model_path=scorer.path, model_version=meta.model_version,
+        model_path=detector.path, model_version=meta.model_version,
         selected=len(records), scored=len(dec.rows), decode_failed=len(dec.errors),
         would_pass=int(passed.sum()),
         by_label={k: LabelCounts(selected=v, would_pass=passing.get(k, 0))

@@ -11,6 +11,7 @@ VERDICT = "depois.verdict"  # "clean" | "quarantine" | "dlq" | "released"
 SCORE = "depois.score"
 BOUNDARY = "depois.boundary"  # the threshold applied to this sample (its class's, if per-class)
 P_VALUE = "depois.p_value"
+REASON = "depois.reason"  # quarantine only: the evidence member that fired (below_boundary if none)
 LABEL = "depois.label"
 MODEL_VERSION = "depois.model_version"
 MODEL_SHA256 = "depois.model_sha256"
@@ -21,6 +22,10 @@ SOURCE_TIMESTAMP = "depois.source.timestamp_ms"
 ERROR = "depois.error"  # dead-letter only: human-readable reason
 ERROR_CLASS = "depois.error_class"  # dead-letter only: bounded reason code (metrics label)
 CONTENT_TYPE = "content-type"  # on ingest records: selects the wire encoding
+
+# Every header the filter or replay writes starts with this. Ingest records carrying any header
+# with this prefix (in any letter case) lose it before forwarding, so readers can trust them.
+PREFIX = "depois."
 
 # Set by `depois-stream replay release`.
 REPLAY_COUNT = "depois.replay_count"  # loop guard: a record released once is never re-released

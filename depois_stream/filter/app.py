@@ -1,15 +1,12 @@
-"""The stream filter: message -> decode -> score -> route -> produce -> commit, one batch at a time.
+"""The stream filter: one consumer-group member, message -> decode -> score -> route -> produce
+-> commit.
 
-Read ``StreamFilter._process`` top to bottom for the whole data path. The delivery rule is the
-one thing never to break: a batch's offsets are committed only after every record of it was
-acknowledged by the broker (``acks=all``, idempotent producer), so a crash at any point re-delivers
-the batch (at-least-once) and never skips it. With ``exactly_once`` the outputs and the offsets go
-in one transaction instead.
-
-Kafka only rebalances inside ``poll()``, and a batch is finished (produced and committed) before
-the consumer polls for the next one, so revocation never interrupts a scored batch. Records still
-*lingering* in the batch buffer when their partition is revoked were never produced or committed:
-they are dropped from the buffer and the partition's new owner reads them again.
+Read ``StreamFilter.run``: each pass of the loop takes the next batch from the ``Source``
+(poll, linger, rebalances), runs the data path (``pipeline.score`` -> circuit breaker ->
+``pipeline.route``) and hands the outputs to ``Delivery`` (produce, settle in order, commit,
+retry). The guarantees live in those two classes and are stated in docs/consumer.md: every
+record lands in exactly one output topic at least once, offsets never run ahead of an
+acknowledgement, no wait is unbounded.
 """
 
 from __future__ import annotations
@@ -17,37 +14,34 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
 
 import numpy as np
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
-from depois_stream.contract import headers as H
-from depois_stream.filter import router
+from depois_stream import __version__
+from depois_stream.filter import pipeline
 from depois_stream.filter.breaker import BreakerSettings, CircuitBreaker
+from depois_stream.filter.clients import make_client
+from depois_stream.filter.clients.base import (
+    ClientError, ClientSettings, Consumer, Probe, Producer, RecordBatch,
+)
 from depois_stream.filter.config import ConsumerConfig
+from depois_stream.filter.delivery import Delivery, DeliveryError
+from depois_stream.filter.detector import Detector, ModelLoadError
 from depois_stream.filter.http import HealthServer
-from depois_stream.filter.kafka_options import options_for
 from depois_stream.filter.metrics import Metrics, observe_many
 from depois_stream.filter.reload import ModelWatcher
-from depois_stream.contract.wire import decode_batch
-from depois_stream.filter.detector import Scorer, ScoreResult
+from depois_stream.filter.source import Source
 
 log = logging.getLogger(__name__)
 
 RESUME_FLAG = "resume"  # `touch <control_dir>/resume` closes an open circuit breaker
-_HEADER_ROOM = 64 * 1024  # produce-request bytes kept free for headers and batch framing
+SHUTDOWN_DRAIN_S = 10.0  # SIGTERM: wait at most this for outputs in flight
 
-
-class DeliveryError(RuntimeError):
-    """Outputs could not be produced after all retries; nothing of their batch was committed."""
+__all__ = ["DeliveryError", "RunStats", "StartupError", "StreamFilter"]
 
 
 class StartupError(RuntimeError):
@@ -56,7 +50,7 @@ class StartupError(RuntimeError):
 
 @dataclass
 class RunStats:
-    """What one ``run`` routed (held-back breaker batches are not counted)."""
+    """What one ``run`` routed and the broker acknowledged (held-back batches not counted)."""
 
     consumed: int = 0
     clean: int = 0
@@ -66,32 +60,38 @@ class RunStats:
     breaker_trips: int = 0
 
 
-class _Rebalance(ConsumerRebalanceListener):
-    """Notes revocations for the main thread (the callback runs on kafka-python's IO thread)."""
+class _BrokerProbe:
+    """Asks the cluster for metadata every few seconds on its own thread and connection, so
+    ``/readyz`` and ``depois_broker_up`` tell the truth even while the main loop waits."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-        self._lock = threading.Lock()
-        self._revoked: set[TopicPartition] = set()
-        self.assigned: frozenset[TopicPartition] = frozenset()
+    def __init__(self, probe: Probe, interval_s: float, metrics: Metrics) -> None:
+        self._probe, self._interval_s, self._metrics = probe, interval_s, metrics
+        self._stop = threading.Event()
+        self.up = False
+        self.checked_at = 0.0
+        self._thread = threading.Thread(target=self._loop, name="depois-probe", daemon=True)
 
-    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        revoked = set(revoked)
-        with self._lock:
-            self._revoked |= revoked
-        self.assigned = self.assigned - revoked
-        self._metrics.partitions_assigned.set(len(self.assigned))
-        log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+    def check(self) -> bool:
+        up = self._probe.check(timeout_s=max(1.0, min(5.0, self._interval_s)))
+        if up != self.up:
+            log.log(logging.INFO if up else logging.WARNING, "broker %s",
+                    "reachable" if up else "NOT reachable (metadata request failed)")
+        self.up, self.checked_at = up, time.monotonic()
+        self._metrics.broker_up.set(1 if up else 0)
+        return up
 
-    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        self.assigned = frozenset(assigned)
-        self._metrics.partitions_assigned.set(len(self.assigned))
-        log.info("partitions assigned: %s", sorted(tp.partition for tp in self.assigned))
+    def start(self) -> None:
+        self._thread.start()
 
-    def take_revoked(self) -> set[TopicPartition]:
-        with self._lock:
-            revoked, self._revoked = self._revoked, set()
-        return revoked
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self.check()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        self._probe.close()
 
 
 class StreamFilter:
@@ -100,306 +100,261 @@ class StreamFilter:
     def __init__(self, cfg: ConsumerConfig, metrics: Metrics | None = None) -> None:
         self.cfg = cfg
         self.metrics = metrics or Metrics()
+        self.client = make_client(cfg.client)
         # Load (and verify) the model before touching Kafka: a bad model must refuse to start.
-        self.scorer = self._load_model(cfg.model_path)
-        self._publish_model(self.scorer)
+        self.detector = self._load_model(cfg.model_path)
+        self._publish_model(self.detector)
+        self.metrics.build_info.info({"version": __version__, "client": self.client.name})
         self.breaker = CircuitBreaker(BreakerSettings(
             window=cfg.breaker_window, max_rate=cfg.breaker_max_rate,
             min_samples=cfg.breaker_min_samples, cooldown_s=cfg.breaker_cooldown_s))
         self.stats = RunStats()
         self.http_address: tuple[str, int] | None = None
-        self._rebalance = _Rebalance(self.metrics)
-        self._broker_ok_at = 0.0
-        self._next_lag_check = 0.0
-        # A record the producer cannot forward would fail its batch forever (a poison pill), so
-        # anything above this goes to the DLQ as too_large, without its payload.
-        max_request = cfg.kafka.get("max_request_size",
-                                    KafkaProducer.DEFAULT_CONFIG["max_request_size"])
-        self._max_value_bytes = int(max_request) - _HEADER_ROOM
+        self.max_record_bytes = self.client.max_record_bytes(cfg.kafka)
+        self._source: Source | None = None
+        self._probe: _BrokerProbe | None = None
+        self._loop_at = time.monotonic()
 
     @property
-    def assignment(self) -> frozenset[TopicPartition]:
+    def assignment(self) -> frozenset[tuple[str, int]]:
         """Ingest partitions this member currently owns (empty while joining or after stop)."""
-        return self._rebalance.assigned
+        return self._source.assigned if self._source is not None else frozenset()
 
-    # ------------------------------------------------------------------ lifecycle
+    # ------------------------------------------------------------------ the loop
 
     def run(self, stop: threading.Event | None = None) -> RunStats:
-        """Consume until ``stop`` is set (or the stream idles, with ``exit_when_idle_s``)."""
+        """Filter until ``stop`` is set (or the stream idles, with ``exit_when_idle_s``)."""
         stop = stop or threading.Event()
-        with self._clients() as (consumer, producer):
-            watcher = ModelWatcher(self.scorer, self._load_model, self.cfg.reload_interval_s,
-                                   on_outcome=lambda o: self.metrics.model_reloads.labels(o).inc())
-            idle_since = time.monotonic()
+        with self._running() as (source, delivery):
+            watcher = ModelWatcher(self.detector, self._load_model, self.cfg.reload_interval_s,
+                                   on_outcome=self._reload_outcome)
+            idle_since = next_lag = time.monotonic()
             while not stop.is_set():
+                self._loop_at = now = time.monotonic()
                 if (new := watcher.poll()) is not None:
-                    self.scorer = new
+                    self.detector = new
                     self._publish_model(new)
-                self._maybe_close_breaker(consumer)
-                records = self._collect(consumer, stop)
-                if records:
-                    self._process(records, consumer, producer)
-                    idle_since = time.monotonic()
-                elif not self._rebalance.assigned:
-                    idle_since = time.monotonic()  # still joining: not idle yet
-                self._maybe_update_lag(consumer)
+                self._maybe_close_breaker(source)
+                if delivery.backing_off:  # the broker refused a batch: wait, stay in the group
+                    source.pause("backoff")
+                    source.idle(0.2)
+                    delivery.service(0.0)
+                    continue
+                source.resume("backoff")
+                if delivery.full:
+                    delivery.service(0.05)
+                    continue
+                batch = source.next_batch(stop.is_set)
+                if len(batch):
+                    self._filter(batch, source, delivery)
+                    idle_since = now
+                elif delivery.in_flight or not source.assigned:
+                    idle_since = now  # waiting for acknowledgements or a partition: not idle
+                delivery.service(0.0)
+                if now >= next_lag:
+                    next_lag = now + self.cfg.lag_interval_s
+                    source.update_lag()
                 if (self.cfg.exit_when_idle_s is not None
-                        and time.monotonic() - idle_since >= self.cfg.exit_when_idle_s):
+                        and now - idle_since >= self.cfg.exit_when_idle_s):
                     log.info("no records for %.1f s: exiting", self.cfg.exit_when_idle_s)
                     break
+            if not delivery.drain(SHUTDOWN_DRAIN_S):
+                log.warning("stopping with outputs unacknowledged; they were not committed and "
+                            "will be filtered again")
         return self.stats
 
+    def _filter(self, batch: RecordBatch, source: Source, delivery: Delivery) -> None:
+        """The data path of one batch: decode -> score -> breaker -> route -> produce."""
+        m, det = self.metrics, self.detector
+        m.batch_size.observe(len(batch))
+        t0 = time.perf_counter()
+        scored = pipeline.score(batch, det, self.max_record_bytes, delivery.rejected)
+        m.inference_duration.labels(det.provider).observe(time.perf_counter() - t0)
+        m.forged_headers.inc(scored.ingest.forged)
+        if self.breaker.observe(scored.scored, scored.quarantined, time.monotonic()):
+            self._trip(source, batch)  # not routed: handed back and held until resumed
+            return
+        m.poison_rate.set(self.breaker.rate)
+        observe_many(m.score, scored.prediction.score)
+        routed = pipeline.route(batch, scored, det.metadata.model_version, det.sha256,
+                                self._partition_counts, self.max_record_bytes)
+        delivery.submit(batch, routed)
+
+    def _delivered(self, routed: pipeline.Routed) -> None:
+        """Count a batch once the broker acknowledged all of it."""
+        m, s = self.metrics, self.stats
+        counts = routed.counts
+        for name, count in counts.items():
+            m.records_routed.labels(name).inc(count)
+        for reason, count in routed.dead_letter_reasons.items():
+            m.dead_lettered.labels(reason).inc(count)
+        for reason, count in routed.quarantine_reasons.items():
+            m.quarantined_by_reason.labels(reason).inc(count)
+        per_label = np.bincount(routed.quarantine_labels,
+                                minlength=self.detector.metadata.num_classes)
+        for label in np.flatnonzero(per_label).tolist():
+            m.quarantined_by_label.labels(str(label)).inc(int(per_label[label]))
+        observe_many(m.end_to_end_latency, time.time() - routed.timestamps_ms / 1000)
+        s.consumed += len(routed)
+        s.clean += counts["clean"]
+        s.quarantined += counts["quarantine"]
+        s.dead_lettered += counts["dlq"]
+        s.batches += 1
+
+    # ------------------------------------------------------------------ start-up and shutdown
+
     @contextmanager
-    def _clients(self) -> Iterator[tuple[KafkaConsumer, KafkaProducer]]:
-        """The HTTP endpoint and both Kafka clients, all closed on the way out, whatever happens."""
+    def _running(self) -> Iterator[tuple[Source, Delivery]]:
+        """HTTP endpoint, broker probe and Kafka clients, all closed on the way out."""
+        cfg = self.cfg
         with ExitStack() as stack:
             server = self._start_http()
             if server is not None:
                 stack.callback(server.close)
-            consumer, producer = self._connect()
-            stack.callback(self.metrics.partitions_assigned.set, 0)
-            stack.callback(consumer.close, autocommit=False)
-            stack.callback(producer.close, timeout=10)
-            yield consumer, producer
+            settings = self._client_settings()
+            self._probe = _BrokerProbe(self.client.probe(settings), cfg.probe_interval_s,
+                                       self.metrics)
+            stack.callback(self._probe.close)
+            self._wait_for_broker()
+            self._probe.start()
+            consumer, producer = self._connect(settings)
+            stack.callback(self._close_producer, producer)
+            self._partition_counts = self._output_partitions(producer)
+            if cfg.exactly_once:
+                try:
+                    producer.init_transactions(cfg.delivery_timeout_ms / 1000)
+                except ClientError as exc:
+                    raise StartupError(f"cannot start transactions on {cfg.bootstrap_servers} "
+                                       f"({exc}); check that the broker supports them") from None
+            source = Source(consumer, cfg.ingest_topic, cfg.batch_size, cfg.linger_ms,
+                            self.metrics)
+            self._source = source
+            stack.callback(self._leave, consumer)
+            delivery = Delivery(
+                producer, consumer, source, self.metrics,
+                (cfg.clean_topic, cfg.quarantine_topic, cfg.dlq_topic),
+                on_delivered=self._delivered, max_in_flight=cfg.max_in_flight,
+                retries=cfg.produce_retries, retry_backoff_max_s=cfg.retry_backoff_max_s,
+                delivery_timeout_s=cfg.delivery_timeout_ms / 1000, exactly_once=cfg.exactly_once)
+            source.subscribe()
+            yield source, delivery
 
-    def _connect(self) -> tuple[KafkaConsumer, KafkaProducer]:
-        try:
-            consumer = self._make_consumer()
-        except KafkaError as exc:
-            raise self._unreachable(exc) from exc
-        try:
-            return consumer, self._make_producer()
-        except KafkaError as exc:
-            consumer.close(autocommit=False)
-            raise self._unreachable(exc) from exc
+    def _client_settings(self) -> ClientSettings:
+        cfg = self.cfg
+        return ClientSettings(
+            bootstrap_servers=cfg.bootstrap_servers, client_id=f"depois-stream-{cfg.group_id}",
+            group_id=cfg.group_id, auto_offset_reset=cfg.auto_offset_reset,
+            session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_records=cfg.batch_size,
+            read_committed=cfg.exactly_once, delivery_timeout_ms=cfg.delivery_timeout_ms,
+            transactional_id=cfg.effective_transactional_id() if cfg.exactly_once else None,
+            options=dict(cfg.kafka))
 
-    def _unreachable(self, exc: KafkaError) -> StartupError:
+    def _wait_for_broker(self) -> None:
+        assert self._probe is not None
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while not self._probe.check():
+            if time.monotonic() >= deadline:
+                raise StartupError(
+                    f"cannot use Kafka at {self.cfg.bootstrap_servers} (no answer to a metadata "
+                    f"request within --startup-timeout-s {self.cfg.startup_timeout_s:g}): check "
+                    "--bootstrap-servers, that the broker is up and the --kafka security "
+                    "options; for a local broker run `depois-stream broker`")
+            log.info("waiting for the broker at %s", self.cfg.bootstrap_servers)
+            time.sleep(1.0)
+
+    def _connect(self, settings: ClientSettings) -> tuple[Consumer, Producer]:
+        def on_commit(error: BaseException | None) -> None:
+            if error is not None:
+                self.metrics.commit_failures.inc()
+                log.warning("offset commit failed (%s); the records after the last commit "
+                            "will be filtered again", error)
+
+        try:
+            consumer = self.client.consumer(settings, on_commit)
+        except ClientError as exc:
+            raise self._unreachable(exc) from None
+        try:
+            return consumer, self.client.producer(settings)
+        except ClientError as exc:
+            consumer.close()
+            raise self._unreachable(exc) from None
+
+    def _output_partitions(self, producer: Producer) -> tuple[int, int, int]:
+        cfg = self.cfg
+        counts = []
+        for topic in (cfg.clean_topic, cfg.quarantine_topic, cfg.dlq_topic):
+            try:
+                counts.append(producer.partition_count(topic))
+            except ClientError as exc:
+                raise StartupError(f"output topic {topic!r} is not usable ({exc}): create it "
+                                   "(docs/operations.md lists the topics) or fix the topic "
+                                   "flags") from None
+        return counts[0], counts[1], counts[2]
+
+    def _unreachable(self, exc: Exception) -> StartupError:
         return StartupError(
             f"cannot use Kafka at {self.cfg.bootstrap_servers} ({exc}): check --bootstrap-servers, "
             "that the broker is up and the --kafka security options; for a local broker run "
             "`depois-stream broker`")
 
-    def _make_consumer(self) -> KafkaConsumer:
-        cfg = self.cfg
-        consumer = KafkaConsumer(
-            bootstrap_servers=cfg.bootstrap_servers, group_id=cfg.group_id,
-            client_id=f"depois-stream-{cfg.group_id}", enable_auto_commit=False,
-            auto_offset_reset=cfg.auto_offset_reset, max_poll_records=cfg.batch_size,
-            session_timeout_ms=cfg.session_timeout_ms,
-            heartbeat_interval_ms=cfg.heartbeat_interval_ms,
-            isolation_level="read_committed" if cfg.exactly_once else "read_uncommitted",
-            **options_for(KafkaConsumer, cfg.kafka))
-        consumer.subscribe([cfg.ingest_topic], listener=self._rebalance)
-        return consumer
+    def _leave(self, consumer: Consumer) -> None:
+        """Close the consumer, which leaves the group: the partitions move at once instead of
+        after a session timeout."""
+        self.metrics.partitions_assigned.set(0)
+        self.metrics.group_joined.set(0)
+        try:
+            consumer.close()
+        except Exception as exc:  # noqa: BLE001  (shutting down: report, do not mask the cause)
+            log.warning("closing the consumer failed: %s", exc)
+        if self._source is not None:
+            self._source.assigned = frozenset()
 
-    def _make_producer(self) -> KafkaProducer:
-        cfg = self.cfg
-        options: dict[str, Any] = dict(
-            bootstrap_servers=cfg.bootstrap_servers, client_id=f"depois-stream-{cfg.group_id}",
-            acks="all", enable_idempotence=True, linger_ms=1000, batch_size=1024 * 1024,
-            **options_for(KafkaProducer, cfg.kafka))
-        if cfg.exactly_once:
-            options["transactional_id"] = cfg.effective_transactional_id()
-        producer = KafkaProducer(**options)
-        if cfg.exactly_once:
-            producer.init_transactions()
-        return producer
+    @staticmethod
+    def _close_producer(producer: Producer) -> None:
+        try:
+            producer.close(5.0)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("closing the producer failed: %s", exc)
 
     def _start_http(self) -> HealthServer | None:
         if self.cfg.metrics_port is None:
             return None
         try:
-            server = HealthServer(self.metrics.registry, self._readiness,
-                                  self.cfg.metrics_host, self.cfg.metrics_port).start()
+            server = HealthServer(self.metrics.registry, self._readiness, self._liveness,
+                                  self.cfg.metrics_host, self.cfg.metrics_port,
+                                  info=lambda: {"partitions_assigned": len(self.assignment)}
+                                  ).start()
         except OSError as exc:
             raise StartupError(
                 f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port} "
-                f"({exc.strerror}): pick another --metrics-port (0 = any free port)") from exc
+                f"({exc.strerror}): pick another --metrics-port (0 = any free port)") from None
         self.http_address = server.address
         log.info("metrics and probes on http://%s:%d/metrics", *server.address)
         return server
 
+    def _stall_limit_s(self) -> float:
+        """The loop never waits longer than a delivery timeout in one step; three of those
+        without a pass means it is wedged."""
+        return max(60.0, 3 * self.cfg.delivery_timeout_ms / 1000)
+
+    def _liveness(self) -> dict[str, bool]:
+        return {"loop_running": time.monotonic() - self._loop_at < self._stall_limit_s()}
+
     def _readiness(self) -> dict[str, bool]:
-        reachable_for = max(30.0, 3 * self.cfg.lag_interval_s)
+        probe, source = self._probe, self._source
         return {
-            "model_loaded": self.scorer is not None,
-            "broker_reachable": time.monotonic() - self._broker_ok_at < reachable_for,
-            "partitions_assigned": bool(self._rebalance.assigned),
+            "model_loaded": self.detector is not None,
+            "broker_reachable": probe is not None and probe.up,
+            "group_joined": source is not None and source.joined,
+            **self._liveness(),
         }
 
-    # ------------------------------------------------------------------ the data path
+    # ------------------------------------------------------------------ breaker and model
 
-    def _collect(self, consumer: KafkaConsumer, stop: threading.Event) -> list[ConsumerRecord]:
-        """Poll until ``batch_size`` records or ``linger_ms`` after the first one arrived."""
-        batch: list[ConsumerRecord] = []
-        deadline: float | None = None
-        while len(batch) < self.cfg.batch_size:
-            wait_ms = 200 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            polled = consumer.poll(timeout_ms=wait_ms, max_records=self.cfg.batch_size - len(batch))
-            revoked = self._rebalance.take_revoked()
-            if revoked:  # never produced nor committed: the new owner reads them again
-                batch = [r for r in batch if TopicPartition(r.topic, r.partition) not in revoked]
-            if self.breaker.is_open and polled:
-                self._hand_back(consumer, [r for rs in polled.values() for r in rs])
-                self._pause(consumer)
-                polled = {}
-            for records in polled.values():
-                batch.extend(records)
-            if deadline is None:
-                if not batch:
-                    return batch
-                deadline = time.monotonic() + self.cfg.linger_ms / 1000
-            if time.monotonic() >= deadline or stop.is_set():
-                break
-        return batch
-
-    def _process(self, records: list[ConsumerRecord], consumer: KafkaConsumer,
-                 producer: KafkaProducer) -> None:
-        scorer, m = self.scorer, self.metrics
-        meta = scorer.metadata
-        n = len(records)
-        m.batch_size.observe(n)
-
-        # 1. decode: never raises; failures become dead letters
-        decoded = decode_batch([r.value for r in records],
-                               [_content_type(r.headers) for r in records],
-                               input_shape=meta.input_shape, num_classes=meta.num_classes,
-                               max_bytes=self._max_value_bytes)
-        # 2. score the decodable samples in one onnxruntime run
-        t0 = time.perf_counter()
-        result = scorer.score(decoded.images, decoded.labels)
-        m.inference_duration.labels(scorer.provider).observe(time.perf_counter() - t0)
-        n_quarantined = int(result.poisoned.sum())
-
-        # 3. circuit breaker: a batch that trips it is handed back, not quarantined
-        if self.breaker.observe(len(decoded.labels), n_quarantined, time.monotonic()):
-            self._trip(consumer, records)
-            return
-        m.poison_rate.set(self.breaker.rate)
-
-        # 4. route: destinations and headers for the whole batch
-        plan = router.plan(
-            router.Verdicts(n=n, index=decoded.index, labels=decoded.labels, score=result.score,
-                            poisoned=result.poisoned, threshold=result.threshold,
-                            p_value=result.p_value,
-                            failures=[(f.index, f.reason, f.message) for f in decoded.failures]),
-            router.Provenance(
-                topics=[r.topic for r in records],
-                partitions=np.fromiter((r.partition for r in records), np.int64, n),
-                offsets=np.fromiter((r.offset for r in records), np.int64, n),
-                timestamps_ms=np.fromiter((r.timestamp for r in records), np.int64, n)),
-            meta.model_version, scorer.sha256)
-
-        # 5. produce every record, then 6. commit the batch's offsets (or both in one transaction)
-        offsets = _next_offsets(records)
-        if self.cfg.exactly_once:
-            self._deliver_transaction(producer, consumer, records, plan, offsets)
-        else:
-            self._deliver(producer, records, plan)
-            self._commit(consumer, offsets)
-        self._account(records, decoded.failures, decoded.labels, result, plan)
-
-    def _send_all(self, producer: KafkaProducer, records: list[ConsumerRecord],
-                  plan: router.RoutePlan, which: Iterable[int]) -> list[tuple[int, Any]]:
-        """Send records ``which`` of the batch; each output keeps its source partition (modulo
-        the output topic's count), which preserves per-key order and skips per-record hashing."""
-        topics = (self.cfg.clean_topic, self.cfg.quarantine_topic, self.cfg.dlq_topic)
-        n_parts = [len(producer.partitions_for(t)) for t in topics]
-        dest = plan.destination.tolist()
-        futures = []
-        for i in which:
-            r, d = records[i], dest[i]
-            value = r.value
-            if (value is None and r.key is None) or (value is not None
-                                                     and len(value) > self._max_value_bytes):
-                value = b""  # a keyless tombstone cannot be sent; an oversize value cannot either
-            futures.append((i, producer.send(topics[d], value=value, key=r.key,
-                                             headers=list(r.headers or ()) + plan.headers[i],
-                                             partition=r.partition % n_parts[d])))
-        return futures
-
-    def _deliver(self, producer: KafkaProducer, records: list[ConsumerRecord],
-                 plan: router.RoutePlan) -> None:
-        """Produce the batch and wait for every ack; retry the failed records with backoff."""
-        pending: list[int] = list(range(len(records)))
-        for attempt in range(self.cfg.produce_retries + 1):
-            futures = self._send_all(producer, records, plan, pending)
-            producer.flush()
-            failed = [(i, f.exception) for i, f in futures if f.failed()]
-            if not failed:
-                return
-            pending = [i for i, _ in failed]
-            self.metrics.produce_retries.inc()
-            log.warning("%d of %d records not acknowledged (%s); retry %d", len(failed),
-                        len(records), failed[0][1], attempt + 1)
-            time.sleep(min(5.0, 0.1 * 2 ** attempt))
-        raise DeliveryError(f"{len(pending)} records could not be produced after "
-                            f"{self.cfg.produce_retries} retries; their batch was not committed")
-
-    def _deliver_transaction(self, producer: KafkaProducer, consumer: KafkaConsumer,
-                             records: list[ConsumerRecord], plan: router.RoutePlan,
-                             offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        """Outputs and input offsets in one transaction; a failed one is aborted and redone."""
-        for attempt in range(self.cfg.produce_retries + 1):
-            producer.begin_transaction()
-            try:
-                self._send_all(producer, records, plan, range(len(records)))
-                producer.send_offsets_to_transaction(offsets, consumer.group_metadata())
-                producer.commit_transaction()
-            except KafkaError as exc:
-                producer.abort_transaction()
-                self.metrics.commit_failures.inc()
-                log.warning("transaction aborted (%s); retry %d", exc, attempt + 1)
-                time.sleep(min(5.0, 0.1 * 2 ** attempt))
-                continue
-            self._committed(offsets)
-            return
-        raise DeliveryError(f"transaction failed {self.cfg.produce_retries + 1} times; "
-                            "its batch was not committed")
-
-    def _commit(self, consumer: KafkaConsumer,
-                offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        try:
-            consumer.commit(offsets)
-        except KafkaError as exc:
-            # Typically a rebalance took the partitions: the new owner re-reads this batch.
-            self.metrics.commit_failures.inc()
-            log.warning("offset commit failed (%s); the batch will be delivered again", exc)
-            return
-        self._committed(offsets)
-
-    def _committed(self, offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
-        self.metrics.commits.inc()
-        self.metrics.last_batch_timestamp.set_to_current_time()
-        self._broker_ok_at = time.monotonic()
-
-    def _account(self, records: list[ConsumerRecord], failures: list[Any], labels: np.ndarray,
-                 result: ScoreResult, plan: router.RoutePlan) -> None:
-        m, counts = self.metrics, plan.counts()
-        m.records_consumed.labels(self.cfg.ingest_topic).inc(len(records))
-        now_ms = time.time() * 1000
-        observe_many(m.end_to_end_latency,
-                     (now_ms - np.fromiter((r.timestamp for r in records), np.float64,
-                                           len(records))) / 1000)
-        observe_many(m.score, result.score)
-        for name, count in counts.items():
-            m.records_routed.labels(name).inc(count)
-        for reason, count in Counter(f.reason for f in failures).items():
-            m.dead_lettered.labels(reason).inc(count)
-        per_label = np.bincount(labels[result.poisoned], minlength=self.scorer.metadata.num_classes)
-        for label in np.flatnonzero(per_label).tolist():
-            m.quarantined_by_label.labels(str(label)).inc(int(per_label[label]))
-        self.stats.consumed += len(records)
-        self.stats.clean += counts["clean"]
-        self.stats.quarantined += counts["quarantine"]
-        self.stats.dead_lettered += counts["dlq"]
-        self.stats.batches += 1
-
-    # ------------------------------------------------------------------ breaker, lag, model
-
-    def _trip(self, consumer: KafkaConsumer, records: list[ConsumerRecord]) -> None:
-        self._hand_back(consumer, records)
-        self._pause(consumer)
+    def _trip(self, source: Source, batch: RecordBatch) -> None:
+        source.rewind(batch.first_offsets())
+        source.pause("breaker")
         self.stats.breaker_trips += 1
         self.metrics.circuit_trips.inc()
         self.metrics.circuit_open.set(1)
@@ -408,11 +363,11 @@ class StreamFilter:
             "circuit breaker OPEN: %.0f%% of the last %d scored samples would be quarantined "
             "(limit %.0f%%); consumption paused, the batch was not routed. Check the model, then "
             "resume with `touch %s` or wait %.0f s", 100 * self.breaker.rate,
-            self.cfg.breaker_window, 100 * self.cfg.breaker_max_rate,
+            self.breaker.samples, 100 * self.cfg.breaker_max_rate,
             Path(self.cfg.control_dir or "<control_dir>") / RESUME_FLAG,
             self.cfg.breaker_cooldown_s)
 
-    def _maybe_close_breaker(self, consumer: KafkaConsumer) -> None:
+    def _maybe_close_breaker(self, source: Source) -> None:
         if not self.breaker.is_open:
             return
         flag = Path(self.cfg.control_dir) / RESUME_FLAG if self.cfg.control_dir else None
@@ -422,75 +377,36 @@ class StreamFilter:
         if flag is not None:
             flag.unlink(missing_ok=True)
         self.breaker.close()
-        consumer.resume(*consumer.paused())
+        source.resume("breaker")
         self.metrics.circuit_open.set(0)
         log.warning("circuit breaker closed (%s); consumption resumed",
                     "operator" if operator else "cooldown elapsed")
 
-    @staticmethod
-    def _hand_back(consumer: KafkaConsumer, records: list[ConsumerRecord]) -> None:
-        """Rewind each partition to the first record of the batch so it is consumed again."""
-        first: dict[TopicPartition, int] = {}
-        for r in records:
-            first.setdefault(TopicPartition(r.topic, r.partition), r.offset)
-        for tp, offset in first.items():
-            consumer.seek(tp, offset)
-
-    @staticmethod
-    def _pause(consumer: KafkaConsumer) -> None:
-        consumer.pause(*consumer.assignment())
-
-    def _maybe_update_lag(self, consumer: KafkaConsumer) -> None:
-        now = time.monotonic()
-        assigned = consumer.assignment()
-        if now < self._next_lag_check or not assigned:
-            return
-        self._next_lag_check = now + self.cfg.lag_interval_s
+    def _load_model(self, path: Path) -> Detector:
         try:
-            ends = consumer.end_offsets(list(assigned), timeout_ms=2000)  # also the broker probe
-            # Fetch responses carry the high watermark too; Tansu's ListOffsets answer lags
-            # behind it, so take whichever is further.
-            lags = {tp: max(0, max(end, consumer.highwater(tp) or 0)
-                            - consumer.position(tp, timeout_ms=2000))
-                    for tp, end in ends.items()}
-        except KafkaError as exc:
-            log.warning("could not read end offsets for the lag metric: %s", exc)
-            return
-        self.metrics.consumer_lag.clear()  # drops partitions this member no longer owns
-        for tp, lag in lags.items():
-            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(lag)
-        self._broker_ok_at = now
+            return Detector.load(path, device=self.cfg.device, require_gpu=self.cfg.require_gpu,
+                                 verify_card=self.cfg.verify_card)
+        except ModelLoadError as exc:
+            self.metrics.model_rejections.labels(exc.reason).inc()
+            raise
 
-    def _load_model(self, path: Path) -> Scorer:
-        return Scorer.load(path, device=self.cfg.device, require_gpu=self.cfg.require_gpu,
-                           verify_card=self.cfg.verify_card)
+    def _reload_outcome(self, outcome: str) -> None:
+        self.metrics.model_reloads.labels(outcome).inc()
 
-    def _publish_model(self, scorer: Scorer) -> None:
-        meta, m = scorer.metadata, self.metrics
+    def _publish_model(self, det: Detector) -> None:
+        meta, m = det.metadata, self.metrics
         m.model_info.info({
-            "version": meta.model_version, "sha256": scorer.sha256, "provider": scorer.provider,
+            "version": meta.model_version, "sha256": det.sha256, "provider": det.provider,
             "score_kind": meta.score_kind, "dataset": meta.dataset,
         })
-        m.provider_fallback.set(1 if scorer.provider_fallback else 0)
+        m.provider_fallback.set(1 if det.provider_fallback else 0)
         m.detection_boundary.set(meta.boundary.global_)
+        m.target_fpr.set(meta.target_fpr)
         # Export zeros for every series a dashboard or alert divides by, so that rate() and the
         # per-class panels have a baseline before the first record of each kind arrives.
         m.records_consumed.labels(topic=self.cfg.ingest_topic)
-        m.inference_duration.labels(provider=scorer.provider)
+        m.inference_duration.labels(provider=det.provider)
         for label in range(meta.num_classes):
             m.quarantined_by_label.labels(label=str(label))
-
-
-def _content_type(headers: list[tuple[str, bytes]] | None) -> bytes | None:
-    for key, value in headers or ():
-        if key == H.CONTENT_TYPE:
-            return value
-    return None
-
-
-def _next_offsets(records: list[ConsumerRecord]) -> dict[TopicPartition, OffsetAndMetadata]:
-    """Offset to commit per partition: one past the last record of the batch."""
-    last: dict[TopicPartition, int] = {}
-    for r in records:
-        last[TopicPartition(r.topic, r.partition)] = r.offset
-    return {tp: OffsetAndMetadata(off + 1, "", -1) for tp, off in last.items()}
+        for reason in det.reason_names:
+            m.quarantined_by_reason.labels(reason=reason)

@@ -42,6 +42,11 @@ class CircuitBreaker:
         return self.opened_at is not None
 
     @property
+    def samples(self) -> int:
+        """Scored samples currently in the window (fewer than ``window`` early on)."""
+        return self._scored
+
+    @property
     def rate(self) -> float:
         """Quarantined fraction of the samples in the window (0 when the window is empty)."""
         return self._quarantined / self._scored if self._scored else 0.0

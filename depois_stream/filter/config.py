@@ -1,10 +1,14 @@
-"""Consumer settings from (highest precedence first) flags, ``DEPOIS_*`` env vars, a config file.
+"""Every setting of the stream filter, declared once: type, default, meaning.
 
-The config file is itself a setting (``--config`` / ``DEPOIS_CONFIG_FILE``) in YAML, TOML or JSON,
-chosen by extension, with the same field names as the flags (``batch_size: 256``). Anything
-wrong (unknown key, bad value, unreadable file, Kafka option the client does not know) is a
-``ConfigError`` at start-up whose message names the setting and what to do, never a traceback
-halfway through a stream.
+Sources, highest precedence first: command-line flags, ``DEPOIS_<NAME>`` environment variables,
+a config file (``--config`` / ``DEPOIS_CONFIG_FILE``: YAML, TOML or JSON by extension, the same
+snake_case names, dashes allowed), then the defaults below. ``depois-stream run``'s flags and
+their ``--help`` are generated from this class (``filter.options``), so a setting, its default
+and its help text cannot drift apart.
+
+Anything wrong (unknown key, bad value, unreadable file, a Kafka option the chosen client does
+not know or that the filter owns) is a ``ConfigError`` at start-up whose message names the
+setting and what to do, never a traceback halfway through a stream.
 """
 
 from __future__ import annotations
@@ -15,67 +19,107 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
 )
 
-# Kafka client options a deployment may pass through (security and network tuning); the
-# consumer owns everything that decides delivery semantics (commits, acks, idempotence).
-_OWNED_KAFKA_KEYS = frozenset({
-    "bootstrap_servers", "client_id", "group_id", "enable_auto_commit", "enable_idempotence",
-    "acks", "transactional_id", "isolation_level", "key_deserializer", "value_deserializer",
-    "key_serializer", "value_serializer", "max_poll_records", "auto_offset_reset",
-    "session_timeout_ms", "heartbeat_interval_ms", "linger_ms", "batch_size",
-})
-
 
 class ConfigError(ValueError):
-    """Invalid consumer configuration; the message says which setting and how to fix it."""
+    """Invalid configuration; the message says which setting and how to fix it."""
+
+
+def flag(name: str, *alias: str) -> dict[str, Any]:
+    """``json_schema_extra`` naming a setting's command-line flag(s), when not ``--<name>``."""
+    return {"flags": (name, *alias)}
 
 
 class ConsumerConfig(BaseSettings):
-    """Everything `depois-stream run` needs; see docs/consumer.md for the semantics."""
+    """Everything `depois-stream run` needs; docs/consumer.md explains the semantics."""
 
     model_config = SettingsConfigDict(env_prefix="DEPOIS_", extra="forbid")
 
-    config_file: Path | None = None
-    bootstrap_servers: str = "127.0.0.1:9092"
-    model_path: Path
-    verify_card: bool = True
-    ingest_topic: str = "depois.ingest"
-    clean_topic: str = "depois.clean"
-    quarantine_topic: str = "depois.quarantine"
-    dlq_topic: str = "depois.dlq"
-    group_id: str = "depois-stream"
-    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    batch_size: int = Field(512, ge=1, le=65536)
-    linger_ms: int = Field(50, ge=0)
-    device: Literal["auto", "cuda", "cpu"] = "auto"
-    require_gpu: bool = False
-    exactly_once: bool = False
-    transactional_id: str | None = None
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(9108, ge=0, le=65535)
-    session_timeout_ms: int = Field(45000, ge=1000)
-    heartbeat_interval_ms: int = Field(3000, ge=100)
-    breaker_window: int = Field(1000, ge=1)
-    breaker_max_rate: float = Field(0.5, gt=0.0, le=1.0)
-    breaker_min_samples: int = Field(200, ge=1)
-    breaker_cooldown_s: float = Field(300.0, ge=0.0)
-    control_dir: Path | None = None
-    reload_interval_s: float = Field(5.0, ge=0.0)
-    lag_interval_s: float = Field(10.0, gt=0.0)
-    produce_retries: int = Field(5, ge=0)
-    kafka: dict[str, Any] = Field(default_factory=dict)
-    exit_when_idle_s: float | None = Field(None, gt=0.0)
-
-    @field_validator("kafka")
-    @classmethod
-    def _passthrough_only(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from depois_stream.filter.kafka_options import check_passthrough
-
-        return check_passthrough(v, _OWNED_KAFKA_KEYS, "are set by depois-stream itself (use its own flags)")
+    config_file: Path | None = Field(None, description=(
+        "YAML, TOML or JSON file with any of these settings (snake_case keys). Precedence: "
+        "flags > DEPOIS_* env > this file > defaults."), json_schema_extra=flag("--config", "-c"))
+    model_path: Path = Field(description=(
+        "ONNX model exported by `depois-train export-onnx`; its model.card.json must sit "
+        "beside it. Replacing the file hot-reloads it."),
+        json_schema_extra=flag("--model-path", "-m"))
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap host:port list.")
+    client: Literal["kafka-python", "confluent-kafka", "auto"] = Field(
+        "kafka-python", description=(
+            "Kafka client library: kafka-python (pure Python) or confluent-kafka (librdkafka, "
+            "several times cheaper per record; pip install 'depois-stream[fast]'); auto takes "
+            "confluent-kafka when it is installed."))
+    ingest_topic: str = Field("depois.ingest", description="Topic the samples arrive on.")
+    clean_topic: str = Field("depois.clean", description="Where samples that pass go.")
+    quarantine_topic: str = Field("depois.quarantine", description="Where suspected poisons go.")
+    dlq_topic: str = Field("depois.dlq", description="Where undecodable records go.")
+    group_id: str = Field("depois-stream", description=(
+        "Consumer group; start more processes with the same id to scale out."))
+    auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description=(
+        "Where a new group starts: earliest (filters the backlog) or latest."))
+    batch_size: int = Field(512, ge=1, le=65536, description="Records scored per batch.")
+    linger_ms: int = Field(50, ge=0, description=(
+        "Wait at most this long for a batch to fill once its first record arrived."))
+    max_in_flight: int = Field(4, ge=1, le=64, description=(
+        "Batches whose outputs may be awaiting acknowledgement while the next ones are read "
+        "and scored (offsets are committed in order, never ahead of an acknowledgement)."))
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
+        "auto (CUDA when onnxruntime offers it), cuda or cpu. The provider actually used is "
+        "logged and exported as depois_model_info."))
+    require_gpu: bool = Field(False, description="Refuse to start unless scoring runs on CUDA.",
+                              json_schema_extra=flag("--require-gpu/--allow-cpu"))
+    verify_card: bool = Field(True, description=(
+        "Check the model's sha256 against its model card."),
+        json_schema_extra=flag("--verify-card/--no-verify-card"))
+    exactly_once: bool = Field(False, description=(
+        "Produce outputs and commit offsets in one Kafka transaction per batch (default: "
+        "at-least-once). See docs/consumer.md for the Tansu caveat."),
+        json_schema_extra=flag("--exactly-once/--at-least-once"))
+    transactional_id: str | None = Field(None, description=(
+        "Stable transactional.id for --exactly-once (default: group id + random)."))
+    metrics_host: str = Field("127.0.0.1", description=(
+        "Bind address of /metrics, /healthz, /readyz (0.0.0.0 in a container)."))
+    metrics_port: int | None = Field(9108, ge=0, le=65535, description=(
+        "Port of the HTTP endpoint (0 = any free port)."))
+    session_timeout_ms: int = Field(10000, ge=1000, description=(
+        "Group session timeout: how long the group waits for a member that stopped "
+        "heartbeating (a crashed member's partitions move after this)."))
+    heartbeat_interval_ms: int = Field(1000, ge=100, description="Group heartbeat interval.")
+    delivery_timeout_ms: int = Field(30000, ge=1000, description=(
+        "How long one attempt to produce a record may take before it counts as failed and "
+        "its batch is sent again."))
+    produce_retries: int | None = Field(None, ge=0, description=(
+        "Give up (exit 1, nothing committed past the failure) after this many consecutive "
+        "failed attempts; unset retries until the broker takes the batch."))
+    retry_backoff_max_s: float = Field(30.0, gt=0.0, description=(
+        "Longest wait between two attempts (the wait doubles from 0.5 s)."))
+    startup_timeout_s: float = Field(30.0, gt=0.0, description=(
+        "How long start-up waits for the broker before it gives up with exit code 2."))
+    breaker_window: int = Field(1000, ge=1, description=(
+        "Samples the poison rate is computed over."))
+    breaker_max_rate: float = Field(0.5, gt=0.0, le=1.0, description=(
+        "Pause consumption when more than this fraction would be quarantined (1.0 disables)."))
+    breaker_min_samples: int = Field(200, ge=1, description=(
+        "Samples needed before the breaker may open."))
+    breaker_cooldown_s: float = Field(300.0, ge=0.0, description=(
+        "An open breaker resumes by itself after this."))
+    control_dir: Path | None = Field(None, description=(
+        "Operator folder: `touch DIR/resume` closes an open circuit breaker."))
+    reload_interval_s: float = Field(5.0, ge=0.0, description=(
+        "How often to check the model file for a new version."))
+    lag_interval_s: float = Field(10.0, gt=0.0, description=(
+        "How often to refresh the consumer lag metrics."))
+    probe_interval_s: float = Field(5.0, gt=0.0, description=(
+        "How often to probe the broker directly for /readyz and depois_broker_up."))
+    kafka: dict[str, Any] = Field(default_factory=dict, description=(
+        "Extra client option KEY=VALUE, repeatable: kafka-python names (security_protocol, "
+        "sasl_mechanism, ssl_cafile, max_request_size, ...) or librdkafka's dotted names with "
+        "--client confluent-kafka. Options that decide delivery semantics are refused."))
+    exit_when_idle_s: float | None = Field(None, gt=0.0, description=(
+        "Exit 0 after this many seconds without records (demos and tests)."))
 
     @model_validator(mode="after")
     def _consistent(self) -> "ConsumerConfig":
@@ -84,6 +128,13 @@ class ConsumerConfig(BaseSettings):
         topics = [self.ingest_topic, self.clean_topic, self.quarantine_topic, self.dlq_topic]
         if len(set(topics)) != len(topics):
             raise ValueError(f"ingest, clean, quarantine and dlq topics must differ, got {topics}")
+        if self.kafka:
+            from depois_stream.filter.clients import ClientUnavailable, make_client
+
+            try:
+                make_client(self.client).check_options(self.kafka)
+            except ClientUnavailable as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     def effective_transactional_id(self) -> str:
@@ -146,14 +197,27 @@ def _toml_loads(text: str) -> Any:
     return tomllib.loads(text)
 
 
+def describe_errors(exc: ValidationError) -> str:
+    """A pydantic error as one line: ``setting: problem; ...`` (no URLs, no input dump)."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
+                     for e in exc.errors(include_url=False, include_input=False))
+
+
 def load_config(**overrides: Any) -> ConsumerConfig:
     """Build the config from flags (``overrides``; ``None`` means "not given"), env and file."""
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
         return ConsumerConfig(**given)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
         raise ConfigError(
-            f"invalid configuration: {problems} (set it with a flag, a DEPOIS_<NAME> env "
-            "variable or the config file)") from exc
+            f"invalid configuration: {describe_errors(exc)} (set it with a flag, a "
+            "DEPOIS_<NAME> env variable or the config file)") from None
+    except ValueError as exc:  # e.g. DEPOIS_KAFKA is not JSON (pydantic-settings' SettingsError)
+        raise ConfigError(f"invalid configuration: {_first_line(exc)} (complex settings such "
+                          "as DEPOIS_KAFKA are JSON: DEPOIS_KAFKA='{\"security_protocol\": "
+                          "\"SSL\"}')") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

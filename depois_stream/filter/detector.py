@@ -1,12 +1,21 @@
-"""Load a De-Pois ONNX model, check it against the contract, and score batches with onnxruntime.
+"""The De-Pois detector as one object: load a model file, score and judge (image, label) pairs.
+
+This is the public Python API (``from depois_stream import Detector``) for filtering data
+in-process, in the style of alibi-detect's detectors, and the very object the stream filter
+scores with, so a notebook and the Kafka service cannot disagree about a sample::
+
+    det = Detector.load("model.onnx")
+    pred = det.predict(images, labels)      # verdicts, scores, thresholds, p-values, reasons
+    keep = ~pred.poisoned
 
 A model that is missing, half-copied, tampered with or exported by an incompatible trainer must
-stop the consumer at start-up rather than quietly mis-route a stream, so every check here ends in
-a ``ModelLoadError`` whose message names the problem and the fix.
+stop a consumer at start-up rather than quietly mis-route a stream, so every check here ends in
+a ``ModelLoadError`` whose message names the problem and the fix, and whose ``reason`` is a
+bounded code (card, contract, load) for the metrics.
 
 onnxruntime-gpu falls back to CPU without raising when the CUDA libraries are missing; the only
 reliable truth is ``session.get_providers()`` after the session exists, so that is what
-``Scorer.provider`` reports and what ``--require-gpu`` checks.
+``Detector.provider`` reports and what ``require_gpu`` checks.
 """
 
 from __future__ import annotations
@@ -18,10 +27,11 @@ from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
+from pydantic import ValidationError
 
 from depois_stream.contract import (
-    INPUT_IMAGE, INPUT_LABEL, OUTPUT_EVIDENCE, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE, ContractError,
-    ModelCard, ModelMetadata, card_path_for, sha256_file,
+    INPUT_IMAGE, INPUT_LABEL, OUTPUT_EVIDENCE, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE,
+    ContractError, ModelCard, ModelMetadata, card_path_for, sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -39,20 +49,43 @@ _EXPECTED_OUTPUTS = {
     OUTPUT_EVIDENCE: ("tensor(float)", 2),
 }
 
+REASON_BELOW_BOUNDARY = "below_boundary"  # the reason of a model that names no evidence members
+
 
 class ModelLoadError(Exception):
-    """The model cannot be served; the message says what to fix."""
+    """The model cannot be served; the message says what to fix, ``reason`` is a bounded code
+    (signature, card, contract, load) for ``depois_model_rejections_total``."""
+
+    def __init__(self, message: str, reason: str = "load") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
-class ScoreResult:
+class Prediction:
     """Per-sample outputs of one batch, aligned with the input rows."""
 
     score: np.ndarray  # float32 [N], higher = more trustworthy
-    poisoned: np.ndarray  # bool [N]
-    p_value: np.ndarray | None  # float32 [N] when the model exports it
+    poisoned: np.ndarray  # bool [N]: score below its threshold
     threshold: np.ndarray  # float32 [N]: boundary applied to each sample (its class's if per class)
-    evidence: np.ndarray | None = None  # float32 [N, K]: per-member p-values when the model has them
+    p_value: np.ndarray | None  # float32 [N]: conformal p-value, when the model exports it
+    evidence: np.ndarray | None  # float32 [N, K]: per-member p-values, when the model has them
+    reason_names: tuple[str, ...]  # the evidence members (or just below_boundary)
+
+    @property
+    def reason_index(self) -> np.ndarray:
+        """Per sample, the index in ``reason_names`` of the member with the smallest p-value
+        (the evidence that fired); 0 when the model names no members."""
+        if self.evidence is None or self.evidence.shape[1] == 0:
+            return np.zeros(len(self.score), dtype=np.int64)
+        return np.argmin(self.evidence, axis=1)
+
+    @property
+    def reasons(self) -> list[str]:
+        """Per sample, why it is suspect ("" for samples that passed)."""
+        names = self.reason_names
+        return [names[k] if bad else "" for k, bad in
+                zip(self.reason_index.tolist(), self.poisoned.tolist())]
 
 
 def requested_providers(device: Device, available: list[str]) -> list[str]:
@@ -73,7 +106,7 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
-class Scorer:
+class Detector:
     """One onnxruntime session plus the contract metadata read from the same file."""
 
     def __init__(self, session: ort.InferenceSession, metadata: ModelMetadata, path: Path,
@@ -88,78 +121,121 @@ class Scorer:
         # A fallback only counts (metric, warning, alert) when a GPU was demanded: `auto` on a
         # CPU host with the onnxruntime-gpu wheel is a normal CPU deployment, not a fault.
         self.provider_fallback = self.cuda_unavailable and device == "cuda"
-        self.has_p_value = OUTPUT_P_VALUE in {o.name for o in session.get_outputs()}
         names = {o.name for o in session.get_outputs()}
+        self.has_p_value = OUTPUT_P_VALUE in names
         self.has_evidence = OUTPUT_EVIDENCE in names and bool(metadata.evidence_members)
         self._outputs = [OUTPUT_SCORE, OUTPUT_POISONED]
         if self.has_p_value:
             self._outputs.append(OUTPUT_P_VALUE)
         if self.has_evidence:
             self._outputs.append(OUTPUT_EVIDENCE)
+        self.reason_names: tuple[str, ...] = (metadata.evidence_members if self.has_evidence
+                                              else (REASON_BELOW_BOUNDARY,))
 
     @classmethod
     def load(cls, path: str | Path, device: Device = "auto", require_gpu: bool = False,
-             verify_card: bool = True) -> "Scorer":
+             verify_card: bool = True) -> Detector:
+        """Open and verify a model exported by ``depois-train export-onnx``.
+
+        Checks, in order: the file exists; its sha256 matches the model card beside it (unless
+        ``verify_card=False``); onnxruntime can load it; its inputs, outputs and ``depois.*``
+        metadata honour the contract; its ``poisoned`` output agrees with the metadata boundary.
+        """
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(
                 f"model file {path} does not exist: train and export one with "
-                "`depois-train all` (or pass --model-path / DEPOIS_MODEL_PATH)")
+                "`depois-train all` (or pass --model-path / DEPOIS_MODEL_PATH)", "load")
         sha = sha256_file(path)
         if verify_card:
             _verify_card(path, sha)
         requested = requested_providers(device, ort.get_available_providers())
-        try:
-            session = ort.InferenceSession(str(path), session_options(), providers=requested)
-        except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
-            raise ModelLoadError(
-                f"onnxruntime cannot load {path} ({exc}); the file is not a valid ONNX model, "
-                "re-export it with `depois-train export-onnx`") from exc
+        session = _open_session(path, requested, quiet=device == "auto" and requested[0] == CUDA)
         _check_io(session, path)
         try:
             meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
         except ContractError as exc:
-            raise ModelLoadError(f"{path}: {exc}") from exc
+            raise ModelLoadError(f"{path}: {exc}", "contract") from exc
         _check_shape(session, meta, path)
-        scorer = cls(session, meta, path, sha, requested, device)
-        if scorer.provider_fallback:
+        det = cls(session, meta, path, sha, requested, device)
+        if det.provider_fallback:
             log.warning("model %s: --device cuda was requested but onnxruntime runs on %s (CUDA "
-                        "libraries missing or no GPU visible)", path.name, scorer.provider)
-        elif scorer.cuda_unavailable:
+                        "libraries missing or no GPU visible)", path.name, det.provider)
+        elif det.cuda_unavailable:
             log.info("model %s: no usable CUDA, scoring on %s (device auto)", path.name,
-                     scorer.provider)
-        if require_gpu and scorer.provider != CUDA:
+                     det.provider)
+        if require_gpu and det.provider != CUDA:
             raise ModelLoadError(
-                f"--require-gpu is set but onnxruntime runs {path.name} on {scorer.provider}: "
+                f"--require-gpu is set but onnxruntime runs {path.name} on {det.provider}: "
                 "install the CUDA and cuDNN libraries that onnxruntime-gpu needs and make a GPU "
-                "visible, or drop --require-gpu to accept CPU scoring")
-        scorer._check_boundary_agrees()
+                "visible, or drop --require-gpu to accept CPU scoring", "load")
+        det._check_boundary_agrees()
         log.info("loaded model %s version=%s sha256=%s provider=%s", path.name,
-                 meta.model_version, sha[:12], scorer.provider)
-        return scorer
+                 meta.model_version, sha[:12], det.provider)
+        return det
 
-    def score(self, images: np.ndarray, labels: np.ndarray) -> ScoreResult:
-        """Score one batch in a single onnxruntime run (an empty batch costs nothing)."""
+    # ---------------------------------------------------------------- the detector API
+
+    def score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Score per sample, float32 [N]: higher means more like trusted data."""
+        return self.predict(images, labels).score
+
+    def predict(self, images: np.ndarray, labels: np.ndarray) -> Prediction:
+        """Verdicts and everything behind them for a batch of samples.
+
+        ``images``: [N, C, H, W] (or [N, H, W] for one channel), float in [0, 1] or uint8
+        0..255; ``labels``: [N] integers, the labels the samples claim. One onnxruntime run.
+        """
+        return self.run(*self._prepare(images, labels))
+
+    def run(self, images: np.ndarray, labels: np.ndarray) -> Prediction:
+        """``predict`` for inputs already in the contract's form (float32 [N, C, H, W] in
+        [0, 1], int64 labels), as the stream filter's decoder produces them."""
         labels = np.ascontiguousarray(labels, dtype=np.int64)
         threshold = np.asarray(self.metadata.boundary.for_labels(labels), dtype=np.float32)
         if len(labels) == 0:
             empty = np.zeros(0, dtype=np.float32)
             members = len(self.metadata.evidence_members)
-            return ScoreResult(empty, np.zeros(0, dtype=bool),
-                               empty if self.has_p_value else None, threshold,
-                               np.zeros((0, members), np.float32) if self.has_evidence else None)
+            return Prediction(empty, np.zeros(0, dtype=bool), threshold,
+                              empty if self.has_p_value else None,
+                              np.zeros((0, members), np.float32) if self.has_evidence else None,
+                              self.reason_names)
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.provider == CUDA:
             outs = self._run_io_binding(images, labels)
         else:
             outs = self.session.run(self._outputs, {INPUT_IMAGE: images, INPUT_LABEL: labels})
-        return ScoreResult(
+        return Prediction(
             score=np.asarray(outs[0], dtype=np.float32),
             poisoned=np.asarray(outs[1], dtype=bool),
-            p_value=np.asarray(outs[2], dtype=np.float32) if self.has_p_value else None,
             threshold=threshold,
+            p_value=np.asarray(outs[2], dtype=np.float32) if self.has_p_value else None,
             evidence=np.asarray(outs[-1], dtype=np.float32) if self.has_evidence else None,
+            reason_names=self.reason_names,
         )
+
+    def _prepare(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Public inputs -> the contract's (float32 [N, C, H, W] in [0, 1], int64 [N])."""
+        x = np.asarray(images)
+        y = np.asarray(labels)
+        shape = tuple(self.metadata.input_shape)
+        if x.ndim == 3 and shape[0] == 1:
+            x = x[:, None]
+        if x.ndim != 4 or tuple(x.shape[1:]) != shape:
+            raise ValueError(f"images must be [N, {', '.join(map(str, shape))}] for this model "
+                             f"(or [N, {shape[1]}, {shape[2]}] when it has one channel), got "
+                             f"{list(x.shape)}")
+        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"labels must be {len(x)} integers, got {y.dtype} {list(y.shape)}")
+        if len(y) and (y.min() < 0 or y.max() >= self.metadata.num_classes):
+            raise ValueError(f"labels must be in 0..{self.metadata.num_classes - 1}")
+        if x.dtype == np.uint8:
+            x = x.astype(np.float32) / np.float32(255)
+        x = x.astype(np.float32, copy=False)
+        if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+            raise ValueError("float images must be finite and scaled to [0, 1] "
+                             "(pass uint8 0..255 to have them divided by 255)")
+        return x, y.astype(np.int64)
 
     def _run_io_binding(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
         """Copy inputs to the GPU once and let outputs stay there until one copy back."""
@@ -177,19 +253,47 @@ class Scorer:
         shape = self.metadata.input_shape
         labels = np.arange(self.metadata.num_classes, dtype=np.int64)
         probe = np.linspace(0.0, 1.0, len(labels) * int(np.prod(shape)), dtype=np.float32)
-        res = self.score(probe.reshape(len(labels), *shape), labels)
+        res = self.run(probe.reshape(len(labels), *shape), labels)
         members = self.metadata.evidence_members
         if res.evidence is not None and res.evidence.shape != (len(labels), len(members)):
             raise ModelLoadError(
                 f"{self.path}: the `evidence` output has shape {list(res.evidence.shape)} for "
                 f"{len(labels)} samples but the metadata names {len(members)} members "
-                f"({', '.join(members)}); re-export the model")
+                f"({', '.join(members)}); re-export the model", "contract")
         expected = res.score < res.threshold
         clear = np.abs(res.score - res.threshold) > 1e-5 * (1.0 + np.abs(res.threshold))
         if np.any((res.poisoned != expected) & clear):
             raise ModelLoadError(
                 f"{self.path}: the graph's `poisoned` output disagrees with the boundary in its "
-                "depois.boundary metadata; re-export the model so both come from one calibration")
+                "depois.boundary metadata; re-export the model so both come from one calibration",
+                "contract")
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """One readable line from a pydantic error (no URLs, no dump of the input)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    e = errors[0]
+    where = ".".join(str(p) for p in e["loc"]) or "the file"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {e['msg']}{more}"
+
+
+def _open_session(path: Path, providers: list[str], quiet: bool) -> ort.InferenceSession:
+    """An onnxruntime session on ``providers``. ``quiet``: trying CUDA for ``--device auto``,
+    where a CPU-only host is normal, so onnxruntime's own error line about missing CUDA
+    libraries is silenced (the provider actually used is logged and exported instead)."""
+    if quiet:
+        ort.set_default_logger_severity(4)
+    try:
+        return ort.InferenceSession(str(path), session_options(), providers=providers)
+    except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"onnxruntime cannot load {path} ({first[:300]}); the file is not a valid ONNX "
+            "model, re-export it with `depois-train export-onnx`", "load") from None
+    finally:
+        if quiet:
+            ort.set_default_logger_severity(2)
 
 
 def _verify_card(path: Path, sha: str) -> None:
@@ -197,16 +301,21 @@ def _verify_card(path: Path, sha: str) -> None:
     if not card_path.is_file():
         raise ModelLoadError(
             f"model card {card_path} is missing: copy it together with {path.name} "
-            "(`depois-train export-onnx` writes both), or pass --no-verify-card to skip the check")
+            "(`depois-train export-onnx` writes both), or pass --no-verify-card to skip the check",
+            "card")
     try:
-        card = ModelCard.model_validate_json(card_path.read_text())
-    except ValueError as exc:
-        raise ModelLoadError(f"model card {card_path} is not valid: {exc}") from exc
+        card = ModelCard.model_validate_json(card_path.read_bytes())
+    except ValidationError as exc:
+        raise ModelLoadError(f"model card {card_path} is not valid ({_first_problem(exc)}); "
+                             "copy the card that was exported with the model", "card") from None
+    except OSError as exc:
+        raise ModelLoadError(f"model card {card_path} cannot be read ({exc.strerror})",
+                             "card") from None
     if card.onnx_sha256 != sha:
         raise ModelLoadError(
             f"{path.name} has sha256 {sha[:12]}… but its card {card_path.name} expects "
             f"{card.onnx_sha256[:12]}…: the file was modified or only partly copied; copy the "
-            "model and its card again, or re-export them together")
+            "model and its card again, or re-export them together", "card")
 
 
 def _check_io(session: ort.InferenceSession, path: Path) -> None:
@@ -220,8 +329,8 @@ def _check_io(session: ort.InferenceSession, path: Path) -> None:
         if missing:
             raise ModelLoadError(
                 f"{path}: graph lacks {kind}(s) {missing} (has {sorted(have)}); the runtime "
-                "contract is in depois_stream/contract.py; re-export with "
-                "`depois-train export-onnx`")
+                "contract is in depois_stream/contract/model.py; re-export with "
+                "`depois-train export-onnx`", "contract")
         for name, arg in have.items():
             if name not in expected:
                 continue
@@ -230,7 +339,7 @@ def _check_io(session: ort.InferenceSession, path: Path) -> None:
                 raise ModelLoadError(
                     f"{path}: {kind} {name!r} is {arg.type} of rank {len(arg.shape)}, the "
                     f"contract needs {dtype} of rank {rank}; re-export with "
-                    "`depois-train export-onnx`")
+                    "`depois-train export-onnx`", "contract")
 
 
 def _check_shape(session: ort.InferenceSession, meta: ModelMetadata, path: Path) -> None:
@@ -239,4 +348,5 @@ def _check_shape(session: ort.InferenceSession, meta: ModelMetadata, path: Path)
         if isinstance(got, int) and got != want:
             raise ModelLoadError(
                 f"{path}: graph input image is [N, {', '.join(map(str, graph_shape))}] but the "
-                f"metadata says input_shape {list(meta.input_shape)}; re-export the model")
+                f"metadata says input_shape {list(meta.input_shape)}; re-export the model",
+                "contract")

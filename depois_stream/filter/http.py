@@ -2,6 +2,14 @@
 
 prometheus-client's own server answers every path with metrics, which makes liveness and
 readiness probes meaningless; this one keeps the three apart while still using its exposition.
+
+* ``/healthz`` (liveness): 200 while the filter's loop keeps turning; 503 when it is wedged,
+  which is what a restart fixes.
+* ``/readyz`` (readiness): 200 when the model is loaded, the broker answered a direct probe
+  recently and the member is in its consumer group, with or without partitions: a standby
+  member of a group with more members than partitions is ready, or rollouts would never finish.
+Both answer JSON naming each check, so a failing probe says why; ``/readyz`` adds facts that
+are not conditions (``partitions_assigned``: how many partitions this member owns).
 """
 
 from __future__ import annotations
@@ -13,15 +21,16 @@ from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-Readiness = Callable[[], dict[str, bool]]
+Checks = Callable[[], dict[str, bool]]
 
 
 class HealthServer:
     """Serve metrics and probes from a daemon thread; ``port=0`` picks a free port."""
 
-    def __init__(self, registry: CollectorRegistry, readiness: Readiness,
-                 host: str = "127.0.0.1", port: int = 9108) -> None:
-        handler = _make_handler(registry, readiness)
+    def __init__(self, registry: CollectorRegistry, readiness: Checks,
+                 liveness: Checks = lambda: {}, host: str = "127.0.0.1", port: int = 9108,
+                 info: Callable[[], dict[str, object]] = lambda: {}) -> None:
+        handler = _make_handler(registry, readiness, liveness, info)
         self._server = ThreadingHTTPServer((host, port), handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="depois-http",
@@ -41,18 +50,22 @@ class HealthServer:
         self._server.server_close()
 
 
-def _make_handler(registry: CollectorRegistry, readiness: Readiness) -> type[BaseHTTPRequestHandler]:
+def _make_handler(registry: CollectorRegistry, readiness: Checks, liveness: Checks,
+                  info: Callable[[], dict[str, object]]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
-                self._send(200, b'{"status": "alive"}', "application/json")
+                checks = liveness()
+                ok = all(checks.values())
+                body = json.dumps({"status": "alive" if ok else "wedged", "checks": checks})
+                self._send(200 if ok else 503, body.encode(), "application/json")
             elif path == "/readyz":
                 checks = readiness()
                 ok = all(checks.values())
-                body = json.dumps({"ready": ok, "checks": checks}).encode()
+                body = json.dumps({"ready": ok, "checks": checks, **info()}).encode()
                 self._send(200 if ok else 503, body, "application/json")
             else:
                 self._send(404, b"not found: try /metrics, /healthz or /readyz\n", "text/plain")

@@ -3,7 +3,7 @@
 The watcher looks at the (mtime, size) of both the ONNX file and its model card, because a
 deployment copies the two separately: the model alone changing first (sha256 mismatch against the
 old card, rejected) must be retried once the card arrives. A candidate goes through the same
-``Scorer.load`` checks as at start-up; if it fails, the running model stays and the rejection is
+``Detector.load`` checks as at start-up; if it fails, the running model stays and the rejection is
 logged and counted, so a bad push cannot take the filter down. Only a file whose sha256 differs
 from the serving model's counts as a new model (touching the file does nothing).
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from depois_stream.contract import card_path_for, sha256_file
-from depois_stream.filter.detector import ModelLoadError, Scorer
+from depois_stream.filter.detector import ModelLoadError, Detector
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ def file_signature(*paths: Path) -> Signature:
 
 
 class ModelWatcher:
-    """Call ``poll()`` between batches; it returns a new ``Scorer`` when one was swapped in."""
+    """Call ``poll()`` between batches; it returns a new ``Detector`` when one was swapped in."""
 
-    def __init__(self, current: Scorer, load: Callable[[Path], Scorer], interval_s: float,
+    def __init__(self, current: Detector, load: Callable[[Path], Detector], interval_s: float,
                  on_outcome: Callable[[str], None] = lambda outcome: None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.current = current
@@ -51,7 +51,7 @@ class ModelWatcher:
         self._signature = file_signature(*self._paths)
         self._next_check = clock() + interval_s
 
-    def poll(self) -> Scorer | None:
+    def poll(self) -> Detector | None:
         now = self._clock()
         if now < self._next_check:
             return None

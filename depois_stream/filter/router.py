@@ -50,6 +50,7 @@ class Verdicts:
     threshold: np.ndarray  # float32 [m]
     p_value: np.ndarray | None  # float32 [m]
     failures: Sequence[tuple[int, str, str]]
+    reasons: Sequence[str] | None = None  # [m]: why a quarantined row is suspect ("" if clean)
 
 
 @dataclass(frozen=True)
@@ -92,12 +93,16 @@ def plan(verdicts: Verdicts, provenance: Provenance, model_version: str,
     index = verdicts.index.tolist()
     verdict = [VERDICTS[d] for d in dest[verdicts.index].tolist()]
     p_values = _ascii(verdicts.p_value) if verdicts.p_value is not None else None
+    reasons = verdicts.reasons
+    encoded = {r: r.encode() for r in set(reasons)} if reasons is not None else {}
     for row, (i, v, score, bound, label) in enumerate(zip(
             index, verdict, _ascii(verdicts.score), _ascii(verdicts.threshold),
             _ascii(verdicts.labels))):
         hdrs = [(H.VERDICT, v), (H.SCORE, score), (H.BOUNDARY, bound), (H.LABEL, label)]
         if p_values is not None:
             hdrs.append((H.P_VALUE, p_values[row]))
+        if reasons is not None and reasons[row]:
+            hdrs.append((H.REASON, encoded[reasons[row]]))
         out[i] = hdrs + model + source[i]
 
     for i, reason, message in verdicts.failures:

@@ -1,16 +1,27 @@
-"""`depois-stream produce`: publish a data set to the ingest topic, optionally poisoned.
+"""`depois-stream produce` and `depois-stream broker`: the simulation kit's commands.
 
-Registered on the main app in ``depois_stream.cli``; it lives in its own module so the
-producer's options and help stay next to each other and out of the consumer's command.
+``produce`` publishes a data set to the ingest topic, optionally poisoned; ``broker`` runs the
+local in-memory Tansu broker for demos and tests. Registered on the main app in
+``depois_stream.cli``.
 """
 
 from __future__ import annotations
 
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
+
+from depois_stream.filter.cli import EXIT_STARTUP, fail, stop_on_signals
+from depois_stream.filter.options import parse_pairs
+
+DEFAULT_TOPICS = ["depois.ingest", "depois.clean", "depois.quarantine", "depois.dlq",
+                  "depois.audit"]
+# What produce decides itself; the rest of --kafka passes through to kafka-python's producer.
+_PRODUCE_OWNED = frozenset({"bootstrap_servers", "acks", "client_id", "linger_ms",
+                            "key_serializer", "value_serializer"})
 
 
 class AttackChoice(str, Enum):
@@ -79,15 +90,20 @@ def produce(
     """
     from kafka.errors import KafkaError
 
-    from depois_stream.cli import _parse_kafka
+    from depois_stream.filter.clients.kafka_python import check_passthrough
     from depois_stream.sim.producer import attack_by_name, load_samples, produce as publish
 
+    options = parse_pairs("kafka", kafka)
+    try:  # before loading anything: a bad flag must not cost a data set load first
+        check_passthrough(options or {}, _PRODUCE_OWNED, "are set by produce itself")
+    except ValueError as exc:
+        raise fail("depois-stream produce", f"--kafka: {exc}", EXIT_STARTUP) from None
     try:
         data = load_samples(dataset, split.value, npz=npz, data_dir=data_dir)
         chosen = None if attack is AttackChoice.none else attack_by_name(attack.value, data.num_classes)
         sent = publish(bootstrap_servers, topic, data, attack=chosen, rate=rate, seed=seed,
                        encoding=encoding.value, dtype=dtype.value, malformed=malformed, limit=limit,
-                       partitions=partitions, kafka=_parse_kafka(kafka))
+                       partitions=partitions, kafka=options)
     except (ValueError, RuntimeError, OSError, KafkaError) as exc:
         typer.echo(f"depois-stream produce: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -96,3 +112,33 @@ def produce(
                f"{len(sent.malformed)} malformed")
     if manifest is not None:
         typer.echo(f"manifest: {sent.write(manifest)}")
+
+
+def broker(
+    port: int = typer.Option(0, help="Loopback port to listen on (0 = a free one)."),
+    create_topics: bool = typer.Option(
+        True, "--create-topics/--no-create-topics",
+        help="Create the default depois.* topics at start (Tansu cannot add partitions later)."),
+    partitions: int = typer.Option(
+        1, min=1, help="Partitions per created topic (= max consumers that share the work)."),
+    log_file: Optional[Path] = typer.Option(
+        None, help="Where the broker's own log goes (default: discarded)."),
+) -> None:
+    """Run the in-memory Tansu broker on 127.0.0.1 until Ctrl-C/SIGTERM (data is lost on stop)."""
+    from depois_stream.sim.broker import BrokerError, LocalBroker, create_topics as create
+
+    stop = stop_on_signals()
+    try:
+        local = LocalBroker(port=port or None, log_path=log_file).start()
+    except BrokerError as exc:
+        raise fail("depois-stream broker", str(exc), EXIT_STARTUP) from None
+    try:
+        if create_topics:
+            create(local.bootstrap, DEFAULT_TOPICS, partitions=partitions)
+        typer.echo(f"bootstrap: {local.bootstrap}")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+    finally:
+        local.stop()
+    typer.echo("broker stopped")

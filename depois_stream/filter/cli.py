@@ -1,0 +1,92 @@
+"""`depois-stream run`: the stream filter as a command; its flags come from ``ConsumerConfig``.
+
+Exit codes (also in docs/consumer.md and ``--help``): 0 stopped by SIGTERM/SIGINT or
+``--exit-when-idle-s`` with everything produced committed; 1 outputs could not be produced
+within ``--produce-retries`` (nothing past them committed); 2 start-up refused (configuration,
+model, unreachable broker, missing topic, busy metrics port), with one line saying what to fix.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import signal
+import threading
+from typing import Any
+
+import typer
+
+from depois_stream.filter.config import ConfigError, ConsumerConfig, load_config
+from depois_stream.filter.options import command, parse_pairs
+
+EXIT_DELIVERY = 1  # the broker would not take the output: nothing was committed past it
+EXIT_STARTUP = 2  # configuration, model or start-up problem: fix and restart
+
+log = logging.getLogger("depois_stream")
+
+
+def stop_on_signals() -> threading.Event:
+    """SIGTERM and SIGINT ask for a graceful stop: finish the batch, commit, leave the group."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("%s received: finishing the batches in flight, committing, leaving the group",
+                 signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    return stop
+
+
+def fail(program: str, message: str, code: int) -> typer.Exit:
+    typer.echo(f"{program}: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _run(log_level: str, **settings: Any) -> None:
+    """Filter the ingest topic until SIGTERM/SIGINT (which finish the batch and commit first).
+
+    Every sample is decoded, scored by the De-Pois model and produced to the clean, quarantine
+    or dead-letter topic with its verdict and provenance in headers; its offset is committed
+    only once the broker acknowledged the output. Every setting below is also a DEPOIS_<NAME>
+    environment variable and a key of the --config file.
+
+    Exit codes: 0 stopped (everything produced was committed); 1 outputs could not be produced
+    within --produce-retries (nothing past them committed; a restart re-reads them); 2 start-up
+    refused: configuration, model, signature, unreachable broker, missing topic or busy port.
+    """
+    from depois_stream.filter.app import StartupError, StreamFilter
+    from depois_stream.filter.clients import ClientUnavailable
+    from depois_stream.filter.delivery import DeliveryError
+    from depois_stream.filter.detector import ModelLoadError
+    from depois_stream.filter.logs import configure
+
+    program = "depois-stream run"
+    if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise fail(program, f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR",
+                   EXIT_STARTUP)
+    configure(log_level)
+    try:
+        cfg = load_config(**{**settings, "kafka": parse_pairs("kafka", settings.get("kafka"))})
+        flt = StreamFilter(cfg)
+    except (ConfigError, ModelLoadError, ClientUnavailable) as exc:
+        raise fail(program, str(exc), EXIT_STARTUP) from None
+    log.info("depois-stream filtering %s with client %s, group %s", cfg.ingest_topic,
+             flt.client.name, cfg.group_id)
+    try:
+        stats = flt.run(stop_on_signals())
+    except StartupError as exc:
+        raise fail(program, str(exc), EXIT_STARTUP) from None
+    except DeliveryError as exc:
+        raise fail(program, str(exc), EXIT_DELIVERY) from None
+    typer.echo(f"consumed={stats.consumed} clean={stats.clean} quarantined={stats.quarantined} "
+               f"dead_lettered={stats.dead_lettered} batches={stats.batches} "
+               f"breaker_trips={stats.breaker_trips}")
+
+
+LOG_LEVEL = inspect.Parameter(
+    "log_level", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+    default=typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."))
+
+run = command(_run, ConsumerConfig, extra=[LOG_LEVEL])

@@ -1,0 +1,222 @@
+"""The Kafka seam: what the stream filter needs from a client library, and nothing more.
+
+Two implementations sit behind it: kafka-python (pure Python, always installed) and
+confluent-kafka (librdkafka, ``pip install 'depois-stream[fast]'``). The filter's source,
+delivery and probe code is written once against these protocols, so every guarantee (no record
+lost on a rebalance, commits never ahead of acknowledgements, bounded waits) is the same with
+either library and is tested against a real broker with both.
+
+Records cross the seam as a columnar ``RecordBatch`` rather than one object per record: the
+pipeline works on arrays, and building the columns in the client's own loop is the cheapest
+place to touch each record once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+TP = tuple[str, int]  # (topic, partition): client-neutral and hashable
+Header = tuple[str, bytes]
+Headers = Sequence[Header] | None
+DeliveryCallback = Callable[[BaseException | None], None]
+
+
+class ClientError(Exception):
+    """A client call failed; ``retriable`` says whether the same call may succeed later."""
+
+    def __init__(self, message: str, retriable: bool) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+
+
+class ProduceError(ClientError):
+    """One output record was refused, synchronously at ``send`` or in its delivery report.
+
+    A non-retriable one (record too large for the broker, invalid record) will never be taken
+    in this form: the filter dead-letters it instead of retrying forever.
+    """
+
+
+@dataclass
+class RecordBatch:
+    """Records of one ingest topic, one entry per record in the order they were consumed."""
+
+    topic: str
+    partitions: np.ndarray  # int32 [n]
+    offsets: np.ndarray  # int64 [n]
+    timestamps_ms: np.ndarray  # int64 [n]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    headers: list[Headers]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @classmethod
+    def empty(cls, topic: str) -> RecordBatch:
+        return cls(topic, np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                   [], [], [])
+
+    @classmethod
+    def concat(cls, topic: str, parts: Sequence[RecordBatch]) -> RecordBatch:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty(topic)
+        if len(parts) == 1:
+            return parts[0]
+        return cls(topic, np.concatenate([p.partitions for p in parts]),
+                   np.concatenate([p.offsets for p in parts]),
+                   np.concatenate([p.timestamps_ms for p in parts]),
+                   [k for p in parts for k in p.keys], [v for p in parts for v in p.values],
+                   [h for p in parts for h in p.headers])
+
+    def select(self, mask: np.ndarray) -> RecordBatch:
+        """The records where ``mask`` is true (a boolean array of length n)."""
+        idx = np.flatnonzero(mask).tolist()
+        return RecordBatch(self.topic, self.partitions[mask], self.offsets[mask],
+                           self.timestamps_ms[mask], [self.keys[i] for i in idx],
+                           [self.values[i] for i in idx], [self.headers[i] for i in idx])
+
+    def first_offsets(self) -> dict[TP, int]:
+        """Per partition, the offset of its first record here (where to rewind to)."""
+        out: dict[TP, int] = {}
+        for p, o in zip(self.partitions.tolist(), self.offsets.tolist()):
+            out.setdefault((self.topic, p), o)
+        return out
+
+    def next_offsets(self) -> dict[TP, int]:
+        """Per partition, one past its last record here (what a commit of this batch says)."""
+        out: dict[TP, int] = {}
+        for p, o in zip(self.partitions.tolist(), self.offsets.tolist()):
+            out[(self.topic, p)] = o + 1
+        return out
+
+
+@dataclass
+class ClientSettings:
+    """Everything a client needs to be built; the filter decides all of it but ``options``."""
+
+    bootstrap_servers: str
+    client_id: str
+    group_id: str | None = None
+    auto_offset_reset: str = "earliest"
+    session_timeout_ms: int = 10000
+    heartbeat_interval_ms: int = 1000
+    max_poll_records: int = 512
+    read_committed: bool = False
+    delivery_timeout_ms: int = 30000
+    transactional_id: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # pass-through (security, tuning)
+
+
+# on_assign returns the start offset to use for some of the newly assigned partitions: the
+# records a revocation made the filter drop (see source.Source). on_revoke and on_lost are told
+# which partitions went away.
+AssignCallback = Callable[[list[TP]], Mapping[TP, int]]
+RevokeCallback = Callable[[list[TP]], None]
+
+
+class Consumer(Protocol):
+    def subscribe(self, topic: str, on_assign: AssignCallback, on_revoke: RevokeCallback,
+                  on_lost: RevokeCallback) -> None: ...
+
+    def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
+        """Up to ``max_records`` records; rebalance callbacks run inside this call only."""
+        ...
+
+    def seek(self, tp: TP, offset: int) -> None: ...
+
+    def pause(self, tps: Iterable[TP]) -> None: ...
+
+    def resume(self, tps: Iterable[TP]) -> None: ...
+
+    def commit(self, offsets: Mapping[TP, int], asynchronous: bool) -> None:
+        """Commit next offsets; synchronous failures raise ClientError, asynchronous ones are
+        reported through the ``on_commit`` callback given when the client was made."""
+        ...
+
+    def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        """Records between this member's position and the end of each partition."""
+        ...
+
+    def group_metadata(self) -> Any: ...
+
+    def close(self) -> None:
+        """Leave the group (so the next member need not wait for a session timeout)."""
+        ...
+
+
+class Producer(Protocol):
+    def partition_count(self, topic: str) -> int: ...
+
+    def send(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
+             headers: Sequence[Header], on_done: DeliveryCallback) -> None:
+        """Queue one record; ``on_done(None)`` once acknowledged, ``on_done(error)`` when not.
+
+        Raises ProduceError when the client refuses the record outright."""
+        ...
+
+    def poll(self, timeout_s: float) -> None:
+        """Serve delivery reports, waiting at most ``timeout_s`` for one."""
+        ...
+
+    def flush(self, timeout_s: float) -> int:
+        """Wait until everything queued was reported; returns how many were not."""
+        ...
+
+    def init_transactions(self, timeout_s: float) -> None: ...
+
+    def begin_transaction(self) -> None: ...
+
+    def send_offsets_to_transaction(self, offsets: Mapping[TP, int], group_metadata: Any,
+                                    timeout_s: float) -> None: ...
+
+    def commit_transaction(self, timeout_s: float) -> None: ...
+
+    def abort_transaction(self, timeout_s: float) -> None: ...
+
+    def close(self, timeout_s: float) -> None: ...
+
+
+class Probe(Protocol):
+    def check(self, timeout_s: float) -> bool:
+        """One metadata request to the cluster: did any broker answer?"""
+        ...
+
+    def close(self) -> None: ...
+
+
+CommitCallback = Callable[[BaseException | None], None]
+
+
+class Client(Protocol):
+    """A Kafka client library: makes the three handles the filter uses."""
+
+    name: str
+
+    def consumer(self, settings: ClientSettings, on_commit: CommitCallback) -> Consumer: ...
+
+    def producer(self, settings: ClientSettings) -> Producer: ...
+
+    def probe(self, settings: ClientSettings) -> Probe: ...
+
+    def max_record_bytes(self, options: Mapping[str, Any]) -> int:
+        """The most one produced record (key + value + headers) may weigh with ``options``."""
+        ...
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Raise ValueError naming options this library does not know or the filter owns."""
+        ...
+
+
+def record_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """What one record weighs on the wire before framing: key, value and every header."""
+    size = (len(key) if key else 0) + (len(value) if value else 0)
+    if headers:
+        for k, v in headers:
+            size += len(k) + (len(v) if v else 0)
+    return size

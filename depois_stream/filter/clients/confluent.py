@@ -1,0 +1,350 @@
+"""confluent-kafka (librdkafka) behind the client seam: ``pip install 'depois-stream[fast]'``.
+
+librdkafka consumes, batches, compresses and sends on its own C threads, so the Python main
+loop only hands records over and collects reports. Its rebalance, commit and delivery callbacks
+all run inside ``consume()``/``poll()``/``flush()`` on the calling thread, which is exactly where
+the filter's source and delivery code expect them.
+
+Pass-through options use librdkafka's dotted names (``security.protocol``, ``sasl.mechanisms``,
+``ssl.ca.location``); the common kafka-python names (``security_protocol``, ``sasl_mechanism``,
+``sasl_plain_username``, ``ssl_cafile``, ...) are translated, so one config file works with
+either client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from confluent_kafka import (
+    Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from depois_stream.filter.clients.base import (
+    TP, AssignCallback, ClientError, ClientSettings, CommitCallback, DeliveryCallback, Header,
+    ProduceError, RecordBatch, RevokeCallback,
+)
+
+log = logging.getLogger(__name__)
+rdkafka_log = logging.getLogger("librdkafka")
+
+NAME = "confluent-kafka"
+
+TRANSLATE = {
+    "security_protocol": "security.protocol",
+    "sasl_mechanism": "sasl.mechanisms",
+    "sasl_plain_username": "sasl.username",
+    "sasl_plain_password": "sasl.password",
+    "ssl_cafile": "ssl.ca.location",
+    "ssl_certfile": "ssl.certificate.location",
+    "ssl_keyfile": "ssl.key.location",
+    "ssl_password": "ssl.key.password",
+    "max_request_size": "message.max.bytes",
+    "fetch_max_wait_ms": "fetch.wait.max.ms",
+    "request_timeout_ms": "request.timeout.ms",
+}
+OWNED = frozenset({
+    "bootstrap.servers", "client.id", "group.id", "enable.auto.commit",
+    "enable.auto.offset.store", "enable.idempotence", "acks", "request.required.acks",
+    "transactional.id", "isolation.level", "auto.offset.reset", "session.timeout.ms",
+    "heartbeat.interval.ms", "message.timeout.ms", "delivery.timeout.ms", "linger.ms",
+    "queue.buffering.max.ms", "on_commit", "on_delivery", "logger", "error_cb",
+})
+_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+_FRAMING = 16 * 1024
+PRODUCER_LINGER_MS = 5
+MAX_BLOCK_S = 10.0  # how long send() waits for room in a full local queue
+
+
+def translate(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {TRANSLATE.get(k, k): v for k, v in options.items()}
+
+
+def _consumer_only(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k != "message.max.bytes"}
+
+
+def _producer_only(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k != "fetch.wait.max.ms"}
+
+
+def _error(err: KafkaError | None, what: str) -> ClientError:
+    if err is None:
+        return ClientError(what, retriable=True)
+    retriable = err.retriable() or err.code() in _TRANSIENT
+    return ClientError(f"{what}: {err.str()} ({err.name()})", retriable=retriable)
+
+
+def _exc(exc: KafkaException, what: str) -> ClientError:
+    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    return _error(err, what) if err is not None else ClientError(f"{what}: {exc}", True)
+
+
+# librdkafka marks these non-retriable although waiting is exactly what fixes them.
+_TRANSIENT = {KafkaError._TIMED_OUT, KafkaError._MSG_TIMED_OUT, KafkaError._TRANSPORT,
+              KafkaError._ALL_BROKERS_DOWN, KafkaError.REQUEST_TIMED_OUT,
+              KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+              KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION,
+              KafkaError.NETWORK_EXCEPTION, KafkaError._TIMED_OUT_QUEUE}
+_REJECTED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._MSG_SIZE_TOO_LARGE,
+             KafkaError.INVALID_RECORD, KafkaError.CORRUPT_MESSAGE}
+
+
+def _on_error(err: KafkaError) -> None:
+    rdkafka_log.warning("%s (%s)", err.str(), err.name())
+
+
+def _tps(tps: Iterable[TP]) -> list[TopicPartition]:
+    return [TopicPartition(t, p) for t, p in tps]
+
+
+class ConfluentConsumer:
+    def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
+        def committed(err: KafkaError | None, _partitions: object) -> None:
+            on_commit(None if err is None else _error(err, "offset commit"))
+
+        self._topic = ""
+        self._c = Consumer({
+            **_consumer_only(translate(s.options)),
+            "bootstrap.servers": s.bootstrap_servers, "client.id": s.client_id,
+            "group.id": s.group_id, "enable.auto.commit": False,
+            "enable.auto.offset.store": False, "auto.offset.reset": s.auto_offset_reset,
+            "session.timeout.ms": s.session_timeout_ms,
+            "heartbeat.interval.ms": s.heartbeat_interval_ms,
+            "isolation.level": "read_committed" if s.read_committed else "read_uncommitted",
+            "on_commit": committed, "logger": rdkafka_log, "error_cb": _on_error,
+        })
+
+    def subscribe(self, topic: str, on_assign: AssignCallback, on_revoke: RevokeCallback,
+                  on_lost: RevokeCallback) -> None:
+        self._topic = topic
+
+        def assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
+            starts = on_assign([(tp.topic, tp.partition) for tp in partitions])
+            for tp in partitions:
+                start = starts.get((tp.topic, tp.partition))
+                if start is not None:
+                    tp.offset = start
+            consumer.assign(partitions)
+
+        self._c.subscribe(
+            [topic], on_assign=assign,
+            on_revoke=lambda _c, ps: on_revoke([(tp.topic, tp.partition) for tp in ps]),
+            on_lost=lambda _c, ps: on_lost([(tp.topic, tp.partition) for tp in ps]))
+
+    def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
+        try:
+            msgs: list[Message] = self._c.consume(num_messages=max_records, timeout=timeout_s)
+        except KafkaException as exc:
+            raise _exc(exc, "consume") from exc
+        if not msgs:
+            return RecordBatch.empty(self._topic)
+        bad = [m for m in msgs if m.error() is not None]
+        if bad:
+            for m in bad:
+                rdkafka_log.warning("consume: %s", m.error().str())
+            msgs = [m for m in msgs if m.error() is None]
+        n = len(msgs)
+        return RecordBatch(
+            self._topic, np.fromiter((m.partition() for m in msgs), np.int32, n),
+            np.fromiter((m.offset() for m in msgs), np.int64, n),
+            np.fromiter((m.timestamp()[1] for m in msgs), np.int64, n),
+            [m.key() for m in msgs], [m.value() for m in msgs], [m.headers() for m in msgs])
+
+    def seek(self, tp: TP, offset: int) -> None:
+        try:
+            self._c.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as exc:
+            raise _exc(exc, f"seek {tp[0]}[{tp[1]}] to {offset}") from exc
+
+    def pause(self, tps: Iterable[TP]) -> None:
+        parts = _tps(tps)
+        if parts:
+            self._c.pause(parts)
+
+    def resume(self, tps: Iterable[TP]) -> None:
+        parts = _tps(tps)
+        if parts:
+            self._c.resume(parts)
+
+    def commit(self, offsets: Mapping[TP, int], asynchronous: bool) -> None:
+        parts = [TopicPartition(t, p, off) for (t, p), off in offsets.items()]
+        try:
+            self._c.commit(offsets=parts, asynchronous=asynchronous)
+        except KafkaException as exc:
+            raise _exc(exc, "offset commit") from exc
+
+    def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        out: dict[TP, int] = {}
+        try:
+            positions = {(tp.topic, tp.partition): tp.offset
+                         for tp in self._c.position(_tps(tps))}
+            committed = None
+            for t, p in tps:
+                _, high = self._c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s,
+                                                        cached=False)
+                pos = positions.get((t, p), -1)
+                if pos < 0:  # nothing fetched yet: measure from the committed offset
+                    if committed is None:
+                        committed = {(x.topic, x.partition): x.offset
+                                     for x in self._c.committed(_tps(tps), timeout=timeout_s)}
+                    pos = committed.get((t, p), -1)
+                if pos >= 0:
+                    out[(t, p)] = max(0, high - pos)
+        except KafkaException as exc:
+            raise _exc(exc, "lag") from exc
+        return out
+
+    def group_metadata(self) -> Any:
+        return self._c.consumer_group_metadata()
+
+    def close(self) -> None:
+        self._c.close()
+
+
+class ConfluentProducer:
+    def __init__(self, s: ClientSettings) -> None:
+        conf: dict[str, Any] = {
+            **_producer_only(translate(s.options)),
+            "bootstrap.servers": s.bootstrap_servers, "client.id": s.client_id,
+            "acks": "all", "enable.idempotence": True, "linger.ms": PRODUCER_LINGER_MS,
+            "message.timeout.ms": s.delivery_timeout_ms, "logger": rdkafka_log,
+            "error_cb": _on_error,
+        }
+        if s.transactional_id:
+            conf["transactional.id"] = s.transactional_id
+        self._p = Producer(conf)
+
+    def partition_count(self, topic: str) -> int:
+        try:
+            meta = self._p.list_topics(topic, timeout=10)
+        except KafkaException as exc:
+            raise _exc(exc, f"metadata of {topic!r}") from exc
+        info = meta.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            raise ClientError(f"topic {topic!r} is not available"
+                              + (f" ({info.error.str()})" if info and info.error else ""),
+                              retriable=True)
+        return len(info.partitions)
+
+    def send(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
+             headers: Sequence[Header], on_done: DeliveryCallback) -> None:
+        def report(err: KafkaError | None, _msg: Message) -> None:
+            if err is None:
+                on_done(None)
+            else:
+                e = _error(err, "delivery")
+                on_done(ProduceError(str(e), e.retriable and err.code() not in _REJECTED))
+
+        deadline = None
+        while True:
+            try:
+                self._p.produce(topic, value=value, key=key, partition=partition,
+                                headers=headers, on_delivery=report)
+                return
+            except BufferError:  # local queue full: let librdkafka drain it, then try again
+                deadline = deadline or time.monotonic() + MAX_BLOCK_S
+                if time.monotonic() > deadline:
+                    raise ProduceError("local producer queue stayed full", retriable=True) from None
+                self._p.poll(0.05)
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args else None
+                code = err.code() if isinstance(err, KafkaError) else None
+                raise ProduceError(f"produce: {exc}", code not in _REJECTED) from exc
+
+    def poll(self, timeout_s: float) -> None:
+        self._p.poll(timeout_s)
+
+    def flush(self, timeout_s: float) -> int:
+        return int(self._p.flush(timeout_s))
+
+    def init_transactions(self, timeout_s: float) -> None:
+        self._txn(lambda: self._p.init_transactions(timeout_s), "init_transactions")
+
+    def begin_transaction(self) -> None:
+        self._txn(self._p.begin_transaction, "begin_transaction")
+
+    def send_offsets_to_transaction(self, offsets: Mapping[TP, int], group_metadata: Any,
+                                    timeout_s: float) -> None:
+        parts = [TopicPartition(t, p, off) for (t, p), off in offsets.items()]
+        self._txn(lambda: self._p.send_offsets_to_transaction(parts, group_metadata, timeout_s),
+                  "send_offsets_to_transaction")
+
+    def commit_transaction(self, timeout_s: float) -> None:
+        self._txn(lambda: self._p.commit_transaction(timeout_s), "commit_transaction")
+
+    def abort_transaction(self, timeout_s: float) -> None:
+        self._txn(lambda: self._p.abort_transaction(timeout_s), "abort_transaction")
+
+    @staticmethod
+    def _txn(call: Any, what: str) -> None:
+        try:
+            call()
+        except KafkaException as exc:
+            raise _exc(exc, what) from exc
+
+    def close(self, timeout_s: float) -> None:
+        self._p.flush(timeout_s)
+
+
+class ConfluentProbe:
+    def __init__(self, s: ClientSettings) -> None:
+        self._admin = AdminClient({**_producer_only(translate(s.options)),
+                                   "bootstrap.servers": s.bootstrap_servers,
+                                   "client.id": f"{s.client_id}-probe", "logger": rdkafka_log,
+                                   "error_cb": lambda _err: None})
+
+    def check(self, timeout_s: float) -> bool:
+        try:
+            self._admin.list_topics(timeout=timeout_s)
+            return True
+        except KafkaException:
+            return False
+
+    def close(self) -> None:
+        pass
+
+
+class ConfluentClient:
+    name = NAME
+
+    def consumer(self, settings: ClientSettings, on_commit: CommitCallback) -> ConfluentConsumer:
+        try:
+            return ConfluentConsumer(settings, on_commit)
+        except KafkaException as exc:
+            raise _exc(exc, "consumer") from exc
+
+    def producer(self, settings: ClientSettings) -> ConfluentProducer:
+        try:
+            return ConfluentProducer(settings)
+        except KafkaException as exc:
+            raise _exc(exc, "producer") from exc
+
+    def probe(self, settings: ClientSettings) -> ConfluentProbe:
+        return ConfluentProbe(settings)
+
+    def max_record_bytes(self, options: Mapping[str, Any]) -> int:
+        conf = translate(options)
+        return int(conf.get("message.max.bytes", _DEFAULT_MESSAGE_MAX_BYTES)) - _FRAMING
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        conf = translate(options)
+        refused = sorted(set(conf) & OWNED)
+        if refused:
+            raise ValueError(f"{refused} are set by depois-stream itself (use its own flags)")
+        snake = sorted(k for k in conf if "_" in k and "." not in k)
+        if snake:
+            raise ValueError(f"{snake} are not confluent-kafka options: use librdkafka's dotted "
+                             "names (security.protocol, sasl.mechanisms, ssl.ca.location, ...)")
+        for make, only in ((Producer, _producer_only), (Consumer, _consumer_only)):
+            try:  # librdkafka validates names and values when a handle is made
+                extra = {"group.id": "check"} if make is Consumer else {}
+                handle = make({**only(conf), **extra, "logger": logging.getLogger("check")})
+            except KafkaException as exc:
+                raise ValueError(f"librdkafka refuses the options: {exc.args[0].str()}") from None
+            if make is Consumer:
+                handle.close()

@@ -1,0 +1,306 @@
+"""kafka-python behind the client seam: pure Python, installed with depois-stream itself.
+
+Threading: kafka-python 3 runs its network and group protocol on an IO thread. Rebalance
+listeners run there too, but only while the main thread is blocked inside ``poll()``, which is
+when the filter's source expects them; delivery callbacks also arrive on that thread, so
+``poll()`` here waits on an event the callbacks set instead of serving them itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from depois_stream.filter.clients.base import (
+    TP, AssignCallback, ClientError, ClientSettings, CommitCallback, DeliveryCallback, Header,
+    ProduceError, RecordBatch, RevokeCallback,
+)
+
+log = logging.getLogger(__name__)
+
+NAME = "kafka-python"
+
+# Decided by the filter (delivery semantics, or a flag of its own): never passed through.
+OWNED = frozenset({
+    "bootstrap_servers", "client_id", "group_id", "enable_auto_commit", "enable_idempotence",
+    "acks", "transactional_id", "isolation_level", "key_deserializer", "value_deserializer",
+    "key_serializer", "value_serializer", "max_poll_records", "auto_offset_reset",
+    "session_timeout_ms", "heartbeat_interval_ms", "delivery_timeout_ms", "linger_ms",
+    "batch_size",
+})
+# The producer's own batching: a short linger keeps acknowledgements, and so commits, prompt.
+PRODUCER_LINGER_MS = 20
+MAX_BLOCK_MS = 10000  # send() waits at most this for metadata or buffer room
+_DEFAULT_MAX_REQUEST = KafkaProducer.DEFAULT_CONFIG["max_request_size"]
+# Room for the produce request's own framing around the largest record it carries.
+_FRAMING = 16 * 1024
+
+
+def options_for(client: type, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options ``client`` knows (kafka-python refuses the other client's options, e.g. a
+    consumer's fetch_max_wait_ms given to the producer)."""
+    return {k: v for k, v in options.items() if k in client.DEFAULT_CONFIG}
+
+
+
+def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_owned: str) -> None:
+    """Raise ValueError naming options the caller decides itself or kafka-python does not know.
+
+    Why a check at all: kafka-python raises on an unknown option only when a client is built,
+    deep in start-up and with a message that does not name the setting; and an option the
+    caller owns (commits, acks, group id) would silently change delivery semantics."""
+    refused = sorted(set(options) & owned)
+    if refused:
+        raise ValueError(f"{refused} {why_owned}")
+    known = (set(KafkaConsumer.DEFAULT_CONFIG) | set(KafkaProducer.DEFAULT_CONFIG)
+             | set(KafkaAdminClient.DEFAULT_CONFIG))
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"{unknown} are not kafka-python client options (e.g. "
+                         "security_protocol, sasl_mechanism, ssl_cafile)")
+
+
+def _error(exc: BaseException) -> ClientError:
+    return ClientError(f"{type(exc).__name__}: {exc}", bool(getattr(exc, "retriable", False)))
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, consumer: KafkaConsumer, on_assign: AssignCallback,
+                 on_revoke: RevokeCallback, on_lost: RevokeCallback) -> None:
+        self._consumer, self._assign, self._revoke, self._lost = (consumer, on_assign, on_revoke,
+                                                                  on_lost)
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        self._revoke([(tp.topic, tp.partition) for tp in revoked])
+
+    def on_partitions_lost(self, lost: Iterable[TopicPartition]) -> None:
+        self._lost([(tp.topic, tp.partition) for tp in lost])
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        starts = self._assign([(tp.topic, tp.partition) for tp in assigned])
+        for (topic, partition), offset in starts.items():
+            # kafka-python keeps the fetch position of a partition that comes straight back
+            # (eager rebalances revoke everything first): rewind it to the first record the
+            # filter dropped, or that record is skipped.
+            self._consumer.seek(TopicPartition(topic, partition), offset)
+
+
+class KafkaPythonConsumer:
+    def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
+        self._on_commit = on_commit
+        self._topic = ""
+        self._c = KafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers, group_id=s.group_id, client_id=s.client_id,
+            enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
+            max_poll_records=s.max_poll_records, session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=s.heartbeat_interval_ms,
+            isolation_level="read_committed" if s.read_committed else "read_uncommitted",
+            **options_for(KafkaConsumer, s.options))
+
+    def subscribe(self, topic: str, on_assign: AssignCallback, on_revoke: RevokeCallback,
+                  on_lost: RevokeCallback) -> None:
+        self._topic = topic
+        self._c.subscribe([topic], listener=_Listener(self._c, on_assign, on_revoke, on_lost))
+
+    def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
+        try:
+            polled = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except KafkaError as exc:
+            raise _error(exc) from exc
+        recs = [r for rs in polled.values() for r in rs]
+        if not recs:
+            return RecordBatch.empty(self._topic)
+        n = len(recs)
+        return RecordBatch(
+            self._topic, np.fromiter((r.partition for r in recs), np.int32, n),
+            np.fromiter((r.offset for r in recs), np.int64, n),
+            np.fromiter((r.timestamp for r in recs), np.int64, n),
+            [r.key for r in recs], [r.value for r in recs], [r.headers for r in recs])
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self._c.seek(TopicPartition(*tp), offset)
+
+    def pause(self, tps: Iterable[TP]) -> None:
+        self._c.pause(*(TopicPartition(*tp) for tp in tps))
+
+    def resume(self, tps: Iterable[TP]) -> None:
+        self._c.resume(*(TopicPartition(*tp) for tp in tps))
+
+    def commit(self, offsets: Mapping[TP, int], asynchronous: bool) -> None:
+        meta = {TopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+        if asynchronous:
+            def done(_offsets: object, response: object) -> None:
+                self._on_commit(response if isinstance(response, BaseException) else None)
+            self._c.commit_async(meta, callback=done)
+            return
+        try:
+            self._c.commit(meta)
+        except KafkaError as exc:
+            raise _error(exc) from exc
+
+    def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
+        parts = [TopicPartition(*tp) for tp in tps]
+        ms = int(timeout_s * 1000)
+        try:
+            ends = self._c.end_offsets(parts, timeout_ms=ms)
+            # Fetch responses carry the high watermark too; Tansu's ListOffsets answer lags
+            # behind it, so take whichever is further.
+            return {(tp.topic, tp.partition): max(0, max(end, self._c.highwater(tp) or 0)
+                                                  - self._c.position(tp, timeout_ms=ms))
+                    for tp, end in ends.items()}
+        except KafkaError as exc:
+            raise _error(exc) from exc
+
+    def group_metadata(self) -> Any:
+        return self._c.group_metadata()
+
+    def close(self) -> None:
+        self._c.close(autocommit=False)
+
+
+class KafkaPythonProducer:
+    def __init__(self, s: ClientSettings) -> None:
+        options = options_for(KafkaProducer, s.options)
+        linger = PRODUCER_LINGER_MS
+        request_timeout = int(options.pop("request_timeout_ms",
+                                          max(1000, min(30000, s.delivery_timeout_ms - linger))))
+        extra: dict[str, Any] = {}
+        if s.transactional_id:
+            extra["transactional_id"] = s.transactional_id
+        self._p = KafkaProducer(
+            bootstrap_servers=s.bootstrap_servers, client_id=s.client_id, acks="all",
+            enable_idempotence=True, linger_ms=linger, batch_size=1 << 20,
+            delivery_timeout_ms=max(s.delivery_timeout_ms, linger + request_timeout),
+            request_timeout_ms=request_timeout,
+            max_block_ms=options.pop("max_block_ms", min(MAX_BLOCK_MS, s.delivery_timeout_ms)),
+            **extra, **options)
+        self._reported = threading.Event()
+
+    def partition_count(self, topic: str) -> int:
+        try:
+            parts = self._p.partitions_for(topic)
+        except KafkaError as exc:
+            raise _error(exc) from exc
+        if not parts:
+            raise ClientError(f"topic {topic!r} has no partitions", retriable=True)
+        return len(parts)
+
+    def send(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
+             headers: Sequence[Header], on_done: DeliveryCallback) -> None:
+        try:
+            future = self._p.send(topic, value=value, key=key, headers=list(headers),
+                                  partition=partition)
+        except KafkaError as exc:
+            raise ProduceError(f"{type(exc).__name__}: {exc}",
+                               bool(getattr(exc, "retriable", False))) from exc
+        future.add_callback(self._ok, on_done)
+        future.add_errback(self._failed, on_done)
+
+    def _ok(self, on_done: DeliveryCallback, _metadata: object) -> None:
+        on_done(None)
+        self._reported.set()
+
+    def _failed(self, on_done: DeliveryCallback, exc: BaseException) -> None:
+        on_done(ProduceError(f"{type(exc).__name__}: {exc}",
+                             bool(getattr(exc, "retriable", False))))
+        self._reported.set()
+
+    def poll(self, timeout_s: float) -> None:
+        if timeout_s > 0 and self._reported.wait(timeout_s):
+            self._reported.clear()
+
+    def flush(self, timeout_s: float) -> int:
+        try:
+            self._p.flush(timeout=timeout_s)
+        except KafkaError:
+            pass  # the records' own callbacks carry what went wrong
+        return 0
+
+    def init_transactions(self, timeout_s: float) -> None:
+        self._txn(lambda: self._p.init_transactions())
+
+    def begin_transaction(self) -> None:
+        self._txn(self._p.begin_transaction)
+
+    def send_offsets_to_transaction(self, offsets: Mapping[TP, int], group_metadata: Any,
+                                    timeout_s: float) -> None:
+        meta = {TopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
+        self._txn(lambda: self._p.send_offsets_to_transaction(meta, group_metadata))
+
+    def commit_transaction(self, timeout_s: float) -> None:
+        self._txn(self._p.commit_transaction)
+
+    def abort_transaction(self, timeout_s: float) -> None:
+        self._txn(self._p.abort_transaction)
+
+    @staticmethod
+    def _txn(call: Any) -> None:
+        try:
+            call()
+        except KafkaError as exc:
+            raise _error(exc) from exc
+
+    def close(self, timeout_s: float) -> None:
+        self._p.close(timeout=timeout_s)
+
+
+class KafkaPythonProbe:
+    def __init__(self, s: ClientSettings) -> None:
+        self._settings = s
+        self._admin: KafkaAdminClient | None = None
+
+    def check(self, timeout_s: float) -> bool:
+        try:
+            if self._admin is None:
+                s = self._settings
+                self._admin = KafkaAdminClient(
+                    bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-probe",
+                    request_timeout_ms=int(timeout_s * 1000),
+                    **options_for(KafkaAdminClient, {k: v for k, v in s.options.items()
+                                               if k != "request_timeout_ms"}))
+            self._admin.describe_cluster()
+            return True
+        except Exception:  # noqa: BLE001  (any failure means: not reachable now)
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self._admin is not None:
+            try:
+                self._admin.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._admin = None
+
+
+class KafkaPythonClient:
+    name = NAME
+
+    def consumer(self, settings: ClientSettings, on_commit: CommitCallback) -> KafkaPythonConsumer:
+        try:
+            return KafkaPythonConsumer(settings, on_commit)
+        except KafkaError as exc:
+            raise _error(exc) from exc
+
+    def producer(self, settings: ClientSettings) -> KafkaPythonProducer:
+        try:
+            return KafkaPythonProducer(settings)
+        except KafkaError as exc:
+            raise _error(exc) from exc
+
+    def probe(self, settings: ClientSettings) -> KafkaPythonProbe:
+        return KafkaPythonProbe(settings)
+
+    def max_record_bytes(self, options: Mapping[str, Any]) -> int:
+        return int(options.get("max_request_size", _DEFAULT_MAX_REQUEST)) - _FRAMING
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        check_passthrough(options, OWNED, "are set by depois-stream itself (use its own flags)")

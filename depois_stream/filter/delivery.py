@@ -1,0 +1,294 @@
+"""The produce side: send each batch's outputs, and commit its offsets only once they are safe.
+
+The one rule never to break: **an offset is committed only after every output of every record
+before it was acknowledged by the broker** (``acks=all``, idempotent producer). A crash at any
+point therefore re-delivers, never skips.
+
+Within that rule the filter does not wait: batch k+1 is read, decoded and scored while batch k's
+outputs are still on their way (up to ``max_in_flight`` batches), and commits are asynchronous.
+Batches are settled strictly in order: the commit for batch k covers every acknowledged batch
+before it and nothing after.
+
+When the broker does not acknowledge an output:
+
+* **retriable** (timeout, broker down, leader moving): the batch and every later batch still in
+  flight are abandoned and their partitions rewound to the batch's first record, then re-sent
+  after an exponential backoff (``retry_backoff_max_s``), one batch at a time until the broker
+  takes one again. Re-sending from the first unacknowledged record keeps per-key order: the last
+  copy of every output comes after every output of its key that precedes it in the source.
+* **rejected** (the broker will never take this record: too large for a topic's limit, invalid):
+  the batch is re-processed at once with that record routed to the dead-letter topic without its
+  payload (error class ``rejected_by_broker``), so one bad record can never stop a partition.
+
+Outputs acknowledged before such a failure are produced again by the retry: at-least-once means
+duplicates are possible (for the batches in flight), losses are not. With ``exactly_once`` every
+batch is one Kafka transaction (outputs + offsets), sent one at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from depois_stream.filter.clients.base import (
+    TP, ClientError, Consumer, ProduceError, Producer, RecordBatch,
+)
+from depois_stream.filter.metrics import Metrics
+from depois_stream.filter.pipeline import Routed
+from depois_stream.filter.source import Source
+
+log = logging.getLogger(__name__)
+
+BACKOFF_START_S = 0.5
+MAX_REMEMBERED_REJECTIONS = 10_000
+
+
+class DeliveryError(RuntimeError):
+    """Outputs could not be produced within the configured retries; nothing past the first
+    unacknowledged record was committed."""
+
+
+@dataclass
+class _InFlight:
+    seq: int
+    batch: RecordBatch
+    routed: Routed
+    pending: int
+    failure: ProduceError | None = None  # first retriable failure
+    rejected: dict[int, str] = field(default_factory=dict)  # output index -> why refused
+    failed: int = 0  # records not acknowledged
+
+    @property
+    def broken(self) -> bool:
+        return self.failure is not None or bool(self.rejected)
+
+
+class Delivery:
+    """Sends routed batches, settles them in order, commits, and retries what failed."""
+
+    def __init__(self, producer: Producer, consumer: Consumer, source: Source, metrics: Metrics,
+                 topics: tuple[str, str, str], *, on_delivered: Callable[[Routed], None],
+                 max_in_flight: int = 4, retries: int | None = None,
+                 retry_backoff_max_s: float = 30.0, delivery_timeout_s: float = 30.0,
+                 exactly_once: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+        self._producer = producer
+        self._consumer = consumer
+        self._source = source
+        self._metrics = metrics
+        self._topics = topics
+        self._on_delivered = on_delivered
+        self._max_in_flight = 1 if exactly_once else max(1, max_in_flight)
+        self._retries = retries
+        self._backoff_max_s = retry_backoff_max_s
+        self._timeout_s = delivery_timeout_s
+        self._exactly_once = exactly_once
+        self._clock = clock
+        self._seq = 0
+        self._inflight: deque[_InFlight] = deque()
+        self._by_seq: dict[int, _InFlight] = {}
+        self._reports: deque[tuple[int, int, ProduceError | None]] = deque()
+        self._acked: dict[TP, int] = {}  # next offsets of everything acknowledged
+        self._attempts = 0  # consecutive failed attempts
+        self._blocked_until = 0.0
+        self.rejected: OrderedDict[tuple[int, int], str] = OrderedDict()
+
+    # ---------------------------------------------------------------- state
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    @property
+    def full(self) -> bool:
+        """No room for another batch (one at a time while recovering from a failure)."""
+        return len(self._inflight) >= (1 if self._attempts else self._max_in_flight)
+
+    @property
+    def backing_off(self) -> bool:
+        return self._clock() < self._blocked_until
+
+    # ---------------------------------------------------------------- sending
+
+    def submit(self, batch: RecordBatch, routed: Routed) -> None:
+        """Send every output of ``batch`` (asynchronously unless exactly-once)."""
+        self._seq += 1
+        item = _InFlight(self._seq, batch, routed, pending=len(routed))
+        if self._exactly_once:
+            self._transaction(item)
+            return
+        self._inflight.append(item)
+        self._by_seq[item.seq] = item
+        self._send(item)
+        self.service(0.0)
+
+    def _send(self, item: _InFlight) -> None:
+        r, topics, send = item.routed, self._topics, self._producer.send
+        report = self._report
+        dest, parts = r.destination.tolist(), r.partitions.tolist()
+        for i, (d, p, k, v, h) in enumerate(zip(dest, parts, r.keys, r.values, r.headers)):
+            try:
+                send(topics[d], p, k, v, h, functools.partial(report, item.seq, i))
+            except ProduceError as exc:
+                self._reports.append((item.seq, i, exc))
+                if exc.retriable:  # the client cannot take more now: stop, and retry later
+                    item.pending -= len(dest) - i - 1
+                    break
+
+    def _report(self, seq: int, index: int, error: BaseException | None) -> None:
+        """Delivery callback (kafka-python: its IO thread; librdkafka: inside poll/flush)."""
+        if error is not None and not isinstance(error, ProduceError):
+            error = ProduceError(str(error), retriable=True)
+        self._reports.append((seq, index, error))
+
+    # ---------------------------------------------------------------- settling
+
+    def service(self, timeout_s: float = 0.0) -> None:
+        """Take delivery reports (waiting at most ``timeout_s`` for one), settle finished
+        batches in order and commit them; start the retry of a failed one."""
+        self._producer.poll(0.0 if self._reports else timeout_s)
+        self._take_reports()
+        for k, item in enumerate(self._inflight):
+            if item.broken:
+                self._retry(k, item)
+                break
+        done: list[_InFlight] = []
+        while self._inflight and self._inflight[0].pending <= 0 and not self._inflight[0].broken:
+            item = self._inflight.popleft()
+            del self._by_seq[item.seq]
+            done.append(item)
+        if done:
+            self._attempts = 0
+            for item in done:
+                self._acked.update(item.batch.next_offsets())
+                self._on_delivered(item.routed)
+            self._commit(asynchronous=True)
+
+    def _take_reports(self) -> None:
+        while self._reports:
+            seq, index, error = self._reports.popleft()
+            item = self._by_seq.get(seq)
+            if item is None:
+                continue  # a batch abandoned for a retry: its reports no longer matter
+            item.pending -= 1
+            if error is None:
+                continue
+            item.failed += 1
+            if error.retriable:
+                item.failure = item.failure or error
+            else:
+                item.rejected[index] = str(error)
+
+    def _commit(self, asynchronous: bool) -> None:
+        owned = {tp: off for tp, off in self._acked.items() if tp in self._source.assigned}
+        self._acked = owned  # a partition that moved away is its new owner's to commit
+        if not owned:
+            return
+        try:
+            self._consumer.commit(owned, asynchronous=asynchronous)
+        except ClientError as exc:
+            self._metrics.commit_failures.inc()
+            log.warning("offset commit failed (%s); the records after the last commit will be "
+                        "filtered again", exc)
+            return
+        self._metrics.commits.inc()
+        self._metrics.last_batch_timestamp.set_to_current_time()
+
+    def _retry(self, k: int, item: _InFlight) -> None:
+        """Abandon ``item`` and every later batch, rewind their partitions, try again."""
+        abandoned = [self._inflight[j] for j in range(k, len(self._inflight))]
+        for _ in abandoned:
+            gone = self._inflight.pop()
+            self._by_seq.pop(gone.seq, None)
+        rewind: dict[TP, int] = {}
+        for a in abandoned:  # oldest first: its first offset per partition is the smallest
+            for tp, off in a.batch.first_offsets().items():
+                rewind.setdefault(tp, off)
+        if item.rejected:
+            self._remember_rejections(item)
+        if item.failure is not None:
+            self._metrics.delivery_failures.labels("retriable").inc(item.failed
+                                                                    - len(item.rejected))
+            self._backoff(item.failure, item, rewind)
+        self._source.rewind(rewind)
+
+    def _remember_rejections(self, item: _InFlight) -> None:
+        parts, offs = item.batch.partitions.tolist(), item.batch.offsets.tolist()
+        for i, why in item.rejected.items():
+            self.rejected[(parts[i], offs[i])] = f"the broker refused the forwarded record: {why}"
+            while len(self.rejected) > MAX_REMEMBERED_REJECTIONS:
+                self.rejected.popitem(last=False)
+        self._metrics.delivery_failures.labels("rejected").inc(len(item.rejected))
+        log.warning("%d record(s) of a batch were refused by the broker (%s); they are "
+                    "dead-lettered without their payload and the batch is sent again",
+                    len(item.rejected), next(iter(item.rejected.values())))
+
+    def _backoff(self, error: BaseException, item: _InFlight, rewind: Mapping[TP, int]) -> None:
+        self._attempts += 1
+        self._metrics.produce_retries.inc()
+        limit = self._retries
+        if limit is not None and self._attempts > limit:
+            raise DeliveryError(
+                f"{item.failed} output record(s) were not acknowledged after {limit} "
+                f"retr{'y' if limit == 1 else 'ies'} ({error}); nothing past the first of them "
+                "was committed, a restart filters them again")
+        wait = min(self._backoff_max_s, BACKOFF_START_S * 2 ** (self._attempts - 1))
+        self._blocked_until = self._clock() + wait
+        log.warning("%d output record(s) not acknowledged (%s); attempt %d%s failed, sending "
+                    "again from offsets %s in %.1f s", item.failed, error, self._attempts,
+                    f" of {limit + 1}" if limit is not None else "",
+                    {f"{t}[{p}]": o for (t, p), o in sorted(rewind.items())}, wait)
+
+    # ---------------------------------------------------------------- exactly-once
+
+    def _transaction(self, item: _InFlight) -> None:
+        """Outputs and offsets in one transaction; on failure abort, rewind, back off."""
+        p = self._producer
+        offsets = item.batch.next_offsets()
+        try:
+            p.begin_transaction()
+            self._by_seq[item.seq] = item
+            self._send(item)
+            p.send_offsets_to_transaction(offsets, self._consumer.group_metadata(),
+                                          self._timeout_s)
+            p.commit_transaction(self._timeout_s)
+        except ClientError as exc:
+            self._metrics.commit_failures.inc()
+            try:
+                p.abort_transaction(self._timeout_s)
+            except ClientError as abort_exc:
+                raise DeliveryError(f"a failed transaction could not be aborted ({abort_exc}); "
+                                    "nothing of it was committed, a restart filters it again"
+                                    ) from abort_exc
+            self._take_reports()
+            self._by_seq.pop(item.seq, None)
+            if item.rejected:
+                self._remember_rejections(item)
+            else:
+                item.failed = item.failed or len(item.routed)
+                self._metrics.delivery_failures.labels("retriable").inc(item.failed)
+                self._backoff(exc, item, item.batch.first_offsets())
+            self._source.rewind(item.batch.first_offsets())
+            return
+        self._take_reports()
+        self._by_seq.pop(item.seq, None)
+        self._attempts = 0
+        self._metrics.commits.inc()
+        self._metrics.last_batch_timestamp.set_to_current_time()
+        self._on_delivered(item.routed)
+
+    # ---------------------------------------------------------------- shutdown, rebalance
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait (at most ``timeout_s``) for everything in flight, then commit synchronously.
+        Returns False when something was still unacknowledged (it was not committed)."""
+        deadline = self._clock() + timeout_s
+        while self._inflight and self._clock() < deadline and not self.backing_off:
+            self._producer.flush(min(1.0, max(0.0, deadline - self._clock())))
+            self.service(0.0)
+        if self._acked:
+            self._commit(asynchronous=False)
+        return not self._inflight

@@ -1,0 +1,195 @@
+"""The data path of one batch, as pure functions: decode -> score -> route.
+
+No Kafka and no clock here: a ``RecordBatch`` goes in, the records to produce come out, so every
+rule (what is dead-lettered and why, which headers a producer may not write, what is too large
+to forward, where each output goes) is testable with plain arrays. The filter's loop
+(``app.StreamFilter``) calls ``score`` and ``route`` once per batch and hands ``Routed`` to the
+delivery side.
+
+Per record, only what cannot be done per batch is done per record: one pass over the ingest
+headers (content type, forged ``depois.*`` headers, sizes) and one list of output headers.
+Everything else is a numpy operation over the batch or a single onnxruntime run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from depois_stream.contract import headers as H
+from depois_stream.contract.wire import decode_batch
+from depois_stream.filter import router
+from depois_stream.filter.clients.base import Header, RecordBatch
+from depois_stream.filter.detector import Detector, Prediction
+
+# Bytes reserved for the headers the filter adds (verdict, score, model, provenance, ...); they
+# are bounded, so a record whose own bytes fit in the limit minus this always fits once routed.
+HEADER_ALLOWANCE = 2048
+_PREFIX = H.PREFIX
+_NO_HEADERS: list[Header] = []
+
+# (source partition, source offset) -> why the broker refused the forwarded record
+Rejections = Mapping[tuple[int, int], str]
+
+
+@dataclass(frozen=True)
+class Ingest:
+    """One pass over the batch's own headers."""
+
+    content_types: list[bytes | None]
+    forwarded: list[list[Header]]  # each record's headers minus any ``depois.*`` header
+    forged: int  # records that carried a ``depois.*`` header
+    sizes: np.ndarray  # int64 [n]: key + value + forwarded headers, in bytes
+
+
+def scan_headers(batch: RecordBatch) -> Ingest:
+    """Content type, forwardable headers and size of every record.
+
+    ``depois.*`` headers (any letter case) are the filter's and replay's to write: a producer's
+    copy is dropped here, so a downstream reader or ``replay`` never takes a forged verdict,
+    error class or replay count for ours.
+    """
+    n = len(batch)
+    cts: list[bytes | None] = [None] * n
+    fwd: list[list[Header]] = [_NO_HEADERS] * n
+    sizes = np.empty(n, dtype=np.int64)
+    forged = 0
+    for i, (key, value, hs) in enumerate(zip(batch.keys, batch.values, batch.headers)):
+        size = (len(key) if key else 0) + (len(value) if value else 0)
+        if hs:
+            kept = []
+            dirty = False
+            for name, val in hs:
+                if name[:7].lower() == _PREFIX:
+                    dirty = True
+                    continue
+                if name == H.CONTENT_TYPE and cts[i] is None:
+                    cts[i] = val
+                kept.append((name, val))
+                size += len(name) + (len(val) if val else 0)
+            fwd[i] = kept
+            forged += dirty
+        sizes[i] = size
+    return Ingest(cts, fwd, forged, sizes)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A batch after decoding and scoring (and before the routing decision is written down)."""
+
+    n: int
+    ingest: Ingest
+    index: np.ndarray  # int64 [m]: record position of each scored row
+    labels: np.ndarray  # int64 [m]
+    prediction: Prediction  # [m] rows
+    failures: list[tuple[int, str, str]]  # (record position, DLQ reason, message), sorted
+    stripped: np.ndarray  # bool [n]: forward without the payload (too large, or refused)
+
+    @property
+    def quarantined(self) -> int:
+        return int(self.prediction.poisoned.sum())
+
+    @property
+    def scored(self) -> int:
+        return len(self.index)
+
+
+def score(batch: RecordBatch, detector: Detector, max_record_bytes: int,
+          rejected: Rejections | None = None) -> Scored:
+    """Decode every record (failures become dead letters) and score the rest in one run."""
+    meta = detector.metadata
+    ingest = scan_headers(batch)
+    n = len(batch)
+    too_large = ingest.sizes + HEADER_ALLOWANCE > max_record_bytes
+    stripped = too_large.copy()
+    failures: list[tuple[int, str, str]] = [
+        (i, "too_large", f"record is {int(ingest.sizes[i])} bytes with its key and headers; "
+                         f"the filter can forward at most {max_record_bytes - HEADER_ALLOWANCE} "
+                         "(raise the producer's max_request_size / message.max.bytes with "
+                         "--kafka, and the topics' max.message.bytes)")
+        for i in np.flatnonzero(too_large).tolist()]
+    if rejected:
+        for i, (p, o) in enumerate(zip(batch.partitions.tolist(), batch.offsets.tolist())):
+            why = rejected.get((p, o))
+            if why is not None and not stripped[i]:
+                stripped[i] = True
+                failures.append((i, "rejected_by_broker", why))
+    if stripped.any():
+        todo = np.flatnonzero(~stripped)
+        values = [batch.values[i] for i in todo.tolist()]
+        cts = [ingest.content_types[i] for i in todo.tolist()]
+    else:
+        todo, values, cts = None, batch.values, ingest.content_types
+    decoded = decode_batch(values, cts, input_shape=meta.input_shape,
+                           num_classes=meta.num_classes, max_bytes=max_record_bytes)
+    index = decoded.index if todo is None else todo[decoded.index]
+    failures += [(f.index if todo is None else int(todo[f.index]), f.reason, f.message)
+                 for f in decoded.failures]
+    failures.sort()
+    prediction = detector.run(decoded.images, decoded.labels)
+    return Scored(n, ingest, index.astype(np.int64), decoded.labels, prediction, failures,
+                  stripped)
+
+
+@dataclass(frozen=True)
+class Routed:
+    """What to produce for one batch, one entry per input record, and what to count once the
+    broker acknowledged it."""
+
+    destination: np.ndarray  # int8 [n]: router.CLEAN | QUARANTINE | DLQ
+    partitions: np.ndarray  # int [n]: output partition (source partition modulo the topic's)
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    headers: list[list[Header]]
+    timestamps_ms: np.ndarray  # int64 [n]: source record timestamps (for end-to-end latency)
+    counts: dict[str, int]  # destination name -> records
+    dead_letter_reasons: Counter[str]
+    quarantine_reasons: Counter[str]
+    quarantine_labels: np.ndarray  # int64: claimed labels of the quarantined records
+
+    def __len__(self) -> int:
+        return len(self.destination)
+
+
+def route(batch: RecordBatch, scored: Scored, model_version: str, model_sha256: str,
+          partition_counts: Sequence[int], max_record_bytes: int) -> Routed:
+    """Destination, output partition, key, value and headers of every record of the batch.
+
+    An output keeps its source partition (modulo the output topic's partition count), which
+    preserves per-key order from a key-partitioned ingest topic and skips per-record hashing.
+    A stripped record (too large, or refused by the broker) is dead-lettered without its value,
+    and without its key and own headers too when those alone do not fit.
+    """
+    pred = scored.prediction
+    reasons = pred.reasons
+    plan = router.plan(
+        router.Verdicts(n=scored.n, index=scored.index, labels=scored.labels, score=pred.score,
+                        poisoned=pred.poisoned, threshold=pred.threshold, p_value=pred.p_value,
+                        failures=scored.failures, reasons=reasons),
+        router.Provenance(topics=[batch.topic] * scored.n, partitions=batch.partitions,
+                          offsets=batch.offsets, timestamps_ms=batch.timestamps_ms),
+        model_version, model_sha256)
+    dest = plan.destination
+    out_parts = batch.partitions.astype(np.int64) % np.asarray(partition_counts,
+                                                                dtype=np.int64)[dest]
+    keys, values = list(batch.keys), list(batch.values)
+    headers = [f + h if f else h for f, h in zip(scored.ingest.forwarded, plan.headers)]
+    for i in np.flatnonzero(scored.stripped).tolist():
+        values[i] = b""
+        own = scored.ingest.sizes[i] - (len(batch.values[i]) if batch.values[i] else 0)
+        if own + HEADER_ALLOWANCE > max_record_bytes:  # key and own headers alone too large
+            keys[i] = None
+            headers[i] = plan.headers[i]
+    for i, _, _ in scored.failures:
+        if values[i] is None and keys[i] is None:
+            values[i] = b""  # a keyless tombstone (always a dead letter) cannot be produced
+    quarantined = pred.poisoned
+    return Routed(
+        destination=dest, partitions=out_parts, keys=keys, values=values, headers=headers,
+        timestamps_ms=batch.timestamps_ms, counts=plan.counts(),
+        dead_letter_reasons=Counter(reason for _, reason, _ in scored.failures),
+        quarantine_reasons=Counter(r for r in reasons if r),
+        quarantine_labels=scored.labels[quarantined])

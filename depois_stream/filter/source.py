@@ -1,0 +1,239 @@
+"""The consume side of the filter: batches from the group's partitions, and rebalances done right.
+
+What it guarantees, whichever client library is behind it:
+
+* **Nothing is skipped on a rebalance.** Records collected for a batch but not yet handed on
+  (the linger window) are dropped when their partition is revoked. If the partition comes
+  straight back to this member, its position is set to the first dropped record (kafka-python
+  would otherwise keep its fetch position past them, librdkafka would restart from the last
+  commit); if it goes to another member, that member starts from the last commit. Either way
+  each record is read again, never jumped over.
+* **A batch never mixes in records read while paused.** While the circuit breaker holds the
+  stream, anything a poll still returns is handed back (the partition is rewound to it).
+* **Rewinds are exact.** ``rewind`` puts a partition back to a given offset and forgets what was
+  buffered past it; the delivery side uses it to retry a batch the broker did not take.
+
+Rebalance callbacks run only inside ``poll()`` (kafka-python: on its IO thread while the main
+thread waits in ``poll``; librdkafka: on the calling thread), so the buffer they touch is never
+touched concurrently; a lock still guards it because that is cheap and obvious.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from depois_stream.filter.clients.base import TP, ClientError, Consumer, RecordBatch
+from depois_stream.filter.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.2  # longest single poll while waiting for a first record
+
+
+class Source:
+    """Collects batches of at most ``batch_size`` records, lingering ``linger_ms`` to fill them."""
+
+    def __init__(self, consumer: Consumer, topic: str, batch_size: int, linger_ms: int,
+                 metrics: Metrics, on_revoked: Callable[[set[TP]], None] = lambda tps: None
+                 ) -> None:
+        self._consumer = consumer
+        self._topic = topic
+        self._batch_size = batch_size
+        self._linger_s = linger_ms / 1000
+        self._metrics = metrics
+        self._on_revoked = on_revoked
+        self._lock = threading.Lock()
+        self._buffer: list[RecordBatch] = []
+        self._next: dict[TP, int] = {}  # offset after the last record handed on, per partition
+        self._handback: dict[TP, int] = {}  # where a revoked partition must resume if it returns
+        self._first_ts: dict[TP, int] = {}  # timestamp of the first record of the last batch
+        self.assigned: frozenset[TP] = frozenset()
+        self.joined = False
+        self._pause_reasons: set[str] = set()  # "breaker", "backoff": paused while non-empty
+        self.rebalances = 0
+
+    # ---------------------------------------------------------------- group membership
+
+    def subscribe(self) -> None:
+        self._consumer.subscribe(self._topic, self._assigned, self._revoked, self._lost)
+        log.info("joining consumer group for %s (a join takes up to the session timeout)",
+                 self._topic)
+
+    def _revoked(self, tps: list[TP]) -> None:
+        gone = set(tps)
+        with self._lock:
+            kept: list[RecordBatch] = []
+            for part in self._buffer:
+                mask = ~np.isin(part.partitions, [p for _, p in gone])
+                for tp, off in part.select(~mask).first_offsets().items():
+                    self._handback.setdefault(tp, off)
+                kept.append(part.select(mask))
+            self._buffer = [p for p in kept if len(p)]
+            for tp in gone:  # nothing buffered: resume right after what was handed on
+                if tp in self._next:
+                    self._handback.setdefault(tp, self._next[tp])
+                self._next.pop(tp, None)
+                self._first_ts.pop(tp, None)
+        self.assigned = self.assigned - gone
+        self.rebalances += 1
+        self._forget_series(gone)
+        self._metrics.partitions_assigned.set(len(self.assigned))
+        self._on_revoked(gone)
+        if gone:
+            log.info("partitions revoked: %s", sorted(p for _, p in gone))
+
+    def _lost(self, tps: list[TP]) -> None:
+        log.warning("left the group involuntarily (session expired?): partitions %s lost; "
+                    "rejoining", sorted(p for _, p in tps))
+        self.joined = False
+        self._metrics.group_joined.set(0)
+        self._revoked(tps)
+
+    def _assigned(self, tps: list[TP]) -> Mapping[TP, int]:
+        with self._lock:
+            starts = {tp: self._handback[tp] for tp in tps if tp in self._handback}
+            self._handback.clear()
+            for tp, off in starts.items():
+                self._next[tp] = off
+        self.assigned = self.assigned | set(tps)
+        self.joined = True
+        self._metrics.group_joined.set(1)
+        self._metrics.partitions_assigned.set(len(self.assigned))
+        if self.assigned:
+            log.info("partitions assigned: %s%s", sorted(p for _, p in self.assigned),
+                     f" (resuming {len(starts)} at the first record not yet filtered)"
+                     if starts else "")
+        else:
+            log.info("joined the group with no partitions: %s has fewer partitions than the "
+                     "group has members, so this member is a standby", self._topic)
+        return starts
+
+    # ---------------------------------------------------------------- batches
+
+    def next_batch(self, should_stop: Callable[[], bool] = lambda: False) -> RecordBatch:
+        """The next batch, or an empty one after ``IDLE_POLL_S`` without records."""
+        deadline: float | None = None
+        while True:
+            room = self._batch_size - self._buffered()
+            wait = IDLE_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
+            got = self._poll(wait, room)
+            if len(got):
+                with self._lock:
+                    self._buffer.append(got)
+            if deadline is None:
+                if not self._buffered():
+                    return RecordBatch.empty(self._topic)
+                deadline = time.monotonic() + self._linger_s
+            if (self._buffered() >= self._batch_size or time.monotonic() >= deadline
+                    or should_stop()):
+                break
+        with self._lock:
+            batch = RecordBatch.concat(self._topic, self._buffer)
+            self._buffer = []
+            self._next.update(batch.next_offsets())
+            self._first_ts.update(
+                {tp: int(batch.timestamps_ms[np.argmax(batch.partitions == tp[1])])
+                 for tp in batch.first_offsets()})
+        return batch
+
+    def idle(self, timeout_s: float) -> None:
+        """Poll without taking records (all paused or backing off): keeps group membership,
+        heartbeats and rebalances going while nothing is consumed."""
+        self._poll(timeout_s, 1)
+
+    def _poll(self, timeout_s: float, max_records: int) -> RecordBatch:
+        try:
+            got = self._consumer.poll(timeout_s, max(1, max_records))
+        except ClientError as exc:
+            log.warning("poll failed: %s", exc)
+            time.sleep(min(timeout_s, 0.5))
+            got = RecordBatch.empty(self._topic)
+        with self._lock:
+            self._handback.clear()  # only the assignment that follows a revocation may use it
+        if self.paused:
+            if self.assigned:
+                self._consumer.pause(self.assigned)  # a partition assigned while paused
+            if len(got):
+                self.rewind(got.first_offsets())
+                got = RecordBatch.empty(self._topic)
+        self._metrics.records_consumed.labels(self._topic).inc(len(got))
+        return got
+
+    def _buffered(self) -> int:
+        with self._lock:
+            return sum(len(p) for p in self._buffer)
+
+    # ---------------------------------------------------------------- control
+
+    def rewind(self, offsets: Mapping[TP, int]) -> None:
+        """Resume the given owned partitions at these offsets, dropping anything buffered
+        past them (a retried or held-back batch is read again, in order)."""
+        owned = {tp: off for tp, off in offsets.items() if tp in self.assigned}
+        with self._lock:
+            kept = []
+            for part in self._buffer:
+                drop = np.zeros(len(part), bool)
+                for (_, p), off in owned.items():
+                    drop |= (part.partitions == p) & (part.offsets >= off)
+                kept.append(part.select(~drop))
+            self._buffer = [p for p in kept if len(p)]
+            for tp, off in owned.items():
+                self._consumer.seek(tp, off)
+                self._next[tp] = off
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._pause_reasons)
+
+    def pause(self, reason: str) -> None:
+        """Stop fetching from every owned partition (and any assigned later) until every
+        reason given here was lifted with ``resume``."""
+        if reason not in self._pause_reasons:
+            self._pause_reasons.add(reason)
+            self._consumer.pause(self.assigned)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._pause_reasons:
+            self._pause_reasons.discard(reason)
+            if not self._pause_reasons:
+                self._consumer.resume(self.assigned)
+
+    # ---------------------------------------------------------------- lag
+
+    def update_lag(self, timeout_s: float = 2.0) -> None:
+        """Lag in records and in seconds for the partitions this member owns, and no others."""
+        owned = sorted(self.assigned)
+        if not owned:
+            return
+        try:
+            lags = self._consumer.lag(owned, timeout_s)
+        except ClientError as exc:
+            log.warning("could not read end offsets for the lag metrics: %s", exc)
+            return
+        now_ms = time.time() * 1000
+        for tp in owned:
+            if tp not in lags:
+                continue
+            labels = (tp[0], str(tp[1]))
+            self._metrics.consumer_lag.labels(*labels).set(lags[tp])
+            first = self._first_ts.get(tp)
+            # The oldest unfiltered record is at least as old as the first record of the
+            # latest batch read from the partition; with no batch read yet it is unknown.
+            if lags[tp] == 0:
+                self._metrics.consumer_lag_seconds.labels(*labels).set(0.0)
+            elif first is not None:
+                self._metrics.consumer_lag_seconds.labels(*labels).set(
+                    max(0.0, (now_ms - first) / 1000))
+
+    def _forget_series(self, tps: set[TP]) -> None:
+        for t, p in tps:
+            for gauge in (self._metrics.consumer_lag, self._metrics.consumer_lag_seconds):
+                try:
+                    gauge.remove(t, str(p))
+                except KeyError:
+                    pass

@@ -1,0 +1,142 @@
+"""The filter as an operator runs it: start-up, shutdown, readiness and a broker outage.
+
+These run the real CLI against a real broker with the product's own defaults (no test-only
+session timeouts), because the defaults are what a new user meets.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from depois_stream.sim.broker import LocalBroker, free_port
+from tests.helpers.kafka_io import Topics, committed, publish, read_all, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def _start(bootstrap: str, topics: Topics, group: str, model: Path, port: int,
+           *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "depois_stream", "run", "--model-path", str(model),
+         "--bootstrap-servers", bootstrap, "--ingest-topic", topics.ingest,
+         "--clean-topic", topics.clean, "--quarantine-topic", topics.quarantine,
+         "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu",
+         "--metrics-port", str(port), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _ready(port: int) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return json.loads(e.read())
+    except OSError:
+        return {}
+
+
+def _keys(bootstrap: str, topics: Topics) -> list[str]:
+    return [r.key.decode() for t in topics.outputs() for r in read_all(bootstrap, t)]
+
+
+def _stop(proc: subprocess.Popen) -> tuple[float, str]:
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return time.monotonic() - t0, err
+
+
+def test_default_settings_start_and_stop_promptly_and_restart_resumes(
+        broker, unique, centroid_model, digits_arrays):
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique, partitions=2)
+    port = free_port()
+    first = [f"{unique}-a{i}" for i in range(50)]
+    publish(broker.bootstrap, topics.ingest, first, xte[:50], yte[:50])
+    t0 = time.monotonic()
+    proc = _start(broker.bootstrap, topics, unique, centroid_model, port)
+    try:
+        wait_for(lambda: len(_keys(broker.bootstrap, topics)) >= 50, timeout_s=60)
+        to_first = time.monotonic() - t0
+        took, err = _stop(proc)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert to_first < 15, f"first batch after {to_first:.1f} s with default settings"
+    assert took < 10, f"SIGTERM took {took:.1f} s"
+
+    second = [f"{unique}-b{i}" for i in range(50)]
+    ends = publish(broker.bootstrap, topics.ingest, second, xte[50:100], yte[50:100])
+    t1 = time.monotonic()
+    again = _start(broker.bootstrap, topics, unique, centroid_model, port)
+    try:
+        wait_for(lambda: len(_keys(broker.bootstrap, topics)) >= 100, timeout_s=60)
+        to_resume = time.monotonic() - t1
+        _stop(again)
+    finally:
+        again.kill()
+    assert to_resume < 15, f"a restarted member waited {to_resume:.1f} s"
+    assert sorted(_keys(broker.bootstrap, topics)) == sorted(first + second)
+    assert committed(broker.bootstrap, unique, topics.ingest) == ends
+
+
+def test_readyz_probes_the_broker_and_a_spare_member_is_ready(
+        broker, unique, centroid_model):
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    ports = [free_port(), free_port()]
+    procs = [_start(broker.bootstrap, topics, unique, centroid_model, p) for p in ports]
+    try:
+        wait_for(lambda: all(_ready(p).get("checks", {}).get("broker_reachable") for p in ports),
+                 timeout_s=8)
+        # one partition, two members: one of them owns nothing and must still be ready
+        wait_for(lambda: all(_ready(p).get("ready") for p in ports), timeout_s=30)
+    finally:
+        for p in procs:
+            _stop(p)
+
+
+def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
+        tmp_path, centroid_model, digits_arrays):
+    _, _, xte, yte = digits_arrays
+    n = 3000
+    idx = [i % len(yte) for i in range(n)]
+    with LocalBroker(log_path=tmp_path / "tansu.log") as own:
+        topics = Topics.create(own.bootstrap, "outage", partitions=2)
+        port = free_port()
+        ids = [f"o-{i}" for i in range(n)]
+        proc = _start(own.bootstrap, topics, "outage", centroid_model, port, "--batch-size", "64",
+                      "--exit-when-idle-s", "20")
+        try:
+            wait_for(lambda: _ready(port).get("ready"), timeout_s=30)
+            ends = publish(own.bootstrap, topics.ingest, ids, xte[idx], yte[idx])
+            time.sleep(0.5)
+            own.freeze()
+            try:
+                wait_for(lambda: _ready(port).get("checks", {}).get("broker_reachable") is False,
+                         timeout_s=20)
+                time.sleep(10)
+                assert proc.poll() is None, "the filter gave up during a 30 s outage"
+            finally:
+                own.thaw()
+            wait_for(lambda: _ready(port).get("checks", {}).get("broker_reachable") is True,
+                     timeout_s=30)
+            out, err = proc.communicate(timeout=180)
+        finally:
+            proc.kill()
+        assert proc.returncode == 0, err[-3000:]
+        keys = _keys(own.bootstrap, topics)
+        assert set(keys) == set(ids)
+        assert committed(own.bootstrap, "outage", topics.ingest) == ends
