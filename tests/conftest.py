@@ -26,6 +26,14 @@ def broker(tmp_path_factory: pytest.TempPathFactory):
         yield b
 
 
+@pytest.fixture(params=["kafka-python", "confluent-kafka"])
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """Each delivery test runs with both client libraries behind the filter's client seam."""
+    if request.param == "confluent-kafka":
+        pytest.importorskip("confluent_kafka", reason="pip install 'depois-stream[fast]'")
+    return request.param
+
+
 @pytest.fixture
 def unique(request: pytest.FixtureRequest) -> str:
     """A short name unique to this test, for topics and consumer groups on the shared broker."""

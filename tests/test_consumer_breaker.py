@@ -15,7 +15,7 @@ from tests.test_consumer_reload import _deploy
 
 
 def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
-        broker, unique, tmp_path: Path, digits_arrays):
+        kafka_client, broker, unique, tmp_path: Path, digits_arrays):
     _, _, xte, yte = digits_arrays
     model = tmp_path / "model.onnx"
     _deploy(model, digits_arrays, "miscalibrated", boundary=10.0)  # every sample "poisoned"
@@ -26,7 +26,7 @@ def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
     ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
 
     metrics = Metrics()
-    cfg = consumer_config(broker.bootstrap, topics, unique, model, exit_when_idle_s=None,
+    cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client, exit_when_idle_s=None,
                           breaker_window=64, breaker_min_samples=32, control_dir=control,
                           breaker_cooldown_s=3600)
     flt = StreamFilter(cfg, metrics)

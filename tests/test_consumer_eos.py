@@ -13,12 +13,13 @@ from depois_stream.filter.app import StreamFilter
 from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all
 
 
-def test_transactional_batches_commit_their_offsets(broker, unique, centroid_model, digits_arrays):
+def test_transactional_batches_commit_their_offsets(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     ids = [f"{unique}-{i}" for i in range(300)]
     ends = publish(broker.bootstrap, topics.ingest, ids, xte[:300], yte[:300])
-    stats = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model,
+    stats = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
                                          exactly_once=True, exit_when_idle_s=1.5)).run()
     assert stats.consumed == len(ids)
     keys = Counter(r.key.decode() for t in topics.outputs() for r in read_all(broker.bootstrap, t))

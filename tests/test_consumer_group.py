@@ -9,10 +9,10 @@ from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, 
 
 
 def test_two_members_split_partitions_and_account_for_everything(
-        broker, unique, centroid_model, digits_arrays):
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique, partitions=4)
-    members = [StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model,
+    members = [StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
                                             exit_when_idle_s=None)) for _ in range(2)]
     stop = threading.Event()
     threads = [threading.Thread(target=m.run, args=(stop,)) for m in members]

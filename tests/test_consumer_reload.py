@@ -79,13 +79,13 @@ def test_bad_model_keeps_the_old_one_until_its_card_arrives(tmp_path: Path, digi
 
 
 def test_stream_verdicts_change_when_the_model_file_is_replaced(
-        broker, unique: str, tmp_path: Path, digits_arrays) -> None:
+        kafka_client, broker, unique: str, tmp_path: Path, digits_arrays) -> None:
     _, _, xte, yte = digits_arrays
     path = tmp_path / "model.onnx"
     _deploy(path, digits_arrays, "lenient", boundary=-10.0)  # everything passes
     topics = Topics.create(broker.bootstrap, unique)
     metrics = Metrics()
-    cfg = consumer_config(broker.bootstrap, topics, unique, path, exit_when_idle_s=None,
+    cfg = consumer_config(broker.bootstrap, topics, unique, path, client=kafka_client, exit_when_idle_s=None,
                           breaker_max_rate=1.0)  # the strict model quarantines all: keep going
     flt = StreamFilter(cfg, metrics)
     stop = threading.Event()

@@ -40,7 +40,8 @@ def _get(url: str) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
-def test_every_record_routed_once_with_its_verdict(broker, unique, centroid_model, digits_arrays):
+def test_every_record_routed_once_with_its_verdict(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     _, _, xte, yte = digits_arrays
     n = 300
     labels = yte[:n].copy()
@@ -52,7 +53,7 @@ def test_every_record_routed_once_with_its_verdict(broker, unique, centroid_mode
     total = sum(ends.values())
 
     metrics = Metrics()
-    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model,
+    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
                                        metrics_port=0, exit_when_idle_s=None), metrics)
     stop = threading.Event()
     runner = threading.Thread(target=flt.run, args=(stop,))
@@ -100,7 +101,7 @@ def test_every_record_routed_once_with_its_verdict(broker, unique, centroid_mode
 
 
 def test_record_too_large_to_forward_is_dead_lettered_without_payload(
-        broker, unique, centroid_model):
+        kafka_client, broker, unique, centroid_model):
     topics = Topics.create(broker.bootstrap, unique)
     big = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=3 << 20)
     try:
@@ -108,7 +109,7 @@ def test_record_too_large_to_forward_is_dead_lettered_without_payload(
                  headers=[(H.CONTENT_TYPE, CONTENT_TYPE_BINARY.encode())]).get(timeout=10)
     finally:
         big.close()
-    cfg = consumer_config(broker.bootstrap, topics, unique, centroid_model,
+    cfg = consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
                           kafka={"fetch_max_wait_ms": 100, "max_request_size": 1 << 20})
     stats = StreamFilter(cfg).run()  # each client gets only the pass-through options it knows
     assert stats.dead_lettered == 1  # a poison pill for the producer, yet the stream moves on

@@ -17,12 +17,13 @@ from tests.helpers.kafka_io import Topics, committed, publish, read_all, wait_fo
 
 
 def _start(bootstrap: str, topics: Topics, group: str, model: Path, *extra: str,
-           session_timeout_ms: int = TEST_SESSION_TIMEOUT_MS) -> subprocess.Popen:
+           session_timeout_ms: int = TEST_SESSION_TIMEOUT_MS,
+           client: str = "kafka-python") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "depois_stream", "run", "--model-path", str(model),
          "--bootstrap-servers", bootstrap, "--ingest-topic", topics.ingest,
          "--clean-topic", topics.clean, "--quarantine-topic", topics.quarantine,
-         "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu",
+         "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu", "--client", client,
          "--batch-size", "8", "--linger-ms", "0", "--metrics-port", "0",
          "--session-timeout-ms", str(session_timeout_ms),
          "--heartbeat-interval-ms", str(TEST_HEARTBEAT_INTERVAL_MS), *extra],
@@ -57,13 +58,14 @@ def _outputs(bootstrap: str, topics: Topics) -> list:
 
 
 def test_sigkill_mid_stream_then_restart_loses_nothing(
-        broker, unique, centroid_model, digits_arrays):
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     ids, images, labels = _stream(1200, digits_arrays, unique)
     ends = publish(broker.bootstrap, topics.ingest, ids, images, labels)
     progress = _Progress(broker.bootstrap, unique, topics.ingest, 2)
     # The restarted member waits for the killed one's session to expire: keep it short.
-    proc = _start(broker.bootstrap, topics, unique, centroid_model, session_timeout_ms=3000)
+    proc = _start(broker.bootstrap, topics, unique, centroid_model, session_timeout_ms=3000,
+                  client=kafka_client)
     try:
         wait_for(lambda: progress.committed() >= 100, timeout_s=60)
         proc.send_signal(signal.SIGKILL)
@@ -75,7 +77,8 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
     assert at_kill < len(ids), "the consumer finished before it was killed; the test proved nothing"
 
     restarted = _start(broker.bootstrap, topics, unique, centroid_model, "--exit-when-idle-s", "1",
-                       "--batch-size", "128", session_timeout_ms=3000)  # the last --batch-size wins
+                       "--batch-size", "128", session_timeout_ms=3000,  # the last --batch-size wins
+                       client=kafka_client)
     out, err = restarted.communicate(timeout=120)
     assert restarted.returncode == 0, err
 
@@ -85,12 +88,12 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
 
 
 def test_sigterm_finishes_the_batch_and_commits_exactly_what_it_produced(
-        broker, unique, centroid_model, digits_arrays):
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     ids, images, labels = _stream(1200, digits_arrays, unique)
     publish(broker.bootstrap, topics.ingest, ids, images, labels)
     progress = _Progress(broker.bootstrap, unique, topics.ingest, 2)
-    proc = _start(broker.bootstrap, topics, unique, centroid_model)
+    proc = _start(broker.bootstrap, topics, unique, centroid_model, client=kafka_client)
     try:
         wait_for(lambda: progress.committed() >= 100, timeout_s=60)
         proc.send_signal(signal.SIGTERM)

@@ -19,12 +19,13 @@ def _ids_out(bootstrap: str, topics: Topics) -> list[str]:
     return [r.key.decode() for t in topics.outputs() for r in read_all(bootstrap, t)]
 
 
-def test_rebalance_during_linger_loses_nothing(broker, unique, centroid_model, digits_arrays):
+def test_rebalance_during_linger_loses_nothing(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     # A holds both partitions and lingers on a half-full batch while B joins the group.
     slow = dict(batch_size=5000, linger_ms=8000, exit_when_idle_s=None)
-    a = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, **slow))
+    a = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client, **slow))
     stop = threading.Event()
     ta = threading.Thread(target=a.run, args=(stop,))
     ta.start()
@@ -35,7 +36,7 @@ def test_rebalance_during_linger_loses_nothing(broker, unique, centroid_model, d
         first = [f"{unique}-a{i}" for i in range(200)]
         ends = publish(broker.bootstrap, topics.ingest, first, xte[:200], yte[:200])
         time.sleep(1.0)  # A has polled them into its batch and lingers
-        b = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model,
+        b = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
                                          **slow))
         tb = threading.Thread(target=b.run, args=(stop,))
         tb.start()

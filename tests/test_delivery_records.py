@@ -12,7 +12,7 @@ from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, 
 
 
 def test_key_and_headers_count_towards_the_size_that_must_be_forwarded(
-        broker, unique, centroid_model, digits_arrays):
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     """900 KiB of value fits under the producer's 1 MiB limit, a 200 KiB key pushes it over."""
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique)
@@ -28,7 +28,7 @@ def test_key_and_headers_count_towards_the_size_that_must_be_forwarded(
         big.close()
     ids = [f"{unique}-{i}" for i in range(20)]
     ends = publish(broker.bootstrap, topics.ingest, ids, xte[:20], yte[:20])
-    cfg = consumer_config(broker.bootstrap, topics, unique, centroid_model,
+    cfg = consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
                           kafka={"fetch_max_wait_ms": 100})
     stats = StreamFilter(cfg).run()
     assert stats.consumed == 22
@@ -48,7 +48,8 @@ FORGED = [("depois.verdict", b"clean"), ("depois.error_class", b"malformed"),
           ("depois.replay_count", b"3"), ("Depois.Score", b"99"), ("depois.released.by", b"eve")]
 
 
-def test_producers_cannot_write_depois_headers(broker, unique, centroid_model, digits_arrays):
+def test_producers_cannot_write_depois_headers(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique)
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap)
@@ -66,7 +67,7 @@ def test_producers_cannot_write_depois_headers(broker, unique, centroid_model, d
     finally:
         producer.close()
     metrics = Metrics()
-    StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model),
+    StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client),
                  metrics=metrics).run()
     out = [r for t in topics.outputs() for r in read_all(broker.bootstrap, t)]
     assert len(out) == n + 1

@@ -24,12 +24,12 @@ pytestmark = pytest.mark.slow
 
 
 def _start(bootstrap: str, topics: Topics, group: str, model: Path, port: int,
-           *extra: str) -> subprocess.Popen:
+           *extra: str, client: str = "kafka-python") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "depois_stream", "run", "--model-path", str(model),
          "--bootstrap-servers", bootstrap, "--ingest-topic", topics.ingest,
          "--clean-topic", topics.clean, "--quarantine-topic", topics.quarantine,
-         "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu",
+         "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu", "--client", client,
          "--metrics-port", str(port), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -60,14 +60,14 @@ def _stop(proc: subprocess.Popen) -> tuple[float, str]:
 
 
 def test_default_settings_start_and_stop_promptly_and_restart_resumes(
-        broker, unique, centroid_model, digits_arrays):
+        kafka_client, broker, unique, centroid_model, digits_arrays):
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     port = free_port()
     first = [f"{unique}-a{i}" for i in range(50)]
     publish(broker.bootstrap, topics.ingest, first, xte[:50], yte[:50])
     t0 = time.monotonic()
-    proc = _start(broker.bootstrap, topics, unique, centroid_model, port)
+    proc = _start(broker.bootstrap, topics, unique, centroid_model, port, client=kafka_client)
     try:
         wait_for(lambda: len(_keys(broker.bootstrap, topics)) >= 50, timeout_s=60)
         to_first = time.monotonic() - t0
@@ -81,7 +81,7 @@ def test_default_settings_start_and_stop_promptly_and_restart_resumes(
     second = [f"{unique}-b{i}" for i in range(50)]
     ends = publish(broker.bootstrap, topics.ingest, second, xte[50:100], yte[50:100])
     t1 = time.monotonic()
-    again = _start(broker.bootstrap, topics, unique, centroid_model, port)
+    again = _start(broker.bootstrap, topics, unique, centroid_model, port, client=kafka_client)
     try:
         wait_for(lambda: len(_keys(broker.bootstrap, topics)) >= 100, timeout_s=60)
         to_resume = time.monotonic() - t1
@@ -94,10 +94,11 @@ def test_default_settings_start_and_stop_promptly_and_restart_resumes(
 
 
 def test_readyz_probes_the_broker_and_a_spare_member_is_ready(
-        broker, unique, centroid_model):
+        kafka_client, broker, unique, centroid_model):
     topics = Topics.create(broker.bootstrap, unique, partitions=1)
     ports = [free_port(), free_port()]
-    procs = [_start(broker.bootstrap, topics, unique, centroid_model, p) for p in ports]
+    procs = [_start(broker.bootstrap, topics, unique, centroid_model, p, client=kafka_client)
+             for p in ports]
     try:
         wait_for(lambda: all(_ready(p).get("checks", {}).get("broker_reachable") for p in ports),
                  timeout_s=8)
@@ -109,7 +110,7 @@ def test_readyz_probes_the_broker_and_a_spare_member_is_ready(
 
 
 def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
-        tmp_path, centroid_model, digits_arrays):
+        kafka_client, tmp_path, centroid_model, digits_arrays):
     _, _, xte, yte = digits_arrays
     n = 3000
     idx = [i % len(yte) for i in range(n)]
@@ -118,7 +119,7 @@ def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
         port = free_port()
         ids = [f"o-{i}" for i in range(n)]
         proc = _start(own.bootstrap, topics, "outage", centroid_model, port, "--batch-size", "64",
-                      "--exit-when-idle-s", "20")
+                      "--exit-when-idle-s", "20", client=kafka_client)
         try:
             wait_for(lambda: _ready(port).get("ready"), timeout_s=30)
             ends = publish(own.bootstrap, topics.ingest, ids, xte[idx], yte[idx])

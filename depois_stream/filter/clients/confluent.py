@@ -90,8 +90,9 @@ _TRANSIENT = {KafkaError._TIMED_OUT, KafkaError._MSG_TIMED_OUT, KafkaError._TRAN
               KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
               KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION,
               KafkaError.NETWORK_EXCEPTION, KafkaError._TIMED_OUT_QUEUE}
-_REJECTED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError._MSG_SIZE_TOO_LARGE,
-             KafkaError.INVALID_RECORD, KafkaError.CORRUPT_MESSAGE}
+# The broker (or librdkafka's own size check) will never take these records in this form.
+_REJECTED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
+             KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD}
 
 
 def _on_error(err: KafkaError) -> None:
