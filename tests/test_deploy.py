@@ -24,8 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "depois.json"
 TOPICS = ("depois.ingest", "depois.clean", "depois.quarantine", "depois.dlq", "depois.audit")
-REQUIRED_ALERTS = {"DepoisPoisonRateSpike", "DepoisConsumerDown", "DepoisConsumerLagGrowing",
-                   "DepoisGpuFallback", "DepoisDeadLetterRate", "DepoisCircuitOpen"}
+PROMTOOL_TESTS = ("alerts_test.yml", "slo_test.yml")
+REQUIRED_ALERTS = {
+    "DepoisPoisonBurst", "DepoisPoisonSustained", "DepoisConsumerDown", "DepoisConsumerStalled",
+    "DepoisConsumerLagGrowing", "DepoisBrokerUnreachable", "DepoisGpuFallback",
+    "DepoisDeadLetterRate", "DepoisCircuitOpen", "DepoisCircuitBreakerTripped",
+    "DepoisDeliveryRejected", "DepoisProduceRetrying", "DepoisCommitFailures",
+    "DepoisModelRejected", "DepoisForgedHeaders", "DepoisFreshnessSLOFastBurn",
+    "DepoisFreshnessSLOSlowBurn", "DepoisDeliverySLOFastBurn", "DepoisDeliverySLOSlowBurn"}
+# The one base URL of each annotation kind (alerts.yml's header says how to change them).
+RUNBOOK_BASE = "https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#"
+DASHBOARD_BASE = "http://localhost:3000/d/depois-stream/depois-stream?orgId=1"
 PROMETHEUS_BUILTINS = {"up"}
 
 
@@ -48,7 +57,9 @@ def exposed_names() -> set[str]:
 
 
 def metric_names(expr: str) -> set[str]:
-    return set(re.findall(r"\bdepois_[a-z0-9_]+", expr)) | (
+    """Series names an expression reads: depois_* metrics, recorded job:depois_*:* series and
+    the Prometheus built-ins it uses."""
+    return set(re.findall(r"(?<![\w:])[a-z_:]*depois_[a-z0-9_:]+", expr)) | (
         set(re.findall(r"\b[a-z_]+(?=\{)", expr)) & PROMETHEUS_BUILTINS)
 
 
@@ -64,9 +75,23 @@ def mounts(service: dict) -> dict[str, tuple[str, bool]]:
     return out
 
 
-def alert_rules() -> list[dict]:
+def all_rules() -> list[dict]:
     groups = yaml.safe_load((PROM_DIR / "alerts.yml").read_text())["groups"]
-    return [r for g in groups for r in g["rules"] if "alert" in r]
+    return [r for g in groups for r in g["rules"]]
+
+
+def alert_rules() -> list[dict]:
+    return [r for r in all_rules() if "alert" in r]
+
+
+def recorded_names() -> set[str]:
+    return {r["record"] for r in all_rules() if "record" in r}
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading: lower case, punctuation dropped,
+    spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 # --- docker-compose ---------------------------------------------------------------------------
@@ -136,14 +161,14 @@ def test_promtool_accepts_config_and_rules() -> None:
 
 def test_promtool_unit_tests_pass_and_cover_every_alert() -> None:
     promtool = _tool("promtool")
-    result = _run(promtool, "test", "rules", "alerts_test.yml", cwd=PROM_DIR)
+    result = _run(promtool, "test", "rules", *PROMTOOL_TESTS, cwd=PROM_DIR)
     assert result.returncode == 0, result.stdout + result.stderr
 
-    tests = yaml.safe_load((PROM_DIR / "alerts_test.yml").read_text())["tests"]
-    fired = {case["alertname"] for group in tests for case in group["alert_rule_test"]
-             if case["exp_alerts"]}
-    held_back = {case["alertname"] for group in tests for case in group["alert_rule_test"]
-                 if not case["exp_alerts"]}
+    tests = [group for name in PROMTOOL_TESTS
+             for group in yaml.safe_load((PROM_DIR / name).read_text())["tests"]]
+    cases = [case for group in tests for case in group.get("alert_rule_test", [])]
+    fired = {case["alertname"] for case in cases if case["exp_alerts"]}
+    held_back = {case["alertname"] for case in cases if not case["exp_alerts"]}
     names = {r["alert"] for r in alert_rules()}
     assert names >= REQUIRED_ALERTS
     assert fired == names, "every alert needs a promtool case in which it fires"
@@ -152,12 +177,32 @@ def test_promtool_unit_tests_pass_and_cover_every_alert() -> None:
 
 def test_every_alert_is_actionable_and_uses_exported_metrics() -> None:
     known = exposed_names() | PROMETHEUS_BUILTINS
+    recorded = recorded_names()
     for rule in alert_rules():
-        assert rule["labels"]["severity"] in {"page", "ticket"}, rule["alert"]
-        assert len(rule["annotations"]["runbook"]) > 80, f"{rule['alert']} needs a real runbook"
-        assert rule["annotations"]["summary"], rule["alert"]
+        name, annotations = rule["alert"], rule["annotations"]
+        assert rule["labels"]["severity"] in {"page", "ticket"}, name
+        assert set(annotations) == {"summary", "runbook_url", "dashboard_url"}, name
+        assert annotations["summary"], name
+        assert annotations["runbook_url"] == RUNBOOK_BASE + name.lower(), name
+        assert annotations["dashboard_url"].startswith(DASHBOARD_BASE + "&var-job="), name
         used = metric_names(rule["expr"])
-        assert used and used <= known, f"{rule['alert']} uses unknown metrics {used - known}"
+        assert used and used <= known | recorded, f"{name} uses unknown series {used - known - recorded}"
+
+
+def test_recording_rules_read_exported_metrics_and_are_all_used() -> None:
+    known = exposed_names() | PROMETHEUS_BUILTINS
+    rules = all_rules()
+    recorded = recorded_names()
+    for rule in rules:
+        if "record" in rule:
+            assert re.fullmatch(r"[a-z_]+:depois_[a-z0-9_]+:[a-z0-9_]+", rule["record"]), \
+                f"{rule['record']}: use the level:metric:operation naming convention"
+            used = metric_names(rule["expr"])
+            assert used and used <= known | recorded, f"{rule['record']} reads {used - known - recorded}"
+    read = set().union(*(metric_names(r["expr"]) for r in rules))
+    board = json.loads(DASHBOARD.read_text())
+    read |= {n for p in board["panels"] for t in p["targets"] for n in metric_names(t["expr"])}
+    assert recorded <= read, f"recorded but read by no alert nor panel: {recorded - read}"
 
 
 # --- Grafana ----------------------------------------------------------------------------------
@@ -216,3 +261,20 @@ def test_operations_doc_lists_every_metric_and_every_alert() -> None:
     assert table == families, "docs/operations.md's metrics table is out of date"
     sections = set(re.findall(r"^### (Depois\w+)", doc, flags=re.M))
     assert sections == {r["alert"] for r in alert_rules()}, "each alert needs a runbook section"
+
+
+def test_every_runbook_url_lands_on_a_runbook_section() -> None:
+    """The runbook_url fragment is the GitHub anchor of a heading that holds a real runbook."""
+    doc = (REPO / "docs" / "operations.md").read_text()
+    headings = re.split(r"^### ", doc, flags=re.M)[1:]
+    sections = {github_anchor(h.split("\n", 1)[0]): h.split("\n", 1)[1].split("\n## ")[0]
+                for h in headings}
+    for rule in alert_rules():
+        anchor = rule["annotations"]["runbook_url"].removeprefix(RUNBOOK_BASE)
+        assert anchor in sections, f"{rule['alert']}: no heading with anchor #{anchor}"
+        body = sections[anchor]
+        first_line = body.strip().split("\n", 1)[0]
+        assert first_line.startswith(f"*Severity:* {rule['labels']['severity']}"), \
+            f"{rule['alert']}'s runbook must open with its severity, not {first_line!r}"
+        for part in ("*Meaning:*", "*First check:*", "*Action:*"):
+            assert part in body, f"{rule['alert']}'s runbook lacks {part}"
