@@ -22,6 +22,7 @@ from depois_stream.report import load_dashboard, substitute_variables
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
+ALERTMANAGER_CONFIG = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "depois.json"
 TOPICS = ("depois.ingest", "depois.clean", "depois.quarantine", "depois.dlq", "depois.audit")
 PROMTOOL_TESTS = ("alerts_test.yml", "slo_test.yml")
@@ -80,6 +81,18 @@ def all_rules() -> list[dict]:
     return [r for g in groups for r in g["rules"]]
 
 
+def published(service: dict) -> list[tuple[str, int]]:
+    """(host ip, container port) of each published port, from the short or long syntax."""
+    out = []
+    for p in service.get("ports", []):
+        if isinstance(p, str):  # [[host_ip:]host_port:]container_port[/protocol]
+            parts = p.split("/")[0].split(":")
+            out.append((parts[0] if len(parts) == 3 else "", int(parts[-1])))
+        else:
+            out.append((p.get("host_ip", ""), int(p["target"])))
+    return out
+
+
 def alert_rules() -> list[dict]:
     return [r for r in all_rules() if "alert" in r]
 
@@ -112,13 +125,16 @@ def test_compose_file_is_valid_and_wires_the_stack(compose_env: dict[str, str]) 
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     assert set(services) == {"kafka", "kafka-init", "depois-consumer", "demo-producer",
-                             "prometheus", "grafana"}
+                             "prometheus", "alertmanager", "pushgateway", "grafana"}
 
     kafka_env = services["kafka"]["environment"]
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert kafka_env["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft, no ZooKeeper
     init_script = " ".join(services["kafka-init"]["entrypoint"] + services["kafka-init"]["command"])
     assert all(t in init_script for t in TOPICS)
+    # Lag in seconds and the freshness SLO measure time since arrival at the broker.
+    assert re.search(r"--topic depois\.ingest [^\n]*\\\n[^\n]*--config message\.timestamp\.type=LogAppendTime",
+                     init_script), init_script
 
     consumer = services["depois-consumer"]
     assert "container_name" not in consumer and "ports" not in consumer, \
@@ -136,6 +152,27 @@ def test_compose_file_is_valid_and_wires_the_stack(compose_env: dict[str, str]) 
     prometheus = mounts(services["prometheus"])
     assert prometheus["/etc/prometheus/alerts.yml"] == (str(PROM_DIR / "alerts.yml"), True)
     assert prometheus["/etc/prometheus/prometheus.yml"] == (str(PROM_DIR / "prometheus.yml"), True)
+
+    # Prometheus sends alerts to the stack's Alertmanager, which reads the repository's config.
+    prom_config = yaml.safe_load((PROM_DIR / "prometheus.yml").read_text())
+    (am_target,) = [t for am in prom_config["alerting"]["alertmanagers"]
+                    for sc in am["static_configs"] for t in sc["targets"]]
+    alertmanager = services["alertmanager"]
+    assert am_target == "alertmanager:9093" and services["alertmanager"]["image"].startswith(
+        "prom/alertmanager:")
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    assert mounts(alertmanager)["/etc/alertmanager/alertmanager.yml"] == (str(ALERTMANAGER_CONFIG), True)
+    assert published(alertmanager) == [("127.0.0.1", 9093)]
+    assert all(ip == "127.0.0.1" for s in services.values() for ip, _ in published(s)), \
+        "host ports are published on loopback only"
+
+    # Batch jobs push to the Pushgateway; Prometheus scrapes it keeping the pushed job label.
+    pushgateway = services["pushgateway"]
+    assert pushgateway["image"].startswith("prom/pushgateway:")
+    assert published(pushgateway) == [("127.0.0.1", 9091)]
+    push_job = next(j for j in scrape if j["job_name"] == "pushgateway")
+    assert push_job["honor_labels"] is True
+    assert push_job["static_configs"][0]["targets"] == ["pushgateway:9091"]
     grafana = mounts(services["grafana"])
     assert grafana["/etc/grafana/dashboards"] == (str(DASHBOARD.parent), True)
     assert grafana["/etc/grafana/provisioning"][0] == str(REPO / "deploy/grafana/provisioning")
@@ -150,13 +187,36 @@ def test_compose_refuses_to_start_grafana_without_an_admin_password(
     assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
 
 
-# --- Prometheus -------------------------------------------------------------------------------
+# --- Prometheus and Alertmanager -------------------------------------------------------------
 
 def test_promtool_accepts_config_and_rules() -> None:
     promtool = _tool("promtool")
     for args in (("check", "config", "prometheus.yml"), ("check", "rules", "alerts.yml")):
         result = _run(promtool, *args, cwd=PROM_DIR)
         assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_amtool_accepts_the_alertmanager_config_and_routes_by_severity() -> None:
+    amtool = _tool("amtool")
+    result = _run(amtool, "check-config", str(ALERTMANAGER_CONFIG))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    def receiver(**labels: str) -> str:
+        args = [f"{k}={v}" for k, v in labels.items()]
+        routed = _run(amtool, "config", "routes", "test", "--config.file", str(ALERTMANAGER_CONFIG), *args)
+        assert routed.returncode == 0, routed.stdout + routed.stderr
+        return routed.stdout.strip()
+
+    for rule in alert_rules():
+        severity = rule["labels"]["severity"]
+        assert receiver(alertname=rule["alert"], job="depois-consumer", severity=severity) == severity
+    assert receiver(alertname="SomethingElse") == "ticket", "an alert without severity must not vanish"
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    names = {r["alert"] for r in alert_rules()}
+    for rule in config["inhibit_rules"]:
+        for matcher in rule["source_matchers"] + rule["target_matchers"]:
+            pattern = re.fullmatch(r'alertname=~?"([^"]+)"', matcher).group(1)
+            assert any(re.fullmatch(pattern, n) for n in names), f"inhibit rule names no alert: {matcher}"
 
 
 def test_promtool_unit_tests_pass_and_cover_every_alert() -> None:
