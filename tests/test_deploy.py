@@ -19,6 +19,7 @@ import yaml
 
 from depois_stream.metrics import Metrics
 from depois_stream.report import load_dashboard, substitute_variables
+from tests.helpers.prometheus import dashboard_variables, resolve_dashboard_variables
 
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
@@ -36,7 +37,8 @@ REQUIRED_ALERTS = {
 # The one base URL of each annotation kind (alerts.yml's header says how to change them).
 RUNBOOK_BASE = "https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#"
 DASHBOARD_BASE = "http://localhost:3000/d/depois-stream/depois-stream?orgId=1"
-PROMETHEUS_BUILTINS = {"up"}
+# Series Prometheus or the Pushgateway add by themselves (push_time_seconds: last push of a group).
+PROMETHEUS_BUILTINS = {"up", "push_time_seconds"}
 
 
 def _tool(name: str) -> str:
@@ -267,9 +269,29 @@ def test_recording_rules_read_exported_metrics_and_are_all_used() -> None:
 
 # --- Grafana ----------------------------------------------------------------------------------
 
+def raw_dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panel_by_id(pid: int) -> dict:
+    return next(p for p in raw_dashboard()["panels"] if p["id"] == pid)
+
+
+def rule_threshold(alert: str, pattern: str) -> float:
+    """A number out of an alert's expression, e.g. the 2 of `ratio30m >= 2`."""
+    expr = next(r["expr"] for r in alert_rules() if r["alert"] == alert)
+    return float(re.search(pattern, expr).group(1))
+
+
+def threshold_values(panel: dict) -> list[float]:
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    return [s["value"] for s in steps if s["value"] is not None]
+
+
 def test_dashboard_panels_query_only_exported_metrics() -> None:
     board = load_dashboard(DASHBOARD)
-    known = exposed_names() | PROMETHEUS_BUILTINS
+    raw = raw_dashboard()
+    known = exposed_names() | PROMETHEUS_BUILTINS | recorded_names()
     assert len({p.id for p in board.panels}) == len(board.panels)
     for panel in board.panels:
         assert panel.targets, f"panel {panel.title!r} has no query"
@@ -277,7 +299,126 @@ def test_dashboard_panels_query_only_exported_metrics() -> None:
             used = metric_names(target.expr)
             assert used, f"panel {panel.title!r} query {target.expr!r} reads no metric"
             assert used <= known, f"panel {panel.title!r} uses unknown metrics {used - known}"
-            substitute_variables(target.expr, rate_interval="1m", range_="1h")  # raises if unknown
+            # Raises on a variable the dashboard does not define or Grafana would not fill.
+            substitute_variables(resolve_dashboard_variables(target.expr, raw),
+                                 rate_interval="1m", range_="1h")
+    for annotation in raw["annotations"]["list"]:
+        used = metric_names(annotation["expr"])
+        assert used and used <= known, annotation["name"]
+        substitute_variables(resolve_dashboard_variables(annotation["expr"], raw),
+                             rate_interval="1m", range_="1h")
+
+
+def test_every_dashboard_query_is_filtered_by_the_job_and_instance_variables() -> None:
+    """Each series a panel reads is selected with the dashboard's variables, so choosing a job
+    or one replica narrows every panel. Two documented exceptions: recorded job-level series
+    (SLO burn, burst detector) take the job only, and the replay batch job's series are read
+    from its own Pushgateway job."""
+    recorded = recorded_names()
+    batch = {"depois_replay_outcomes_total", "push_time_seconds"}
+    raw = raw_dashboard()
+    queries = [(p["title"], t["expr"]) for p in raw["panels"] for t in p["targets"]]
+    queries += [(a["name"], a["expr"]) for a in raw["annotations"]["list"]]
+    for title, expr in queries:
+        for name in metric_names(expr):
+            for m in re.finditer(rf"(?<![\w:]){re.escape(name)}(\{{[^}}]*\}})?", expr):
+                matchers = m.group(1) or ""
+                if name in recorded:
+                    required = ['job=~"$job"']
+                elif name in batch:
+                    required = ['job="depois-replay"']
+                else:
+                    required = ['job=~"$job"', 'instance=~"$instance"']
+                for r in required:
+                    assert r in matchers, f"{title}: {name}{matchers} lacks {r}"
+
+
+def test_dashboard_variables_and_datasource() -> None:
+    raw = raw_dashboard()
+    variables = dashboard_variables(raw)
+    assert list(variables) == ["datasource", "job", "instance"]
+    prov = REPO / "deploy" / "grafana" / "provisioning"
+    provisioned = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"][0]
+    ds = variables["datasource"]
+    assert ds["type"] == "datasource" and ds["query"] == provisioned["type"] == "prometheus"
+    assert ds["current"]["value"] == provisioned["uid"]
+    for name in ("job", "instance"):
+        v = variables[name]
+        assert v["type"] == "query" and v["datasource"]["uid"] == "${datasource}"
+        assert v["includeAll"] and v["multi"] and v["allValue"] == ".+"
+        assert metric_names(v["query"]["query"]) <= exposed_names()
+    assert '{job=~"$job"}' in variables["instance"]["query"]["query"], "instances of the chosen job"
+
+
+def test_every_panel_axis_has_a_unit_and_record_rates_are_not_requests() -> None:
+    for panel in raw_dashboard()["panels"]:
+        defaults = panel["fieldConfig"]["defaults"]
+        units = [defaults.get("unit", "none")] + [
+            prop["value"] for o in panel["fieldConfig"]["overrides"] for prop in o["properties"]
+            if prop["id"] == "unit"]
+        assert "reqps" not in units, f"{panel['title']}: records are not requests"
+        if panel["type"] == "table":
+            continue
+        assert units[0] not in ("", "none"), f"{panel['title']} has no unit"
+        if panel["type"] == "timeseries":
+            assert defaults["custom"]["axisLabel"], f"{panel['title']} has no axis label"
+        if panel["type"] == "heatmap":
+            assert panel["options"]["yAxis"]["unit"] and panel["options"]["cellValues"]["unit"]
+    rates = [p for p in raw_dashboard()["panels"] if "records per second" in p["title"].lower()]
+    assert rates and all(p["fieldConfig"]["defaults"]["unit"] == "count:records/s" for p in rates)
+
+
+def test_dashboard_thresholds_are_the_alert_levels() -> None:
+    """The lines an operator compares against are the ones that page."""
+    factor = rule_threshold("DepoisPoisonSustained", r"ratio30m >= ([\d.]+)")
+    assert threshold_values(panel_by_id(2))[-1] == factor  # red at the sustained alert's level
+    poison = panel_by_id(7)
+    (level,) = [t for t in poison["targets"] if t["expr"].startswith(f"{factor:g} * (")]
+    assert "depois_target_fpr" in level["expr"]
+    dashed = {o["matcher"]["options"] for o in poison["fieldConfig"]["overrides"]}
+    assert level["legendFormat"] in dashed
+
+    scores = panel_by_id(10)
+    (boundary,) = [t for t in scores["targets"] if "depois_detection_boundary" in t["expr"]]
+    assert boundary["legendFormat"] in {o["matcher"]["options"] for o in scores["fieldConfig"]["overrides"]}
+    assert any("depois_score_bucket" in t["expr"] for t in scores["targets"])
+
+    assert threshold_values(panel_by_id(14)) == [
+        rule_threshold("DepoisConsumerLagGrowing", r"depois_consumer_lag_seconds\) > ([\d.]+)")]
+    assert threshold_values(panel_by_id(29)) == [
+        rule_threshold("DepoisPoisonBurst", r"zscore:burst2m >= ([\d.]+)")]
+    fresh_budget = float(re.search(r"/ ([\d.]+)$", next(
+        r["expr"] for r in all_rules() if r.get("record") == "job:depois_slo_fresh_burn:rate1h")).group(1))
+    delivered_budget = float(re.search(r"/ ([\d.]+)$", next(
+        r["expr"] for r in all_rules() if r.get("record") == "job:depois_slo_delivered_burn:rate1h")).group(1))
+    assert threshold_values(panel_by_id(18)) == [pytest.approx(1 - fresh_budget)]
+    assert threshold_values(panel_by_id(19)) == [pytest.approx(1 - delivered_budget)]
+    assert threshold_values(panel_by_id(16)) == [30]  # the freshness SLI's le="30" bucket
+    burn = threshold_values(panel_by_id(17))
+    assert {rule_threshold("DepoisFreshnessSLOFastBurn", r"rate1h > ([\d.]+)"),
+            rule_threshold("DepoisFreshnessSLOFastBurn", r"rate6h > ([\d.]+)")} <= set(burn)
+
+
+def test_dashboard_annotates_model_reloads_and_breaker_trips() -> None:
+    annotations = raw_dashboard()["annotations"]["list"]
+    read = {n for a in annotations for n in metric_names(a["expr"])}
+    assert {"depois_model_reloads_total", "depois_circuit_breaker_trips_total",
+            "depois_model_rejections_total"} <= read
+    assert all(a["datasource"]["uid"] == "${datasource}" and a["enable"] for a in annotations)
+
+
+def test_every_dashboard_url_opens_an_existing_panel_with_existing_variables() -> None:
+    raw = raw_dashboard()
+    ids = {p["id"] for p in raw["panels"]}
+    variables = dashboard_variables(raw)
+    for rule in alert_rules():
+        url = rule["annotations"]["dashboard_url"]
+        assert url.startswith(f"http://localhost:3000/d/{raw['uid']}/"), rule["alert"]
+        params = dict(kv.split("=", 1) for kv in url.split("?", 1)[1].split("&"))
+        assert int(params["viewPanel"]) in ids, f"{rule['alert']}: no panel {params['viewPanel']}"
+        for key in params:
+            if key.startswith("var-"):
+                assert key[4:] in variables, f"{rule['alert']}: no variable {key[4:]}"
 
 
 def test_dashboard_has_the_panels_operators_need() -> None:
@@ -291,8 +432,12 @@ def test_dashboard_has_the_panels_operators_need() -> None:
     assert "depois_score_bucket" in by_type["heatmap"]
     assert "depois_model_info" in by_type["table"]
     assert {"depois_poison_rate", "depois_records_routed_total", "depois_consumer_lag",
-            "depois_inference_duration_seconds_bucket", "depois_dead_lettered_total",
-            "depois_quarantined_by_label_total", "depois_provider_fallback"} <= everything
+            "depois_consumer_lag_seconds", "depois_inference_duration_seconds_bucket",
+            "depois_dead_lettered_total", "depois_quarantined_by_label_total",
+            "depois_quarantined_by_reason_total", "depois_provider_fallback", "depois_broker_up",
+            "depois_delivery_failures_total", "depois_forged_headers_total", "depois_target_fpr",
+            "depois_replay_outcomes_total", "job:depois_slo_fresh_burn:rate1h",
+            "job:depois_slo_delivered_burn:rate1h"} <= everything
     quantiles = [t.expr for p in board.panels for t in p.targets
                  if "depois_inference_duration_seconds_bucket" in t.expr]
     levels = {re.search(r"histogram_quantile\(([\d.]+)", q).group(1) for q in quantiles}
@@ -303,10 +448,11 @@ def test_grafana_provisioning_points_at_the_dashboard_and_its_datasource() -> No
     prov = REPO / "deploy" / "grafana" / "provisioning"
     datasource = yaml.safe_load((prov / "datasources" / "prometheus.yml").read_text())["datasources"][0]
     provider = yaml.safe_load((prov / "dashboards" / "depois.yml").read_text())["providers"][0]
-    raw = json.loads(DASHBOARD.read_text())
+    raw = raw_dashboard()
     uids = {p["datasource"]["uid"] for p in raw["panels"]} | {
         t["datasource"]["uid"] for p in raw["panels"] for t in p["targets"]}
-    assert uids == {datasource["uid"]}
+    assert uids == {"${datasource}"}, "every panel follows the datasource variable"
+    assert dashboard_variables(raw)["datasource"]["current"]["value"] == datasource["uid"]
     assert datasource["url"] == "http://prometheus:9090"
     assert provider["options"]["path"] == "/etc/grafana/dashboards"
 

@@ -106,3 +106,35 @@ class PrometheusServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --- the dashboard's template variables ---------------------------------------------------------
+
+def dashboard_variables(board: dict) -> dict[str, dict]:
+    """name -> definition of each template variable of a dashboard JSON."""
+    return {v["name"]: v for v in board.get("templating", {}).get("list", [])}
+
+
+def resolve_dashboard_variables(expr: str, board: dict, values: dict[str, str] | None = None) -> str:
+    """Fill the dashboard's own variables in a query, as Grafana would before sending it.
+
+    A variable named in ``values`` gets that value (regex-escaped, since the dashboard matches
+    with ``=~``); any other gets its "All" value. Grafana's built-ins ($__rate_interval,
+    $__range) are left for depois_stream.report.substitute_variables. Raises KeyError on a
+    variable the dashboard does not define.
+    """
+    import re
+
+    variables = dashboard_variables(board)
+    values = values or {}
+
+    def fill(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        if name.startswith("__"):
+            return m.group(0)
+        variable = variables[name]
+        if name in values:
+            return re.escape(values[name]).replace("\\", "\\\\")
+        return variable["allValue"]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", fill, expr)
