@@ -329,3 +329,86 @@ def test_pushed_replay_outcomes_reach_the_dashboard_through_the_pushgateway(tmp_
             # honor_labels keeps the pushed job; without it the series would belong to the
             # scrape job "pushgateway" and the dashboard would find nothing.
             assert not prom.query('depois_replay_outcomes_total{job="pushgateway"}')
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(prometheus_binary() is None, reason="prometheus is not installed (CI installs it)")
+def test_every_consumer_panel_and_annotation_reads_the_declared_metrics(tmp_path: Path) -> None:
+    """Every dashboard query (the replay panels aside: see the Pushgateway test) and every
+    annotation returns data from a real Prometheus scraping the real Metrics registry, with all
+    of this round's metrics filled the way the runtime declares them. The end-to-end test with
+    a real consumer (test_prometheus_integration.py) lists the ones the runtime does not fill
+    yet; this shows the queries themselves are right."""
+    metrics = Metrics()
+    exporter = make_server("127.0.0.1", 0, make_wsgi_app(metrics.registry), handler_class=_Quiet)
+    _serve(exporter)
+    m = metrics
+    m.target_fpr.set(0.05)
+    m.detection_boundary.set(-1.5)
+    m.broker_up.set(1)
+    m.group_joined.set(1)
+    m.partitions_assigned.set(2)
+    m.model_info.info({"version": "v1", "sha256": "0" * 64, "provider": "CPUExecutionProvider",
+                       "score_kind": "fused", "dataset": "digits"})
+    m.build_info.info({"version": "0.9.0", "client": "kafka-python"})
+    m.consumer_lag.labels(topic="depois.ingest", partition="0").set(0)
+    m.consumer_lag_seconds.labels(topic="depois.ingest", partition="0").set(0)
+    m.records_consumed.labels(topic="depois.ingest").inc(0)
+    m.quarantined_by_label.labels(label="3").inc(0)
+    m.quarantined_by_reason.labels(reason="below_boundary").inc(0)
+    m.inference_duration.labels(provider="CPUExecutionProvider").observe(0.001)
+    instance = f"127.0.0.1:{exporter.server_port}"
+    board = json.loads(DASHBOARD.read_text())
+    try:
+        with PrometheusServer(tmp_path / "prom", [instance]) as prom:
+            prom.wait_for_target_up()
+            time.sleep(1.5)
+            for _ in range(3):  # a few scrapes of a stream: 600 records, 200 quarantined
+                m.records_consumed.labels(topic="depois.ingest").inc(202)
+                m.records_routed.labels(destination="clean").inc(133)
+                m.records_routed.labels(destination="quarantine").inc(67)
+                m.records_routed.labels(destination="dlq").inc(2)
+                m.dead_lettered.labels(reason="malformed").inc(2)
+                m.quarantined_by_label.labels(label="3").inc(67)
+                m.quarantined_by_reason.labels(reason="below_boundary").inc(67)
+                for score in (-4.0, -2.0, 0.5, 1.0):
+                    m.score.observe(score)
+                m.batch_size.observe(200)
+                m.inference_duration.labels(provider="CPUExecutionProvider").observe(0.004)
+                m.end_to_end_latency.observe(0.2)
+                m.commits.inc()
+                m.produce_retries.inc()
+                m.delivery_failures.labels(kind="retriable").inc()
+                m.forged_headers.inc()
+                m.consumer_lag.labels(topic="depois.ingest", partition="0").inc(10)
+                m.consumer_lag_seconds.labels(topic="depois.ingest", partition="0").inc(1.5)
+                m.last_batch_timestamp.set_to_current_time()
+                time.sleep(1.2)
+            m.model_reloads.labels(outcome="loaded").inc()
+            m.model_rejections.labels(reason="card").inc()
+            m.circuit_trips.inc()
+            time.sleep(2.5)  # scraped, and the recording rules evaluated on it
+
+            variables = {"job": "depois-consumer", "instance": instance}
+            queries = [(f"{p['title']}/{t['refId']}", t["expr"]) for p in board["panels"]
+                       for t in p["targets"] if "depois-replay" not in t["expr"]]
+            queries += [(a["name"], a["expr"]) for a in board["annotations"]["list"]]
+            assert len(queries) > 50
+            empty = []
+            for name, expr in queries:
+                filled = resolve_dashboard_variables(expr, board, variables)
+                filled = filled.replace("$__rate_interval", "1m").replace("$__range", "5m")
+                result = prom.query(filled)
+                finite = [r for r in result if math.isfinite(float(r["value"][1]))]
+                if not finite:
+                    empty.append(f"{name}: {filled}")
+            assert not empty, "queries without data:\n" + "\n".join(empty)
+            # The alert-level line is twice the expected share, i.e. twice the target FPR here.
+            (level,) = prom.query(resolve_dashboard_variables(next(
+                t["expr"] for p in board["panels"] if p["title"] == "Poison rate over time"
+                for t in p["targets"] if t["refId"] == "D"), board, variables).replace(
+                    "$__rate_interval", "1m"))
+            assert float(level["value"][1]) == pytest.approx(0.1)
+    finally:
+        exporter.shutdown()
