@@ -221,6 +221,22 @@ def test_amtool_accepts_the_alertmanager_config_and_routes_by_severity() -> None
             assert any(re.fullmatch(pattern, n) for n in names), f"inhibit rule names no alert: {matcher}"
 
 
+def test_the_documented_receiver_example_is_a_valid_config(tmp_path: Path) -> None:
+    """docs/operations.md's receiver example, alternatives uncommented, in place of the shipped
+    receivers: amtool accepts it and the routes still find both receivers."""
+    amtool = _tool("amtool")
+    doc = (REPO / "docs" / "operations.md").read_text()
+    (example,) = re.findall(r"```yaml\n(receivers:\n.*?)```", doc, flags=re.S)
+    uncommented = re.sub(r"^(\s*)# (\s*(?:- )?[a-z_]+:.*)$", r"\1\2", example, flags=re.M)
+    assert uncommented.count("_configs:") == 4, uncommented
+    config = yaml.safe_load(ALERTMANAGER_CONFIG.read_text())
+    config["receivers"] = yaml.safe_load(uncommented)["receivers"]
+    path = tmp_path / "alertmanager.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = _run(amtool, "check-config", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_promtool_unit_tests_pass_and_cover_every_alert() -> None:
     promtool = _tool("promtool")
     result = _run(promtool, "test", "rules", *PROMTOOL_TESTS, cwd=PROM_DIR)
