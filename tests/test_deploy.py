@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,15 @@ def test_promtool_unit_tests_pass_and_cover_every_alert() -> None:
     assert names >= REQUIRED_ALERTS
     assert fired == names, "every alert needs a promtool case in which it fires"
     assert held_back == names, "every alert needs a case in which it must stay quiet"
+
+
+def test_alerts_test_yml_is_what_its_generator_writes(tmp_path: Path) -> None:
+    """alerts_test.yml carries recorded random traffic; its generator is the file to edit."""
+    out = tmp_path / "alerts_test.yml"
+    result = _run(sys.executable, str(PROM_DIR / "build_alerts_test.py"), str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_text() == (PROM_DIR / "alerts_test.yml").read_text(), \
+        "edit deploy/prometheus/build_alerts_test.py and rerun it"
 
 
 def test_every_alert_is_actionable_and_uses_exported_metrics() -> None:
