@@ -264,10 +264,11 @@ def throughput_run(bootstrap: str, model: Path, partitions: int, members: int, r
 
 
 def churn_run(bootstrap: str, model: Path, partitions: int, records: int, batch_size: int,
-              logdir: Path, timeout_s: float, add_at: float, kill_at: float) -> tuple[str, str]:
+              logdir: Path, timeout_s: float, add_at: float, kill_at: float,
+              seed: int = 1) -> tuple[str, list[object]]:
     prefix = f"churn-{uuid.uuid4().hex[:6]}"
     topics = make_topics(bootstrap, prefix, partitions)
-    ids, images, labels = backlog(records, seed=1)
+    ids, images, labels = backlog(records, seed=seed)
     ends = publish(bootstrap, topics.ingest, ids, images, labels)
     total = sum(ends.values())
     sampler = Sampler(bootstrap, prefix, topics.ingest, partitions)
@@ -310,31 +311,36 @@ def churn_run(bootstrap: str, model: Path, partitions: int, records: int, batch_
         last_total, last_t, next_t = committed, t, t + 1.0
         if final:
             break
-    stall = _longest_stall(sampler.samples, ends)
+    stalls = _stalls(sampler.samples, ends)
+    at = {e: t for t, e in events}
+    add_stall = _longest_stall(stalls, at["start m3"], at["SIGKILL m1"])
+    kill_stall = _longest_stall(stalls, at["SIGKILL m1"], float("inf"))
     timeline = markdown_table(["t (s)", "committed", "lag (records)", "records/s", "event"], rows)
-    summary = markdown_table(
-        ["records", "routed (all outputs)", "duplicate ids", "lost ids",
-         "longest stall of a partition with lag (s)", "members' consumed (m1 killed)"],
-        [[f"{total:,}", f"{routed:,}", dups, lost, f"{stall:.1f}",
-          "/".join("killed" if (c := procs[n].consumed()) is None else str(c)
-                   for n in ("m1", "m2", "m3"))]])
-    return timeline, summary
+    row = [f"{total:,}", f"{routed:,}", dups, lost, f"{add_stall:.1f}", f"{kill_stall:.1f}",
+           "/".join("killed" if (c := procs[n].consumed()) is None else str(c)
+                    for n in ("m1", "m2", "m3"))]
+    return timeline, row
 
 
-def _longest_stall(samples: list[tuple[float, dict[int, int]]], ends: dict[int, int]) -> float:
-    """Longest interval in which some partition had lag but its committed offset did not move."""
-    longest = 0.0
+def _stalls(samples: list[tuple[float, dict[int, int]]], ends: dict[int, int]) -> list[tuple[float, float]]:
+    """(start, end) of every interval in which a partition with lag saw no committed progress."""
+    out = []
     for p, end in ends.items():
         since, prev = None, None
         for t, c in samples:
             off = c.get(p, 0)
+            if off != prev:
+                if since is not None and prev is not None:
+                    out.append((since, t))
+                since, prev = t, off
             if off >= end:
                 break
-            if off != prev:
-                since, prev = t, off
-            elif since is not None:
-                longest = max(longest, t - since)
-    return longest
+    return out
+
+
+def _longest_stall(stalls: list[tuple[float, float]], start: float, stop: float) -> float:
+    """Longest stall overlapping [start, stop): what a membership change at ``start`` cost."""
+    return max((e - s for s, e in stalls if e > start and s < stop), default=0.0)
 
 
 @app.command()
@@ -344,6 +350,8 @@ def main(
     churn_records: int = typer.Option(60000, help="Backlog of the membership-change run."),
     batch_size: int = typer.Option(512, help="--batch-size of every member."),
     timeout_s: float = typer.Option(300.0, help="Deadline of each wait (the run is bounded)."),
+    repeats: int = typer.Option(2, help="Throughput runs per member count (the table shows each)."),
+    churn_repeats: int = typer.Option(2, help="Membership-change runs."),
     skip_churn: bool = typer.Option(False, help="Only the throughput table."),
     out: Optional[Path] = typer.Option(None, help="Append the markdown block to this file."),
 ) -> None:
@@ -355,11 +363,15 @@ def main(
             LocalBroker(log_path=Path(tmp) / "tansu.log") as broker:
         model = make_model(Path(tmp))
         logdir = Path(tmp)
+        # Interleaved (1..P, then 1..P again) so a change of load on the machine hits every N.
         rows = [throughput_run(broker.bootstrap, model, partitions, n, records, batch_size,
-                               logdir, timeout_s) for n in range(1, partitions + 1)]
-        base = float(str(rows[0][3]).replace(",", ""))
+                               logdir, timeout_s)
+                for _ in range(repeats) for n in range(1, partitions + 1)]
+        rows.sort(key=lambda r: r[0])
+        rate = lambda r: float(str(r[3]).replace(",", ""))  # noqa: E731
+        base = sorted(rate(r) for r in rows if r[0] == 1)[len([r for r in rows if r[0] == 1]) // 2]
         for r in rows:
-            r.insert(4, f"{float(str(r[3]).replace(',', '')) / base:.2f}x")
+            r.insert(4, f"{rate(r) / base:.2f}x")
         table = markdown_table(
             ["members", "records", "drain s", "records/s", "vs 1 member", "consumed per member",
              "members' CPU us / record", "first commit at s", "duplicate ids", "lost ids",
@@ -369,11 +381,19 @@ def main(
                 f"session {SESSION_TIMEOUT_MS} ms; every member a `python -m depois_stream run` "
                 "process on the local Tansu broker.", "", table]
         if not skip_churn:
-            timeline, summary = churn_run(broker.bootstrap, model, partitions, churn_records,
-                                          batch_size, logdir, timeout_s, 0.25, 0.55)
+            runs = [churn_run(broker.bootstrap, model, partitions, churn_records, batch_size,
+                              logdir, timeout_s, 0.25, 0.55, seed=k + 1)
+                    for k in range(churn_repeats)]
+            summary = markdown_table(
+                ["run", "records", "routed (all outputs)", "duplicate ids", "lost ids",
+                 "longest partition stall after the add (s)",
+                 "longest partition stall after the kill (s)", "consumed m1/m2/m3"],
+                [[k + 1, *row] for k, (_, row) in enumerate(runs)])
             body += ["", f"Membership changes mid-stream ({churn_records:,} records, "
-                     f"{partitions} partitions): two members, a third added at 25 %, the first "
-                     "SIGKILLed at 55 %.", "", summary, "", timeline]
+                     f"{partitions} partitions): two members, a third added at 25 % of the "
+                     "backlog committed, the first SIGKILLed at 55 %.", "", summary, "",
+                     "Lag over time, run 1 (committed offsets sampled every 0.25 s, one row "
+                     "per second):", "", runs[0][0]]
         body += ["", f"Whole run: {time.monotonic() - started:.0f} s."]
     write_report(out, "Scale out: members of one consumer group", "\n".join(body))
 
