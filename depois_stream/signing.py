@@ -51,8 +51,8 @@ KEYGEN_HINT = ("make a key pair with `openssl ecparam -name prime256v1 -genkey -
 # The curves model-signing accepts (it follows Sigstore's protobuf specs).
 SUPPORTED_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
-FailureKind = Literal["unavailable", "key", "unsigned", "missing", "malformed", "wrong_key",
-                      "modified", "scope", "invalid"]
+FailureKind = Literal["unavailable", "key", "unsigned", "missing", "card", "malformed",
+                      "wrong_key", "modified", "scope", "invalid"]
 
 
 class SignatureError(ValueError):
@@ -60,7 +60,7 @@ class SignatureError(ValueError):
 
     ``kind`` is a bounded code for logs and tests: unavailable (model-signing not installed),
     key (unreadable or unsupported key file), unsigned (no signature file), missing (model or
-    card absent), malformed (the signature file is not a model-signing bundle), wrong_key
+    card absent), card (signing: the card is invalid or does not match the model), malformed (the signature file is not a model-signing bundle), wrong_key
     (signed with another key), modified (a signed file changed since signing), scope (the
     signature covers other files than the model and its card), invalid (the signature itself
     does not verify: altered bundle).
@@ -283,12 +283,12 @@ def sign_model(model_path: str | Path, private_key_path: str | Path,
         card = ModelCard.model_validate_json(card_bytes)
     except ValidationError as exc:
         raise SignatureError(f"model card {card_path} is not valid ({exc.error_count()} errors): "
-                             "re-export the model with `depois-train export-onnx`", "missing") from exc
+                             "re-export the model with `depois-train export-onnx`", "card") from exc
     if card.onnx_sha256 != _sha(model_bytes):
         raise SignatureError(
             f"model card {card_path.name} expects sha256 {card.onnx_sha256[:12]}… but "
             f"{model_path.name} has {_sha(model_bytes)[:12]}…: refusing to sign a model and card "
-            "that disagree; re-export them together", "modified")
+            "that disagree; re-export them together", "card")
     with tempfile.TemporaryDirectory(prefix="depois-sign-") as tmp:
         folder = _write_private_copy(Path(tmp), model_path.parent.resolve().name or "model",
                                      {model_path.name: model_bytes, card_path.name: card_bytes})

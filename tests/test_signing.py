@@ -253,7 +253,7 @@ def test_signing_refuses_a_model_and_card_that_disagree(
     _set_boundary_in_onnx(model, -99.0)  # card not updated
     with pytest.raises(SignatureError, match="refusing to sign") as info:
         sign_model(model, keys["team"][0])
-    assert info.value.kind == "modified" and not signature_path_for(model).exists()
+    assert info.value.kind == "card" and not signature_path_for(model).exists()
 
 
 def test_signing_with_a_public_key_is_refused(
