@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,7 +101,7 @@ class Member:
     """One ``depois-stream run`` process; stdout (its final stats line) and stderr to files."""
 
     def __init__(self, name: str, bootstrap: str, topics: TopicSet, group: str, model: Path,
-                 logdir: Path, batch_size: int) -> None:
+                 logdir: Path, batch_size: int, exit_when_idle_s: Optional[float] = 2.0) -> None:
         self.name = name
         self.out = logdir / f"{name}.out"
         self.err = logdir / f"{name}.err"
@@ -111,7 +112,9 @@ class Member:
                "--metrics-port", "0", "--batch-size", str(batch_size),
                "--session-timeout-ms", str(SESSION_TIMEOUT_MS),
                "--heartbeat-interval-ms", str(HEARTBEAT_INTERVAL_MS),
-               "--exit-when-idle-s", "2", "--reload-interval-s", "0", "--lag-interval-s", "1"]
+               "--reload-interval-s", "0", "--lag-interval-s", "1"]
+        if exit_when_idle_s is not None:
+            cmd += ["--exit-when-idle-s", str(exit_when_idle_s)]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.out.open("w"),
                                      stderr=self.err.open("w"))
@@ -120,14 +123,38 @@ class Member:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def stop(self, timeout_s: float = 20.0) -> str:
+        """End the member if it still runs; returns how it ended (for the table)."""
+        if self.proc.poll() is not None:
+            return "exited"
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout_s)
+            return "SIGTERM"
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return "SIGKILL"
+
+    def terminate(self, timeout_s: float = 45.0) -> str:
+        """SIGTERM as Kubernetes sends it; how long the member took and its exit code."""
+        t0 = time.monotonic()
+        self.proc.terminate()
+        try:
+            rc = self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return f"SIGTERM ignored for {timeout_s:.0f} s, SIGKILL"
+        return f"SIGTERM: exit {rc} in {time.monotonic() - t0:.1f} s"
+
+    def wait_idle_exit(self, timeout_s: float) -> bool:
+        """Whether the member exited by itself (--exit-when-idle-s) within ``timeout_s``."""
+        try:
+            self.proc.wait(timeout=timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
 
     def cpu_seconds(self) -> float:
         """user + system CPU of the process so far (0 once it has exited)."""
@@ -243,12 +270,15 @@ def throughput_run(bootstrap: str, model: Path, partitions: int, members: int, r
     sampler.members.extend(procs)
     try:
         wait_until(lambda: sampler.latest_total() >= total, timeout_s, f"{members} member(s) draining")
-        for m in procs:
-            m.proc.wait(timeout=60)
+        # A drained member exits 2 s after its last record; one still running a minute later
+        # is a finding (reported in the table), then ended with SIGTERM like a pod.
+        deadline = time.monotonic() + 60
+        exited = [m.wait_idle_exit(max(0.1, deadline - time.monotonic())) for m in procs]
     finally:
-        for m in procs:
-            m.stop()
+        endings = [m.stop() for m in procs]
         sampler.close()
+    ending = (f"{sum(exited)}/{members} idle exit" + "".join(
+        f", {n} {e}" for n, e in collections.Counter(e for e in endings if e != "exited").items()))
     totals = [sum(c.values()) for _, c in sampler.samples]
     i_first = next(i for i, c in enumerate(totals) if c > 0)
     i_done = next(i for i, c in enumerate(totals) if c >= total)
@@ -260,7 +290,7 @@ def throughput_run(bootstrap: str, model: Path, partitions: int, members: int, r
     routed, dups, lost = audit(bootstrap, topics, ids)
     return [members, f"{total:,}", f"{done - first[0]:.1f}", fmt_rate(rate),
             "/".join(str(c) for c in per_member), f"{cpu_us:.0f}",
-            f"{first[0]:.1f}", dups, lost, f"{load_before} / {_load1()}"]
+            f"{first[0]:.1f}", dups, lost, ending, f"{load_before} / {_load1()}"]
 
 
 def churn_run(bootstrap: str, model: Path, partitions: int, records: int, batch_size: int,
@@ -276,7 +306,10 @@ def churn_run(bootstrap: str, model: Path, partitions: int, records: int, batch_
 
     def start(name: str) -> Member:
         events.append((time.monotonic() - sampler.t0, f"start {name}"))
-        return Member(f"{prefix}-{name}", bootstrap, topics, prefix, model, logdir, batch_size)
+        # No idle exit: a survivor that drained its own partitions must stay to take over the
+        # dead member's once the group notices (a pod does not exit when idle either).
+        return Member(f"{prefix}-{name}", bootstrap, topics, prefix, model, logdir, batch_size,
+                      exit_when_idle_s=None)
 
     procs = {name: start(name) for name in ("m1", "m2")}
     try:
@@ -287,11 +320,9 @@ def churn_run(bootstrap: str, model: Path, partitions: int, records: int, batch_
         events.append((time.monotonic() - sampler.t0, "SIGKILL m1"))
         wait_until(lambda: sampler.latest_total() >= total, timeout_s, "draining after the kill")
         events.append((time.monotonic() - sampler.t0, "all committed"))
-        for name in ("m2", "m3"):
-            procs[name].proc.wait(timeout=60)
+        shutdown = {name: procs[name].terminate() for name in ("m2", "m3")}
     finally:
-        for m in procs.values():
-            m.stop()
+        endings = {name: m.stop() for name, m in procs.items()}
         sampler.close()
     routed, dups, lost = audit(bootstrap, topics, ids)
 
@@ -311,36 +342,61 @@ def churn_run(bootstrap: str, model: Path, partitions: int, records: int, batch_
         last_total, last_t, next_t = committed, t, t + 1.0
         if final:
             break
-    stalls = _stalls(sampler.samples, ends)
     at = {e: t for t, e in events}
-    add_stall = _longest_stall(stalls, at["start m3"], at["SIGKILL m1"])
-    kill_stall = _longest_stall(stalls, at["SIGKILL m1"], float("inf"))
+    add_stall = _group_stall(sampler.samples, at["start m3"], at["SIGKILL m1"], total)
+    held = _last_assignment(procs["m1"])
+    kill_stall = _resume_after(sampler.samples, held, at["SIGKILL m1"], ends)
     timeline = markdown_table(["t (s)", "committed", "lag (records)", "records/s", "event"], rows)
-    row = [f"{total:,}", f"{routed:,}", dups, lost, f"{add_stall:.1f}", f"{kill_stall:.1f}",
+    survivors = "; ".join(f"{n} {shutdown.get(n, endings[n])}" for n in ("m2", "m3"))
+    row = [f"{total:,}", f"{routed:,}", dups, lost, f"{add_stall:.1f}",
+           f"{kill_stall:.1f} ({', '.join(map(str, held)) or 'none'})",
            "/".join("killed" if (c := procs[n].consumed()) is None else str(c)
-                    for n in ("m1", "m2", "m3"))]
+                    for n in ("m1", "m2", "m3")), survivors]
     return timeline, row
 
 
-def _stalls(samples: list[tuple[float, dict[int, int]]], ends: dict[int, int]) -> list[tuple[float, float]]:
-    """(start, end) of every interval in which a partition with lag saw no committed progress."""
-    out = []
-    for p, end in ends.items():
-        since, prev = None, None
-        for t, c in samples:
-            off = c.get(p, 0)
-            if off != prev:
-                if since is not None and prev is not None:
-                    out.append((since, t))
-                since, prev = t, off
-            if off >= end:
-                break
-    return out
+def _group_stall(samples: list[tuple[float, dict[int, int]]], start: float, stop: float,
+                 total: int) -> float:
+    """Longest time within [start, stop) in which the whole group committed nothing (lag > 0):
+    what an eager rebalance costs, since every member stops for it."""
+    longest, since, prev = 0.0, None, None
+    for t, c in samples:
+        committed = sum(c.values())
+        if committed != prev or committed >= total:
+            if since is not None and t > start and since < stop:
+                longest = max(longest, min(t, stop) - max(since, start))
+            since, prev = t, committed
+    return longest
 
 
-def _longest_stall(stalls: list[tuple[float, float]], start: float, stop: float) -> float:
-    """Longest stall overlapping [start, stop): what a membership change at ``start`` cost."""
-    return max((e - s for s, e in stalls if e > start and s < stop), default=0.0)
+def _last_assignment(member: "Member") -> list[int]:
+    """Partitions last assigned to the member, from its own log (`partitions assigned: [..]`).
+
+    A member killed in the middle of a rebalance has had them revoked without a new assignment
+    yet: nobody consumes them until the group notices the death, so they count as its own."""
+    held: list[int] = []
+    for line in member.err.read_text().splitlines():
+        m = re.search(r"partitions assigned: \[([0-9, ]*)\]", line)
+        if m:
+            held = [int(x) for x in m.group(1).split(",") if x.strip()]
+    return held
+
+
+def _resume_after(samples: list[tuple[float, dict[int, int]]], partitions: list[int],
+                  t_kill: float, ends: dict[int, int], settle_s: float = 1.0) -> float:
+    """Seconds from the kill until every partition the dead member held committed again.
+
+    A commit the member sent just before SIGKILL can still land after it; the baseline is the
+    offset ``settle_s`` after the kill, and only progress past it counts (a new owner's)."""
+    worst = 0.0
+    for p in partitions:
+        base = next((c.get(p, 0) for t, c in samples if t >= t_kill + settle_s), None)
+        if base is None or base >= ends.get(p, 0):
+            continue  # nothing left to do on it
+        resumed = next((t for t, c in samples if t > t_kill + settle_s and c.get(p, 0) > base),
+                       None)
+        worst = max(worst, (resumed if resumed is not None else samples[-1][0]) - t_kill)
+    return worst
 
 
 @app.command()
@@ -353,7 +409,9 @@ def main(
     repeats: int = typer.Option(2, help="Throughput runs per member count (the table shows each)."),
     churn_repeats: int = typer.Option(2, help="Membership-change runs."),
     skip_churn: bool = typer.Option(False, help="Only the throughput table."),
+    skip_throughput: bool = typer.Option(False, help="Only the membership-change runs."),
     out: Optional[Path] = typer.Option(None, help="Append the markdown block to this file."),
+    log_dir: Optional[Path] = typer.Option(None, help="Keep every member's stdout/stderr here."),
 ) -> None:
     """Run both scenarios on a private local broker and print the tables."""
     from depois_stream.broker import LocalBroker
@@ -362,32 +420,34 @@ def main(
     with tempfile.TemporaryDirectory(prefix="depois-scale-") as tmp, \
             LocalBroker(log_path=Path(tmp) / "tansu.log") as broker:
         model = make_model(Path(tmp))
-        logdir = Path(tmp)
+        logdir = log_dir or Path(tmp)
+        logdir.mkdir(parents=True, exist_ok=True)
         # Interleaved (1..P, then 1..P again) so a change of load on the machine hits every N.
         rows = [throughput_run(broker.bootstrap, model, partitions, n, records, batch_size,
                                logdir, timeout_s)
-                for _ in range(repeats) for n in range(1, partitions + 1)]
+                for _ in range(0 if skip_throughput else repeats) for n in range(1, partitions + 1)]
         rows.sort(key=lambda r: r[0])
         rate = lambda r: float(str(r[3]).replace(",", ""))  # noqa: E731
-        base = sorted(rate(r) for r in rows if r[0] == 1)[len([r for r in rows if r[0] == 1]) // 2]
+        ones = sorted(rate(r) for r in rows if r[0] == 1)
         for r in rows:
-            r.insert(4, f"{rate(r) / base:.2f}x")
-        table = markdown_table(
+            r.insert(4, f"{rate(r) / ones[len(ones) // 2]:.2f}x")
+        table = "" if skip_throughput else markdown_table(
             ["members", "records", "drain s", "records/s", "vs 1 member", "consumed per member",
              "members' CPU us / record", "first commit at s", "duplicate ids", "lost ids",
-             "load1 before / after"], rows)
+             "how members ended", "load1 before / after"], rows)
         body = [f"Ingest topic of {partitions} partitions, backlog of {records:,} records per run "
                 f"(digits test split tiled, {POISON_RATE:.0%} labels flipped), batch {batch_size}, "
                 f"session {SESSION_TIMEOUT_MS} ms; every member a `python -m depois_stream run` "
-                "process on the local Tansu broker.", "", table]
+                "process on the local Tansu broker.", "", table] if not skip_throughput else []
         if not skip_churn:
             runs = [churn_run(broker.bootstrap, model, partitions, churn_records, batch_size,
                               logdir, timeout_s, 0.25, 0.55, seed=k + 1)
                     for k in range(churn_repeats)]
             summary = markdown_table(
                 ["run", "records", "routed (all outputs)", "duplicate ids", "lost ids",
-                 "longest partition stall after the add (s)",
-                 "longest partition stall after the kill (s)", "consumed m1/m2/m3"],
+                 "whole group stopped after the add (s)",
+                 "kill to next commit on m1's partitions (s) (partitions)", "consumed m1/m2/m3",
+                 "m2, m3 shutdown after the drain"],
                 [[k + 1, *row] for k, (_, row) in enumerate(runs)])
             body += ["", f"Membership changes mid-stream ({churn_records:,} records, "
                      f"{partitions} partitions): two members, a third added at 25 % of the "
