@@ -13,7 +13,7 @@ $(BIN)/python:
 
 install: $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[train,eval,dev]'
+	$(BIN)/pip install -q -e '.[train,eval,dev,fast,signing,deploy-check]'
 
 demo: install
 	$(BIN)/python -m depois_stream.sim.demo

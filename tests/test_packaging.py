@@ -102,8 +102,8 @@ def test_runtime_imports_with_training_libraries_blocked() -> None:
     """The consumer, scorer, CLI and signing modules import without torch, onnx or sklearn."""
     block = "; ".join(f"sys.modules[{m!r}] = None" for m in TRAINING_MODULES)
     code = (f"import sys; {block}\n"
-            "import depois_stream.cli, depois_stream.consumer, depois_stream.scorer\n"
-            "import depois_stream.signing, depois_stream.replay\n"
+            "import depois_stream.cli, depois_stream.filter.app, depois_stream.filter.detector\n"
+            "import depois_stream.contract.signing, depois_stream.audit.replay\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=REPO)
@@ -112,7 +112,7 @@ def test_runtime_imports_with_training_libraries_blocked() -> None:
 
 def test_signing_module_imports_without_model_signing_and_says_what_to_install(tmp_path: Path) -> None:
     code = ("import sys; sys.modules['model_signing'] = None\n"
-            "from depois_stream.signing import SignatureError, verify_model, sign_model\n"
+            "from depois_stream.contract.signing import SignatureError, verify_model, sign_model\n"
             "for call in (lambda: verify_model('m.onnx', 'k.pub'), lambda: sign_model('m.onnx', 'k.pem')):\n"
             "    try:\n"
             "        call()\n"

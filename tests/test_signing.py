@@ -25,7 +25,7 @@ pytest.importorskip("model_signing", reason="needs the signing extra: pip instal
 onnx = pytest.importorskip("onnx", reason="building test models needs onnx (the train extra)")
 
 from depois_stream.contract import ModelCard, ModelMetadata, card_path_for, sha256_file  # noqa: E402
-from depois_stream.signing import (  # noqa: E402
+from depois_stream.contract.signing import (  # noqa: E402
     SignatureError, key_id, sign_model, signature_path_for, verify_model, verify_or_warn,
 )
 from tests.helpers.onnx_models import build_centroid_model  # noqa: E402
@@ -282,7 +282,7 @@ def test_without_model_signing_import_works_and_verify_says_what_to_install(
         signed: Path, keys: dict[str, tuple[Path, Path]]) -> None:
     code = (
         "import sys; sys.modules['model_signing'] = None\n"
-        "import depois_stream.signing as s\n"
+        "import depois_stream.contract.signing as s\n"
         "try:\n"
         f"    s.verify_model({str(signed)!r}, {str(keys['team'][1])!r})\n"
         "except s.SignatureError as e:\n"
@@ -296,7 +296,7 @@ def test_without_model_signing_import_works_and_verify_says_what_to_install(
 
 def test_no_key_means_unsigned_and_the_log_says_so(
         signed: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="depois_stream.signing"):
+    with caplog.at_level(logging.WARNING, logger="depois_stream.contract.signing"):
         assert verify_or_warn(signed, None) is None
     assert "WITHOUT signature verification" in caplog.text and "local use only" in caplog.text
 

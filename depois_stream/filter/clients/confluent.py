@@ -64,12 +64,27 @@ def translate(options: Mapping[str, Any]) -> dict[str, Any]:
     return {TRANSLATE.get(k, k): v for k, v in options.items()}
 
 
+# librdkafka warns about (and ignores) a property given to the wrong kind of handle; one
+# pass-through dict serves all three handles, so each gets the properties of its kind only.
+_CONSUMER_PREFIXES = ("fetch.", "max.poll.interval.ms", "partition.assignment.strategy",
+                      "group.", "enable.partition.eof", "check.crcs", "queued.",
+                      "auto.commit.", "coordinator.query.interval.ms", "allow.auto.create.topics")
+_PRODUCER_PREFIXES = ("batch.", "compression.", "queue.buffering.", "retries", "retry.backoff",
+                      "message.send.max.retries", "sticky.partitioning", "partitioner",
+                      "enable.gapless.guarantee", "transaction.timeout.ms", "request.timeout.ms",
+                      "message.max.bytes")
+
+
 def _consumer_only(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k != "message.max.bytes"}
+    return {k: v for k, v in options.items() if not k.startswith(_PRODUCER_PREFIXES)}
 
 
 def _producer_only(options: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in options.items() if k != "fetch.wait.max.ms"}
+    return {k: v for k, v in options.items() if not k.startswith(_CONSUMER_PREFIXES)}
+
+
+def _global_only(options: dict[str, Any]) -> dict[str, Any]:
+    return _consumer_only(_producer_only(options))
 
 
 def _error(err: KafkaError | None, what: str) -> ClientError:
@@ -294,7 +309,7 @@ class ConfluentProducer:
 
 class ConfluentProbe:
     def __init__(self, s: ClientSettings) -> None:
-        self._admin = AdminClient({**_producer_only(translate(s.options)),
+        self._admin = AdminClient({**_global_only(translate(s.options)),
                                    "bootstrap.servers": s.bootstrap_servers,
                                    "client.id": f"{s.client_id}-probe", "logger": rdkafka_log,
                                    "error_cb": lambda _err: None})
@@ -343,7 +358,10 @@ class ConfluentClient:
                              "names (security.protocol, sasl.mechanisms, ssl.ca.location, ...)")
         for make, only in ((Producer, _producer_only), (Consumer, _consumer_only)):
             try:  # librdkafka validates names and values when a handle is made
-                extra = {"group.id": "check"} if make is Consumer else {}
+                # the filter's own group settings at their smallest allowed values, so that
+                # only the pass-through options can be at fault
+                extra = ({"group.id": "check", "session.timeout.ms": 1000,
+                          "heartbeat.interval.ms": 100} if make is Consumer else {})
                 handle = make({**only(conf), **extra, "logger": logging.getLogger("check")})
             except KafkaException as exc:
                 raise ValueError(f"librdkafka refuses the options: {exc.args[0].str()}") from None

@@ -161,7 +161,7 @@ def _read_bundle(signature_path: Path) -> tuple[str, dict[str, _Resource]]:
         raise SignatureError(
             f"signature file {signature_path} is not a model-signing bundle: sign the model "
             "again with `depois-train export-onnx --sign-key KEY` (or "
-            "depois_stream.signing.sign_model)", "malformed") from exc
+            "depois_stream.contract.signing.sign_model)", "malformed") from exc
     hint = bundle.verification_material.public_key.hint if (
         bundle.verification_material.public_key) else ""
     return hint, {r.name: r for r in statement.predicate.resources}
@@ -321,7 +321,7 @@ def verify_model(model_path: str | Path, public_key_path: str | Path,
     if not sig_path.is_file():
         raise SignatureError(
             f"model {model_path} is unsigned: no signature file {sig_path}; sign it with "
-            "`depois-train export-onnx --sign-key KEY` (or depois_stream.signing.sign_model) and "
+            "`depois-train export-onnx --sign-key KEY` (or depois_stream.contract.signing.sign_model) and "
             "ship the .sig with the model, or drop --verify-signature for local use only",
             "unsigned")
     hint, resources = _read_bundle(sig_path)
