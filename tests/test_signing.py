@@ -307,3 +307,57 @@ def test_verify_or_warn_raises_on_a_bad_model(
     _rewrite_card(signed, boundary={"global": -99.0})
     with pytest.raises(SignatureError):
         verify_or_warn(signed, keys["team"][1])
+
+
+# --- the runtime: start-up, hot reload and the CLI refuse what does not verify ----------------
+
+def test_detector_loads_a_signed_model_and_refuses_an_unsigned_one(
+        signed: Path, tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+    from depois_stream.filter.detector import Detector, ModelLoadError
+
+    det = Detector.load(signed, device="cpu", public_key=keys["team"][1])
+    assert det.signature_key_id == key_id(keys["team"][1])
+    assert Detector.load(signed, device="cpu").signature_key_id is None  # unsigned path: allowed
+    unsigned = _model(tmp_path / "unsigned")
+    with pytest.raises(ModelLoadError, match="unsigned") as info:
+        Detector.load(unsigned, device="cpu", public_key=keys["team"][1])
+    assert info.value.reason == "signature"
+    with pytest.raises(ModelLoadError, match="another key") as info:
+        Detector.load(signed, device="cpu", public_key=keys["attacker"][1])
+    assert info.value.reason == "signature"
+
+
+def test_hot_reload_keeps_the_signed_model_when_an_unsigned_one_replaces_it(
+        signed: Path, tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.filter.config import load_config
+    from depois_stream.filter.reload import ModelWatcher
+
+    flt = StreamFilter(load_config(model_path=signed, device="cpu", metrics_port=None,
+                                   verify_signature=keys["team"][1]))
+    reg = flt.metrics.registry
+    assert reg.get_sample_value("depois_model_signature_verified") == 1
+    watcher = ModelWatcher(flt.detector, flt._load_model, 0.0,
+                           on_outcome=flt._reload_outcome)
+    other = _model(tmp_path / "other", seed=1, version="unsigned-2")  # same folder layout
+    shutil.copy(other, signed)
+    shutil.copy(card_path_for(other), card_path_for(signed))
+    assert watcher.poll() is None  # refused: the old signature does not cover the new bytes
+    assert flt.detector.metadata.model_version == "signed-test-1"
+    assert reg.get_sample_value("depois_model_rejections_total", {"reason": "signature"}) == 1
+    assert reg.get_sample_value("depois_model_reloads_total", {"outcome": "rejected"}) == 1
+    sign_model(signed, keys["team"][0])  # the training team signs the new model: accepted
+    new = watcher.poll()
+    assert new is not None and new.metadata.model_version == "unsigned-2"
+
+
+def test_run_with_verify_signature_refuses_an_unsigned_model_with_exit_2(
+        tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+    unsigned = _model(tmp_path / "unsigned")
+    proc = subprocess.run(
+        [sys.executable, "-m", "depois_stream", "run", "--model-path", str(unsigned),
+         "--verify-signature", str(keys["team"][1]), "--bootstrap-servers", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unsigned" in proc.stderr and "Traceback" not in proc.stderr
+    assert len([l for l in proc.stderr.splitlines() if l.startswith("depois-stream")]) == 1

@@ -385,7 +385,8 @@ class StreamFilter:
     def _load_model(self, path: Path) -> Detector:
         try:
             return Detector.load(path, device=self.cfg.device, require_gpu=self.cfg.require_gpu,
-                                 verify_card=self.cfg.verify_card)
+                                 verify_card=self.cfg.verify_card,
+                                 public_key=self.cfg.verify_signature)
         except ModelLoadError as exc:
             self.metrics.model_rejections.labels(exc.reason).inc()
             raise
@@ -402,6 +403,7 @@ class StreamFilter:
         m.provider_fallback.set(1 if det.provider_fallback else 0)
         m.detection_boundary.set(meta.boundary.global_)
         m.target_fpr.set(meta.target_fpr)
+        m.model_signature_verified.set(1 if det.signature_key_id is not None else 0)
         # Export zeros for every series a dashboard or alert divides by, so that rate() and the
         # per-class panels have a baseline before the first record of each kind arrives.
         m.records_consumed.labels(topic=self.cfg.ingest_topic)

@@ -71,6 +71,10 @@ class ConsumerConfig(BaseSettings):
         "logged and exported as depois_model_info."))
     require_gpu: bool = Field(False, description="Refuse to start unless scoring runs on CUDA.",
                               json_schema_extra=flag("--require-gpu/--allow-cpu"))
+    verify_signature: Path | None = Field(None, description=(
+        "Public key (PEM) of the training team: refuse any model, at start-up and on hot "
+        "reload, whose model.sig beside it was not made by the matching private key over "
+        "exactly this model and card. Unset: models load unsigned (logged; for local use)."))
     verify_card: bool = Field(True, description=(
         "Check the model's sha256 against its model card."),
         json_schema_extra=flag("--verify-card/--no-verify-card"))

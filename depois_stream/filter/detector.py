@@ -33,6 +33,7 @@ from depois_stream.contract import (
     INPUT_IMAGE, INPUT_LABEL, OUTPUT_EVIDENCE, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE,
     ContractError, ModelCard, ModelMetadata, card_path_for, sha256_file,
 )
+from depois_stream.contract.signing import SignatureError, verify_or_warn
 
 log = logging.getLogger(__name__)
 
@@ -131,26 +132,39 @@ class Detector:
             self._outputs.append(OUTPUT_EVIDENCE)
         self.reason_names: tuple[str, ...] = (metadata.evidence_members if self.has_evidence
                                               else (REASON_BELOW_BOUNDARY,))
+        self.signature_key_id: str | None = None  # the verified signer's key id, if any
 
     @classmethod
     def load(cls, path: str | Path, device: Device = "auto", require_gpu: bool = False,
-             verify_card: bool = True) -> Detector:
+             verify_card: bool = True, public_key: str | Path | None = None) -> Detector:
         """Open and verify a model exported by ``depois-train export-onnx``.
 
-        Checks, in order: the file exists; its sha256 matches the model card beside it (unless
-        ``verify_card=False``); onnxruntime can load it; its inputs, outputs and ``depois.*``
-        metadata honour the contract; its ``poisoned`` output agrees with the metadata boundary.
+        Checks, in order: the file exists; with ``public_key``, the model and its card are
+        exactly what the holder of the matching private key signed (``model.sig`` beside them,
+        see ``contract.signing``), and the session is built from the very bytes that were
+        verified; its sha256 matches the model card beside it (unless ``verify_card=False``
+        without a key); onnxruntime can load it; its inputs, outputs and ``depois.*`` metadata
+        honour the contract; its ``poisoned`` output agrees with the metadata boundary.
         """
         path = Path(path)
         if not path.is_file():
             raise ModelLoadError(
                 f"model file {path} does not exist: train and export one with "
                 "`depois-train all` (or pass --model-path / DEPOIS_MODEL_PATH)", "load")
-        sha = sha256_file(path)
-        if verify_card:
-            _verify_card(path, sha)
+        try:
+            verified = verify_or_warn(path, public_key)
+        except SignatureError as exc:
+            raise ModelLoadError(str(exc), "signature") from None
+        if verified is not None:
+            sha, source = verified.model_sha256, verified.model_bytes
+            _verify_card(path, sha, verified.card_bytes)
+        else:
+            sha, source = sha256_file(path), str(path)
+            if verify_card:
+                _verify_card(path, sha)
         requested = requested_providers(device, ort.get_available_providers())
-        session = _open_session(path, requested, quiet=device == "auto" and requested[0] == CUDA)
+        session = _open_session(path, source, requested,
+                                quiet=device == "auto" and requested[0] == CUDA)
         _check_io(session, path)
         try:
             meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
@@ -158,6 +172,7 @@ class Detector:
             raise ModelLoadError(f"{path}: {exc}", "contract") from exc
         _check_shape(session, meta, path)
         det = cls(session, meta, path, sha, requested, device)
+        det.signature_key_id = verified.key_id if verified is not None else None
         if det.provider_fallback:
             log.warning("model %s: --device cuda was requested but onnxruntime runs on %s (CUDA "
                         "libraries missing or no GPU visible)", path.name, det.provider)
@@ -278,14 +293,15 @@ def _first_problem(exc: ValidationError) -> str:
     return f"{where}: {e['msg']}{more}"
 
 
-def _open_session(path: Path, providers: list[str], quiet: bool) -> ort.InferenceSession:
+def _open_session(path: Path, source: str | bytes, providers: list[str],
+                  quiet: bool) -> ort.InferenceSession:
     """An onnxruntime session on ``providers``. ``quiet``: trying CUDA for ``--device auto``,
     where a CPU-only host is normal, so onnxruntime's own error line about missing CUDA
     libraries is silenced (the provider actually used is logged and exported instead)."""
     if quiet:
         ort.set_default_logger_severity(4)
     try:
-        return ort.InferenceSession(str(path), session_options(), providers=providers)
+        return ort.InferenceSession(source, session_options(), providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(
@@ -296,15 +312,17 @@ def _open_session(path: Path, providers: list[str], quiet: bool) -> ort.Inferenc
             ort.set_default_logger_severity(2)
 
 
-def _verify_card(path: Path, sha: str) -> None:
+def _verify_card(path: Path, sha: str, card_bytes: bytes | None = None) -> None:
+    """The card beside the model names the model's sha256 (``card_bytes``: the signed card)."""
     card_path = card_path_for(path)
-    if not card_path.is_file():
+    if card_bytes is None and not card_path.is_file():
         raise ModelLoadError(
             f"model card {card_path} is missing: copy it together with {path.name} "
             "(`depois-train export-onnx` writes both), or pass --no-verify-card to skip the check",
             "card")
     try:
-        card = ModelCard.model_validate_json(card_path.read_bytes())
+        card = ModelCard.model_validate_json(card_bytes if card_bytes is not None
+                                             else card_path.read_bytes())
     except ValidationError as exc:
         raise ModelLoadError(f"model card {card_path} is not valid ({_first_problem(exc)}); "
                              "copy the card that was exported with the model", "card") from None

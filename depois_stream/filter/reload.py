@@ -1,7 +1,7 @@
 """Model hot reload: notice a replaced model file between batches, verify it, swap it in.
 
-The watcher looks at the (mtime, size) of both the ONNX file and its model card, because a
-deployment copies the two separately: the model alone changing first (sha256 mismatch against the
+The watcher looks at the (mtime, size) of the ONNX file, its model card and its signature,
+because a deployment copies them separately: the model alone changing first (sha256 mismatch against the
 old card, rejected) must be retried once the card arrives. A candidate goes through the same
 ``Detector.load`` checks as at start-up; if it fails, the running model stays and the rejection is
 logged and counted, so a bad push cannot take the filter down. Only a file whose sha256 differs
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from depois_stream.contract import card_path_for, sha256_file
+from depois_stream.contract.signing import signature_path_for
 from depois_stream.filter.detector import ModelLoadError, Detector
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ class ModelWatcher:
         self._interval_s = interval_s
         self._on_outcome = on_outcome
         self._clock = clock
-        self._paths = (current.path, card_path_for(current.path))
+        self._paths = (current.path, card_path_for(current.path),
+                       signature_path_for(current.path))
         self._signature = file_signature(*self._paths)
         self._next_check = clock() + interval_s
 
