@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.report import load_dashboard, substitute_variables
 from depois_stream.filter.metrics import Metrics
 from tests.helpers.prometheus import dashboard_variables, resolve_dashboard_variables
@@ -53,11 +54,16 @@ def _run(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None) -> sub
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
+def families() -> list:
+    """The metric families of the filter and of the replay batch job (its own registry)."""
+    return [*Metrics().registry.collect(), *ReplayMetrics().registry.collect()]
+
+
 def exposed_names() -> set[str]:
-    """Every series name the Metrics registry can expose, including label-less families."""
+    """Every series name the registries can expose, including label-less families."""
     suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
                 "gauge": [""], "info": ["_info"]}
-    return {f.name + s for f in Metrics().registry.collect() for s in suffixes[f.type]}
+    return {f.name + s for f in families() for s in suffixes[f.type]}
 
 
 def metric_names(expr: str) -> set[str]:
@@ -488,9 +494,8 @@ def test_grafana_provisioning_points_at_the_dashboard_and_its_datasource() -> No
 def test_operations_doc_lists_every_metric_and_every_alert() -> None:
     doc = (REPO / "docs" / "operations.md").read_text()
     table = set(re.findall(r"^\| `(depois_[a-z0-9_]+)`", doc, flags=re.M))
-    families = {f.name + {"counter": "_total", "info": "_info"}.get(f.type, "")
-                for f in Metrics().registry.collect()}
-    assert table == families, "docs/operations.md's metrics table is out of date"
+    names = {f.name + {"counter": "_total", "info": "_info"}.get(f.type, "") for f in families()}
+    assert table == names, "docs/operations.md's metrics table is out of date"
     sections = set(re.findall(r"^### (Depois\w+)", doc, flags=re.M))
     assert sections == {r["alert"] for r in alert_rules()}, "each alert needs a runbook section"
 

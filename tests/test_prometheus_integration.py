@@ -7,10 +7,7 @@ and every alert expression goes through Prometheus' HTTP API. Unit tests of Prom
 catch a query that parses but returns nothing because a label or a metric name drifted; this can.
 
 Every panel query must return data, with the dashboard's `$job` and `$instance` set to the
-scraped consumer (so a filter on a misspelt label empties the panel and fails the test). The
-queries that need metrics the runtime declares this round but does not fill yet are listed by
-name in NEEDS_RUNTIME and marked xfail(strict=False): they run, and report XPASS once the
-runtime fills them; then the entry goes.
+scraped consumer (so a filter on a misspelt label empties the panel and fails the test).
 """
 
 from __future__ import annotations
@@ -51,35 +48,6 @@ POISON_RATE = 0.4
 CHUNKS = 3
 MALFORMED_PER_CHUNK = 6
 
-# (panel title, refId) -> what the runtime must do for that query to return data. Declared in
-# depois_stream/metrics.py this round, implemented by the runtime's owner; xfail(strict=False)
-# until then. The replay entries need `depois-stream replay ... --pushgateway URL`.
-NEEDS_RUNTIME = {
-    ("Quarantined ÷ expected (30 min)", "A"): "depois_target_fpr set from the model card",
-    ("Broker reachable", "A"): "depois_broker_up = 1 from the direct broker probe",
-    ("Model version and provider", "C"): "depois_target_fpr set from the model card",
-    ("Model version and provider", "E"): "depois_build_info{version,client} filled",
-    ("Poison rate over time", "C"): "depois_target_fpr set from the model card",
-    ("Poison rate over time", "D"): "depois_target_fpr set from the model card",
-    ("Burst detector (2 min)", "A"): "depois_target_fpr set from the model card",
-    ("Burst detector (2 min)", "B"): "depois_target_fpr set from the model card",
-    ("Scores vs detection boundary", "C"): "depois_target_fpr set from the model card",
-    ("Quarantine by reason", "A"): "depois_quarantined_by_reason_total counted",
-    ("Consumer lag (seconds)", "A"): "depois_consumer_lag_seconds exported per owned partition",
-    ("Broker reachable and group membership", "A"): "depois_broker_up = 1 from the probe",
-    ("Broker reachable and group membership", "B"): "depois_group_joined = 1 in the group",
-    ("Replay outcomes (latest push)", "A"): "depois-stream replay --pushgateway",
-    ("Since last replay push", "A"): "depois-stream replay --pushgateway",
-}
-# Alerts whose expression is wrong on the current runtime for the same reasons.
-ALERTS_NEED_RUNTIME = {
-    "DepoisPoisonBurst": "depois_target_fpr set from the model card",
-    "DepoisPoisonSustained": "depois_target_fpr set from the model card",
-    "DepoisTargetFprMissing": "depois_target_fpr set from the model card",
-    "DepoisBrokerUnreachable": "depois_broker_up = 1 from the direct broker probe",
-}
-# `depois-stream report` must fill the dashboard's $job and $instance (with their All value).
-NEEDS_REPORT_VARIABLES = "depois_stream/report.py must fill the dashboard's $job and $instance"
 
 pytestmark = [
     pytest.mark.slow,
@@ -183,16 +151,8 @@ def _labels(series) -> str:
 def _panel_targets():
     for panel in BOARD["panels"]:
         for target in panel["targets"]:
-            key = (panel["title"], target["refId"])
-            marks = [pytest.mark.xfail(reason=f"needs the runtime: {NEEDS_RUNTIME[key]}",
-                                       strict=False)] if key in NEEDS_RUNTIME else []
-            yield pytest.param(panel["title"], target["refId"], target["expr"], marks=marks,
+            yield pytest.param(panel["title"], target["refId"], target["expr"],
                                id=f"{panel['id']}-{panel['title']}-{target['refId']}")
-
-
-def test_needs_runtime_names_real_queries() -> None:
-    keys = {(p["title"], t["refId"]) for p in BOARD["panels"] for t in p["targets"]}
-    assert set(NEEDS_RUNTIME) <= keys, set(NEEDS_RUNTIME) - keys
 
 
 # What some queries must show beyond "data": the stream is 40 % label-flipped digits with
@@ -280,9 +240,7 @@ def _alert_params():
         if "alert" not in rule:
             continue
         name = rule["alert"]
-        marks = [pytest.mark.xfail(reason=f"needs the runtime: {ALERTS_NEED_RUNTIME[name]}",
-                                   strict=False)] if name in ALERTS_NEED_RUNTIME else []
-        yield pytest.param(name, rule["expr"], marks=marks, id=name)
+        yield pytest.param(name, rule["expr"], id=name)
 
 
 @pytest.mark.parametrize(("name", "expr"), list(_alert_params()))
@@ -306,8 +264,6 @@ def test_every_rule_loads_and_the_burst_is_armed(scraped) -> None:
         scraped.client.query(rule["expr"], at=scraped.end)
 
 
-@pytest.mark.xfail(reason=f"needs the runtime: {ALERTS_NEED_RUNTIME['DepoisPoisonBurst']}",
-                   strict=False)
 def test_the_poison_burst_is_pending_or_firing(scraped) -> None:
     def state() -> str | None:
         groups = scraped.prom.api("/api/v1/rules")["data"]["groups"]
@@ -316,7 +272,6 @@ def test_the_poison_burst_is_pending_or_firing(scraped) -> None:
     wait_for(lambda: state() in {"pending", "firing"}, timeout_s=10)
 
 
-@pytest.mark.xfail(reason=NEEDS_REPORT_VARIABLES, strict=False)
 def test_report_command_renders_the_dashboard_to_png(scraped, tmp_path: Path) -> None:
     prom = scraped.prom
     client = scraped.client
@@ -338,7 +293,6 @@ def test_report_command_renders_the_dashboard_to_png(scraped, tmp_path: Path) ->
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
 
 
-@pytest.mark.xfail(reason=NEEDS_REPORT_VARIABLES, strict=False)
 def test_report_shows_a_broken_query_and_exits_1(scraped, tmp_path: Path) -> None:
     """A dashboard edit that breaks one query must not hide the others, nor pass silently."""
     board = json.loads(DASHBOARD.read_text())

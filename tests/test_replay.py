@@ -26,7 +26,7 @@ from depois_stream.sim.broker import (
     create_topics,
 )
 from depois_stream.cli import app
-from depois_stream.filter.metrics import Metrics
+from depois_stream.audit.metrics import ReplayMetrics as Metrics
 from depois_stream.audit.replay import (
     QuarantinedRecord,
     ReadWindow,
@@ -179,6 +179,38 @@ def test_time_window_excludes_records_outside_it(quarantine: Quarantine) -> None
     assert listed(quarantine, "--until", "2000-01-01T00:00:00Z")["read"] == 0
     assert listed(quarantine, "--since", "2000-01-01T00:00:00Z")["read"] == len(
         quarantine.expected)
+
+
+def test_replay_pushes_only_its_own_series_to_a_real_pushgateway(quarantine: Quarantine,
+                                                                 tmp_path: Path) -> None:
+    import urllib.request
+
+    from tests.helpers.prometheus import PushgatewayServer, pushgateway_binary
+
+    if pushgateway_binary() is None:
+        pytest.skip("prometheus-pushgateway is not installed (CI installs it)")
+    prom = tmp_path / "replay.prom"
+    with PushgatewayServer(tmp_path / "pgw") as pgw:
+        code, out = replay(quarantine, "list", "--pushgateway", pgw.url,
+                           "--metrics-textfile", str(prom))
+        assert code == 0, out
+        with urllib.request.urlopen(f"{pgw.url}/metrics", timeout=5) as r:
+            pushed = r.read().decode()
+    n = len(quarantine.expected)
+    series = ('depois_replay_outcomes_total{action="list",instance="",job="depois-replay",'
+              f'outcome="listed"}} {n}')
+    assert series in pushed.splitlines(), pushed[-2000:]
+    for text in (pushed, prom.read_text()):  # never the consumer's series: no second consumer
+        assert "depois_detection_boundary" not in text and "depois_model_info" not in text
+    assert "depois_replay_last_run_timestamp_seconds" in prom.read_text()
+
+
+def test_times_with_a_z_suffix_parse_on_every_python() -> None:
+    from depois_stream.audit.cli import _time_ms
+
+    assert _time_ms("2026-11-25T10:00:00Z", "--since") == 1_795_600_800_000
+    assert _time_ms("2026-11-25T10:00:00+00:00", "--since") == 1_795_600_800_000
+    assert _time_ms("1795600800000", "--since") == 1_795_600_800_000
 
 
 def test_text_table_prints_totals_and_metrics_file(quarantine: Quarantine, tmp_path: Path) -> None:

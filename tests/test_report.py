@@ -65,3 +65,33 @@ def test_report_exits_2_with_a_message_when_prometheus_is_unreachable(tmp_path: 
     assert result.returncode == 2
     assert "cannot reach Prometheus" in result.stderr and "--prometheus-url" in result.stderr
     assert not out.exists()
+
+
+def test_dashboard_variables_are_filled_with_their_all_value() -> None:
+    from depois_stream.audit.report import load_dashboard
+
+    board = load_dashboard(DASHBOARD)
+    assert board.variables["job"] == ".+" and "instance" in board.variables
+    expr = 'sum(rate(x_total{job=~"$job", instance=~"${instance}"}[$__rate_interval]))'
+    assert substitute_variables(expr, rate_interval="1m", range_="1h",
+                                variables=board.variables) == \
+        'sum(rate(x_total{job=~".+", instance=~".+"}[1m]))'
+    # every panel query of the shipped dashboard can be filled
+    for panel in board.panels:
+        for target in panel.targets:
+            substitute_variables(target.expr, rate_interval="1m", range_="1h",
+                                 variables=board.variables)
+
+
+def test_the_packaged_dashboard_is_the_deployed_one_and_the_default_from_anywhere(
+        tmp_path: Path) -> None:
+    from depois_stream.audit.report import DEFAULT_DASHBOARD
+
+    assert DEFAULT_DASHBOARD.read_bytes() == DASHBOARD.read_bytes(), (
+        "cp deploy/grafana/dashboards/depois.json depois_stream/audit/dashboard.json")
+    result = subprocess.run(  # no --dashboard, run from a folder without deploy/
+        [sys.executable, "-m", "depois_stream", "report",
+         "--prometheus-url", f"http://127.0.0.1:{free_port()}", "--out", str(tmp_path / "r.png")],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "cannot reach Prometheus" in result.stderr
+    assert "does not exist" not in result.stderr

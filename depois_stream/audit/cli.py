@@ -1,23 +1,23 @@
 """`depois-stream replay`: look inside the quarantine, judge it, and undo mistakes on the record.
 
 Every command reads the quarantine topic without a consumer group (so it never moves the live
-consumer's offsets), narrows it with the same window and filter options, then lists, exports,
-re-scores or releases what is left. Only ``release`` writes anything to Kafka.
+consumer's offsets), narrows it with the same selection (``Selection``, declared once, its flags
+generated), then lists, exports, re-scores or releases what is left. Only ``release`` writes
+anything to Kafka. Exit codes: 0 done; 1 Kafka or the model failed (one line says what); 2 a
+flag is wrong or release lacks --operator, --reason or a selection.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn, Optional, TypeVar
+from typing import Any, NoReturn, Optional
 
 import typer
-from prometheus_client import write_to_textfile
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
-from depois_stream.filter.metrics import Metrics
+from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.replay import (
     QuarantinedRecord,
     ReadWindow,
@@ -31,12 +31,15 @@ from depois_stream.audit.replay import (
     select,
     summarize,
 )
+from depois_stream.filter.config import describe_errors, flag
+from depois_stream.filter.options import command, option, reflow
 
-F = TypeVar("F", bound=Callable[..., None])
+EXIT_FAILED = 1
+EXIT_USAGE = 2
 
 replay_app = typer.Typer(
-    name="replay",
-    help=(
+    name="replay", no_args_is_help=True, rich_markup_mode=None,
+    help=reflow(
         "Inspect, export, re-score and release quarantined samples.\n\n"
         "Every command reads the quarantine topic from the beginning (or the window given by "
         "--since/--until or --offsets) with manual partition assignment and no consumer group, "
@@ -45,147 +48,153 @@ replay_app = typer.Typer(
         "combine with AND; repeating one option means OR within it.\n\n"
         "Connection settings come from the same DEPOIS_* variables as `depois-stream run`: "
         "DEPOIS_BOOTSTRAP_SERVERS, DEPOIS_QUARANTINE_TOPIC, DEPOIS_CLEAN_TOPIC, "
-        "DEPOIS_AUDIT_TOPIC (default depois.audit) and DEPOIS_KAFKA (JSON, security options)."
-    ),
-    no_args_is_help=True,
-)
+        "DEPOIS_AUDIT_TOPIC (default depois.audit) and DEPOIS_KAFKA (JSON, security options).\n\n"
+        "Exit codes: 0 done; 1 Kafka or a model failed; 2 a flag is wrong."))
 
 
-def _command(name: str) -> Callable[[F], F]:
-    """Register ``fn`` with its docstring reflowed: rich help keeps every source line break."""
-    def register(fn: F) -> F:
-        paragraphs = (inspect.getdoc(fn) or "").split("\n\n")
-        replay_app.command(name, help="\n\n".join(" ".join(p.split()) for p in paragraphs))(fn)
-        return fn
-    return register
+class Selection(BaseModel):
+    """Which records a replay command works on: the same options for every command."""
 
-Bootstrap = Annotated[Optional[str], typer.Option(
-    "--bootstrap-servers", help="Kafka bootstrap servers (default: $DEPOIS_BOOTSTRAP_SERVERS).")]
-Topic = Annotated[Optional[str], typer.Option(
-    "--topic", help="Topic to read (default: the quarantine topic). Point it at the dead-letter "
-                    "topic to list or export undecodable records; they cannot be released.")]
-Since = Annotated[Optional[str], typer.Option(
-    "--since", help="Only records at or after this time: ISO-8601 (2026-11-25T10:00:00Z) or "
-                    "epoch milliseconds.")]
-Until = Annotated[Optional[str], typer.Option(
-    "--until", help="Only records before this time (same formats as --since).")]
-Offsets = Annotated[Optional[list[str]], typer.Option(
-    "--offsets", help="Read only PARTITION:FIRST[-LAST] of the topic (LAST inclusive; "
-                      "repeat per partition), e.g. --offsets 0:120-180.")]
-Ids = Annotated[Optional[list[str]], typer.Option(
-    "--id", "--ids", help="Sample ids (the message key); repeat or separate with commas.")]
-Labels = Annotated[Optional[list[int]], typer.Option(
-    "--label", help="Claimed class label; repeat for several.")]
-MinScore = Annotated[Optional[float], typer.Option(
-    "--min-score", help="Keep records scored at or above this at quarantine time.")]
-MaxScore = Annotated[Optional[float], typer.Option(
-    "--max-score", help="Keep records scored at or below this at quarantine time.")]
-ModelVersions = Annotated[Optional[list[str]], typer.Option(
-    "--model-version", help="Model version that quarantined the record; repeat for several.")]
-Partitions = Annotated[Optional[list[int]], typer.Option(
-    "--partition", help="Partition of the original ingest record; repeat for several.")]
-Reasons = Annotated[Optional[list[str]], typer.Option(
-    "--reason-code", help="Why the record is there: below_boundary for quarantine, or a "
-                          "dead-letter error class such as malformed; repeat for several.")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of text.")]
-MetricsFile = Annotated[Optional[Path], typer.Option(
-    "--metrics-textfile", help="Also write depois_replay_outcomes_total in Prometheus text "
-                               "format to this file (node-exporter textfile collector).")]
+    bootstrap_servers: str | None = Field(None, description=(
+        "Kafka bootstrap servers (default: $DEPOIS_BOOTSTRAP_SERVERS)."))
+    topic: str | None = Field(None, description=(
+        "Topic to read (default: the quarantine topic). Point it at the dead-letter topic to "
+        "list or export undecodable records; they cannot be released."))
+    since: str | None = Field(None, description=(
+        "Only records at or after this time: ISO-8601 (2026-11-25T10:00:00Z) or epoch ms."))
+    until: str | None = Field(None, description=(
+        "Only records before this time (same formats as --since)."))
+    offsets: list[str] | None = Field(None, description=(
+        "Read only PARTITION:FIRST[-LAST] of the topic (LAST inclusive; repeat per partition), "
+        "e.g. --offsets 0:120-180."))
+    ids: list[str] | None = Field(None, description=(
+        "Sample ids (the message key) or release ids (SOURCE_TOPIC:PARTITION:OFFSET); repeat "
+        "or separate with commas."), json_schema_extra=flag("--id", "--ids"))
+    labels: list[int] | None = Field(None, description=(
+        "Claimed class label; repeat for several."), json_schema_extra=flag("--label"))
+    min_score: float | None = Field(None, description=(
+        "Keep records scored at or above this at quarantine time."))
+    max_score: float | None = Field(None, description=(
+        "Keep records scored at or below this at quarantine time."))
+    model_versions: list[str] | None = Field(None, description=(
+        "Model version that quarantined the record; repeat for several."),
+        json_schema_extra=flag("--model-version"))
+    partitions: list[int] | None = Field(None, description=(
+        "Partition of the original ingest record; repeat for several."),
+        json_schema_extra=flag("--partition"))
+    reasons: list[str] | None = Field(None, description=(
+        "Why the record is there: the evidence member that fired (depois.reason, e.g. knn), "
+        "below_boundary for models without members, or a dead-letter error class such as "
+        "malformed; repeat for several."), json_schema_extra=flag("--reason-code"))
+
+    def window(self) -> ReadWindow:
+        try:
+            return ReadWindow(since_ms=_time_ms(self.since, "--since"),
+                              until_ms=_time_ms(self.until, "--until"),
+                              offsets=parse_offsets(self.offsets) if self.offsets else None)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--offsets") from None
+
+    def filter(self) -> ReplayFilter:
+        def opt(values: list[Any] | None) -> frozenset[Any] | None:
+            return frozenset(values) if values else None
+
+        ids = [i for chunk in self.ids or [] for i in chunk.split(",") if i]
+        return ReplayFilter(ids=opt(ids), labels=opt(self.labels), min_score=self.min_score,
+                            max_score=self.max_score, model_versions=opt(self.model_versions),
+                            source_partitions=opt(self.partitions), reasons=opt(self.reasons))
 
 
-def _time_ms(text: str | None, flag: str) -> int | None:
+def _time_ms(text: str | None, flag_name: str) -> int | None:
     if text is None:
         return None
     if text.isdigit():
         return int(text)
+    iso = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text  # Python 3.10: no "Z"
     try:
-        t = datetime.fromisoformat(text)
+        t = datetime.fromisoformat(iso)
     except ValueError:
         raise typer.BadParameter(f"{text!r} is neither ISO-8601 nor epoch ms",
-                                 param_hint=flag) from None
+                                 param_hint=flag_name) from None
     if t.tzinfo is None:
         t = t.replace(tzinfo=timezone.utc)
     return int(t.timestamp() * 1000)
 
 
-def _settings(bootstrap: str | None) -> ReplaySettings:
-    try:
-        settings = ReplaySettings()
-    except ValidationError as exc:
-        _fail(f"invalid DEPOIS_* setting: {exc}")
-    if bootstrap:
-        settings = settings.model_copy(update={"bootstrap_servers": bootstrap})
-    return settings
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    typer.echo(f"depois-stream replay: {message}", err=True)
     raise typer.Exit(code)
 
 
-def _read_selected(settings: ReplaySettings, topic: str | None, since: str | None,
-                   until: str | None, offsets: list[str] | None,
-                   flt: ReplayFilter) -> tuple[int, list[QuarantinedRecord]]:
+def _settings(sel: Selection) -> ReplaySettings:
     try:
-        window = ReadWindow(since_ms=_time_ms(since, "--since"),
-                            until_ms=_time_ms(until, "--until"),
-                            offsets=parse_offsets(offsets) if offsets else None)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--offsets") from None
+        settings = ReplaySettings()
+    except ValidationError as exc:
+        _fail(f"invalid DEPOIS_* setting: {describe_errors(exc)}", EXIT_USAGE)
+    except ValueError as exc:  # pydantic-settings: DEPOIS_KAFKA is not JSON
+        _fail(f"invalid DEPOIS_* setting: {str(exc).splitlines()[0]} (DEPOIS_KAFKA is JSON: "
+              "DEPOIS_KAFKA='{\"security_protocol\": \"SSL\"}')", EXIT_USAGE)
+    if sel.bootstrap_servers:
+        settings = settings.model_copy(update={"bootstrap_servers": sel.bootstrap_servers})
+    return settings
+
+
+def _read(sel: Selection, settings: ReplaySettings) -> tuple[int, list[QuarantinedRecord]]:
+    window, flt = sel.window(), sel.filter()
     try:
-        records = read_quarantine(settings, window, topic)
+        records = read_quarantine(settings, window, sel.topic)
     except ReplayError as exc:
         _fail(str(exc))
     return len(records), select(records, flt)
 
 
-def _filter(ids: list[str] | None, labels: list[int] | None, min_score: float | None,
-            max_score: float | None, model_versions: list[str] | None,
-            partitions: list[int] | None, reasons: list[str] | None) -> ReplayFilter:
-    def opt(values: list | None) -> frozenset | None:
-        return frozenset(values) if values else None
-
-    split_ids = [i for chunk in ids or [] for i in chunk.split(",") if i]
-    return ReplayFilter(ids=opt(split_ids), labels=opt(labels), min_score=min_score,
-                        max_score=max_score, model_versions=opt(model_versions),
-                        source_partitions=opt(partitions), reasons=opt(reasons))
-
-
-def _save_metrics(metrics: Metrics, path: Path | None) -> None:
-    if path is not None:
-        write_to_textfile(str(path), metrics.registry)
+def _publish(metrics: ReplayMetrics, action: str, kw: dict[str, Any]) -> None:
+    try:
+        metrics.publish(action, kw.get("pushgateway"),
+                        str(kw["metrics_textfile"]) if kw.get("metrics_textfile") else None)
+    except OSError as exc:
+        _fail(f"could not publish the replay metrics ({exc}); the {action} itself completed")
 
 
 def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.4g}"
 
 
-@_command("list")
-def list_(
-    bootstrap: Bootstrap = None, topic: Topic = None, since: Since = None, until: Until = None,
-    offsets: Offsets = None, ids: Ids = None, label: Labels = None, min_score: MinScore = None,
-    max_score: MaxScore = None, model_version: ModelVersions = None,
-    partition: Partitions = None, reason_code: Reasons = None,
-    limit: Annotated[int, typer.Option(
-        help="Print at most this many rows (the totals count all).")] = 50,
-    as_json: AsJson = False, metrics_textfile: MetricsFile = None,
-) -> None:
+AS_JSON = option("as_json", bool, False, "--json", help="Print one JSON document instead of text.")
+TEXTFILE = option("metrics_textfile", Optional[Path], None, "--metrics-textfile", help=(
+    "Also write this run's depois_replay_* series (only those) in Prometheus text format to "
+    "this file (node-exporter textfile collector)."))
+PUSHGATEWAY = option("pushgateway", Optional[str], None, "--pushgateway", help=(
+    "Push this run's depois_replay_* series to this Prometheus Pushgateway (e.g. "
+    "http://localhost:9091), job depois-replay, grouped by action."))
+OUTPUTS = [TEXTFILE, PUSHGATEWAY]
+
+
+def _register(name: str, fn: Callable[..., None], *extra: Any) -> None:
+    replay_app.command(name)(command(fn, Selection, extra=list(extra), env=False))
+
+
+def _split(kw: dict[str, Any]) -> Selection:
+    return Selection(**{k: kw.pop(k) for k in list(kw) if k in Selection.model_fields})
+
+
+def list_(**kw: Any) -> None:
     """Print the selected quarantine records as a table, then totals by label, reason and model.
 
     Columns: sample id, claimed label, score and the boundary it was compared with, reason
     code, model version, the original ingest record (SOURCE partition:offset) and the
     quarantine record (AT partition:offset) with its time. Nothing is written anywhere.
     """
-    settings = _settings(bootstrap)
-    flt = _filter(ids, label, min_score, max_score, model_version, partition, reason_code)
-    read, chosen = _read_selected(settings, topic, since, until, offsets, flt)
-    metrics = Metrics()
+    sel = _split(kw)
+    read, chosen = _read(sel, _settings(sel))
+    metrics = ReplayMetrics()
     metrics.replay_outcomes.labels(action="list", outcome="listed").inc(len(chosen))
-    _save_metrics(metrics, metrics_textfile)
+    _publish(metrics, "list", kw)
     listing = summarize(read, chosen)
-    if as_json:
+    if kw["as_json"]:
         typer.echo(listing.model_dump_json(indent=2))
         return
+    limit = kw["limit"]
     typer.echo(f"{'ID':<24} {'LABEL':>5} {'SCORE':>10} {'BOUNDARY':>10} {'REASON':<15} "
                f"{'MODEL':<18} {'SOURCE':>10} {'AT':>10}  TIME")
     for r in listing.records[:limit]:
@@ -205,52 +214,31 @@ def list_(
         typer.echo(f"{name}: {', '.join(f'{k}: {v}' for k, v in counts.items()) or '-'}")
 
 
-@_command("export")
-def export_(
-    out: Annotated[Optional[Path], typer.Option(
-        "--out", help="Folder to write (created); default ./replay-export-<UTC time>.")] = None,
-    bootstrap: Bootstrap = None, topic: Topic = None, since: Since = None, until: Until = None,
-    offsets: Offsets = None, ids: Ids = None, label: Labels = None, min_score: MinScore = None,
-    max_score: MaxScore = None, model_version: ModelVersions = None,
-    partition: Partitions = None, reason_code: Reasons = None,
-    metrics_textfile: MetricsFile = None,
-) -> None:
+def export_(**kw: Any) -> None:
     """Write the selected records to a folder a reviewer can look through offline.
 
-    manifest.jsonl has one line per record (id, label, score, boundary, model version,
+    manifest.jsonl has one line per record (id, label, score, boundary, reason, model version,
     provenance, timestamp, and where its image is); samples.npz holds the decoded images
     (float32 [N,C,H,W] in [0,1]), labels, ids, scores and boundaries; contact_NNN.png show up
-    to 100 images each, captioned with cell number, label and score. Records whose bytes do
-    not decode stay in the manifest with decode_error set.
+    to 100 images each, sorted by score (closest to the boundary first), each captioned with
+    its sample id, label and score. Records whose bytes do not decode stay in the manifest
+    with decode_error set.
     """
     from depois_stream.audit.export import export
 
-    settings = _settings(bootstrap)
-    flt = _filter(ids, label, min_score, max_score, model_version, partition, reason_code)
-    _, chosen = _read_selected(settings, topic, since, until, offsets, flt)
-    folder = out or Path.cwd() / datetime.now(timezone.utc).strftime("replay-export-%Y%m%dT%H%M%SZ")
-    metrics = Metrics()
+    sel = _split(kw)
+    _, chosen = _read(sel, _settings(sel))
+    folder = kw["out"] or Path.cwd() / datetime.now(timezone.utc).strftime(
+        "replay-export-%Y%m%dT%H%M%SZ")
+    metrics = ReplayMetrics()
     summary = export(chosen, folder, metrics=metrics)
-    _save_metrics(metrics, metrics_textfile)
+    _publish(metrics, "export", kw)
     typer.echo(f"exported {summary.records} records to {summary.folder}: {summary.decoded} "
                f"images in samples.npz and {len(summary.sheets)} contact sheet(s), "
                f"{summary.decode_failed} undecodable (see decode_error in manifest.jsonl)")
 
 
-@_command("rescore")
-def rescore_(
-    model: Annotated[Path, typer.Option(
-        "--model", help="ONNX model to try (its model card must sit beside it).")],
-    histogram: Annotated[Path, typer.Option(
-        help="Where to write the score histogram PNG.")] = Path("rescore-histogram.png"),
-    device: Annotated[Literal["auto", "cuda", "cpu"], typer.Option(
-        help="Where onnxruntime scores: auto (CUDA when offered), cuda or cpu.")] = "auto",
-    bootstrap: Bootstrap = None, topic: Topic = None, since: Since = None, until: Until = None,
-    offsets: Offsets = None, ids: Ids = None, label: Labels = None, min_score: MinScore = None,
-    max_score: MaxScore = None, model_version: ModelVersions = None,
-    partition: Partitions = None, reason_code: Reasons = None,
-    as_json: AsJson = False, metrics_textfile: MetricsFile = None,
-) -> None:
+def rescore_(**kw: Any) -> None:
     """Dry-run the selected samples through another model and count how many would now pass.
 
     Nothing is published: this answers "would the new model have let these through?" before
@@ -258,19 +246,21 @@ def rescore_(
     would pass) and writes a histogram of the new scores split by the new verdict.
     """
     from depois_stream.audit.export import rescore
-    from depois_stream.filter.detector import ModelLoadError, Detector
+    from depois_stream.filter.detector import Detector, ModelLoadError
 
-    settings = _settings(bootstrap)
-    flt = _filter(ids, label, min_score, max_score, model_version, partition, reason_code)
-    _, chosen = _read_selected(settings, topic, since, until, offsets, flt)
+    sel = _split(kw)
+    if kw["device"] not in ("auto", "cuda", "cpu"):
+        raise typer.BadParameter("use auto, cuda or cpu", param_hint="--device")
+    _, chosen = _read(sel, _settings(sel))
     try:
-        detector = Detector.load(model, device=device)
+        detector = Detector.load(kw["model"], device=kw["device"],
+                                 public_key=kw["verify_signature"])
     except ModelLoadError as exc:
         _fail(str(exc))
-    metrics = Metrics()
-    report = rescore(chosen, detector, histogram, metrics=metrics)
-    _save_metrics(metrics, metrics_textfile)
-    if as_json:
+    metrics = ReplayMetrics()
+    report = rescore(chosen, detector, kw["histogram"], metrics=metrics)
+    _publish(metrics, "rescore", kw)
+    if kw["as_json"]:
         typer.echo(report.model_dump_json(indent=2))
         return
     typer.echo(f"model {report.model_version}: {report.would_pass} of {report.scored} scored "
@@ -281,52 +271,43 @@ def rescore_(
     typer.echo(f"histogram: {report.histogram}")
 
 
-@_command("release")
-def release_(
-    operator: Annotated[Optional[str], typer.Option(
-        help="Who approves the release (goes into headers and the audit topic). Required.")] = None,
-    reason: Annotated[Optional[str], typer.Option(
-        help="Why the samples are safe, e.g. a ticket reference. Required.")] = None,
-    dry_run: Annotated[bool, typer.Option(
-        "--dry-run", help="Show what would be released and skipped; publish nothing.")] = False,
-    bootstrap: Bootstrap = None, topic: Topic = None, since: Since = None, until: Until = None,
-    offsets: Offsets = None, ids: Ids = None, label: Labels = None, min_score: MinScore = None,
-    max_score: MaxScore = None, model_version: ModelVersions = None,
-    partition: Partitions = None, reason_code: Reasons = None,
-    as_json: AsJson = False, metrics_textfile: MetricsFile = None,
-) -> None:
+def release_(**kw: Any) -> None:
     """Publish the selected samples to the clean topic, with an audit record for each.
 
-    Needs --operator, --reason and a selection (--id or at least one filter option); it
-    refuses with exit code 2 otherwise. Each released copy keeps the original value, key and
-    headers (score, model, provenance) and adds depois.verdict=released,
-    depois.replay_count, depois.released.by/.at/.reason. Skipped, and reported: ids already
-    released (found on the audit topic; a second run publishes nothing), records released
-    before (replay_count >= 1), records that are not quarantine verdicts, and repeated ids.
+    Needs --operator, --reason and a selection (--id or at least one filter option); it refuses
+    with exit code 2 otherwise. Each released copy keeps the original value, key and headers
+    (score, model, provenance) and adds depois.verdict=released, depois.replay_count,
+    depois.released.by/.at/.reason. A sample is identified by the ingest record it came from
+    (source topic, partition, offset), never by its key. Skipped, and reported: samples already
+    released (found on the audit topic; a second run publishes nothing), records released before
+    (replay_count >= 1), records that are not quarantine verdicts, and a second quarantine copy
+    of the same ingest record.
     """
+    sel = _split(kw)
     try:
-        operator, reason = require_operator_and_reason(operator, reason)
+        operator, reason = require_operator_and_reason(kw["operator"], kw["reason"])
     except ReplayError as exc:
-        _fail(str(exc), code=2)
-    flt = _filter(ids, label, min_score, max_score, model_version, partition, reason_code)
-    if flt.selects_everything:
+        _fail(str(exc), code=EXIT_USAGE)
+    if sel.filter().selects_everything:
         _fail("release needs a selection: name samples with --id or narrow with a filter option "
               "(--label, --min-score, --max-score, --model-version, --partition, --reason-code); "
-              "run `replay list` with the same options first to see what it selects", code=2)
-    settings = _settings(bootstrap)
-    _, chosen = _read_selected(settings, topic, since, until, offsets, flt)
-    metrics = Metrics()
+              "run `replay list` with the same options first to see what it selects",
+              code=EXIT_USAGE)
+    settings = _settings(sel)
+    _, chosen = _read(sel, settings)
+    metrics = ReplayMetrics()
     try:
-        report = release(settings, chosen, operator, reason, dry_run=dry_run, metrics=metrics)
+        report = release(settings, chosen, operator, reason, dry_run=kw["dry_run"],
+                         metrics=metrics)
     except ReplayError as exc:
         _fail(str(exc))
-    _save_metrics(metrics, metrics_textfile)
-    if as_json:
+    _publish(metrics, "release", kw)
+    if kw["as_json"]:
         typer.echo(report.model_dump_json(indent=2))
         return
-    verb = "would release" if dry_run else "released"
+    verb = "would release" if kw["dry_run"] else "released"
     typer.echo(f"{verb} {len(report.released)} sample(s) to {settings.clean_topic}"
-               + ("" if dry_run else f", audit records on {settings.audit_topic}"))
+               + ("" if kw["dry_run"] else f", audit records on {settings.audit_topic}"))
     for sid in report.released:
         typer.echo(f"  {sid}")
     for why, skipped in report.skipped.items():
@@ -335,3 +316,30 @@ def release_(
     if report.unreadable_audit_records:
         typer.echo(f"warning: {report.unreadable_audit_records} unreadable record(s) on "
                    f"{settings.audit_topic} were ignored", err=True)
+
+
+_register("list", list_,
+          option("limit", int, 50, "--limit", help="Print at most this many rows (the totals "
+                 "count all)."), AS_JSON, *OUTPUTS)
+_register("export", export_,
+          option("out", Optional[Path], None, "--out", help="Folder to write (created); default "
+                 "./replay-export-<UTC time>."), *OUTPUTS)
+_register("rescore", rescore_,
+          option("model", Path, ..., "--model", help="ONNX model to try (its model card must sit "
+                 "beside it)."),
+          option("histogram", Path, Path("rescore-histogram.png"), "--histogram",
+                 help="Where to write the score histogram PNG."),
+          option("device", str, "auto", "--device", help="Where onnxruntime scores: auto (CUDA "
+                 "when offered), cuda or cpu."),
+          option("verify_signature", Optional[Path], None, "--verify-signature", help=(
+              "Public key: refuse the model unless its model.sig verifies with it (as "
+              "`depois-stream run --verify-signature` does).")),
+          AS_JSON, *OUTPUTS)
+_register("release", release_,
+          option("operator", Optional[str], None, "--operator", help="Who approves the release "
+                 "(goes into headers and the audit topic). Required."),
+          option("reason", Optional[str], None, "--reason", help="Why the samples are safe, e.g. "
+                 "a ticket reference. Required."),
+          option("dry_run", bool, False, "--dry-run", help="Show what would be released and "
+                 "skipped; publish nothing."),
+          AS_JSON, *OUTPUTS)

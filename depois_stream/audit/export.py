@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from depois_stream.audit.trail import RecordLocation
-from depois_stream.filter.metrics import Metrics
+from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.replay import QuarantinedRecord
 from depois_stream.contract.wire import DecodeError, decode_image
 
@@ -111,7 +111,7 @@ class ExportSummary(BaseModel):
 
 
 def export(records: Sequence[QuarantinedRecord], folder: Path, *,
-           metrics: Metrics | None = None) -> ExportSummary:
+           metrics: ReplayMetrics | None = None) -> ExportSummary:
     """Write manifest, NPZ and contact sheets for ``records`` into ``folder`` (created)."""
     folder.mkdir(parents=True, exist_ok=True)
     dec = decode_records(records)
@@ -230,7 +230,7 @@ class RescoreReport(BaseModel):
 
 
 def rescore(records: Sequence[QuarantinedRecord], detector: Detector,
-            histogram: Path | None = None, *, metrics: Metrics | None = None) -> RescoreReport:
+            histogram: Path | None = None, *, metrics: ReplayMetrics | None = None) -> RescoreReport:
     """Score ``records`` with ``detector`` and count what it would let through; publish nothing.
 
     "Would pass" is the new model's own verdict (score at or above its boundary for that class),

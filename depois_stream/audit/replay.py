@@ -33,7 +33,7 @@ from depois_stream.audit.trail import (
 )
 from depois_stream.contract import utc_now_iso
 from depois_stream.filter.clients.kafka_python import check_passthrough, options_for
-from depois_stream.filter.metrics import Metrics
+from depois_stream.audit.metrics import ReplayMetrics
 
 CLIENT_ID = "depois-replay"
 # Why a quarantine record is there when the router gave no error class: its score was below the
@@ -161,9 +161,12 @@ class QuarantinedRecord:
 
     @property
     def reason(self) -> str:
-        """Bounded code for why the record is here (the filter's ``reason``)."""
+        """Bounded code for why the record is here: the dead-letter error class, the evidence
+        member that fired (``depois.reason``), or below_boundary."""
         if self.h.get(H.ERROR_CLASS):
             return self.h[H.ERROR_CLASS]
+        if self.h.get(H.REASON):
+            return self.h[H.REASON]
         score, boundary = self.score, self.boundary
         if score is not None and boundary is not None and score < boundary:
             return REASON_BELOW_BOUNDARY
@@ -510,7 +513,7 @@ def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:
 
 def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], operator: str | None,
             reason: str | None, *, dry_run: bool = False,
-            metrics: Metrics | None = None) -> ReleaseReport:
+            metrics: ReplayMetrics | None = None) -> ReleaseReport:
     """Publish ``selected`` to the clean topic and audit each one; see ``plan_release``.
 
     Clean copies are flushed before their audit records are written: a crash in between leaves a

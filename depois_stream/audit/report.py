@@ -28,7 +28,9 @@ from typing import Any, Literal
 import typer
 from pydantic import BaseModel, ConfigDict, Field
 
-DEFAULT_DASHBOARD = Path("deploy/grafana/dashboards/depois.json")
+# The dashboard ships inside the package (a copy of deploy/grafana/dashboards/depois.json, kept
+# identical by tests/test_report.py), so the default works from any directory and any install.
+DEFAULT_DASHBOARD = Path(__file__).with_name("dashboard.json")
 
 _DURATION = re.compile(r"^(\d+)(ms|s|m|h|d|w)$")
 _DURATION_S = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -77,6 +79,14 @@ class Dashboard(BaseModel):
     uid: str
     title: str
     panels: list[Panel]
+    templating: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict[str, str]:
+        """Query variables ($job, $instance) with the value Grafana sends for "All": the report
+        shows the whole fleet, as the dashboard does when nothing is selected."""
+        return {v["name"]: str(v.get("allValue") or ".+")
+                for v in self.templating.get("list", []) if v.get("type") in ("query", "custom")}
 
 
 def load_dashboard(path: str | Path) -> Dashboard:
@@ -91,13 +101,18 @@ def parse_duration(text: str) -> float:
     return int(m.group(1)) * _DURATION_S[m.group(2)]
 
 
-def substitute_variables(expr: str, *, rate_interval: str, range_: str) -> str:
+def substitute_variables(expr: str, *, rate_interval: str, range_: str,
+                         variables: dict[str, str] | None = None) -> str:
     """Replace the Grafana variables the dashboard uses; refuse any other ``$`` variable.
 
-    Refusing matters: an unknown variable would reach Prometheus as a parse error, or worse, a
-    panel would silently show something else than Grafana does.
+    ``variables``: the dashboard's own (``$job``, ``${instance}``) and their values. Refusing the
+    rest matters: an unknown variable would reach Prometheus as a parse error, or worse, a panel
+    would silently show something else than Grafana does.
     """
     out = expr.replace("$__rate_interval", rate_interval).replace("$__range", range_)
+    for name, value in (variables or {}).items():
+        out = re.sub(r"\$\{" + re.escape(name) + r"\}|\$" + re.escape(name) + r"\b",
+                     lambda _m: value, out)
     leftover = re.findall(r"\$\{?\w+", out)
     if leftover:
         raise ValueError(f"query uses Grafana variables the report cannot fill: {leftover}: {expr}")
@@ -210,10 +225,12 @@ class Window:
         return max(1.0, math.ceil(parse_duration(self.range_) / 240))
 
 
-def panel_queries(panel: Panel, window: Window) -> list[tuple[Target, str]]:
+def panel_queries(panel: Panel, window: Window,
+                  variables: dict[str, str] | None = None) -> list[tuple[Target, str]]:
     """The panel's targets with the PromQL that is actually sent for each."""
     return [(t, substitute_variables(t.expr, rate_interval=window.rate_interval,
-                                     range_=window.range_)) for t in panel.targets]
+                                     range_=window.range_, variables=variables))
+            for t in panel.targets]
 
 
 def collect(client: PrometheusClient, dashboard: Dashboard, window: Window) -> list[PanelData]:
@@ -221,7 +238,7 @@ def collect(client: PrometheusClient, dashboard: Dashboard, window: Window) -> l
     out = []
     for panel in dashboard.panels:
         data = PanelData(panel)
-        for target, expr in panel_queries(panel, window):
+        for target, expr in panel_queries(panel, window, dashboard.variables):
             try:
                 if target.instant:
                     series = client.query(expr, at=window.end)
@@ -372,7 +389,11 @@ def _message(ax: Any, text: str, color: str) -> None:
 
 
 def _unit_label(unit: str) -> str:
-    return {"percentunit": "%", "s": "seconds", "reqps": "records / s"}.get(unit, "")
+    """Grafana's unit id -> an axis label ("suffix:x" and "count:x" carry their own text)."""
+    if unit.startswith(("suffix:", "count:")):
+        return unit.split(":", 1)[1].strip()
+    return {"percentunit": "%", "s": "seconds", "reqps": "records / s", "cpm": "per minute",
+            "bool_yes_no": "yes / no", "short": "", "none": ""}.get(unit, unit)
 
 
 def _dt(t: float) -> datetime:
@@ -412,11 +433,13 @@ def report_command(
 ) -> None:
     """Render the Grafana dashboard's panels to one PNG, from the same queries.
 
-    For when Grafana is not at hand (CI, an incident ticket, a review): each
-    panel of the dashboard JSON becomes one chart, in dashboard order, from
-    Prometheus' HTTP API. A panel whose query fails shows the Prometheus error
-    and makes the command exit 1 after the PNG is written; exit 2 means
-    Prometheus could not be reached at all.
+    For when Grafana is not at hand (CI, an incident ticket, a review): each panel of the
+    dashboard JSON becomes one chart, in dashboard order, from Prometheus' HTTP API, with the
+    dashboard's $job and $instance at their "All" value. Panels without data are named on
+    stdout (and drawn as "no data"), never hidden.
+
+    Exit codes: 0 every query ran; 1 a query failed (its panel shows the Prometheus error; the PNG
+    is still written); 2 a flag is wrong or Prometheus could not be reached at all.
     """
     for name, value in (("--range", range_), ("--rate-interval", rate_interval)):
         try:
@@ -439,7 +462,8 @@ def report_command(
                                f"dashboard {dashboard.name}")
     failed = [e for p in panels for e in p.errors]
     empty = [p.panel.title for p in panels if not p.series and not p.errors]
-    typer.echo(f"wrote {path} ({len(panels)} panels, {len(empty)} without data)")
+    typer.echo(f"wrote {path} ({len(panels)} panels, {len(empty)} without data)"
+               + (f": {', '.join(empty)}" if empty else ""))
     for err in failed:
         typer.echo(f"query failed: {err}", err=True)
     if failed:

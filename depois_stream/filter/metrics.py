@@ -1,4 +1,4 @@
-"""Prometheus metrics of the consumer and the replay tool.
+"""Prometheus metrics of the stream filter (the replay tool has its own: audit.metrics).
 
 Every metric lives on an explicit ``CollectorRegistry`` owned by a ``Metrics`` object, so two
 consumers in one test process (or a consumer and a replay run) never collide on the global
@@ -137,10 +137,6 @@ class Metrics:
         self.last_batch_timestamp = Gauge(
             "last_batch_timestamp_seconds", "Unix time of the last committed batch.",
             namespace=ns, registry=r)
-        self.replay_outcomes = Counter(
-            "replay_outcomes",
-            "Replay tool outcomes by action (list|export|rescore|release) and outcome.",
-            ["action", "outcome"], namespace=ns, registry=r)
 
         for d in DESTINATIONS:  # export zeros so rate() works before the first record of a kind
             self.records_routed.labels(destination=d)

@@ -35,33 +35,42 @@ def _flags(name: str, info: FieldInfo) -> tuple[str, ...]:
     return tuple(extra.get("flags") or (f"--{name.replace('_', '-')}",))  # type: ignore[arg-type]
 
 
-def _default_text(name: str, info: FieldInfo) -> str:
-    env = f"DEPOIS_{name.upper()}"
+def _default_text(name: str, info: FieldInfo, env: bool) -> str:
+    """``default X; env DEPOIS_NAME`` (parts that do not apply left out), or ""."""
+    parts = []
     if info.default is PydanticUndefined and info.default_factory is None:
-        return f"required; env {env}"
-    default = info.default if info.default_factory is None else info.default_factory()
-    if default is None or default == {}:
-        return f"env {env}"
-    if isinstance(default, bool):
-        return f"default {'on' if default else 'off'}; env {env}"
-    return f"default {default}; env {env}"
+        parts.append("required")
+    else:
+        default = info.default if info.default_factory is None else info.default_factory()
+        if isinstance(default, bool):
+            parts.append(f"default {'on' if default else 'off'}")
+        elif default not in (None, {}, []):
+            parts.append(f"default {default}")
+    if env:
+        parts.append(f"env DEPOIS_{name.upper()}")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
-def parameters(model: type[BaseModel], skip: Iterable[str] = ()) -> list[inspect.Parameter]:
-    """One keyword-only typer option per field of ``model`` (dict fields: repeatable KEY=VALUE)."""
+def parameters(model: type[BaseModel], skip: Iterable[str] = (),
+               env: bool = True) -> list[inspect.Parameter]:
+    """One keyword-only typer option per field of ``model``: dict fields are repeatable
+    KEY=VALUE pairs, list fields repeatable options; ``env`` says the settings are also
+    ``DEPOIS_<NAME>`` environment variables (shown in the help)."""
     out = []
     skipped = set(skip)
     for name, info in model.model_fields.items():
         if name in skipped:
             continue
         kind = _unwrap_optional(info.annotation)
-        help_text = f"{info.description} ({_default_text(name, info)})"
+        help_text = f"{info.description}{_default_text(name, info, env)}"
         if typing.get_origin(kind) is Literal:
             choices = "|".join(str(a) for a in typing.get_args(kind))
             annotation: Any = Optional[str]
-            help_text = f"{help_text[:-1]}; one of {choices})"
+            help_text = f"{help_text} One of {choices}."
         elif typing.get_origin(kind) is dict or kind is dict:
             annotation = Optional[list[str]]
+        elif typing.get_origin(kind) is list and typing.get_args(kind)[0] in (int, float, str):
+            annotation = Optional[list[typing.get_args(kind)[0]]]
         elif kind in (int, float, bool, str, Path):
             annotation = Optional[kind]
         else:  # pragma: no cover - a new field type needs a rule here
@@ -86,15 +95,21 @@ def parse_pairs(name: str, pairs: list[str] | None) -> dict[str, Any] | None:
     return out
 
 
+def option(name: str, annotation: Any, default: Any, *flags: str, help: str) -> inspect.Parameter:
+    """One hand-written option for ``command(extra=...)``."""
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                             default=typer.Option(default, *flags, help=help))
+
+
 def reflow(doc: str) -> str:
     """Docstring paragraphs as single lines: rich's help keeps every source line break."""
     return "\n\n".join(" ".join(p.split()) for p in doc.split("\n\n"))
 
 
 def command(fn: Callable[..., Any], model: type[BaseModel], skip: Iterable[str] = (),
-            extra: Iterable[inspect.Parameter] = ()) -> Callable[..., Any]:
+            extra: Iterable[inspect.Parameter] = (), env: bool = True) -> Callable[..., Any]:
     """``fn(**settings)`` with a signature typer reads: ``extra`` then the model's options."""
-    params = [*extra, *parameters(model, skip)]
+    params = [*extra, *parameters(model, skip, env)]
 
     def wrapper(**kwargs: Any) -> Any:
         return fn(**kwargs)

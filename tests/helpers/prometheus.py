@@ -258,5 +258,8 @@ class PushgatewayServer(_Server):
     name = "pushgateway"
 
     def command(self) -> list[str]:
+        # Debian's build persists to /var/lib/prometheus/pushgateway.data unless told not to,
+        # which would leak one test's pushes into the next run.
         return [pushgateway_binary() or "pushgateway",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn",
+                "--persistence.file="]
