@@ -3,6 +3,7 @@ until an operator fixes the model and resumes; then the held-back batch is filte
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from tests.test_consumer_reload import _deploy
 
 
 def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
-        kafka_client, broker, unique, tmp_path: Path, digits_arrays):
+        kafka_client, broker, unique, tmp_path: Path, digits_arrays, caplog):
     _, _, xte, yte = digits_arrays
     model = tmp_path / "model.onnx"
     _deploy(model, digits_arrays, "miscalibrated", boundary=10.0)  # every sample "poisoned"
@@ -26,20 +27,26 @@ def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
     ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
 
     metrics = Metrics()
-    cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client, exit_when_idle_s=None,
-                          breaker_window=64, breaker_min_samples=32, control_dir=control,
-                          breaker_cooldown_s=3600)
+    cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
+                          exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
+                          control_dir=control, breaker_cooldown_s=3600)
     flt = StreamFilter(cfg, metrics)
     stop = threading.Event()
     runner = threading.Thread(target=flt.run, args=(stop,))
-    runner.start()
     sample = metrics.registry.get_sample_value
-    try:
+    with caplog.at_level(logging.ERROR, logger="depois_stream.filter.app"):
+        runner.start()
         wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
+    try:
         time.sleep(1.0)  # paused: nothing more may happen
         assert sample("depois_circuit_breaker_open") == 1
         assert sample("depois_circuit_breaker_trips_total") == 1
-        assert flt.stats.consumed == 0
+        assert flt.stats.consumed == 0  # routed and acknowledged: nothing
+        # ...but what was read (and handed back) is counted as read
+        assert sample("depois_records_consumed_total", {"topic": topics.ingest}) >= 32
+        opened = next(r.getMessage() for r in caplog.records if "breaker OPEN" in r.getMessage())
+        window = int(opened.split("of the last ")[1].split()[0])
+        assert 32 <= window < 1000, opened  # the samples actually judged, not the window size
         assert all(not read_all(broker.bootstrap, t) for t in topics.outputs())
         assert set(committed(broker.bootstrap, unique, topics.ingest).values()) == {None}
 
