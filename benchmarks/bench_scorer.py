@@ -78,7 +78,7 @@ def heldout_agreement(fp32: Path, int8: Path, dataset: str) -> str:
     """Verdict agreement on the test split with 20 % random label flips: unlike the calibration
     split (clean, small on digits), it has many samples near and below the boundary."""
     from depois_stream.sim.attacks import random_flip
-    from training.data import load_dataset
+    from depois_stream.sim.datasets import load_dataset
     from training.quantize import run_onnx, verdict_agreement
 
     test = load_dataset(dataset).test

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training import data
-from training.data import (
+from depois_stream.sim import datasets as data
+from depois_stream.sim.datasets import (
     DATASETS,
     FASHION_SYSTEM_DIR,
     MNIST_FILES,
@@ -19,8 +19,8 @@ from training.data import (
     LabeledImages,
     load_dataset,
     parse_idx,
-    trusted_split,
 )
+from training.data import trusted_split
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from depois_stream.sim import attacks
+from depois_stream.sim.datasets import load_dataset
 from depois_stream.contract.headers import CONTENT_TYPE
 from depois_stream.contract.wire import (
     CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Dtype, Encoding, encode_batch, encode_sample,
@@ -78,23 +79,10 @@ class Manifest(BaseModel):
         return cls.model_validate_json(Path(path).read_text())
 
 
-def _sklearn_digits(split: Split) -> SampleSet:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    keep = (np.arange(len(bunch.target)) % 10 < 7) == (split == "train")
-    images = (bunch.images.astype(np.float32) / 16.0)[:, None][keep]
-    return SampleSet(images, bunch.target.astype(np.int64)[keep], f"digits/{split}", 10)
-
-
 def load_samples(dataset: str = "digits", split: Split = "test", npz: Path | None = None,
                  data_dir: Path | None = None) -> SampleSet:
-    """The samples to publish: an ``.npz`` with ``images`` and ``labels``, or a named data set.
-
-    ``training.data`` is imported lazily and only for named data sets, so publishing never
-    drags the training stack in; digits falls back to scikit-learn with the same split rule
-    (index % 10 < 7 is train) when ``training`` is not installed.
-    """
+    """The samples to publish: an ``.npz`` with ``images`` and ``labels``, or a named data set
+    (``depois_stream.sim.datasets``: digits is bundled with scikit-learn, the others are files)."""
     if npz is not None:
         with np.load(npz) as f:
             images, labels = f["images"], f["labels"].astype(np.int64)
@@ -106,12 +94,6 @@ def load_samples(dataset: str = "digits", split: Split = "test", npz: Path | Non
             raise ValueError(f"{npz}: need images [N, C, H, W] or [N, H, W] and labels [N] with "
                              f"N > 0; got images {images.shape} and labels {labels.shape}")
         return SampleSet(images.astype(np.float32), labels, Path(npz).name, int(labels.max()) + 1)
-    try:
-        from training.data import load_dataset
-    except ImportError:
-        if dataset != "digits":
-            raise
-        return _sklearn_digits(split)
     splits = load_dataset(dataset, data_dir=data_dir)
     part = splits.train if split == "train" else splits.test
     return SampleSet(part.images, part.labels, f"{splits.name}/{split}", splits.num_classes)

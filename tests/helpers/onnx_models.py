@@ -21,14 +21,11 @@ from depois_stream.contract import (
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """sklearn digits as float32 [N,1,8,8] in [0,1]; train = index%10<7, test = the rest."""
-    from sklearn.datasets import load_digits
+    """sklearn digits as float32 [N,1,8,8] in [0,1], split by the project's one digits rule."""
+    from depois_stream.sim.datasets import load_dataset
 
-    d = load_digits()
-    x = (d.images / 16.0).astype(np.float32)[:, None]
-    y = d.target.astype(np.int64)
-    idx = np.arange(len(y)) % 10
-    return x[idx < 7], y[idx < 7], x[idx >= 7], y[idx >= 7]
+    d = load_dataset("digits")
+    return d.train.images, d.train.labels, d.test.images, d.test.labels
 
 
 def centroid_scores(centroids: np.ndarray, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
