@@ -77,35 +77,47 @@ def _ascii(values: np.ndarray) -> list[bytes]:
 
 def plan(verdicts: Verdicts, provenance: Provenance, model_version: str,
          model_sha256: str) -> RoutePlan:
-    """Destinations plus the verdict and provenance headers of every record of one batch."""
+    """Destinations plus the verdict and provenance headers of every record of one batch.
+
+    Header order of a scored record: verdict, score, boundary, label, [p_value], model version,
+    model sha256, source topic, partition, offset, timestamp, [reason (quarantine only)]. Each
+    list is built by one tuple display per record: the numbers were formatted for the whole
+    batch and the constant headers encoded once.
+    """
     n = verdicts.n
     dest = destinations(n, verdicts.index, verdicts.poisoned)
-    model = [(H.MODEL_VERSION, model_version.encode()), (H.MODEL_SHA256, model_sha256.encode())]
-    topic_bytes = {t: t.encode() for t in set(provenance.topics)}
-    source = [
-        [(H.SOURCE_TOPIC, topic_bytes[t]), (H.SOURCE_PARTITION, p), (H.SOURCE_OFFSET, o),
-         (H.SOURCE_TIMESTAMP, ts)]
-        for t, p, o, ts in zip(provenance.topics, _ascii(provenance.partitions),
-                               _ascii(provenance.offsets), _ascii(provenance.timestamps_ms))
-    ]
-    out: list[list[Header]] = [[] for _ in range(n)]
+    version = (H.MODEL_VERSION, model_version.encode())
+    sha = (H.MODEL_SHA256, model_sha256.encode())
+    topic_header = {t: (H.SOURCE_TOPIC, t.encode()) for t in set(provenance.topics)}
+    topics = [topic_header[t] for t in provenance.topics]
+    parts, offsets, stamps = (_ascii(provenance.partitions), _ascii(provenance.offsets),
+                              _ascii(provenance.timestamps_ms))
+    out: list[list[Header]] = [[]] * n
 
     index = verdicts.index.tolist()
     verdict = [VERDICTS[d] for d in dest[verdicts.index].tolist()]
-    p_values = _ascii(verdicts.p_value) if verdicts.p_value is not None else None
-    reasons = verdicts.reasons
-    encoded = {r: r.encode() for r in set(reasons)} if reasons is not None else {}
-    for row, (i, v, score, bound, label) in enumerate(zip(
-            index, verdict, _ascii(verdicts.score), _ascii(verdicts.threshold),
-            _ascii(verdicts.labels))):
-        hdrs = [(H.VERDICT, v), (H.SCORE, score), (H.BOUNDARY, bound), (H.LABEL, label)]
-        if p_values is not None:
-            hdrs.append((H.P_VALUE, p_values[row]))
-        if reasons is not None and reasons[row]:
-            hdrs.append((H.REASON, encoded[reasons[row]]))
-        out[i] = hdrs + model + source[i]
+    scores, bounds, labels = (_ascii(verdicts.score), _ascii(verdicts.threshold),
+                              _ascii(verdicts.labels))
+    if verdicts.p_value is not None:
+        for i, v, sc, b, lab, pv in zip(index, verdict, scores, bounds, labels,
+                                        _ascii(verdicts.p_value)):
+            out[i] = [(H.VERDICT, v), (H.SCORE, sc), (H.BOUNDARY, b), (H.LABEL, lab),
+                      (H.P_VALUE, pv), version, sha, topics[i], (H.SOURCE_PARTITION, parts[i]),
+                      (H.SOURCE_OFFSET, offsets[i]), (H.SOURCE_TIMESTAMP, stamps[i])]
+    else:
+        for i, v, sc, b, lab in zip(index, verdict, scores, bounds, labels):
+            out[i] = [(H.VERDICT, v), (H.SCORE, sc), (H.BOUNDARY, b), (H.LABEL, lab),
+                      version, sha, topics[i], (H.SOURCE_PARTITION, parts[i]),
+                      (H.SOURCE_OFFSET, offsets[i]), (H.SOURCE_TIMESTAMP, stamps[i])]
+    if verdicts.reasons is not None:
+        encoded = {r: (H.REASON, r.encode()) for r in set(verdicts.reasons) if r}
+        for i, r in zip(index, verdicts.reasons):
+            if r:
+                out[i].append(encoded[r])
 
     for i, reason, message in verdicts.failures:
         out[i] = [(H.VERDICT, VERDICTS[DLQ]), (H.ERROR, message.encode("utf-8", "replace")),
-                  (H.ERROR_CLASS, reason.encode())] + model + source[i]
+                  (H.ERROR_CLASS, reason.encode()), version, sha, topics[i],
+                  (H.SOURCE_PARTITION, parts[i]), (H.SOURCE_OFFSET, offsets[i]),
+                  (H.SOURCE_TIMESTAMP, stamps[i])]
     return RoutePlan(destination=dest, headers=out)

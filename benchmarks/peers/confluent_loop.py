@@ -1,0 +1,72 @@
+"""The filter a user would write with confluent-kafka: consume 512, decode, score, produce, flush,
+commit. Serial, one batch at a time, the way the client's examples do it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+
+import numpy as np
+import onnxruntime as ort
+from confluent_kafka import Consumer, Producer
+
+from peers.common import decode, headers
+
+
+def run(bootstrap: str, ingest: str, outs: tuple[str, str, str], group: str, model: str,
+        n: int, progress: Callable[[int], None]) -> dict[str, int]:
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    shape = tuple(int(d) for d in meta["depois.input_shape"].split(","))
+    boundary = json.loads(meta["depois.boundary"])
+    per_class = boundary.get("per_class")
+    version = meta["depois.model_version"]
+    wanted = [o for o in ("score", "poisoned", "p_value")
+              if o in {x.name for x in session.get_outputs()}]
+    sha = hashlib.sha256(open(model, "rb").read()).hexdigest()
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
+                         "enable.idempotence": True, "linger.ms": 5})
+    consumer.subscribe([ingest])
+    counts = {"clean": 0, "quarantine": 0, "dlq": 0}
+    done = 0
+    while done < n:
+        msgs = [m for m in consumer.consume(512, 1.0) if m.error() is None]
+        if not msgs:
+            continue
+        decoded = [decode(m.value(), shape) for m in msgs]
+        ok = [i for i, d in enumerate(decoded) if d is not None]
+        images = np.stack([decoded[i][0] for i in ok]) if ok else np.zeros((0, *shape), np.float32)
+        labels = np.array([decoded[i][1] for i in ok], dtype=np.int64)
+        score = poisoned = p_value = None
+        if ok:
+            score, poisoned, *p_value = session.run(wanted, {"image": images, "label": labels})
+        verdict = {}
+        for row, i in enumerate(ok):
+            verdict[i] = row
+        for i, m in enumerate(msgs):
+            row = verdict.get(i)
+            if row is None:
+                dest, hdrs = "dlq", [("depois.verdict", b"dlq"),
+                                     ("depois.error_class", b"malformed")]
+            else:
+                label = int(labels[row])
+                bound = per_class[label] if per_class else boundary["global"]
+                dest = "quarantine" if poisoned[row] else "clean"
+                hdrs = headers(dest, float(score[row]), float(bound),
+                               float(p_value[0][row]) if p_value else None, label,
+                               version, sha, m.topic(), m.partition(), m.offset(),
+                               m.timestamp()[1])
+            counts[dest] += 1
+            producer.produce(outs[("clean", "quarantine", "dlq").index(dest)], value=m.value(),
+                             key=m.key(), headers=(m.headers() or []) + hdrs)
+        producer.flush()
+        consumer.commit(asynchronous=False)
+        done += len(msgs)
+        progress(done)
+    consumer.close()
+    return counts
