@@ -27,8 +27,12 @@ def run(bootstrap: str, ingest: str, outs: tuple[str, str, str], group: str, mod
     wanted = [o for o in ("score", "poisoned", "p_value")
               if o in {x.name for x in session.get_outputs()}]
     sha = hashlib.sha256(open(model, "rb").read()).hexdigest()
+    # session.timeout.ms: Tansu makes a join wait about half of it (depois-stream runs with the
+    # same value in this benchmark).
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
-                         "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+                         "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                         "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000,
+                         "fetch.wait.max.ms": 100})  # as depois-stream: Tansu holds fetches
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all",
                          "enable.idempotence": True, "linger.ms": 5})
     consumer.subscribe([ingest])

@@ -29,7 +29,10 @@ def run(bootstrap: str, ingest: str, outs: tuple[str, str, str], group: str, mod
 
     app = Application(broker_address=bootstrap, consumer_group=group,
                       auto_offset_reset="earliest", loglevel=None, auto_create_topics=False,
-                      use_changelog_topics=False)
+                      use_changelog_topics=False,
+                      consumer_extra_config={"session.timeout.ms": 6000,
+                                             "heartbeat.interval.ms": 1000,
+                                             "fetch.wait.max.ms": 100})
     source = app.topic(ingest, key_deserializer="bytes", value_deserializer="bytes")
     targets = {name: app.topic(t, key_serializer="bytes", value_serializer="bytes")
                for name, t in zip(("clean", "quarantine", "dlq"), outs)}

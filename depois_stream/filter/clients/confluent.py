@@ -58,6 +58,7 @@ _DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
 _FRAMING = 16 * 1024
 PRODUCER_LINGER_MS = 5
 MAX_BLOCK_S = 10.0  # how long send() waits for room in a full local queue
+FETCH_WAIT_MAX_MS = 100  # as kafka_python.FETCH_MAX_WAIT_MS: bounded latency on any broker
 
 
 def translate(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -125,6 +126,7 @@ class ConfluentConsumer:
 
         self._topic = ""
         self._c = Consumer({
+            "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
             **_consumer_only(translate(s.options)),
             "bootstrap.servers": s.bootstrap_servers, "client.id": s.client_id,
             "group.id": s.group_id, "enable.auto.commit": False,
@@ -153,8 +155,15 @@ class ConfluentConsumer:
             on_lost=lambda _c, ps: on_lost([(tp.topic, tp.partition) for tp in ps]))
 
     def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
+        """What is there now, up to ``max_records``; waits (at most ``timeout_s``) only when
+        nothing is. librdkafka's ``consume(n, timeout)`` would wait for all ``n``: that is the
+        linger's job (source.Source), not the client's."""
         try:
-            msgs: list[Message] = self._c.consume(num_messages=max_records, timeout=timeout_s)
+            msgs: list[Message] = self._c.consume(num_messages=max_records, timeout=0)
+            if not msgs and timeout_s > 0:
+                msgs = self._c.consume(num_messages=1, timeout=timeout_s)
+                if msgs and max_records > 1:
+                    msgs += self._c.consume(num_messages=max_records - 1, timeout=0)
         except KafkaException as exc:
             raise _exc(exc, "consume") from exc
         if not msgs:

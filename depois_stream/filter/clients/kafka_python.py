@@ -39,6 +39,9 @@ OWNED = frozenset({
 # The producer's own batching: a short linger keeps acknowledgements, and so commits, prompt.
 PRODUCER_LINGER_MS = 20
 MAX_BLOCK_MS = 10000  # send() waits at most this for metadata or buffer room
+# A fetch returns when data arrives, or after this: brokers that hold an empty fetch for the whole
+# wait (Tansu does, Kafka returns early) would otherwise add up to 500 ms to every record.
+FETCH_MAX_WAIT_MS = 100
 _DEFAULT_MAX_REQUEST = KafkaProducer.DEFAULT_CONFIG["max_request_size"]
 # Room for the produce request's own framing around the largest record it carries.
 _FRAMING = 16 * 1024
@@ -103,7 +106,7 @@ class KafkaPythonConsumer:
             max_poll_records=s.max_poll_records, session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             isolation_level="read_committed" if s.read_committed else "read_uncommitted",
-            **options_for(KafkaConsumer, s.options))
+            **{"fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **options_for(KafkaConsumer, s.options)})
 
     def subscribe(self, topic: str, on_assign: AssignCallback, on_revoke: RevokeCallback,
                   on_lost: RevokeCallback) -> None:
