@@ -33,7 +33,7 @@ from depois_stream.filter.config import ConsumerConfig
 from depois_stream.filter.delivery import Delivery, DeliveryError
 from depois_stream.filter.detector import Detector, ModelLoadError
 from depois_stream.filter.http import HealthServer
-from depois_stream.filter.metrics import Metrics, observe_many
+from depois_stream.filter.metrics import Metrics
 from depois_stream.filter.reload import ModelWatcher
 from depois_stream.filter.source import Source
 
@@ -196,7 +196,7 @@ class StreamFilter:
             self._trip(source, batch)  # not routed: handed back and held until resumed
             return
         m.poison_rate.set(self.breaker.rate)
-        observe_many(m.score, scored.prediction.score)
+        m.score.observe_many(scored.prediction.score)
         routed = pipeline.route(batch, scored, det.metadata.model_version, det.sha256,
                                 self._partition_counts, self.max_record_bytes)
         delivery.submit(batch, routed)
@@ -215,7 +215,7 @@ class StreamFilter:
                                 minlength=self.detector.metadata.num_classes)
         for label in np.flatnonzero(per_label).tolist():
             m.quarantined_by_label.labels(str(label)).inc(int(per_label[label]))
-        observe_many(m.end_to_end_latency, time.time() - routed.timestamps_ms / 1000)
+        m.end_to_end_latency.observe_many(time.time() - routed.timestamps_ms / 1000)
         s.consumed += len(routed)
         s.clean += counts["clean"]
         s.quarantined += counts["quarantine"]
