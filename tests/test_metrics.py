@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from depois_stream.filter.metrics import SCORE_BUCKETS, BatchHistogram
+from depois_stream.filter.metrics import LATENCY_BUCKETS, SCORE_BUCKETS, BatchHistogram
 
 
 def _series(registry: CollectorRegistry) -> dict[str, float]:
@@ -17,12 +18,15 @@ def _series(registry: CollectorRegistry) -> dict[str, float]:
     return out
 
 
-def test_batches_expose_the_same_series_as_one_observe_per_value() -> None:
+@pytest.mark.parametrize("buckets", [SCORE_BUCKETS, LATENCY_BUCKETS])
+def test_batches_expose_the_same_series_as_one_observe_per_value(buckets) -> None:
     values = np.random.default_rng(0).normal(0, 4, 5000)
+    if buckets[0] >= 0:
+        values = np.abs(values)
     values[::97] = np.nan  # never counted, as the consumer never scores a NaN
     ours, theirs = CollectorRegistry(), CollectorRegistry()
-    batch = BatchHistogram("x", "doc", SCORE_BUCKETS, namespace="x", registry=ours)
-    reference = Histogram("x_x", "doc", buckets=SCORE_BUCKETS, registry=theirs)
+    batch = BatchHistogram("x", "doc", buckets, namespace="x", registry=ours)
+    reference = Histogram("x_x", "doc", buckets=buckets, registry=theirs)
     for chunk in np.array_split(values, 7):
         batch.observe_many(chunk)
     for v in values[~np.isnan(values)]:

@@ -194,13 +194,14 @@ class BatchHistogram:
         with self._lock:
             cumulative = self._counts.cumsum().tolist()
             total = self._sum
-        # Samples written out rather than through HistogramMetricFamily, which drops _sum and
-        # _count when a bucket bound is negative (the score's are); Histogram itself keeps them.
+        # Exactly Histogram's exposition: _count always, _sum only when no bucket bound is
+        # negative (OpenMetrics; the score's are). HistogramMetricFamily would drop _count too.
         family = Metric(self._name, self._doc, "histogram")
         for bound, count in zip(self._bounds.tolist(), cumulative):
             family.add_sample(f"{self._name}_bucket", {"le": floatToGoString(bound)}, count)
         family.add_sample(f"{self._name}_count", {}, cumulative[-1])
-        family.add_sample(f"{self._name}_sum", {}, total)
+        if self._bounds[0] >= 0:
+            family.add_sample(f"{self._name}_sum", {}, total)
         yield family
 
     def describe(self) -> list[Metric]:
