@@ -65,3 +65,10 @@ def test_a_card_that_is_not_json_or_was_edited_is_one_line(centroid_model: Path,
 def test_replay_since_accepts_a_z_suffix_and_refuses_garbage() -> None:
     proc = _cli("replay", "list", "--since", "yesterday", "--bootstrap-servers", "127.0.0.1:1")
     assert proc.returncode == 2 and "yesterday" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_misspelt_depois_variable_is_named_at_start_up(centroid_model: Path) -> None:
+    proc = _cli("run", "--model-path", str(centroid_model), "--bootstrap-servers", "127.0.0.1:1",
+                "--startup-timeout-s", "1", "--metrics-port", "0",
+                env={"DEPOIS_VERIFY_SIGNATUR": "/keys/team.pub"})
+    assert "DEPOIS_VERIFY_SIGNATUR (did you mean DEPOIS_VERIFY_SIGNATURE?)" in proc.stderr

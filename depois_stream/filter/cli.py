@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import signal
 import threading
 from typing import Any
 
 import typer
 
-from depois_stream.filter.config import ConfigError, ConsumerConfig, load_config
+from depois_stream.filter.config import ConfigError, ConsumerConfig, load_config, unknown_env
 from depois_stream.filter.options import command, parse_pairs
 
 EXIT_DELIVERY = 1  # the broker would not take the output: nothing was committed past it
@@ -67,6 +68,9 @@ def _run(log_level: str, **settings: Any) -> None:
         raise fail(program, f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR",
                    EXIT_STARTUP)
     configure(log_level)
+    for name in unknown_env(os.environ):
+        log.warning("environment variable %s sets nothing: `depois-stream run --help` lists the "
+                    "DEPOIS_* settings", name)
     try:
         cfg = load_config(**{**settings, "kafka": parse_pairs("kafka", settings.get("kafka"))})
         flt = StreamFilter(cfg)

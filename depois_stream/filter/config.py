@@ -13,8 +13,10 @@ setting and what to do, never a traceback halfway through a stream.
 
 from __future__ import annotations
 
+import difflib
 import json
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -199,6 +201,28 @@ def _toml_loads(text: str) -> Any:
     except ImportError as exc:  # Python 3.10
         raise ConfigError("TOML config files need Python 3.11+; use YAML or JSON") from exc
     return tomllib.loads(text)
+
+
+# DEPOIS_* variables that belong to other commands or to deployment files, not to `run`.
+OTHER_TOOLS_ENV = frozenset({
+    "DEPOIS_AUDIT_TOPIC", "DEPOIS_READ_TIMEOUT_S", "DEPOIS_PROMETHEUS_URL", "DEPOIS_DASHBOARD",
+    "DEPOIS_TANSU", "DEPOIS_CACHE_DIR", "DEPOIS_MODEL_DIR", "DEPOIS_MODEL_FILE",
+    "DEPOIS_MODEL_URL", "DEPOIS_IMAGE", "DEPOIS_PARTITIONS", "DEPOIS_UPSTREAM_CRDS",
+})
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """``DEPOIS_*`` variables that set nothing, each with the setting it most likely meant.
+
+    pydantic-settings ignores environment variables it does not know, so a misspelt
+    ``DEPOIS_VERIFY_SIGNATUR`` would silently serve unsigned models: start-up says so instead.
+    """
+    known = {f"DEPOIS_{name.upper()}" for name in ConsumerConfig.model_fields} | OTHER_TOOLS_ENV
+    out = []
+    for name in sorted(k for k in environ if k.startswith("DEPOIS_") and k not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
 
 
 def describe_errors(exc: ValidationError) -> str:
