@@ -153,5 +153,8 @@ def test_runtime_image_installs_no_training_extra() -> None:
         assert "find_spec" in body and "torch" in body
     runtime = stages["runtime"]
     assert "COPY training" not in runtime, "the training package has no place in the runtime image"
-    assert re.search(r"pip install \"?\.\[signing\]", runtime), \
+    extras = re.search(r"pip install \"?\.\[([a-z,-]+)\]", runtime)
+    assert extras and "signing" in extras.group(1).split(","), \
         "the runtime image must be able to verify signed models"
+    assert "fast" in extras.group(1).split(",") and "DEPOIS_CLIENT=confluent-kafka" in runtime, \
+        "the runtime image runs the librdkafka client"
