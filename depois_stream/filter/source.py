@@ -7,7 +7,9 @@ What it guarantees, whichever client library is behind it:
   straight back to this member, its position is set to the first dropped record (kafka-python
   would otherwise keep its fetch position past them, librdkafka would restart from the last
   commit); if it goes to another member, that member starts from the last commit. Either way
-  each record is read again, never jumped over.
+  each record is read again, never jumped over. The hand-back offsets live until the next
+  assignment, however many polls later it comes (kafka-python revokes and assigns in different
+  ``poll()`` calls when a join outlasts the poll's timeout), and that assignment consumes them.
 * **A batch never mixes in records read while paused.** While the circuit breaker holds the
   stream, anything a poll still returns is handed back (the partition is rewound to it).
 * **Rewinds are exact.** ``rewind`` puts a partition back to a given offset and forgets what was
@@ -153,8 +155,6 @@ class Source:
             log.warning("poll failed: %s", exc)
             time.sleep(min(timeout_s, 0.5))
             got = RecordBatch.empty(self._topic)
-        with self._lock:
-            self._handback.clear()  # only the assignment that follows a revocation may use it
         if self.paused:
             if self.assigned:
                 self._consumer.pause(self.assigned)  # a partition assigned while paused
@@ -175,6 +175,11 @@ class Source:
         past them (a retried or held-back batch is read again, in order)."""
         owned = {tp: off for tp, off in offsets.items() if tp in self.assigned}
         with self._lock:
+            for tp, off in offsets.items():
+                # Revoked and not yet re-assigned: if it comes back here, resume at the earlier
+                # of the two (a batch that failed after its partition was revoked is re-read).
+                if tp in self._handback:
+                    self._handback[tp] = min(self._handback[tp], off)
             kept = []
             for part in self._buffer:
                 drop = np.zeros(len(part), bool)
