@@ -177,6 +177,10 @@ class BatchHistogram:
         self._lock = threading.Lock()
         registry.register(self)
 
+    def observe(self, value: float) -> None:
+        """One value (prometheus-client's Histogram interface)."""
+        self.observe_many([value])
+
     def observe_many(self, values: "np.ndarray") -> None:
         import numpy as np
 
