@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from depois_stream.sim.broker import LocalBroker, free_port
@@ -141,3 +142,54 @@ def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
         keys = _keys(own.bootstrap, topics)
         assert set(keys) == set(ids)
         assert committed(own.bootstrap, "outage", topics.ingest) == ends
+
+
+def test_a_broker_that_comes_back_empty_is_recovered_from_without_dead_letters(
+        kafka_client, tmp_path, centroid_model, digits_arrays):
+    """Tansu restarted: topics, offsets and the idempotent producer's id are gone. The filter
+    must neither exit nor dead-letter anything (a producer-state error is not the record's
+    fault); it replaces its producer and filters what the new broker gets.
+
+    What it filters on the new broker depends on the client: a consumer may keep its position
+    (200 here) in the re-created partition, and Tansu, unlike Apache Kafka, answers a fetch past
+    the end with nothing rather than OFFSET_OUT_OF_RANGE, so no offset reset happens. Hence the
+    property checked: every record at or past the old position is filtered, nothing else
+    appears, nothing is dead-lettered."""
+    _, _, xte, yte = digits_arrays
+    first = LocalBroker(log_path=tmp_path / "a.log").start()
+    port = free_port()
+    try:
+        topics = Topics.create(first.bootstrap, "restart")
+        before = publish(first.bootstrap, topics.ingest, [f"a{i}" for i in range(200)],
+                         xte[:200], yte[:200])
+        proc = _start(first.bootstrap, topics, "restart", centroid_model, port,
+                      "--delivery-timeout-ms", "5000", "--session-timeout-ms", "6000",
+                      client=kafka_client)
+        wait_for(lambda: len(_keys(first.bootstrap, topics)) >= 200, timeout_s=60)
+    finally:
+        first.stop()
+    second = LocalBroker(port=first.port, log_path=tmp_path / "b.log").start()
+    try:
+        Topics.create(second.bootstrap, "restart")  # unless the filter's metadata request won
+        n = 3 * len(xte[:400])
+        ids = [f"b{i}" for i in range(n)]
+        publish(second.bootstrap, topics.ingest, ids, np.resize(xte[:400], (n, *xte.shape[1:])),
+                np.resize(yte[:400], n))
+        ingest = read_all(second.bootstrap, topics.ingest)
+        expected = {r.key.decode() for r in ingest if r.offset >= before.get(r.partition, 0)}
+        assert len(expected) >= 200, "the test needs records past the old position"
+        try:
+            wait_for(lambda: expected <= set(_keys(second.bootstrap, topics)), timeout_s=120)
+        except AssertionError:
+            _, err = _stop(proc)
+            raise AssertionError("not everything filtered after the restart; the filter's "
+                                 "log:\n" + err[-6000:]) from None
+        assert proc.poll() is None, "the filter gave up on a broker that came back"
+        took, err = _stop(proc)
+        assert proc.returncode == 0, err[-2000:]
+        assert not read_all(second.bootstrap, topics.dlq)
+        assert set(_keys(second.bootstrap, topics)) <= set(ids)
+        assert "Traceback" not in err
+    finally:
+        proc.kill()
+        second.stop()

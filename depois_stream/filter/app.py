@@ -238,25 +238,26 @@ class StreamFilter:
             stack.callback(self._probe.close)
             self._wait_for_broker()
             self._probe.start()
-            consumer, producer = self._connect(settings)
-            stack.callback(self._close_producer, producer)
-            self._partition_counts = self._output_partitions(producer)
-            if cfg.exactly_once:
-                try:
-                    producer.init_transactions(cfg.delivery_timeout_ms / 1000)
-                except ClientError as exc:
-                    raise StartupError(f"cannot start transactions on {cfg.bootstrap_servers} "
-                                       f"({exc}); check that the broker supports them") from None
+            consumer = self._connect(settings)
             source = Source(consumer, cfg.ingest_topic, cfg.batch_size, cfg.linger_ms,
                             self.metrics)
             self._source = source
             stack.callback(self._leave, consumer)
-            delivery = Delivery(
-                producer, consumer, source, self.metrics,
-                (cfg.clean_topic, cfg.quarantine_topic, cfg.dlq_topic),
-                on_delivered=self._delivered, max_in_flight=cfg.max_in_flight,
-                retries=cfg.produce_retries, retry_backoff_max_s=cfg.retry_backoff_max_s,
-                delivery_timeout_s=cfg.delivery_timeout_ms / 1000, exactly_once=cfg.exactly_once)
+            try:
+                delivery = Delivery(
+                    lambda: self.client.producer(settings), consumer, source, self.metrics,
+                    (cfg.clean_topic, cfg.quarantine_topic, cfg.dlq_topic),
+                    on_delivered=self._delivered, max_in_flight=cfg.max_in_flight,
+                    retries=cfg.produce_retries, retry_backoff_max_s=cfg.retry_backoff_max_s,
+                    delivery_timeout_s=cfg.delivery_timeout_ms / 1000,
+                    exactly_once=cfg.exactly_once)
+            except ClientError as exc:
+                if cfg.exactly_once:
+                    raise StartupError(f"cannot start transactions on {cfg.bootstrap_servers} "
+                                       f"({exc}); check that the broker supports them") from None
+                raise self._unreachable(exc) from None
+            stack.callback(self._close_producer, delivery)
+            self._partition_counts = self._output_partitions(delivery.producer)
             source.subscribe()
             yield source, delivery
 
@@ -284,7 +285,7 @@ class StreamFilter:
             log.info("waiting for the broker at %s", self.cfg.bootstrap_servers)
             time.sleep(1.0)
 
-    def _connect(self, settings: ClientSettings) -> tuple[Consumer, Producer]:
+    def _connect(self, settings: ClientSettings) -> Consumer:
         def on_commit(error: BaseException | None) -> None:
             if error is not None:
                 self.metrics.commit_failures.inc()
@@ -292,13 +293,8 @@ class StreamFilter:
                             "will be filtered again", error)
 
         try:
-            consumer = self.client.consumer(settings, on_commit)
+            return self.client.consumer(settings, on_commit)
         except ClientError as exc:
-            raise self._unreachable(exc) from None
-        try:
-            return consumer, self.client.producer(settings)
-        except ClientError as exc:
-            consumer.close()
             raise self._unreachable(exc) from None
 
     def _output_partitions(self, producer: Producer) -> tuple[int, int, int]:
@@ -332,9 +328,9 @@ class StreamFilter:
             self._source.assigned = frozenset()
 
     @staticmethod
-    def _close_producer(producer: Producer) -> None:
+    def _close_producer(delivery: Delivery) -> None:
         try:
-            producer.close(5.0)
+            delivery.close(5.0)
         except Exception as exc:  # noqa: BLE001
             log.warning("closing the producer failed: %s", exc)
 

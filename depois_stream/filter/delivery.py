@@ -19,6 +19,10 @@ When the broker does not acknowledge an output:
 * **rejected** (the broker will never take this record: too large for a topic's limit, invalid):
   the batch is re-processed at once with that record routed to the dead-letter topic without its
   payload (error class ``rejected_by_broker``), so one bad record can never stop a partition.
+* **fatal** (the producer handle itself is broken, e.g. a restarted broker forgot its idempotent
+  producer id): handled as retriable, and the producer is replaced by a new one as soon as
+  nothing else is in flight on it; it is also replaced after ``RENEW_AFTER`` failed attempts in
+  a row, which gets a client out of any state the broker no longer shares.
 
 Outputs acknowledged before such a failure are produced again by the retry: at-least-once means
 duplicates are possible (for the batches in flight), losses are not. With ``exactly_once`` every
@@ -45,6 +49,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_START_S = 0.5
 MAX_REMEMBERED_REJECTIONS = 10_000
+RENEW_AFTER = 3  # failed attempts in a row after which the producer is replaced
 
 
 class DeliveryError(RuntimeError):
@@ -70,12 +75,13 @@ class _InFlight:
 class Delivery:
     """Sends routed batches, settles them in order, commits, and retries what failed."""
 
-    def __init__(self, producer: Producer, consumer: Consumer, source: Source, metrics: Metrics,
-                 topics: tuple[str, str, str], *, on_delivered: Callable[[Routed], None],
+    def __init__(self, make_producer: Callable[[], Producer], consumer: Consumer, source: Source,
+                 metrics: Metrics, topics: tuple[str, str, str], *,
+                 on_delivered: Callable[[Routed], None],
                  max_in_flight: int = 4, retries: int | None = None,
                  retry_backoff_max_s: float = 30.0, delivery_timeout_s: float = 30.0,
                  exactly_once: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
-        self._producer = producer
+        self._make_producer = make_producer
         self._consumer = consumer
         self._source = source
         self._metrics = metrics
@@ -94,7 +100,35 @@ class Delivery:
         self._acked: dict[TP, int] = {}  # next offsets of everything acknowledged
         self._attempts = 0  # consecutive failed attempts
         self._blocked_until = 0.0
+        self._renew = False  # replace the producer once nothing is in flight on it
         self.rejected: OrderedDict[tuple[int, int], str] = OrderedDict()
+        self.producer = self._new_producer()
+
+    # ---------------------------------------------------------------- the producer
+
+    def _new_producer(self) -> Producer:
+        producer = self._make_producer()
+        if self._exactly_once:
+            producer.init_transactions(self._timeout_s)
+        return producer
+
+    def _renew_producer(self) -> None:
+        """Replace a producer that failed (its pending reports no longer matter)."""
+        old, self._renew = self.producer, False
+        try:
+            old.close(0.0)
+        except Exception as exc:  # noqa: BLE001  (it is broken already; say so and move on)
+            log.warning("closing the failed producer: %s", exc)
+        try:
+            self.producer = self._new_producer()
+        except ClientError as exc:
+            self._renew = True  # try again after the next backoff
+            log.warning("could not create a new producer yet (%s)", exc)
+            return
+        log.warning("replaced the producer after failed deliveries")
+
+    def close(self, timeout_s: float) -> None:
+        self.producer.close(timeout_s)
 
     # ---------------------------------------------------------------- state
 
@@ -126,7 +160,7 @@ class Delivery:
         self.service(0.0)
 
     def _send(self, item: _InFlight) -> None:
-        r, topics, send = item.routed, self._topics, self._producer.send
+        r, topics, send = item.routed, self._topics, self.producer.send
         report = self._report
         dest, parts = r.destination.tolist(), r.partitions.tolist()
         for i, (d, p, k, v, h) in enumerate(zip(dest, parts, r.keys, r.values, r.headers)):
@@ -134,7 +168,7 @@ class Delivery:
                 send(topics[d], p, k, v, h, functools.partial(report, item.seq, i))
             except ProduceError as exc:
                 self._reports.append((item.seq, i, exc))
-                if exc.retriable:  # the client cannot take more now: stop, and retry later
+                if not exc.rejected:  # the client cannot take more now: stop, retry later
                     item.pending -= len(dest) - i - 1
                     break
 
@@ -149,7 +183,9 @@ class Delivery:
     def service(self, timeout_s: float = 0.0) -> None:
         """Take delivery reports (waiting at most ``timeout_s`` for one), settle finished
         batches in order and commit them; start the retry of a failed one."""
-        self._producer.poll(0.0 if self._reports else timeout_s)
+        if self._renew and not self._inflight and not self._exactly_once:
+            self._renew_producer()
+        self.producer.poll(0.0 if self._reports else timeout_s)
         self._take_reports()
         for k, item in enumerate(self._inflight):
             if item.broken:
@@ -177,10 +213,11 @@ class Delivery:
             if error is None:
                 continue
             item.failed += 1
-            if error.retriable:
-                item.failure = item.failure or error
-            else:
+            if error.rejected:
                 item.rejected[index] = str(error)
+            else:
+                item.failure = item.failure or error
+                self._renew = self._renew or error.fatal
 
     def _commit(self, asynchronous: bool) -> None:
         owned = {tp: off for tp, off in self._acked.items() if tp in self._source.assigned}
@@ -235,6 +272,8 @@ class Delivery:
                 f"{item.failed} output record(s) were not acknowledged after {limit} "
                 f"retr{'y' if limit == 1 else 'ies'} ({error}); nothing past the first of them "
                 "was committed, a restart filters them again")
+        if self._attempts >= RENEW_AFTER:
+            self._renew = True
         wait = min(self._backoff_max_s, BACKOFF_START_S * 2 ** (self._attempts - 1))
         self._blocked_until = self._clock() + wait
         log.warning("%d output record(s) not acknowledged (%s); attempt %d%s failed, sending "
@@ -246,7 +285,9 @@ class Delivery:
 
     def _transaction(self, item: _InFlight) -> None:
         """Outputs and offsets in one transaction; on failure abort, rewind, back off."""
-        p = self._producer
+        if self._renew:
+            self._renew_producer()
+        p = self.producer
         offsets = item.batch.next_offsets()
         try:
             p.begin_transaction()
@@ -259,10 +300,10 @@ class Delivery:
             self._metrics.commit_failures.inc()
             try:
                 p.abort_transaction(self._timeout_s)
-            except ClientError as abort_exc:
-                raise DeliveryError(f"a failed transaction could not be aborted ({abort_exc}); "
-                                    "nothing of it was committed, a restart filters it again"
-                                    ) from abort_exc
+            except ClientError as abort_exc:  # the transactional producer is unusable
+                log.warning("aborting the failed transaction failed (%s); the producer will be "
+                            "replaced", abort_exc)
+                self._renew = True
             self._take_reports()
             self._by_seq.pop(item.seq, None)
             if item.rejected:
@@ -287,7 +328,7 @@ class Delivery:
         Returns False when something was still unacknowledged (it was not committed)."""
         deadline = self._clock() + timeout_s
         while self._inflight and self._clock() < deadline and not self.backing_off:
-            self._producer.flush(min(1.0, max(0.0, deadline - self._clock())))
+            self.producer.flush(min(1.0, max(0.0, deadline - self._clock())))
             self.service(0.0)
         if self._acked:
             self._commit(asynchronous=False)

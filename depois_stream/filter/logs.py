@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LIBRARIES = ("kafka", "librdkafka")
 
 
 class RateLimit(logging.Filter):
@@ -29,6 +30,13 @@ class RateLimit(logging.Filter):
         self._seen: dict[tuple[str, str], list[float | int]] = {}  # key -> [window start, count]
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.name.split(".")[0] in LIBRARIES:
+            # a client library's own traceback is noise to an operator: keep its one line
+            exc = record.exc_info[1]
+            said = f"{type(exc).__name__}: {exc}".replace("%", "%%") if record.args else \
+                f"{type(exc).__name__}: {exc}"
+            record.msg = f"{record.msg} ({said})"
+            record.exc_info = record.exc_text = None
         key = (record.name, str(record.msg))
         now = self._clock()
         with self._lock:
@@ -53,5 +61,5 @@ def configure(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("kafka", "librdkafka"):
+    for noisy in LIBRARIES:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

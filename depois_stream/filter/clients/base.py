@@ -34,11 +34,22 @@ class ClientError(Exception):
 
 
 class ProduceError(ClientError):
-    """One output record was refused, synchronously at ``send`` or in its delivery report.
+    """One output record was not produced, synchronously at ``send`` or in its delivery report.
 
-    A non-retriable one (record too large for the broker, invalid record) will never be taken
-    in this form: the filter dead-letters it instead of retrying forever.
+    Three kinds, because each needs its own remedy:
+
+    * retriable (timeout, broker down, leader moving): send the batch again later;
+    * ``rejected`` (the record itself is refused: too large, invalid): it will never be taken
+      in this form, so the filter dead-letters it without its payload;
+    * ``fatal`` (anything else that is not retriable, e.g. the broker forgot the idempotent
+      producer's id after a restart): the producer handle is unusable, so the filter makes a
+      new one and sends the batch again. Never a reason to dead-letter a record.
     """
+
+    def __init__(self, message: str, retriable: bool, rejected: bool = False) -> None:
+        super().__init__(message, retriable)
+        self.rejected = rejected and not retriable
+        self.fatal = not retriable and not rejected
 
 
 @dataclass

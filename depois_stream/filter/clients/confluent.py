@@ -111,6 +111,14 @@ _REJECTED = {KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE,
              KafkaError.INVALID_MSG_SIZE, KafkaError.INVALID_MSG, KafkaError.INVALID_RECORD}
 
 
+def _produce_error(err: KafkaError, what: str) -> ProduceError:
+    """Record-level refusals are ``rejected``; a fatal idempotence error is the producer's."""
+    if err.code() in _REJECTED:
+        return ProduceError(f"{what}: {err.str()} ({err.name()})", False, rejected=True)
+    e = _error(err, what)
+    return ProduceError(str(e), e.retriable and not err.fatal())
+
+
 def _on_error(err: KafkaError) -> None:
     rdkafka_log.warning("%s (%s)", err.str(), err.name())
 
@@ -262,8 +270,7 @@ class ConfluentProducer:
             if err is None:
                 on_done(None)
             else:
-                e = _error(err, "delivery")
-                on_done(ProduceError(str(e), e.retriable and err.code() not in _REJECTED))
+                on_done(_produce_error(err, "delivery"))
 
         deadline = None
         while True:
@@ -278,8 +285,9 @@ class ConfluentProducer:
                 self._p.poll(0.05)
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                code = err.code() if isinstance(err, KafkaError) else None
-                raise ProduceError(f"produce: {exc}", code not in _REJECTED) from exc
+                if isinstance(err, KafkaError):
+                    raise _produce_error(err, "produce") from exc
+                raise ProduceError(f"produce: {exc}", retriable=True) from exc
 
     def poll(self, timeout_s: float) -> None:
         self._p.poll(timeout_s)

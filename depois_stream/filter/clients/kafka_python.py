@@ -71,6 +71,18 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
                          "security_protocol, sasl_mechanism, ssl_cafile)")
 
 
+# Errors that concern the record itself (kafka.errors class names): dead-letter it. Every other
+# non-retriable error is the producer's state, not the record's (see base.ProduceError).
+REJECTED = frozenset({"MessageSizeTooLargeError", "RecordListTooLargeError",
+                      "InvalidRecordError", "CorruptRecordError"})
+
+
+def _produce_error(exc: BaseException) -> ProduceError:
+    retriable = bool(getattr(exc, "retriable", False))
+    return ProduceError(f"{type(exc).__name__}: {exc}", retriable,
+                        rejected=type(exc).__name__ in REJECTED)
+
+
 def _error(exc: BaseException) -> ClientError:
     return ClientError(f"{type(exc).__name__}: {exc}", bool(getattr(exc, "retriable", False)))
 
@@ -202,8 +214,7 @@ class KafkaPythonProducer:
             future = self._p.send(topic, value=value, key=key, headers=list(headers),
                                   partition=partition)
         except KafkaError as exc:
-            raise ProduceError(f"{type(exc).__name__}: {exc}",
-                               bool(getattr(exc, "retriable", False))) from exc
+            raise _produce_error(exc) from exc
         future.add_callback(self._ok, on_done)
         future.add_errback(self._failed, on_done)
 
@@ -212,8 +223,7 @@ class KafkaPythonProducer:
         self._reported.set()
 
     def _failed(self, on_done: DeliveryCallback, exc: BaseException) -> None:
-        on_done(ProduceError(f"{type(exc).__name__}: {exc}",
-                             bool(getattr(exc, "retriable", False))))
+        on_done(_produce_error(exc))
         self._reported.set()
 
     def poll(self, timeout_s: float) -> None:
