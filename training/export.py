@@ -1,17 +1,21 @@
 """Export a FittedDetector to the single-file ONNX contract of ``depois_stream.contract``.
 
-The graph computes the final verdict itself (networks, standardisation, fusion, per-class
-boundary, conformal p-value), so the torch-free runtime only feeds pixels and labels and reads
-the answer: there is no second implementation of the maths in the consumer to drift apart.
+The graph computes the final verdict itself (networks, the five evidence members with their
+trusted references, per-class standardisation, per-member conformal p-values, min-p, per-class
+boundary, union p-value), so the torch-free runtime only feeds pixels and labels and reads the
+answer: there is no second implementation of the maths in the consumer to drift apart. kNN
+distances are a MatMul against the stored trusted embeddings followed by TopK.
 
-Before anything is written, the ONNX model is run with onnxruntime on the calibration split and
-compared with the detector's own numpy scoring path; a model that disagrees is refused.
+Before anything is written, the ONNX model is run with onnxruntime on the calibration samples and
+compared with the detector's own numpy scoring path (score, verdict, p-value and every evidence
+p-value); a model that disagrees is refused.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -26,6 +30,7 @@ from torch import nn
 from depois_stream.contract import (
     INPUT_IMAGE,
     INPUT_LABEL,
+    OUTPUT_EVIDENCE,
     OUTPUT_P_VALUE,
     OUTPUT_POISONED,
     OUTPUT_SCORE,
@@ -33,44 +38,120 @@ from depois_stream.contract import (
     card_path_for,
     sha256_file,
 )
-from training.calibration import conformal_p_values
+from training.conformal import fpr_standard_error, upper_counts
 from training.detector import FittedDetector
+from training.evidence import D2_MIN, PAD_SIMILARITY
 
 OPSET = 18
 PARITY_ATOL = 1e-4
+# p-values interpolate linearly between neighbouring reference scores: where two of them lie 1e-6
+# apart, a float32 rounding of the score moves p by up to one step 1 / (n + 1) of the reference.
+# p-values (and the score where it is not in the exponential tail) are therefore compared at one
+# reference step plus PARITY_ATOL; verdicts, which decide, must agree exactly.
 
 
 class ExportParityError(RuntimeError):
     """The exported graph disagrees with the torch/numpy detector; nothing was written."""
 
 
-class ScoringGraph(nn.Module):
-    """Everything between (image, label) and (score, poisoned, p_value), as torch ops.
+def _log_p(z: torch.Tensor, ref: torch.Tensor, upper: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """``training.conformal.log_p_values`` for every member at once: z [N, J], ref [J, n] sorted,
+    upper [J, n] = #{r <= r_i}, beta [J]."""
+    n = ref.shape[1]
+    counts = (ref[None, :, :] <= z[:, :, None]).to(torch.int64).sum(dim=2)
+    offsets = torch.arange(ref.shape[0], dtype=torch.int64)[None, :] * n
+    hi_idx = offsets + torch.clamp(counts, min=0, max=n - 1)
+    lo = ref.reshape(-1)[offsets + torch.clamp(counts - 1, min=0, max=n - 1)]
+    hi = ref.reshape(-1)[hi_idx]
+    count_f = counts.to(torch.float32)
+    frac = torch.clamp((z - lo) / torch.clamp(hi - lo, min=1e-12), min=0.0, max=1.0)
+    log_n1 = math.log(n + 1.0)
+    inner = torch.log(torch.clamp(count_f + frac * (upper.reshape(-1)[hi_idx] - count_f), min=1.0)) - log_n1
+    tail = torch.clamp((z - ref[:, 0][None, :]) / beta[None, :] - log_n1, max=-log_n1)
+    top = torch.full_like(z, math.log(n / (n + 1.0)))
+    return torch.where(counts == 0, tail, torch.where(counts >= n, top, inner))
 
-    Constants become buffers, so they are baked into the ONNX initialisers with the weights."""
+
+class ScoringGraph(nn.Module):
+    """Everything between (image, label) and (score, poisoned, p_value, evidence), as torch ops.
+
+    Constants (trusted embeddings, Mahalanobis means and Cholesky factor, PCA basis and trusted
+    projections, standardisation, p-value references, thresholds) become buffers, so they are
+    baked into the ONNX initialisers with the weights."""
 
     def __init__(self, det: FittedDetector):
         super().__init__()
-        meta, fusion = det.metadata, det.fusion
+        meta, refs, union = det.metadata, det.references, det.union
         self.authenticator = copy.deepcopy(det.authenticator).cpu().eval()
         self.critic = copy.deepcopy(det.critic).cpu().eval()
-        self.fused = meta.score_kind == "fused"
+        self.members = tuple(union.members)
+        f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+        kk, m, d = refs.knn.reference.shape
+        self.knn_shape, self.knn_k = (kk, m), refs.knn.k
+        self.register_buffer("knn_ref", f32(refs.knn.reference.reshape(kk * m, d)))
+        self.register_buffer("knn_pad", f32(np.where(refs.knn.valid.reshape(-1), 0.0, PAD_SIMILARITY)))
+        self.register_buffer("maha_means", f32(refs.mahalanobis.means))
+        self.register_buffer("maha_chol", f32(refs.mahalanobis.chol))
+        self.novelty_k = refs.novelty.k
+        self.register_buffer("nov_mean", f32(refs.novelty.mean))
+        self.register_buffer("nov_comp_t", f32(refs.novelty.components.T))
+        self.register_buffer("nov_ref_t", f32(refs.novelty.reference.T))
+        self.register_buffer("nov_ref_sq", f32(refs.novelty.reference_sq))
+        self.register_buffer("loc_t", f32(union.standardiser.loc.T))  # [K, J]
+        self.register_buffer("scale_t", f32(union.standardiser.scale.T))
+        self.register_buffer("refs", f32(union.references))
+        self.register_buffer("upper", f32(np.stack([upper_counts(r) for r in union.references])))
+        self.register_buffer("betas", f32(union.betas))
+        self.register_buffer("union_ref", f32(union.union_reference)[None, :])
+        self.register_buffer("union_upper", f32(upper_counts(union.union_reference))[None, :])
+        self.register_buffer("union_beta", f32([union.union_beta]))
         thresholds = meta.boundary.per_class or [meta.boundary.global_] * meta.num_classes
-        self.register_buffer("stats", torch.tensor(
-            [fusion.critic.mean, fusion.critic.std, fusion.auth.mean, fusion.auth.std], dtype=torch.float32
-        ))
-        self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float32))
-        self.register_buffer("reference", torch.from_numpy(det.reference_scores.astype(np.float32)))
+        self.register_buffer("thresholds", f32(thresholds))
+
+    def _knn(self, e: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        kk, m = self.knn_shape
+        sims = (e @ self.knn_ref.T + self.knn_pad[None, :]).reshape(-1, kk, m)
+        top = torch.topk(sims, self.knn_k, dim=2).values
+        dist = torch.sqrt(torch.clamp(2.0 - 2.0 * top, min=D2_MIN)).mean(dim=2)
+        same = torch.gather(dist, 1, label[:, None])[:, 0]
+        mask = torch.nn.functional.one_hot(label, kk).to(dist.dtype) * 1e6
+        return torch.log((dist + mask).min(dim=1).values) - torch.log(same)
+
+    def _mahalanobis(self, e: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        t = (e - self.maha_means[label]) @ self.maha_chol
+        return -(t * t).sum(dim=1)
+
+    def _novelty(self, image: torch.Tensor) -> torch.Tensor:
+        centred = image.flatten(1) - self.nov_mean[None, :]
+        z = centred @ self.nov_comp_t
+        d2 = (centred * centred).sum(dim=1, keepdim=True) - 2.0 * (z @ self.nov_ref_t) + self.nov_ref_sq[None, :]
+        nearest = torch.topk(d2, self.novelty_k, dim=1, largest=False).values
+        return -torch.sqrt(torch.clamp(nearest, min=D2_MIN)).mean(dim=1)
 
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        score = (self.critic(image, label) - self.stats[0]) / self.stats[1]
-        if self.fused:
-            z_auth = (self.authenticator.log_p_label(image, label) - self.stats[2]) / self.stats[3]
-            score = torch.minimum(score, z_auth)
+        logits, emb = self.authenticator.logits_and_embedding(image)
+        e = torch.nn.functional.normalize(emb, dim=1, eps=1e-12)
+        columns = []
+        for name in self.members:
+            if name == "critic":
+                columns.append(self.critic(image, label))
+            elif name == "margin":
+                own = torch.gather(logits, 1, label[:, None])[:, 0]
+                mask = torch.nn.functional.one_hot(label, logits.shape[1]).to(logits.dtype) * 1e9
+                columns.append(own - (logits - mask).max(dim=1).values)
+            elif name == "knn":
+                columns.append(self._knn(e, label))
+            elif name == "mahalanobis":
+                columns.append(self._mahalanobis(e, label))
+            else:
+                columns.append(self._novelty(image))
+        raw = torch.stack(columns, dim=1)
+        z = (raw - self.loc_t[label]) / self.scale_t[label]
+        log_p = _log_p(z, self.refs, self.upper, self.betas)
+        score = log_p.min(dim=1).values
         poisoned = score < self.thresholds[label]
-        below = (self.reference[None, :] <= score[:, None]).to(torch.float32).sum(dim=1)
-        p_value = (below + 1.0) / (self.reference.shape[0] + 1.0)
-        return score, poisoned, p_value
+        p_value = torch.exp(_log_p(score[:, None], self.union_ref, self.union_upper, self.union_beta)[:, 0])
+        return score, poisoned, p_value, torch.exp(log_p)
 
 
 def build_scoring_graph(det: FittedDetector) -> nn.Module:
@@ -89,7 +170,7 @@ def _export_proto(graph: nn.Module, det: FittedDetector) -> onnx.ModelProto:
             graph,
             example,
             input_names=[INPUT_IMAGE, INPUT_LABEL],
-            output_names=[OUTPUT_SCORE, OUTPUT_POISONED, OUTPUT_P_VALUE],
+            output_names=[OUTPUT_SCORE, OUTPUT_POISONED, OUTPUT_P_VALUE, OUTPUT_EVIDENCE],
             dynamic_shapes={"image": {0: batch}, "label": {0: batch}},
             opset_version=OPSET,
             dynamo=True,
@@ -103,28 +184,39 @@ def _export_proto(graph: nn.Module, det: FittedDetector) -> onnx.ModelProto:
 
 
 def parity_report(proto_bytes: bytes, det: FittedDetector) -> dict[str, float]:
-    """Run the ONNX bytes on the calibration split; compare with the detector's own path."""
+    """Run the ONNX bytes on the calibration samples; compare with the detector's own path."""
     session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
     images, labels = det.calibration.images, det.calibration.labels
-    score, poisoned, p_value = session.run(
-        [OUTPUT_SCORE, OUTPUT_POISONED, OUTPUT_P_VALUE], {INPUT_IMAGE: images, INPUT_LABEL: labels}
+    score, poisoned, p_value, evidence = session.run(
+        [OUTPUT_SCORE, OUTPUT_POISONED, OUTPUT_P_VALUE, OUTPUT_EVIDENCE], {INPUT_IMAGE: images, INPUT_LABEL: labels}
     )
     ref_score = det.score(images, labels)
+    rel = np.abs(score - ref_score) / (1.0 + np.abs(ref_score))
+    p_diff = np.abs(np.exp(score.astype(np.float64)) - np.exp(ref_score.astype(np.float64)))
     return {
         "max_abs_score_diff": float(np.max(np.abs(score - ref_score))),
-        "verdict_mismatches": float(np.sum(poisoned != det.predict(images, labels))),
-        "max_abs_p_value_diff": float(
-            np.max(np.abs(p_value - conformal_p_values(ref_score, det.reference_scores)))
-        ),
-        "calibration_fpr": float(np.mean(poisoned)),
+        "max_rel_score_diff": float(np.max(rel)),
+        # a score passes when it agrees relatively (exponential tail) or as a p-value (interpolated part)
+        "max_score_excess": float(np.max(np.minimum(rel - PARITY_ATOL, p_diff - det.union.p_step - PARITY_ATOL))),
+        "verdict_mismatches": float(np.sum(poisoned != det.union.flagged(ref_score, labels))),
+        "max_abs_p_value_diff": float(np.max(np.abs(p_value - det.union.p_value(ref_score)))),
+        "max_abs_evidence_diff": float(np.max(np.abs(evidence - det.evidence(images, labels)))),
+        "p_step": det.union.p_step,
     }
 
 
 def _check(parity: dict[str, float]) -> None:
-    if parity["max_abs_score_diff"] > PARITY_ATOL or parity["verdict_mismatches"] > 0:
+    """Scores are log p-values: in the exponential tail they carry the float32 error of a raw
+    score divided by the tail scale and are compared relative to ``1 + |score|``; elsewhere, as
+    p-values, to one reference step (see ``PARITY_ATOL``). Verdicts must agree exactly."""
+    step = parity["p_step"] + PARITY_ATOL
+    p_bad = parity["max_abs_p_value_diff"] > step or parity["max_abs_evidence_diff"] > step
+    if parity["max_score_excess"] > 0 or p_bad or parity["verdict_mismatches"] > 0:
         raise ExportParityError(
-            f"ONNX and torch disagree on the calibration split (max |score diff| "
-            f"{parity['max_abs_score_diff']:.3g} > {PARITY_ATOL} or "
+            f"ONNX and torch disagree on the calibration split (max |score diff| / (1 + |score|) "
+            f"{parity['max_rel_score_diff']:.3g}, max |p-value diff| {parity['max_abs_p_value_diff']:.3g}, "
+            f"max |evidence diff| {parity['max_abs_evidence_diff']:.3g}; tolerances {PARITY_ATOL} relative "
+            f"and one reference step {parity['p_step']:.3g} + {PARITY_ATOL}; "
             f"{int(parity['verdict_mismatches'])} differing verdicts); no model was written"
         )
 
@@ -138,17 +230,56 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def export_onnx(det: FittedDetector, path: str | Path, quantize: str | None = None) -> ModelCard:
+def export_onnx(det: FittedDetector, path: str | Path) -> ModelCard:
     """Write ``path`` (ONNX) and its model card, or raise ExportParityError and write nothing."""
-    if quantize is not None:
-        raise NotImplementedError(f"quantize={quantize!r} is not implemented; export float32")
     path = Path(path)
     proto_bytes = _export_proto(build_scoring_graph(det), det).SerializeToString()
     parity = parity_report(proto_bytes, det)
     _check(parity)
     _write_atomically(path, proto_bytes)
-    report = det.report
-    card = ModelCard(
+    _write_atomically(card_path_for(path), model_card(det, path, parity).model_dump_json(
+        indent=2, by_alias=True).encode())
+    return ModelCard.model_validate_json(card_path_for(path).read_text())
+
+
+def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> ModelCard:
+    """Provenance, sizes, stage times and the calibration as measured *out of sample*.
+
+    The boundary flags at most ``target_fpr`` of the samples it was read off by construction, so
+    that number says nothing; the card reports the cross-validated FPR of the calibration rule
+    (``training.union.cross_validated_fpr``) and its expected spread instead."""
+    report, union = det.report, det.union
+    cv = [float(x) for x in report.get("cv_fpr", [])]
+    plan = report.get("plan", {})
+    calibration = {
+        "target_fpr": det.metadata.target_fpr,
+        "calibration_samples": float(union.n),
+        "out_of_sample_fpr": float(np.mean(cv)) if cv else float("nan"),
+        "out_of_sample_fpr_min": float(np.min(cv)) if cv else float("nan"),
+        "out_of_sample_fpr_max": float(np.max(cv)) if cv else float("nan"),
+        "expected_fpr_spread": fpr_standard_error(det.metadata.target_fpr, union.n),
+        "parity_max_abs_score_diff": parity["max_abs_score_diff"],
+        "parity_max_abs_evidence_diff": parity["max_abs_evidence_diff"],
+        "acceptance_rate": float(report.get("acceptance_rate", float("nan"))),
+        "authenticator_out_of_fold_accuracy": float(report.get("authenticator_out_of_fold_accuracy", float("nan"))),
+    }
+    calibration = {k: v for k, v in calibration.items() if math.isfinite(v)}  # JSON has no NaN: omit unknowns
+    notes = [
+        (f"score = log min_j p_j over the evidence members {', '.join(union.members)}: each member's "
+         "conformal p-value against its clean out-of-sample scores (standardised per claimed class, "
+         "exponential tail below the smallest); the boundary is the target-FPR quantile of the "
+         "calibration samples' leave-one-out union statistic"),
+        (f"calibration plan: {plan.get('mode', '?')} ({plan.get('folds', '?')} fold(s)), {union.n} calibration "
+         f"samples, kNN k = {plan.get('neighbours_k', '?')}, novelty PCA dims = {plan.get('pca_dims', '?')}"),
+        (f"boundary per class: {det.metadata.boundary.per_class is not None}; classes that fell back to the "
+         f"global threshold (fewer than 1/target_fpr calibration samples): {report.get('per_class_fallback', [])}"),
+        ("out_of_sample_fpr: mean over folds of the flag rate on a fold whose boundary, standardisation and "
+         "references came from the other folds; the FPR on new clean data scatters around the target by about "
+         "expected_fpr_spread"),
+    ]
+    if plan.get("warning"):
+        notes.append(f"warning: {plan['warning']}")
+    return ModelCard(
         onnx_file=path.name,
         onnx_sha256=sha256_file(path),
         metadata=det.metadata,
@@ -157,22 +288,6 @@ def export_onnx(det: FittedDetector, path: str | Path, quantize: str | None = No
         seed=det.config.seed,
         steps=report.get("steps", {}),
         times_s=report.get("times_s", {}),
-        calibration={
-            "achieved_fpr": parity["calibration_fpr"],
-            "target_fpr": det.metadata.target_fpr,
-            "parity_max_abs_score_diff": parity["max_abs_score_diff"],
-            "acceptance_rate": float(report.get("acceptance_rate", float("nan"))),
-        },
-        notes=[
-            (
-                f"score_kind={det.metadata.score_kind}: fused = min(s_critic, s_log_p_auth), each "
-                "signal scaled so its calibration median is 0 and its target-FPR quantile -1"
-            ),
-            (
-                f"boundary per class: {det.metadata.boundary.per_class is not None}; classes that "
-                f"fell back to the global threshold: {report.get('per_class_fallback', [])}"
-            ),
-        ],
+        calibration=calibration,
+        notes=notes,
     )
-    _write_atomically(card_path_for(path), card.model_dump_json(indent=2, by_alias=True).encode())
-    return card
