@@ -208,3 +208,20 @@ def test_plan_cross_fits_small_pools_and_holds_out_large_ones() -> None:
     hold = make_plan(pool, pool.subset(np.arange(20)), pool.subset(np.arange(20, 100)), 0.2, 0.01, 1, 0)
     assert hold.mode == "holdout" and np.sum(hold.folds == HOLDOUT) == 80 and len(hold.calibration) == 20
     assert neighbours(20) == 4 and neighbours(3) == 1 and neighbours(1000) == 10
+
+
+def test_parity_check_tolerates_interpolation_steps_but_not_systematic_differences() -> None:
+    """A Fashion-MNIST export was refused because one calibration sample's p-value moved by a
+    little over one reference step (two reference scores 1e-6 apart, float32 rounding between
+    them). Single-sample p-value jumps up to a few steps are rounding; a shift of every score is
+    a wrong graph."""
+    from training.export import ExportParityError, _check
+
+    step = 1 / 2401
+    rounding = {"median_rel_score_diff": 2e-7, "max_rel_score_diff": 6e-4, "max_abs_score_diff": 1e-3,
+                "verdict_mismatches": 0.0, "max_abs_p_value_diff": 3.2 * step,
+                "max_abs_evidence_diff": 1.24 * step, "p_step": step}
+    _check(rounding)
+    for broken in ({"median_rel_score_diff": 2e-3}, {"max_abs_evidence_diff": 0.05}, {"verdict_mismatches": 1.0}):
+        with pytest.raises(ExportParityError, match="no model was written"):
+            _check({**rounding, **broken})
