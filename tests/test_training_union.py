@@ -15,6 +15,7 @@ from training.evidence import (
     ClassKnn,
     ClassMahalanobis,
     ClassStandardiser,
+    PixelDensity,
     PixelNovelty,
     logit_margin,
     neighbours,
@@ -225,3 +226,20 @@ def test_parity_check_tolerates_interpolation_steps_but_not_systematic_differenc
     for broken in ({"median_rel_score_diff": 2e-3}, {"max_abs_evidence_diff": 0.05}, {"verdict_mismatches": 1.0}):
         with pytest.raises(ExportParityError, match="no model was written"):
             _check({**rounding, **broken})
+
+
+def test_pixel_density_is_the_smallest_class_mahalanobis_distance_and_sees_a_dark_corner_patch() -> None:
+    rng = np.random.default_rng(13)
+    labels = np.repeat(np.arange(3), 200)
+    images = (0.3 * rng.random((600, 1, 4, 4)) + 0.2 * labels[:, None, None, None]).astype(np.float32)
+    images[:, :, 3, 3] = 0.0  # a corner no clean image ever lights up
+    dens = PixelDensity.fit(images, labels, 3)
+    precision = dens.chol.astype(np.float64) @ dens.chol.T.astype(np.float64)
+    x = images.reshape(600, -1).astype(np.float64)
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
+    d = x[:, None, :] - means[None]
+    want = -np.einsum("ncd,de,nce->nc", d, precision, d).min(axis=1)
+    np.testing.assert_allclose(dens.score(images), want, rtol=1e-3, atol=1e-2)
+    patched = images[:20].copy()
+    patched[:, :, 3, 3] = 1.0  # one pixel: a small L2 change, a huge Mahalanobis one
+    assert np.all(dens.score(patched) < np.min(dens.score(images)))

@@ -31,7 +31,7 @@ class Steps(BaseModel):
 
 
 DEFAULT_STEPS: dict[str, Steps] = {
-    "digits": Steps(auth_steps=1000, gan_steps=1500, critic_steps=800),
+    "digits": Steps(auth_steps=800, gan_steps=1500, critic_steps=800),
     "mnist": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
     "mnist-5k": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
     "fashion-mnist": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),

@@ -33,6 +33,7 @@ allows instead of Bonferroni's worst case.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -71,16 +72,60 @@ def _log_p(scores: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarra
     return np.where(counts == 0, tail, np.where(counts >= size, top, inner))
 
 
-def log_p_values(scores: np.ndarray, reference_sorted: np.ndarray, beta: float) -> np.ndarray:
-    """log p(s) of new scores against a sorted clean reference (float64)."""
-    ref = np.asarray(reference_sorted, dtype=np.float64)
+MAX_KNOTS = 128
+DENSE_KNOTS = 96
+
+
+@dataclass(frozen=True)
+class Knots:
+    """A p-value reference kept at chosen ranks: every order statistic up to ``DENSE_KNOTS`` (the
+    tail, where boundaries live: p up to 4 % of 2,400 Fashion-MNIST scores, 38 % of 252 digits),
+    then evenly spaced ranks up to the largest, at most ``MAX_KNOTS`` in all.
+
+    Why: the exported graph counts ``reference <= score`` for every member and sample; with
+    2,400 references that count was the single most expensive operator of the graph (a fifth of
+    its time, measured). Between knots p is interpolated linearly in the score, so above the
+    dense part it is a piecewise-linear approximation of the rank interpolation; in the dense
+    part, and for references of at most ``MAX_KNOTS`` scores, it is exact. Boundaries sit far
+    below the dense part's top (the union's at ~target / 3: a member's p-value there is < 1 %, and
+    per-class boundaries at 1 % of a class sit at member p-values below that)."""
+
+    values: np.ndarray  # float64 [K]: reference scores at the knot ranks, sorted
+    counts: np.ndarray  # float64 [K]: #{r <= value} in the full reference (ties counted)
+    n: int  # size of the full reference
+
+    @classmethod
+    def of(cls, reference_sorted: np.ndarray, max_knots: int | None = MAX_KNOTS, dense: int = DENSE_KNOTS) -> Knots:
+        ref = np.asarray(reference_sorted, dtype=np.float64)
+        n = ref.size
+        if max_knots is None or n <= max_knots:
+            ranks = np.arange(n)
+        else:
+            dense = min(dense, max_knots - 2)
+            ranks = np.unique(np.concatenate([np.arange(dense),
+                                              np.round(np.linspace(dense, n - 1, max_knots - dense)).astype(int)]))
+        return cls(ref[ranks], upper_counts(ref)[ranks], n)
+
+
+def log_p_knots(scores: np.ndarray, knots: Knots, beta: float) -> np.ndarray:
+    """log p(s) against a (possibly compressed) reference: the formula of the module docstring
+    with the count at the largest knot <= s and the next knot as neighbours."""
+    values, counts, n = knots.values, knots.counts, knots.n
     s = np.asarray(scores, dtype=np.float64)
-    n = ref.size
-    counts = np.searchsorted(ref, s, side="right")
-    lo = ref[np.clip(counts - 1, 0, n - 1)]
-    hi_pos = np.clip(counts, 0, n - 1)
-    return _log_p(s, counts.astype(np.float64), lo, ref[hi_pos], upper_counts(ref)[hi_pos],
-                  np.full(s.shape, ref[0]), beta, n)
+    k = values.size
+    idx = np.searchsorted(values, s, side="right")
+    lo_pos, hi_pos = np.clip(idx - 1, 0, k - 1), np.clip(idx, 0, k - 1)
+    lo, hi = values[lo_pos], values[hi_pos]
+    frac = np.clip((s - lo) / np.maximum(hi - lo, 1e-12), 0.0, 1.0)
+    inner = np.log(np.maximum(counts[lo_pos] + frac * (counts[hi_pos] - counts[lo_pos]), 1.0) / (n + 1.0))
+    tail = np.minimum((s - values[0]) / beta - math.log(n + 1.0), -math.log(n + 1.0))
+    top = math.log(n / (n + 1.0))
+    return np.where(idx == 0, tail, np.where(idx >= k, top, inner))
+
+
+def log_p_values(scores: np.ndarray, reference_sorted: np.ndarray, beta: float) -> np.ndarray:
+    """log p(s) of new scores against a full sorted clean reference (float64)."""
+    return log_p_knots(scores, Knots.of(reference_sorted, max_knots=None), beta)
 
 
 def loo_log_p_values(reference: np.ndarray, beta: float) -> np.ndarray:

@@ -33,7 +33,6 @@ from training.union import UnionCalibration, calibrate_union
 
 WEIGHTS_FILE = "detector.pt"
 STATE_FILE = "detector.json"
-MAX_REFERENCE = 5000  # trusted references kept per kNN member (bounds the graph's MatMul + TopK)
 
 
 def weights_sha256(authenticator: Authenticator, critic: Critic) -> str:
@@ -68,7 +67,7 @@ def build_references(authenticator: Authenticator, data: LabeledImages, num_clas
                      device: torch.device) -> References:
     """kNN / Mahalanobis / novelty references of one model, from the trusted data it trained on."""
     _, _, emb = network_outputs(authenticator, None, data.images, data.labels, device)
-    return References.fit(data.images, data.labels, emb, num_classes, k, MAX_REFERENCE, seed)
+    return References.fit(data.images, data.labels, emb, num_classes, k, seed)
 
 
 def raw_member_scores(authenticator: Authenticator, critic: Critic | None, refs: References, images: np.ndarray,
@@ -249,7 +248,7 @@ class FittedDetector:
 def union_digest(union: UnionCalibration) -> str:
     h = hashlib.sha256()
     for arr in (union.references, union.betas, union.union_reference, union.standardiser.loc,
-                union.standardiser.scale):
+                union.standardiser.scale, *(k.values for k in union.knots), union.union_knots.values):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(",".join(union.members).encode())
     return h.hexdigest()

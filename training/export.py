@@ -38,7 +38,7 @@ from depois_stream.contract import (
     card_path_for,
     sha256_file,
 )
-from training.conformal import fpr_standard_error, upper_counts
+from training.conformal import fpr_standard_error
 from training.detector import FittedDetector
 from training.evidence import D2_MIN, PAD_SIMILARITY
 
@@ -53,28 +53,33 @@ MEDIAN_RTOL = 1e-5
 # differ by up to P_STEPS reference steps (+ PARITY_ATOL); verdicts, which decide, must agree exactly.
 P_STEPS = 3
 PARITY_ATOL = 1e-4
+SMALL_TOPK = 128  # k * references-per-class up to which the kNN member avoids TopK (see ScoringGraph._knn)
 
 
 class ExportParityError(RuntimeError):
     """The exported graph disagrees with the torch/numpy detector; nothing was written."""
 
 
-def _log_p(z: torch.Tensor, ref: torch.Tensor, upper: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """``training.conformal.log_p_values`` for every member at once: z [N, J], ref [J, n] sorted,
-    upper [J, n] = #{r <= r_i}, beta [J]."""
-    n = ref.shape[1]
-    counts = (ref[None, :, :] <= z[:, :, None]).to(torch.int64).sum(dim=2)
-    offsets = torch.arange(ref.shape[0], dtype=torch.int64)[None, :] * n
-    hi_idx = offsets + torch.clamp(counts, min=0, max=n - 1)
-    lo = ref.reshape(-1)[offsets + torch.clamp(counts - 1, min=0, max=n - 1)]
-    hi = ref.reshape(-1)[hi_idx]
-    count_f = counts.to(torch.float32)
+def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table.reshape(-1)[index]`` as one ONNX Gather (plain indexing exports as GatherND)."""
+    return torch.index_select(table.reshape(-1), 0, index.reshape(-1)).reshape(index.shape)
+
+
+def _log_p(z: torch.Tensor, knots: torch.Tensor, counts: torch.Tensor, n: int, beta: torch.Tensor) -> torch.Tensor:
+    """``training.conformal.log_p_knots`` for every member at once: z [N, J], knots [J, K] sorted,
+    counts [J, K] = #{r <= knot} in the full reference of size n, beta [J]."""
+    k = knots.shape[1]
+    idx = (knots[None, :, :] <= z[:, :, None]).to(torch.float32).sum(dim=2).to(torch.int64)
+    offsets = torch.arange(knots.shape[0], dtype=torch.int64)[None, :] * k
+    lo_pos = offsets + torch.clamp(idx - 1, min=0, max=k - 1)
+    hi_pos = offsets + torch.clamp(idx, min=0, max=k - 1)
+    lo, hi, lo_c, hi_c = _take(knots, lo_pos), _take(knots, hi_pos), _take(counts, lo_pos), _take(counts, hi_pos)
     frac = torch.clamp((z - lo) / torch.clamp(hi - lo, min=1e-12), min=0.0, max=1.0)
     log_n1 = math.log(n + 1.0)
-    inner = torch.log(torch.clamp(count_f + frac * (upper.reshape(-1)[hi_idx] - count_f), min=1.0)) - log_n1
-    tail = torch.clamp((z - ref[:, 0][None, :]) / beta[None, :] - log_n1, max=-log_n1)
+    inner = torch.log(torch.clamp(lo_c + frac * (hi_c - lo_c), min=1.0)) - log_n1
+    tail = torch.clamp((z - knots[:, 0][None, :]) / beta[None, :] - log_n1, max=-log_n1)
     top = torch.full_like(z, math.log(n / (n + 1.0)))
-    return torch.where(counts == 0, tail, torch.where(counts >= n, top, inner))
+    return torch.where(idx == 0, tail, torch.where(idx >= k, top, inner))
 
 
 class ScoringGraph(nn.Module):
@@ -102,13 +107,17 @@ class ScoringGraph(nn.Module):
         self.register_buffer("nov_comp_t", f32(refs.novelty.components.T))
         self.register_buffer("nov_ref_t", f32(refs.novelty.reference.T))
         self.register_buffer("nov_ref_sq", f32(refs.novelty.reference_sq))
+        self.register_buffer("dens_chol", f32(refs.density.chol))
+        self.register_buffer("dens_means_t", f32(refs.density.whitened_means.T))
+        self.register_buffer("dens_means_sq", f32(np.sum(refs.density.whitened_means**2, axis=1)))
         self.register_buffer("loc_t", f32(union.standardiser.loc.T))  # [K, J]
         self.register_buffer("scale_t", f32(union.standardiser.scale.T))
-        self.register_buffer("refs", f32(union.references))
-        self.register_buffer("upper", f32(np.stack([upper_counts(r) for r in union.references])))
+        self.n_ref, self.n_union = union.knots[0].n, union.union_knots.n
+        self.register_buffer("knots", f32(np.stack([k.values for k in union.knots])))
+        self.register_buffer("knot_counts", f32(np.stack([k.counts for k in union.knots])))
         self.register_buffer("betas", f32(union.betas))
-        self.register_buffer("union_ref", f32(union.union_reference)[None, :])
-        self.register_buffer("union_upper", f32(upper_counts(union.union_reference))[None, :])
+        self.register_buffer("union_knots", f32(union.union_knots.values)[None, :])
+        self.register_buffer("union_counts", f32(union.union_knots.counts)[None, :])
         self.register_buffer("union_beta", f32([union.union_beta]))
         thresholds = meta.boundary.per_class or [meta.boundary.global_] * meta.num_classes
         self.register_buffer("thresholds", f32(thresholds))
@@ -116,22 +125,39 @@ class ScoringGraph(nn.Module):
     def _knn(self, e: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         kk, m = self.knn_shape
         sims = (e @ self.knn_ref.T + self.knn_pad[None, :]).reshape(-1, kk, m)
-        top = torch.topk(sims, self.knn_k, dim=2).values
-        dist = torch.sqrt(torch.clamp(2.0 - 2.0 * top, min=D2_MIN)).mean(dim=2)
+        if self.knn_k * m <= SMALL_TOPK:
+            # Few references per class (digits: 4 of ~23): TopK over 10 tiny rows per sample is
+            # dominated by per-row overhead; k rounds of max-and-remove are 2x cheaper and give the
+            # same multiset of the k largest similarities.
+            columns = torch.arange(m, dtype=torch.int64)[None, None, :]
+            dist = torch.zeros_like(sims[:, :, 0])
+            for _ in range(self.knn_k):
+                best, where = sims.max(dim=2)
+                dist = dist + torch.sqrt(torch.clamp(2.0 - 2.0 * best, min=D2_MIN))
+                sims = torch.where(columns == where[:, :, None], torch.full_like(sims, PAD_SIMILARITY - 1.0), sims)
+            dist = dist / self.knn_k
+        else:
+            top = torch.topk(sims, self.knn_k, dim=2, sorted=False).values
+            dist = torch.sqrt(torch.clamp(2.0 - 2.0 * top, min=D2_MIN)).mean(dim=2)
         same = torch.gather(dist, 1, label[:, None])[:, 0]
         mask = torch.nn.functional.one_hot(label, kk).to(dist.dtype) * 1e6
         return torch.log((dist + mask).min(dim=1).values) - torch.log(same)
 
     def _mahalanobis(self, e: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        t = (e - self.maha_means[label]) @ self.maha_chol
+        t = (e - torch.index_select(self.maha_means, 0, label)) @ self.maha_chol
         return -(t * t).sum(dim=1)
 
     def _novelty(self, image: torch.Tensor) -> torch.Tensor:
         centred = image.flatten(1) - self.nov_mean[None, :]
         z = centred @ self.nov_comp_t
         d2 = (centred * centred).sum(dim=1, keepdim=True) - 2.0 * (z @ self.nov_ref_t) + self.nov_ref_sq[None, :]
-        nearest = torch.topk(d2, self.novelty_k, dim=1, largest=False).values
+        nearest = torch.topk(d2, self.novelty_k, dim=1, largest=False, sorted=False).values
         return -torch.sqrt(torch.clamp(nearest, min=D2_MIN)).mean(dim=1)
+
+    def _density(self, image: torch.Tensor) -> torch.Tensor:
+        y = image.flatten(1) @ self.dens_chol
+        d2 = (y * y).sum(dim=1, keepdim=True) - 2.0 * (y @ self.dens_means_t) + self.dens_means_sq[None, :]
+        return -d2.min(dim=1).values
 
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, emb = self.authenticator.logits_and_embedding(image)
@@ -148,14 +174,16 @@ class ScoringGraph(nn.Module):
                 columns.append(self._knn(e, label))
             elif name == "mahalanobis":
                 columns.append(self._mahalanobis(e, label))
-            else:
+            elif name == "novelty":
                 columns.append(self._novelty(image))
+            else:
+                columns.append(self._density(image))
         raw = torch.stack(columns, dim=1)
-        z = (raw - self.loc_t[label]) / self.scale_t[label]
-        log_p = _log_p(z, self.refs, self.upper, self.betas)
+        z = (raw - torch.index_select(self.loc_t, 0, label)) / torch.index_select(self.scale_t, 0, label)
+        log_p = _log_p(z, self.knots, self.knot_counts, self.n_ref, self.betas)
         score = log_p.min(dim=1).values
-        poisoned = score < self.thresholds[label]
-        p_value = torch.exp(_log_p(score[:, None], self.union_ref, self.union_upper, self.union_beta)[:, 0])
+        poisoned = score < torch.index_select(self.thresholds, 0, label)
+        p_value = torch.exp(_log_p(score[:, None], self.union_knots, self.union_counts, self.n_union, self.union_beta)[:, 0])
         return score, poisoned, p_value, torch.exp(log_p)
 
 

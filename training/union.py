@@ -21,7 +21,7 @@ import numpy as np
 
 from depois_stream.contract import Boundary
 from training.calibration import min_class_count, paper_boundary, threshold_at_fpr
-from training.conformal import log_p_values, loo_log_p_values, tail_scale, union_log_p
+from training.conformal import Knots, log_p_knots, loo_log_p_values, tail_scale, union_log_p
 from training.evidence import ClassStandardiser
 
 
@@ -35,6 +35,8 @@ class UnionCalibration:
     betas: np.ndarray  # float64 [J]: tail scales
     union_reference: np.ndarray  # float64 [n]: sorted leave-one-out log min-p of the calibration samples
     union_beta: float
+    knots: tuple[Knots, ...]  # per member: the reference as the graph stores it (training.conformal.Knots)
+    union_knots: Knots
     boundary: Boundary
     fell_back: list[int] = field(default_factory=list)
     cv_fpr: list[float] = field(default_factory=list)  # out-of-fold FPR of this boundary rule, per fold
@@ -44,7 +46,7 @@ class UnionCalibration:
     def member_log_p(self, raw: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """[N, J] log p-value of each member against its clean reference."""
         z = self.standardiser.apply(raw, labels)
-        return np.stack([log_p_values(z[:, j], self.references[j], float(self.betas[j]))
+        return np.stack([log_p_knots(z[:, j], self.knots[j], float(self.betas[j]))
                          for j in range(len(self.members))], axis=1)
 
     def score(self, raw: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -52,7 +54,7 @@ class UnionCalibration:
 
     def p_value(self, scores: np.ndarray) -> np.ndarray:
         """Union p-value: how unusual the union statistic is among clean calibration samples."""
-        return np.exp(log_p_values(scores, self.union_reference, self.union_beta)).astype(np.float32)
+        return np.exp(log_p_knots(scores, self.union_knots, self.union_beta)).astype(np.float32)
 
     def flagged(self, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.asarray(scores, np.float32) < self.boundary.for_labels(labels)
@@ -146,7 +148,7 @@ def cross_validated_fpr(raw: np.ndarray, labels: np.ndarray, num_classes: int, m
         boundary, _ = _boundary(_loo_union(z, refs, betas), labels[fit_idx], num_classes, target_fpr,
                                 per_class, 1.0)
         zt = standardiser.apply(raw[test_idx], labels[test_idx]).astype(np.float64)
-        stat = union_log_p(np.stack([log_p_values(zt[:, j], refs[j], betas[j]) for j in range(len(members))], 1))
+        stat = union_log_p(np.stack([log_p_knots(zt[:, j], Knots.of(refs[j]), betas[j]) for j in range(len(members))], 1))
         out.append(float(np.mean(stat.astype(np.float32) < boundary.for_labels(labels[test_idx]))))
     return out
 
@@ -170,6 +172,7 @@ def calibrate_union(raw: np.ndarray, labels: np.ndarray, num_classes: int, membe
     return UnionCalibration(
         members=tuple(members), num_classes=num_classes, target_fpr=target_fpr, standardiser=standardiser,
         references=np.stack(refs), betas=np.asarray(betas), union_reference=union_ref,
-        union_beta=tail_scale(union_ref), boundary=boundary, fell_back=fell_back, cv_fpr=cv,
+        union_beta=tail_scale(union_ref), knots=tuple(Knots.of(r) for r in refs), union_knots=Knots.of(union_ref),
+        boundary=boundary, fell_back=fell_back, cv_fpr=cv,
     )
 
