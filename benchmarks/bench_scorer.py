@@ -175,15 +175,20 @@ def operator_profile(path: Path, images: np.ndarray, labels: np.ndarray, batch: 
 
     import onnxruntime as ort
 
+    import tempfile
+
     options = ort.SessionOptions()
     options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "ort_profile")  # not into the working tree
     if single_thread:
         options.intra_op_num_threads = options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     x, y = tiled_batch(images, labels, batch)
     for _ in range(3 + runs):
         session.run(None, {"image": x, "label": y})
-    trace = _json.loads(Path(session.end_profiling()).read_text())
+    trace_path = Path(session.end_profiling())
+    trace = _json.loads(trace_path.read_text())
+    trace_path.unlink()
     per_op: dict[str, float] = {}
     for event in trace:
         if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
