@@ -122,7 +122,9 @@ class FittedDetector:
 
     @property
     def calibration(self) -> LabeledImages:
-        """The clean samples whose out-of-sample scores calibrate the union."""
+        """The trusted samples whose out-of-sample scores calibrated the union at fit time (the
+        export's parity check runs on them; after ``infer_threshold`` the union is calibrated on
+        the data given there instead, whose raw scores ``calibration_raw`` then holds)."""
         return self.plan.calibration
 
     @property
