@@ -24,8 +24,13 @@ from training.attacks import (
     ATTACKS,
     CollisionConfig,
     GPConfig,
+    blend_flip,
+    cutmix_flip,
     feature_collision,
     gp_attack,
+    noise_injection,
+    shape_injection,
+    transform_injection,
 )
 from training.downstream import ClassifierConfig
 
@@ -56,6 +61,11 @@ NUMPY_ATTACKS = {
     "targeted_flip": targeted_flip,
     "backdoor": backdoor_patch,
     "ood_injection": ood_injection,
+    "noise_injection": noise_injection,
+    "shape_injection": shape_injection,
+    "transform_injection": transform_injection,
+    "blend_flip": blend_flip,
+    "cutmix_flip": cutmix_flip,
 }
 
 

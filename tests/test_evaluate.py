@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from training.cli import app
 from training.downstream import one_thread
 
-BASELINES = ["paper-critic", "knn-10", "trusted-clf", "cleanlab"]
+BASELINES = ["paper-critic", "knn-vote-10", "knn-ratio-10", "logreg", "mahalanobis-pixels", "trusted-clf", "cleanlab"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _row(report: dict, attack: str, detector: str) -> dict:
 @pytest.mark.slow
 def test_fused_score_separates_a_random_flip(quick_run: tuple[str, dict, Path]) -> None:
     _, report, _ = quick_run
-    fused = _row(report, "random_flip", "depois-fused")
+    fused = _row(report, "random_flip", "depois-union")
     assert fused["rate"] == 0.2 and fused["metrics"]["poisons"] == round(0.2 * fused["metrics"]["n"])
     assert fused["metrics"]["auroc"] >= 0.95
 
@@ -42,7 +42,7 @@ def test_fused_score_separates_a_random_flip(quick_run: tuple[str, dict, Path]) 
 @pytest.mark.slow
 def test_table_lists_every_baseline_and_the_outputs_exist(quick_run: tuple[str, dict, Path]) -> None:
     stdout, report, out = quick_run
-    tpr_header = next(line for line in stdout.splitlines() if line.startswith("| attack | rate | depois-fused"))
+    tpr_header = next(line for line in stdout.splitlines() if line.startswith("| attack | rate | depois-union"))
     for name in BASELINES:
         assert name in tpr_header
         assert _row(report, "random_flip", name)["role"] == "baseline"

@@ -156,33 +156,37 @@ def test_refuses_a_model_that_quantisation_breaks(tmp_path: Path, calib) -> None
 def untrained_detector(images: np.ndarray, labels: np.ndarray, target_fpr: float):
     """A FittedDetector with freshly initialised networks, calibrated on (images, labels).
 
-    Training would cost minutes and changes nothing about the export path; fusion constants and
-    boundary are fitted as ``training.pipeline.fit`` does. Untrained networks score every sample
-    almost alike, so standardising amplifies int8 rounding: with the boundary at the median the
-    gate must refuse."""
+    Training would cost minutes and changes nothing about the export path; references and the
+    union are built as ``training.pipeline.fit`` does (holdout plan: first half trains, second
+    half calibrates). Untrained networks score every sample almost alike, so standardising
+    amplifies int8 rounding: with the boundary at the median the gate must refuse."""
     import torch
 
-    from training.calibration import fit_boundary
     from training.config import FitConfig
+    from training.crossfit import HOLDOUT, CalibrationPlan
     from training.data import LabeledImages
-    from training.detector import FittedDetector, build_metadata, weights_sha256
-    from training.fusion import FusionParams, combined_score
+    from training.detector import (
+        FittedDetector, build_metadata, build_references, raw_member_scores, weights_sha256,
+    )
+    from training.evidence import neighbours
     from training.models import Authenticator, Critic
-    from training.torchutil import batched
+    from training.union import calibrate_union
 
     torch.manual_seed(0)
     shape, k = tuple(images.shape[1:]), 10
     auth, critic = Authenticator(shape, k).eval(), Critic(shape, k).eval()
     cfg = FitConfig(dataset="digits", device="cpu", target_fpr=target_fpr)
     cpu = torch.device("cpu")
-    critic_raw = batched(critic, images, labels, cpu)
-    log_p = batched(auth.log_p_label, images, labels, cpu)
-    fusion = FusionParams.fit(critic_raw, log_p, cfg.target_fpr)
-    scores = combined_score(critic_raw, log_p, fusion, cfg.score_kind)
-    boundary, _ = fit_boundary(scores, labels, k, cfg.target_fpr, cfg.per_class, cfg.paper_k)
-    meta = build_metadata(cfg, boundary, shape, k, weights_sha256(auth, critic), fusion)
-    cal = LabeledImages(images, labels)
-    return FittedDetector(auth, critic, fusion, meta, cfg, cal, cal, cal.subset(np.arange(10)),
+    half = len(labels) // 2
+    folds = np.where(np.arange(len(labels)) < half, HOLDOUT, 0).astype(np.int64)
+    plan = CalibrationPlan("holdout", LabeledImages(images, labels), folds)
+    nk = neighbours(plan.min_class_count(k))
+    refs = build_references(auth, plan.shipped_training_data(), k, nk, cfg.seed, cpu)
+    cal = plan.calibration
+    raw = raw_member_scores(auth, critic, refs, cal.images, cal.labels, cpu)
+    union = calibrate_union(raw, cal.labels, k, cfg.members, cfg.target_fpr, cfg.per_class)
+    meta = build_metadata(cfg, union, shape, k, weights_sha256(auth, critic))
+    return FittedDetector(auth, critic, meta, cfg, plan, raw, cal.labels, cal.subset(np.arange(10)),
                           report={"acceptance_rate": 1.0}, device="cpu")
 
 

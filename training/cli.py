@@ -1,9 +1,15 @@
-"""``depois-train``: train a De-Pois detector and export it as the ONNX model the stream filter loads."""
+"""``depois-train``: train the union detector and export it as the ONNX model the stream filter loads.
+
+Every expected failure is one line on stderr and a documented exit code (``EXIT_CODES``), and
+every flag is checked before any long work starts: a typo in ``--quantize`` must not cost ten
+minutes of training first.
+"""
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, NoReturn, Optional, get_args, get_origin
 
 import typer
 from rich.console import Console
@@ -11,74 +17,148 @@ from rich.table import Table
 
 from training.data import DATASETS, DatasetError
 
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_REFUSED: "the model was refused and nothing was written (ONNX/torch parity check, or the int8 "
+                  "verdict gate of --quantize)",
+    EXIT_USAGE: "invalid command line: an option value out of range or unknown (data set, members, "
+                "--quantize, --device cuda without CUDA), --out / --detector-dir without a trained detector, "
+                "an output that cannot be written",
+    EXIT_DATA: "data problem: data set files missing, corrupt or not downloadable, or a saved detector "
+               "that cannot be read back",
+}
+EXIT_CODES_TEXT = "Exit codes: " + "; ".join(f"{code} = {text}" for code, text in EXIT_CODES.items()) + "."
+
 app = typer.Typer(
     name="depois-train",
     help=(
-        "Train the De-Pois poisoning detector offline and export it to ONNX.\n\n"
+        "Train the De-Pois union poisoning detector offline and export it to ONNX.\n\n"
         "Typical use: `depois-train all --dataset digits --out artifacts/digits` trains on the "
-        "trusted part of the train split, calibrates the boundary on a held-out slice of it, and "
+        "trusted part of the train split, calibrates the boundary on out-of-sample scores of it, and "
         "writes model.onnx + model.card.json for `depois-stream`. `fit` and `export-onnx` run the "
-        "two halves separately; `datasets` lists what can be trained on."
+        "two halves separately; `evaluate` measures it against baselines; `datasets` lists what can be "
+        "trained on.\n\n" + EXIT_CODES_TEXT
     ),
     no_args_is_help=True,
     add_completion=False,
 )
 console = Console()
-
-DatasetOpt = Annotated[str, typer.Option("--dataset", help=f"Data set: {', '.join(DATASETS)}.")]
-DataDirOpt = Annotated[
-    Path | None,
-    typer.Option(help="Folder with the IDX .gz files (mnist, mnist-5k test, fashion-mnist)."),
-]
-OfflineOpt = Annotated[bool, typer.Option("--offline", help="Never download; a missing file is an error.")]
-DeviceOpt = Annotated[str, typer.Option(help="auto (CUDA if present), cpu or cuda.")]
-SeedOpt = Annotated[int, typer.Option(help="Seed of every random choice; CPU runs are reproducible.")]
-OutOpt = Annotated[Path, typer.Option("--out", help="Output folder (detector/, PNGs, model.onnx).")]
-ScoreOpt = Annotated[
-    str, typer.Option("--score", help="fused (critic + authenticator label consistency) or critic (paper).")
-]
-FprOpt = Annotated[float, typer.Option(help="Clean false-positive rate the boundary is set to.")]
-PerClassOpt = Annotated[
-    bool, typer.Option("--per-class/--global", help="One threshold per class, or one for all.")
-]
-TrustedOpt = Annotated[float, typer.Option(help="Share of the train split the defender trusts.")]
-CalOpt = Annotated[float, typer.Option(help="Share of the trusted pool held out for calibration.")]
-AuthStepsOpt = Annotated[int | None, typer.Option(help="Authenticator steps (default: per data set, training/config.py).")]
-GanStepsOpt = Annotated[int | None, typer.Option(help="cGAN steps (default: per data set).")]
-CriticStepsOpt = Annotated[
-    int | None, typer.Option(help="WGAN-GP generator steps, 5 critic steps each (default: per data set).")
-]
-ThreadsOpt = Annotated[
-    int, typer.Option(help="torch CPU threads; 1 is robust on a shared box, 0 = torch's default.")
-]
-BatchOpt = Annotated[int, typer.Option(help="Minibatch size of all stages.")]
-ThresholdOpt = Annotated[float, typer.Option(help="Keep a synthetic sample iff p_auth(label|x) >= this.")]
-QuantizeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--quantize",
-        help="int8: also write MODEL.int8.onnx (+ card), dynamic int8 quantisation of the linear "
-        "layers, only if its verdicts agree with fp32 on >= 99.5 % of the calibration split (the "
-        "agreement is printed; below it nothing is written and the exit code is 1).",
-    ),
-]
-SynthOpt = Annotated[
-    int | None, typer.Option(help="Synthetic samples to keep (default: train size - trusted size).")
-]
+err_console = Console(stderr=True)
 
 
-def _config(**kwargs: object):
+def fail(code: int, message: str) -> NoReturn:
+    """One line on stderr, then exit with a documented code (never a traceback)."""
+    err_console.print(f"[red]error:[/red] {message}", soft_wrap=True, highlight=False, markup=True)
+    raise typer.Exit(code)
+
+
+# --------------------------------------------------------------------------- options from FitConfig
+
+CLI_DEFAULTS: dict[str, object] = {"out_dir": Path("artifacts/model")}
+
+
+def _flag(name: str, field: Any) -> str:
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return str(extra.get("cli", "--" + name.replace("_", "-")))
+
+
+def _cli_type(annotation: Any) -> Any:
+    """The type typer parses for a FitConfig field: tuples become one comma-separated string."""
+    if get_origin(annotation) is tuple:
+        return str
+    if get_origin(annotation) is Literal:
+        return annotation
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if args and len(args) < len(get_args(annotation)):  # X | None
+        return Optional[args[0]]
+    return annotation
+
+
+def config_parameters() -> list[inspect.Parameter]:
+    """One keyword parameter per FitConfig field, with its flag, type, default and help."""
+    from training.config import FitConfig
+
+    params = []
+    for name, field in FitConfig.model_fields.items():
+        default = CLI_DEFAULTS.get(name, field.default)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        option = typer.Option(_flag(name, field), help=field.description or "")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=Annotated[_cli_type(field.annotation), option]))
+    return params
+
+
+def build_config(values: dict[str, object]):
+    """FitConfig from parsed options, or exit 2 naming each offending flag on its own line."""
     from pydantic import ValidationError
 
     from training.config import FitConfig
 
-    kwargs["download"] = not kwargs.pop("offline")
-    kwargs["score_kind"] = kwargs.pop("score")
     try:
-        return FitConfig(**kwargs)
+        return FitConfig(**values)
     except ValidationError as exc:
-        console.print(f"[red]invalid option:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        lines = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            field = FitConfig.model_fields.get(name)
+            flag = _flag(name, field) if field else name
+            lines.append(f"invalid {flag.split('/')[0]} {err.get('input')!r}: {err['msg']}")
+        fail(EXIT_USAGE, "; ".join(lines))
+
+
+def writable_folder(path: Path, what: str) -> None:
+    """Create ``path`` (and parents) now, or exit 2: better than failing after training."""
+    if path.exists() and not path.is_dir():
+        fail(EXIT_USAGE, f"{what} {path} exists and is not a folder; pass a folder path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".depois-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        fail(EXIT_USAGE, f"cannot write to {what} {path} ({exc.strerror or exc}); pass a writable folder")
+
+
+def preflight(cfg) -> None:
+    """Everything that can be checked in seconds: device, data files, output folder, the plan."""
+    import numpy as np
+
+    from training.crossfit import make_plan
+    from training.data import load_dataset, trusted_split
+    from training.torchutil import resolve_device
+
+    try:
+        resolve_device(cfg.device)
+    except RuntimeError as exc:
+        fail(EXIT_USAGE, str(exc))
+    if cfg.data_dir is not None and not cfg.data_dir.is_dir():
+        fail(EXIT_USAGE, f"--data-dir {cfg.data_dir} is not a folder; pass the folder that holds the IDX files")
+    try:
+        splits = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+    except DatasetError as exc:
+        fail(EXIT_DATA, str(exc))
+    parts = trusted_split(splits.train, cfg.trusted_fraction, cfg.calibration_fraction, cfg.seed)
+    pool_size = len(parts.trusted_train) + len(parts.calibration)
+    from training.data import LabeledImages
+
+    pool = LabeledImages(np.concatenate([parts.calibration.images, parts.trusted_train.images]),
+                         np.concatenate([parts.calibration.labels, parts.trusted_train.labels]))
+    try:
+        plan = make_plan(pool, parts.calibration, parts.trusted_train, cfg.calibration_fraction, cfg.target_fpr,
+                         cfg.folds, cfg.seed)
+        smallest = plan.min_class_count(splits.num_classes)
+    except ValueError as exc:
+        fail(EXIT_USAGE, f"{exc} (trusted pool of {pool_size}); raise --trusted-fraction or lower --folds")
+    if plan.mode == "crossfit" and cfg.n_synthetic == 0:
+        fail(EXIT_USAGE, "--n-synthetic 0 leaves the mimic model without training data under cross-fitting (every "
+                         "trusted image calibrates); pass --n-synthetic > 0 or --folds 1")
+    if smallest < 1:
+        fail(EXIT_USAGE, f"a class has no trusted training sample in the {plan.mode} plan over {pool_size} trusted "
+                         "samples; raise --trusted-fraction or lower --folds")
+    if cfg.out_dir is not None:
+        writable_folder(cfg.out_dir, "--out")
 
 
 def _fit_and_save(cfg, out: Path):
@@ -88,8 +168,7 @@ def _fit_and_save(cfg, out: Path):
     try:
         det = fit(cfg, progress=True)
     except DatasetError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from exc
+        fail(EXIT_DATA, str(exc))
     det.save(out / "detector")
     plot_losses(det.report["losses"], out / "losses.png")
     plot_sample_grid(det.synthetic_preview, det.metadata.num_classes, out / "synthetic_grid.png")
@@ -99,14 +178,10 @@ def _fit_and_save(cfg, out: Path):
 def _export(det, model: Path, quantize: str | None = None) -> None:
     from training.export import ExportParityError, export_onnx
 
-    if quantize not in (None, "int8"):
-        console.print(f"[red]--quantize {quantize!r} is not supported;[/red] use --quantize int8")
-        raise typer.Exit(2)
     try:
         card = export_onnx(det, model)
     except ExportParityError as exc:
-        console.print(f"[red]export refused:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        fail(EXIT_REFUSED, f"export refused: {exc}")
     console.print(f"wrote {model} (sha256 {card.onnx_sha256[:16]}...) and its model card")
     if quantize == "int8":
         _quantize(det, model)
@@ -118,8 +193,7 @@ def _quantize(det, model: Path) -> None:
     try:
         report = quantize_detector(det, model)
     except QuantizationRefused as exc:
-        console.print(f"[red]int8 model refused:[/red] {exc}")
-        raise typer.Exit(1) from exc
+        fail(EXIT_REFUSED, f"int8 model refused: {exc}")
     console.print(f"wrote {int8_path_for(model)}: {report.summary()}")
 
 
@@ -130,17 +204,23 @@ def _summary(det, out: Path) -> None:
     table.add_column("value", justify="right")
     for key, value in r["sizes"].items():
         table.add_row(key.replace("_", " "), f"{value:,}")
+    plan = r.get("plan", {})
+    table.add_row("calibration plan", f"{plan.get('mode')} ({plan.get('folds')} fold(s))")
+    table.add_row("evidence members", ", ".join(meta.evidence_members))
     table.add_row("authenticator acceptance rate", f"{r['acceptance_rate']:.1%}")
-    table.add_row("authenticator accuracy (calibration)", f"{r['authenticator_calibration_accuracy']:.1%}")
-    table.add_row("score kind", meta.score_kind)
-    table.add_row("target / achieved calibration FPR", f"{meta.target_fpr:.2%} / {r['calibration_fpr']:.2%}")
-    table.add_row("global boundary", f"{meta.boundary.global_:.3f}")
+    table.add_row("authenticator accuracy (out of fold)", f"{r['authenticator_out_of_fold_accuracy']:.1%}")
+    cv = r.get("cv_fpr") or []
+    cv_text = f"{sum(cv) / len(cv):.2%} (folds {min(cv):.2%} to {max(cv):.2%})" if cv else "n/a"
+    table.add_row("target FPR / out-of-sample FPR", f"{meta.target_fpr:.2%} / {cv_text}")
+    table.add_row("global boundary (log min-p)", f"{meta.boundary.global_:.3f}")
     if meta.boundary.per_class is not None:
         table.add_row("classes using the global fallback", str(len(r["per_class_fallback"])))
     for stage, seconds in r["times_s"].items():
         table.add_row(f"time {stage}", f"{seconds:.1f} s")
     table.add_row("output", str(out))
     console.print(table)
+    if plan.get("warning"):
+        err_console.print(f"[yellow]warning:[/yellow] {plan['warning']}", soft_wrap=True)
 
 
 @app.command()
@@ -154,82 +234,83 @@ def datasets() -> None:
     console.print(table)
 
 
-@app.command()
-def fit(
-    dataset: DatasetOpt = "digits",
-    data_dir: DataDirOpt = None,
-    offline: OfflineOpt = False,
-    device: DeviceOpt = "auto",
-    threads: ThreadsOpt = 1,
-    seed: SeedOpt = 0,
-    out: OutOpt = Path("artifacts/model"),
-    score: ScoreOpt = "fused",
-    target_fpr: FprOpt = 0.01,
-    per_class: PerClassOpt = True,
-    trusted_fraction: TrustedOpt = 0.2,
-    calibration_fraction: CalOpt = 0.2,
-    auth_steps: AuthStepsOpt = None,
-    gan_steps: GanStepsOpt = None,
-    critic_steps: CriticStepsOpt = None,
-    batch_size: BatchOpt = 64,
-    auth_threshold: ThresholdOpt = 0.9,
-    n_synthetic: SynthOpt = None,
-) -> None:
-    """Train the detector and save it to OUT/detector (plus losses.png and synthetic_grid.png).
+QuantizeOpt = Annotated[
+    Optional[Literal["int8"]],
+    typer.Option(
+        "--quantize",
+        help="int8: also write MODEL.int8.onnx (+ card), dynamic int8 quantisation of the linear "
+        "layers, only if its verdicts agree with fp32 on >= 99.5 % of the calibration samples (the "
+        "agreement is printed; below it nothing is written and the exit code is 1).",
+    ),
+]
 
-    Reads only the train split. Export it afterwards with `depois-train export-onnx --out OUT`."""
-    cfg = _config(**{k: v for k, v in locals().items() if k != "out"}, out_dir=out)
-    det = _fit_and_save(cfg, out)
-    _summary(det, out)
+
+def _command(doc: str, extra: list[inspect.Parameter], body) -> Any:
+    """A typer command whose options are FitConfig's fields (+ ``extra``), dispatching to ``body``."""
+
+    def command(**values: object) -> None:
+        extras = {p.name: values.pop(p.name) for p in extra}
+        cfg = build_config(values)
+        preflight(cfg)
+        body(cfg, **extras)
+
+    command.__doc__ = doc
+    command.__signature__ = inspect.Signature(config_parameters() + extra)  # type: ignore[attr-defined]
+    return command
+
+
+def _fit_body(cfg) -> None:
+    det = _fit_and_save(cfg, cfg.out_dir)
+    _summary(det, cfg.out_dir)
+
+
+def _all_body(cfg, quantize: str | None) -> None:
+    det = _fit_and_save(cfg, cfg.out_dir)
+    _export(det, cfg.out_dir / "model.onnx", quantize)
+    _summary(det, cfg.out_dir)
+
+
+app.command("fit")(_command(
+    "Train the detector and save it to OUT/detector (plus losses.png and synthetic_grid.png).\n\n"
+    "Reads only the train split. Export it afterwards with `depois-train export-onnx --out OUT`.",
+    [], _fit_body))
+app.command("all")(_command(
+    "Fit, then export: OUT/detector, OUT/model.onnx, OUT/model.card.json and the PNGs.",
+    [inspect.Parameter("quantize", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=QuantizeOpt)],
+    _all_body))
 
 
 @app.command("export-onnx")
 def export_onnx_cmd(
-    out: OutOpt = Path("artifacts/model"),
+    out: Annotated[Path, typer.Option("--out", help="Folder that `fit --out` wrote (holds detector/).")] = Path(
+        "artifacts/model"),
     model: Annotated[
-        Path | None, typer.Option(help="ONNX file to write (default: OUT/model.onnx).")
+        Optional[Path], typer.Option(help="ONNX file to write (default: OUT/model.onnx).")
     ] = None,
     quantize: QuantizeOpt = None,
 ) -> None:
     """Export OUT/detector to one ONNX file and its model card.
 
-    The graph is checked against the torch detector on the calibration split first (max |score
-    difference| <= 1e-4 and identical verdicts); a model that fails is not written (exit code 1)."""
-    from training.detector import FittedDetector
+    The graph is checked against the torch detector on the calibration samples first (scores,
+    p-values, evidence and verdicts); a model that fails is not written (exit code 1)."""
+    from training.detector import STATE_FILE, WEIGHTS_FILE, FittedDetector
 
-    det = FittedDetector.load(out / "detector")
-    _export(det, model or out / "model.onnx", quantize)
-
-
-@app.command("all")
-def all_cmd(
-    dataset: DatasetOpt = "digits",
-    data_dir: DataDirOpt = None,
-    offline: OfflineOpt = False,
-    device: DeviceOpt = "auto",
-    threads: ThreadsOpt = 1,
-    seed: SeedOpt = 0,
-    out: OutOpt = Path("artifacts/model"),
-    score: ScoreOpt = "fused",
-    target_fpr: FprOpt = 0.01,
-    per_class: PerClassOpt = True,
-    trusted_fraction: TrustedOpt = 0.2,
-    calibration_fraction: CalOpt = 0.2,
-    auth_steps: AuthStepsOpt = None,
-    gan_steps: GanStepsOpt = None,
-    critic_steps: CriticStepsOpt = None,
-    batch_size: BatchOpt = 64,
-    auth_threshold: ThresholdOpt = 0.9,
-    n_synthetic: SynthOpt = None,
-    quantize: QuantizeOpt = None,
-) -> None:
-    """Fit, then export: OUT/detector, OUT/model.onnx, OUT/model.card.json and the PNGs."""
-    cfg = _config(**{k: v for k, v in locals().items() if k not in ("out", "quantize")}, out_dir=out)
-    det = _fit_and_save(cfg, out)
-    _export(det, out / "model.onnx", quantize)
-    _summary(det, out)
+    folder = out / "detector"
+    if not (folder / STATE_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        fail(EXIT_USAGE, f"no trained detector in {folder} (needs {STATE_FILE} and {WEIGHTS_FILE}); train one with "
+                         f"`depois-train fit --out {out}` or pass the --out folder `fit` wrote")
+    target = model or out / "model.onnx"
+    writable_folder(target.parent, "the model's folder")
+    try:
+        det = FittedDetector.load(folder)
+    except Exception as exc:  # noqa: BLE001 - any corrupt file (json, pickle, shapes) ends here as one line
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        fail(EXIT_DATA, f"cannot read the detector in {folder} ({type(exc).__name__}: {first}); re-run "
+                        f"`depois-train fit --out {out}`")
+    _export(det, target, quantize)
 
 
 from training.evaluate import evaluate  # noqa: E402  (torch-heavy; registered last on purpose)
 
 app.command("evaluate")(evaluate)
+

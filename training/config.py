@@ -1,8 +1,12 @@
 """FitConfig: every knob of a training run, validated once at the CLI/API boundary.
 
+It is also the single source of truth for the ``depois-train fit`` and ``all`` options: the CLI
+derives each option's name, type, default and help from the field (``training/cli.py``), so a
+setting is declared once, here.
+
 Step counts left at ``None`` take the data set's default from ``DEFAULT_STEPS``; those defaults
-are sized so ``depois-train all`` finishes in under 3 minutes on digits and under 15 minutes on
-Fashion-MNIST on 2 CPU cores (measured numbers are in the README).
+are sized so ``depois-train all`` finishes in under 3 minutes on digits and under 12 minutes on
+Fashion-MNIST on 2 CPU cores with one torch thread (measured numbers in docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from depois_stream.contract import ScoreKind
+from training.evidence import MEMBERS
 
 
 class Steps(BaseModel):
@@ -27,7 +31,7 @@ class Steps(BaseModel):
 
 
 DEFAULT_STEPS: dict[str, Steps] = {
-    "digits": Steps(auth_steps=1500, gan_steps=1500, critic_steps=800),
+    "digits": Steps(auth_steps=800, gan_steps=1500, critic_steps=800),
     "mnist": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
     "mnist-5k": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
     "fashion-mnist": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
@@ -35,29 +39,75 @@ DEFAULT_STEPS: dict[str, Steps] = {
 QUICK_STEPS = Steps(auth_steps=300, gan_steps=300, critic_steps=150)
 
 
+def _cli(flag: str) -> dict[str, str]:
+    """Marks a field whose command-line flag is not simply ``--field-name``."""
+    return {"cli": flag}
+
+
 class FitConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    dataset: str = "digits"
-    data_dir: Path | None = None
-    download: bool = True
-    seed: int = 0
-    trusted_fraction: float = Field(0.2, gt=0.0, le=1.0)
-    calibration_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    target_fpr: float = Field(0.01, gt=0.0, lt=1.0)
-    per_class: bool = True
-    score_kind: ScoreKind = "fused"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int = Field(1, ge=0)  # torch intra-op threads on CPU; 0 = torch's default
-    auth_steps: int | None = Field(None, ge=1)
-    gan_steps: int | None = Field(None, ge=1)
-    critic_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(64, ge=2)
-    auth_threshold: float = Field(0.9, ge=0.0, le=1.0)
-    aux_weight: float = Field(1.0, ge=0.0)
-    n_synthetic: int | None = Field(None, ge=0)
-    paper_k: float = 1.0
-    out_dir: Path | None = None
+    dataset: str = Field("digits", description="Data set (see `depois-train datasets`).")
+    data_dir: Path | None = Field(None, description="Folder with the IDX .gz files (mnist, mnist-5k test, "
+                                                    "fashion-mnist).")
+    download: bool = Field(True, description="Download missing IDX files (--offline: a missing file is an error).",
+                           json_schema_extra=_cli("--download/--offline"))
+    seed: int = Field(0, description="Seed of every random choice; CPU runs are reproducible.")
+    trusted_fraction: float = Field(0.2, gt=0.0, le=1.0, description="Share of the train split the defender trusts.")
+    calibration_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="Share of the trusted pool held out for calibration when the pool is "
+                                         "large enough for a holdout (see --folds).")
+    folds: int | None = Field(
+        None, ge=1, le=20, description="Calibration plan: 1 = one holdout split, k >= 2 = k-fold cross-fitting "
+                                       "(every trusted sample scored out of fold); default: holdout when it holds "
+                                       ">= 10 / target-fpr samples, else 5 folds.")
+    target_fpr: float = Field(0.01, gt=0.0, lt=1.0, description="Clean false-positive rate the boundary is set to.")
+    per_class: bool = Field(True, description="One threshold per class where a class has >= 1 / target-fpr "
+                                              "calibration samples (else the global one).",
+                            json_schema_extra=_cli("--per-class/--global"))
+    members: tuple[str, ...] = Field(MEMBERS, description=f"Evidence members of the union, comma-separated, from "
+                                                          f"{','.join(MEMBERS)}.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA if present), cpu or cuda.")
+    threads: int = Field(1, ge=0, description="torch CPU threads; 1 is robust on a shared box, 0 = torch's default.")
+    auth_steps: int | None = Field(None, ge=1, description="Authenticator steps (default: per data set, "
+                                                           "training/config.py).")
+    gan_steps: int | None = Field(None, ge=1, description="cGAN steps (default: per data set).")
+    critic_steps: int | None = Field(None, ge=1, description="WGAN-GP generator steps, 5 critic steps each "
+                                                             "(default: per data set).")
+    batch_size: int = Field(64, ge=2, description="Minibatch size of all stages.")
+    auth_threshold: float = Field(0.9, ge=0.0, le=1.0, description="Keep a synthetic sample iff "
+                                                                    "p_auth(label|x) >= this.")
+    aux_weight: float = Field(1.0, ge=0.0, description="Weight of the authenticator's loss in the cGAN generator.")
+    n_synthetic: int | None = Field(None, ge=0, description="Synthetic samples to keep (default: train size - "
+                                                             "trusted size).")
+    paper_k: float = Field(1.0, description="k of the paper's mean - k * std boundary (recorded, not used).")
+    out_dir: Path | None = Field(None, description="Output folder.", json_schema_extra=_cli("--out"))
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from training.data import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown data set {v!r}; choose one of {', '.join(DATASETS)}")
+        return v
+
+    @field_validator("members", mode="before")
+    @classmethod
+    def _split_members(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = tuple(m.strip() for m in v.split(",") if m.strip())
+        return v
+
+    @field_validator("members")
+    @classmethod
+    def _known_members(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in v if m not in MEMBERS]
+        if unknown or not v:
+            raise ValueError(f"members must be a non-empty subset of {','.join(MEMBERS)}; got {','.join(v) or 'none'}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"members repeat: {','.join(v)}")
+        return tuple(m for m in MEMBERS if m in v)  # canonical order = the evidence columns' order
 
     @classmethod
     def quick(cls, **overrides: object) -> FitConfig:

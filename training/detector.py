@@ -1,13 +1,15 @@
-"""FittedDetector: the trained De-Pois detector as one object (alibi-detect style).
+"""FittedDetector: the trained union detector as one object (alibi-detect style).
 
-It scores with torch for the two networks and numpy for everything after them (fusion, boundary,
-p-values). The exported ONNX graph re-implements that tail in torch ops; keeping the two paths
-separate is what makes the export's parity check a real check rather than a comparison of a
-module with itself.
+It scores with torch for the two networks and numpy for everything after them (member formulas,
+standardisation, p-values, min-p, boundary). The exported ONNX graph re-implements that tail in
+torch ops; keeping the two paths separate is what makes the export's parity check a real check
+rather than a comparison of a module with itself.
 
 Persistence: ``detector.pt`` holds only tensors and state dicts and is read back with
 ``torch.load(weights_only=True)`` (nothing is ever unpickled); ``detector.json`` holds the config,
-metadata, fusion constants and the report.
+metadata and report. The member references (kNN, Mahalanobis, PCA) and the union calibration are
+not stored but rebuilt at load from the stored pool, networks and out-of-sample calibration
+scores: they are deterministic functions of those, so there is one source of truth.
 """
 
 from __future__ import annotations
@@ -21,16 +23,16 @@ import numpy as np
 import torch
 
 from depois_stream.contract import SCHEMA_VERSION, Boundary, ModelMetadata, utc_now_iso
-from training.calibration import conformal_p_values, fit_boundary, flagged
 from training.config import FitConfig
+from training.crossfit import CalibrationPlan
 from training.data import LabeledImages
-from training.fusion import FusionParams, combined_score
+from training.evidence import MEMBERS, References, member_scores, neighbours
 from training.models import Authenticator, Critic
 from training.torchutil import batched, resolve_device
+from training.union import UnionCalibration, calibrate_union
 
 WEIGHTS_FILE = "detector.pt"
 STATE_FILE = "detector.json"
-_DATA_PARTS = ("calibration", "trusted", "synthetic_preview")
 
 
 def weights_sha256(authenticator: Authenticator, critic: Critic) -> str:
@@ -43,74 +45,149 @@ def weights_sha256(authenticator: Authenticator, critic: Critic) -> str:
     return h.hexdigest()
 
 
+@torch.no_grad()
+def network_outputs(authenticator: Authenticator, critic: Critic | None, images: np.ndarray, labels: np.ndarray,
+                    device: torch.device, batch: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(critic score [N], logits [N, K], embedding [N, D]) in float32, in chunks."""
+    crit, logits, emb = [], [], []
+    for i in range(0, len(labels), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device)
+        y = torch.from_numpy(np.ascontiguousarray(labels[i : i + batch])).to(device)
+        z, e = authenticator.logits_and_embedding(x)
+        logits.append(z.float().cpu().numpy())
+        emb.append(e.float().cpu().numpy())
+        crit.append(critic(x, y).float().cpu().numpy() if critic is not None else np.zeros(len(y), np.float32))
+    if not labels.size:
+        return np.zeros(0, np.float32), np.zeros((0, authenticator.head[4].out_features), np.float32), \
+            np.zeros((0, authenticator.head[4].in_features), np.float32)
+    return np.concatenate(crit), np.concatenate(logits), np.concatenate(emb)
+
+
+def build_references(authenticator: Authenticator, data: LabeledImages, num_classes: int, k: int, seed: int,
+                     device: torch.device) -> References:
+    """kNN / Mahalanobis / novelty references of one model, from the trusted data it trained on."""
+    _, _, emb = network_outputs(authenticator, None, data.images, data.labels, device)
+    return References.fit(data.images, data.labels, emb, num_classes, k, seed)
+
+
+def raw_member_scores(authenticator: Authenticator, critic: Critic | None, refs: References, images: np.ndarray,
+                      labels: np.ndarray, device: torch.device) -> np.ndarray:
+    """[N, len(MEMBERS)] raw member scores (critic column 0 when ``critic`` is None)."""
+    crit, logits, emb = network_outputs(authenticator, critic, images, labels, device)
+    return member_scores(crit, logits, emb, images, labels, refs)
+
+
+def member_columns(members: tuple[str, ...]) -> list[int]:
+    return [MEMBERS.index(m) for m in members]
+
+
 class FittedDetector:
-    """Trained networks + fusion constants + calibrated boundary, ready to score or export."""
+    """Networks + member references + calibrated union, ready to score or export."""
 
     def __init__(
         self,
         authenticator: Authenticator,
         critic: Critic,
-        fusion: FusionParams,
         metadata: ModelMetadata,
         config: FitConfig,
-        calibration: LabeledImages,
-        trusted: LabeledImages,
+        plan: CalibrationPlan,
+        calibration_raw: np.ndarray,
+        calibration_labels: np.ndarray,
         synthetic_preview: LabeledImages,
+        calibration_log_p: np.ndarray | None = None,
         report: dict | None = None,
         device: str = "cpu",
     ):
         self.device = resolve_device(device)
         self.authenticator = authenticator.to(self.device).eval()
         self.critic = critic.to(self.device).eval()
-        self.fusion = fusion
         self.metadata = metadata
         self.config = config
-        self.calibration = calibration
-        self.trusted = trusted
+        self.plan = plan
+        self.calibration_raw = np.asarray(calibration_raw, np.float32)  # [n, len(MEMBERS)], out of sample
+        self.calibration_labels = np.asarray(calibration_labels, np.int64)
+        self.calibration_log_p = calibration_log_p  # out-of-sample authenticator log p(y|x), for the old fusion
         self.synthetic_preview = synthetic_preview
         self.report = report or {}
-        self.reference_scores = np.sort(self.score(calibration.images, calibration.labels))
+        self.k = neighbours(plan.min_class_count(metadata.num_classes))
+        self.references = build_references(self.authenticator, plan.shipped_training_data(), metadata.num_classes,
+                                           self.k, config.seed, self.device)
+        self.union = self.calibrate(self.members, metadata.target_fpr, metadata.boundary.per_class is not None)
+
+    # ------------------------------------------------------------------ parts
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return tuple(self.metadata.evidence_members) or tuple(self.config.members)
+
+    @property
+    def calibration(self) -> LabeledImages:
+        """The trusted samples whose out-of-sample scores calibrated the union at fit time (the
+        export's parity check runs on them; after ``infer_threshold`` the union is calibrated on
+        the data given there instead, whose raw scores ``calibration_raw`` then holds)."""
+        return self.plan.calibration
+
+    @property
+    def trusted(self) -> LabeledImages:
+        """What the shipped networks trained on (the holdout's training part, or the whole pool)."""
+        return self.plan.shipped_training_data()
+
+    def calibrate(self, members: tuple[str, ...], target_fpr: float, per_class: bool,
+                  folds: np.ndarray | None = None) -> UnionCalibration:
+        """A union of ``members`` calibrated on the stored out-of-sample scores (ablations use this)."""
+        cols = member_columns(members)
+        return calibrate_union(self.calibration_raw[:, cols], self.calibration_labels, self.metadata.num_classes,
+                               members, target_fpr, per_class, folds, self.config.paper_k)
 
     # ------------------------------------------------------------------ scoring
 
+    def raw_evidence(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """[N, len(MEMBERS)] raw scores of every member (higher = more trustworthy)."""
+        return raw_member_scores(self.authenticator, self.critic, self.references, images, labels, self.device)
+
     def critic_score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Raw mimic-model output (the paper's score, unstandardised)."""
+        """Raw mimic-model output (the paper's score)."""
         return batched(self.critic, images, labels, self.device)
 
     def log_p_label(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Authenticator log p(label | image): the label-consistency signal."""
+        """Authenticator log p(label | image)."""
         return batched(self.authenticator.log_p_label, images, labels, self.device)
 
-    def score(self, images: np.ndarray, labels: np.ndarray, kind: str | None = None) -> np.ndarray:
-        """float32 [N], higher = more trustworthy; ``kind`` defaults to the exported one."""
-        kind = kind or self.metadata.score_kind
-        log_p = self.log_p_label(images, labels) if kind == "fused" else np.zeros(len(labels), np.float32)
-        return combined_score(self.critic_score(images, labels), log_p, self.fusion, kind)
+    def evidence(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """[N, J] per-member p-values, columns in ``self.members`` order (the ONNX ``evidence``)."""
+        raw = self.raw_evidence(images, labels)[:, member_columns(self.members)]
+        return np.exp(self.union.member_log_p(raw, labels)).astype(np.float32)
+
+    def score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """float32 [N]: log of the smallest member p-value; higher = more trustworthy."""
+        raw = self.raw_evidence(images, labels)[:, member_columns(self.members)]
+        return self.union.score(raw, labels)
 
     def predict(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """bool [N]: True = poisoned (score below the boundary of the sample's label)."""
-        return flagged(self.score(images, labels), labels, self.metadata.boundary)
+        return self.union.flagged(self.score(images, labels), labels)
 
     def p_value(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return conformal_p_values(self.score(images, labels), self.reference_scores)
+        return self.union.p_value(self.score(images, labels))
 
     def infer_threshold(
         self, images: np.ndarray, labels: np.ndarray, target_fpr: float, per_class: bool
     ) -> Boundary:
-        """Recalibrate boundary and p-value reference on clean data; returns the new boundary.
+        """Recalibrate the union (member references, p-values, boundary) on new clean data.
 
-        Use it when the stream's clean data differs from the calibration split: the networks stay,
-        only the operating point moves."""
-        scores = self.score(images, labels)
-        boundary, fell_back = fit_boundary(
-            scores, labels, self.metadata.num_classes, target_fpr, per_class, self.config.paper_k
-        )
-        version = model_version(self.config, self.metadata.weights_sha256, self.fusion, boundary)
+        New data is out of sample for the shipped networks, so it can replace the cross-fitted
+        calibration scores directly. Use it when the stream's clean data differs from the trusted
+        pool: the networks stay, only the operating point moves."""
+        self.calibration_raw = self.raw_evidence(images, labels)
+        self.calibration_labels = np.asarray(labels, np.int64)
+        self.calibration_log_p = self.log_p_label(images, labels)
+        self.union = self.calibrate(self.members, target_fpr, per_class)
+        boundary = self.union.boundary
+        version = model_version(self.config, self.metadata.weights_sha256 or "", self.union)
         self.metadata = self.metadata.model_copy(
             update={"boundary": boundary, "target_fpr": target_fpr, "model_version": version})
-        self.reference_scores = np.sort(scores)
-        self.report["per_class_fallback"] = fell_back
-        self.report["calibration_fpr"] = float(flagged(scores, labels, boundary).mean())
+        self.report["per_class_fallback"] = self.union.fell_back
+        self.report["calibration"] = {"source": "infer_threshold", "n": len(labels)}
         return boundary
 
     # ------------------------------------------------------------------ persistence
@@ -121,18 +198,23 @@ class FittedDetector:
         tensors: dict[str, object] = {
             "authenticator": self.authenticator.state_dict(),
             "critic": self.critic.state_dict(),
+            "pool_images": torch.from_numpy(self.plan.pool.images),
+            "pool_labels": torch.from_numpy(self.plan.pool.labels),
+            "folds": torch.from_numpy(self.plan.folds),
+            "calibration_raw": torch.from_numpy(self.calibration_raw),
+            "calibration_labels": torch.from_numpy(self.calibration_labels),
+            "synthetic_preview_images": torch.from_numpy(self.synthetic_preview.images),
+            "synthetic_preview_labels": torch.from_numpy(self.synthetic_preview.labels),
         }
-        for part in _DATA_PARTS:
-            data: LabeledImages = getattr(self, part)
-            tensors[f"{part}_images"] = torch.from_numpy(data.images)
-            tensors[f"{part}_labels"] = torch.from_numpy(data.labels)
+        if self.calibration_log_p is not None:
+            tensors["calibration_log_p"] = torch.from_numpy(np.asarray(self.calibration_log_p, np.float32))
         buf = io.BytesIO()
         torch.save(tensors, buf)
         (out / WEIGHTS_FILE).write_bytes(buf.getvalue())
         state = {
             "config": self.config.model_dump(mode="json"),
             "metadata": json.loads(self.metadata.model_dump_json(by_alias=True)),
-            "fusion": self.fusion.model_dump(),
+            "plan": self.plan.mode,
             "report": self.report,
         }
         (out / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -148,44 +230,57 @@ class FittedDetector:
         authenticator, critic = Authenticator(shape, k), Critic(shape, k)
         authenticator.load_state_dict(tensors["authenticator"])
         critic.load_state_dict(tensors["critic"])
-        parts = {
-            part: LabeledImages(tensors[f"{part}_images"].numpy(), tensors[f"{part}_labels"].numpy())
-            for part in _DATA_PARTS
-        }
-        return cls(
-            authenticator, critic, FusionParams.model_validate(state["fusion"]), metadata,
-            FitConfig.model_validate(state["config"]), report=state["report"], device=device, **parts,
+        plan = CalibrationPlan(state["plan"], LabeledImages(tensors["pool_images"].numpy(),
+                                                            tensors["pool_labels"].numpy()),
+                               tensors["folds"].numpy())
+        log_p = tensors.get("calibration_log_p")
+        det = cls(
+            authenticator, critic, metadata, FitConfig.model_validate(state["config"]), plan,
+            tensors["calibration_raw"].numpy(), tensors["calibration_labels"].numpy(),
+            LabeledImages(tensors["synthetic_preview_images"].numpy(), tensors["synthetic_preview_labels"].numpy()),
+            calibration_log_p=log_p.numpy() if log_p is not None else None,
+            report=state["report"], device=device,
         )
+        if det.union.boundary != metadata.boundary:
+            raise ValueError(f"{out}: the boundary rebuilt from the stored calibration scores differs from the "
+                             "saved one; the detector files do not belong together")
+        return det
 
 
-def model_version(config: FitConfig, weights_sha: str, fusion: FusionParams, boundary: Boundary) -> str:
+def union_digest(union: UnionCalibration) -> str:
+    h = hashlib.sha256()
+    for arr in (union.references, union.betas, union.union_reference, union.standardiser.loc,
+                union.standardiser.scale, *(k.values for k in union.knots), union.union_knots.values):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(",".join(union.members).encode())
+    return h.hexdigest()
+
+
+def model_version(config: FitConfig, weights_sha: str, union: UnionCalibration) -> str:
     """Names everything that decides a verdict, not just the weights.
 
     Quarantine headers and the audit trail cite this string, so two models that share networks
-    but not fusion constants or boundary (a re-scaled fusion, an ``infer_threshold``) must not
-    share it."""
+    but not calibration or boundary (an ``infer_threshold``) must not share it."""
     h = hashlib.sha256(weights_sha.encode())
-    h.update(config.score_kind.encode())
-    h.update(fusion.model_dump_json().encode())
-    h.update(boundary.to_json().encode())
+    h.update(b"union")
+    h.update(union_digest(union).encode())
+    h.update(union.boundary.to_json().encode())
     return f"{config.dataset}-seed{config.seed}-{h.hexdigest()[:12]}"
 
 
-def build_metadata(
-    config: FitConfig, boundary: Boundary, shape: tuple[int, int, int], num_classes: int, sha: str,
-    fusion: FusionParams,
-) -> ModelMetadata:
-    created = utc_now_iso()
+def build_metadata(config: FitConfig, union: UnionCalibration, shape: tuple[int, int, int], num_classes: int,
+                   sha: str) -> ModelMetadata:
     return ModelMetadata(
         schema_version=SCHEMA_VERSION,
-        boundary=boundary,
-        target_fpr=config.target_fpr,
+        boundary=union.boundary,
+        target_fpr=union.target_fpr,
         input_shape=shape,
         num_classes=num_classes,
         dataset=config.dataset,
-        score_kind=config.score_kind,
-        model_version=model_version(config, sha, fusion, boundary),
-        created_at=created,
+        score_kind="union",
+        model_version=model_version(config, sha, union),
+        created_at=utc_now_iso(),
         weights_sha256=sha,
         has_p_value=True,
+        evidence_members=union.members,
     )

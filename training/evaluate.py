@@ -1,14 +1,16 @@
-"""``depois-train evaluate``: attack test-split streams, score them with De-Pois and the baselines,
-and train the victim on what each detector lets through.
+"""``depois-train evaluate``: attack test-split streams, score them with the union detector, the
+previous fused detector, the baselines and the ablations, and train the victim on what the union
+lets through.
 
-Per data set: fit (or load) the detector on the train split, fit the baselines on its trusted
-pool, cut the *test* split into a stream and a held-out part, then for every attack and rate
-poison the stream, score it with every detector, and train the victim classifier on the poisoned,
-the depois-filtered stream and the stream with exactly its poisons removed; accuracy is measured
-on the held-out part. Poisons *replace* stream slots (an attacker's message takes the place of a
-legitimate one), so "clean" means the legitimate messages that remain, the best any filter can
-do. Nothing is tuned on the test split: every boundary comes from the calibration part of the
-trusted pool.
+Per data set and seed: fit (or load) the detector on the train split, fit the baselines on its
+trusted pool with the same calibration plan, cut the *test* split into a stream and a held-out
+part, measure every detector's flag rate on the unattacked stream (the realised FPR on new clean
+data), then for every attack and rate poison the stream, score it with every detector, and train
+the victim classifier on the poisoned, the union-filtered stream and the stream with exactly its
+poisons removed; accuracy is measured on the held-out part. Poisons *replace* stream slots (an
+attacker's message takes the place of a legitimate one), so "clean" means the legitimate messages
+that remain, the best any filter can do. Nothing is tuned on the test split: every boundary comes
+from out-of-sample scores of the trusted pool.
 """
 
 from __future__ import annotations
@@ -24,22 +26,28 @@ import typer
 from pydantic import BaseModel
 from tqdm import tqdm
 
-from training.attacks import ATTACKS, CollisionConfig, GPConfig, PoisonedStream
-from training.baselines import Scorer, all_scorers
+
+from training.attacks import ATTACKS, CollisionConfig, GPConfig
+from training.baselines import Baseline, all_detectors
 from training.config import FitConfig
 from training.data import (
+    DATASETS,
     FASHION_FILES,
     FASHION_SYSTEM_DIR,
     MNIST_FILES,
+    DatasetError,
     LabeledImages,
     load_dataset,
     parse_idx,
     verify_idx_file,
 )
-from training.detection_metrics import DetectionMetrics, detection_metrics
+from training.detection_metrics import detection_metrics
 from training.detector import FittedDetector
 from training.downstream import ClassifierConfig, DownstreamResult, victim_result
 from training.eval_report import Curves, render_markdown, save_plots
+from training.eval_schema import OURS, DatasetSummary, DetectionRow, DownstreamRow, EvalConfig, EvalReport
+
+__all__ = ["Budget", "EvalConfig", "EvalReport", "evaluate", "run_evaluation"]
 
 
 class Budget(BaseModel):
@@ -61,94 +69,6 @@ class Budget(BaseModel):
             gp=GPConfig(pretrain_steps=100, attack_steps=60, target=small),
             collision=CollisionConfig(steps=40, surrogate=small),
         )
-
-
-class EvalConfig(BaseModel):
-    datasets: list[str]
-    attacks: list[str]
-    rates: list[float]
-    seed: int = 0
-    quick: bool = False
-    stream_size: int = 3000
-    holdout_fraction: float = 1 / 3
-    data_dir: Path | None = None
-    ood_dir: Path | None = None
-    detector_dir: Path | None = None
-    device: str = "auto"
-    victim_seeds: int = 1
-
-
-class DetectionRow(BaseModel):
-    dataset: str
-    attack: str
-    rate: float
-    clean_label: bool
-    detector: str
-    role: str
-    metrics: DetectionMetrics
-
-
-class DownstreamRow(BaseModel):
-    dataset: str
-    attack: str
-    rate: float
-    clean_label: bool
-    poisoned: DownstreamResult
-    filtered: DownstreamResult
-    clean: DownstreamResult  # the stream with exactly its poisons removed (a perfect filter)
-    removed_poisons: int
-    removed_clean: int
-
-
-class DatasetSummary(BaseModel):
-    name: str
-    stream: int
-    holdout: int
-    trusted: int
-    calibration: int
-    ood_donor: str
-    unattacked_accuracy: float
-    fit_seconds: float
-    eval_seconds: float = 0.0
-
-
-class GoalRow(BaseModel):
-    """The issue's bar for one stream: fused TPR@1%FPR above every baseline, and the filtered
-    victim within 1 accuracy point of the one trained on the stream minus its poisons."""
-
-    dataset: str
-    attack: str
-    rate: float
-    clean_label: bool
-    fused_tpr: float
-    best_baseline: str
-    best_baseline_tpr: float
-    beats_baselines: bool
-    accuracy_gap: float
-    accuracy_restored: bool
-
-
-class EvalReport(BaseModel):
-    config: EvalConfig
-    datasets: list[DatasetSummary]
-    detection: list[DetectionRow]
-    downstream: list[DownstreamRow]
-
-    def goals(self) -> list[GoalRow]:
-        out = []
-        for d in self.downstream:
-            rows = [r for r in self.detection if (r.dataset, r.attack, r.rate) == (d.dataset, d.attack, d.rate)]
-            fused = next(r for r in rows if r.role == "ours")
-            best = max((r for r in rows if r.role == "baseline"), key=lambda r: r.metrics.tpr_at_fpr)
-            gap = d.filtered.accuracy - d.clean.accuracy
-            out.append(GoalRow(
-                dataset=d.dataset, attack=d.attack, rate=d.rate, clean_label=d.clean_label,
-                fused_tpr=fused.metrics.tpr_at_fpr, best_baseline=best.detector,
-                best_baseline_tpr=best.metrics.tpr_at_fpr,
-                beats_baselines=fused.metrics.tpr_at_fpr > best.metrics.tpr_at_fpr,
-                accuracy_gap=gap, accuracy_restored=gap >= -0.01,
-            ))
-        return out
 
 
 @dataclass(frozen=True)
@@ -189,7 +109,7 @@ def attack_params(name: str, budget: Budget, donor: np.ndarray | None) -> dict[s
             "ood_injection": {"donor": donor}}.get(name, {})
 
 
-def fit_detector(cfg: EvalConfig, dataset: str, out: Path) -> FittedDetector:
+def fit_detector(cfg: EvalConfig, dataset: str, seed: int, out: Path) -> FittedDetector:
     """Load ``--detector-dir`` or fit on the train split; a fitted one is saved under ``out`` so a
     later run can re-evaluate it (``--detector-dir``) without paying for training again."""
     if cfg.detector_dir is not None:
@@ -197,82 +117,90 @@ def fit_detector(cfg: EvalConfig, dataset: str, out: Path) -> FittedDetector:
     from training.pipeline import fit
 
     make = FitConfig.quick if cfg.quick else FitConfig
-    det = fit(make(dataset=dataset, seed=cfg.seed, data_dir=cfg.data_dir, device=cfg.device), progress=True)
-    det.save(out / f"detector-{dataset}")
+    det = fit(make(dataset=dataset, seed=seed, data_dir=cfg.data_dir, device=cfg.device), progress=True)
+    det.save(out / f"detector-{dataset}-seed{seed}")
     return det
 
 
-def score_stream(stream: PoisonedStream, scorers: list[Scorer]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def score_stream(images: np.ndarray, labels: np.ndarray, detectors: list[Baseline]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """(scores, flagged) of every detector on one stream."""
     out = {}
-    for s in scorers:
-        scores = np.asarray(s.score(stream.images, stream.labels), dtype=np.float64)
-        out[s.name] = scores, np.asarray(s.flag(stream.images, stream.labels, scores), dtype=bool)
+    for d in detectors:
+        scores = np.asarray(d.score(images, labels), dtype=np.float64)
+        out[d.name] = scores, np.asarray(d.flag(images, labels, scores), dtype=bool)
     return out
 
 
-def evaluate_dataset(cfg: EvalConfig, dataset: str, budget: Budget, curves: Curves, out: Path) -> tuple[
+def evaluate_dataset(cfg: EvalConfig, dataset: str, seed: int, budget: Budget, curves: Curves, out: Path) -> tuple[
     DatasetSummary, list[DetectionRow], list[DownstreamRow]
 ]:
     started = time.perf_counter()
-    det = fit_detector(cfg, dataset, out)
+    det = fit_detector(cfg, dataset, seed, out)
     fit_seconds = time.perf_counter() - started
     splits = load_dataset(dataset, cfg.data_dir, download=False)
     k = splits.num_classes
-    stream_clean, holdout = split_test(splits.test, cfg.stream_size, cfg.holdout_fraction, cfg.seed)
+    stream_clean, holdout = split_test(splits.test, cfg.stream_size, cfg.holdout_fraction, seed)
     source = StreamSource(stream_clean.images, stream_clean.labels, k)
     donor, donor_name = load_donor(dataset, cfg.ood_dir)
-    scorers = all_scorers(det, k, cfg.seed, budget.victim)
-    roles = {s.name: s.role for s in scorers}
-    seeds = [cfg.seed + i for i in range(cfg.victim_seeds)]
+    detectors = all_detectors(det, seed, budget.victim, with_ablations=cfg.ablations)
+    roles = {d.name: d.role for d in detectors}
+    seeds = [seed + i for i in range(cfg.victim_seeds)]
 
     def victim(images: np.ndarray, labels: np.ndarray, target: int | None) -> DownstreamResult:
         return victim_result(images, labels, holdout, k, seeds, budget.victim, target)
 
-    unattacked = victim(source.images, source.labels, None)
+    unattacked = score_stream(source.images, source.labels, detectors)
+    realised = {name: float(flags.mean()) for name, (_, flags) in unattacked.items()}
+    unattacked_accuracy = victim(source.images, source.labels, None).accuracy if cfg.victims else None
 
     detection, downstream = [], []
     plot_rate = max(cfg.rates)
-    for name, rate in tqdm([(a, r) for a in cfg.attacks for r in cfg.rates], desc=f"evaluate {dataset}"):
+    for name, rate in tqdm([(a, r) for a in cfg.attacks for r in cfg.rates], desc=f"evaluate {dataset} seed {seed}"):
         spec = ATTACKS[name]
-        stream = spec.fn(source, rate, cfg.seed, **attack_params(name, budget, donor))
-        results = score_stream(stream, scorers)
+        stream = spec.fn(source, rate, seed, **attack_params(name, budget, donor))
+        results = score_stream(stream.images, stream.labels, detectors)
         for detector, (scores, flagged) in results.items():
             detection.append(DetectionRow(
-                dataset=dataset, attack=name, rate=rate, clean_label=spec.clean_label, detector=detector,
-                role=roles[detector], metrics=detection_metrics(stream.is_poison, scores, flagged, det.metadata.target_fpr),
+                dataset=dataset, seed=seed, attack=name, rate=rate, clean_label=spec.clean_label, detector=detector,
+                role=roles[detector],
+                metrics=detection_metrics(stream.is_poison, scores, flagged, det.metadata.target_fpr),
             ))
-        flagged, clean = results["depois-fused"][1], ~stream.is_poison
-        target = stream.target_label if name == "backdoor" else None
-        downstream.append(DownstreamRow(
-            dataset=dataset, attack=name, rate=rate, clean_label=spec.clean_label,
-            poisoned=victim(stream.images, stream.labels, target),
-            filtered=victim(stream.images[~flagged], stream.labels[~flagged], target),
-            clean=victim(stream.images[clean], stream.labels[clean], target),
-            removed_poisons=int(np.sum(flagged & stream.is_poison)),
-            removed_clean=int(np.sum(flagged & ~stream.is_poison)),
-        ))
-        if rate == plot_rate:
-            curves.setdefault(dataset, {})[name] = (stream.is_poison, {d: s for d, (s, _) in results.items()})
+        if cfg.victims:
+            flagged, clean = results[OURS][1], ~stream.is_poison
+            target = stream.target_label if name == "backdoor" else None
+            downstream.append(DownstreamRow(
+                dataset=dataset, seed=seed, attack=name, rate=rate, clean_label=spec.clean_label,
+                poisoned=victim(stream.images, stream.labels, target),
+                filtered=victim(stream.images[~flagged], stream.labels[~flagged], target),
+                clean=victim(stream.images[clean], stream.labels[clean], target),
+                removed_poisons=int(np.sum(flagged & stream.is_poison)),
+                removed_clean=int(np.sum(flagged & ~stream.is_poison)),
+            ))
+        if rate == plot_rate and seed == cfg.seeds[0]:
+            curves.setdefault(dataset, {})[name] = (
+                stream.is_poison, {d: s for d, (s, _) in results.items() if roles[d] != "ablation"})
+    cv = det.report.get("cv_fpr") or []
     summary = DatasetSummary(
-        name=dataset, stream=len(stream_clean), holdout=len(holdout), trusted=len(det.trusted),
-        calibration=len(det.calibration), ood_donor=donor_name, unattacked_accuracy=unattacked.accuracy,
-        fit_seconds=round(fit_seconds, 1),
-        eval_seconds=round(time.perf_counter() - started - fit_seconds, 1),
+        name=dataset, seed=seed, stream=len(stream_clean), holdout=len(holdout), trusted=len(det.plan.pool),
+        calibration=len(det.calibration_labels), plan=f"{det.plan.mode} ({len(det.plan.fold_ids)} fold(s))",
+        ood_donor=donor_name, unattacked_accuracy=unattacked_accuracy, fit_seconds=round(fit_seconds, 1),
+        eval_seconds=round(time.perf_counter() - started - fit_seconds, 1), realised_fpr=realised,
+        card_out_of_sample_fpr=float(np.mean(cv)) if cv else None,
     )
     return summary, detection, downstream
 
 
 def run_evaluation(cfg: EvalConfig, out: Path) -> EvalReport:
-    """Evaluate every data set and write ``evaluation.json``, ``evaluation.md`` and PNGs to ``out``."""
+    """Evaluate every data set and seed; write ``evaluation.json``, ``evaluation.md`` and PNGs to ``out``."""
     budget = Budget.quick() if cfg.quick else Budget.full()
     curves: Curves = {}
     summaries, detection, downstream = [], [], []
     for dataset in cfg.datasets:
-        summary, det_rows, down_rows = evaluate_dataset(cfg, dataset, budget, curves, out)
-        summaries.append(summary)
-        detection += det_rows
-        downstream += down_rows
+        for seed in cfg.seeds:
+            summary, det_rows, down_rows = evaluate_dataset(cfg, dataset, seed, budget, curves, out)
+            summaries.append(summary)
+            detection += det_rows
+            downstream += down_rows
     report = EvalReport(config=cfg, datasets=summaries, detection=detection, downstream=downstream)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(
@@ -282,15 +210,36 @@ def run_evaluation(cfg: EvalConfig, out: Path) -> EvalReport:
     return report
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise _fail(f"--{what} takes comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise _fail(f"--{what} is empty")
+    return values
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise _fail(f"--{what} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise _fail(f"--{what} is empty")
+    return values
 
 
 def _names(text: str, known: dict[str, object], what: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     unknown = [n for n in names if n not in known]
-    if unknown:
-        raise typer.BadParameter(f"unknown {what} {', '.join(unknown)}; choose from {', '.join(known)}")
+    if unknown or not names:
+        raise _fail(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
     return names
 
 
@@ -302,7 +251,9 @@ def evaluate(
         help="Comma-separated attacks: " + ", ".join(ATTACKS) + ".")] = ",".join(ATTACKS),
     rates: Annotated[str, typer.Option(help="Comma-separated poison rates (share of the stream).")] = "0.1,0.2,0.3",
     out: Annotated[Path, typer.Option(help="Folder for evaluation.json, evaluation.md and the PNGs.")] = Path("runs/evaluate"),
-    seed: Annotated[int, typer.Option(help="Seed of the detector, the stream cut, the attacks and the victims.")] = 0,
+    seeds: Annotated[str, typer.Option(
+        help="Comma-separated seeds; each seed fits its own detector and cuts its own stream and attacks. "
+             "Tables give the mean over seeds (and the spread).")] = "0",
     quick: Annotated[bool, typer.Option(
         "--quick", help="Tiny training budgets and rate 0.2 only (unless --rates is given): a smoke run for tests.")] = False,
     stream_size: Annotated[int, typer.Option(help="Most test samples put into the attacked stream.")] = 3000,
@@ -311,34 +262,62 @@ def evaluate(
         help="Folder with the OOD donor's t10k IDX files (MNIST for fashion-mnist; Fashion-MNIST otherwise, "
              f"default {FASHION_SYSTEM_DIR}). Without one, OOD injection uses uniform noise.")] = None,
     detector_dir: Annotated[Path | None, typer.Option(
-        help="Evaluate a detector saved by `depois-train fit --out` instead of fitting one (one data set only).")] = None,
+        help="Evaluate a detector saved by `depois-train fit --out` (OUT/detector) instead of fitting one "
+             "(one data set and one seed only).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (detector training and scoring).")] = "auto",
     victim_seeds: Annotated[int, typer.Option(
         help="Victims trained per stream (seeds seed, seed+1, ...); accuracies are averaged.")] = 1,
+    victims: Annotated[bool, typer.Option(
+        "--victims/--no-victims", help="Train the victim classifier on each stream (the downstream table).")] = True,
+    ablations: Annotated[bool, typer.Option(
+        "--ablations/--no-ablations", help="Also score each member alone and the union without each member.")] = True,
 ) -> None:
-    """Measure how well De-Pois catches poisons next to the usual baselines, and whether filtering
+    """Measure how well the union catches poisons next to the usual baselines, and whether filtering
     gives the victim model back its clean accuracy.
 
-    Streams are cut from the test split only; every boundary comes from the trusted pool's
-    calibration part, so nothing is tuned on the data being scored.
+    Streams are cut from the test split only; every boundary comes from out-of-sample scores of the
+    trusted pool, so nothing is tuned on the data being scored.
 
     Precision, recall and F1 treat the POISON as the positive class (the released De-Pois code
     treats the clean class as positive, which flatters it).
 
     The markdown tables are printed and saved under --out with evaluation.json and PNGs (score
-    histograms of clean vs poisoned samples and ROC curves, one panel per attack).
+    histograms of clean vs poisoned samples and ROC curves, one panel per attack). Exit codes as for
+    every depois-train command (see `depois-train --help`).
     """
     dataset = dataset or ["digits"]
-    if detector_dir is not None and len(dataset) != 1:
-        raise typer.BadParameter("--detector-dir evaluates one data set; pass exactly one --dataset")
-    rate_list = _floats(rates)
+    for name in dataset:
+        if name not in DATASETS:
+            raise _fail(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    seed_list = _ints(seeds, "seeds")
+    if detector_dir is not None:
+        if len(dataset) != 1 or len(seed_list) != 1:
+            raise _fail("--detector-dir evaluates one detector: pass exactly one --dataset and one seed")
+        if not (detector_dir / "detector.json").is_file():
+            raise _fail(f"no trained detector in {detector_dir} (needs detector.json); pass the OUT/detector folder "
+                        "that `depois-train fit --out OUT` wrote")
+    for folder, flag in ((data_dir, "--data-dir"), (ood_dir, "--ood-dir")):
+        if folder is not None and not folder.is_dir():
+            raise _fail(f"{flag} {folder} is not a folder")
+    if device not in ("auto", "cpu", "cuda"):
+        raise _fail(f"--device must be auto, cpu or cuda, got {device!r}")
+    rate_list = _floats(rates, "rates")
     if quick and rates == "0.1,0.2,0.3":
         rate_list = [0.2]
+    if any(not 0.0 < r < 1.0 for r in rate_list):
+        raise _fail(f"--rates must lie strictly between 0 and 1, got {rates}")
     cfg = EvalConfig(
-        datasets=dataset, attacks=_names(attacks, ATTACKS, "attack"), rates=rate_list, seed=seed, quick=quick,
+        datasets=dataset, attacks=_names(attacks, ATTACKS, "attack"), rates=rate_list, seeds=seed_list, quick=quick,
         stream_size=stream_size, data_dir=data_dir, ood_dir=ood_dir, detector_dir=detector_dir, device=device,
-        victim_seeds=victim_seeds,
+        victim_seeds=victim_seeds, victims=victims, ablations=ablations,
     )
-    report = run_evaluation(cfg, out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _fail(f"cannot write to --out {out} ({exc.strerror or exc})") from None
+    try:
+        report = run_evaluation(cfg, out)
+    except DatasetError as exc:
+        raise _fail(str(exc), code=3) from None
     typer.echo(render_markdown(report))
     typer.echo(f"\nwrote {out / 'evaluation.json'}, {out / 'evaluation.md'} and PNGs to {out}", err=True)

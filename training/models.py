@@ -104,5 +104,14 @@ class Authenticator(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (after the 128-unit ReLU): the space of the kNN and Mahalanobis
+        evidence members."""
+        return self.head[:4](self.features(images))
+
+    def logits_and_embedding(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = self.embed(images)
+        return self.head[4](e), e
+
     def log_p_label(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(self(images), dim=1).gather(1, labels[:, None]).squeeze(1)

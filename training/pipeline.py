@@ -1,34 +1,57 @@
-"""``fit``: the whole offline De-Pois pipeline from a data set name to a FittedDetector.
+"""``fit``: the whole offline pipeline from a data set name to a FittedDetector.
 
 Stages (each with its own derived seed, so the run is deterministic on CPU under ``cfg.seed``):
-trusted split -> authenticator -> authenticated cGAN -> gated synthesis -> WGAN-GP mimic model on
-trusted-train + accepted synthetic -> fusion constants and boundary on the calibration split.
+
+1. trusted pool -> calibration plan (holdout or k-fold cross-fit, ``training/crossfit.py``);
+2. one authenticator per fold, each scoring its held-out fold: out-of-sample margin, kNN,
+   Mahalanobis and novelty scores for every calibration sample; the model of the first fold is
+   the one shipped (the holdout's only model, or fold model 0);
+3. authenticated cGAN on the shipped model's training data -> gated synthesis -> WGAN-GP mimic
+   model (the critic). Its real data is the synthetic set plus every trusted image that does
+   *not* calibrate (the holdout's training part; none under cross-fit), so no trusted image
+   whose critic score is in the calibration reference was a training sample of the critic;
+4. calibration of the union on the out-of-sample scores (``training/union.py``).
+
 Only the train split is read; the test split is left for the evaluation.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 
 import numpy as np
 
-from training.augment import (
-    authenticator_log_p,
-    synthesize,
-    train_authenticator,
-    train_cgan,
-)
-from training.calibration import fit_boundary, flagged
+from training.augment import synthesize, train_authenticator, train_cgan
 from training.config import FitConfig, Steps
+from training.conformal import fpr_standard_error
+from training.crossfit import make_plan
 from training.data import LabeledImages, load_dataset, trusted_split
-from training.detector import FittedDetector, build_metadata, weights_sha256
-from training.fusion import FusionParams, combined_score
+from training.detector import (
+    FittedDetector,
+    build_metadata,
+    build_references,
+    member_columns,
+    raw_member_scores,
+    weights_sha256,
+)
+from training.evidence import MEMBERS, neighbours
 from training.mimic import train_mimic
 from training.torchutil import batched, intra_op_threads, resolve_device
+from training.union import calibrate_union
 
-__all__ = ["FitConfig", "Steps", "fit"]
+__all__ = ["CalibrationWarning", "FitConfig", "Steps", "fit"]
+
+log = logging.getLogger(__name__)
 
 PREVIEW_PER_CLASS = 8
+# Above this binomial spread of the realised FPR (relative to the target) fit warns.
+MAX_RELATIVE_FPR_SPREAD = 0.25
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration set is too small for the requested false-positive rate."""
 
 
 def _preview(data: LabeledImages, num_classes: int) -> LabeledImages:
@@ -37,6 +60,21 @@ def _preview(data: LabeledImages, num_classes: int) -> LabeledImages:
         [np.flatnonzero(data.labels == c)[:PREVIEW_PER_CLASS] for c in range(num_classes)]
     ).astype(np.int64)
     return data.subset(index)
+
+
+def calibration_warning(n: int, target_fpr: float) -> str | None:
+    """The sentence ``fit`` warns with when ``n`` clean scores cannot pin ``target_fpr`` down."""
+    if n * target_fpr < 1.0:
+        return (f"{n} calibration samples cannot estimate a {target_fpr:.2%} quantile at all (needs >= "
+                f"{int(np.ceil(1 / target_fpr))}); the boundary flags no calibration sample and the realised FPR "
+                "is unknown: use a larger trusted pool (--trusted-fraction) or a larger --target-fpr")
+    spread = fpr_standard_error(target_fpr, n)
+    if spread > MAX_RELATIVE_FPR_SPREAD * target_fpr:
+        return (f"{n} calibration samples for a {target_fpr:.2%} target FPR: the FPR realised on new clean data "
+                f"will scatter by about +-{spread:.2%} (one standard deviation) around the target; a pool of "
+                f">= {int(np.ceil((1 - target_fpr) / (MAX_RELATIVE_FPR_SPREAD**2 * target_fpr)))} calibration "
+                "samples would keep it within a quarter of the target")
+    return None
 
 
 def fit(cfg: FitConfig, progress: bool = True) -> FittedDetector:
@@ -51,69 +89,109 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     def lap(name: str) -> None:
         nonlocal start
         now = time.perf_counter()
-        timer[name] = round(now - start, 2)
+        timer[name] = round(timer.get(name, 0.0) + now - start, 2)
         start = now
 
     device = resolve_device(cfg.device)
     steps = cfg.steps()
     splits = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
     parts = trusted_split(splits.train, cfg.trusted_fraction, cfg.calibration_fraction, cfg.seed)
-    trusted, cal = parts.trusted_train, parts.calibration
-    k = splits.num_classes
-    n_synthetic = (
-        cfg.n_synthetic if cfg.n_synthetic is not None else len(splits.train) - len(trusted) - len(cal)
-    )
+    pool = LabeledImages(np.concatenate([parts.calibration.images, parts.trusted_train.images]),
+                         np.concatenate([parts.calibration.labels, parts.trusted_train.labels]))
+    plan = make_plan(pool, parts.calibration, parts.trusted_train, cfg.calibration_fraction, cfg.target_fpr,
+                     cfg.folds, cfg.seed)
+    num_classes = splits.num_classes
+    cal_mask = plan.calibration_mask
+    n_cal = int(cal_mask.sum())
+    message = calibration_warning(n_cal, cfg.target_fpr)
+    if message:
+        warnings.warn(message, CalibrationWarning, stacklevel=3)
+    k = neighbours(plan.min_class_count(num_classes))
     lap("load")
 
     seed = cfg.seed * 1000
-    auth, auth_losses = train_authenticator(
-        trusted, k, steps.auth_steps, cfg.batch_size, seed + 1, device, progress
-    )
+    auth_losses: list[float] = []
+    raw = np.full((len(pool), len(MEMBERS)), np.nan, np.float32)
+    log_p = np.full(len(pool), np.nan, np.float32)
+    fold_accuracy = []
+    shipped = None
+    for f in plan.fold_ids:
+        train_part, held_out = plan.fold_split(f)
+        auth_f, losses_f = train_authenticator(train_part, num_classes, steps.auth_steps, cfg.batch_size,
+                                               seed + 100 + f, device, progress)
+        refs_f = build_references(auth_f, train_part, num_classes, k, cfg.seed, device)
+        idx = np.flatnonzero(plan.folds == f)
+        raw[idx] = raw_member_scores(auth_f, None, refs_f, held_out.images, held_out.labels, device)
+        log_p[idx] = batched(auth_f.log_p_label, held_out.images, held_out.labels, device)
+        fold_accuracy.append(float(np.mean(raw[idx, 1] > 0)))  # margin > 0 <=> argmax is the label
+        if f == plan.shipped_fold:
+            shipped, auth_losses = auth_f, losses_f
     lap("authenticator")
-    cgan = train_cgan(
-        trusted, auth, k, steps.gan_steps, cfg.batch_size, seed + 2, device, cfg.aux_weight, progress
-    )
+    model_data = plan.shipped_training_data()
+
+    n_synthetic = (cfg.n_synthetic if cfg.n_synthetic is not None else len(splits.train) - len(pool))
+    cgan = train_cgan(model_data, shipped, num_classes, steps.gan_steps, cfg.batch_size, seed + 2, device,
+                      cfg.aux_weight, progress)
     lap("cgan")
-    synth = synthesize(
-        cgan.generator, auth, n_synthetic, k, cfg.auth_threshold, seed + 3, device, progress=progress
-    )
+    synth = synthesize(cgan.generator, shipped, n_synthetic, num_classes, cfg.auth_threshold, seed + 3, device,
+                       progress=progress)
+    non_calibrating = pool.subset(np.flatnonzero(~cal_mask))
+    gate_fallback = len(synth.accepted) == 0 and len(non_calibrating) == 0 and n_synthetic > 0
+    if gate_fallback:
+        # Only with tiny step counts: an untrained authenticator vouches for nothing. Under
+        # cross-fit the mimic model would have no real data at all; train it on ungated samples
+        # and say so, rather than fail a smoke run.
+        warnings.warn("no synthetic sample passed the authenticator gate; the mimic model trains on ungated "
+                      "samples (train the authenticator and the cGAN longer for a useful critic)",
+                      CalibrationWarning, stacklevel=3)
+        synth = synthesize(cgan.generator, shipped, n_synthetic, num_classes, 0.0, seed + 3, device,
+                           progress=progress)
     lap("synthesis")
-    mimic_data = LabeledImages(
-        np.concatenate([trusted.images, synth.accepted.images]),
-        np.concatenate([trusted.labels, synth.accepted.labels]),
-    )
-    mimic = train_mimic(mimic_data, k, steps.critic_steps, cfg.batch_size, seed + 4, device, progress)
+    mimic_data = LabeledImages(np.concatenate([non_calibrating.images, synth.accepted.images]),
+                               np.concatenate([non_calibrating.labels, synth.accepted.labels]))
+    if len(mimic_data) == 0:
+        raise ValueError("the mimic model has no training data (--n-synthetic 0 under cross-fitting); "
+                         "pass --n-synthetic > 0")
+    mimic = train_mimic(mimic_data, num_classes, steps.critic_steps, cfg.batch_size, seed + 4, device, progress)
     lap("mimic")
 
-    critic_raw = batched(mimic.critic, cal.images, cal.labels, device)
-    log_p = authenticator_log_p(auth, cal.images, cal.labels, device)
-    fusion = FusionParams.fit(critic_raw, log_p, cfg.target_fpr)
-    scores = combined_score(critic_raw, log_p, fusion, cfg.score_kind)
-    boundary, fell_back = fit_boundary(scores, cal.labels, k, cfg.target_fpr, cfg.per_class, cfg.paper_k)
-    metadata = build_metadata(cfg, boundary, splits.shape, k, weights_sha256(auth, mimic.critic), fusion)
+    cal = plan.calibration
+    raw[cal_mask, 0] = batched(mimic.critic, cal.images, cal.labels, device)
+    cal_raw, cal_log_p = raw[cal_mask], log_p[cal_mask]
+    union = calibrate_union(cal_raw[:, member_columns(cfg.members)], cal.labels, num_classes, cfg.members,
+                            cfg.target_fpr, cfg.per_class, plan.cv_folds(cfg.seed), cfg.paper_k)
+    sha = weights_sha256(shipped, mimic.critic)
+    metadata = build_metadata(cfg, union, splits.shape, num_classes, sha)
     lap("calibration")
 
     report = {
         "sizes": {
             "train": len(splits.train),
-            "trusted_train": len(trusted),
-            "calibration": len(cal),
+            "trusted_pool": len(pool),
+            "shipped_model_trained_on": len(model_data),
+            "calibration": n_cal,
             "synthetic_requested": n_synthetic,
             "synthetic_accepted": len(synth.accepted),
             "synthetic_attempted": synth.attempted,
+            "mimic_real_samples": len(mimic_data),
         },
+        "plan": {"mode": plan.mode, "folds": len(plan.fold_ids), "neighbours_k": k,
+                 "pca_dims": None, "warning": message},
         "steps": steps.model_dump(),
         "acceptance_rate": synth.acceptance_rate,
-        "authenticator_calibration_accuracy": float(
-            (np.exp(log_p) > 0.5).mean()  # p(label) > 0.5 implies the argmax is the label
-        ),
-        "calibration_fpr": float(flagged(scores, cal.labels, boundary).mean()),
-        "per_class_fallback": fell_back,
+        "gate_fallback": gate_fallback,
+        "authenticator_out_of_fold_accuracy": float(np.mean(cal_raw[:, 1] > 0)),
+        "authenticator_fold_accuracy": fold_accuracy,
+        "cv_fpr": union.cv_fpr,
+        "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
+        "per_class_fallback": union.fell_back,
         "times_s": timer,
         "losses": {"authenticator": auth_losses, **cgan.history, **mimic.history},
         "device": str(device),
     }
-    return FittedDetector(
-        auth, mimic.critic, fusion, metadata, cfg, cal, trusted, _preview(synth.accepted, k),
-        report=report, device=str(device),
-    )
+    det = FittedDetector(shipped, mimic.critic, metadata, cfg, plan, cal_raw, cal.labels,
+                         _preview(synth.accepted, num_classes), calibration_log_p=cal_log_p, report=report,
+                         device=str(device))
+    det.report["plan"]["pca_dims"] = int(det.references.novelty.components.shape[0])
+    return det
+

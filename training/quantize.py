@@ -12,7 +12,8 @@ calibration split and refuse to write a model below ``MIN_AGREEMENT``.
 
 The torch exporter writes linear layers as ``Gemm``, which onnxruntime cannot quantise dynamically;
 ``gemm_to_matmul`` rewrites them as ``MatMul`` + ``Add`` (the exact same arithmetic) first, which
-onnxruntime then fuses into ``DynamicQuantizeMatMul``.
+onnxruntime then fuses into ``DynamicQuantizeMatMul``. Only those network MatMuls are quantised
+(``network_matmuls``): the union's distance computations against trusted references stay fp32.
 """
 
 from __future__ import annotations
@@ -125,6 +126,15 @@ def gemm_to_matmul(model: ModelProto) -> ModelProto:
     return out
 
 
+def network_matmuls(model: ModelProto) -> list[str]:
+    """The MatMul nodes that ``gemm_to_matmul`` made out of the networks' linear layers.
+
+    The union graph also multiplies by its trusted references (kNN embeddings, PCA basis and
+    projections, the Mahalanobis Cholesky factor); int8 rounding of those would move distances,
+    not activations, so they stay fp32."""
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith("__matmul")]
+
+
 def run_onnx(path: str | Path, images: np.ndarray, labels: np.ndarray,
              batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """(score, poisoned) of a contract model on CPU, in chunks of ``batch``."""
@@ -196,9 +206,10 @@ def quantize_int8(
     labels = np.ascontiguousarray(calib_labels, dtype=np.int64)
     with tempfile.TemporaryDirectory() as tmp:
         matmul_path, int8_path = Path(tmp) / "matmul.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(gemm_to_matmul(onnx.load(str(src))), str(matmul_path))
+        rewritten = gemm_to_matmul(onnx.load(str(src)))
+        onnx.save(rewritten, str(matmul_path))
         quantize_dynamic(matmul_path, int8_path, op_types_to_quantize=list(QUANTIZED_OPS),
-                         weight_type=QuantType.QInt8)
+                         nodes_to_quantize=network_matmuls(rewritten), weight_type=QuantType.QInt8)
         q = onnx.load(str(int8_path))
         _retag_version(q)
         onnx.save(q, str(int8_path))

@@ -24,6 +24,13 @@ from depois_stream.sim.attacks import (
 )
 from training.attacks.clean_label import CollisionConfig, feature_collision
 from training.attacks.gp import GPConfig, gp_attack
+from training.attacks.injections import (
+    blend_flip,
+    cutmix_flip,
+    noise_injection,
+    shape_injection,
+    transform_injection,
+)
 
 Attack = Callable[..., PoisonedStream]
 
@@ -42,6 +49,15 @@ ATTACKS: dict[str, AttackSpec] = {
     "backdoor": AttackSpec(backdoor_patch, description="BadNets checkerboard in the corner, label 0"),
     "gp": AttackSpec(gp_attack, description="GP autoencoder poisons (Yang et al. 2017), label + 1 mod K"),
     "ood_injection": AttackSpec(ood_injection, description="images of another data set, random labels"),
+    "noise_injection": AttackSpec(noise_injection, description="noise-like non-data images (5 kinds), random labels"),
+    "shape_injection": AttackSpec(shape_injection, description="synthetic drawings (rectangles, ellipses, strokes), "
+                                                               "random labels"),
+    "transform_injection": AttackSpec(transform_injection, description="stream images inverted, flipped upside down "
+                                                                       "or rotated 90 degrees, random labels"),
+    "blend_flip": AttackSpec(blend_flip, description="mixup of two classes (0.55-0.75 / rest), labelled with the "
+                                                     "minority image's class"),
+    "cutmix_flip": AttackSpec(cutmix_flip, description="left 55-70 % of one image + right part of another class, "
+                                                       "labelled with the smaller part's class"),
     "feature_collision": AttackSpec(
         feature_collision, clean_label=True, description="clean-label feature collision, eps 0.1"
     ),
@@ -49,6 +65,7 @@ ATTACKS: dict[str, AttackSpec] = {
 
 __all__ = [
     "ATTACKS", "Attack", "AttackSpec", "CollisionConfig", "GPConfig", "Labeled", "PoisonedStream",
-    "apply_trigger", "backdoor_patch", "feature_collision", "gp_attack", "ood_injection",
-    "random_flip", "resize_area", "systematic_shift", "targeted_flip",
+    "apply_trigger", "backdoor_patch", "blend_flip", "cutmix_flip", "feature_collision", "gp_attack",
+    "noise_injection", "ood_injection", "random_flip", "resize_area", "shape_injection", "systematic_shift",
+    "targeted_flip", "transform_injection",
 ]

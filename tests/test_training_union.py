@@ -1,0 +1,245 @@
+"""The union's maths: continuous conformal p-values, leave-one-out, min-p calibration, members."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from training.calibration import threshold_at_fpr
+from training.conformal import log_p_values, loo_log_p_values, reason, tail_scale, union_log_p
+from training.crossfit import HOLDOUT, choose_mode, make_plan
+from training.data import LabeledImages
+from training.evidence import (
+    ClassKnn,
+    ClassMahalanobis,
+    ClassStandardiser,
+    PixelDensity,
+    PixelNovelty,
+    logit_margin,
+    neighbours,
+)
+from training.union import calibrate_union, cross_validated_fpr, union_threshold
+
+
+def test_p_value_is_continuous_monotone_and_exact_at_reference_scores() -> None:
+    ref = np.sort(np.array([0.0, 1.0, 1.0, 1.0, 2.0, 3.0, 5.0]))  # ties too
+    beta = tail_scale(ref)
+    xs = np.linspace(-3.0, 6.0, 90001)
+    p = np.exp(log_p_values(xs, ref, beta))
+    assert np.all(np.diff(p) >= -1e-15)
+    assert np.max(np.abs(np.diff(p))) < 1e-3  # no jump, not even at the tied value
+    n = ref.size
+    for value in (0.0, 1.0, 2.0, 3.0):  # the rank p-value #{r <= s} / (n + 1) at every reference score
+        assert math.exp(log_p_values(np.array([value]), ref, beta)[0]) == pytest.approx(
+            np.sum(ref <= value) / (n + 1))
+
+
+def test_p_value_tail_below_the_smallest_reference_is_exponential_with_the_fitted_scale() -> None:
+    rng = np.random.default_rng(0)
+    ref = np.sort(rng.normal(size=400))
+    beta = tail_scale(ref)
+    lp = log_p_values(np.array([ref[0], ref[0] - beta, ref[0] - 10 * beta]), ref, beta)
+    np.testing.assert_allclose(lp, np.log(1 / 401) - np.array([0.0, 1.0, 10.0]), atol=1e-9)
+    m = math.ceil(0.05 * 400)
+    assert beta == pytest.approx((ref[m - 1] - ref[0]) / math.log(m))
+
+
+def test_p_values_of_new_clean_scores_are_uniform() -> None:
+    """Conformal validity is marginal over the reference draw: averaged over references,
+    P(p <= a) = a for every a the reference resolves (a >= 1 / (n + 1))."""
+    rng = np.random.default_rng(1)
+    rates = {a: [] for a in (0.01, 0.05, 0.2)}
+    for _ in range(400):
+        ref = np.sort(rng.standard_t(3, size=199))
+        p = np.exp(log_p_values(rng.standard_t(3, size=2000), ref, tail_scale(ref)))
+        for a in rates:
+            rates[a].append(np.mean(p <= a))
+    for a, r in rates.items():
+        assert abs(np.mean(r) - a) < 0.1 * a
+
+
+def test_leave_one_out_p_value_equals_deleting_the_sample_from_the_reference() -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        r = np.round(rng.normal(size=int(rng.integers(3, 30))), int(rng.integers(0, 3)))  # many ties
+        beta = tail_scale(np.sort(r))
+        loo = loo_log_p_values(r, beta)
+        for i in range(r.size):
+            want = log_p_values(r[i : i + 1], np.sort(np.delete(r, i)), beta)[0]
+            assert loo[i] == pytest.approx(want, abs=1e-12)
+
+
+def _members(rng: np.random.Generator, n: int, rho: float) -> np.ndarray:
+    """Three correlated clean member scores (higher = more trustworthy)."""
+    shared = rng.normal(size=(n, 1))
+    return (math.sqrt(rho) * shared + math.sqrt(1 - rho) * rng.normal(size=(n, 3))).astype(np.float32)
+
+
+def test_union_realises_the_target_fpr_on_new_clean_data_and_names_the_member_that_fired() -> None:
+    rng = np.random.default_rng(3)
+    members = ("critic", "margin", "knn")
+    cal, labels = _members(rng, 3000, 0.5), rng.integers(0, 10, 3000)
+    union = calibrate_union(cal, labels, 10, members, target_fpr=0.01, per_class=False)
+    fresh, fresh_labels = _members(rng, 100_000, 0.5), rng.integers(0, 10, 100_000)
+    fpr = np.mean(union.flagged(union.score(fresh, fresh_labels), fresh_labels))
+    assert abs(fpr - 0.01) < 0.003
+    # min-p spends the budget as the dependence allows: each member alone is flagged below 1 %
+    assert 0.01 / 3 < np.exp(union.boundary.global_) < 0.01
+    odd = np.zeros((3, 3), np.float32)
+    for j in range(3):
+        odd[j, j] = -8.0  # one member far in its tail, the others typical
+    lp = union.member_log_p(odd, np.zeros(3, np.int64))
+    np.testing.assert_array_equal(reason(lp), [0, 1, 2])
+    assert np.all(union.flagged(union_log_p(lp).astype(np.float32), np.zeros(3, np.int64)))
+
+
+def test_small_pool_boundary_is_unbiased_and_steadier_than_the_order_statistic() -> None:
+    """252 clean scores (the trusted digits): the tail rule reads the boundary off ten samples
+    instead of 2.5, so its realised FPR scatters less, without drifting from the target."""
+    rng = np.random.default_rng(4)
+    realised = {"tail": [], "order": []}
+    for _ in range(300):
+        p_cal = rng.random((252, 3))
+        stat = np.log(p_cal.min(axis=1))
+        fresh = np.log(rng.random((20_000, 3)).min(axis=1))
+        realised["tail"].append(np.mean(fresh < union_threshold(stat, 0.01)))
+        realised["order"].append(np.mean(fresh < threshold_at_fpr(stat, 0.01)))
+    assert abs(np.mean(realised["tail"]) - 0.01) < 0.0015
+    assert np.std(realised["tail"]) < 0.7 * np.std(realised["order"])
+
+
+def test_large_pool_boundary_is_the_plain_order_statistic() -> None:
+    stat = np.random.default_rng(5).normal(size=2400)
+    assert union_threshold(stat, 0.01) == threshold_at_fpr(stat, 0.01)
+
+
+def test_per_class_boundary_only_where_a_class_has_enough_calibration_samples() -> None:
+    rng = np.random.default_rng(6)
+    labels = np.repeat([0, 1, 2], [150, 150, 40])
+    union = calibrate_union(_members(rng, 340, 0.3), labels, 3, ("critic", "margin", "knn"), 0.01, per_class=True)
+    assert union.fell_back == [2]
+    assert union.boundary.per_class[2] == union.boundary.global_
+
+
+def test_cross_validated_fpr_is_measured_on_held_out_folds() -> None:
+    rng = np.random.default_rng(7)
+    raw, labels = _members(rng, 2000, 0.4), rng.integers(0, 10, 2000)
+    folds = rng.permutation(2000) % 5
+    cv = cross_validated_fpr(raw, labels, 10, ("critic", "margin", "knn"), 0.02, False, folds)
+    assert len(cv) == 5 and 0.005 < np.mean(cv) < 0.035
+    # a rule that flags half of the clean data is reported as such, out of sample
+    assert np.mean(cross_validated_fpr(raw, labels, 10, ("critic", "margin", "knn"), 0.5, False, folds)) > 0.4
+
+
+def test_margin_is_the_log_probability_gap_to_the_best_other_class() -> None:
+    logits = np.array([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]], np.float32)
+    labels = np.array([0, 0])
+    log_p = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    want = [log_p[0, 0] - log_p[0, 1], log_p[1, 0] - log_p[1, 1]]
+    np.testing.assert_allclose(logit_margin(logits, labels), want, rtol=1e-6)
+
+
+def _clusters(rng: np.random.Generator, n_per: int, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    centres = rng.normal(size=(3, dim)) * 3.0
+    labels = np.repeat(np.arange(3), n_per)
+    return (centres[labels] + rng.normal(size=(3 * n_per, dim))).astype(np.float32), labels
+
+
+def test_knn_and_mahalanobis_score_a_wrong_label_below_the_right_one() -> None:
+    rng = np.random.default_rng(8)
+    emb, labels = _clusters(rng, 60)
+    knn = ClassKnn.fit(emb, labels, 3, k=5, max_per_class=1000, rng=rng)
+    maha = ClassMahalanobis.fit(emb, labels, 3)
+    test, test_labels = _clusters(np.random.default_rng(8), 20)  # same centres (same seed), new noise
+    test = test + 0.1 * rng.normal(size=test.shape).astype(np.float32)
+    wrong = (test_labels + 1) % 3
+    assert np.mean(knn.score(test, test_labels) > knn.score(test, wrong)) > 0.95
+    assert np.mean(maha.score(test, test_labels) > maha.score(test, wrong)) > 0.95
+    assert np.all(knn.score(test, test_labels)[:5] > 0)  # closer to its own class than to any other
+
+
+def test_mahalanobis_matches_the_textbook_formula() -> None:
+    rng = np.random.default_rng(9)
+    emb, labels = _clusters(rng, 80, dim=6)
+    maha = ClassMahalanobis.fit(emb, labels, 3)
+    precision = maha.chol.astype(np.float64) @ maha.chol.T.astype(np.float64)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    d = e[:4] - maha.means[labels[:4]]
+    np.testing.assert_allclose(maha.score(emb[:4], labels[:4]), -np.einsum("nd,de,ne->n", d, precision, d), rtol=1e-4)
+
+
+def test_pixel_novelty_is_the_exact_nearest_neighbour_distance_with_a_full_pca() -> None:
+    rng = np.random.default_rng(10)
+    trusted = rng.random((50, 1, 3, 3)).astype(np.float32)  # 9 pixels: the PCA keeps every direction
+    nov = PixelNovelty.fit(trusted, k=2, max_reference=1000, rng=rng)
+    assert nov.components.shape[0] <= 9
+    probe = rng.random((7, 1, 3, 3)).astype(np.float32)
+    d = np.linalg.norm(probe.reshape(7, 1, 9) - trusted.reshape(1, 50, 9), axis=2)
+    want = -np.sort(d, axis=1)[:, :2].mean(axis=1)
+    if nov.components.shape[0] == 9:
+        np.testing.assert_allclose(nov.score(probe), want, rtol=1e-3, atol=1e-3)
+    noise = rng.random((5, 1, 3, 3)).astype(np.float32) * 5.0  # far outside [0, 1]
+    assert np.all(nov.score(noise) < nov.score(trusted[:5]))
+
+
+def test_standardiser_pools_small_classes_and_label_free_members() -> None:
+    rng = np.random.default_rng(11)
+    labels = np.repeat([0, 1], [300, 20])
+    raw = np.stack([rng.normal(size=320) + 5 * labels, rng.normal(size=320) + 5 * labels], axis=1)
+    std = ClassStandardiser.fit(raw, labels, 2, ("critic", "novelty"))
+    assert abs(std.loc[0, 0] - np.median(raw[labels == 0, 0])) < 1e-6  # own statistics (300 >= 100)
+    assert std.loc[0, 1] == pytest.approx(np.median(raw[:, 0]))  # 20 samples: pooled
+    assert std.loc[1, 0] == std.loc[1, 1] == pytest.approx(np.median(raw[:, 1]))  # label-free: pooled
+
+
+def test_plan_cross_fits_small_pools_and_holds_out_large_ones() -> None:
+    assert choose_mode(252, 0.2, 0.01, None) == ("crossfit", 10)
+    assert choose_mode(12000, 0.2, 0.01, None) == ("holdout", 1)
+    assert choose_mode(12000, 0.2, 0.01, 4) == ("crossfit", 4)
+    assert choose_mode(252, 0.2, 0.01, 1) == ("holdout", 1)
+    rng = np.random.default_rng(12)
+    images, labels = rng.random((100, 1, 2, 2)).astype(np.float32), np.arange(100) % 5
+    pool = LabeledImages(images, labels)
+    plan = make_plan(pool, pool.subset(np.arange(20)), pool.subset(np.arange(20, 100)), 0.2, 0.01, None, 0)
+    assert plan.mode == "crossfit" and sorted(set(plan.folds.tolist())) == list(range(10))
+    train, held = plan.fold_split(plan.shipped_fold)
+    assert len(train) + len(held) == 100 and len(plan.calibration) == 100
+    hold = make_plan(pool, pool.subset(np.arange(20)), pool.subset(np.arange(20, 100)), 0.2, 0.01, 1, 0)
+    assert hold.mode == "holdout" and np.sum(hold.folds == HOLDOUT) == 80 and len(hold.calibration) == 20
+    assert neighbours(20) == 4 and neighbours(3) == 1 and neighbours(1000) == 10
+
+
+def test_parity_check_tolerates_interpolation_steps_but_not_systematic_differences() -> None:
+    """A Fashion-MNIST export was refused because one calibration sample's p-value moved by a
+    little over one reference step (two reference scores 1e-6 apart, float32 rounding between
+    them). Single-sample p-value jumps up to a few steps are rounding; a shift of every score is
+    a wrong graph."""
+    from training.export import ExportParityError, _check
+
+    step = 1 / 2401
+    rounding = {"median_rel_score_diff": 2e-7, "max_rel_score_diff": 6e-4, "max_abs_score_diff": 1e-3,
+                "verdict_mismatches": 0.0, "max_abs_p_value_diff": 3.2 * step,
+                "max_abs_evidence_diff": 1.24 * step, "p_step": step}
+    _check(rounding)
+    for broken in ({"median_rel_score_diff": 2e-3}, {"max_abs_evidence_diff": 0.05}, {"verdict_mismatches": 1.0}):
+        with pytest.raises(ExportParityError, match="no model was written"):
+            _check({**rounding, **broken})
+
+
+def test_pixel_density_is_the_smallest_class_mahalanobis_distance_and_sees_a_dark_corner_patch() -> None:
+    rng = np.random.default_rng(13)
+    labels = np.repeat(np.arange(3), 200)
+    images = (0.3 * rng.random((600, 1, 4, 4)) + 0.2 * labels[:, None, None, None]).astype(np.float32)
+    images[:, :, 3, 3] = 0.0  # a corner no clean image ever lights up
+    dens = PixelDensity.fit(images, labels, 3)
+    precision = dens.chol.astype(np.float64) @ dens.chol.T.astype(np.float64)
+    x = images.reshape(600, -1).astype(np.float64)
+    means = np.stack([x[labels == c].mean(axis=0) for c in range(3)])
+    d = x[:, None, :] - means[None]
+    want = -np.einsum("ncd,de,nce->nc", d, precision, d).min(axis=1)
+    np.testing.assert_allclose(dens.score(images), want, rtol=1e-3, atol=1e-2)
+    patched = images[:20].copy()
+    patched[:, :, 3, 3] = 1.0  # one pixel: a small L2 change, a huge Mahalanobis one
+    assert np.all(dens.score(patched) < np.min(dens.score(images)))
