@@ -137,3 +137,11 @@ def test_layout_baseline_rename_export_signature_and_no_import_cycle() -> None:
     assert "quantize" not in inspect.signature(export_onnx).parameters
     code = "import sys, training.eval_report; assert 'training.evaluate' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_bad_signing_key_is_refused_before_training(tmp_path: Path) -> None:
+    key = tmp_path / "key.pem"
+    key.write_text("not a key")
+    result, seconds = _run(["all", "--sign-key", str(key), "--out", str(tmp_path / "out")])
+    _one_line_error(result, EXIT_USAGE, "--sign-key", "not a PEM private key")
+    assert seconds < 10 and not (tmp_path / "out" / "detector").exists()

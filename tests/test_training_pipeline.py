@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +176,22 @@ def test_infer_threshold_moves_the_operating_point_on_new_clean_data(digits_run:
     assert det.metadata.model_version.startswith("digits-seed")
     assert 0.03 <= det.predict(test.images, test.labels).mean() <= 0.05
     assert abs(np.mean(det.p_value(test.images, test.labels) <= 0.05) - 0.05) < 0.02
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test key")
+def test_export_onnx_signs_the_model_and_card_that_a_consumer_then_verifies(
+        digits_run: Path, tmp_path: Path) -> None:
+    from depois_stream.contract.signing import verify_model
+
+    private, public = tmp_path / "team.pem", tmp_path / "team.pub"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out",
+                    str(private)], check=True)
+    subprocess.run(["openssl", "ec", "-in", str(private), "-pubout", "-out", str(public)],
+                   check=True, capture_output=True)
+    model = tmp_path / "signed" / "model.onnx"
+    result = CliRunner().invoke(app, ["export-onnx", "--out", str(digits_run), "--model",
+                                      str(model), "--sign-key", str(private)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "signed" / "model.sig").is_file()
+    verified = verify_model(model, public)
+    assert verified.model_bytes == model.read_bytes()

@@ -8,6 +8,7 @@ minutes of training first.
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, Optional, get_args, get_origin
 
@@ -175,7 +176,7 @@ def _fit_and_save(cfg, out: Path):
     return det
 
 
-def _export(det, model: Path, quantize: str | None = None) -> None:
+def _export(det, model: Path, quantize: str | None = None, sign_key: Path | None = None) -> None:
     from training.export import ExportParityError, export_onnx
 
     try:
@@ -183,8 +184,40 @@ def _export(det, model: Path, quantize: str | None = None) -> None:
     except ExportParityError as exc:
         fail(EXIT_REFUSED, f"export refused: {exc}")
     console.print(f"wrote {model} (sha256 {card.onnx_sha256[:16]}...) and its model card")
+    written = [model]
     if quantize == "int8":
+        from training.quantize import int8_path_for
+
         _quantize(det, model)
+        written.append(int8_path_for(model))
+    if sign_key is not None:
+        for path in written:
+            _sign(path, sign_key)
+
+
+SIGN_PASSWORD_ENV = "DEPOIS_SIGN_KEY_PASSWORD"
+
+
+def _check_sign_key(sign_key: Path | None) -> None:
+    """Refuse a missing, unreadable or unusable signing key before any long work."""
+    if sign_key is None:
+        return
+    from depois_stream.contract.signing import SignatureError, check_private_key
+
+    try:
+        check_private_key(sign_key, os.environ.get(SIGN_PASSWORD_ENV))
+    except SignatureError as exc:
+        fail(EXIT_USAGE, f"--sign-key: {exc}")
+
+
+def _sign(model: Path, sign_key: Path) -> None:
+    from depois_stream.contract.signing import SignatureError, sign_model
+
+    try:
+        sig = sign_model(model, sign_key, password=os.environ.get(SIGN_PASSWORD_ENV))
+    except SignatureError as exc:
+        fail(EXIT_REFUSED, f"signing {model} failed: {exc}")
+    console.print(f"signed {model.name} and its card: {sig}")
 
 
 def _quantize(det, model: Path) -> None:
@@ -234,6 +267,17 @@ def datasets() -> None:
     console.print(table)
 
 
+SignKeyOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--sign-key",
+        help="PEM elliptic-curve private key (P-256/384/521): sign the exported model and its card "
+        "(OpenSSF model-signing format, MODEL.sig next to it; the int8 copy too). Consumers started "
+        "with `depois-stream run --verify-signature KEY.pub` refuse anything else. An encrypted "
+        f"key's password is read from ${SIGN_PASSWORD_ENV}. Checked before any training.",
+    ),
+]
+
 QuantizeOpt = Annotated[
     Optional[Literal["int8"]],
     typer.Option(
@@ -264,9 +308,10 @@ def _fit_body(cfg) -> None:
     _summary(det, cfg.out_dir)
 
 
-def _all_body(cfg, quantize: str | None) -> None:
+def _all_body(cfg, quantize: str | None, sign_key: Path | None) -> None:
+    _check_sign_key(sign_key)
     det = _fit_and_save(cfg, cfg.out_dir)
-    _export(det, cfg.out_dir / "model.onnx", quantize)
+    _export(det, cfg.out_dir / "model.onnx", quantize, sign_key)
     _summary(det, cfg.out_dir)
 
 
@@ -276,7 +321,8 @@ app.command("fit")(_command(
     [], _fit_body))
 app.command("all")(_command(
     "Fit, then export: OUT/detector, OUT/model.onnx, OUT/model.card.json and the PNGs.",
-    [inspect.Parameter("quantize", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=QuantizeOpt)],
+    [inspect.Parameter("quantize", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=QuantizeOpt),
+     inspect.Parameter("sign_key", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=SignKeyOpt)],
     _all_body))
 
 
@@ -288,8 +334,9 @@ def export_onnx_cmd(
         Optional[Path], typer.Option(help="ONNX file to write (default: OUT/model.onnx).")
     ] = None,
     quantize: QuantizeOpt = None,
+    sign_key: SignKeyOpt = None,
 ) -> None:
-    """Export OUT/detector to one ONNX file and its model card.
+    """Export OUT/detector to one ONNX file and its model card (and sign them with --sign-key).
 
     The graph is checked against the torch detector on the calibration samples first (scores,
     p-values, evidence and verdicts); a model that fails is not written (exit code 1)."""
@@ -301,13 +348,14 @@ def export_onnx_cmd(
                          f"`depois-train fit --out {out}` or pass the --out folder `fit` wrote")
     target = model or out / "model.onnx"
     writable_folder(target.parent, "the model's folder")
+    _check_sign_key(sign_key)
     try:
         det = FittedDetector.load(folder)
     except Exception as exc:  # noqa: BLE001 - any corrupt file (json, pickle, shapes) ends here as one line
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         fail(EXIT_DATA, f"cannot read the detector in {folder} ({type(exc).__name__}: {first}); re-run "
                         f"`depois-train fit --out {out}`")
-    _export(det, target, quantize)
+    _export(det, target, quantize, sign_key)
 
 
 from training.evaluate import evaluate  # noqa: E402  (torch-heavy; registered last on purpose)

@@ -217,7 +217,10 @@ def key_id(public_key_path: str | Path) -> str:
     return hashlib.sha256(pem).hexdigest()
 
 
-def _check_private_key(path: Path, password: str | None) -> None:
+def check_private_key(path: str | Path, password: str | None = None) -> None:
+    """Raise SignatureError unless ``path`` is a readable elliptic-curve private key that
+    model-signing accepts (a signing command checks this before any long work)."""
+    path = Path(path)
     from cryptography.hazmat.primitives import serialization
 
     try:
@@ -276,7 +279,7 @@ def sign_model(model_path: str | Path, private_key_path: str | Path,
     private_key_path = Path(private_key_path)
     sig_path = Path(signature_path) if signature_path else signature_path_for(model_path)
     ms = _require_model_signing("signing a model")
-    _check_private_key(private_key_path, password)
+    check_private_key(private_key_path, password)
     model_path, model_bytes, card_path, card_bytes = _read_pair(model_path)
     try:
         card = ModelCard.model_validate_json(card_bytes)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from depois_stream.attacks import Labeled, PoisonedStream, poison_count
+from depois_stream.sim.attacks import Labeled, PoisonedStream, poison_count
 
 
 def _num_classes(data: Labeled, num_classes: int | None) -> int:
