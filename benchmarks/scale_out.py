@@ -66,7 +66,7 @@ class TopicSet:
 
 
 def make_topics(bootstrap: str, prefix: str, partitions: int) -> TopicSet:
-    from depois_stream.broker import create_topics
+    from depois_stream.sim.broker import create_topics
 
     t = TopicSet(f"{prefix}-in", f"{prefix}-clean", f"{prefix}-q", f"{prefix}-dlq")
     create_topics(bootstrap, [t.ingest, t.clean, t.quarantine, t.dlq], partitions=partitions)
@@ -414,7 +414,7 @@ def main(
     log_dir: Optional[Path] = typer.Option(None, help="Keep every member's stdout/stderr here."),
 ) -> None:
     """Run both scenarios on a private local broker and print the tables."""
-    from depois_stream.broker import LocalBroker
+    from depois_stream.sim.broker import LocalBroker
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="depois-scale-") as tmp, \

@@ -17,15 +17,12 @@ at random points of the filter's loop, mid-batch, mid-produce, mid-commit.
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +30,7 @@ import numpy as np
 import pytest
 
 from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, free_port
-from tests.helpers.kafka_io import Topics, committed, publish, read_all, wait_for
+from tests.helpers.kafka_io import Topics, committed, publish, read_all, readiness, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -53,13 +50,7 @@ class _Member:
         return self.proc.poll() is None
 
     def ready(self) -> dict:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return json.loads(e.read())
-        except OSError:
-            return {}
+        return readiness(self.port)
 
 
 def _settled(members: list[_Member]) -> bool:

@@ -6,20 +6,18 @@ session timeouts), because the defaults are what a new user meets.
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from depois_stream.sim.broker import LocalBroker, free_port
-from tests.helpers.kafka_io import Topics, committed, publish, read_all, wait_for
+from tests.helpers.kafka_io import (Topics, committed, publish, read_all, readiness,
+                                    wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -33,16 +31,6 @@ def _start(bootstrap: str, topics: Topics, group: str, model: Path, port: int,
          "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu", "--client", client,
          "--metrics-port", str(port), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _ready(port: int) -> dict:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return json.loads(e.read())
-    except OSError:
-        return {}
 
 
 def _keys(bootstrap: str, topics: Topics) -> list[str]:
@@ -101,10 +89,10 @@ def test_readyz_probes_the_broker_and_a_spare_member_is_ready(
     procs = [_start(broker.bootstrap, topics, unique, centroid_model, p, client=kafka_client)
              for p in ports]
     try:
-        wait_for(lambda: all(_ready(p).get("checks", {}).get("broker_reachable") for p in ports),
+        wait_for(lambda: all(readiness(p).get("checks", {}).get("broker_reachable") for p in ports),
                  timeout_s=8)
         # one partition, two members: one of them owns nothing and must still be ready
-        wait_for(lambda: all(_ready(p).get("ready") for p in ports), timeout_s=30)
+        wait_for(lambda: all(readiness(p).get("ready") for p in ports), timeout_s=30)
     finally:
         for p in procs:
             _stop(p)
@@ -122,18 +110,18 @@ def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
         proc = _start(own.bootstrap, topics, "outage", centroid_model, port, "--batch-size", "64",
                       "--exit-when-idle-s", "20", client=kafka_client)
         try:
-            wait_for(lambda: _ready(port).get("ready"), timeout_s=30)
+            wait_for(lambda: readiness(port).get("ready"), timeout_s=30)
             ends = publish(own.bootstrap, topics.ingest, ids, xte[idx], yte[idx])
             time.sleep(0.5)
             own.freeze()
             try:
-                wait_for(lambda: _ready(port).get("checks", {}).get("broker_reachable") is False,
+                wait_for(lambda: readiness(port).get("checks", {}).get("broker_reachable") is False,
                          timeout_s=20)
                 time.sleep(10)
                 assert proc.poll() is None, "the filter gave up during a 30 s outage"
             finally:
                 own.thaw()
-            wait_for(lambda: _ready(port).get("checks", {}).get("broker_reachable") is True,
+            wait_for(lambda: readiness(port).get("checks", {}).get("broker_reachable") is True,
                      timeout_s=30)
             out, err = proc.communicate(timeout=180)
         finally:

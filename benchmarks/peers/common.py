@@ -1,8 +1,15 @@
-"""What the peers share: the wire format decoded with plain numpy, and the header set."""
+"""What the peers share: the model as a user would load it, the wire format decoded with plain
+numpy, and the header set."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
+import onnxruntime as ort
 
 HEADER = np.dtype([("magic", "S4"), ("version", "u1"), ("dtype", "u1"), ("id_len", "<u2"),
                    ("source_len", "<u2"), ("channels", "<u2"), ("height", "<u2"),
@@ -36,3 +43,33 @@ def headers(verdict: str, score: float, boundary: float, p_value: float | None, 
                   ("depois.source.partition", str(partition).encode()),
                   ("depois.source.offset", str(offset).encode()),
                   ("depois.source.timestamp_ms", str(timestamp_ms).encode())]
+
+
+@dataclass
+class PeerModel:
+    """An onnxruntime session and the metadata a hand-written filter reads from the model."""
+
+    session: ort.InferenceSession
+    shape: tuple[int, int, int]
+    boundary: dict[str, Any]
+    version: str
+    wanted: list[str]  # outputs to fetch: score, poisoned and p_value where the model has it
+    sha: str
+
+    def bound(self, label: int) -> float:
+        per_class = self.boundary.get("per_class")
+        return per_class[label] if per_class else self.boundary["global"]
+
+
+def load_model(model: str) -> PeerModel:
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    with open(model, "rb") as f:
+        sha = hashlib.sha256(f.read()).hexdigest()
+    return PeerModel(
+        session, tuple(int(d) for d in meta["depois.input_shape"].split(",")),
+        json.loads(meta["depois.boundary"]), meta["depois.model_version"],
+        [o for o in ("score", "poisoned", "p_value") if o in {x.name for x in session.get_outputs()}],
+        sha)

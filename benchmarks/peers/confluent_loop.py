@@ -3,30 +3,18 @@ commit. Serial, one batch at a time, the way the client's examples do it."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 
 import numpy as np
-import onnxruntime as ort
 from confluent_kafka import Consumer, Producer
 
-from peers.common import decode, headers
+from peers.common import decode, headers, load_model
 
 
 def run(bootstrap: str, ingest: str, outs: tuple[str, str, str], group: str, model: str,
         n: int, progress: Callable[[int], None]) -> dict[str, int]:
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    shape = tuple(int(d) for d in meta["depois.input_shape"].split(","))
-    boundary = json.loads(meta["depois.boundary"])
-    per_class = boundary.get("per_class")
-    version = meta["depois.model_version"]
-    wanted = [o for o in ("score", "poisoned", "p_value")
-              if o in {x.name for x in session.get_outputs()}]
-    sha = hashlib.sha256(open(model, "rb").read()).hexdigest()
+    pm = load_model(model)
+    session, shape, version, wanted, sha = pm.session, pm.shape, pm.version, pm.wanted, pm.sha
     # session.timeout.ms: Tansu makes a join wait about half of it (depois-stream runs with the
     # same value in this benchmark).
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group,
@@ -59,7 +47,7 @@ def run(bootstrap: str, ingest: str, outs: tuple[str, str, str], group: str, mod
                                      ("depois.error_class", b"malformed")]
             else:
                 label = int(labels[row])
-                bound = per_class[label] if per_class else boundary["global"]
+                bound = pm.bound(label)
                 dest = "quarantine" if poisoned[row] else "clean"
                 hdrs = headers(dest, float(score[row]), float(bound),
                                float(p_value[0][row]) if p_value else None, label,

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable
 
 import numpy as np
-import onnxruntime as ort
 from quixstreams import Application
 
-from peers.common import decode, headers
+from peers.common import decode, headers, load_model
 
 
 def run(bootstrap: str, ingest: str, outs: tuple[str, str, str], group: str, model: str,
         n: int, progress: Callable[[int], None]) -> dict[str, int]:
-    so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    meta = session.get_modelmeta().custom_metadata_map
-    shape = tuple(int(d) for d in meta["depois.input_shape"].split(","))
-    boundary = json.loads(meta["depois.boundary"])
-    per_class = boundary.get("per_class")
-    version = meta["depois.model_version"]
-    wanted = [o for o in ("score", "poisoned", "p_value")
-              if o in {x.name for x in session.get_outputs()}]
-    sha = hashlib.sha256(open(model, "rb").read()).hexdigest()
+    pm = load_model(model)
+    session, shape, version, wanted, sha = pm.session, pm.shape, pm.version, pm.wanted, pm.sha
 
     app = Application(broker_address=bootstrap, consumer_group=group,
                       auto_offset_reset="earliest", loglevel=None, auto_create_topics=False,
@@ -50,7 +38,7 @@ def run(bootstrap: str, ingest: str, outs: tuple[str, str, str], group: str, mod
             s, bad, *p = session.run(wanted, {"image": d[0][None],
                                               "label": np.array([d[1]], np.int64)})
             dest = "quarantine" if bad[0] else "clean"
-            bound = per_class[d[1]] if per_class else boundary["global"]
+            bound = pm.bound(d[1])
             out = headers(dest, float(s[0]), float(bound), float(p[0][0]) if p else None, d[1],
                           version, sha,
                           ctx.topic, ctx.partition, ctx.offset, timestamp)
