@@ -58,3 +58,27 @@ def test_filtering_helps_the_victim(quick_run: tuple[str, dict, Path]) -> None:
     assert flip["filtered"]["accuracy"] > flip["poisoned"]["accuracy"]
     assert backdoor["poisoned"]["backdoor_success"] > 0.5
     assert backdoor["filtered"]["backdoor_success"] < backdoor["poisoned"]["backdoor_success"] / 2
+
+
+@pytest.mark.slow
+def test_runs_of_different_seeds_merge_into_one_report(quick_run: tuple[str, dict, Path],
+                                                       tmp_path: Path) -> None:
+    """`evaluate-merge`: a run re-labelled as seed 1 next to the original seed 0 gives the same
+    means (the two are identical) with two seeds; the same seed twice is refused."""
+    _, report, out = quick_run
+    other = tmp_path / "seed1"
+    other.mkdir()
+    shifted = json.loads(json.dumps(report))
+    for key in ("datasets", "detection", "downstream"):
+        for row in shifted[key]:
+            row["seed"] = 1
+    (other / "evaluation.json").write_text(json.dumps(shifted))
+    merged = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["evaluate-merge", str(out), str(other), "--out", str(merged)])
+    assert result.exit_code == 0, result.output
+    both = json.loads((merged / "evaluation.json").read_text())
+    assert both["config"]["seeds"] == [0, 1] and len(both["detection"]) == 2 * len(report["detection"])
+    assert [g["ours_tpr"] for g in both["goals"]] == [g["ours_tpr"] for g in report["goals"]]
+    assert "seeds 0, 1" in (merged / "evaluation.md").read_text()
+    refused = CliRunner().invoke(app, ["evaluate-merge", str(out), str(out), "--out", str(merged)])
+    assert refused.exit_code == 2 and "appears in two runs" in refused.output

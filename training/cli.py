@@ -362,3 +362,34 @@ from training.evaluate import evaluate  # noqa: E402  (torch-heavy; registered l
 
 app.command("evaluate")(evaluate)
 
+
+@app.command("evaluate-merge")
+def evaluate_merge(
+    runs: Annotated[list[Path], typer.Argument(help="Folders written by `evaluate --out` (each holds evaluation.json).")],
+    out: Annotated[Path, typer.Option(help="Folder for the merged evaluation.json and evaluation.md.")] = Path(
+        "runs/evaluate-merged"),
+) -> None:
+    """Merge evaluations of different seeds into one report: means and spreads over all seeds.
+
+    For seeds run in parallel, or one seed per detector fitted beforehand (`evaluate --seeds S
+    --detector-dir ...`). The runs must cover the same attacks and rates and no (data set, seed)
+    twice. Plots are not merged (each run keeps its own)."""
+    from training.eval_schema import EvalReport, merge_reports
+    from training.evaluate import write_report
+
+    reports = []
+    for run in runs:
+        path = run / "evaluation.json"
+        try:
+            reports.append(EvalReport.model_validate_json(path.read_text()))
+        except OSError as exc:
+            fail(EXIT_DATA, f"cannot read {path} ({exc.strerror}); pass folders that `evaluate --out` wrote")
+        except ValueError as exc:
+            fail(EXIT_DATA, f"{path} is not an evaluation report ({str(exc).splitlines()[0]})")
+    try:
+        merged = merge_reports(reports)
+    except ValueError as exc:
+        fail(EXIT_USAGE, f"cannot merge: {exc}")
+    write_report(merged, out)
+    console.print(f"merged {len(reports)} run(s), seeds {merged.config.seeds}: {out / 'evaluation.md'}")
+

@@ -156,3 +156,26 @@ class EvalReport(BaseModel):
                     accuracy_gap=float(np.mean(gaps)) if gaps else None,
                 ))
         return out
+
+
+def merge_reports(reports: list[EvalReport]) -> EvalReport:
+    """One report from runs of the same suite with different seeds (run in parallel, or one seed
+    per fitted detector with ``--detector-dir``). Refuses overlapping (data set, seed) pairs and
+    runs of different attack suites, whose means would not be comparable."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    first = reports[0].config
+    seen: set[tuple[str, int]] = set()
+    for r in reports:
+        if (r.config.attacks, r.config.rates) != (first.attacks, first.rates):
+            raise ValueError("the runs evaluated different attacks or rates")
+        for s in r.datasets:
+            if (s.name, s.seed) in seen:
+                raise ValueError(f"{s.name} seed {s.seed} appears in two runs")
+            seen.add((s.name, s.seed))
+    config = first.model_copy(update={
+        "datasets": list(dict.fromkeys(d for r in reports for d in r.config.datasets)),
+        "seeds": sorted({seed for _, seed in seen}), "detector_dir": None})
+    return EvalReport(config=config, datasets=[s for r in reports for s in r.datasets],
+                      detection=[d for r in reports for d in r.detection],
+                      downstream=[d for r in reports for d in r.downstream])

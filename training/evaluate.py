@@ -202,12 +202,17 @@ def run_evaluation(cfg: EvalConfig, out: Path) -> EvalReport:
             detection += det_rows
             downstream += down_rows
     report = EvalReport(config=cfg, datasets=summaries, detection=detection, downstream=downstream)
+    write_report(report, out)
+    save_plots(curves, out)
+    return report
+
+
+def write_report(report: EvalReport, out: Path) -> None:
+    """``evaluation.json`` (with the goal rows) and ``evaluation.md`` in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(
         {**report.model_dump(mode="json"), "goals": [g.model_dump() for g in report.goals()]}, indent=2))
     (out / "evaluation.md").write_text(render_markdown(report))
-    save_plots(curves, out)
-    return report
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
