@@ -126,7 +126,7 @@ def test_fit_and_all_take_every_fit_config_field_once_with_its_default() -> None
                 assert params[field].default == default, (name, field)
             assert (info.description or "") in (params[field].help or "")
     extra = {p.name for p in click_app.commands["all"].params} - set(FitConfig.model_fields)
-    assert extra == {"quantize"}
+    assert extra == {"quantize", "sign_key"}
 
 
 def test_layout_baseline_rename_export_signature_and_no_import_cycle() -> None:
