@@ -1,12 +1,14 @@
-"""Run every benchmark with its defaults and append the result blocks to one markdown file.
+"""Run every benchmark on one digits model and append the result blocks to one markdown file.
 
-`make bench` runs this. It takes tens of minutes on 2 CPU cores (training dominates) and
-saturates the machine, so run it alone; copy the blocks you want to keep into
-docs/performance.md.
+`make bench` runs this: it trains a digits model with `depois-train all` (unless --model-dir
+names one), then the scorer benchmark, the side-by-side peers benchmark (depois-stream with both
+clients, a minimal confluent-kafka loop, a Quix Streams app, raw consume, latency) and the
+training wall-time benchmark. About half an hour on 2 CPU cores; it saturates the machine, so
+run it alone, and copy the blocks you want to keep into docs/performance.md.
 
 \b
     python benchmarks/run_all.py --out runs/benchmarks.md
-    python benchmarks/run_all.py --skip-training
+    python benchmarks/run_all.py --model-dir runs/digits --skip-training
 """
 
 from __future__ import annotations
@@ -25,11 +27,20 @@ app = typer.Typer(add_completion=False, rich_markup_mode=None)
 @app.command(help=__doc__)
 def main(
     out: Path = typer.Option(Path("runs/benchmarks.md"), help="Markdown file the blocks are appended to."),
+    model_dir: Path = typer.Option(None, help="A `depois-train all --out` folder of a digits model "
+                                   "(model.onnx and detector/); default: train one into runs/bench-digits."),
     skip_training: bool = typer.Option(False, help="Skip the (slow) training wall-time benchmark."),
 ) -> None:
-    scripts = ["bench_scorer.py", "bench_pipeline.py"] + ([] if skip_training else ["bench_training.py"])
-    for script in scripts:
-        subprocess.run([sys.executable, str(HERE / script), "--out", str(out)], check=True)
+    if model_dir is None:
+        model_dir = Path("runs/bench-digits")
+        subprocess.run([sys.executable, "-m", "training", "all", "--dataset", "digits", "--out",
+                        str(model_dir)], check=True)
+    runs = [["bench_scorer.py", "--detector-dir", str(model_dir / "detector"), "--clock", "cpu"],
+            ["bench_peers.py", "--model", str(model_dir / "model.onnx"), "--dataset", "digits"]]
+    if not skip_training:
+        runs.append(["bench_training.py"])
+    for script, *args in runs:
+        subprocess.run([sys.executable, str(HERE / script), *args, "--out", str(out)], check=True)
     print(f"results appended to {out}")
 
 
