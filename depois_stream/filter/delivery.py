@@ -114,17 +114,16 @@ class Delivery:
 
     def _renew_producer(self) -> None:
         """Replace a producer that failed (its pending reports no longer matter)."""
-        old, self._renew = self.producer, False
+        try:
+            new = self._new_producer()
+        except ClientError as exc:  # keep the old one until a new one can be made
+            log.warning("could not create a new producer yet (%s)", exc)
+            return
+        old, self.producer, self._renew = self.producer, new, False
         try:
             old.close(0.0)
         except Exception as exc:  # noqa: BLE001  (it is broken already; say so and move on)
             log.warning("closing the failed producer: %s", exc)
-        try:
-            self.producer = self._new_producer()
-        except ClientError as exc:
-            self._renew = True  # try again after the next backoff
-            log.warning("could not create a new producer yet (%s)", exc)
-            return
         log.warning("replaced the producer after failed deliveries")
 
     def close(self, timeout_s: float) -> None:
