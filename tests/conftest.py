@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -13,20 +12,18 @@ from kafka import KafkaConsumer, TopicPartition
 
 from depois_stream.contract import headers as H
 from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
-from tests.helpers.kafka_io import Topics, committed, publish, read_all, wait_for
+from tests.helpers.kafka_io import (Topics, committed, publish, read_all, run_command,
+                                    wait_for)
 
 
 def _start(bootstrap: str, topics: Topics, group: str, model: Path, *extra: str,
            session_timeout_ms: int = TEST_SESSION_TIMEOUT_MS,
            client: str = "kafka-python") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "depois_stream", "run", "--model-path", str(model),
-         "--bootstrap-servers", bootstrap, "--ingest-topic", topics.ingest,
-         "--clean-topic", topics.clean, "--quarantine-topic", topics.quarantine,
-         "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu", "--client", client,
-         "--batch-size", "8", "--linger-ms", "0", "--metrics-port", "0",
-         "--session-timeout-ms", str(session_timeout_ms),
-         "--heartbeat-interval-ms", str(TEST_HEARTBEAT_INTERVAL_MS), *extra],
+        run_command(bootstrap, topics, group, model, client, "--batch-size", "8",
+                    "--linger-ms", "0", "--metrics-port", "0",
+                    "--session-timeout-ms", str(session_timeout_ms),
+                    "--heartbeat-interval-ms", str(TEST_HEARTBEAT_INTERVAL_MS), *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -30,7 +29,8 @@ import numpy as np
 import pytest
 
 from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, free_port
-from tests.helpers.kafka_io import Topics, committed, publish, read_all, readiness, wait_for
+from tests.helpers.kafka_io import (Topics, committed, publish, read_all, readiness,
+                                    run_command, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -63,13 +63,10 @@ def _settled(members: list[_Member]) -> bool:
 def _member(bootstrap: str, topics: Topics, group: str, model: Path, client: str,
             *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "depois_stream", "run", "--model-path", str(model),
-         "--bootstrap-servers", bootstrap, "--ingest-topic", topics.ingest,
-         "--clean-topic", topics.clean, "--quarantine-topic", topics.quarantine,
-         "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu", "--client", client,
-         "--batch-size", "64", "--linger-ms", "20",
-         "--session-timeout-ms", "3000", "--heartbeat-interval-ms",
-         str(TEST_HEARTBEAT_INTERVAL_MS), "--log-level", "WARNING", *extra],
+        run_command(bootstrap, topics, group, model, client, "--batch-size", "64",
+                    "--linger-ms", "20", "--session-timeout-ms", "3000",
+                    "--heartbeat-interval-ms", str(TEST_HEARTBEAT_INTERVAL_MS),
+                    "--log-level", "WARNING", *extra),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 
 from depois_stream.sim.broker import LocalBroker, free_port
 from tests.helpers.kafka_io import (Topics, committed, publish, read_all, readiness,
-                                    wait_for)
+                                    run_command, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +24,7 @@ pytestmark = pytest.mark.slow
 def _start(bootstrap: str, topics: Topics, group: str, model: Path, port: int,
            *extra: str, client: str = "kafka-python") -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "depois_stream", "run", "--model-path", str(model),
-         "--bootstrap-servers", bootstrap, "--ingest-topic", topics.ingest,
-         "--clean-topic", topics.clean, "--quarantine-topic", topics.quarantine,
-         "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu", "--client", client,
-         "--metrics-port", str(port), *extra],
+        run_command(bootstrap, topics, group, model, client, "--metrics-port", str(port), *extra),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

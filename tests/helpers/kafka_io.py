@@ -128,3 +128,15 @@ def readiness(port: int) -> dict:
         return json.loads(e.read())
     except OSError:
         return {}
+
+
+def run_command(bootstrap: str, topics: Topics, group: str, model, client: str,
+                *extra: str) -> list[str]:
+    """The `depois-stream run` command line of one filter process on ``topics`` (CPU scoring)."""
+    import sys
+
+    return [sys.executable, "-m", "depois_stream", "run", "--model-path", str(model),
+            "--bootstrap-servers", bootstrap, "--ingest-topic", topics.ingest,
+            "--clean-topic", topics.clean, "--quarantine-topic", topics.quarantine,
+            "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu",
+            "--client", client, *extra]
