@@ -220,21 +220,13 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _floats(text: str, what: str) -> list[float]:
+def _numbers(text: str, what: str, cast: type[int] | type[float]) -> list:
+    """A comma-separated option as numbers of type ``cast``; one-line usage error otherwise."""
+    noun = "integers" if cast is int else "numbers"
     try:
-        values = [float(x) for x in text.split(",") if x.strip()]
+        values = [cast(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise _fail(f"--{what} takes comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise _fail(f"--{what} is empty")
-    return values
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise _fail(f"--{what} takes comma-separated integers, got {text!r}") from None
+        raise _fail(f"--{what} takes comma-separated {noun}, got {text!r}") from None
     if not values:
         raise _fail(f"--{what} is empty")
     return values
@@ -294,7 +286,7 @@ def evaluate(
     for name in dataset:
         if name not in DATASETS:
             raise _fail(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
-    seed_list = _ints(seeds, "seeds")
+    seed_list = _numbers(seeds, "seeds", int)
     if detector_dir is not None:
         if len(dataset) != 1 or len(seed_list) != 1:
             raise _fail("--detector-dir evaluates one detector: pass exactly one --dataset and one seed")
@@ -306,7 +298,7 @@ def evaluate(
             raise _fail(f"{flag} {folder} is not a folder")
     if device not in ("auto", "cpu", "cuda"):
         raise _fail(f"--device must be auto, cpu or cuda, got {device!r}")
-    rate_list = _floats(rates, "rates")
+    rate_list = _numbers(rates, "rates", float)
     if quick and rates == "0.1,0.2,0.3":
         rate_list = [0.2]
     if any(not 0.0 < r < 1.0 for r in rate_list):
