@@ -112,6 +112,12 @@ class Delivery:
             producer.init_transactions(self._timeout_s)
         return producer
 
+    def _renew_when_due(self) -> None:
+        """Replace a failed producer once nothing is in flight on it (with exactly-once, that
+        is between transactions)."""
+        if self._renew and not self._inflight:
+            self._renew_producer()
+
     def _renew_producer(self) -> None:
         """Replace a producer that failed (its pending reports no longer matter)."""
         try:
@@ -182,8 +188,7 @@ class Delivery:
     def service(self, timeout_s: float = 0.0) -> None:
         """Take delivery reports (waiting at most ``timeout_s`` for one), settle finished
         batches in order and commit them; start the retry of a failed one."""
-        if self._renew and not self._inflight and not self._exactly_once:
-            self._renew_producer()
+        self._renew_when_due()
         self.producer.poll(0.0 if self._reports else timeout_s)
         self._take_reports()
         for k, item in enumerate(self._inflight):
@@ -284,8 +289,7 @@ class Delivery:
 
     def _transaction(self, item: _InFlight) -> None:
         """Outputs and offsets in one transaction; on failure abort, rewind, back off."""
-        if self._renew:
-            self._renew_producer()
+        self._renew_when_due()
         p = self.producer
         offsets = item.batch.next_offsets()
         try:
