@@ -97,10 +97,6 @@ class GoalRow(BaseModel):
     ours_f1: float
     accuracy_gap: float | None = None
 
-    @property
-    def beats_baselines(self) -> bool:
-        return self.verdict == "beats"
-
 
 def verdict(ours: float, best: float) -> Verdict:
     """Exact comparison of seed means (TPRs are ratios of counts; equal means are a real tie)."""

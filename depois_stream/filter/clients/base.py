@@ -222,12 +222,3 @@ class Client(Protocol):
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise ValueError naming options this library does not know or the filter owns."""
         ...
-
-
-def record_bytes(key: bytes | None, value: bytes | None, headers: Headers) -> int:
-    """What one record weighs on the wire before framing: key, value and every header."""
-    size = (len(key) if key else 0) + (len(value) if value else 0)
-    if headers:
-        for k, v in headers:
-            size += len(k) + (len(v) if v else 0)
-    return size
