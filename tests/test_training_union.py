@@ -11,10 +11,13 @@ from training.calibration import threshold_at_fpr
 from training.conformal import log_p_values, loo_log_p_values, reason, tail_scale, union_log_p
 from training.crossfit import HOLDOUT, choose_mode, make_plan
 from training.data import LabeledImages
+from training.config import FitConfig
 from training.evidence import (
+    AccuracyGate,
     ClassKnn,
     ClassMahalanobis,
     ClassStandardiser,
+    PixelClassKnn,
     PixelDensity,
     PixelNovelty,
     logit_margin,
@@ -182,6 +185,44 @@ def test_pixel_novelty_is_the_exact_nearest_neighbour_distance_with_a_full_pca()
         np.testing.assert_allclose(nov.score(probe), want, rtol=1e-3, atol=1e-3)
     noise = rng.random((5, 1, 3, 3)).astype(np.float32) * 5.0  # far outside [0, 1]
     assert np.all(nov.score(noise) < nov.score(trusted[:5]))
+
+
+def test_pixel_knn_is_the_exact_pixel_distance_ratio_with_a_full_pca_and_ignores_padding() -> None:
+    """Classes of unequal size are padded to one length for the graph; a padded row must never
+    be a neighbour, and with every PCA direction kept the score is the textbook ratio."""
+    rng = np.random.default_rng(14)
+    labels = np.concatenate([np.zeros(30, np.int64), np.ones(12, np.int64), np.full(20, 2, np.int64)])
+    trusted = (0.2 * rng.random((62, 1, 3, 3)) + 0.3 * labels[:, None, None, None]).astype(np.float32)
+    nov = PixelNovelty.fit(trusted, k=3, max_reference=1000, rng=rng)
+    knn = PixelClassKnn.fit(trusted, labels, 3, nov, k=3, max_per_class=100, rng=rng)
+    assert knn.reference.shape[:2] == (3, 30)
+    probe = (0.2 * rng.random((9, 1, 3, 3)) + 0.3 * (np.arange(9) % 3)[:, None, None, None]).astype(np.float32)
+    claimed = np.arange(9) % 3
+    d = np.linalg.norm(probe.reshape(9, 1, 9) - trusted.reshape(1, 62, 9), axis=2)
+    per_class = np.stack([np.sort(d[:, labels == c], axis=1)[:, :3].mean(axis=1) for c in range(3)], axis=1)
+    other = np.where(np.eye(3, dtype=bool)[claimed], np.inf, per_class).min(axis=1)
+    want = np.log(other) - np.log(per_class[np.arange(9), claimed])
+    if nov.components.shape[0] == 9:
+        np.testing.assert_allclose(knn.score(probe, claimed, nov), want, rtol=1e-3, atol=1e-3)
+    flipped = (claimed + 1) % 3
+    assert np.all(knn.score(probe, flipped, nov) < knn.score(probe, claimed, nov))
+
+
+def test_pixel_knn_gate_keeps_a_member_as_accurate_as_the_authenticator_and_drops_a_clearly_worse_one() -> None:
+    rng = np.random.default_rng(15)
+
+    def scores(accuracy: float, n: int) -> np.ndarray:  # > 0 exactly for the correctly classified share
+        return np.where(np.arange(n) < round(accuracy * n), 1.0, -1.0) * rng.random(n)
+
+    digits_like = AccuracyGate.measure(scores(0.940, 252), scores(0.956, 252))  # seed 1 of the digits fits
+    fashion_like = AccuracyGate.measure(scores(0.745, 2400), scores(0.865, 2400))  # Fashion-MNIST seed 0
+    assert digits_like.passes and not fashion_like.passes
+    assert "left out" in fashion_like.describe() and "74.5%" in fashion_like.describe()
+    cfg = FitConfig()
+    assert "pixel_knn" in cfg.members and "pixel_knn" not in cfg.gated_members(False)
+    assert cfg.gated_members(True) == cfg.members
+    assert FitConfig(gate_pixel_knn=False).gated_members(False) == cfg.members
+    assert FitConfig(members="pixel_knn").gated_members(False) == ("pixel_knn",)  # never an empty union
 
 
 def test_standardiser_pools_small_classes_and_label_free_members() -> None:

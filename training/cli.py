@@ -240,6 +240,8 @@ def _summary(det, out: Path) -> None:
     plan = r.get("plan", {})
     table.add_row("calibration plan", f"{plan.get('mode')} ({plan.get('folds')} fold(s))")
     table.add_row("evidence members", ", ".join(meta.evidence_members))
+    if r.get("pixel_knn_gate"):
+        table.add_row("pixel_knn gate", str(r["pixel_knn_gate"]))
     table.add_row("authenticator acceptance rate", f"{r['acceptance_rate']:.1%}")
     table.add_row("authenticator accuracy (out of fold)", f"{r['authenticator_out_of_fold_accuracy']:.1%}")
     cv = r.get("cv_fpr") or []

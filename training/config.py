@@ -67,6 +67,11 @@ class FitConfig(BaseModel):
                             json_schema_extra=_cli("--per-class/--global"))
     members: tuple[str, ...] = Field(MEMBERS, description=f"Evidence members of the union, comma-separated, from "
                                                           f"{','.join(MEMBERS)}.")
+    gate_pixel_knn: bool = Field(
+        True, description="pixel_knn (if listed in --members) joins the union only where its out-of-fold "
+                          "accuracy on the trusted pool is within 2 standard errors of the authenticator's "
+                          "(--always-pixel-knn: keep it regardless).",
+        json_schema_extra=_cli("--gate-pixel-knn/--always-pixel-knn"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA if present), cpu or cuda.")
     threads: int = Field(1, ge=0, description="torch CPU threads; 1 is robust on a shared box, 0 = torch's default.")
     auth_steps: int | None = Field(None, ge=1, description="Authenticator steps (default: per data set, "
@@ -114,6 +119,12 @@ class FitConfig(BaseModel):
         """Tiny step counts for tests and smoke runs: a usable but not a good detector."""
         base = {**QUICK_STEPS.model_dump(), "n_synthetic": 1000, "device": "cpu"}
         return cls(**{**base, **overrides})
+
+    def gated_members(self, pixel_knn_passes: bool) -> tuple[str, ...]:
+        """``members`` after the pixel_knn gate (``training.evidence.AccuracyGate``)."""
+        if self.gate_pixel_knn and not pixel_knn_passes and len(self.members) > 1:
+            return tuple(m for m in self.members if m != "pixel_knn")
+        return self.members
 
     def steps(self) -> Steps:
         default = DEFAULT_STEPS.get(self.dataset, DEFAULT_STEPS["fashion-mnist"])

@@ -1,6 +1,6 @@
 """Export a FittedDetector to the single-file ONNX contract of ``depois_stream.contract``.
 
-The graph computes the final verdict itself (networks, the five evidence members with their
+The graph computes the final verdict itself (networks, the evidence members with their
 trusted references, per-class standardisation, per-member conformal p-values, min-p, per-class
 boundary, union p-value), so the torch-free runtime only feeds pixels and labels and reads the
 answer: there is no second implementation of the maths in the consumer to drift apart. kNN
@@ -40,7 +40,7 @@ from depois_stream.contract import (
 )
 from training.conformal import fpr_standard_error
 from training.detector import FittedDetector
-from training.evidence import D2_MIN, PAD_SIMILARITY
+from training.evidence import D2_MIN, PAD_D2, PAD_SIMILARITY
 
 OPSET = 18
 # Typical agreement: float32 graphs agree with the numpy path to ~1e-7 of the score; a wrong
@@ -53,7 +53,8 @@ MEDIAN_RTOL = 1e-5
 # differ by up to P_STEPS reference steps (+ PARITY_ATOL); verdicts, which decide, must agree exactly.
 P_STEPS = 3
 PARITY_ATOL = 1e-4
-SMALL_TOPK = 128  # k * references-per-class up to which the kNN member avoids TopK (see ScoringGraph._knn)
+SMALL_TOPK = 128  # k * references-per-class up to which the kNN members avoid TopK (see _mean_k_nearest)
+REMOVED_D2 = 10.0 * PAD_D2  # beyond every real and padded squared distance: a reference already taken
 
 
 class ExportParityError(RuntimeError):
@@ -82,6 +83,32 @@ def _log_p(z: torch.Tensor, knots: torch.Tensor, counts: torch.Tensor, n: int, b
     return torch.where(idx == 0, tail, torch.where(idx >= k, top, inner))
 
 
+def _mean_k_nearest(d2: torch.Tensor, k: int) -> torch.Tensor:
+    """``training.evidence.mean_k_nearest``: [N, K, M] squared distances -> [N, K] mean distance
+    to the k nearest of each class."""
+    m = d2.shape[2]
+    if k * m <= SMALL_TOPK:
+        # Few references per class (digits: 4 of ~23): TopK over 10 tiny rows per sample is
+        # dominated by per-row overhead; k rounds of min-and-remove are 2x cheaper and give the
+        # same multiset of the k smallest distances.
+        columns = torch.arange(m, dtype=torch.int64)[None, None, :]
+        dist = torch.zeros_like(d2[:, :, 0])
+        for _ in range(k):
+            best, where = d2.min(dim=2)
+            dist = dist + torch.sqrt(torch.clamp(best, min=D2_MIN))
+            d2 = torch.where(columns == where[:, :, None], torch.full_like(d2, REMOVED_D2), d2)
+        return dist / k
+    top = torch.topk(d2, k, dim=2, largest=False, sorted=False).values
+    return torch.sqrt(torch.clamp(top, min=D2_MIN)).mean(dim=2)
+
+
+def _distance_ratio(dist: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """``training.evidence.distance_ratio``: log d_other - log d_same from [N, K] class distances."""
+    same = torch.gather(dist, 1, label[:, None])[:, 0]
+    mask = torch.nn.functional.one_hot(label, dist.shape[1]).to(dist.dtype) * 1e6
+    return torch.log((dist + mask).min(dim=1).values) - torch.log(same)
+
+
 class ScoringGraph(nn.Module):
     """Everything between (image, label) and (score, poisoned, p_value, evidence), as torch ops.
 
@@ -107,6 +134,10 @@ class ScoringGraph(nn.Module):
         self.register_buffer("nov_comp_t", f32(refs.novelty.components.T))
         self.register_buffer("nov_ref_t", f32(refs.novelty.reference.T))
         self.register_buffer("nov_ref_sq", f32(refs.novelty.reference_sq))
+        kk, m, d = refs.pixel_knn.reference.shape
+        self.pknn_shape, self.pknn_k = (kk, m), refs.pixel_knn.k
+        self.register_buffer("pknn_ref_t", f32(refs.pixel_knn.reference.reshape(kk * m, d).T))
+        self.register_buffer("pknn_ref_sq", f32(refs.pixel_knn.reference_sq.reshape(-1)))
         self.register_buffer("dens_chol", f32(refs.density.chol))
         self.register_buffer("dens_means_t", f32(refs.density.whitened_means.T))
         self.register_buffer("dens_means_sq", f32(np.sum(refs.density.whitened_means**2, axis=1)))
@@ -122,34 +153,20 @@ class ScoringGraph(nn.Module):
         thresholds = meta.boundary.per_class or [meta.boundary.global_] * meta.num_classes
         self.register_buffer("thresholds", f32(thresholds))
 
-    def _knn(self, e: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def _knn_d2(self, e: torch.Tensor) -> torch.Tensor:
         kk, m = self.knn_shape
-        sims = (e @ self.knn_ref.T + self.knn_pad[None, :]).reshape(-1, kk, m)
-        if self.knn_k * m <= SMALL_TOPK:
-            # Few references per class (digits: 4 of ~23): TopK over 10 tiny rows per sample is
-            # dominated by per-row overhead; k rounds of max-and-remove are 2x cheaper and give the
-            # same multiset of the k largest similarities.
-            columns = torch.arange(m, dtype=torch.int64)[None, None, :]
-            dist = torch.zeros_like(sims[:, :, 0])
-            for _ in range(self.knn_k):
-                best, where = sims.max(dim=2)
-                dist = dist + torch.sqrt(torch.clamp(2.0 - 2.0 * best, min=D2_MIN))
-                sims = torch.where(columns == where[:, :, None], torch.full_like(sims, PAD_SIMILARITY - 1.0), sims)
-            dist = dist / self.knn_k
-        else:
-            top = torch.topk(sims, self.knn_k, dim=2, sorted=False).values
-            dist = torch.sqrt(torch.clamp(2.0 - 2.0 * top, min=D2_MIN)).mean(dim=2)
-        same = torch.gather(dist, 1, label[:, None])[:, 0]
-        mask = torch.nn.functional.one_hot(label, kk).to(dist.dtype) * 1e6
-        return torch.log((dist + mask).min(dim=1).values) - torch.log(same)
+        return 2.0 - 2.0 * (e @ self.knn_ref.T + self.knn_pad[None, :]).reshape(-1, kk, m)
+
+    def _pixel_knn_d2(self, centred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        kk, m = self.pknn_shape
+        d2 = (centred * centred).sum(dim=1, keepdim=True) - 2.0 * (z @ self.pknn_ref_t) + self.pknn_ref_sq[None, :]
+        return d2.reshape(-1, kk, m)
 
     def _mahalanobis(self, e: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         t = (e - torch.index_select(self.maha_means, 0, label)) @ self.maha_chol
         return -(t * t).sum(dim=1)
 
-    def _novelty(self, image: torch.Tensor) -> torch.Tensor:
-        centred = image.flatten(1) - self.nov_mean[None, :]
-        z = centred @ self.nov_comp_t
+    def _novelty(self, centred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         d2 = (centred * centred).sum(dim=1, keepdim=True) - 2.0 * (z @ self.nov_ref_t) + self.nov_ref_sq[None, :]
         nearest = torch.topk(d2, self.novelty_k, dim=1, largest=False, sorted=False).values
         return -torch.sqrt(torch.clamp(nearest, min=D2_MIN)).mean(dim=1)
@@ -162,6 +179,8 @@ class ScoringGraph(nn.Module):
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, emb = self.authenticator.logits_and_embedding(image)
         e = torch.nn.functional.normalize(emb, dim=1, eps=1e-12)
+        centred = image.flatten(1) - self.nov_mean[None, :]  # novelty and pixel_knn share the PCA projection
+        z = centred @ self.nov_comp_t
         columns = []
         for name in self.members:
             if name == "critic":
@@ -171,11 +190,13 @@ class ScoringGraph(nn.Module):
                 mask = torch.nn.functional.one_hot(label, logits.shape[1]).to(logits.dtype) * 1e9
                 columns.append(own - (logits - mask).max(dim=1).values)
             elif name == "knn":
-                columns.append(self._knn(e, label))
+                columns.append(_distance_ratio(_mean_k_nearest(self._knn_d2(e), self.knn_k), label))
             elif name == "mahalanobis":
                 columns.append(self._mahalanobis(e, label))
             elif name == "novelty":
-                columns.append(self._novelty(image))
+                columns.append(self._novelty(centred, z))
+            elif name == "pixel_knn":
+                columns.append(_distance_ratio(_mean_k_nearest(self._pixel_knn_d2(centred, z), self.pknn_k), label))
             else:
                 columns.append(self._density(image))
         raw = torch.stack(columns, dim=1)
@@ -306,6 +327,8 @@ def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> Mod
          "references came from the other folds; the FPR on new clean data scatters around the target by about "
          "expected_fpr_spread"),
     ]
+    if report.get("pixel_knn_gate"):
+        notes.append(str(report["pixel_knn_gate"]))
     if plan.get("warning"):
         notes.append(f"warning: {plan['warning']}")
     return ModelCard(

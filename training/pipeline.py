@@ -36,7 +36,7 @@ from training.detector import (
     raw_member_scores,
     weights_sha256,
 )
-from training.evidence import MEMBERS, neighbours
+from training.evidence import MEMBERS, AccuracyGate, neighbours
 from training.mimic import train_mimic
 from training.torchutil import batched, intra_op_threads, resolve_device
 from training.union import calibrate_union
@@ -158,7 +158,9 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     cal = plan.calibration
     raw[cal_mask, 0] = batched(mimic.critic, cal.images, cal.labels, device)
     cal_raw, cal_log_p = raw[cal_mask], log_p[cal_mask]
-    union = calibrate_union(cal_raw[:, member_columns(cfg.members)], cal.labels, num_classes, cfg.members,
+    gate = AccuracyGate.measure(cal_raw[:, MEMBERS.index("pixel_knn")], cal_raw[:, MEMBERS.index("margin")])
+    members = cfg.gated_members(gate.passes)
+    union = calibrate_union(cal_raw[:, member_columns(members)], cal.labels, num_classes, members,
                             cfg.target_fpr, cfg.per_class, plan.cv_folds(cfg.seed), cfg.paper_k)
     sha = weights_sha256(shipped, mimic.critic)
     metadata = build_metadata(cfg, union, splits.shape, num_classes, sha)
@@ -182,6 +184,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "gate_fallback": gate_fallback,
         "authenticator_out_of_fold_accuracy": float(np.mean(cal_raw[:, 1] > 0)),
         "authenticator_fold_accuracy": fold_accuracy,
+        "pixel_knn_gate": gate.describe() if "pixel_knn" in cfg.members else "pixel_knn not requested",
         "cv_fpr": union.cv_fpr,
         "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
         "per_class_fallback": union.fell_back,
