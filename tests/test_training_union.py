@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from training.calibration import threshold_at_fpr
+from training.config import FitConfig
 from training.conformal import log_p_values, loo_log_p_values, reason, tail_scale, union_log_p
 from training.crossfit import HOLDOUT, choose_mode, make_plan
 from training.data import LabeledImages
-from training.config import FitConfig
 from training.evidence import (
     AccuracyGate,
     ClassKnn,

@@ -93,6 +93,16 @@ def _subsample(index: np.ndarray, cap: int, rng: np.random.Generator) -> np.ndar
     return np.sort(rng.choice(index, size=cap, replace=False)) if index.size > cap else index
 
 
+def _class_groups(labels: np.ndarray, num_classes: int, k: int, cap: int, rng: np.random.Generator,
+                  member: str) -> tuple[list[np.ndarray], int]:
+    """Indices of each class's references (at most ``cap``, a seeded subsample) and the padded
+    length ``M`` of the [K, M, ...] reference tensor both kNN members store."""
+    groups = [_subsample(np.flatnonzero(labels == c), cap, rng) for c in range(num_classes)]
+    if min(g.size for g in groups) < k:
+        raise ValueError(f"every class needs at least k={k} trusted samples for the {member} member")
+    return groups, max(g.size for g in groups)
+
+
 @dataclass(frozen=True)
 class ClassKnn:
     """Per-class reference embeddings, padded to one length so the graph can reshape and TopK."""
@@ -105,10 +115,7 @@ class ClassKnn:
     def fit(cls, embeddings: np.ndarray, labels: np.ndarray, num_classes: int, k: int,
             max_per_class: int, rng: np.random.Generator) -> ClassKnn:
         e = normalise(embeddings)
-        groups = [_subsample(np.flatnonzero(labels == c), max_per_class, rng) for c in range(num_classes)]
-        if min(g.size for g in groups) < k:
-            raise ValueError(f"every class needs at least k={k} trusted samples for the kNN member")
-        m = max(g.size for g in groups)
+        groups, m = _class_groups(labels, num_classes, k, max_per_class, rng, "kNN")
         ref = np.zeros((num_classes, m, e.shape[1]), np.float32)
         valid = np.zeros((num_classes, m), bool)
         for c, g in enumerate(groups):
@@ -188,11 +195,16 @@ class PixelNovelty:
                    (centred[keep] @ comps.T).astype(np.float32),
                    np.sum(centred[keep] ** 2, axis=1).astype(np.float32), k)
 
-    def score(self, images: np.ndarray) -> np.ndarray:
+    def squared_distances(self, images: np.ndarray, reference: np.ndarray, reference_sq: np.ndarray) -> np.ndarray:
+        """[N, M] approximate squared pixel distances to references projected on this basis
+        (``reference`` [M, d], ``reference_sq`` [M] = |x_i - mu|^2): the formula of the class
+        docstring, shared with ``pixel_knn``."""
         centred = images.reshape(len(images), -1).astype(np.float32) - self.mean
         z = centred @ self.components.T
-        sq = np.sum(centred**2, axis=1)
-        d2 = sq[:, None] - 2.0 * (z @ self.reference.T) + self.reference_sq[None, :]
+        return np.sum(centred**2, axis=1)[:, None] - 2.0 * (z @ reference.T) + reference_sq[None, :]
+
+    def score(self, images: np.ndarray) -> np.ndarray:
+        d2 = self.squared_distances(images, self.reference, self.reference_sq)
         nearest = np.sort(d2, axis=1)[:, : self.k]
         return (-np.sqrt(np.maximum(nearest, D2_MIN)).mean(axis=1)).astype(np.float32)
 
@@ -212,10 +224,7 @@ class PixelClassKnn:
     def fit(cls, images: np.ndarray, labels: np.ndarray, num_classes: int, basis: PixelNovelty, k: int,
             max_per_class: int, rng: np.random.Generator) -> PixelClassKnn:
         centred = images.reshape(len(images), -1).astype(np.float64) - basis.mean
-        groups = [_subsample(np.flatnonzero(labels == c), max_per_class, rng) for c in range(num_classes)]
-        if min(g.size for g in groups) < k:
-            raise ValueError(f"every class needs at least k={k} trusted samples for the pixel_knn member")
-        m = max(g.size for g in groups)
+        groups, m = _class_groups(labels, num_classes, k, max_per_class, rng, "pixel_knn")
         ref = np.zeros((num_classes, m, basis.components.shape[0]), np.float32)
         sq = np.full((num_classes, m), PAD_D2, np.float32)
         for c, g in enumerate(groups):
@@ -224,11 +233,8 @@ class PixelClassKnn:
         return cls(ref, sq, k)
 
     def score(self, images: np.ndarray, labels: np.ndarray, basis: PixelNovelty) -> np.ndarray:
-        centred = images.reshape(len(images), -1).astype(np.float32) - basis.mean
-        z = centred @ basis.components.T
         kk, m, d = self.reference.shape
-        d2 = (np.sum(centred**2, axis=1)[:, None] - 2.0 * (z @ self.reference.reshape(kk * m, d).T)
-              + self.reference_sq.reshape(-1)[None, :])
+        d2 = basis.squared_distances(images, self.reference.reshape(kk * m, d), self.reference_sq.reshape(-1))
         return distance_ratio(mean_k_nearest(d2.reshape(len(images), kk, m), self.k), labels)
 
 

@@ -182,7 +182,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "steps": steps.model_dump(),
         "acceptance_rate": synth.acceptance_rate,
         "gate_fallback": gate_fallback,
-        "authenticator_out_of_fold_accuracy": float(np.mean(cal_raw[:, 1] > 0)),
+        "authenticator_out_of_fold_accuracy": gate.authenticator_accuracy,
         "authenticator_fold_accuracy": fold_accuracy,
         "pixel_knn_gate": gate.describe() if "pixel_knn" in cfg.members else "pixel_knn not requested",
         "cv_fpr": union.cv_fpr,
