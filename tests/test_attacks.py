@@ -22,6 +22,14 @@ from depois_stream.sim.attacks import (
 )
 from training.attacks import (
     ATTACKS,
+    HELDOUT_ATTACKS,
+    SUITES,
+    blended_backdoor,
+    hard_flip,
+    low_contrast_injection,
+    mosaic_injection,
+    noisy_flip,
+    sig_backdoor,
     CollisionConfig,
     GPConfig,
     blend_flip,
@@ -66,6 +74,13 @@ NUMPY_ATTACKS = {
     "transform_injection": transform_injection,
     "blend_flip": blend_flip,
     "cutmix_flip": cutmix_flip,
+    # the held-out suite obeys the same contract
+    "hard_flip": hard_flip,
+    "noisy_flip": noisy_flip,
+    "sig_backdoor": sig_backdoor,
+    "blended_backdoor": blended_backdoor,
+    "low_contrast_injection": low_contrast_injection,
+    "mosaic_injection": mosaic_injection,
 }
 
 
@@ -137,8 +152,64 @@ def test_runtime_attacks_do_not_import_torch() -> None:
 
 
 def test_registry_names_every_attack_and_one_clean_label() -> None:
-    assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == set(ATTACKS)
+    assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == set(ATTACKS) | set(HELDOUT_ATTACKS)
+    assert not set(ATTACKS) & set(HELDOUT_ATTACKS)
     assert [n for n, spec in ATTACKS.items() if spec.clean_label] == ["feature_collision"]
+    assert not any(spec.clean_label for spec in HELDOUT_ATTACKS.values())
+    assert SUITES == {"development": tuple(ATTACKS), "heldout": tuple(HELDOUT_ATTACKS)}
+
+
+def test_hard_flip_moves_to_the_nearest_other_class_mean(digits: Data) -> None:
+    s = hard_flip(digits, 0.3, seed=0)
+    flat = digits.images.reshape(len(digits.labels), -1)
+    means = np.stack([flat[digits.labels == c].mean(axis=0) for c in range(10)])
+    for i in np.flatnonzero(s.is_poison):
+        d = ((means - flat[i]) ** 2).sum(axis=1)
+        d[digits.labels[i]] = np.inf
+        assert s.labels[i] == d.argmin() != digits.labels[i]
+    np.testing.assert_array_equal(s.images, digits.images)  # a pure label attack
+
+
+def test_noisy_flip_changes_label_and_pixels(digits: Data) -> None:
+    s = noisy_flip(digits, 0.3, seed=0)
+    assert np.all(s.labels[s.is_poison] != digits.labels[s.is_poison])
+    assert len(np.unique(s.labels[s.is_poison] - digits.labels[s.is_poison])) > 2
+    moved = np.abs(s.images[s.is_poison] - digits.images[s.is_poison]).mean(axis=(1, 2, 3))
+    assert np.all(moved > 0.03)
+
+
+@pytest.mark.parametrize("attack", [sig_backdoor, blended_backdoor])
+def test_dirty_label_backdoors_carry_one_trigger_to_the_target(digits: Data, attack) -> None:
+    s = attack(digits, 0.2, seed=0)
+    assert s.target_label == 0
+    assert np.all(digits.labels[s.is_poison] != 0) and np.all(s.labels[s.is_poison] == 0)
+    x, y = digits.images[s.is_poison], s.images[s.is_poison]
+    if attack is blended_backdoor:
+        trigger = (y - 0.8 * x) / 0.2  # no clipping: a convex mix stays in [0, 1]
+    else:
+        inside = (x > 0.25) & (x < 0.75)  # the 0.2 sinusoid cannot clip there
+        trigger = np.where(inside, y - x, np.nan)
+    spread = np.fmax.reduce(trigger, axis=0) - np.fmin.reduce(trigger, axis=0)  # one pattern on every poison
+    assert np.nanmax(spread) < 1e-5 and np.nanmax(np.abs(trigger)) > 0.1
+
+
+def test_low_contrast_injection_squashes_the_range(digits: Data) -> None:
+    s = low_contrast_injection(digits, 0.2, seed=0)
+    poisons = s.images[s.is_poison]
+    assert poisons.min() >= 0.2 - 1e-6 and poisons.max() <= 0.9 + 1e-6
+    span = poisons.max(axis=(1, 2, 3)) - poisons.min(axis=(1, 2, 3))
+    assert np.all(span <= 0.5 + 1e-6) and np.all(span >= 0.25 * 0.9)
+
+
+def test_mosaic_keeps_its_own_quadrant_and_borrows_three_of_other_classes(digits: Data) -> None:
+    s = mosaic_injection(digits, 0.2, seed=0)
+    idx = np.flatnonzero(s.is_poison)
+    np.testing.assert_array_equal(s.images[idx, :, :4, :4], digits.images[idx, :, :4, :4])
+    for quadrant in ((slice(0, 4), slice(4, 8)), (slice(4, 8), slice(0, 4)), (slice(4, 8), slice(4, 8))):
+        for i in idx[:20]:
+            piece = s.images[i, :, quadrant[0], quadrant[1]]
+            donors = np.flatnonzero(np.all(digits.images[:, :, quadrant[0], quadrant[1]] == piece, axis=(1, 2, 3)))
+            assert np.any(digits.labels[donors] != digits.labels[i])
 
 
 SMALL_NET = ClassifierConfig(hidden=32, steps=60)

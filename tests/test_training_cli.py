@@ -96,6 +96,7 @@ def test_export_onnx_reports_an_unreadable_detector_as_a_data_error(tmp_path: Pa
     (["--seeds", "x"], "--seeds"),
     (["--dataset", "cifar"], "unknown data set"),
     (["--attacks", "random_flip,teleport"], "teleport"),
+    (["--attacks", "heldout,teleport"], "teleport"),
     (["--detector-dir", "/nonexistent/detector"], "no trained detector"),
 ])
 def test_evaluate_rejects_bad_options_in_one_line(tmp_path: Path, args: list[str], needle: str) -> None:

@@ -284,3 +284,19 @@ def test_pixel_density_is_the_smallest_class_mahalanobis_distance_and_sees_a_dar
     patched = images[:20].copy()
     patched[:, :, 3, 3] = 1.0  # one pixel: a small L2 change, a huge Mahalanobis one
     assert np.all(dens.score(patched) < np.min(dens.score(images)))
+
+
+@pytest.mark.parametrize(("k", "m"), [(4, 23), (3, 200)])  # the min-and-remove path and the TopK path
+def test_graph_k_nearest_equals_the_numpy_member_including_tied_and_padded_references(k: int, m: int) -> None:
+    import torch
+
+    from training.evidence import PAD_D2, mean_k_nearest
+    from training.export import _mean_k_nearest
+
+    rng = np.random.default_rng(0)
+    d2 = rng.random((64, 10, m)).astype(np.float32)
+    d2[:, :, 1] = d2[:, :, 0]  # exact ties between two references
+    d2[:5, 3, :] = PAD_D2  # a class with nothing but padding
+    d2[5:9, 4, 2:] = PAD_D2  # a class with fewer real references than k
+    got = _mean_k_nearest(torch.from_numpy(d2), k).numpy()
+    np.testing.assert_allclose(got, mean_k_nearest(d2, k), rtol=1e-6)

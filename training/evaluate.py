@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 
-from training.attacks import ATTACKS, CollisionConfig, GPConfig
+from training.attacks import ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig, attack_spec
 from training.baselines import Baseline, all_detectors
 from training.config import FitConfig
 from training.data import (
@@ -156,7 +156,7 @@ def evaluate_dataset(cfg: EvalConfig, dataset: str, seed: int, budget: Budget, c
     detection, downstream = [], []
     plot_rate = max(cfg.rates)
     for name, rate in tqdm([(a, r) for a in cfg.attacks for r in cfg.rates], desc=f"evaluate {dataset} seed {seed}"):
-        spec = ATTACKS[name]
+        spec = attack_spec(name)
         stream = spec.fn(source, rate, seed, **attack_params(name, budget, donor))
         results = score_stream(stream.images, stream.labels, detectors)
         for detector, (scores, flagged) in results.items():
@@ -240,12 +240,20 @@ def _names(text: str, known: dict[str, object], what: str) -> list[str]:
     return names
 
 
+def _attack_names(text: str) -> list[str]:
+    """Suite names expand in place; the rest must name an attack of either suite."""
+    expanded = ",".join(",".join(SUITES[x.strip()]) if x.strip() in SUITES else x for x in text.split(","))
+    return list(dict.fromkeys(_names(expanded, {**ATTACKS, **HELDOUT_ATTACKS}, "attack")))
+
+
 def evaluate(
     dataset: Annotated[list[str] | None, typer.Option(
         "--dataset", "-d", help="Data set to evaluate; repeat for several (digits, fashion-mnist, mnist-5k) "
         "[default: digits].")] = None,
     attacks: Annotated[str, typer.Option(
-        help="Comma-separated attacks: " + ", ".join(ATTACKS) + ".")] = ",".join(ATTACKS),
+        help="Comma-separated attacks, or a suite name. development (the default): " + ", ".join(ATTACKS)
+             + ". heldout (families never used to design the detector, docs/evaluation.md): "
+             + ", ".join(HELDOUT_ATTACKS) + ".")] = "development",
     rates: Annotated[str, typer.Option(help="Comma-separated poison rates (share of the stream).")] = "0.1,0.2,0.3",
     out: Annotated[Path, typer.Option(help="Folder for evaluation.json, evaluation.md and the PNGs.")] = Path("runs/evaluate"),
     seeds: Annotated[str, typer.Option(
@@ -304,7 +312,7 @@ def evaluate(
     if any(not 0.0 < r < 1.0 for r in rate_list):
         raise _fail(f"--rates must lie strictly between 0 and 1, got {rates}")
     cfg = EvalConfig(
-        datasets=dataset, attacks=_names(attacks, ATTACKS, "attack"), rates=rate_list, seeds=seed_list, quick=quick,
+        datasets=dataset, attacks=_attack_names(attacks), rates=rate_list, seeds=seed_list, quick=quick,
         stream_size=stream_size, data_dir=data_dir, ood_dir=ood_dir, detector_dir=detector_dir, device=device,
         victim_seeds=victim_seeds, victims=victims, ablations=ablations,
     )
