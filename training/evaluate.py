@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 
-from training.attacks import ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig, attack_spec
+from training.attacks import ALL_ATTACKS, ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig
 from training.baselines import Baseline, all_detectors
 from training.config import FitConfig
 from training.data import (
@@ -156,7 +156,7 @@ def evaluate_dataset(cfg: EvalConfig, dataset: str, seed: int, budget: Budget, c
     detection, downstream = [], []
     plot_rate = max(cfg.rates)
     for name, rate in tqdm([(a, r) for a in cfg.attacks for r in cfg.rates], desc=f"evaluate {dataset} seed {seed}"):
-        spec = attack_spec(name)
+        spec = ALL_ATTACKS[name]
         stream = spec.fn(source, rate, seed, **attack_params(name, budget, donor))
         results = score_stream(stream.images, stream.labels, detectors)
         for detector, (scores, flagged) in results.items():
@@ -242,8 +242,8 @@ def _names(text: str, known: dict[str, object], what: str) -> list[str]:
 
 def _attack_names(text: str) -> list[str]:
     """Suite names expand in place; the rest must name an attack of either suite."""
-    expanded = ",".join(",".join(SUITES[x.strip()]) if x.strip() in SUITES else x for x in text.split(","))
-    return list(dict.fromkeys(_names(expanded, {**ATTACKS, **HELDOUT_ATTACKS}, "attack")))
+    expanded = ",".join(",".join(SUITES.get(x.strip(), (x,))) for x in text.split(","))
+    return list(dict.fromkeys(_names(expanded, ALL_ATTACKS, "attack")))
 
 
 def evaluate(

@@ -85,17 +85,13 @@ HELDOUT_ATTACKS: dict[str, AttackSpec] = {
                                                                  "random labels"),
 }
 SUITES: dict[str, tuple[str, ...]] = {"development": tuple(ATTACKS), "heldout": tuple(HELDOUT_ATTACKS)}
-
-
-def attack_spec(name: str) -> AttackSpec:
-    """Any attack of either suite by name."""
-    return ATTACKS[name] if name in ATTACKS else HELDOUT_ATTACKS[name]
+ALL_ATTACKS: dict[str, AttackSpec] = {**ATTACKS, **HELDOUT_ATTACKS}
 
 
 __all__ = [
-    "ATTACKS", "HELDOUT_ATTACKS", "SUITES", "Attack", "AttackSpec", "attack_spec",
-    "blended_backdoor", "hard_flip", "low_contrast_injection", "mosaic_injection", "noisy_flip", "sig_backdoor", "CollisionConfig", "GPConfig", "Labeled", "PoisonedStream",
-    "apply_trigger", "backdoor_patch", "blend_flip", "cutmix_flip", "feature_collision", "gp_attack",
-    "noise_injection", "ood_injection", "random_flip", "resize_area", "shape_injection", "systematic_shift",
-    "targeted_flip", "transform_injection",
+    "ALL_ATTACKS", "ATTACKS", "HELDOUT_ATTACKS", "SUITES", "Attack", "AttackSpec", "CollisionConfig", "GPConfig",
+    "Labeled", "PoisonedStream", "apply_trigger", "backdoor_patch", "blend_flip", "blended_backdoor", "cutmix_flip",
+    "feature_collision", "gp_attack", "hard_flip", "low_contrast_injection", "mosaic_injection", "noise_injection",
+    "noisy_flip", "ood_injection", "random_flip", "resize_area", "shape_injection", "sig_backdoor",
+    "systematic_shift", "targeted_flip", "transform_injection",
 ]

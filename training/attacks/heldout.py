@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from depois_stream.sim.attacks import Labeled, PoisonedStream, poison_count
+from depois_stream.sim.attacks import Labeled, PoisonedStream, _pick, poison_count
 from training.attacks.injections import _inject, _num_classes, _partners, _slots
 
 BACKDOOR_TARGET = 0
@@ -37,22 +37,9 @@ NOISE_SIGMA = 0.15
 _PATTERN_KEY = 20_170_515  # the blended trigger is one fixed pattern per image shape, as an attacker ships it
 
 
-def _wrong_labels(rng: np.random.Generator, labels: np.ndarray, k: int) -> np.ndarray:
-    return (labels + rng.integers(1, k, labels.size)) % k
-
-
-def _other_class_slots(rng: np.random.Generator, data: Labeled, rate: float, target: int) -> np.ndarray:
-    """Slots among samples not already of ``target`` (all samples if there are too few)."""
-    pool = np.flatnonzero(data.labels != target)
-    need = poison_count(len(data.labels), rate)
-    pool = pool if pool.size >= need else np.arange(len(data.labels))
-    return np.sort(rng.choice(pool, size=need, replace=False))
-
-
-def _backdoor(data: Labeled, idx: np.ndarray, fresh: np.ndarray, target: int, attack: str) -> PoisonedStream:
-    """Triggered images relabelled ``target``; the stream remembers the target like BadNets does."""
-    stream = _inject(data, idx, fresh, np.full(idx.size, target), attack)
-    return PoisonedStream.from_slots(data, idx, attack, stream.images, stream.labels, target_label=target)
+def _other_class_slots(rng: np.random.Generator, data: Labeled, rate: float, target: int, attack: str) -> np.ndarray:
+    """Slots among samples not already of ``target``, drawn as BadNets (``backdoor_patch``) draws them."""
+    return _pick(rng, np.flatnonzero(data.labels != target), poison_count(len(data.labels), rate), attack)
 
 
 def hard_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
@@ -73,24 +60,25 @@ def noisy_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None
     rng = np.random.default_rng(seed)
     idx = _slots(rng, len(data.labels), rate)
     fresh = data.images[idx] + rng.normal(0.0, NOISE_SIGMA, data.images[idx].shape)
-    return _inject(data, idx, fresh, _wrong_labels(rng, data.labels[idx], k), "noisy_flip")
+    return _inject(data, idx, fresh, (data.labels[idx] + rng.integers(1, k, idx.size)) % k, "noisy_flip")
 
 
 def sig_backdoor(data: Labeled, rate: float, seed: int, *, target: int = BACKDOOR_TARGET) -> PoisonedStream:
     rng = np.random.default_rng(seed)
-    idx = _other_class_slots(rng, data, rate, target)
+    idx = _other_class_slots(rng, data, rate, target, "sig_backdoor")
     w = data.images.shape[3]
     cycles = max(1, w // 4)
     signal = SIG_AMPLITUDE * np.sin(2.0 * np.pi * cycles * np.arange(w) / w)
-    return _backdoor(data, idx, data.images[idx] + signal[None, None, None, :], target, "sig_backdoor")
+    fresh = data.images[idx] + signal[None, None, None, :]
+    return _inject(data, idx, fresh, target, "sig_backdoor", target_label=target)
 
 
 def blended_backdoor(data: Labeled, rate: float, seed: int, *, target: int = BACKDOOR_TARGET) -> PoisonedStream:
     rng = np.random.default_rng(seed)
-    idx = _other_class_slots(rng, data, rate, target)
+    idx = _other_class_slots(rng, data, rate, target, "blended_backdoor")
     pattern = np.random.default_rng(_PATTERN_KEY).random(data.images.shape[1:])
     fresh = (1.0 - BLEND_ALPHA) * data.images[idx] + BLEND_ALPHA * pattern[None]
-    return _backdoor(data, idx, fresh, target, "blended_backdoor")
+    return _inject(data, idx, fresh, target, "blended_backdoor", target_label=target)
 
 
 def low_contrast_injection(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:

@@ -38,12 +38,13 @@ def _slots(rng: np.random.Generator, n: int, rate: float) -> np.ndarray:
     return np.sort(rng.choice(n, size=poison_count(n, rate), replace=False))
 
 
-def _inject(data: Labeled, idx: np.ndarray, fresh: np.ndarray, labels: np.ndarray, attack: str) -> PoisonedStream:
+def _inject(data: Labeled, idx: np.ndarray, fresh: np.ndarray, labels: np.ndarray | int, attack: str,
+            target_label: int | None = None) -> PoisonedStream:
     images = np.array(data.images, dtype=np.float32, copy=True)
     out_labels = np.array(data.labels, dtype=np.int64, copy=True)
     images[idx] = np.clip(fresh, 0.0, 1.0).astype(np.float32)
     out_labels[idx] = labels
-    return PoisonedStream.from_slots(data, idx, attack, images=images, labels=out_labels)
+    return PoisonedStream.from_slots(data, idx, attack, images=images, labels=out_labels, target_label=target_label)
 
 
 def _smooth(field: np.ndarray, passes: int) -> np.ndarray:
