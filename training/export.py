@@ -171,16 +171,18 @@ class ScoringGraph(nn.Module):
         nearest = torch.topk(d2, self.novelty_k, dim=1, largest=False, sorted=False).values
         return -torch.sqrt(torch.clamp(nearest, min=D2_MIN)).mean(dim=1)
 
-    def _density(self, image: torch.Tensor) -> torch.Tensor:
+    def _class_d2(self, image: torch.Tensor) -> torch.Tensor:
+        """[N, K] pixel Mahalanobis distances to every class mean: one whitening shared by
+        ``density`` (their minimum) and ``pixel_mahalanobis`` (the claimed class's)."""
         y = image.flatten(1) @ self.dens_chol
-        d2 = (y * y).sum(dim=1, keepdim=True) - 2.0 * (y @ self.dens_means_t) + self.dens_means_sq[None, :]
-        return -d2.min(dim=1).values
+        return (y * y).sum(dim=1, keepdim=True) - 2.0 * (y @ self.dens_means_t) + self.dens_means_sq[None, :]
 
     def forward(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ...]:
         logits, emb = self.authenticator.logits_and_embedding(image)
         e = torch.nn.functional.normalize(emb, dim=1, eps=1e-12)
         centred = image.flatten(1) - self.nov_mean[None, :]  # novelty and pixel_knn share the PCA projection
         z = centred @ self.nov_comp_t
+        class_d2 = self._class_d2(image) if {"density", "pixel_mahalanobis"} & set(self.members) else None
         columns = []
         for name in self.members:
             if name == "critic":
@@ -197,8 +199,10 @@ class ScoringGraph(nn.Module):
                 columns.append(self._novelty(centred, z))
             elif name == "pixel_knn":
                 columns.append(_distance_ratio(_mean_k_nearest(self._pixel_knn_d2(centred, z), self.pknn_k), label))
+            elif name == "pixel_mahalanobis":
+                columns.append(-torch.gather(class_d2, 1, label[:, None])[:, 0])
             else:
-                columns.append(self._density(image))
+                columns.append(-class_d2.min(dim=1).values)
         raw = torch.stack(columns, dim=1)
         z = (raw - torch.index_select(self.loc_t, 0, label)) / torch.index_select(self.scale_t, 0, label)
         log_p = _log_p(z, self.knots, self.knot_counts, self.n_ref, self.betas)
