@@ -218,6 +218,10 @@ def test_pixel_knn_gate_keeps_a_member_as_accurate_as_the_authenticator_and_drop
     fashion_like = AccuracyGate.measure(scores(0.745, 2400), scores(0.865, 2400))  # Fashion-MNIST seed 0
     assert digits_like.passes and not fashion_like.passes
     assert "left out" in fashion_like.describe() and "74.5%" in fashion_like.describe()
+    # with the gate off (the default) the fit summary must not claim the member was left out
+    assert fashion_like.describe(applied=False).startswith("pixel_knn joins the union (gate off")
+    assert "would leave it out" in fashion_like.describe(applied=False)
+    assert "would keep it" in digits_like.describe(applied=False)
     gated = FitConfig(gate_pixel_knn=True)
     assert "pixel_knn" in gated.members and "pixel_knn" not in gated.gated_members(False)
     assert gated.gated_members(True) == gated.members

@@ -355,11 +355,15 @@ class AccuracyGate:
     def passes(self) -> bool:
         return self.member_accuracy >= self.authenticator_accuracy - GATE_STANDARD_ERRORS * self.standard_error
 
-    def describe(self) -> str:
-        verdict = "joins the union" if self.passes else "left out"
-        return (f"pixel_knn {verdict}: out-of-fold accuracy {self.member_accuracy:.1%} vs the authenticator's "
-                f"{self.authenticator_accuracy:.1%} on {self.n} calibration samples (gate: within "
-                f"{GATE_STANDARD_ERRORS:g} standard errors, {GATE_STANDARD_ERRORS * self.standard_error:.1%})")
+    def describe(self, applied: bool = True) -> str:
+        """The fit summary's line; ``applied=False`` when the gate is off (the default)."""
+        measured = (f"out-of-fold accuracy {self.member_accuracy:.1%} vs the authenticator's "
+                    f"{self.authenticator_accuracy:.1%} on {self.n} calibration samples (gate: within "
+                    f"{GATE_STANDARD_ERRORS:g} standard errors, {GATE_STANDARD_ERRORS * self.standard_error:.1%})")
+        if not applied:
+            would = "would keep it" if self.passes else "would leave it out"
+            return f"pixel_knn joins the union (gate off; --gate-pixel-knn {would}): {measured}"
+        return f"pixel_knn {'joins the union' if self.passes else 'left out'}: {measured}"
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "gate_fallback": gate_fallback,
         "authenticator_out_of_fold_accuracy": gate.authenticator_accuracy,
         "authenticator_fold_accuracy": fold_accuracy,
-        "pixel_knn_gate": gate.describe() if "pixel_knn" in cfg.members else "pixel_knn not requested",
+        "pixel_knn_gate": gate.describe(applied=cfg.gate_pixel_knn) if "pixel_knn" in cfg.members else "pixel_knn not requested",
         "cv_fpr": union.cv_fpr,
         "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
         "per_class_fallback": union.fell_back,
