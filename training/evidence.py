@@ -271,12 +271,21 @@ class PixelDensity:
 
     def score(self, images: np.ndarray) -> np.ndarray:
         """``density``: label-free, the distance to the nearest class mean."""
-        return (-self.class_distances(images).min(axis=1)).astype(np.float32)
+        return nearest_class_score(self.class_distances(images))
 
     def class_score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """``pixel_mahalanobis``: the distance to the claimed class's mean."""
-        d2 = self.class_distances(images)
-        return (-d2[np.arange(len(labels)), labels]).astype(np.float32)
+        return claimed_class_score(self.class_distances(images), labels)
+
+
+def nearest_class_score(d2: np.ndarray) -> np.ndarray:
+    """``density`` from the [N, K] class distances."""
+    return (-d2.min(axis=1)).astype(np.float32)
+
+
+def claimed_class_score(d2: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``pixel_mahalanobis`` from the [N, K] class distances."""
+    return (-d2[np.arange(len(labels)), labels]).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -306,15 +315,16 @@ class References:
 def member_scores(critic: np.ndarray, logits: np.ndarray, embeddings: np.ndarray, images: np.ndarray,
                   labels: np.ndarray, refs: References) -> np.ndarray:
     """Raw member scores [N, len(MEMBERS)] (float32), columns in ``MEMBERS`` order."""
+    class_d2 = refs.density.class_distances(images)  # one whitening for density and pixel_mahalanobis
     return np.stack([
         np.asarray(critic, np.float32),
         logit_margin(logits, labels),
         refs.knn.score(embeddings, labels),
         refs.mahalanobis.score(embeddings, labels),
         refs.novelty.score(images),
-        refs.density.score(images),
+        nearest_class_score(class_d2),
         refs.pixel_knn.score(images, labels, refs.novelty),
-        refs.density.class_score(images, labels),
+        claimed_class_score(class_d2, labels),
     ], axis=1).astype(np.float32)
 
 
