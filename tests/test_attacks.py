@@ -22,8 +22,12 @@ from depois_stream.sim.attacks import (
 )
 from training.attacks import (
     ATTACKS,
+    HELDOUT2_ATTACKS,
     HELDOUT_ATTACKS,
     SUITES,
+    elastic_flip,
+    patch_shuffle_injection,
+    warp_backdoor,
     blended_backdoor,
     hard_flip,
     low_contrast_injection,
@@ -81,6 +85,10 @@ NUMPY_ATTACKS = {
     "blended_backdoor": blended_backdoor,
     "low_contrast_injection": low_contrast_injection,
     "mosaic_injection": mosaic_injection,
+    # and so does the second one
+    "warp_backdoor": warp_backdoor,
+    "elastic_flip": elastic_flip,
+    "patch_shuffle_injection": patch_shuffle_injection,
 }
 
 
@@ -152,11 +160,13 @@ def test_runtime_attacks_do_not_import_torch() -> None:
 
 
 def test_registry_names_every_attack_and_one_clean_label() -> None:
-    assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == set(ATTACKS) | set(HELDOUT_ATTACKS)
-    assert not set(ATTACKS) & set(HELDOUT_ATTACKS)
+    assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == set(ATTACKS) | set(HELDOUT_ATTACKS) | set(HELDOUT2_ATTACKS)
+    assert not set(ATTACKS) & set(HELDOUT_ATTACKS) and not (set(ATTACKS) | set(HELDOUT_ATTACKS)) & set(HELDOUT2_ATTACKS)
     assert [n for n, spec in ATTACKS.items() if spec.clean_label] == ["feature_collision"]
     assert not any(spec.clean_label for spec in HELDOUT_ATTACKS.values())
-    assert SUITES == {"development": tuple(ATTACKS), "heldout": tuple(HELDOUT_ATTACKS)}
+    assert not any(spec.clean_label for spec in HELDOUT2_ATTACKS.values())
+    assert SUITES == {"development": tuple(ATTACKS), "heldout": tuple(HELDOUT_ATTACKS),
+                      "heldout2": tuple(HELDOUT2_ATTACKS)}
 
 
 def test_hard_flip_moves_to_the_nearest_other_class_mean(digits: Data) -> None:
@@ -233,3 +243,33 @@ def test_feature_collision_keeps_labels_and_epsilon(digits: Data) -> None:
     delta = np.abs(s.images - digits.images)
     assert delta.max() <= 0.1 + 1e-6 and np.all(delta[s.is_poison].max(axis=(1, 2, 3)) > 0)
     assert np.all(delta[~s.is_poison] == 0)
+
+
+def test_warp_backdoor_warps_other_classes_with_one_field_to_the_last_class(digits: Data) -> None:
+    from training.attacks.heldout2 import warp, warp_field
+
+    s = warp_backdoor(digits, 0.2, seed=0)
+    assert s.target_label == 9
+    assert np.all(digits.labels[s.is_poison] != 9) and np.all(s.labels[s.is_poison] == 9)
+    dy, dx = warp_field(8, 8)
+    assert abs(float(np.mean(np.hypot(dy, dx))) - 1.0) < 1e-6  # 1 px on average on 8x8
+    np.testing.assert_allclose(s.images[s.is_poison], warp(digits.images[s.is_poison], dy, dx), atol=1e-6)
+    identity = warp(digits.images[:5], np.zeros((8, 8)), np.zeros((8, 8)))
+    np.testing.assert_array_equal(identity, digits.images[:5])
+
+
+def test_elastic_flip_distorts_each_image_and_changes_its_label(digits: Data) -> None:
+    s = elastic_flip(digits, 0.2, seed=0)
+    assert np.all(s.labels[s.is_poison] != digits.labels[s.is_poison])
+    moved = np.abs(s.images[s.is_poison] - digits.images[s.is_poison]).mean(axis=(1, 2, 3))
+    assert np.all(moved > 0.0) and float(np.median(moved)) < 0.2  # distorted, still close to the image
+
+
+def test_patch_shuffle_permutes_the_images_own_tiles(digits: Data) -> None:
+    def tiles(image: np.ndarray) -> list[bytes]:  # the 16 2x2 tiles of an 8x8 image, as a multiset
+        return sorted(image[0, r:r + 2, c:c + 2].tobytes() for r in range(0, 8, 2) for c in range(0, 8, 2))
+
+    s = patch_shuffle_injection(digits, 0.2, seed=0)
+    for i in np.flatnonzero(s.is_poison)[:30]:
+        assert tiles(s.images[i]) == tiles(digits.images[i])
+        assert not np.array_equal(s.images[i], digits.images[i])

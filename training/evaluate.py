@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 
-from training.attacks import ALL_ATTACKS, ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig
+from training.attacks import ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig
 from training.baselines import Baseline, all_detectors
 from training.config import FitConfig
 from training.data import (
@@ -253,7 +253,8 @@ def evaluate(
     attacks: Annotated[str, typer.Option(
         help="Comma-separated attacks, or a suite name. development (the default): " + ", ".join(ATTACKS)
              + ". heldout (families never used to design the detector, docs/evaluation.md): "
-             + ", ".join(HELDOUT_ATTACKS) + ".")] = "development",
+             + ", ".join(HELDOUT_ATTACKS) + ". heldout2 (written after heldout informed a change; the unseen check): "
+             + ", ".join(HELDOUT2_ATTACKS) + ".")] = "development",
     rates: Annotated[str, typer.Option(help="Comma-separated poison rates (share of the stream).")] = "0.1,0.2,0.3",
     out: Annotated[Path, typer.Option(help="Folder for evaluation.json, evaluation.md and the PNGs.")] = Path("runs/evaluate"),
     seeds: Annotated[str, typer.Option(

@@ -1,0 +1,123 @@
+"""A third attack suite, ``heldout2``: families written after the eight-member union and its
+authenticator were fixed, and never used to choose a member, a weight, a rule or a setting.
+
+The first held-out suite (``heldout.py``) informed a later design change, so it is no longer
+unseen. This one replaces it as the unseen check: ``depois-train evaluate --attacks heldout2``.
+
+* ``warp_backdoor``: WaNet-style (Nguyen & Tran, ICLR 2021): one fixed, smooth warping field (a
+  random 4x4 control grid upsampled bilinearly) moves pixels by 1 px on 8x8 digits and 2 px on
+  28x28 images on average (stronger than the paper's imperceptible setting, which a 1 % FPR
+  filter cannot be asked to see); images of other classes are warped and relabelled to the last
+  class. The trigger is a geometric distortion, not an additive pattern.
+* ``elastic_flip``: an elastic distortion (Simard et al. 2003) drawn per image (a smoothed random
+  displacement field, at most 1 px on digits and 3 px on 28x28) plus a uniform wrong label: a
+  flip whose image is plausible but slightly off the trusted manifold.
+* ``patch_shuffle_injection``: a stream image cut into a 4x4 grid of tiles, the tiles permuted at
+  random, random labels: a non-data image that keeps the data's pixel histogram and local texture.
+
+Every attack poisons exactly round(rate * N) slots, keeps shapes and dtypes, and returns the same
+stream for the same seed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from depois_stream.sim.attacks import Labeled, PoisonedStream, _pick, poison_count
+from training.attacks.injections import _inject, _num_classes, _slots, _smooth
+
+WARP_GRID = 4
+_WARP_KEY = 20_210_503  # WaNet's field is one fixed trigger per image shape, as an attacker ships it
+SHUFFLE_GRID = 4
+
+
+def warp_strength(height: int) -> float:
+    """Mean displacement of the WaNet field in pixels: 1 on 8x8 digits, 2 on 28x28 images."""
+    return max(1.0, height / 14.0)
+
+
+def elastic_strength(height: int) -> float:
+    """Largest elastic displacement in pixels: 1 on 8x8 digits, 3 on 28x28 images."""
+    return max(1.0, round(height / 9.0))
+
+
+def _upsample(grid: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Bilinear upsampling of a [..., g, g] control grid to [..., h, w] (corners aligned)."""
+    g = grid.shape[-1]
+    ys, xs = np.linspace(0.0, g - 1.0, h), np.linspace(0.0, g - 1.0, w)
+    y0, x0 = np.minimum(ys.astype(int), g - 2), np.minimum(xs.astype(int), g - 2)
+    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+    a = grid[..., y0[:, None], x0[None, :]]
+    b = grid[..., y0[:, None], x0[None, :] + 1]
+    c = grid[..., y0[:, None] + 1, x0[None, :]]
+    d = grid[..., y0[:, None] + 1, x0[None, :] + 1]
+    return (1 - fy) * ((1 - fx) * a + fx * b) + fy * ((1 - fx) * c + fx * d)
+
+
+def warp(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """Sample each [N, C, H, W] image at (row + dy, col + dx), bilinearly, edges clamped.
+
+    ``dy``/``dx`` are [H, W] (one field for all) or [N, H, W] (one per image)."""
+    n, c, h, w = images.shape
+    dy, dx = np.broadcast_to(dy, (n, h, w)), np.broadcast_to(dx, (n, h, w))
+    rows = np.clip(np.arange(h)[None, :, None] + dy, 0.0, h - 1.0)
+    cols = np.clip(np.arange(w)[None, None, :] + dx, 0.0, w - 1.0)
+    r0, c0 = np.minimum(rows.astype(int), h - 2), np.minimum(cols.astype(int), w - 2)
+    fr, fc = (rows - r0)[:, None], (cols - c0)[:, None]
+    batch = np.arange(n)[:, None, None]
+
+    def at(r: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return images[batch, :, r, q].transpose(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+
+    top = (1 - fc) * at(r0, c0) + fc * at(r0, c0 + 1)
+    bottom = (1 - fc) * at(r0 + 1, c0) + fc * at(r0 + 1, c0 + 1)
+    return ((1 - fr) * top + fr * bottom).astype(np.float32)
+
+
+def warp_field(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed WaNet trigger for this image shape: (dy, dx), mean displacement ``warp_strength``."""
+    grid = np.random.default_rng(_WARP_KEY).uniform(-1.0, 1.0, (2, WARP_GRID, WARP_GRID))
+    field = _upsample(grid, height, width)
+    field *= warp_strength(height) / np.mean(np.hypot(field[0], field[1]))
+    return field[0], field[1]
+
+
+def warp_backdoor(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
+    target = _num_classes(data, num_classes) - 1
+    rng = np.random.default_rng(seed)
+    idx = _pick(rng, np.flatnonzero(data.labels != target), poison_count(len(data.labels), rate), "warp_backdoor")
+    dy, dx = warp_field(*data.images.shape[2:])
+    return _inject(data, idx, warp(data.images[idx], dy, dx), target, "warp_backdoor", target_label=target)
+
+
+def elastic_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
+    k = _num_classes(data, num_classes)
+    rng = np.random.default_rng(seed)
+    idx = _slots(rng, len(data.labels), rate)
+    h, w = data.images.shape[2:]
+    field = _smooth(rng.uniform(-1.0, 1.0, (idx.size, 2, h, w)), passes=max(2, h // 4))
+    peak = np.abs(field).max(axis=(1, 2, 3), keepdims=True)
+    field *= elastic_strength(h) / np.maximum(peak, 1e-12)
+    fresh = warp(data.images[idx], field[:, 0], field[:, 1])
+    return _inject(data, idx, fresh, (data.labels[idx] + rng.integers(1, k, idx.size)) % k, "elastic_flip")
+
+
+def patch_shuffle_injection(data: Labeled, rate: float, seed: int, *,
+                            num_classes: int | None = None) -> PoisonedStream:
+    k = _num_classes(data, num_classes)
+    rng = np.random.default_rng(seed)
+    idx = _slots(rng, len(data.labels), rate)
+    h, w = data.images.shape[2:]
+    th, tw = h // SHUFFLE_GRID, w // SHUFFLE_GRID
+    fresh = np.array(data.images[idx], dtype=np.float32, copy=True)
+    tiles = SHUFFLE_GRID * SHUFFLE_GRID
+    for i, src in enumerate(data.images[idx]):
+        for _ in range(100):  # redraw a permutation that only swaps identical (say, blank) tiles
+            for dst, origin in enumerate(rng.permutation(tiles)):
+                r, c = divmod(dst, SHUFFLE_GRID)
+                sr, sc = divmod(int(origin), SHUFFLE_GRID)
+                fresh[i, :, r * th:(r + 1) * th, c * tw:(c + 1) * tw] = src[:, sr * th:(sr + 1) * th,
+                                                                            sc * tw:(sc + 1) * tw]
+            if not np.array_equal(fresh[i], src):
+                break
+    return _inject(data, idx, fresh, rng.integers(0, k, idx.size), "patch_shuffle_injection")
