@@ -25,9 +25,6 @@ from training.attacks import (
     HELDOUT2_ATTACKS,
     HELDOUT_ATTACKS,
     SUITES,
-    elastic_flip,
-    patch_shuffle_injection,
-    warp_backdoor,
     blended_backdoor,
     hard_flip,
     low_contrast_injection,
@@ -44,6 +41,7 @@ from training.attacks import (
     shape_injection,
     transform_injection,
 )
+from training.attacks.heldout2 import elastic_flip, patch_shuffle_injection, warp_backdoor
 from training.downstream import ClassifierConfig
 
 
@@ -160,8 +158,9 @@ def test_runtime_attacks_do_not_import_torch() -> None:
 
 
 def test_registry_names_every_attack_and_one_clean_label() -> None:
-    assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == set(ATTACKS) | set(HELDOUT_ATTACKS) | set(HELDOUT2_ATTACKS)
-    assert not set(ATTACKS) & set(HELDOUT_ATTACKS) and not (set(ATTACKS) | set(HELDOUT_ATTACKS)) & set(HELDOUT2_ATTACKS)
+    every = set(ATTACKS) | set(HELDOUT_ATTACKS) | set(HELDOUT2_ATTACKS)
+    assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == every
+    assert len(every) == len(ATTACKS) + len(HELDOUT_ATTACKS) + len(HELDOUT2_ATTACKS)  # the suites are disjoint
     assert [n for n, spec in ATTACKS.items() if spec.clean_label] == ["feature_collision"]
     assert not any(spec.clean_label for spec in HELDOUT_ATTACKS.values())
     assert not any(spec.clean_label for spec in HELDOUT2_ATTACKS.values())
@@ -273,3 +272,16 @@ def test_patch_shuffle_permutes_the_images_own_tiles(digits: Data) -> None:
     for i in np.flatnonzero(s.is_poison)[:30]:
         assert tiles(s.images[i]) == tiles(digits.images[i])
         assert not np.array_equal(s.images[i], digits.images[i])
+
+
+def test_patch_shuffle_poisons_every_slot_even_when_the_tiles_are_alike() -> None:
+    """A blank image's tiles are all alike: no permutation changes it, so the slot would be marked
+    poisoned while the stream kept the clean sample (found in review; the fix gives it a wrong
+    label). Images smaller than the 4x4 grid are refused with a message, not silently kept."""
+    labels = np.arange(40) % 10
+    blank = Data(np.zeros((40, 1, 8, 8), np.float32), labels)
+    s = patch_shuffle_injection(blank, 1.0, seed=0)
+    np.testing.assert_array_equal(changed(blank, s), s.is_poison)
+    assert s.is_poison.all()
+    with pytest.raises(ValueError, match="at least 4x4"):
+        patch_shuffle_injection(Data(np.zeros((10, 1, 3, 3), np.float32), labels[:10]), 0.5, seed=0)

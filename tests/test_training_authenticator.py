@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from training.augment import train_authenticator
-from training.config import DEFAULT_STEPS
+from training.config import DEFAULT_STEPS, FitConfig
 from training.data import load_dataset, trusted_split
 
 pytestmark = pytest.mark.slow
@@ -19,11 +19,11 @@ def test_authenticator_reaches_its_accuracy_within_the_default_digits_budget() -
     Mahalanobis members all read this network: a change to its optimiser, augmentation or step
     budget that costs accuracy costs every label-consistency member with it. (Checked to fail
     with the learning rate cut 100-fold.)"""
-    torch.set_num_threads(1)
+    defaults = FitConfig(dataset="digits")
     splits = load_dataset("digits", None, download=False)
-    trusted = trusted_split(splits.train, 0.2, 0.2, 0).trusted_train
-    model, losses = train_authenticator(trusted, 10, DEFAULT_STEPS["digits"].auth_steps, 64, seed=100,
-                                        device=torch.device("cpu"))
+    trusted = trusted_split(splits.train, defaults.trusted_fraction, defaults.calibration_fraction, 0).trusted_train
+    model, losses = train_authenticator(trusted, 10, DEFAULT_STEPS["digits"].auth_steps, defaults.batch_size,
+                                        seed=100, device=torch.device("cpu"))
     with torch.no_grad():
         predicted = model(torch.from_numpy(splits.test.images)).argmax(1).numpy()
     accuracy = float(np.mean(predicted == splits.test.labels))

@@ -252,7 +252,7 @@ def evaluate(
         "[default: digits].")] = None,
     attacks: Annotated[str, typer.Option(
         help="Comma-separated attacks, or a suite name. development (the default): " + ", ".join(ATTACKS)
-             + ". heldout (families never used to design the detector, docs/evaluation.md): "
+             + ". heldout (written after the design; informed one later change, docs/evaluation.md): "
              + ", ".join(HELDOUT_ATTACKS) + ". heldout2 (written after heldout informed a change; the unseen check): "
              + ", ".join(HELDOUT2_ATTACKS) + ".")] = "development",
     rates: Annotated[str, typer.Option(help="Comma-separated poison rates (share of the stream).")] = "0.1,0.2,0.3",

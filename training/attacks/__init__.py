@@ -72,8 +72,8 @@ ATTACKS: dict[str, AttackSpec] = {
     ),
 }
 
-# The held-out suite (training/attacks/heldout.py): written after the union was designed and never
-# used to tune it; selected with `depois-train evaluate --attacks heldout`, never run by default.
+# The held-out suite (training/attacks/heldout.py): written after the union was designed; it informed
+# stop 20's change, so heldout2 below is now the unseen check. `--attacks heldout`, never run by default.
 HELDOUT_ATTACKS: dict[str, AttackSpec] = {
     "hard_flip": AttackSpec(hard_flip, description="label moved to the nearest other class mean image"),
     "noisy_flip": AttackSpec(noisy_flip, description="Gaussian pixel noise (sigma 0.15) and a uniform wrong label"),

@@ -1,9 +1,10 @@
-"""A second, held-out attack suite: families written after the union was built, never used to
-choose a member, a weight or a rule (numpy only, deterministic).
+"""A second, held-out attack suite: families written after the union was built (numpy only,
+deterministic). Stop 20 chose a change after reading its table (``pixel_mahalanobis`` joined), so
+it is no longer unseen; ``heldout2.py`` is the suite nothing has been chosen against.
 
 The development suite (``ATTACKS``) is what the detector was improved against; a detector tuned
 to its own attack list looks better there than it is. These families ask the same questions with
-poisons the design never saw, the way an outside evaluator would: ``depois-train evaluate
+poisons the design had not seen, the way an outside evaluator would: ``depois-train evaluate
 --attacks heldout`` runs them (docs/evaluation.md has the measured table).
 
 * ``hard_flip``: the label moves to the class whose mean image (over the stream, what an attacker

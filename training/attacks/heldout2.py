@@ -10,10 +10,13 @@ unseen. This one replaces it as the unseen check: ``depois-train evaluate --atta
   filter cannot be asked to see); images of other classes are warped and relabelled to the last
   class. The trigger is a geometric distortion, not an additive pattern.
 * ``elastic_flip``: an elastic distortion (Simard et al. 2003) drawn per image (a smoothed random
-  displacement field, at most 1 px on digits and 3 px on 28x28) plus a uniform wrong label: a
-  flip whose image is plausible but slightly off the trusted manifold.
+  displacement field, each axis at most 1 px on digits and 3 px on 28x28) plus a uniform wrong
+  label: a flip whose image is plausible but slightly off the trusted manifold.
 * ``patch_shuffle_injection``: a stream image cut into a 4x4 grid of tiles, the tiles permuted at
   random, random labels: a non-data image that keeps the data's pixel histogram and local texture.
+  Where the side is not a multiple of 4 the remainder strip stays in place; an image whose tiles
+  are all alike (a blank one) cannot be shuffled visibly and gets a wrong label instead, so every
+  slot is poisoned.
 
 Every attack poisons exactly round(rate * N) slots, keeps shapes and dtypes, and returns the same
 stream for the same seed.
@@ -37,8 +40,8 @@ def warp_strength(height: int) -> float:
 
 
 def elastic_strength(height: int) -> float:
-    """Largest elastic displacement in pixels: 1 on 8x8 digits, 3 on 28x28 images."""
-    return max(1.0, round(height / 9.0))
+    """Largest elastic displacement per axis in pixels: 1 on 8x8 digits, 3 on 28x28 images."""
+    return float(max(1, round(height / 9.0)))
 
 
 def _upsample(grid: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -82,8 +85,12 @@ def warp_field(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return field[0], field[1]
 
 
-def warp_backdoor(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
-    target = _num_classes(data, num_classes) - 1
+def warp_backdoor(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None,
+                  target: int | None = None) -> PoisonedStream:
+    """Warp images of other classes with the one fixed field and relabel them ``target`` (default:
+    the last class, so that it differs from the other backdoors' class 0)."""
+    if target is None:
+        target = _num_classes(data, num_classes) - 1
     rng = np.random.default_rng(seed)
     idx = _pick(rng, np.flatnonzero(data.labels != target), poison_count(len(data.labels), rate), "warp_backdoor")
     dy, dx = warp_field(*data.images.shape[2:])
@@ -91,6 +98,7 @@ def warp_backdoor(data: Labeled, rate: float, seed: int, *, num_classes: int | N
 
 
 def elastic_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
+    """Distort each slot's image with its own smooth field and give it a uniformly drawn wrong label."""
     k = _num_classes(data, num_classes)
     rng = np.random.default_rng(seed)
     idx = _slots(rng, len(data.labels), rate)
@@ -104,10 +112,14 @@ def elastic_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | No
 
 def patch_shuffle_injection(data: Labeled, rate: float, seed: int, *,
                             num_classes: int | None = None) -> PoisonedStream:
+    """Permute each slot's 4x4 grid of tiles and give it a random label."""
+    h, w = data.images.shape[2:]
+    if h < SHUFFLE_GRID or w < SHUFFLE_GRID:
+        raise ValueError(f"patch_shuffle_injection needs images of at least {SHUFFLE_GRID}x{SHUFFLE_GRID} pixels, "
+                         f"got {h}x{w}")
     k = _num_classes(data, num_classes)
     rng = np.random.default_rng(seed)
     idx = _slots(rng, len(data.labels), rate)
-    h, w = data.images.shape[2:]
     th, tw = h // SHUFFLE_GRID, w // SHUFFLE_GRID
     fresh = np.array(data.images[idx], dtype=np.float32, copy=True)
     tiles = SHUFFLE_GRID * SHUFFLE_GRID
@@ -120,4 +132,7 @@ def patch_shuffle_injection(data: Labeled, rate: float, seed: int, *,
                                                                             sc * tw:(sc + 1) * tw]
             if not np.array_equal(fresh[i], src):
                 break
-    return _inject(data, idx, fresh, rng.integers(0, k, idx.size), "patch_shuffle_injection")
+    labels = rng.integers(0, k, idx.size)
+    unchanged = np.all(fresh == data.images[idx], axis=(1, 2, 3))
+    labels[unchanged] = (data.labels[idx][unchanged] + rng.integers(1, k, int(unchanged.sum()))) % k
+    return _inject(data, idx, fresh, labels, "patch_shuffle_injection")
