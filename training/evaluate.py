@@ -27,7 +27,9 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 
-from training.attacks import ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig
+from training.attacks import (
+    ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig,
+)
 from training.baselines import Baseline, all_detectors
 from training.config import FitConfig
 from training.data import (

@@ -44,43 +44,40 @@ def elastic_strength(height: int) -> float:
     return float(max(1, round(height / 9.0)))
 
 
-def _upsample(grid: np.ndarray, h: int, w: int) -> np.ndarray:
-    """Bilinear upsampling of a [..., g, g] control grid to [..., h, w] (corners aligned)."""
-    g = grid.shape[-1]
-    ys, xs = np.linspace(0.0, g - 1.0, h), np.linspace(0.0, g - 1.0, w)
-    y0, x0 = np.minimum(ys.astype(int), g - 2), np.minimum(xs.astype(int), g - 2)
-    fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
-    a = grid[..., y0[:, None], x0[None, :]]
-    b = grid[..., y0[:, None], x0[None, :] + 1]
-    c = grid[..., y0[:, None] + 1, x0[None, :]]
-    d = grid[..., y0[:, None] + 1, x0[None, :] + 1]
-    return (1 - fy) * ((1 - fx) * a + fx * b) + fy * ((1 - fx) * c + fx * d)
+def _bilinear(images: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Sample [N, C, H, W] images at fractional pixel positions ``rows``/``cols`` (each
+    broadcastable to [N, H', W'] and already inside the image), bilinearly: [N, C, H', W']."""
+    n, _, h, w = images.shape
+    rows, cols = np.broadcast_arrays(rows, cols)
+    r0, c0 = np.minimum(rows.astype(int), h - 2), np.minimum(cols.astype(int), w - 2)
+    fr, fc = (rows - r0)[:, None], (cols - c0)[:, None]
+    batch = np.arange(n)[:, None, None]
+
+    def at(r: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return images[batch, :, r, q].transpose(0, 3, 1, 2)  # [N, H', W', C] -> [N, C, H', W']
+
+    top = (1 - fc) * at(r0, c0) + fc * at(r0, c0 + 1)
+    bottom = (1 - fc) * at(r0 + 1, c0) + fc * at(r0 + 1, c0 + 1)
+    return (1 - fr) * top + fr * bottom
 
 
 def warp(images: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
     """Sample each [N, C, H, W] image at (row + dy, col + dx), bilinearly, edges clamped.
 
     ``dy``/``dx`` are [H, W] (one field for all) or [N, H, W] (one per image)."""
-    n, c, h, w = images.shape
+    n, _, h, w = images.shape
     dy, dx = np.broadcast_to(dy, (n, h, w)), np.broadcast_to(dx, (n, h, w))
     rows = np.clip(np.arange(h)[None, :, None] + dy, 0.0, h - 1.0)
     cols = np.clip(np.arange(w)[None, None, :] + dx, 0.0, w - 1.0)
-    r0, c0 = np.minimum(rows.astype(int), h - 2), np.minimum(cols.astype(int), w - 2)
-    fr, fc = (rows - r0)[:, None], (cols - c0)[:, None]
-    batch = np.arange(n)[:, None, None]
-
-    def at(r: np.ndarray, q: np.ndarray) -> np.ndarray:
-        return images[batch, :, r, q].transpose(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
-
-    top = (1 - fc) * at(r0, c0) + fc * at(r0, c0 + 1)
-    bottom = (1 - fc) * at(r0 + 1, c0) + fc * at(r0 + 1, c0 + 1)
-    return ((1 - fr) * top + fr * bottom).astype(np.float32)
+    return _bilinear(images, rows, cols).astype(np.float32)
 
 
 def warp_field(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """The fixed WaNet trigger for this image shape: (dy, dx), mean displacement ``warp_strength``."""
-    grid = np.random.default_rng(_WARP_KEY).uniform(-1.0, 1.0, (2, WARP_GRID, WARP_GRID))
-    field = _upsample(grid, height, width)
+    grid = np.random.default_rng(_WARP_KEY).uniform(-1.0, 1.0, (1, 2, WARP_GRID, WARP_GRID))
+    corners = WARP_GRID - 1.0  # upsample the control grid, corners aligned
+    rows, cols = np.linspace(0.0, corners, height)[None, :, None], np.linspace(0.0, corners, width)[None, None, :]
+    field = _bilinear(grid, rows, cols)[0]
     field *= warp_strength(height) / np.mean(np.hypot(field[0], field[1]))
     return field[0], field[1]
 
@@ -120,17 +117,15 @@ def patch_shuffle_injection(data: Labeled, rate: float, seed: int, *,
     k = _num_classes(data, num_classes)
     rng = np.random.default_rng(seed)
     idx = _slots(rng, len(data.labels), rate)
-    th, tw = h // SHUFFLE_GRID, w // SHUFFLE_GRID
+    g, th, tw = SHUFFLE_GRID, h // SHUFFLE_GRID, w // SHUFFLE_GRID
     fresh = np.array(data.images[idx], dtype=np.float32, copy=True)
-    tiles = SHUFFLE_GRID * SHUFFLE_GRID
-    for i, src in enumerate(data.images[idx]):
+    for i, src in enumerate(fresh):
+        grid = src[:, :g * th, :g * tw].copy()  # the remainder strip beyond the grid stays in place
+        tiles = grid.reshape(-1, g, th, g, tw).transpose(1, 3, 0, 2, 4).reshape(g * g, -1, th, tw)
         for _ in range(100):  # redraw a permutation that only swaps identical (say, blank) tiles
-            for dst, origin in enumerate(rng.permutation(tiles)):
-                r, c = divmod(dst, SHUFFLE_GRID)
-                sr, sc = divmod(int(origin), SHUFFLE_GRID)
-                fresh[i, :, r * th:(r + 1) * th, c * tw:(c + 1) * tw] = src[:, sr * th:(sr + 1) * th,
-                                                                            sc * tw:(sc + 1) * tw]
-            if not np.array_equal(fresh[i], src):
+            shuffled = tiles[rng.permutation(g * g)].reshape(g, g, -1, th, tw).transpose(2, 0, 3, 1, 4)
+            src[:, :g * th, :g * tw] = shuffled.reshape(-1, g * th, g * tw)
+            if not np.array_equal(src[:, :g * th, :g * tw], grid):
                 break
     labels = rng.integers(0, k, idx.size)
     unchanged = np.all(fresh == data.images[idx], axis=(1, 2, 3))
