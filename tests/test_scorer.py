@@ -12,7 +12,8 @@ import onnxruntime as ort
 import pytest
 
 from depois_stream.contract import (
-    META_BOUNDARY, META_INPUT_SHAPE, card_path_for, sha256_file,
+    META_BOUNDARY, META_INPUT_SHAPE, SCHEMA_VERSION, Boundary, ContractError, ModelMetadata, card_path_for,
+    sha256_file,
 )
 from depois_stream.filter.detector import CPU, CUDA, ModelLoadError, Detector, requested_providers
 from tests.helpers.onnx_models import build_centroid_model
@@ -165,3 +166,39 @@ def test_graph_and_metadata_boundary_must_agree(tmp_path: Path, digits_arrays) -
     with pytest.raises(ModelLoadError, match="disagrees with the boundary"):
         Detector.load(path, device="cpu")
 
+
+
+def _union_metadata(**changes: object) -> ModelMetadata:
+    base = dict(schema_version=SCHEMA_VERSION, boundary=Boundary(**{"global": -5.0}), target_fpr=0.01,
+                input_shape=(1, 8, 8), num_classes=10, dataset="digits", score_kind="union",
+                model_version="m1", created_at="2026-01-01T00:00:00Z", has_p_value=True,
+                evidence_members=("critic", "margin", "knn"), evidence_weights=(0.2, 1.4, 1.4))
+    return ModelMetadata(**{**base, **changes})
+
+
+def test_evidence_weights_travel_in_the_metadata_and_old_models_mean_equal_weights() -> None:
+    meta = _union_metadata()
+    props = meta.to_props()
+    assert props["depois.evidence_weights"] == "0.2,1.4,1.4"
+    assert ModelMetadata.from_props(props) == meta
+    old = {k: v for k, v in props.items() if k != "depois.evidence_weights"}
+    assert ModelMetadata.from_props(old).member_weights() == (1.0, 1.0, 1.0)
+
+
+@pytest.mark.parametrize("weights", ["0.2,1.4", "0,1,2", "-1,2,2", "nan,1,1", "x,1,1"])
+def test_bad_evidence_weights_are_a_contract_error(weights: str) -> None:
+    props = {**_union_metadata().to_props(), "depois.evidence_weights": weights}
+    with pytest.raises(ContractError, match="metadata is invalid"):
+        ModelMetadata.from_props(props)
+
+
+def test_reason_is_the_member_with_the_smallest_weighted_p_value() -> None:
+    from depois_stream.filter.detector import Prediction
+
+    evidence = np.array([[0.001, 0.004, 0.5], [0.5, 0.004, 0.5], [0.5, 0.5, 0.5]], np.float32)
+    common = dict(score=np.zeros(3, np.float32), poisoned=np.array([True, True, False]),
+                  threshold=np.zeros(3, np.float32), p_value=None, evidence=evidence,
+                  reason_names=("critic", "margin", "knn"))
+    assert Prediction(**common).reasons == ["critic", "margin", ""]
+    # critic weight 0.2: its 0.001 counts as 0.005, above the margin's 0.004 / 1.4
+    assert Prediction(**common, reason_weights=(0.2, 1.4, 1.4)).reasons == ["margin", "margin", ""]

@@ -118,8 +118,31 @@ def test_onnx_contract_names_dtypes_dynamic_batch_and_metadata(
         np.testing.assert_allclose(score, digits_detector.score(cal.images[:n], cal.labels[:n]), rtol=1e-4, atol=1e-4)
         assert evidence.shape == (n, len(meta.evidence_members)) and evidence.dtype == np.float32
         np.testing.assert_allclose(evidence, digits_detector.evidence(cal.images[:n], cal.labels[:n]), atol=1e-3)
-        # the score is the log of the smallest evidence p-value: the member that fired is its argmin
-        np.testing.assert_allclose(score, np.log(evidence.min(axis=1)), rtol=1e-4, atol=1e-4)
+        # the score is the log of the smallest weighted evidence p-value, min_j p_j / w_j
+        w = np.asarray(meta.evidence_weights, np.float32)
+        np.testing.assert_allclose(score, np.log((evidence / w).min(axis=1)), rtol=1e-4, atol=1e-4)
+    # the default shares the budget 0.1 : 1 between the critic and each other member
+    assert meta.evidence_members[0] == "critic" and len(meta.evidence_weights) == len(meta.evidence_members)
+    assert meta.evidence_weights[0] == pytest.approx(0.1 * meta.evidence_weights[1])
+    assert sum(meta.evidence_weights) == pytest.approx(len(meta.evidence_members))
+
+
+def test_runtime_reason_is_the_member_that_set_the_weighted_score(digits_run: Path) -> None:
+    """The consumer's depois.reason header must name the member whose p_j / w_j is the score,
+    not the plain smallest p-value (which would blame the down-weighted critic)."""
+    from depois_stream.filter.detector import Detector
+
+    det = Detector.load(digits_run / "model.onnx", device="cpu")
+    test = load_dataset("digits").test
+    rng = np.random.default_rng(0)
+    labels = (test.labels + rng.integers(1, 10, len(test.labels))) % 10  # flipped: most get flagged
+    pred = det.predict(test.images, labels)
+    w = np.asarray(det.metadata.evidence_weights, np.float32)
+    setter = np.argmin(pred.evidence / w, axis=1)
+    np.testing.assert_array_equal(pred.reason_index, setter)
+    flagged = pred.poisoned
+    assert flagged.mean() > 0.5
+    assert [r for r, f in zip(pred.reasons, flagged) if f] == [det.reason_names[k] for k in setter[flagged]]
 
 
 def test_export_refuses_a_graph_that_disagrees_with_torch(
@@ -195,3 +218,20 @@ def test_export_onnx_signs_the_model_and_card_that_a_consumer_then_verifies(
     assert (tmp_path / "signed" / "model.sig").is_file()
     verified = verify_model(model, public)
     assert verified.model_bytes == model.read_bytes()
+
+
+def test_a_detector_saved_before_member_weights_still_loads_as_plain_min_p(digits_run: Path, tmp_path: Path) -> None:
+    """Detector folders written before ``evidence_weights`` existed carry no weights in their
+    metadata; they were calibrated with plain min-p and must load (and score) as such."""
+    from training.conformal import union_log_p
+
+    det = FittedDetector.load(digits_run / "detector")
+    det.metadata = det.metadata.model_copy(update={"evidence_weights": ()})
+    det.union = det.calibrate(det.members, det.metadata.target_fpr, True)
+    det.metadata = det.metadata.model_copy(update={"boundary": det.union.boundary})
+    det.save(tmp_path / "old")
+    old = FittedDetector.load(tmp_path / "old")
+    np.testing.assert_array_equal(old.union.weight_vector, np.ones(len(old.members)))
+    test = load_dataset("digits").test
+    lp = old.union.member_log_p(old.raw_evidence(test.images, test.labels), test.labels)
+    np.testing.assert_allclose(old.score(test.images, test.labels), union_log_p(lp).astype(np.float32))

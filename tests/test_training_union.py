@@ -9,7 +9,7 @@ import pytest
 
 from training.calibration import threshold_at_fpr
 from training.config import FitConfig
-from training.conformal import log_p_values, loo_log_p_values, reason, tail_scale, union_log_p
+from training.conformal import log_p_values, loo_log_p_values, member_weights, reason, tail_scale, union_log_p
 from training.crossfit import HOLDOUT, choose_mode, make_plan
 from training.data import LabeledImages
 from training.evidence import (
@@ -96,6 +96,54 @@ def test_union_realises_the_target_fpr_on_new_clean_data_and_names_the_member_th
     lp = union.member_log_p(odd, np.zeros(3, np.int64))
     np.testing.assert_array_equal(reason(lp), [0, 1, 2])
     assert np.all(union.flagged(union_log_p(lp).astype(np.float32), np.zeros(3, np.int64)))
+
+
+def test_equal_weights_are_plain_min_p() -> None:
+    rng = np.random.default_rng(30)
+    members = ("critic", "margin", "knn")
+    cal, labels = _members(rng, 600, 0.5), rng.integers(0, 10, 600)
+    plain = calibrate_union(cal, labels, 10, members, 0.01, per_class=False)
+    equal = calibrate_union(cal, labels, 10, members, 0.01, per_class=False, weights=np.array([2.0, 2.0, 2.0]))
+    np.testing.assert_array_equal(equal.weight_vector, [1.0, 1.0, 1.0])
+    assert equal.boundary == plain.boundary
+    np.testing.assert_array_equal(equal.score(cal, labels), plain.score(cal, labels))
+
+
+def test_weighted_union_keeps_the_target_fpr_and_moves_the_budget_off_the_light_member() -> None:
+    """Weighted min-p ``min_j p_j / w_j``: the boundary is still calibrated on the weighted
+    statistic, so the FPR on new clean data stays at the target; a member with a small weight
+    fires on fewer clean samples, and a poison that only another member sees is caught more often
+    (the reason the critic's weight is 0.1: it no longer dilutes the others)."""
+    rng = np.random.default_rng(31)
+    members = ("critic", "margin", "knn")
+    cal, labels = _members(rng, 3000, 0.3), rng.integers(0, 10, 3000)
+    w = member_weights(members, {"critic": 0.1})
+    np.testing.assert_allclose(w, np.array([0.1, 1.0, 1.0]) * 3 / 2.1)
+    plain = calibrate_union(cal, labels, 10, members, 0.01, per_class=False)
+    light = calibrate_union(cal, labels, 10, members, 0.01, per_class=False, weights=w)
+    fresh, fresh_labels = _members(rng, 100_000, 0.3), rng.integers(0, 10, 100_000)
+    flagged = light.flagged(light.score(fresh, fresh_labels), fresh_labels)
+    assert abs(np.mean(flagged) - 0.01) < 0.003
+    fired = reason(light.member_log_p(fresh, fresh_labels), light.weight_vector)[flagged]
+    plain_flagged = plain.flagged(plain.score(fresh, fresh_labels), fresh_labels)
+    plain_fired = reason(plain.member_log_p(fresh, fresh_labels))[plain_flagged]
+    assert np.mean(fired == 0) < 0.5 * np.mean(plain_fired == 0)
+    poison = _members(rng, 20_000, 0.3)
+    poison[:, 1] -= 2.5  # only the margin sees it
+    caught = {name: np.mean(u.flagged(u.score(poison, fresh_labels[:20_000]), fresh_labels[:20_000]))
+              for name, u in (("plain", plain), ("light", light))}
+    assert caught["light"] > caught["plain"] + 0.02
+
+
+def test_member_weights_are_scaled_to_the_member_count_and_must_be_positive() -> None:
+    np.testing.assert_allclose(member_weights(("critic", "knn"), {"critic": 0.25, "knn": 1.0}), [0.4, 1.6])
+    np.testing.assert_allclose(member_weights(("margin", "knn"), {"critic": 0.1}), [1.0, 1.0])
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="positive and finite"):
+            member_weights(("critic", "knn"), {"critic": bad})
+    with pytest.raises(ValueError, match="2 weights for 3 members"):
+        calibrate_union(np.zeros((4, 3), np.float32), np.zeros(4, np.int64), 2, ("critic", "margin", "knn"),
+                        0.01, False, weights=np.ones(2))
 
 
 def test_small_pool_boundary_is_unbiased_and_steadier_than_the_order_statistic() -> None:

@@ -239,7 +239,8 @@ def _summary(det, out: Path) -> None:
         table.add_row(key.replace("_", " "), f"{value:,}")
     plan = r.get("plan", {})
     table.add_row("calibration plan", f"{plan.get('mode')} ({plan.get('folds')} fold(s))")
-    table.add_row("evidence members", ", ".join(meta.evidence_members))
+    table.add_row("evidence members (weight)", ", ".join(
+        f"{m} ({w:.2g})" for m, w in zip(meta.evidence_members, meta.member_weights())))
     if r.get("pixel_knn_gate"):
         table.add_row("pixel_knn gate", str(r["pixel_knn_gate"]))
     table.add_row("authenticator acceptance rate", f"{r['acceptance_rate']:.1%}")
@@ -247,7 +248,7 @@ def _summary(det, out: Path) -> None:
     cv = r.get("cv_fpr") or []
     cv_text = f"{sum(cv) / len(cv):.2%} (folds {min(cv):.2%} to {max(cv):.2%})" if cv else "n/a"
     table.add_row("target FPR / out-of-sample FPR", f"{meta.target_fpr:.2%} / {cv_text}")
-    table.add_row("global boundary (log min-p)", f"{meta.boundary.global_:.3f}")
+    table.add_row("global boundary (log weighted min-p)", f"{meta.boundary.global_:.3f}")
     if meta.boundary.per_class is not None:
         table.add_row("classes using the global fallback", str(len(r["per_class_fallback"])))
     for stage, seconds in r["times_s"].items():

@@ -67,6 +67,12 @@ class FitConfig(BaseModel):
                             json_schema_extra=_cli("--per-class/--global"))
     members: tuple[str, ...] = Field(MEMBERS, description=f"Evidence members of the union, comma-separated, from "
                                                           f"{','.join(MEMBERS)}.")
+    critic_weight: float = Field(
+        0.1, gt=0.0, le=1.0,
+        description="The critic's share of the false-alarm budget relative to each other member (weighted "
+                    "min-p: score = log min_j p_j / w_j, weights summing to the member count). 1 = plain min-p. "
+                    "Default 0.1: the critic fires on few poisons that no other member catches, and an equal "
+                    "share let it dilute them (docs/method.md).")
     gate_pixel_knn: bool = Field(
         False, description="Opt-in: pixel_knn (if listed in --members) joins the union only where its "
                            "out-of-fold accuracy on the trusted pool is within 2 standard errors of the "
@@ -126,6 +132,10 @@ class FitConfig(BaseModel):
         if self.gate_pixel_knn and not pixel_knn_passes and len(self.members) > 1:
             return tuple(m for m in self.members if m != "pixel_knn")
         return self.members
+
+    def relative_weights(self) -> dict[str, float]:
+        """Each member's weight before scaling (``training.conformal.member_weights``)."""
+        return {"critic": self.critic_weight}
 
     def steps(self) -> Steps:
         default = DEFAULT_STEPS.get(self.dataset, DEFAULT_STEPS["fashion-mnist"])

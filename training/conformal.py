@@ -1,4 +1,4 @@
-"""Continuous conformal p-values, their min-p union, and its calibration (pure numpy).
+"""Continuous conformal p-values, their weighted min-p union, and its calibration (pure numpy).
 
 Why continuous: the plain conformal p-value ``(1 + #{reference <= s}) / (n + 1)`` stops at
 ``1 / (n + 1)``. With the 252 trusted digits that is 0.004, and a union of five members needs
@@ -25,7 +25,9 @@ p = 1/(n+1) exactly, no calibration sample could fall below that, while new clea
 and a boundary read off the calibration p-values would be too permissive.
 
 The union of members is the minimum of their p-values (Bonferroni's statistic, valid under any
-dependence); its boundary is then calibrated on the leave-one-out union statistic of the clean
+dependence), each p-value first divided by its member's weight (weighted Bonferroni: the weights
+sum to the number of members and say how the false-alarm budget is shared); its boundary is then
+calibrated on the leave-one-out union statistic of the clean
 calibration samples, which spends the false-positive budget as the members' actual dependence
 allows instead of Bonferroni's worst case.
 """
@@ -148,14 +150,35 @@ def loo_log_p_values(reference: np.ndarray, beta: float) -> np.ndarray:
     return _log_p(r, counts, lo, ref[hi_pos], upper_hi, first, beta, n - 1)
 
 
-def union_log_p(member_log_p: np.ndarray) -> np.ndarray:
-    """min-p over members, in log space: [N, J] -> [N]."""
-    return np.min(np.asarray(member_log_p, dtype=np.float64), axis=1)
+def union_log_p(member_log_p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted min-p over members, in log space: ``min_j (log p_j - log w_j)``, [N, J] -> [N].
+
+    With weights summing to J this is the weighted Bonferroni statistic: a member with weight
+    ``w_j`` spends ``w_j / J`` of the false-alarm budget. All weights 1 is plain min-p."""
+    lp = np.asarray(member_log_p, dtype=np.float64)
+    if weights is not None:
+        lp = lp - np.log(np.asarray(weights, dtype=np.float64))
+    return np.min(lp, axis=1)
 
 
-def reason(member_log_p: np.ndarray) -> np.ndarray:
-    """Index of the member with the smallest p-value (the one that fired), [N, J] -> [N]."""
-    return np.argmin(np.asarray(member_log_p, dtype=np.float64), axis=1)
+def reason(member_log_p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Index of the member that set the union statistic (the one that fired), [N, J] -> [N]."""
+    lp = np.asarray(member_log_p, dtype=np.float64)
+    if weights is not None:
+        lp = lp - np.log(np.asarray(weights, dtype=np.float64))
+    return np.argmin(lp, axis=1)
+
+
+def member_weights(members: tuple[str, ...], relative: dict[str, float]) -> np.ndarray:
+    """Weights of ``members`` for the weighted min-p, scaled to sum to ``len(members)``.
+
+    ``relative`` gives each member's weight before scaling (missing members: 1). Scaling keeps
+    the statistic on the plain min-p's scale, so an ablation that drops members re-spreads the
+    budget over the ones left."""
+    w = np.asarray([float(relative.get(m, 1.0)) for m in members], dtype=np.float64)
+    if w.size == 0 or np.any(~np.isfinite(w)) or np.any(w <= 0.0):
+        raise ValueError(f"member weights must be positive and finite, got {dict(zip(members, w.tolist()))}")
+    return w * (len(members) / w.sum())
 
 
 def fpr_standard_error(target_fpr: float, n: int) -> float:

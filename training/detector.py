@@ -1,7 +1,7 @@
 """FittedDetector: the trained union detector as one object (alibi-detect style).
 
 It scores with torch for the two networks and numpy for everything after them (member formulas,
-standardisation, p-values, min-p, boundary). The exported ONNX graph re-implements that tail in
+standardisation, p-values, weighted min-p, boundary). The exported ONNX graph re-implements that tail in
 torch ops; keeping the two paths separate is what makes the export's parity check a real check
 rather than a comparison of a module with itself.
 
@@ -24,6 +24,7 @@ import torch
 
 from depois_stream.contract import SCHEMA_VERSION, Boundary, ModelMetadata, utc_now_iso
 from training.config import FitConfig
+from training.conformal import member_weights
 from training.crossfit import CalibrationPlan
 from training.data import LabeledImages
 from training.evidence import MEMBERS, References, member_scores, neighbours
@@ -132,12 +133,22 @@ class FittedDetector:
         """What the shipped networks trained on (the holdout's training part, or the whole pool)."""
         return self.plan.shipped_training_data()
 
+    def relative_weights(self) -> dict[str, float]:
+        """The members' weights as this detector was calibrated with: from its metadata (a model
+        saved before weights existed has none there and used equal ones), else from the config."""
+        meta = self.metadata
+        if meta.evidence_members:
+            return dict(zip(meta.evidence_members, meta.member_weights()))
+        return self.config.relative_weights()
+
     def calibrate(self, members: tuple[str, ...], target_fpr: float, per_class: bool,
                   folds: np.ndarray | None = None) -> UnionCalibration:
-        """A union of ``members`` calibrated on the stored out-of-sample scores (ablations use this)."""
+        """A union of ``members`` calibrated on the stored out-of-sample scores (ablations use this;
+        a subset keeps the members' relative weights, re-scaled to its size)."""
         cols = member_columns(members)
         return calibrate_union(self.calibration_raw[:, cols], self.calibration_labels, self.metadata.num_classes,
-                               members, target_fpr, per_class, folds, self.config.paper_k)
+                               members, target_fpr, per_class, folds, self.config.paper_k,
+                               member_weights(members, self.relative_weights()))
 
     # ------------------------------------------------------------------ scoring
 
@@ -159,7 +170,8 @@ class FittedDetector:
         return np.exp(self.union.member_log_p(raw, labels)).astype(np.float32)
 
     def score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """float32 [N]: log of the smallest member p-value; higher = more trustworthy."""
+        """float32 [N]: log of the smallest weighted member p-value ``min_j p_j / w_j``; higher =
+        more trustworthy."""
         raw = self.raw_evidence(images, labels)[:, member_columns(self.members)]
         return self.union.score(raw, labels)
 
@@ -253,6 +265,8 @@ def union_digest(union: UnionCalibration) -> str:
                 union.standardiser.scale, *(k.values for k in union.knots), union.union_knots.values):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(",".join(union.members).encode())
+    if union.weights is not None:  # plain min-p keeps the digest it had before weights existed
+        h.update(np.ascontiguousarray(union.weights).tobytes())
     return h.hexdigest()
 
 
@@ -283,4 +297,5 @@ def build_metadata(config: FitConfig, union: UnionCalibration, shape: tuple[int,
         weights_sha256=sha,
         has_p_value=True,
         evidence_members=union.members,
+        evidence_weights=tuple(float(w) for w in union.weight_vector),
     )

@@ -1,7 +1,7 @@
 """Export a FittedDetector to the single-file ONNX contract of ``depois_stream.contract``.
 
 The graph computes the final verdict itself (networks, the evidence members with their
-trusted references, per-class standardisation, per-member conformal p-values, min-p, per-class
+trusted references, per-class standardisation, per-member conformal p-values, weighted min-p, per-class
 boundary, union p-value), so the torch-free runtime only feeds pixels and labels and reads the
 answer: there is no second implementation of the maths in the consumer to drift apart. kNN
 distances are a MatMul against the stored trusted embeddings followed by TopK.
@@ -147,6 +147,7 @@ class ScoringGraph(nn.Module):
         self.register_buffer("knots", f32(np.stack([k.values for k in union.knots])))
         self.register_buffer("knot_counts", f32(np.stack([k.counts for k in union.knots])))
         self.register_buffer("betas", f32(union.betas))
+        self.register_buffer("log_weights", f32(np.log(union.weight_vector))[None, :])  # weighted min-p
         self.register_buffer("union_knots", f32(union.union_knots.values)[None, :])
         self.register_buffer("union_counts", f32(union.union_knots.counts)[None, :])
         self.register_buffer("union_beta", f32([union.union_beta]))
@@ -206,7 +207,7 @@ class ScoringGraph(nn.Module):
         raw = torch.stack(columns, dim=1)
         z = (raw - torch.index_select(self.loc_t, 0, label)) / torch.index_select(self.scale_t, 0, label)
         log_p = _log_p(z, self.knots, self.knot_counts, self.n_ref, self.betas)
-        score = log_p.min(dim=1).values
+        score = (log_p - self.log_weights).min(dim=1).values
         poisoned = score < torch.index_select(self.thresholds, 0, label)
         p_value = torch.exp(_log_p(score[:, None], self.union_knots, self.union_counts, self.n_union, self.union_beta)[:, 0])
         return score, poisoned, p_value, torch.exp(log_p)
@@ -318,11 +319,12 @@ def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> Mod
         "authenticator_out_of_fold_accuracy": float(report.get("authenticator_out_of_fold_accuracy", float("nan"))),
     }
     calibration = {k: v for k, v in calibration.items() if math.isfinite(v)}  # JSON has no NaN: omit unknowns
+    weights = ", ".join(f"{m} {w:.3g}" for m, w in zip(union.members, union.weight_vector))
     notes = [
-        (f"score = log min_j p_j over the evidence members {', '.join(union.members)}: each member's "
+        (f"score = log min_j p_j / w_j over the evidence members (weights: {weights}): each member's "
          "conformal p-value against its clean out-of-sample scores (standardised per claimed class, "
-         "exponential tail below the smallest); the boundary is the target-FPR quantile of the "
-         "calibration samples' leave-one-out union statistic"),
+         "exponential tail below the smallest), divided by its share of the false-alarm budget; the "
+         "boundary is the target-FPR quantile of the calibration samples' leave-one-out union statistic"),
         (f"calibration plan: {plan.get('mode', '?')} ({plan.get('folds', '?')} fold(s)), {union.n} calibration "
          f"samples, kNN k = {plan.get('neighbours_k', '?')}, novelty PCA dims = {plan.get('pca_dims', '?')}"),
         (f"boundary per class: {det.metadata.boundary.per_class is not None}; classes that fell back to the "

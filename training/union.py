@@ -5,7 +5,8 @@ trained on (out-of-fold scores, ``training.crossfit``) into everything the detec
 its networks: the per-class standardisation of each member, each member's sorted p-value
 reference and tail scale, the union statistic's own reference, and the boundary on it.
 
-The exported ``score`` is ``log min_j p_j`` (higher = more trustworthy); the boundary is the
+The exported ``score`` is ``log min_j p_j / w_j`` (higher = more trustworthy; ``w`` the member
+weights, ``training.conformal.member_weights``); the boundary is the
 ``target_fpr`` quantile of the calibration samples' leave-one-out union statistic, per class
 where a class has at least ``1 / target_fpr`` calibration samples (else the global one). The
 same function, given a subset of the columns, is how the evaluation builds "member alone" and
@@ -21,7 +22,7 @@ import numpy as np
 
 from depois_stream.contract import Boundary
 from training.calibration import min_class_count, paper_boundary, threshold_at_fpr
-from training.conformal import Knots, log_p_knots, loo_log_p_values, tail_scale, union_log_p
+from training.conformal import Knots, log_p_knots, loo_log_p_values, member_weights, tail_scale, union_log_p
 from training.evidence import ClassStandardiser
 
 
@@ -40,6 +41,7 @@ class UnionCalibration:
     boundary: Boundary
     fell_back: list[int] = field(default_factory=list)
     cv_fpr: list[float] = field(default_factory=list)  # out-of-fold FPR of this boundary rule, per fold
+    weights: np.ndarray | None = None  # float64 [J], summing to J (weighted min-p); None = all 1
 
     # ------------------------------------------------------------------ scoring
 
@@ -50,7 +52,7 @@ class UnionCalibration:
                          for j in range(len(self.members))], axis=1)
 
     def score(self, raw: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return union_log_p(self.member_log_p(raw, labels)).astype(np.float32)
+        return union_log_p(self.member_log_p(raw, labels), self.weights).astype(np.float32)
 
     def p_value(self, scores: np.ndarray) -> np.ndarray:
         """Union p-value: how unusual the union statistic is among clean calibration samples."""
@@ -58,6 +60,11 @@ class UnionCalibration:
 
     def flagged(self, scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return np.asarray(scores, np.float32) < self.boundary.for_labels(labels)
+
+    @property
+    def weight_vector(self) -> np.ndarray:
+        """float64 [J]: the members' weights in the statistic (all 1 for plain min-p)."""
+        return self.weights if self.weights is not None else np.ones(len(self.members))
 
     @property
     def n(self) -> int:
@@ -69,10 +76,10 @@ class UnionCalibration:
         return 1.0 / (min(self.n, self.union_reference.size) + 1.0)
 
 
-def _loo_union(z: np.ndarray, refs: list[np.ndarray], betas: list[float]) -> np.ndarray:
-    """Leave-one-out log min-p of the calibration samples themselves ([n, J] standardised)."""
+def _loo_union(z: np.ndarray, betas: list[float], weights: np.ndarray | None) -> np.ndarray:
+    """Leave-one-out union statistic of the calibration samples themselves ([n, J] standardised)."""
     cols = [loo_log_p_values(z[:, j], betas[j]) for j in range(z.shape[1])]
-    return union_log_p(np.stack(cols, axis=1))
+    return union_log_p(np.stack(cols, axis=1), weights)
 
 
 MIN_FLAGGED = 10
@@ -133,7 +140,8 @@ def _fit(raw: np.ndarray, labels: np.ndarray, num_classes: int, members: tuple[s
 
 
 def cross_validated_fpr(raw: np.ndarray, labels: np.ndarray, num_classes: int, members: tuple[str, ...],
-                        target_fpr: float, per_class: bool, folds: np.ndarray) -> list[float]:
+                        target_fpr: float, per_class: bool, folds: np.ndarray,
+                        weights: np.ndarray | None = None) -> list[float]:
     """FPR of the whole calibration rule measured out of sample: for each fold, standardisation,
     references and boundary come from the other folds only, and the flag rate is read on the fold.
 
@@ -145,34 +153,42 @@ def cross_validated_fpr(raw: np.ndarray, labels: np.ndarray, num_classes: int, m
         if fit_idx.sum() < 2 or not test_idx.any():
             continue
         standardiser, z, refs, betas = _fit(raw[fit_idx], labels[fit_idx], num_classes, members)
-        boundary, _ = _boundary(_loo_union(z, refs, betas), labels[fit_idx], num_classes, target_fpr,
+        boundary, _ = _boundary(_loo_union(z, betas, weights), labels[fit_idx], num_classes, target_fpr,
                                 per_class, 1.0)
         zt = standardiser.apply(raw[test_idx], labels[test_idx]).astype(np.float64)
-        stat = union_log_p(np.stack([log_p_knots(zt[:, j], Knots.of(refs[j]), betas[j]) for j in range(len(members))], 1))
+        stat = union_log_p(np.stack([log_p_knots(zt[:, j], Knots.of(refs[j]), betas[j])
+                                     for j in range(len(members))], 1), weights)
         out.append(float(np.mean(stat.astype(np.float32) < boundary.for_labels(labels[test_idx]))))
     return out
 
 
 def calibrate_union(raw: np.ndarray, labels: np.ndarray, num_classes: int, members: tuple[str, ...],
                     target_fpr: float, per_class: bool, folds: np.ndarray | None = None,
-                    paper_k: float = 1.0) -> UnionCalibration:
-    """Calibrate the union on clean out-of-sample member scores ``raw`` [n, J]."""
+                    paper_k: float = 1.0, weights: np.ndarray | None = None) -> UnionCalibration:
+    """Calibrate the union on clean out-of-sample member scores ``raw`` [n, J].
+
+    ``weights`` [J] (positive; scaled here to sum to J) share the false-alarm budget between the
+    members; None gives every member the same share (plain min-p)."""
     raw = np.asarray(raw, np.float32)
     labels = np.asarray(labels, np.int64)
     if raw.ndim != 2 or raw.shape[1] != len(members) or len(raw) != len(labels):
         raise ValueError(f"raw scores must be [n, {len(members)}] with one label each, got {raw.shape}")
     if len(labels) < 2:
         raise ValueError("calibrating the union needs at least two clean samples")
+    if weights is not None:
+        if len(weights) != len(members):
+            raise ValueError(f"{len(weights)} weights for {len(members)} members")
+        weights = member_weights(members, dict(zip(members, np.asarray(weights, np.float64).tolist())))
     standardiser, z, refs, betas = _fit(raw, labels, num_classes, members)
-    loo = _loo_union(z, refs, betas)
+    loo = _loo_union(z, betas, weights)
     boundary, fell_back = _boundary(loo, labels, num_classes, target_fpr, per_class, paper_k)
     union_ref = np.sort(loo)
-    cv = (cross_validated_fpr(raw, labels, num_classes, members, target_fpr, per_class, folds)
+    cv = (cross_validated_fpr(raw, labels, num_classes, members, target_fpr, per_class, folds, weights)
           if folds is not None else [])
     return UnionCalibration(
         members=tuple(members), num_classes=num_classes, target_fpr=target_fpr, standardiser=standardiser,
         references=np.stack(refs), betas=np.asarray(betas), union_reference=union_ref,
         union_beta=tail_scale(union_ref), knots=tuple(Knots.of(r) for r in refs), union_knots=Knots.of(union_ref),
-        boundary=boundary, fell_back=fell_back, cv_fpr=cv,
+        boundary=boundary, fell_back=fell_back, cv_fpr=cv, weights=weights,
     )
 

@@ -10,7 +10,9 @@ Graph I/O:
             ``poisoned`` bool [N] (score below the boundary of that sample's class);
             ``p_value`` float32 [N] (optional: conformal p-value against the calibration split);
             ``evidence`` float32 [N, K] (optional: one p-value per evidence member, named in
-            order by the ``depois.evidence_members`` metadata; the smallest names the reason).
+            order by the ``depois.evidence_members`` metadata). ``score`` is
+            ``log min_j (p_j / w_j)`` with the member weights ``w`` of ``depois.evidence_weights``
+            (all 1 when absent), so the member with the smallest ``p_j / w_j`` names the reason.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ META_CREATED_AT = "depois.created_at"
 META_WEIGHTS_SHA256 = "depois.weights_sha256"
 META_HAS_P_VALUE = "depois.has_p_value"
 META_EVIDENCE_MEMBERS = "depois.evidence_members"  # comma-separated, column order of `evidence`
+META_EVIDENCE_WEIGHTS = "depois.evidence_weights"  # comma-separated floats, same order; absent = all 1
 
 ScoreKind = Literal["critic", "fused", "union"]
 
@@ -102,6 +105,14 @@ class ModelMetadata(BaseModel):
     weights_sha256: str | None = None
     has_p_value: bool = False
     evidence_members: tuple[str, ...] = ()
+    evidence_weights: tuple[float, ...] = ()  # each member's share of the false-alarm budget (weighted min-p)
+
+    @field_validator("evidence_weights")
+    @classmethod
+    def _positive_weights(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (w > 0.0 and w < float("inf")) for w in v):
+            raise ValueError(f"evidence weights must be positive and finite, got {list(v)}")
+        return v
 
     @field_validator("evidence_members")
     @classmethod
@@ -137,7 +148,14 @@ class ModelMetadata(BaseModel):
             raise ValueError(
                 f"boundary.per_class has {len(pc)} entries but num_classes is {self.num_classes}"
             )
+        if self.evidence_weights and len(self.evidence_weights) != len(self.evidence_members):
+            raise ValueError(f"{len(self.evidence_weights)} evidence weights for "
+                             f"{len(self.evidence_members)} evidence members")
         return self
+
+    def member_weights(self) -> tuple[float, ...]:
+        """One weight per evidence member; models written before weights existed used equal ones."""
+        return self.evidence_weights or tuple(1.0 for _ in self.evidence_members)
 
     def to_props(self) -> dict[str, str]:
         """Serialise to ONNX metadata_props (string -> string)."""
@@ -157,6 +175,8 @@ class ModelMetadata(BaseModel):
             props[META_WEIGHTS_SHA256] = self.weights_sha256
         if self.evidence_members:
             props[META_EVIDENCE_MEMBERS] = ",".join(self.evidence_members)
+        if self.evidence_weights:
+            props[META_EVIDENCE_WEIGHTS] = ",".join(repr(float(w)) for w in self.evidence_weights)
         return props
 
     @classmethod
@@ -187,6 +207,8 @@ class ModelMetadata(BaseModel):
                 has_p_value=props.get(META_HAS_P_VALUE, "false") == "true",
                 evidence_members=tuple(
                     m for m in props.get(META_EVIDENCE_MEMBERS, "").split(",") if m),
+                evidence_weights=tuple(
+                    float(w) for w in props.get(META_EVIDENCE_WEIGHTS, "").split(",") if w.strip()),
             )
         except (ValidationError, ValueError) as exc:
             raise ContractError(f"model metadata is invalid: {exc}") from exc

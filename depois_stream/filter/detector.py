@@ -72,13 +72,17 @@ class Prediction:
     p_value: np.ndarray | None  # float32 [N]: conformal p-value, when the model exports it
     evidence: np.ndarray | None  # float32 [N, K]: per-member p-values, when the model has them
     reason_names: tuple[str, ...]  # the evidence members (or just below_boundary)
+    reason_weights: tuple[float, ...] = ()  # the members' weights in the score (empty = all equal)
 
     @property
     def reason_index(self) -> np.ndarray:
-        """Per sample, the index in ``reason_names`` of the member with the smallest p-value
-        (the evidence that fired); 0 when the model names no members."""
+        """Per sample, the index in ``reason_names`` of the member that set the score: the
+        smallest ``p_j / w_j`` (the score is ``log min_j p_j / w_j``); 0 when the model names
+        no members."""
         if self.evidence is None or self.evidence.shape[1] == 0:
             return np.zeros(len(self.score), dtype=np.int64)
+        if self.reason_weights:
+            return np.argmin(self.evidence / np.asarray(self.reason_weights, np.float32), axis=1)
         return np.argmin(self.evidence, axis=1)
 
     @property
@@ -132,6 +136,7 @@ class Detector:
             self._outputs.append(OUTPUT_EVIDENCE)
         self.reason_names: tuple[str, ...] = (metadata.evidence_members if self.has_evidence
                                               else (REASON_BELOW_BOUNDARY,))
+        self.reason_weights: tuple[float, ...] = metadata.evidence_weights if self.has_evidence else ()
         self.signature_key_id: str | None = None  # the verified signer's key id, if any
 
     @classmethod
@@ -214,7 +219,7 @@ class Detector:
             return Prediction(empty, np.zeros(0, dtype=bool), threshold,
                               empty if self.has_p_value else None,
                               np.zeros((0, members), np.float32) if self.has_evidence else None,
-                              self.reason_names)
+                              self.reason_names, self.reason_weights)
         images = np.ascontiguousarray(images, dtype=np.float32)
         if self.provider == CUDA:
             outs = self._run_io_binding(images, labels)
@@ -227,6 +232,7 @@ class Detector:
             p_value=np.asarray(outs[2], dtype=np.float32) if self.has_p_value else None,
             evidence=np.asarray(outs[-1], dtype=np.float32) if self.has_evidence else None,
             reason_names=self.reason_names,
+            reason_weights=self.reason_weights,
         )
 
     def _prepare(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
