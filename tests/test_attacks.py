@@ -285,3 +285,38 @@ def test_patch_shuffle_poisons_every_slot_even_when_the_tiles_are_alike() -> Non
     assert s.is_poison.all()
     with pytest.raises(ValueError, match="at least 4x4"):
         patch_shuffle_injection(Data(np.zeros((10, 1, 3, 3), np.float32), labels[:10]), 0.5, seed=0)
+
+
+def test_every_backdoor_names_the_trigger_it_plants_so_its_success_rate_can_be_measured(digits: Data) -> None:
+    """The victim's attack success rate stamps test images with ``AttackSpec.trigger``: it must be
+    exactly what the attack put on its poisons, and every attack with a target class has one."""
+    from training.attacks import ALL_ATTACKS
+
+    with_trigger = {name for name, spec in ALL_ATTACKS.items() if spec.trigger is not None}
+    assert with_trigger == {"backdoor", "sig_backdoor", "blended_backdoor", "warp_backdoor"}
+    for name in sorted(with_trigger):
+        spec = ALL_ATTACKS[name]
+        s = spec.fn(digits, 0.2, 3)
+        assert s.target_label is not None and np.all(s.labels[s.is_poison] == s.target_label)
+        np.testing.assert_array_equal(s.images[s.is_poison], spec.trigger(digits.images[s.is_poison]))
+        assert not np.array_equal(spec.trigger(digits.images[:5]), digits.images[:5])
+
+
+def test_attack_success_rate_uses_the_given_trigger() -> None:
+    """A 'victim' that answers the target class exactly when the trigger's pattern is present
+    scores 100 % with that trigger and 0 % with another."""
+    import torch
+
+    from training.attacks import sig_trigger
+    from training.downstream import attack_success_rate
+
+    class KeysOnTheSinusoid(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            row = x[:, 0, 0, :]  # an all-zero image: the top row shows the clipped sinusoid
+            hit = (row.max(dim=1).values > 0.1).float()
+            return torch.stack([hit, 1 - hit], dim=1) * 10.0
+
+    images = np.zeros((20, 1, 8, 8), np.float32)
+    labels = np.ones(20, np.int64)
+    assert attack_success_rate(KeysOnTheSinusoid(), images, labels, 0, sig_trigger) == 1.0
+    assert attack_success_rate(KeysOnTheSinusoid(), images, labels, 0) == 0.0  # BadNets' corner patch only

@@ -9,7 +9,7 @@ reuse the same classifier as their surrogate, i.e. the attacker knows the victim
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -88,10 +88,12 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(predict_proba(model, images).argmax(axis=1) == labels))
 
 
-def attack_success_rate(model: nn.Module, images: np.ndarray, labels: np.ndarray, target: int) -> float:
-    """Share of triggered test images not of class ``target`` that the model assigns to ``target``."""
+def attack_success_rate(model: nn.Module, images: np.ndarray, labels: np.ndarray, target: int,
+                        trigger: Callable[[np.ndarray], np.ndarray] = apply_trigger) -> float:
+    """Share of triggered test images not of class ``target`` that the model assigns to ``target``
+    (``trigger``: the backdoor's own, ``AttackSpec.trigger``; BadNets' checkerboard by default)."""
     keep = labels != target
-    predicted = predict_proba(model, apply_trigger(images[keep])).argmax(axis=1)
+    predicted = predict_proba(model, trigger(images[keep])).argmax(axis=1)
     return float(np.mean(predicted == target))
 
 
@@ -108,6 +110,7 @@ class DownstreamResult(BaseModel):
 def victim_result(
     train_images: np.ndarray, train_labels: np.ndarray, test: LabeledImages, num_classes: int, seeds: list[int],
     config: ClassifierConfig, backdoor_target: int | None = None,
+    trigger: Callable[[np.ndarray], np.ndarray] = apply_trigger,
 ) -> DownstreamResult:
     """Train one victim per seed on a stream and score them on the held-out ``test`` images."""
     acc, asr = [], []
@@ -115,7 +118,7 @@ def victim_result(
         model = train_classifier(train_images, train_labels, num_classes, seed, config)
         acc.append(accuracy(model, test.images, test.labels))
         if backdoor_target is not None:
-            asr.append(attack_success_rate(model, test.images, test.labels, backdoor_target))
+            asr.append(attack_success_rate(model, test.images, test.labels, backdoor_target, trigger))
     return DownstreamResult(
         accuracy=float(np.mean(acc)),
         backdoor_success=float(np.mean(asr)) if asr else None,

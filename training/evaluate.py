@@ -27,8 +27,9 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 
+from depois_stream.sim.attacks import apply_trigger
 from training.attacks import (
-    ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig,
+    ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig, Trigger,
 )
 from training.baselines import Baseline, all_detectors
 from training.config import FitConfig
@@ -148,8 +149,10 @@ def evaluate_dataset(cfg: EvalConfig, dataset: str, seed: int, budget: Budget, c
     roles = {d.name: d.role for d in detectors}
     seeds = [seed + i for i in range(cfg.victim_seeds)]
 
-    def victim(images: np.ndarray, labels: np.ndarray, target: int | None) -> DownstreamResult:
-        return victim_result(images, labels, holdout, k, seeds, budget.victim, target)
+    def victim(images: np.ndarray, labels: np.ndarray,
+               backdoor: tuple[int | None, Trigger] | None = None) -> DownstreamResult:
+        target, trigger = backdoor or (None, apply_trigger)
+        return victim_result(images, labels, holdout, k, seeds, budget.victim, target, trigger)
 
     unattacked = score_stream(source.images, source.labels, detectors)
     realised = {name: float(flags.mean()) for name, (_, flags) in unattacked.items()}
@@ -169,12 +172,13 @@ def evaluate_dataset(cfg: EvalConfig, dataset: str, seed: int, budget: Budget, c
             ))
         if cfg.victims:
             flagged, clean = results[OURS][1], ~stream.is_poison
-            target = stream.target_label if name == "backdoor" else None
+            # every backdoor's attack success rate, with its own trigger and target class
+            backdoor = (stream.target_label, spec.trigger) if spec.trigger is not None else None
             downstream.append(DownstreamRow(
                 dataset=dataset, seed=seed, attack=name, rate=rate, clean_label=spec.clean_label,
-                poisoned=victim(stream.images, stream.labels, target),
-                filtered=victim(stream.images[~flagged], stream.labels[~flagged], target),
-                clean=victim(stream.images[clean], stream.labels[clean], target),
+                poisoned=victim(stream.images, stream.labels, backdoor),
+                filtered=victim(stream.images[~flagged], stream.labels[~flagged], backdoor),
+                clean=victim(stream.images[clean], stream.labels[clean], backdoor),
                 removed_poisons=int(np.sum(flagged & stream.is_poison)),
                 removed_clean=int(np.sum(flagged & ~stream.is_poison)),
             ))

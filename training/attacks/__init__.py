@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from depois_stream.sim.attacks import (
     Labeled,
     PoisonedStream,
@@ -26,13 +28,15 @@ from training.attacks.clean_label import CollisionConfig, feature_collision
 from training.attacks.gp import GPConfig, gp_attack
 from training.attacks.heldout import (
     blended_backdoor,
+    blended_trigger,
     hard_flip,
     low_contrast_injection,
     mosaic_injection,
     noisy_flip,
     sig_backdoor,
+    sig_trigger,
 )
-from training.attacks.heldout2 import elastic_flip, patch_shuffle_injection, warp_backdoor
+from training.attacks.heldout2 import elastic_flip, patch_shuffle_injection, warp_backdoor, warp_trigger
 from training.attacks.injections import (
     blend_flip,
     cutmix_flip,
@@ -44,18 +48,25 @@ from training.attacks.injections import (
 Attack = Callable[..., PoisonedStream]
 
 
+Trigger = Callable[[np.ndarray], np.ndarray]
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     fn: Attack
     clean_label: bool = False
     description: str = ""
+    # backdoors only: the trigger the attack plants, stamped on test images to measure the
+    # victim's attack success rate (the stream's ``target_label`` is the attacker's class)
+    trigger: Trigger | None = None
 
 
 ATTACKS: dict[str, AttackSpec] = {
     "random_flip": AttackSpec(random_flip, description="label replaced by a uniformly drawn other class"),
     "targeted_flip": AttackSpec(targeted_flip, description="class 1 relabelled 7 (copies once 1s run out)"),
     "systematic_shift": AttackSpec(systematic_shift, description="label + 1 mod K (GP reference rule)"),
-    "backdoor": AttackSpec(backdoor_patch, description="BadNets checkerboard in the corner, label 0"),
+    "backdoor": AttackSpec(backdoor_patch, description="BadNets checkerboard in the corner, label 0",
+                           trigger=apply_trigger),
     "gp": AttackSpec(gp_attack, description="GP autoencoder poisons (Yang et al. 2017), label + 1 mod K"),
     "ood_injection": AttackSpec(ood_injection, description="images of another data set, random labels"),
     "noise_injection": AttackSpec(noise_injection, description="noise-like non-data images (5 kinds), random labels"),
@@ -77,9 +88,10 @@ ATTACKS: dict[str, AttackSpec] = {
 HELDOUT_ATTACKS: dict[str, AttackSpec] = {
     "hard_flip": AttackSpec(hard_flip, description="label moved to the nearest other class mean image"),
     "noisy_flip": AttackSpec(noisy_flip, description="Gaussian pixel noise (sigma 0.15) and a uniform wrong label"),
-    "sig_backdoor": AttackSpec(sig_backdoor, description="SIG sinusoid (amplitude 0.2) on other classes, label 0"),
+    "sig_backdoor": AttackSpec(sig_backdoor, description="SIG sinusoid (amplitude 0.2) on other classes, label 0",
+                               trigger=sig_trigger),
     "blended_backdoor": AttackSpec(blended_backdoor, description="fixed random pattern blended in at 20 % on other "
-                                                                 "classes, label 0"),
+                                                                 "classes, label 0", trigger=blended_trigger),
     "low_contrast_injection": AttackSpec(low_contrast_injection, description="images at contrast 0.25-0.5 on a grey "
                                                                              "background, random labels"),
     "mosaic_injection": AttackSpec(mosaic_injection, description="quadrants of four images of two or more classes, "
@@ -89,7 +101,8 @@ HELDOUT_ATTACKS: dict[str, AttackSpec] = {
 # so these families, written after that change, are the unseen check; `--attacks heldout2`.
 HELDOUT2_ATTACKS: dict[str, AttackSpec] = {
     "warp_backdoor": AttackSpec(warp_backdoor, description="WaNet-style fixed smooth warp (1 px on digits, 2 px "
-                                                           "on 28x28), other classes relabelled to the last class"),
+                                                           "on 28x28), other classes relabelled to the last class",
+                                  trigger=warp_trigger),
     "elastic_flip": AttackSpec(elastic_flip, description="per-image elastic distortion and a uniform wrong label"),
     "patch_shuffle_injection": AttackSpec(patch_shuffle_injection, description="a stream image's 4x4 grid of tiles "
                                                                                "permuted, random labels"),
@@ -100,7 +113,7 @@ ALL_ATTACKS: dict[str, AttackSpec] = {**ATTACKS, **HELDOUT_ATTACKS, **HELDOUT2_A
 
 
 __all__ = [
-    "ALL_ATTACKS", "ATTACKS", "HELDOUT2_ATTACKS", "HELDOUT_ATTACKS", "SUITES", "Attack", "AttackSpec",
+    "ALL_ATTACKS", "ATTACKS", "HELDOUT2_ATTACKS", "HELDOUT_ATTACKS", "SUITES", "Attack", "AttackSpec", "Trigger",
     "CollisionConfig", "GPConfig", "Labeled", "PoisonedStream", "apply_trigger", "backdoor_patch", "blend_flip",
     "blended_backdoor", "cutmix_flip", "elastic_flip", "feature_collision", "gp_attack", "hard_flip",
     "low_contrast_injection", "mosaic_injection", "noise_injection", "noisy_flip", "ood_injection",

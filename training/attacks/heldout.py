@@ -64,22 +64,31 @@ def noisy_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None
     return _inject(data, idx, fresh, (data.labels[idx] + rng.integers(1, k, idx.size)) % k, "noisy_flip")
 
 
+def sig_trigger(images: np.ndarray) -> np.ndarray:
+    """The SIG trigger on [N, C, H, W] images (clipped to [0, 1]): what the attack plants and
+    what the evaluation stamps on test images to measure the attack success rate."""
+    w = images.shape[3]
+    cycles = max(1, w // 4)
+    signal = SIG_AMPLITUDE * np.sin(2.0 * np.pi * cycles * np.arange(w) / w)
+    return np.clip(images + signal[None, None, None, :], 0.0, 1.0).astype(np.float32)
+
+
+def blended_trigger(images: np.ndarray) -> np.ndarray:
+    """The blended trigger: one fixed pattern per image shape mixed in at ``BLEND_ALPHA``."""
+    pattern = np.random.default_rng(_PATTERN_KEY).random(images.shape[1:])
+    return np.clip((1.0 - BLEND_ALPHA) * images + BLEND_ALPHA * pattern[None], 0.0, 1.0).astype(np.float32)
+
+
 def sig_backdoor(data: Labeled, rate: float, seed: int, *, target: int = BACKDOOR_TARGET) -> PoisonedStream:
     rng = np.random.default_rng(seed)
     idx = _other_class_slots(rng, data, rate, target, "sig_backdoor")
-    w = data.images.shape[3]
-    cycles = max(1, w // 4)
-    signal = SIG_AMPLITUDE * np.sin(2.0 * np.pi * cycles * np.arange(w) / w)
-    fresh = data.images[idx] + signal[None, None, None, :]
-    return _inject(data, idx, fresh, target, "sig_backdoor", target_label=target)
+    return _inject(data, idx, sig_trigger(data.images[idx]), target, "sig_backdoor", target_label=target)
 
 
 def blended_backdoor(data: Labeled, rate: float, seed: int, *, target: int = BACKDOOR_TARGET) -> PoisonedStream:
     rng = np.random.default_rng(seed)
     idx = _other_class_slots(rng, data, rate, target, "blended_backdoor")
-    pattern = np.random.default_rng(_PATTERN_KEY).random(data.images.shape[1:])
-    fresh = (1.0 - BLEND_ALPHA) * data.images[idx] + BLEND_ALPHA * pattern[None]
-    return _inject(data, idx, fresh, target, "blended_backdoor", target_label=target)
+    return _inject(data, idx, blended_trigger(data.images[idx]), target, "blended_backdoor", target_label=target)
 
 
 def low_contrast_injection(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:

@@ -82,6 +82,11 @@ def warp_field(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     return field[0], field[1]
 
 
+def warp_trigger(images: np.ndarray) -> np.ndarray:
+    """The WaNet trigger: the one fixed warp field of this image shape applied to every image."""
+    return warp(images, *warp_field(*images.shape[2:]))
+
+
 def warp_backdoor(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None,
                   target: int | None = None) -> PoisonedStream:
     """Warp images of other classes with the one fixed field and relabel them ``target`` (default:
@@ -90,8 +95,7 @@ def warp_backdoor(data: Labeled, rate: float, seed: int, *, num_classes: int | N
         target = _num_classes(data, num_classes) - 1
     rng = np.random.default_rng(seed)
     idx = _pick(rng, np.flatnonzero(data.labels != target), poison_count(len(data.labels), rate), "warp_backdoor")
-    dy, dx = warp_field(*data.images.shape[2:])
-    return _inject(data, idx, warp(data.images[idx], dy, dx), target, "warp_backdoor", target_label=target)
+    return _inject(data, idx, warp_trigger(data.images[idx]), target, "warp_backdoor", target_label=target)
 
 
 def elastic_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
