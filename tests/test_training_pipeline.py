@@ -142,6 +142,15 @@ def test_runtime_reason_is_the_member_that_set_the_weighted_score(digits_run: Pa
     np.testing.assert_array_equal(pred.reason_index, setter)
     flagged = pred.poisoned
     assert flagged.mean() > 0.5
+    # the named member's weighted p-value is the score (where float32 has not underflowed to 0) ...
+    rows = np.flatnonzero(pred.evidence[np.arange(len(setter)), setter] > 0)
+    np.testing.assert_allclose(np.log(pred.evidence[rows, setter[rows]] / w[setter[rows]]), pred.score[rows],
+                               rtol=1e-4, atol=1e-4)
+    # ... and it is not always the plain smallest p-value (else this test could not tell them apart):
+    # on clean samples the down-weighted critic often has the smallest p but does not set the score
+    clean = det.predict(test.images, test.labels)
+    assert np.any(clean.reason_index != clean.evidence.argmin(axis=1))
+    assert np.all(clean.reason_index == np.argmin(clean.evidence / w, axis=1))
     assert [r for r, f in zip(pred.reasons, flagged) if f] == [det.reason_names[k] for k in setter[flagged]]
 
 

@@ -373,3 +373,18 @@ def test_graph_k_nearest_equals_the_numpy_member_including_tied_and_padded_refer
     d2[5:9, 4, 2:] = PAD_D2  # a class with fewer real references than k
     got = _mean_k_nearest(torch.from_numpy(d2), k).numpy()
     np.testing.assert_allclose(got, mean_k_nearest(d2, k), rtol=1e-6)
+
+
+def test_member_weights_are_a_fixed_point_so_a_saved_detector_reloads_with_the_same_boundary() -> None:
+    """fit scales the weights, saves them, and load scales the saved ones again: the second
+    scaling must not move a single bit, or the rebuilt boundary differs from the saved one."""
+    from itertools import combinations
+
+    from training.evidence import MEMBERS
+
+    for critic_weight in np.arange(0.05, 1.0001, 0.05):
+        for size in range(2, len(MEMBERS) + 1):
+            for members in combinations(MEMBERS, size):
+                once = member_weights(members, {"critic": float(critic_weight)})
+                twice = member_weights(members, dict(zip(members, once.tolist())))
+                np.testing.assert_array_equal(twice, once)

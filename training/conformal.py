@@ -174,11 +174,16 @@ def member_weights(members: tuple[str, ...], relative: dict[str, float]) -> np.n
 
     ``relative`` gives each member's weight before scaling (missing members: 1). Scaling keeps
     the statistic on the plain min-p's scale, so an ablation that drops members re-spreads the
-    budget over the ones left."""
+    budget over the ones left. Weights that already sum to ``len(members)`` come back unchanged:
+    fit scales them, the detector saves them, and loading must rebuild the very same boundary
+    (scaling twice can move the last bit)."""
     w = np.asarray([float(relative.get(m, 1.0)) for m in members], dtype=np.float64)
     if w.size == 0 or np.any(~np.isfinite(w)) or np.any(w <= 0.0):
         raise ValueError(f"member weights must be positive and finite, got {dict(zip(members, w.tolist()))}")
-    return w * (len(members) / w.sum())
+    total = float(w.sum())
+    if abs(total - len(members)) <= 1e-12 * len(members):
+        return w
+    return w * (len(members) / total)
 
 
 def fpr_standard_error(target_fpr: float, n: int) -> float:

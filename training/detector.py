@@ -265,7 +265,7 @@ def union_digest(union: UnionCalibration) -> str:
                 union.standardiser.scale, *(k.values for k in union.knots), union.union_knots.values):
         h.update(np.ascontiguousarray(arr).tobytes())
     h.update(",".join(union.members).encode())
-    if union.weights is not None:  # plain min-p keeps the digest it had before weights existed
+    if union.weights is not None:  # weights decide verdicts; a union calibrated without any hashes as before
         h.update(np.ascontiguousarray(union.weights).tobytes())
     return h.hexdigest()
 

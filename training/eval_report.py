@@ -207,7 +207,7 @@ def save_plots(curves: Curves, out: Path) -> list[Path]:
                     bins = np.histogram_bin_edges(scores[OURS], bins=40)
                     ax.hist(scores[OURS][~is_poison], bins=bins, alpha=0.6, label="clean", density=True)
                     ax.hist(scores[OURS][is_poison], bins=bins, alpha=0.6, label="poison", density=True)
-                    ax.set_xlabel("union score log min-p (higher = trusted)")
+                    ax.set_xlabel("union score log min_j p_j / w_j (higher = trusted)")
                 else:
                     for name, s in scores.items():
                         fpr, tpr = roc_curve(is_poison, s)

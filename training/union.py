@@ -1,4 +1,4 @@
-"""The calibrated union: member scores -> per-member p-values -> min-p -> boundary (pure numpy).
+"""The calibrated union: member scores -> per-member p-values -> weighted min-p -> boundary (pure numpy).
 
 ``calibrate_union`` turns the raw member scores of clean calibration samples that no member was
 trained on (out-of-fold scores, ``training.crossfit``) into everything the detector needs after
@@ -34,7 +34,7 @@ class UnionCalibration:
     standardiser: ClassStandardiser
     references: np.ndarray  # float64 [J, n]: sorted standardised clean scores per member
     betas: np.ndarray  # float64 [J]: tail scales
-    union_reference: np.ndarray  # float64 [n]: sorted leave-one-out log min-p of the calibration samples
+    union_reference: np.ndarray  # float64 [n]: sorted leave-one-out union statistic of the calibration samples
     union_beta: float
     knots: tuple[Knots, ...]  # per member: the reference as the graph stores it (training.conformal.Knots)
     union_knots: Knots
@@ -86,15 +86,15 @@ MIN_FLAGGED = 10
 
 
 def union_threshold(stat: np.ndarray, target_fpr: float) -> float:
-    """Boundary on the union statistic ``log min_j p_j`` of clean calibration samples.
+    """Boundary on the union statistic ``log min_j p_j / w_j`` of clean calibration samples.
 
     With at least ``MIN_FLAGGED`` calibration samples below the target quantile, the plain
     order statistic (``threshold_at_fpr``: flags at most ``floor(target_fpr * n)`` of them).
     With fewer (the 252 trusted digits: 2.5 at 1 %), that order statistic is mostly noise: its
     realised FPR scatters by +-0.63 points. There the boundary uses what is known about the
-    statistic instead: the minimum of calibrated p-values has a CDF linear near zero,
-    ``P(min_j p_j <= t) ~ c t`` with ``c`` between 1 (members that always agree) and the number
-    of members (never together in the tail). ``c`` is read at the ``MIN_FLAGGED``-th smallest
+    statistic instead: the weighted minimum of calibrated p-values has a CDF linear near zero,
+    ``P(min_j p_j / w_j <= t) ~ c t`` with ``c`` between ``max_j w_j`` (members that always
+    agree) and the number of members (never together in the tail; the weights sum to it). ``c`` is read at the ``MIN_FLAGGED``-th smallest
     calibration value, ``c = m / ((n + 1) t_(m))``, and the boundary is ``t* = target_fpr / c``:
     ten samples instead of 2.5 set it (spread ~+-0.3 points at n = 252). The result is moved into
     the middle of the gap it falls in, so no calibration score sits on it."""

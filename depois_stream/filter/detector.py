@@ -78,7 +78,8 @@ class Prediction:
     def reason_index(self) -> np.ndarray:
         """Per sample, the index in ``reason_names`` of the member that set the score: the
         smallest ``p_j / w_j`` (the score is ``log min_j p_j / w_j``); 0 when the model names
-        no members."""
+        no members. Far in the tails several float32 p-values can underflow to 0; the first of
+        those is named, a member that alone puts the sample beyond any boundary."""
         if self.evidence is None or self.evidence.shape[1] == 0:
             return np.zeros(len(self.score), dtype=np.int64)
         if self.reason_weights:
