@@ -319,4 +319,4 @@ def test_attack_success_rate_uses_the_given_trigger() -> None:
     images = np.zeros((20, 1, 8, 8), np.float32)
     labels = np.ones(20, np.int64)
     assert attack_success_rate(KeysOnTheSinusoid(), images, labels, 0, sig_trigger) == 1.0
-    assert attack_success_rate(KeysOnTheSinusoid(), images, labels, 0) == 0.0  # BadNets' corner patch only
+    assert attack_success_rate(KeysOnTheSinusoid(), images, labels, 0, apply_trigger) == 0.0  # BadNets' corner patch only

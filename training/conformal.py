@@ -150,40 +150,44 @@ def loo_log_p_values(reference: np.ndarray, beta: float) -> np.ndarray:
     return _log_p(r, counts, lo, ref[hi_pos], upper_hi, first, beta, n - 1)
 
 
+def _weighted(member_log_p: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+    """``log p_j - log w_j`` per member (plain ``log p_j`` without weights), float64 [N, J]."""
+    lp = np.asarray(member_log_p, dtype=np.float64)
+    return lp if weights is None else lp - np.log(np.asarray(weights, dtype=np.float64))
+
+
 def union_log_p(member_log_p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Weighted min-p over members, in log space: ``min_j (log p_j - log w_j)``, [N, J] -> [N].
 
     With weights summing to J this is the weighted Bonferroni statistic: a member with weight
     ``w_j`` spends ``w_j / J`` of the false-alarm budget. All weights 1 is plain min-p."""
-    lp = np.asarray(member_log_p, dtype=np.float64)
-    if weights is not None:
-        lp = lp - np.log(np.asarray(weights, dtype=np.float64))
-    return np.min(lp, axis=1)
+    return np.min(_weighted(member_log_p, weights), axis=1)
 
 
 def reason(member_log_p: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Index of the member that set the union statistic (the one that fired), [N, J] -> [N]."""
-    lp = np.asarray(member_log_p, dtype=np.float64)
-    if weights is not None:
-        lp = lp - np.log(np.asarray(weights, dtype=np.float64))
-    return np.argmin(lp, axis=1)
+    return np.argmin(_weighted(member_log_p, weights), axis=1)
+
+
+def scale_weights(weights: np.ndarray) -> np.ndarray:
+    """Positive weights scaled to sum to their count, which keeps the statistic on the plain
+    min-p's scale (an ablation that drops members re-spreads the budget over the ones left).
+    Weights that already sum to their count come back unchanged: fit scales them, the detector
+    saves them, and loading must rebuild the very same boundary (scaling twice can move the last
+    bit)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if w.size == 0 or np.any(~np.isfinite(w)) or np.any(w <= 0.0):
+        raise ValueError(f"member weights must be positive and finite, got {w.tolist()}")
+    total = float(w.sum())
+    if abs(total - w.size) <= 1e-12 * w.size:
+        return w
+    return w * (w.size / total)
 
 
 def member_weights(members: tuple[str, ...], relative: dict[str, float]) -> np.ndarray:
-    """Weights of ``members`` for the weighted min-p, scaled to sum to ``len(members)``.
-
-    ``relative`` gives each member's weight before scaling (missing members: 1). Scaling keeps
-    the statistic on the plain min-p's scale, so an ablation that drops members re-spreads the
-    budget over the ones left. Weights that already sum to ``len(members)`` come back unchanged:
-    fit scales them, the detector saves them, and loading must rebuild the very same boundary
-    (scaling twice can move the last bit)."""
-    w = np.asarray([float(relative.get(m, 1.0)) for m in members], dtype=np.float64)
-    if w.size == 0 or np.any(~np.isfinite(w)) or np.any(w <= 0.0):
-        raise ValueError(f"member weights must be positive and finite, got {dict(zip(members, w.tolist()))}")
-    total = float(w.sum())
-    if abs(total - len(members)) <= 1e-12 * len(members):
-        return w
-    return w * (len(members) / total)
+    """Weights of ``members`` for the weighted min-p: ``relative`` gives each member's weight
+    before scaling (missing members: 1), ``scale_weights`` scales them."""
+    return scale_weights(np.asarray([float(relative.get(m, 1.0)) for m in members], dtype=np.float64))
 
 
 def fpr_standard_error(target_fpr: float, n: int) -> float:

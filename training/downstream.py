@@ -17,7 +17,6 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from depois_stream.sim.attacks import apply_trigger
 from training.data import LabeledImages
 from training.torchutil import sample_index, seeded
 
@@ -89,9 +88,9 @@ def accuracy(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> float:
 
 
 def attack_success_rate(model: nn.Module, images: np.ndarray, labels: np.ndarray, target: int,
-                        trigger: Callable[[np.ndarray], np.ndarray] = apply_trigger) -> float:
-    """Share of triggered test images not of class ``target`` that the model assigns to ``target``
-    (``trigger``: the backdoor's own, ``AttackSpec.trigger``; BadNets' checkerboard by default)."""
+                        trigger: Callable[[np.ndarray], np.ndarray]) -> float:
+    """Share of test images not of class ``target``, stamped with the backdoor's own ``trigger``
+    (``AttackSpec.trigger``), that the model assigns to ``target``."""
     keep = labels != target
     predicted = predict_proba(model, trigger(images[keep])).argmax(axis=1)
     return float(np.mean(predicted == target))
@@ -109,16 +108,16 @@ class DownstreamResult(BaseModel):
 
 def victim_result(
     train_images: np.ndarray, train_labels: np.ndarray, test: LabeledImages, num_classes: int, seeds: list[int],
-    config: ClassifierConfig, backdoor_target: int | None = None,
-    trigger: Callable[[np.ndarray], np.ndarray] = apply_trigger,
+    config: ClassifierConfig, backdoor: tuple[int, Callable[[np.ndarray], np.ndarray]] | None = None,
 ) -> DownstreamResult:
-    """Train one victim per seed on a stream and score them on the held-out ``test`` images."""
+    """Train one victim per seed on a stream and score them on the held-out ``test`` images;
+    ``backdoor`` = (target class, trigger) adds the attack success rate."""
     acc, asr = [], []
     for seed in seeds:
         model = train_classifier(train_images, train_labels, num_classes, seed, config)
         acc.append(accuracy(model, test.images, test.labels))
-        if backdoor_target is not None:
-            asr.append(attack_success_rate(model, test.images, test.labels, backdoor_target, trigger))
+        if backdoor is not None:
+            asr.append(attack_success_rate(model, test.images, test.labels, *backdoor))
     return DownstreamResult(
         accuracy=float(np.mean(acc)),
         backdoor_success=float(np.mean(asr)) if asr else None,

@@ -27,7 +27,6 @@ from pydantic import BaseModel
 from tqdm import tqdm
 
 
-from depois_stream.sim.attacks import apply_trigger
 from training.attacks import (
     ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig, Trigger,
 )
@@ -150,9 +149,8 @@ def evaluate_dataset(cfg: EvalConfig, dataset: str, seed: int, budget: Budget, c
     seeds = [seed + i for i in range(cfg.victim_seeds)]
 
     def victim(images: np.ndarray, labels: np.ndarray,
-               backdoor: tuple[int | None, Trigger] | None = None) -> DownstreamResult:
-        target, trigger = backdoor or (None, apply_trigger)
-        return victim_result(images, labels, holdout, k, seeds, budget.victim, target, trigger)
+               backdoor: tuple[int, Trigger] | None = None) -> DownstreamResult:
+        return victim_result(images, labels, holdout, k, seeds, budget.victim, backdoor)
 
     unattacked = score_stream(source.images, source.labels, detectors)
     realised = {name: float(flags.mean()) for name, (_, flags) in unattacked.items()}

@@ -22,7 +22,7 @@ import numpy as np
 
 from depois_stream.contract import Boundary
 from training.calibration import min_class_count, paper_boundary, threshold_at_fpr
-from training.conformal import Knots, log_p_knots, loo_log_p_values, member_weights, tail_scale, union_log_p
+from training.conformal import Knots, log_p_knots, loo_log_p_values, scale_weights, tail_scale, union_log_p
 from training.evidence import ClassStandardiser
 
 
@@ -178,7 +178,7 @@ def calibrate_union(raw: np.ndarray, labels: np.ndarray, num_classes: int, membe
     if weights is not None:
         if len(weights) != len(members):
             raise ValueError(f"{len(weights)} weights for {len(members)} members")
-        weights = member_weights(members, dict(zip(members, np.asarray(weights, np.float64).tolist())))
+        weights = scale_weights(weights)
     standardiser, z, refs, betas = _fit(raw, labels, num_classes, members)
     loo = _loo_union(z, betas, weights)
     boundary, fell_back = _boundary(loo, labels, num_classes, target_fpr, per_class, paper_k)
