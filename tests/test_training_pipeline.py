@@ -121,9 +121,14 @@ def test_onnx_contract_names_dtypes_dynamic_batch_and_metadata(
         # the score is the log of the smallest weighted evidence p-value, min_j p_j / w_j
         w = np.asarray(meta.evidence_weights, np.float32)
         np.testing.assert_allclose(score, np.log((evidence / w).min(axis=1)), rtol=1e-4, atol=1e-4)
-    # the default shares the budget 0.1 : 1 between the critic and each other member
-    assert meta.evidence_members[0] == "critic" and len(meta.evidence_weights) == len(meta.evidence_members)
-    assert meta.evidence_weights[0] == pytest.approx(0.1 * meta.evidence_weights[1])
+    # the default: the critic 0.1, novelty 1, each member of the label and pixel families 0.5 and
+    # each family's agreement column 1.5 (Fisher's sum of its members' log p, its own p-value)
+    assert meta.evidence_members == ("critic", "margin", "knn", "mahalanobis", "novelty", "density", "pixel_knn",
+                                     "pixel_mahalanobis", "label_agreement", "pixel_agreement")
+    assert meta.evidence_agreements == {"label_agreement": ("margin", "knn", "mahalanobis"),
+                                        "pixel_agreement": ("density", "pixel_knn", "pixel_mahalanobis")}
+    relative = np.asarray(meta.evidence_weights) / meta.evidence_weights[4]
+    np.testing.assert_allclose(relative, [0.1, 0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 1.5, 1.5])
     assert sum(meta.evidence_weights) == pytest.approx(len(meta.evidence_members))
 
 
@@ -235,12 +240,28 @@ def test_a_detector_saved_before_member_weights_still_loads_as_plain_min_p(digit
     from training.conformal import union_log_p
 
     det = FittedDetector.load(digits_run / "detector")
-    det.metadata = det.metadata.model_copy(update={"evidence_weights": ()})
+    det.metadata = det.metadata.model_copy(update={"evidence_weights": (), "evidence_agreements": {},
+                                                   "evidence_members": det.members})
     det.union = det.calibrate(det.members, det.metadata.target_fpr, True)
     det.metadata = det.metadata.model_copy(update={"boundary": det.union.boundary})
     det.save(tmp_path / "old")
     old = FittedDetector.load(tmp_path / "old")
     np.testing.assert_array_equal(old.union.weight_vector, np.ones(len(old.members)))
+    assert old.union.agreements == () and old.union.columns == old.members
     test = load_dataset("digits").test
     lp = old.union.member_log_p(old.raw_evidence(test.images, test.labels), test.labels)
     np.testing.assert_allclose(old.score(test.images, test.labels), union_log_p(lp).astype(np.float32))
+
+
+def test_without_agreements_hands_each_agreement_weight_back_to_its_members(digits_detector: FittedDetector) -> None:
+    """The ``without-agreements`` ablation is the union as it was before agreement columns: the
+    critic at 0.1 and every other member at 1, no extra columns."""
+    det = digits_detector
+    plain = det.calibrate(det.members, det.metadata.target_fpr, True, with_agreements=False)
+    assert plain.columns == det.members and plain.agreements == ()
+    np.testing.assert_allclose(plain.weight_vector / plain.weight_vector[1], [0.1] + [1.0] * (len(det.members) - 1))
+    # ablations drop a member from its family's agreement and keep the agreement while two remain
+    subset = tuple(m for m in det.members if m != "density")
+    assert det.calibrate(subset, det.metadata.target_fpr, True).columns == subset + (
+        "label_agreement", "pixel_agreement")
+    assert det.agreements(subset)[1] == ("pixel_agreement", ("pixel_knn", "pixel_mahalanobis"))

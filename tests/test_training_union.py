@@ -388,3 +388,95 @@ def test_member_weights_are_a_fixed_point_so_a_saved_detector_reloads_with_the_s
                 once = member_weights(members, {"critic": float(critic_weight)})
                 twice = member_weights(members, dict(zip(members, once.tolist())))
                 np.testing.assert_array_equal(twice, once)
+
+
+def _family(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Five clean member scores: an unrelated one, then a family of three that share a little
+    (rho 0.3), then another unrelated one (columns in MEMBERS-like order)."""
+    return np.concatenate([rng.normal(size=(n, 1)), _members(rng, n, 0.3), rng.normal(size=(n, 1))],
+                          axis=1).astype(np.float32)
+
+
+FAMILY_MEMBERS = ("critic", "density", "pixel_knn", "pixel_mahalanobis", "novelty")
+FAMILY = (("pixel_agreement", ("density", "pixel_knn", "pixel_mahalanobis")),)
+
+
+def _agreement_union(cal: np.ndarray, labels: np.ndarray, share: float = 0.5):
+    cfg = FitConfig(members=FAMILY_MEMBERS, critic_weight=1.0, agreement_share=share)
+    agreements = cfg.agreements(FAMILY_MEMBERS)
+    columns = FAMILY_MEMBERS + tuple(name for name, _ in agreements)
+    return calibrate_union(cal, labels, 10, FAMILY_MEMBERS, 0.01, per_class=False,
+                           weights=member_weights(columns, cfg.relative_weights(FAMILY_MEMBERS)),
+                           agreements=agreements)
+
+
+def test_agreement_column_keeps_the_target_fpr_and_adds_up_members_that_each_see_a_little() -> None:
+    """The pixel family's three members each find a poison mildly unusual (each p ~ 1 %, far
+    above the union's boundary for any one of them): the agreement column (Fisher's sum, its own
+    calibrated p-value) catches more of it than plain min-p; new clean data still flags ~1 %."""
+    rng = np.random.default_rng(40)
+    cal, labels = _family(rng, 3000), rng.integers(0, 10, 3000)
+    plain = _agreement_union(cal, labels, share=0.0)
+    agree = _agreement_union(cal, labels)
+    assert plain.columns == FAMILY_MEMBERS
+    assert agree.columns == FAMILY_MEMBERS + ("pixel_agreement",)
+    # relative weights: each family member 0.5, the agreement 1.5 (the family keeps its budget), others 1
+    np.testing.assert_allclose(agree.weight_vector / agree.weight_vector[0], [1.0, 0.5, 0.5, 0.5, 1.0, 1.5])
+    assert agree.weight_vector.sum() == pytest.approx(6)
+    fresh, fresh_labels = _family(rng, 100_000), rng.integers(0, 10, 100_000)
+    for union in (plain, agree):
+        assert abs(np.mean(union.flagged(union.score(fresh, fresh_labels), fresh_labels)) - 0.01) < 0.003
+    poison = _family(rng, 20_000)
+    poison[:, 1:4] -= 2.5  # every family member a little (each member's median p ~ 1 %)
+    lab = fresh_labels[:20_000]
+    caught = {name: np.mean(u.flagged(u.score(poison, lab), lab)) for name, u in (("plain", plain), ("agree", agree))}
+    assert caught["agree"] > caught["plain"] + 0.1
+    fired = reason(agree.column_log_p(poison, lab), agree.weight_vector)[agree.flagged(agree.score(poison, lab), lab)]
+    assert np.mean(fired == 5) > 0.5  # ... and the reason names the agreement column
+
+
+def test_a_member_alone_far_in_its_tail_still_fires_its_own_column_with_an_agreement() -> None:
+    rng = np.random.default_rng(41)
+    cal, labels = _family(rng, 3000), rng.integers(0, 10, 3000)
+    agree = _agreement_union(cal, labels)
+    odd = np.zeros((5, 5), np.float32)
+    for j in range(5):
+        odd[j, j] = -9.0  # one member far out, the others typical
+    lab = np.zeros(5, np.int64)
+    assert np.all(agree.flagged(agree.score(odd, lab), lab))
+    np.testing.assert_array_equal(reason(agree.column_log_p(odd, lab), agree.weight_vector), [0, 1, 2, 3, 4])
+
+
+def test_agreement_reference_is_out_of_sample_and_cross_validated_fpr_counts_it() -> None:
+    """The agreement's clean reference is built from leave-one-out member p-values (what a new
+    clean sample sees), so its p-values of new clean data are uniform; the out-of-fold FPR of
+    the whole rule, agreement included, sits at the target."""
+    rng = np.random.default_rng(42)
+    cal, labels = _family(rng, 3000), rng.integers(0, 10, 3000)
+    agree = _agreement_union(cal, labels)
+    fresh = _family(rng, 50_000)
+    p = np.exp(agree.column_log_p(fresh, np.zeros(50_000, np.int64))[:, 5])
+    for q in (0.01, 0.05, 0.5):
+        assert abs(np.mean(p <= q) - q) < max(0.004, 0.1 * q)
+    folds = rng.permutation(3000) % 5
+    cfg = FitConfig(members=FAMILY_MEMBERS, critic_weight=1.0)
+    columns = FAMILY_MEMBERS + ("pixel_agreement",)
+    cv = cross_validated_fpr(cal, labels, 10, FAMILY_MEMBERS, 0.01, False, folds,
+                             member_weights(columns, cfg.relative_weights(FAMILY_MEMBERS)), FAMILY)
+    assert len(cv) == 5 and 0.004 < np.mean(cv) < 0.02
+
+
+def test_agreements_cover_each_family_with_two_or_more_members_and_are_validated() -> None:
+    cfg = FitConfig()
+    assert cfg.agreements(cfg.members) == (("label_agreement", ("margin", "knn", "mahalanobis")),
+                                           ("pixel_agreement", ("density", "pixel_knn", "pixel_mahalanobis")))
+    assert cfg.agreements(("critic", "margin", "density", "pixel_knn")) == (
+        ("pixel_agreement", ("density", "pixel_knn")),)
+    assert FitConfig(agreement_share=0.0).agreements(cfg.members) == ()
+    cal = np.zeros((10, 3), np.float32)
+    for bad in ((("margin", ("margin", "knn")),), (("a", ("margin",)),), (("a", ("margin", "density")),)):
+        with pytest.raises(ValueError, match="agreement"):
+            calibrate_union(cal, np.zeros(10, np.int64), 2, ("critic", "margin", "knn"), 0.01, False, agreements=bad)
+    with pytest.raises(ValueError, match="3 members and 1 agreement"):
+        calibrate_union(cal, np.zeros(10, np.int64), 2, ("critic", "margin", "knn"), 0.01, False,
+                        weights=np.ones(3), agreements=(("a", ("margin", "knn")),))

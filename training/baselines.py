@@ -245,15 +245,17 @@ def previous_fused(det: FittedDetector) -> Baseline | None:
 
 
 def ablations(det: FittedDetector, evidence: LastCall) -> list[Baseline]:
-    """Each member alone and the union without each member, calibrated exactly like the union."""
+    """Each member alone, the union without each member and (where it has agreement columns) the
+    union without them, calibrated exactly like the union."""
     members = det.members
     variants: list[tuple[str, tuple[str, ...]]] = [(f"only-{m}", (m,)) for m in members]
     if len(members) > 2:
         variants += [(f"without-{m}", tuple(x for x in members if x != m)) for m in members]
+    agreements = bool(det.agreements(members))
     out = []
     target, per_class = det.metadata.target_fpr, det.metadata.boundary.per_class is not None
-    for name, subset in variants:
-        union = det.calibrate(subset, target, per_class)
+    for name, subset in variants + ([("without-agreements", members)] if agreements else []):
+        union = det.calibrate(subset, target, per_class, with_agreements=name != "without-agreements")
         cols = [MEMBERS.index(m) for m in subset]
 
         def score(images: np.ndarray, labels: np.ndarray, union=union, cols=cols) -> np.ndarray:

@@ -239,7 +239,7 @@ def _summary(det, out: Path) -> None:
         table.add_row(key.replace("_", " "), f"{value:,}")
     plan = r.get("plan", {})
     table.add_row("calibration plan", f"{plan.get('mode')} ({plan.get('folds')} fold(s))")
-    table.add_row("evidence members (weight)", ", ".join(
+    table.add_row("evidence columns (weight)", ", ".join(
         f"{m} ({w:.2g})" for m, w in zip(meta.evidence_members, meta.member_weights())))
     if r.get("pixel_knn_gate"):
         table.add_row("pixel_knn gate", str(r["pixel_knn_gate"]))

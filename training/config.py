@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from training.evidence import MEMBERS
+from training.evidence import FAMILIES, MEMBERS
 
 
 class Steps(BaseModel):
@@ -73,6 +73,14 @@ class FitConfig(BaseModel):
                     "min-p: score = log min_j p_j / w_j, weights summing to the member count). 1 = plain min-p. "
                     "Default 0.1: the critic fires on few poisons that no other member catches, and an equal "
                     "share let it dilute them (docs/method.md).")
+    agreement_share: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="Share of each evidence family's false-alarm budget spent on its agreement column "
+                    "(Fisher's sum of the family members' log p-values, calibrated as its own p-value), "
+                    "the rest on the members one by one. Families: margin+knn+mahalanobis and "
+                    "density+pixel_knn+pixel_mahalanobis. 0 = no agreement columns. Default 0.5: an even "
+                    "split, so a member that alone sees a poison far out still fires, and members that "
+                    "each see it a little add up (docs/method.md).")
     gate_pixel_knn: bool = Field(
         False, description="Opt-in: pixel_knn (if listed in --members) joins the union only where its "
                            "out-of-fold accuracy on the trusted pool is within 2 standard errors of the "
@@ -133,9 +141,28 @@ class FitConfig(BaseModel):
             return tuple(m for m in self.members if m != "pixel_knn")
         return self.members
 
-    def relative_weights(self) -> dict[str, float]:
-        """Each member's weight before scaling (``training.conformal.member_weights``)."""
-        return {"critic": self.critic_weight}
+    def agreements(self, members: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The agreement columns of a union of ``members``: each family (``FAMILIES``) with two
+        or more of them; none when ``agreement_share`` is 0."""
+        if self.agreement_share <= 0.0:
+            return ()
+        out = []
+        for name, family in FAMILIES.items():
+            parts = tuple(m for m in family if m in members)
+            if len(parts) >= 2:
+                out.append((name, parts))
+        return tuple(out)
+
+    def relative_weights(self, members: tuple[str, ...]) -> dict[str, float]:
+        """Each column's weight before scaling (``training.conformal.member_weights``): the
+        critic ``critic_weight``; in a family with an agreement column, each member
+        ``1 - agreement_share`` and the agreement ``agreement_share`` times the family's size, so
+        the family keeps the budget of its members; every other member 1."""
+        weights = {"critic": self.critic_weight}
+        for name, parts in self.agreements(members):
+            weights.update({m: 1.0 - self.agreement_share for m in parts})
+            weights[name] = self.agreement_share * len(parts)
+        return weights
 
     def steps(self) -> Steps:
         default = DEFAULT_STEPS.get(self.dataset, DEFAULT_STEPS["fashion-mnist"])

@@ -119,7 +119,11 @@ class FittedDetector:
 
     @property
     def members(self) -> tuple[str, ...]:
-        return tuple(self.metadata.evidence_members) or tuple(self.config.members)
+        """The evidence members (scores of their own; agreement columns are not members)."""
+        meta = self.metadata
+        if meta.evidence_members:
+            return tuple(m for m in meta.evidence_members if m not in meta.evidence_agreements)
+        return tuple(self.config.members)
 
     @property
     def calibration(self) -> LabeledImages:
@@ -134,21 +138,43 @@ class FittedDetector:
         return self.plan.shipped_training_data()
 
     def relative_weights(self) -> dict[str, float]:
-        """The members' weights as this detector was calibrated with: from its metadata (a model
+        """The columns' weights as this detector was calibrated with: from its metadata (a model
         saved before weights existed has none there and used equal ones), else from the config."""
         meta = self.metadata
         if meta.evidence_members:
             return dict(zip(meta.evidence_members, meta.member_weights()))
-        return self.config.relative_weights()
+        return self.config.relative_weights(self.members)
+
+    def agreements(self, members: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The agreement columns of a union of ``members``: this detector's (from its metadata, so
+        a model saved before agreements existed has none; else from the config), each kept while
+        two or more of its members remain."""
+        meta = self.metadata
+        full = tuple(meta.evidence_agreements.items()) if meta.evidence_members else self.config.agreements(self.members)
+        kept = ((name, tuple(m for m in parts if m in members)) for name, parts in full)
+        return tuple((name, parts) for name, parts in kept if len(parts) >= 2)
 
     def calibrate(self, members: tuple[str, ...], target_fpr: float, per_class: bool,
-                  folds: np.ndarray | None = None) -> UnionCalibration:
+                  folds: np.ndarray | None = None, with_agreements: bool = True) -> UnionCalibration:
         """A union of ``members`` calibrated on the stored out-of-sample scores (ablations use this;
-        a subset keeps the members' relative weights, re-scaled to its size)."""
+        a subset keeps the columns' relative weights, re-scaled to its size, and the agreement
+        columns with two or more of their members left). ``with_agreements=False`` drops the
+        agreement columns and hands each one's weight back to its members in equal parts (the
+        union as it was before agreement columns: the ``without-agreements`` ablation)."""
         cols = member_columns(members)
+        relative = self.relative_weights()
+        agreements = self.agreements(members)
+        if not with_agreements:
+            full, relative = relative, dict(relative)
+            for name, parts in self.agreements(self.members):
+                relative.pop(name, None)
+                for m in parts:
+                    relative[m] = full.get(m, 1.0) + full.get(name, 1.0) / len(parts)
+            agreements = ()
+        columns = tuple(members) + tuple(name for name, _ in agreements)
         return calibrate_union(self.calibration_raw[:, cols], self.calibration_labels, self.metadata.num_classes,
                                members, target_fpr, per_class, folds, self.config.paper_k,
-                               member_weights(members, self.relative_weights()))
+                               member_weights(columns, relative), agreements)
 
     # ------------------------------------------------------------------ scoring
 
@@ -165,12 +191,13 @@ class FittedDetector:
         return batched(self.authenticator.log_p_label, images, labels, self.device)
 
     def evidence(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """[N, J] per-member p-values, columns in ``self.members`` order (the ONNX ``evidence``)."""
+        """[N, C] p-value of every column (members, then agreements: ``self.union.columns``), the
+        ONNX ``evidence``."""
         raw = self.raw_evidence(images, labels)[:, member_columns(self.members)]
-        return np.exp(self.union.member_log_p(raw, labels)).astype(np.float32)
+        return np.exp(self.union.column_log_p(raw, labels)).astype(np.float32)
 
     def score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """float32 [N]: log of the smallest weighted member p-value ``min_j p_j / w_j``; higher =
+        """float32 [N]: log of the smallest weighted column p-value ``min_c p_c / w_c``; higher =
         more trustworthy."""
         raw = self.raw_evidence(images, labels)[:, member_columns(self.members)]
         return self.union.score(raw, labels)
@@ -267,6 +294,9 @@ def union_digest(union: UnionCalibration) -> str:
     h.update(",".join(union.members).encode())
     if union.weights is not None:  # weights decide verdicts; a union calibrated without any hashes as before
         h.update(np.ascontiguousarray(union.weights).tobytes())
+    for a in union.agreements:  # likewise agreement columns
+        h.update(f"{a.name}={a.parts}".encode())
+        h.update(np.ascontiguousarray(a.reference).tobytes())
     return h.hexdigest()
 
 
@@ -296,6 +326,7 @@ def build_metadata(config: FitConfig, union: UnionCalibration, shape: tuple[int,
         created_at=utc_now_iso(),
         weights_sha256=sha,
         has_p_value=True,
-        evidence_members=union.members,
+        evidence_members=union.columns,
         evidence_weights=tuple(float(w) for w in union.weight_vector),
+        evidence_agreements={a.name: tuple(union.members[j] for j in a.parts) for a in union.agreements},
     )

@@ -58,6 +58,13 @@ import numpy as np
 MEMBERS: tuple[str, ...] = ("critic", "margin", "knn", "mahalanobis", "novelty", "density", "pixel_knn",
                             "pixel_mahalanobis")
 LABEL_FREE: frozenset[str] = frozenset({"novelty", "density"})
+# Evidence families: members that read the same kind of evidence. Each family with two or more
+# members in the union also gets an agreement column (``training.union.Agreement``): the label
+# family reads the authenticator's embedding and logits, the pixel family reads the pixels.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "label_agreement": ("margin", "knn", "mahalanobis"),
+    "pixel_agreement": ("density", "pixel_knn", "pixel_mahalanobis"),
+}
 
 D2_MIN = 1e-3  # squared distances below this (near-duplicates) are clamped: float32 cancellation in
 # 2 - 2 cos or |x|^2 - 2 x.r + |r|^2 is ~1e-7 of the norms, which must stay small against the clamp

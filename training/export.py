@@ -148,6 +148,19 @@ class ScoringGraph(nn.Module):
         self.register_buffer("knot_counts", f32(np.stack([k.counts for k in union.knots])))
         self.register_buffer("betas", f32(union.betas))
         self.register_buffer("log_weights", f32(np.log(union.weight_vector))[None, :])  # weighted min-p
+        # Agreement columns: Fisher's sum of member log p-values (a MatMul with a 0/1 matrix), then
+        # a p-value against its own reference, exactly as for a member.
+        agreements = union.agreements
+        self.n_agree = agreements[0].knots.n if agreements else 0
+        parts = np.zeros((len(union.members), len(agreements)))
+        for g, a in enumerate(agreements):
+            parts[list(a.parts), g] = 1.0
+        self.register_buffer("agree_parts", f32(parts))
+        self.register_buffer("agree_knots", f32(np.stack([a.knots.values for a in agreements]) if agreements
+                                                else np.zeros((0, 1))))
+        self.register_buffer("agree_counts", f32(np.stack([a.knots.counts for a in agreements]) if agreements
+                                                 else np.zeros((0, 1))))
+        self.register_buffer("agree_betas", f32([a.beta for a in agreements]))
         self.register_buffer("union_knots", f32(union.union_knots.values)[None, :])
         self.register_buffer("union_counts", f32(union.union_knots.counts)[None, :])
         self.register_buffer("union_beta", f32([union.union_beta]))
@@ -207,6 +220,10 @@ class ScoringGraph(nn.Module):
         raw = torch.stack(columns, dim=1)
         z = (raw - torch.index_select(self.loc_t, 0, label)) / torch.index_select(self.scale_t, 0, label)
         log_p = _log_p(z, self.knots, self.knot_counts, self.n_ref, self.betas)
+        if self.n_agree:
+            fisher = log_p @ self.agree_parts
+            log_p = torch.cat([log_p, _log_p(fisher, self.agree_knots, self.agree_counts, self.n_agree,
+                                              self.agree_betas)], dim=1)
         score = (log_p - self.log_weights).min(dim=1).values
         poisoned = score < torch.index_select(self.thresholds, 0, label)
         p_value = torch.exp(_log_p(score[:, None], self.union_knots, self.union_counts, self.n_union, self.union_beta)[:, 0])
@@ -319,12 +336,15 @@ def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> Mod
         "authenticator_out_of_fold_accuracy": float(report.get("authenticator_out_of_fold_accuracy", float("nan"))),
     }
     calibration = {k: v for k, v in calibration.items() if math.isfinite(v)}  # JSON has no NaN: omit unknowns
-    weights = ", ".join(f"{m} {w:.3g}" for m, w in zip(union.members, union.weight_vector))
+    weights = ", ".join(f"{m} {w:.3g}" for m, w in zip(union.columns, union.weight_vector))
+    agreements = "; ".join(f"{a.name} = {' + '.join(union.members[j] for j in a.parts)}" for a in union.agreements)
     notes = [
-        (f"score = log min_j p_j / w_j over the evidence members (weights: {weights}): each member's "
+        (f"score = log min_c p_c / w_c over the evidence columns (weights: {weights}): each member's "
          "conformal p-value against its clean out-of-sample scores (standardised per claimed class, "
          "exponential tail below the smallest), divided by its share of the false-alarm budget; the "
          "boundary is the target-FPR quantile of the calibration samples' leave-one-out union statistic"),
+        (f"agreement columns (Fisher's sum of the members' log p-values, calibrated as its own p-value on the "
+         f"calibration samples' leave-one-out p-values): {agreements or 'none'}"),
         (f"calibration plan: {plan.get('mode', '?')} ({plan.get('folds', '?')} fold(s)), {union.n} calibration "
          f"samples, kNN k = {plan.get('neighbours_k', '?')}, novelty PCA dims = {plan.get('pca_dims', '?')}"),
         (f"boundary per class: {det.metadata.boundary.per_class is not None}; classes that fell back to the "

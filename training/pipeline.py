@@ -161,9 +161,11 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     cal_raw, cal_log_p = raw[cal_mask], log_p[cal_mask]
     gate = AccuracyGate.measure(cal_raw[:, MEMBERS.index("pixel_knn")], cal_raw[:, MEMBERS.index("margin")])
     members = cfg.gated_members(gate.passes)
+    agreements = cfg.agreements(members)
+    columns = members + tuple(name for name, _ in agreements)
     union = calibrate_union(cal_raw[:, member_columns(members)], cal.labels, num_classes, members,
                             cfg.target_fpr, cfg.per_class, plan.cv_folds(cfg.seed), cfg.paper_k,
-                            member_weights(members, cfg.relative_weights()))
+                            member_weights(columns, cfg.relative_weights(members)), agreements)
     sha = weights_sha256(shipped, mimic.critic)
     metadata = build_metadata(cfg, union, splits.shape, num_classes, sha)
     lap("calibration")

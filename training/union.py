@@ -1,12 +1,21 @@
-"""The calibrated union: member scores -> per-member p-values -> weighted min-p -> boundary (pure numpy).
+"""The calibrated union: member scores -> per-member p-values (+ agreement columns) -> weighted min-p -> boundary (pure numpy).
 
 ``calibrate_union`` turns the raw member scores of clean calibration samples that no member was
 trained on (out-of-fold scores, ``training.crossfit``) into everything the detector needs after
 its networks: the per-class standardisation of each member, each member's sorted p-value
 reference and tail scale, the union statistic's own reference, and the boundary on it.
 
-The exported ``score`` is ``log min_j p_j / w_j`` (higher = more trustworthy; ``w`` the member
-weights, ``training.conformal.member_weights``); the boundary is the
+The union's columns are the members' p-values and, for each evidence family of at least two
+members (``training.evidence.FAMILIES``), one *agreement* column: Fisher's ``sum_j log p_j`` over
+the family's members, itself turned into a p-value against the same statistic of the clean
+calibration samples (``Agreement``). Why: under a minimum, members that read the same evidence
+each take a share of the false-alarm budget and none can count the others' support. A poison
+that all three pixel members find a little unusual (a faint blended pattern: each member's p near
+1 %, above the boundary any one member must reach in the union) is far in the tail of their sum,
+while a poison that one member alone sees far out still fires that member's own column.
+
+The exported ``score`` is ``log min_c p_c / w_c`` over the columns (higher = more trustworthy;
+``w`` the column weights, ``training.conformal.member_weights``); the boundary is the
 ``target_fpr`` quantile of the calibration samples' leave-one-out union statistic, per class
 where a class has at least ``1 / target_fpr`` calibration samples (else the global one). The
 same function, given a subset of the columns, is how the evaluation builds "member alone" and
@@ -27,6 +36,41 @@ from training.evidence import ClassStandardiser
 
 
 @dataclass(frozen=True)
+class Agreement:
+    """One agreement column: Fisher's statistic ``sum_j log p_j`` over the member columns ``parts``,
+    as a p-value against the same statistic of the clean calibration samples.
+
+    The calibration samples' statistic is built from their *leave-one-out* member p-values (what a
+    new clean sample sees), so the agreement reference is out of sample in the same sense as the
+    members'. Fisher's statistic needs no independence here: its null distribution is read off
+    clean data, not off a chi-square table."""
+
+    name: str
+    parts: tuple[int, ...]  # member columns (indices into UnionCalibration.members)
+    reference: np.ndarray  # float64 [n]: sorted statistic of the calibration samples
+    beta: float
+    knots: Knots
+
+    def statistic(self, member_log_p: np.ndarray) -> np.ndarray:
+        return np.asarray(member_log_p, np.float64)[:, list(self.parts)].sum(axis=1)
+
+    def log_p(self, member_log_p: np.ndarray) -> np.ndarray:
+        return log_p_knots(self.statistic(member_log_p), self.knots, self.beta)
+
+    @classmethod
+    def fit(cls, name: str, parts: tuple[int, ...], loo_member_log_p: np.ndarray) -> tuple[Agreement, np.ndarray]:
+        """The column from the calibration samples' leave-one-out member log p-values [n, J], and
+        those samples' own leave-one-out log p-values on it [n]."""
+        stat = np.asarray(loo_member_log_p, np.float64)[:, list(parts)].sum(axis=1)
+        ref = np.sort(stat)
+        beta = tail_scale(ref)
+        return cls(name, tuple(parts), ref, beta, Knots.of(ref)), loo_log_p_values(stat, beta)
+
+
+AgreementSpec = tuple[tuple[str, tuple[str, ...]], ...]  # (column name, member names) per agreement column
+
+
+@dataclass(frozen=True)
 class UnionCalibration:
     members: tuple[str, ...]
     num_classes: int
@@ -41,7 +85,13 @@ class UnionCalibration:
     boundary: Boundary
     fell_back: list[int] = field(default_factory=list)
     cv_fpr: list[float] = field(default_factory=list)  # out-of-fold FPR of this boundary rule, per fold
-    weights: np.ndarray | None = None  # float64 [J], summing to J (weighted min-p); None = all 1
+    weights: np.ndarray | None = None  # float64 [C], summing to C (weighted min-p); None = all 1
+    agreements: tuple[Agreement, ...] = ()  # extra columns after the members'
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """Names of the union's columns (the ONNX ``evidence`` columns): members, then agreements."""
+        return tuple(self.members) + tuple(a.name for a in self.agreements)
 
     # ------------------------------------------------------------------ scoring
 
@@ -51,8 +101,12 @@ class UnionCalibration:
         return np.stack([log_p_knots(z[:, j], self.knots[j], float(self.betas[j]))
                          for j in range(len(self.members))], axis=1)
 
+    def column_log_p(self, raw: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """[N, C] log p-value of every column: the members', then each agreement's."""
+        return with_agreements(self.member_log_p(raw, labels), self.agreements)
+
     def score(self, raw: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        return union_log_p(self.member_log_p(raw, labels), self.weights).astype(np.float32)
+        return union_log_p(self.column_log_p(raw, labels), self.weights).astype(np.float32)
 
     def p_value(self, scores: np.ndarray) -> np.ndarray:
         """Union p-value: how unusual the union statistic is among clean calibration samples."""
@@ -63,8 +117,8 @@ class UnionCalibration:
 
     @property
     def weight_vector(self) -> np.ndarray:
-        """float64 [J]: the members' weights in the statistic (all 1 for plain min-p)."""
-        return self.weights if self.weights is not None else np.ones(len(self.members))
+        """float64 [C]: the columns' weights in the statistic (all 1 for plain min-p)."""
+        return self.weights if self.weights is not None else np.ones(len(self.columns))
 
     @property
     def n(self) -> int:
@@ -76,10 +130,36 @@ class UnionCalibration:
         return 1.0 / (min(self.n, self.union_reference.size) + 1.0)
 
 
-def _loo_union(z: np.ndarray, betas: list[float], weights: np.ndarray | None) -> np.ndarray:
-    """Leave-one-out union statistic of the calibration samples themselves ([n, J] standardised)."""
-    cols = [loo_log_p_values(z[:, j], betas[j]) for j in range(z.shape[1])]
-    return union_log_p(np.stack(cols, axis=1), weights)
+def with_agreements(member_log_p: np.ndarray, agreements: tuple[Agreement, ...]) -> np.ndarray:
+    """[N, J] member log p-values -> [N, J + G] with each agreement's log p-value appended."""
+    lp = np.asarray(member_log_p, np.float64)
+    if not agreements:
+        return lp
+    return np.concatenate([lp, np.stack([a.log_p(lp) for a in agreements], axis=1)], axis=1)
+
+
+def _loo_union(z: np.ndarray, betas: list[float], weights: np.ndarray | None,
+               spec: tuple[tuple[str, tuple[int, ...]], ...]) -> tuple[np.ndarray, tuple[Agreement, ...]]:
+    """Leave-one-out union statistic of the calibration samples themselves ([n, J] standardised),
+    and the agreement columns fitted on their leave-one-out member p-values."""
+    members = np.stack([loo_log_p_values(z[:, j], betas[j]) for j in range(z.shape[1])], axis=1)
+    fitted = [Agreement.fit(name, parts, members) for name, parts in spec]
+    cols = np.concatenate([members, *(loo[:, None] for _, loo in fitted)], axis=1)
+    return union_log_p(cols, weights), tuple(a for a, _ in fitted)
+
+
+def _agreement_columns(members: tuple[str, ...], agreements: AgreementSpec) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Validate ``agreements`` against ``members``; member names -> column indices."""
+    out, seen = [], set(members)
+    for name, parts in agreements:
+        if name in seen:
+            raise ValueError(f"agreement column {name!r} repeats a column name")
+        seen.add(name)
+        if len(parts) < 2 or len(set(parts)) != len(parts) or not set(parts) <= set(members):
+            raise ValueError(f"agreement {name!r} needs two or more distinct members of {list(members)}, "
+                             f"got {list(parts)}")
+        out.append((name, tuple(members.index(m) for m in parts)))
+    return tuple(out)
 
 
 MIN_FLAGGED = 10
@@ -141,54 +221,59 @@ def _fit(raw: np.ndarray, labels: np.ndarray, num_classes: int, members: tuple[s
 
 def cross_validated_fpr(raw: np.ndarray, labels: np.ndarray, num_classes: int, members: tuple[str, ...],
                         target_fpr: float, per_class: bool, folds: np.ndarray,
-                        weights: np.ndarray | None = None) -> list[float]:
+                        weights: np.ndarray | None = None, agreements: AgreementSpec = ()) -> list[float]:
     """FPR of the whole calibration rule measured out of sample: for each fold, standardisation,
     references and boundary come from the other folds only, and the flag rate is read on the fold.
 
     This is what the model card reports instead of the flag rate on the calibration samples
     themselves, which the boundary was read off (and is at most the target by construction)."""
+    spec = _agreement_columns(members, agreements)
     out = []
     for f in np.unique(folds):
         fit_idx, test_idx = folds != f, folds == f
         if fit_idx.sum() < 2 or not test_idx.any():
             continue
         standardiser, z, refs, betas = _fit(raw[fit_idx], labels[fit_idx], num_classes, members)
-        boundary, _ = _boundary(_loo_union(z, betas, weights), labels[fit_idx], num_classes, target_fpr,
-                                per_class, 1.0)
+        loo, fitted = _loo_union(z, betas, weights, spec)
+        boundary, _ = _boundary(loo, labels[fit_idx], num_classes, target_fpr, per_class, 1.0)
         zt = standardiser.apply(raw[test_idx], labels[test_idx]).astype(np.float64)
-        stat = union_log_p(np.stack([log_p_knots(zt[:, j], Knots.of(refs[j]), betas[j])
-                                     for j in range(len(members))], 1), weights)
+        member_lp = np.stack([log_p_knots(zt[:, j], Knots.of(refs[j]), betas[j]) for j in range(len(members))], 1)
+        stat = union_log_p(with_agreements(member_lp, fitted), weights)
         out.append(float(np.mean(stat.astype(np.float32) < boundary.for_labels(labels[test_idx]))))
     return out
 
 
 def calibrate_union(raw: np.ndarray, labels: np.ndarray, num_classes: int, members: tuple[str, ...],
                     target_fpr: float, per_class: bool, folds: np.ndarray | None = None,
-                    paper_k: float = 1.0, weights: np.ndarray | None = None) -> UnionCalibration:
+                    paper_k: float = 1.0, weights: np.ndarray | None = None,
+                    agreements: AgreementSpec = ()) -> UnionCalibration:
     """Calibrate the union on clean out-of-sample member scores ``raw`` [n, J].
 
-    ``weights`` [J] (positive; scaled here to sum to J) share the false-alarm budget between the
-    members; None gives every member the same share (plain min-p)."""
+    ``agreements`` adds one agreement column per (name, member names) entry (``Agreement``).
+    ``weights`` [C], one per column (members, then agreements; positive; scaled here to sum to C),
+    share the false-alarm budget between the columns; None gives every column the same share
+    (plain min-p)."""
     raw = np.asarray(raw, np.float32)
     labels = np.asarray(labels, np.int64)
     if raw.ndim != 2 or raw.shape[1] != len(members) or len(raw) != len(labels):
         raise ValueError(f"raw scores must be [n, {len(members)}] with one label each, got {raw.shape}")
     if len(labels) < 2:
         raise ValueError("calibrating the union needs at least two clean samples")
+    spec = _agreement_columns(tuple(members), agreements)
     if weights is not None:
-        if len(weights) != len(members):
-            raise ValueError(f"{len(weights)} weights for {len(members)} members")
+        if len(weights) != len(members) + len(spec):
+            raise ValueError(f"{len(weights)} weights for {len(members)} members and {len(spec)} agreement columns")
         weights = scale_weights(weights)
     standardiser, z, refs, betas = _fit(raw, labels, num_classes, members)
-    loo = _loo_union(z, betas, weights)
+    loo, fitted = _loo_union(z, betas, weights, spec)
     boundary, fell_back = _boundary(loo, labels, num_classes, target_fpr, per_class, paper_k)
     union_ref = np.sort(loo)
-    cv = (cross_validated_fpr(raw, labels, num_classes, members, target_fpr, per_class, folds, weights)
+    cv = (cross_validated_fpr(raw, labels, num_classes, members, target_fpr, per_class, folds, weights, agreements)
           if folds is not None else [])
     return UnionCalibration(
         members=tuple(members), num_classes=num_classes, target_fpr=target_fpr, standardiser=standardiser,
         references=np.stack(refs), betas=np.asarray(betas), union_reference=union_ref,
         union_beta=tail_scale(union_ref), knots=tuple(Knots.of(r) for r in refs), union_knots=Knots.of(union_ref),
-        boundary=boundary, fell_back=fell_back, cv_fpr=cv, weights=weights,
+        boundary=boundary, fell_back=fell_back, cv_fpr=cv, weights=weights, agreements=fitted,
     )
 

@@ -13,6 +13,9 @@ Graph I/O:
             order by the ``depois.evidence_members`` metadata). ``score`` is
             ``log min_j (p_j / w_j)`` with the member weights ``w`` of ``depois.evidence_weights``
             (all 1 when absent), so the member with the smallest ``p_j / w_j`` names the reason.
+            A column may be an *agreement* of other columns (``depois.evidence_agreements``:
+            Fisher's sum of their log p-values, calibrated as its own p-value); to the consumer
+            it is one more named column.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ META_WEIGHTS_SHA256 = "depois.weights_sha256"
 META_HAS_P_VALUE = "depois.has_p_value"
 META_EVIDENCE_MEMBERS = "depois.evidence_members"  # comma-separated, column order of `evidence`
 META_EVIDENCE_WEIGHTS = "depois.evidence_weights"  # comma-separated floats, same order; absent = all 1
+# "name=member+member+...;name=..." : evidence columns that combine other columns (absent = none)
+META_EVIDENCE_AGREEMENTS = "depois.evidence_agreements"
 
 ScoreKind = Literal["critic", "fused", "union"]
 
@@ -106,6 +111,7 @@ class ModelMetadata(BaseModel):
     has_p_value: bool = False
     evidence_members: tuple[str, ...] = ()
     evidence_weights: tuple[float, ...] = ()  # each member's share of the false-alarm budget (weighted min-p)
+    evidence_agreements: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # agreement column -> its members
 
     @field_validator("evidence_weights")
     @classmethod
@@ -151,6 +157,11 @@ class ModelMetadata(BaseModel):
         if self.evidence_weights and len(self.evidence_weights) != len(self.evidence_members):
             raise ValueError(f"{len(self.evidence_weights)} evidence weights for "
                              f"{len(self.evidence_members)} evidence members")
+        for name, parts in self.evidence_agreements.items():
+            plain = set(self.evidence_members) - set(self.evidence_agreements)
+            if name not in self.evidence_members or len(parts) < 2 or not set(parts) <= plain:
+                raise ValueError(f"evidence agreement {name!r} must be an evidence member combining two or "
+                                 f"more other members, got {list(parts)}")
         return self
 
     def member_weights(self) -> tuple[float, ...]:
@@ -177,6 +188,9 @@ class ModelMetadata(BaseModel):
             props[META_EVIDENCE_MEMBERS] = ",".join(self.evidence_members)
         if self.evidence_weights:
             props[META_EVIDENCE_WEIGHTS] = ",".join(repr(float(w)) for w in self.evidence_weights)
+        if self.evidence_agreements:
+            props[META_EVIDENCE_AGREEMENTS] = ";".join(
+                f"{name}={'+'.join(parts)}" for name, parts in self.evidence_agreements.items())
         return props
 
     @classmethod
@@ -209,6 +223,7 @@ class ModelMetadata(BaseModel):
                     m for m in props.get(META_EVIDENCE_MEMBERS, "").split(",") if m),
                 evidence_weights=tuple(
                     float(w) for w in props.get(META_EVIDENCE_WEIGHTS, "").split(",") if w.strip()),
+                evidence_agreements=_parse_agreements(props.get(META_EVIDENCE_AGREEMENTS, "")),
             )
         except (ValidationError, ValueError) as exc:
             raise ContractError(f"model metadata is invalid: {exc}") from exc
@@ -252,3 +267,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def utc_now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _parse_agreements(text: str) -> dict[str, tuple[str, ...]]:
+    """``name=a+b;name2=c+d`` -> {name: (a, b), name2: (c, d)}; raises ValueError on a bad entry."""
+    out: dict[str, tuple[str, ...]] = {}
+    for entry in (e for e in text.split(";") if e.strip()):
+        name, sep, parts = entry.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{META_EVIDENCE_AGREEMENTS} entry {entry!r} is not name=member+member")
+        out[name.strip()] = tuple(p.strip() for p in parts.split("+") if p.strip())
+    return out
