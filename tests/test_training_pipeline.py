@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -29,9 +30,11 @@ from training import export as export_mod
 from training.augment import authenticator_log_p, synthesize
 from training.cli import app
 from training.config import FitConfig
+from training.conformal import member_weights
 from training.data import load_dataset
-from training.detector import FittedDetector
+from training.detector import FittedDetector, build_metadata, member_columns
 from training.pipeline import fit
+from training.union import calibrate_union
 
 pytestmark = pytest.mark.slow
 
@@ -125,8 +128,8 @@ def test_onnx_contract_names_dtypes_dynamic_batch_and_metadata(
     # each family's agreement column 1.5 (Fisher's sum of its members' log p, its own p-value)
     assert meta.evidence_members == ("critic", "margin", "knn", "mahalanobis", "novelty", "density", "pixel_knn",
                                      "pixel_mahalanobis", "label_agreement", "pixel_agreement")
-    assert meta.evidence_agreements == {"label_agreement": ("margin", "knn", "mahalanobis"),
-                                        "pixel_agreement": ("density", "pixel_knn", "pixel_mahalanobis")}
+    assert meta.evidence_agreements == (("label_agreement", ("margin", "knn", "mahalanobis")),
+                                        ("pixel_agreement", ("density", "pixel_knn", "pixel_mahalanobis")))
     relative = np.asarray(meta.evidence_weights) / meta.evidence_weights[4]
     np.testing.assert_allclose(relative, [0.1, 0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 1.5, 1.5])
     assert sum(meta.evidence_weights) == pytest.approx(len(meta.evidence_members))
@@ -240,11 +243,19 @@ def test_a_detector_saved_before_member_weights_still_loads_as_plain_min_p(digit
     from training.conformal import union_log_p
 
     det = FittedDetector.load(digits_run / "detector")
-    det.metadata = det.metadata.model_copy(update={"evidence_weights": (), "evidence_agreements": {},
+    det.metadata = det.metadata.model_copy(update={"evidence_weights": (), "evidence_agreements": (),
                                                    "evidence_members": det.members})
     det.union = det.calibrate(det.members, det.metadata.target_fpr, True)
     det.metadata = det.metadata.model_copy(update={"boundary": det.union.boundary})
     det.save(tmp_path / "old")
+    # as written then: neither the metadata nor the config knew weights or agreements
+    state_file = tmp_path / "old" / "detector.json"
+    state = json.loads(state_file.read_text())
+    for key in ("evidence_weights", "evidence_agreements"):
+        del state["metadata"][key]
+    for key in ("critic_weight", "agreement_share"):
+        del state["config"][key]
+    state_file.write_text(json.dumps(state))
     old = FittedDetector.load(tmp_path / "old")
     np.testing.assert_array_equal(old.union.weight_vector, np.ones(len(old.members)))
     assert old.union.agreements == () and old.union.columns == old.members
@@ -260,8 +271,30 @@ def test_without_agreements_hands_each_agreement_weight_back_to_its_members(digi
     plain = det.calibrate(det.members, det.metadata.target_fpr, True, with_agreements=False)
     assert plain.columns == det.members and plain.agreements == ()
     np.testing.assert_allclose(plain.weight_vector / plain.weight_vector[1], [0.1] + [1.0] * (len(det.members) - 1))
+    stop22 = calibrate_union(det.calibration_raw[:, member_columns(det.members)], det.calibration_labels, 10,
+                             det.members, det.metadata.target_fpr, True,
+                             weights=member_weights(det.members, {"critic": 0.1}))
+    assert plain.boundary == stop22.boundary
     # ablations drop a member from its family's agreement and keep the agreement while two remain
     subset = tuple(m for m in det.members if m != "density")
     assert det.calibrate(subset, det.metadata.target_fpr, True).columns == subset + (
         "label_agreement", "pixel_agreement")
     assert det.agreements(subset)[1] == ("pixel_agreement", ("pixel_knn", "pixel_mahalanobis"))
+
+
+def test_a_union_without_agreement_columns_exports_with_parity(digits_detector: FittedDetector, tmp_path: Path) -> None:
+    """``--agreement-share 0`` (or a union with no family of two members): the graph has no
+    agreement columns and still matches the numpy path."""
+    import copy
+
+    det = copy.copy(digits_detector)
+    det.union = det.calibrate(det.members, det.metadata.target_fpr, True, with_agreements=False)
+    det.metadata = build_metadata(det.config, det.union, det.metadata.input_shape, det.metadata.num_classes,
+                                  det.metadata.weights_sha256 or "")
+    assert det.metadata.evidence_agreements == () and det.metadata.evidence_members == det.members
+    export_mod.export_onnx(det, tmp_path / "plain.onnx")
+    cal = det.calibration
+    score, _, _, evidence = _session(tmp_path / "plain.onnx").run(
+        None, {INPUT_IMAGE: cal.images, INPUT_LABEL: cal.labels})
+    assert evidence.shape == (len(cal), len(det.members))
+    np.testing.assert_allclose(score, det.score(cal.images, cal.labels), rtol=1e-4, atol=1e-4)

@@ -463,7 +463,8 @@ def test_agreement_reference_is_out_of_sample_and_cross_validated_fpr_counts_it(
     columns = FAMILY_MEMBERS + ("pixel_agreement",)
     cv = cross_validated_fpr(cal, labels, 10, FAMILY_MEMBERS, 0.01, False, folds,
                              member_weights(columns, cfg.relative_weights(FAMILY_MEMBERS)), FAMILY)
-    assert len(cv) == 5 and 0.004 < np.mean(cv) < 0.02
+    # 0.97 % here; a test fold scored without the agreement column would read 0.77 % (measured)
+    assert len(cv) == 5 and 0.0085 < np.mean(cv) < 0.0115
 
 
 def test_agreements_cover_each_family_with_two_or_more_members_and_are_validated() -> None:

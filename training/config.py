@@ -70,7 +70,7 @@ class FitConfig(BaseModel):
     critic_weight: float = Field(
         0.1, gt=0.0, le=1.0,
         description="The critic's share of the false-alarm budget relative to each other member (weighted "
-                    "min-p: score = log min_j p_j / w_j, weights summing to the member count). 1 = plain min-p. "
+                    "min-p: score = log min_j p_j / w_j, weights summing to the column count). 1 = plain min-p. "
                     "Default 0.1: the critic fires on few poisons that no other member catches, and an equal "
                     "share let it dilute them (docs/method.md).")
     agreement_share: float = Field(

@@ -122,7 +122,8 @@ class FittedDetector:
         """The evidence members (scores of their own; agreement columns are not members)."""
         meta = self.metadata
         if meta.evidence_members:
-            return tuple(m for m in meta.evidence_members if m not in meta.evidence_agreements)
+            agreements = {name for name, _ in meta.evidence_agreements}
+            return tuple(m for m in meta.evidence_members if m not in agreements)
         return tuple(self.config.members)
 
     @property
@@ -150,7 +151,7 @@ class FittedDetector:
         a model saved before agreements existed has none; else from the config), each kept while
         two or more of its members remain."""
         meta = self.metadata
-        full = tuple(meta.evidence_agreements.items()) if meta.evidence_members else self.config.agreements(self.members)
+        full = meta.evidence_agreements if meta.evidence_members else self.config.agreements(self.members)
         kept = ((name, tuple(m for m in parts if m in members)) for name, parts in full)
         return tuple((name, parts) for name, parts in kept if len(parts) >= 2)
 
@@ -328,5 +329,5 @@ def build_metadata(config: FitConfig, union: UnionCalibration, shape: tuple[int,
         has_p_value=True,
         evidence_members=union.columns,
         evidence_weights=tuple(float(w) for w in union.weight_vector),
-        evidence_agreements={a.name: tuple(union.members[j] for j in a.parts) for a in union.agreements},
+        evidence_agreements=tuple((a.name, tuple(union.members[j] for j in a.parts)) for a in union.agreements),
     )

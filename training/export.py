@@ -148,14 +148,11 @@ class ScoringGraph(nn.Module):
         self.register_buffer("knot_counts", f32(np.stack([k.counts for k in union.knots])))
         self.register_buffer("betas", f32(union.betas))
         self.register_buffer("log_weights", f32(np.log(union.weight_vector))[None, :])  # weighted min-p
-        # Agreement columns: Fisher's sum of member log p-values (a MatMul with a 0/1 matrix), then
+        # Agreement columns: Fisher's sum of member log p-values (a Gather and a ReduceSum each), then
         # a p-value against its own reference, exactly as for a member.
         agreements = union.agreements
         self.n_agree = agreements[0].knots.n if agreements else 0
-        parts = np.zeros((len(union.members), len(agreements)))
-        for g, a in enumerate(agreements):
-            parts[list(a.parts), g] = 1.0
-        self.register_buffer("agree_parts", f32(parts))
+        self.agree_parts = [torch.tensor(a.parts, dtype=torch.int64) for a in agreements]
         self.register_buffer("agree_knots", f32(np.stack([a.knots.values for a in agreements]) if agreements
                                                 else np.zeros((0, 1))))
         self.register_buffer("agree_counts", f32(np.stack([a.knots.counts for a in agreements]) if agreements
@@ -221,7 +218,7 @@ class ScoringGraph(nn.Module):
         z = (raw - torch.index_select(self.loc_t, 0, label)) / torch.index_select(self.scale_t, 0, label)
         log_p = _log_p(z, self.knots, self.knot_counts, self.n_ref, self.betas)
         if self.n_agree:
-            fisher = log_p @ self.agree_parts
+            fisher = torch.stack([torch.index_select(log_p, 1, parts).sum(dim=1) for parts in self.agree_parts], dim=1)
             log_p = torch.cat([log_p, _log_p(fisher, self.agree_knots, self.agree_counts, self.n_agree,
                                               self.agree_betas)], dim=1)
         score = (log_p - self.log_weights).min(dim=1).values

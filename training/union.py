@@ -173,8 +173,8 @@ def union_threshold(stat: np.ndarray, target_fpr: float) -> float:
     With fewer (the 252 trusted digits: 2.5 at 1 %), that order statistic is mostly noise: its
     realised FPR scatters by +-0.63 points. There the boundary uses what is known about the
     statistic instead: the weighted minimum of calibrated p-values has a CDF linear near zero,
-    ``P(min_j p_j / w_j <= t) ~ c t`` with ``c`` between ``max_j w_j`` (members that always
-    agree) and the number of members (never together in the tail; the weights sum to it). ``c`` is read at the ``MIN_FLAGGED``-th smallest
+    ``P(min_j p_j / w_j <= t) ~ c t`` over the columns, with ``c`` between ``max_j w_j`` (columns that always
+    agree) and the number of columns (never together in the tail; the weights sum to it). ``c`` is read at the ``MIN_FLAGGED``-th smallest
     calibration value, ``c = m / ((n + 1) t_(m))``, and the boundary is ``t* = target_fpr / c``:
     ten samples instead of 2.5 set it (spread ~+-0.3 points at n = 252). The result is moved into
     the middle of the gap it falls in, so no calibration score sits on it."""

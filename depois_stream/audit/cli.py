@@ -83,8 +83,8 @@ class Selection(BaseModel):
         "Partition of the original ingest record; repeat for several."),
         json_schema_extra=flag("--partition"))
     reasons: list[str] | None = Field(None, description=(
-        "Why the record is there: the evidence member that fired (depois.reason, e.g. knn), "
-        "below_boundary for models without members, or a dead-letter error class such as "
+        "Why the record is there: the evidence column that fired (depois.reason, e.g. knn or "
+        "pixel_agreement), below_boundary for models without evidence columns, or a dead-letter error class such as "
         "malformed; repeat for several."), json_schema_extra=flag("--reason-code"))
 
     def window(self) -> ReadWindow:

@@ -111,7 +111,8 @@ class ModelMetadata(BaseModel):
     has_p_value: bool = False
     evidence_members: tuple[str, ...] = ()
     evidence_weights: tuple[float, ...] = ()  # each member's share of the false-alarm budget (weighted min-p)
-    evidence_agreements: dict[str, tuple[str, ...]] = Field(default_factory=dict)  # agreement column -> its members
+    # agreement columns and their members, ((name, (member, ...)), ...); a tuple keeps the model hashable
+    evidence_agreements: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @field_validator("evidence_weights")
     @classmethod
@@ -157,11 +158,15 @@ class ModelMetadata(BaseModel):
         if self.evidence_weights and len(self.evidence_weights) != len(self.evidence_members):
             raise ValueError(f"{len(self.evidence_weights)} evidence weights for "
                              f"{len(self.evidence_members)} evidence members")
-        for name, parts in self.evidence_agreements.items():
-            plain = set(self.evidence_members) - set(self.evidence_agreements)
-            if name not in self.evidence_members or len(parts) < 2 or not set(parts) <= plain:
+        names = [name for name, _ in self.evidence_agreements]
+        if len(set(names)) != len(names):
+            raise ValueError(f"evidence agreement names must be unique, got {names}")
+        plain = set(self.evidence_members) - set(names)
+        for name, parts in self.evidence_agreements:
+            if name not in self.evidence_members or len(set(parts)) < 2 or len(set(parts)) != len(parts) \
+                    or not set(parts) <= plain:
                 raise ValueError(f"evidence agreement {name!r} must be an evidence member combining two or "
-                                 f"more other members, got {list(parts)}")
+                                 f"more distinct other members, got {list(parts)}")
         return self
 
     def member_weights(self) -> tuple[float, ...]:
@@ -190,7 +195,7 @@ class ModelMetadata(BaseModel):
             props[META_EVIDENCE_WEIGHTS] = ",".join(repr(float(w)) for w in self.evidence_weights)
         if self.evidence_agreements:
             props[META_EVIDENCE_AGREEMENTS] = ";".join(
-                f"{name}={'+'.join(parts)}" for name, parts in self.evidence_agreements.items())
+                f"{name}={'+'.join(parts)}" for name, parts in self.evidence_agreements)
         return props
 
     @classmethod
@@ -225,7 +230,9 @@ class ModelMetadata(BaseModel):
                     float(w) for w in props.get(META_EVIDENCE_WEIGHTS, "").split(",") if w.strip()),
                 evidence_agreements=_parse_agreements(props.get(META_EVIDENCE_AGREEMENTS, "")),
             )
-        except (ValidationError, ValueError) as exc:
+        except ValidationError as exc:
+            raise ContractError(f"model metadata is invalid: {first_problem(exc)}") from exc
+        except ValueError as exc:
             raise ContractError(f"model metadata is invalid: {exc}") from exc
 
 
@@ -269,12 +276,21 @@ def utc_now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _parse_agreements(text: str) -> dict[str, tuple[str, ...]]:
-    """``name=a+b;name2=c+d`` -> {name: (a, b), name2: (c, d)}; raises ValueError on a bad entry."""
-    out: dict[str, tuple[str, ...]] = {}
+def _parse_agreements(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``name=a+b;name2=c+d`` -> ((name, (a, b)), (name2, (c, d))); raises ValueError on a bad entry."""
+    out = []
     for entry in (e for e in text.split(";") if e.strip()):
         name, sep, parts = entry.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"{META_EVIDENCE_AGREEMENTS} entry {entry!r} is not name=member+member")
-        out[name.strip()] = tuple(p.strip() for p in parts.split("+") if p.strip())
-    return out
+        out.append((name.strip(), tuple(p.strip() for p in parts.split("+") if p.strip())))
+    return tuple(out)
+
+
+def first_problem(exc: ValidationError) -> str:
+    """One readable line from a pydantic error (no URLs, no dump of the input)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    e = errors[0]
+    where = ".".join(str(p) for p in e["loc"]) or "the file"
+    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {e['msg']}{more}"

@@ -33,6 +33,7 @@ from depois_stream.contract import (
     INPUT_IMAGE, INPUT_LABEL, OUTPUT_EVIDENCE, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE,
     ContractError, ModelCard, ModelMetadata, card_path_for, sha256_file,
 )
+from depois_stream.contract.model import first_problem
 from depois_stream.contract.signing import SignatureError, verify_or_warn
 
 log = logging.getLogger(__name__)
@@ -70,15 +71,15 @@ class Prediction:
     poisoned: np.ndarray  # bool [N]: score below its threshold
     threshold: np.ndarray  # float32 [N]: boundary applied to each sample (its class's if per class)
     p_value: np.ndarray | None  # float32 [N]: conformal p-value, when the model exports it
-    evidence: np.ndarray | None  # float32 [N, K]: per-member p-values, when the model has them
-    reason_names: tuple[str, ...]  # the evidence members (or just below_boundary)
-    reason_weights: tuple[float, ...] = ()  # the members' weights in the score (empty = all equal)
+    evidence: np.ndarray | None  # float32 [N, K]: per-column p-values (members, agreements), when the model has them
+    reason_names: tuple[str, ...]  # the evidence columns (or just below_boundary)
+    reason_weights: tuple[float, ...] = ()  # the columns' weights in the score (empty = all equal)
 
     @property
     def reason_index(self) -> np.ndarray:
-        """Per sample, the index in ``reason_names`` of the member that set the score: the
-        smallest ``p_j / w_j`` (the score is ``log min_j p_j / w_j``); 0 when the model names
-        no members. Far in the tails several float32 p-values can underflow to 0; the first of
+        """Per sample, the index in ``reason_names`` of the column that set the score: the
+        smallest ``p_c / w_c`` (the score is ``log min_c p_c / w_c``); 0 when the model names
+        no columns. Far in the tails several float32 p-values can underflow to 0; the first of
         those is named, a member that alone puts the sample beyond any boundary."""
         if self.evidence is None or self.evidence.shape[1] == 0:
             return np.zeros(len(self.score), dtype=np.int64)
@@ -291,15 +292,6 @@ class Detector:
                 "contract")
 
 
-def _first_problem(exc: ValidationError) -> str:
-    """One readable line from a pydantic error (no URLs, no dump of the input)."""
-    errors = exc.errors(include_url=False, include_input=False)
-    e = errors[0]
-    where = ".".join(str(p) for p in e["loc"]) or "the file"
-    more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{where}: {e['msg']}{more}"
-
-
 def _open_session(path: Path, source: str | bytes, providers: list[str],
                   quiet: bool) -> ort.InferenceSession:
     """An onnxruntime session on ``providers``. ``quiet``: trying CUDA for ``--device auto``,
@@ -331,7 +323,7 @@ def _verify_card(path: Path, sha: str, card_bytes: bytes | None = None) -> None:
         card = ModelCard.model_validate_json(card_bytes if card_bytes is not None
                                              else card_path.read_bytes())
     except ValidationError as exc:
-        raise ModelLoadError(f"model card {card_path} is not valid ({_first_problem(exc)}); "
+        raise ModelLoadError(f"model card {card_path} is not valid ({first_problem(exc)}); "
                              "copy the card that was exported with the model", "card") from None
     except OSError as exc:
         raise ModelLoadError(f"model card {card_path} cannot be read ({exc.strerror})",

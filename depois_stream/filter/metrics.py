@@ -52,8 +52,8 @@ class Metrics:
             "dead_lettered", "Records sent to the dead-letter topic, by bounded reason code.",
             ["reason"], namespace=ns, registry=r)
         self.quarantined_by_reason = Counter(
-            "quarantined_by_reason", "Quarantined records by the evidence member that fired "
-            "(below_boundary when the model names no members).", ["reason"],
+            "quarantined_by_reason", "Quarantined records by the evidence column that fired: a member "
+            "or an agreement of a family's members (below_boundary when the model names no columns).", ["reason"],
             namespace=ns, registry=r)
         self.quarantined_by_label = Counter(
             "quarantined_by_label", "Quarantined records by their claimed class label.",
