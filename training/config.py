@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from training.evidence import FAMILIES, MEMBERS
+from training.evidence import FAMILIES, MEMBERS, families_within
 
 
 class Steps(BaseModel):
@@ -144,14 +144,7 @@ class FitConfig(BaseModel):
     def agreements(self, members: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """The agreement columns of a union of ``members``: each family (``FAMILIES``) with two
         or more of them; none when ``agreement_share`` is 0."""
-        if self.agreement_share <= 0.0:
-            return ()
-        out = []
-        for name, family in FAMILIES.items():
-            parts = tuple(m for m in family if m in members)
-            if len(parts) >= 2:
-                out.append((name, parts))
-        return tuple(out)
+        return families_within(FAMILIES.items(), members) if self.agreement_share > 0.0 else ()
 
     def relative_weights(self, members: tuple[str, ...]) -> dict[str, float]:
         """Each column's weight before scaling (``training.conformal.member_weights``): the

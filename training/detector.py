@@ -27,10 +27,10 @@ from training.config import FitConfig
 from training.conformal import member_weights
 from training.crossfit import CalibrationPlan
 from training.data import LabeledImages
-from training.evidence import MEMBERS, References, member_scores, neighbours
+from training.evidence import MEMBERS, References, families_within, member_scores, neighbours
 from training.models import Authenticator, Critic
 from training.torchutil import batched, resolve_device
-from training.union import UnionCalibration, calibrate_union
+from training.union import UnionCalibration, calibrate_union, column_names
 
 WEIGHTS_FILE = "detector.pt"
 STATE_FILE = "detector.json"
@@ -152,8 +152,7 @@ class FittedDetector:
         two or more of its members remain."""
         meta = self.metadata
         full = meta.evidence_agreements if meta.evidence_members else self.config.agreements(self.members)
-        kept = ((name, tuple(m for m in parts if m in members)) for name, parts in full)
-        return tuple((name, parts) for name, parts in kept if len(parts) >= 2)
+        return families_within(full, members)
 
     def calibrate(self, members: tuple[str, ...], target_fpr: float, per_class: bool,
                   folds: np.ndarray | None = None, with_agreements: bool = True) -> UnionCalibration:
@@ -172,10 +171,9 @@ class FittedDetector:
                 for m in parts:
                     relative[m] = full.get(m, 1.0) + full.get(name, 1.0) / len(parts)
             agreements = ()
-        columns = tuple(members) + tuple(name for name, _ in agreements)
         return calibrate_union(self.calibration_raw[:, cols], self.calibration_labels, self.metadata.num_classes,
                                members, target_fpr, per_class, folds, self.config.paper_k,
-                               member_weights(columns, relative), agreements)
+                               member_weights(column_names(members, agreements), relative), agreements)
 
     # ------------------------------------------------------------------ scoring
 

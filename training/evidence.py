@@ -49,6 +49,7 @@ spread out does not own the low tail of the pooled reference.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,13 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "label_agreement": ("margin", "knn", "mahalanobis"),
     "pixel_agreement": ("density", "pixel_knn", "pixel_mahalanobis"),
 }
+
+
+def families_within(families: Iterable[tuple[str, tuple[str, ...]]], members: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """``families`` ((name, members) pairs) restricted to ``members``: each family that keeps two
+    or more of them, with those (an agreement of one member would only repeat it)."""
+    kept = ((name, tuple(m for m in parts if m in members)) for name, parts in families)
+    return tuple((name, parts) for name, parts in kept if len(parts) >= 2)
 
 D2_MIN = 1e-3  # squared distances below this (near-duplicates) are clamped: float32 cancellation in
 # 2 - 2 cos or |x|^2 - 2 x.r + |r|^2 is ~1e-7 of the norms, which must stay small against the clamp

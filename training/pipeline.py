@@ -40,7 +40,7 @@ from training.evidence import MEMBERS, AccuracyGate, neighbours
 from training.mimic import train_mimic
 from training.torchutil import batched, intra_op_threads, resolve_device
 from training.conformal import member_weights
-from training.union import calibrate_union
+from training.union import calibrate_union, column_names
 
 __all__ = ["CalibrationWarning", "FitConfig", "Steps", "fit"]
 
@@ -162,10 +162,10 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     gate = AccuracyGate.measure(cal_raw[:, MEMBERS.index("pixel_knn")], cal_raw[:, MEMBERS.index("margin")])
     members = cfg.gated_members(gate.passes)
     agreements = cfg.agreements(members)
-    columns = members + tuple(name for name, _ in agreements)
     union = calibrate_union(cal_raw[:, member_columns(members)], cal.labels, num_classes, members,
                             cfg.target_fpr, cfg.per_class, plan.cv_folds(cfg.seed), cfg.paper_k,
-                            member_weights(columns, cfg.relative_weights(members)), agreements)
+                            member_weights(column_names(members, agreements), cfg.relative_weights(members)),
+                            agreements)
     sha = weights_sha256(shipped, mimic.critic)
     metadata = build_metadata(cfg, union, splits.shape, num_classes, sha)
     lap("calibration")

@@ -52,7 +52,7 @@ class Agreement:
     knots: Knots
 
     def statistic(self, member_log_p: np.ndarray) -> np.ndarray:
-        return np.asarray(member_log_p, np.float64)[:, list(self.parts)].sum(axis=1)
+        return fisher(member_log_p, self.parts)
 
     def log_p(self, member_log_p: np.ndarray) -> np.ndarray:
         return log_p_knots(self.statistic(member_log_p), self.knots, self.beta)
@@ -61,13 +61,24 @@ class Agreement:
     def fit(cls, name: str, parts: tuple[int, ...], loo_member_log_p: np.ndarray) -> tuple[Agreement, np.ndarray]:
         """The column from the calibration samples' leave-one-out member log p-values [n, J], and
         those samples' own leave-one-out log p-values on it [n]."""
-        stat = np.asarray(loo_member_log_p, np.float64)[:, list(parts)].sum(axis=1)
+        stat = fisher(loo_member_log_p, parts)
         ref = np.sort(stat)
         beta = tail_scale(ref)
         return cls(name, tuple(parts), ref, beta, Knots.of(ref)), loo_log_p_values(stat, beta)
 
 
 AgreementSpec = tuple[tuple[str, tuple[str, ...]], ...]  # (column name, member names) per agreement column
+
+
+def fisher(member_log_p: np.ndarray, parts: tuple[int, ...]) -> np.ndarray:
+    """Fisher's statistic ``sum_j log p_j`` over the member columns ``parts`` of [N, J] -> [N]."""
+    return np.asarray(member_log_p, np.float64)[:, list(parts)].sum(axis=1)
+
+
+def column_names(members: tuple[str, ...], agreements: AgreementSpec) -> tuple[str, ...]:
+    """The union's columns, in ``evidence`` order: the members, then the agreement columns (what
+    the weights passed to ``calibrate_union`` must follow)."""
+    return tuple(members) + tuple(name for name, _ in agreements)
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,7 @@ class ModelMetadata(BaseModel):
             raise ValueError(f"evidence agreement names must be unique, got {names}")
         plain = set(self.evidence_members) - set(names)
         for name, parts in self.evidence_agreements:
-            if name not in self.evidence_members or len(set(parts)) < 2 or len(set(parts)) != len(parts) \
+            if name not in self.evidence_members or len(parts) < 2 or len(set(parts)) != len(parts) \
                     or not set(parts) <= plain:
                 raise ValueError(f"evidence agreement {name!r} must be an evidence member combining two or "
                                  f"more distinct other members, got {list(parts)}")
