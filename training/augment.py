@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from training.data import LabeledImages
 from training.models import LATENT_DIM, Authenticator, Discriminator, Generator
-from training.torchutil import batched, sample_index, seeded, to_tensors
+from training.torchutil import adam, batched, sample_index, seeded, to_tensors
 
 
 def train_authenticator(
@@ -37,7 +37,7 @@ def train_authenticator(
     """Fit the CNN classifier on trusted data; returns the model (eval mode) and its loss curve."""
     gen = seeded(seed)
     model = Authenticator(tuple(data.images.shape[1:]), num_classes).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    opt = adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
     x, y = to_tensors(data, device)
     losses = []
     model.train()
@@ -105,8 +105,8 @@ def train_cgan(
     shape = tuple(trusted.images.shape[1:])
     g = Generator(shape, num_classes).to(device)
     d = Discriminator(shape, num_classes).to(device)
-    opt_g = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_d = adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
     authenticator.eval().requires_grad_(False)
     x, y = to_tensors(trusted, device)
     hist: dict[str, list[float]] = {"cgan_d": [], "cgan_g": [], "cgan_aux": []}

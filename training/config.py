@@ -89,6 +89,11 @@ class FitConfig(BaseModel):
         json_schema_extra=_cli("--gate-pixel-knn/--always-pixel-knn"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA if present), cpu or cuda.")
     threads: int = Field(1, ge=0, description="torch CPU threads; 1 is robust on a shared box, 0 = torch's default.")
+    fold_workers: int = Field(1, ge=0, description="Background processes that train the cross-fit folds whose model "
+                                                   "is not shipped, while this one trains the cGAN and the mimic "
+                                                   "model. The detector is the same bit for bit (training/folds.py); "
+                                                   "1 suits a 2-core machine, 0 = every fold in this process. CPU "
+                                                   "only: on a GPU the folds stay in this process.")
     auth_steps: int | None = Field(None, ge=1, description="Authenticator steps (default: per data set, "
                                                            "training/config.py).")
     gan_steps: int | None = Field(None, ge=1, description="cGAN steps (default: per data set).")

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from training.data import LabeledImages
-from training.torchutil import sample_index, seeded
+from training.torchutil import adam, sample_index, seeded
 
 
 class ClassifierConfig(BaseModel):
@@ -65,7 +65,7 @@ def train_classifier(
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     y = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     model = make_classifier(int(np.prod(images.shape[1:])), num_classes, config.hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt = adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     with one_thread():
         for _ in range(config.steps):
             batch = sample_index(len(y), config.batch_size, gen)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from training.data import LabeledImages
 from training.models import LATENT_DIM, Critic, Generator
-from training.torchutil import sample_index, seeded, to_tensors
+from training.torchutil import adam, sample_index, seeded, to_tensors
 
 GP_WEIGHT = 10.0
 CRITIC_ITERS = 5
@@ -55,8 +55,8 @@ def train_mimic(
     shape = tuple(data.images.shape[1:])
     g = Generator(shape, num_classes).to(device)
     c = Critic(shape, num_classes).to(device)
-    opt_g = torch.optim.Adam(g.parameters(), lr=1e-4, betas=(0.5, 0.9))
-    opt_c = torch.optim.Adam(c.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt_g = adam(g.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt_c = adam(c.parameters(), lr=1e-4, betas=(0.5, 0.9))
     x, y = to_tensors(data, device)
     hist: dict[str, list[float]] = {"critic": [], "wasserstein": [], "wgan_g": []}
     for _ in tqdm(range(steps), desc="mimic (WGAN-GP)", disable=not progress, leave=False):

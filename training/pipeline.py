@@ -5,7 +5,8 @@ Stages (each with its own derived seed, so the run is deterministic on CPU under
 1. trusted pool -> calibration plan (holdout or k-fold cross-fit, ``training/crossfit.py``);
 2. one authenticator per fold, each scoring its held-out fold: out-of-sample margin, kNN,
    Mahalanobis and novelty scores for every calibration sample; the model of the first fold is
-   the one shipped (the holdout's only model, or fold model 0);
+   the one shipped (the holdout's only model, or fold model 0). The other folds train in a
+   background process (``training/folds.py``, ``--fold-workers``) while stage 3 runs here;
 3. authenticated cGAN on the shipped model's training data -> gated synthesis -> WGAN-GP mimic
    model (the critic). Its real data is the synthetic set plus every trusted image that does
    *not* calibrate (the holdout's training part; none under cross-fit), so no trusted image
@@ -23,7 +24,7 @@ import warnings
 
 import numpy as np
 
-from training.augment import synthesize, train_authenticator, train_cgan
+from training.augment import synthesize, train_cgan
 from training.config import FitConfig, Steps
 from training.conformal import fpr_standard_error
 from training.crossfit import make_plan
@@ -31,12 +32,11 @@ from training.data import LabeledImages, load_dataset, trusted_split
 from training.detector import (
     FittedDetector,
     build_metadata,
-    build_references,
     member_columns,
-    raw_member_scores,
     weights_sha256,
 )
 from training.evidence import MEMBERS, AccuracyGate, neighbours
+from training.folds import FoldTask, background_folds, train_fold
 from training.mimic import train_mimic
 from training.torchutil import batched, intra_op_threads, resolve_device
 from training.conformal import member_weights
@@ -111,50 +111,51 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     lap("load")
 
     seed = cfg.seed * 1000
-    auth_losses: list[float] = []
     raw = np.full((len(pool), len(MEMBERS)), np.nan, np.float32)
     log_p = np.full(len(pool), np.nan, np.float32)
-    fold_accuracy = []
-    shipped = None
-    for f in plan.fold_ids:
-        train_part, held_out = plan.fold_split(f)
-        auth_f, losses_f = train_authenticator(train_part, num_classes, steps.auth_steps, cfg.batch_size,
-                                               seed + 100 + f, device, progress)
-        refs_f = build_references(auth_f, train_part, num_classes, k, cfg.seed, device)
-        idx = np.flatnonzero(plan.folds == f)
-        raw[idx] = raw_member_scores(auth_f, None, refs_f, held_out.images, held_out.labels, device)
-        log_p[idx] = batched(auth_f.log_p_label, held_out.images, held_out.labels, device)
-        fold_accuracy.append(float(np.mean(raw[idx, 1] > 0)))  # margin > 0 <=> argmax is the label
-        if f == plan.shipped_fold:
-            shipped, auth_losses = auth_f, losses_f
-    lap("authenticator")
-    model_data = plan.shipped_training_data()
+    tasks = {f: FoldTask(f, *plan.fold_split(f), num_classes, steps.auth_steps, cfg.batch_size, seed + 100 + f, k,
+                         cfg.seed) for f in plan.fold_ids}
+    others = [tasks[f] for f in plan.fold_ids if f != plan.shipped_fold]
+    # The folds whose model is not shipped train in the background (training/folds.py) while this
+    # process trains the shipped fold, the cGAN and the mimic model: same numbers, less wall time.
+    with background_folds(others, cfg.fold_workers, cfg.threads, device) as pending:
+        shipped, auth_losses, first = train_fold(tasks[plan.shipped_fold], device, progress)
+        lap("authenticator")
+        model_data = plan.shipped_training_data()
 
-    n_synthetic = (cfg.n_synthetic if cfg.n_synthetic is not None else len(splits.train) - len(pool))
-    cgan = train_cgan(model_data, shipped, num_classes, steps.gan_steps, cfg.batch_size, seed + 2, device,
-                      cfg.aux_weight, progress)
-    lap("cgan")
-    synth = synthesize(cgan.generator, shipped, n_synthetic, num_classes, cfg.auth_threshold, seed + 3, device,
-                       progress=progress)
-    non_calibrating = pool.subset(np.flatnonzero(~cal_mask))
-    gate_fallback = len(synth.accepted) == 0 and len(non_calibrating) == 0 and n_synthetic > 0
-    if gate_fallback:
-        # Only with tiny step counts: an untrained authenticator vouches for nothing. Under
-        # cross-fit the mimic model would have no real data at all; train it on ungated samples
-        # and say so, rather than fail a smoke run.
-        warnings.warn("no synthetic sample passed the authenticator gate; the mimic model trains on ungated "
-                      "samples (train the authenticator and the cGAN longer for a useful critic)",
-                      CalibrationWarning, stacklevel=3)
-        synth = synthesize(cgan.generator, shipped, n_synthetic, num_classes, 0.0, seed + 3, device,
+        n_synthetic = (cfg.n_synthetic if cfg.n_synthetic is not None else len(splits.train) - len(pool))
+        cgan = train_cgan(model_data, shipped, num_classes, steps.gan_steps, cfg.batch_size, seed + 2, device,
+                          cfg.aux_weight, progress)
+        lap("cgan")
+        synth = synthesize(cgan.generator, shipped, n_synthetic, num_classes, cfg.auth_threshold, seed + 3, device,
                            progress=progress)
-    lap("synthesis")
-    mimic_data = LabeledImages(np.concatenate([non_calibrating.images, synth.accepted.images]),
-                               np.concatenate([non_calibrating.labels, synth.accepted.labels]))
-    if len(mimic_data) == 0:
-        raise ValueError("the mimic model has no training data (--n-synthetic 0 under cross-fitting); "
-                         "pass --n-synthetic > 0")
-    mimic = train_mimic(mimic_data, num_classes, steps.critic_steps, cfg.batch_size, seed + 4, device, progress)
-    lap("mimic")
+        non_calibrating = pool.subset(np.flatnonzero(~cal_mask))
+        gate_fallback = len(synth.accepted) == 0 and len(non_calibrating) == 0 and n_synthetic > 0
+        if gate_fallback:
+            # Only with tiny step counts: an untrained authenticator vouches for nothing. Under
+            # cross-fit the mimic model would have no real data at all; train it on ungated samples
+            # and say so, rather than fail a smoke run.
+            warnings.warn("no synthetic sample passed the authenticator gate; the mimic model trains on ungated "
+                          "samples (train the authenticator and the cGAN longer for a useful critic)",
+                          CalibrationWarning, stacklevel=3)
+            synth = synthesize(cgan.generator, shipped, n_synthetic, num_classes, 0.0, seed + 3, device,
+                               progress=progress)
+        lap("synthesis")
+        mimic_data = LabeledImages(np.concatenate([non_calibrating.images, synth.accepted.images]),
+                                   np.concatenate([non_calibrating.labels, synth.accepted.labels]))
+        if len(mimic_data) == 0:
+            raise ValueError("the mimic model has no training data (--n-synthetic 0 under cross-fitting); "
+                             "pass --n-synthetic > 0")
+        mimic = train_mimic(mimic_data, num_classes, steps.critic_steps, cfg.batch_size, seed + 4, device, progress)
+        lap("mimic")
+        order = {f: i for i, f in enumerate(plan.fold_ids)}
+        folds = sorted([first, *pending.results(device, progress)], key=lambda r: order[r.fold])
+        lap("other folds (wait)")
+    fold_accuracy = []
+    for result in folds:
+        idx = np.flatnonzero(plan.folds == result.fold)
+        raw[idx], log_p[idx] = result.raw, result.log_p
+        fold_accuracy.append(float(np.mean(result.raw[:, 1] > 0)))  # margin > 0 <=> argmax is the label
 
     cal = plan.calibration
     raw[cal_mask, 0] = batched(mimic.critic, cal.images, cal.labels, device)
@@ -193,6 +194,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
         "per_class_fallback": union.fell_back,
         "times_s": timer,
+        "fold_seconds": {str(r.fold): round(r.seconds, 2) for r in folds},
         "losses": {"authenticator": auth_losses, **cgan.history, **mimic.history},
         "device": str(device),
     }

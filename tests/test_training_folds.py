@@ -1,0 +1,77 @@
+"""The speed-ups of ``fit`` must not change a single bit of the detector: folds trained in a
+background process (training/folds.py) and the multi-tensor Adam (training.torchutil.adam)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from training.config import FitConfig
+from training.data import LabeledImages, load_dataset
+from training.folds import FoldTask, background_folds
+from training.models import Authenticator, Critic
+from training.pipeline import fit
+from training.torchutil import adam
+
+TINY = {"auth_steps": 20, "gan_steps": 20, "critic_steps": 5, "n_synthetic": 100}
+
+
+def test_background_folds_give_the_same_detector_bit_for_bit() -> None:
+    here = fit(FitConfig.quick(seed=5, fold_workers=0, **TINY), progress=False)
+    background = fit(FitConfig.quick(seed=5, fold_workers=2, **TINY), progress=False)
+    assert len(background.plan.fold_ids) > 2  # cross-fit: several folds really ran elsewhere
+    np.testing.assert_array_equal(here.calibration_raw, background.calibration_raw)
+    np.testing.assert_array_equal(here.calibration_log_p, background.calibration_log_p)
+    assert here.metadata.model_version == background.metadata.model_version
+    assert here.metadata.boundary == background.metadata.boundary
+    assert here.report["authenticator_fold_accuracy"] == background.report["authenticator_fold_accuracy"]
+    assert sorted(background.report["fold_seconds"], key=int) == [str(f) for f in background.plan.fold_ids]
+
+
+def test_a_fold_that_fails_in_the_background_fails_with_its_own_error() -> None:
+    data = load_dataset("digits").train.subset(np.arange(60))
+    beyond = LabeledImages(data.images, data.labels + 20)  # no such class: cross-entropy refuses
+    task = FoldTask(1, beyond, data, num_classes=10, steps=2, batch_size=8, seed=0, neighbours=2, reference_seed=0)
+    with pytest.raises(IndexError, match="out of bounds"):
+        with background_folds([task], workers=1, threads=1, device=torch.device("cpu")) as pending:
+            pending.results(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("network", ["authenticator", "critic"])
+def test_multi_tensor_adam_matches_the_per_tensor_loop_exactly(network: str) -> None:
+    def train(make_optimiser) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = Authenticator((1, 8, 8), 10) if network == "authenticator" else Critic((1, 8, 8), 10)
+        optimiser = make_optimiser(model.parameters())
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.rand(128, 1, 8, 8, generator=gen), torch.randint(0, 10, (128,), generator=gen)
+        for _ in range(30):
+            idx = torch.randint(0, 128, (32,), generator=gen)
+            out = model(x[idx]) if network == "authenticator" else model(x[idx], y[idx])[:, None] * torch.ones(10)
+            loss = F.cross_entropy(out, y[idx])
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        return model.state_dict()
+
+    options = {"lr": 1e-3, "betas": (0.5, 0.9), "weight_decay": 1e-4}
+    loop = train(lambda p: torch.optim.Adam(p, foreach=False, **options))
+    multi = train(lambda p: adam(p, **options))
+    assert all(torch.equal(loop[k], multi[k]) for k in loop)
+    assert not all(torch.equal(loop[k], v) for k, v in train(lambda p: torch.optim.Adam(p, lr=2e-3)).items())
+
+
+def test_a_script_without_a_main_guard_fits_once(tmp_path: Path) -> None:
+    """The background folds must not re-run the caller's script (what multiprocessing's spawn does)."""
+    script = tmp_path / "train.py"
+    script.write_text("from training.config import FitConfig\nfrom training.pipeline import fit\n"
+                      f"fit(FitConfig.quick(seed=5, fold_workers=1, **{TINY!r}), progress=False)\nprint('fitted')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("fitted") == 1
