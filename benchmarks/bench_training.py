@@ -7,6 +7,11 @@ stage split and the step counts come from the model card the run writes.
 \b
     python benchmarks/bench_training.py --datasets digits,fashion-mnist
     python benchmarks/bench_training.py --datasets digits --device cuda
+    python benchmarks/bench_training.py --datasets digits --rounds 2 --against=--fold-workers --against=0
+
+With ``--against`` a second variant (the same command plus those arguments) runs alternately with
+the first (A B, then B A, ...), so that a change of machine speed hits both alike, and the report
+adds each round's wall-time ratio.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import typer
 
 from _common import markdown_table, write_report
@@ -57,27 +63,45 @@ def card_facts(out_dir: Path) -> tuple[dict[str, float], dict[str, int]]:
     return {}, {}
 
 
+def run_once(dataset: str, device: str, extra: list[str]) -> tuple[float, float, dict[str, float], dict[str, int]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = train_command(dataset, Path(tmp), device, extra)
+        wall, rss_mib = run_timed(cmd, Path(tmp) / "train.log")
+        stages, steps = card_facts(Path(tmp))
+    return wall, rss_mib, stages, steps
+
+
 @app.command(help=__doc__)
 def main(
     datasets: str = typer.Option("digits,fashion-mnist", help="Comma-separated data sets to train."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto, passed to depois-train."),
     extra: list[str] = typer.Option([], help="Extra arguments for depois-train all (repeatable), "
                                              "e.g. --extra=--seed --extra=1."),
+    against: list[str] = typer.Option([], help="Extra arguments of a second variant, run alternately with the "
+                                               "first (repeatable), e.g. --against=--fold-workers --against=0."),
+    rounds: int = typer.Option(1, min=1, help="Runs of each variant per data set (alternating with --against)."),
     out: Optional[Path] = typer.Option(None, help="Append the result block to this markdown file."),
 ) -> None:
-    """Run `depois-train all` once per data set and tabulate wall time and stage times."""
-    rows = []
+    """Run `depois-train all` per data set (and variant) and tabulate wall time and stage times."""
+    variants = [("A", extra)] + ([("B", [*extra, *against])] if against else [])
+    rows, notes = [], []
     for dataset in datasets.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = train_command(dataset, Path(tmp), device, extra)
-            wall, rss_mib = run_timed(cmd, Path(tmp) / "train.log")
-            stages, steps = card_facts(Path(tmp))
-        rows.append([dataset, device, "/".join(str(v) for v in steps.values()) or "-",
-                     f"{wall:.0f}", f"{wall / 60:.1f}",
-                     ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) or "-", f"{rss_mib:.0f}"])
-    write_report(out, f"Training wall time (`depois-train all`, {device})", markdown_table(
-        ["data set", "device", "steps auth/gan/critic", "wall s", "wall min", "stages s (model card)",
-         "peak RSS MiB"], rows))
+        walls: dict[str, list[float]] = {name: [] for name, _ in variants}
+        for r in range(rounds):
+            for name, args in (variants if r % 2 == 0 else variants[::-1]):
+                wall, rss_mib, stages, steps = run_once(dataset, device, args)
+                walls[name].append(wall)
+                rows.append([dataset, name, " ".join(args) or "-", str(r + 1),
+                             "/".join(str(v) for v in steps.values()) or "-", f"{wall:.0f}", f"{wall / 60:.1f}",
+                             ", ".join(f"{k} {v:.0f}" for k, v in stages.items()) or "-", f"{rss_mib:.0f}"])
+        if against:
+            ratios = [b / a for a, b in zip(walls["A"], walls["B"])]
+            notes.append(f"- {dataset}: wall time B / A per round {', '.join(f'{x:.2f}' for x in ratios)} "
+                         f"(median {float(np.median(ratios)):.2f}); A = `{' '.join(extra) or 'defaults'}`, "
+                         f"B = A + `{' '.join(against)}`")
+    table = markdown_table(["data set", "variant", "extra arguments", "round", "steps auth/gan/critic", "wall s",
+                            "wall min", "stages s (model card)", "peak RSS MiB (main process)"], rows)
+    write_report(out, f"Training wall time (`depois-train all`, {device})", "\n".join([*notes, "", table]) if notes else table)
 
 
 if __name__ == "__main__":
