@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from training.config import FitConfig
 from training.data import LabeledImages, load_dataset
-from training.folds import FoldTask, background_folds
+from training.folds import BackgroundFoldError, FoldTask, PendingFolds, _Worker, background_folds
 from training.models import Authenticator, Critic
 from training.pipeline import fit
 from training.torchutil import adam
@@ -41,6 +41,15 @@ def test_a_fold_that_fails_in_the_background_fails_with_its_own_error() -> None:
     with pytest.raises(IndexError, match="out of bounds"):
         with background_folds([task], workers=1, threads=1, device=torch.device("cpu")) as pending:
             pending.results(torch.device("cpu"))
+
+
+def test_a_background_process_that_dies_without_a_result_is_named(tmp_path: Path) -> None:
+    log = tmp_path / "log.txt"
+    with log.open("wb") as f:  # as a killed or out-of-memory child would: an exit code, no result file
+        process = subprocess.Popen([sys.executable, "-c", "print('Killed'); raise SystemExit(137)"], stdout=f)
+    pending = PendingFolds([], [_Worker(process, tmp_path / "results.pkl", log)])
+    with pytest.raises(BackgroundFoldError, match="exited with code 137 and no result: Killed"):
+        pending.results(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("network", ["authenticator", "critic"])
