@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import typer
 
 from _common import markdown_table, write_report
@@ -97,10 +97,10 @@ def main(
         if against:
             ratios = [b / a for a, b in zip(walls["A"], walls["B"])]
             notes.append(f"- {dataset}: wall time B / A per round {', '.join(f'{x:.2f}' for x in ratios)} "
-                         f"(median {float(np.median(ratios)):.2f}); A = `{' '.join(extra) or 'defaults'}`, "
+                         f"(median {statistics.median(ratios):.2f}); A = `{' '.join(extra) or 'defaults'}`, "
                          f"B = A + `{' '.join(against)}`")
     table = markdown_table(["data set", "variant", "extra arguments", "round", "steps auth/gan/critic", "wall s",
-                            "wall min", "stages s (model card)", "peak RSS MiB (main process)"], rows)
+                            "wall min", "stages s (model card)", "peak RSS MiB (largest one process)"], rows)
     write_report(out, f"Training wall time (`depois-train all`, {device})", "\n".join([*notes, "", table]) if notes else table)
 
 

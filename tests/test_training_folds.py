@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +23,31 @@ from training.torchutil import adam
 TINY = {"auth_steps": 20, "gan_steps": 20, "critic_steps": 5, "n_synthetic": 100}
 
 
+@pytest.mark.slow
 def test_background_folds_give_the_same_detector_bit_for_bit() -> None:
     here = fit(FitConfig.quick(seed=5, fold_workers=0, **TINY), progress=False)
     background = fit(FitConfig.quick(seed=5, fold_workers=2, **TINY), progress=False)
-    assert len(background.plan.fold_ids) > 2  # cross-fit: several folds really ran elsewhere
+    shipped = str(background.plan.shipped_fold)
+    assert len(background.plan.fold_ids) > 2  # cross-fit: several folds, and they really ran elsewhere
+    assert {f: r["background"] for f, r in background.report["folds_run"].items()} == {
+        str(f): str(f) != shipped for f in background.plan.fold_ids}
+    assert not any(r["background"] for r in here.report["folds_run"].values())
     np.testing.assert_array_equal(here.calibration_raw, background.calibration_raw)
     np.testing.assert_array_equal(here.calibration_log_p, background.calibration_log_p)
     assert here.metadata.model_version == background.metadata.model_version
     assert here.metadata.boundary == background.metadata.boundary
     assert here.report["authenticator_fold_accuracy"] == background.report["authenticator_fold_accuracy"]
-    assert sorted(background.report["fold_seconds"], key=int) == [str(f) for f in background.plan.fold_ids]
 
 
 def test_a_fold_that_fails_in_the_background_fails_with_its_own_error() -> None:
     data = load_dataset("digits").train.subset(np.arange(60))
     beyond = LabeledImages(data.images, data.labels + 20)  # no such class: cross-entropy refuses
     task = FoldTask(1, beyond, data, num_classes=10, steps=2, batch_size=8, seed=0, neighbours=2, reference_seed=0)
-    with pytest.raises(IndexError, match="out of bounds"):
+    with pytest.raises(IndexError, match="out of bounds") as raised:
         with background_folds([task], workers=1, threads=1, device=torch.device("cpu")) as pending:
             pending.results(torch.device("cpu"))
+    assert isinstance(raised.value.__cause__, BackgroundFoldError)  # with the child's traceback
+    assert "train_authenticator" in str(raised.value.__cause__)
 
 
 def test_a_background_process_that_dies_without_a_result_is_named(tmp_path: Path) -> None:
@@ -76,6 +83,7 @@ def test_multi_tensor_adam_matches_the_per_tensor_loop_exactly(network: str) -> 
     assert not all(torch.equal(loop[k], v) for k, v in train(lambda p: torch.optim.Adam(p, lr=2e-3)).items())
 
 
+@pytest.mark.slow
 def test_a_script_without_a_main_guard_fits_once(tmp_path: Path) -> None:
     """The background folds must not re-run the caller's script (what multiprocessing's spawn does)."""
     script = tmp_path / "train.py"
@@ -84,3 +92,40 @@ def test_a_script_without_a_main_guard_fits_once(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.count("fitted") == 1
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie may wait for a PID 1 that never reaps it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+def test_a_child_whose_parent_is_killed_exits_and_removes_its_files(tmp_path: Path) -> None:
+    """A parent killed by a signal runs no ``finally``: the child must not train on as an orphan
+    and leave the trusted images it was handed on disk."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import time\nimport numpy as np\nimport torch\n"
+        "from training.data import load_dataset\nfrom training.folds import FoldTask, background_folds\n"
+        "data = load_dataset('digits').train.subset(np.arange(200))\n"
+        "task = FoldTask(1, data, data, 10, 10**7, 8, 0, 2, 0)  # trains for hours\n"
+        "with background_folds([task], 1, 1, torch.device('cpu')) as pending:\n"
+        "    worker = pending._workers[0]\n"
+        "    print(worker.process.pid, worker.results.parent, flush=True)\n"
+        "    time.sleep(600)\n")
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    assert parent.stdout is not None
+    child, workdir = parent.stdout.readline().split()
+    time.sleep(3.0)  # the child has started training
+    assert _running(int(child)) and Path(workdir).exists()
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline and (_running(int(child)) or Path(workdir).exists()):
+        time.sleep(0.5)
+    assert not _running(int(child)), "the orphaned fold process is still training"
+    assert not Path(workdir).exists(), "the task directory (trusted images) was left on disk"

@@ -92,8 +92,9 @@ class FitConfig(BaseModel):
     fold_workers: int = Field(1, ge=0, description="Background processes that train the cross-fit folds whose model "
                                                    "is not shipped, while this one trains the cGAN and the mimic "
                                                    "model. The detector is the same bit for bit (training/folds.py); "
-                                                   "1 suits a 2-core machine, 0 = every fold in this process. CPU "
-                                                   "only: on a GPU the folds stay in this process.")
+                                                   "1 suits a 2-core machine, 0 = every fold in this process. The "
+                                                   "folds also stay here on a GPU, on one CPU and with --threads 0 "
+                                                   "(all cores already busy).")
     auth_steps: int | None = Field(None, ge=1, description="Authenticator steps (default: per data set, "
                                                            "training/config.py).")
     gan_steps: int | None = Field(None, ge=1, description="cGAN steps (default: per data set).")

@@ -6,22 +6,27 @@ other folds' models exist only to give the calibration samples out-of-sample sco
 reseeds torch (``training.torchutil.seeded``), so a fold's numbers do not depend on where or in
 which order it runs: a second process trains those folds while this one trains the cGAN and the
 mimic model, and ``fit`` returns the same detector, bit for bit, in less wall time on a machine
-with a spare core (digits on the 2-core VM: 273 -> 149 s for ``depois-train all``).
+with a spare core (digits on the 2-core VM, ``depois-train all``: 216 -> 142 s and 169 -> 153 s in
+two interleaved rounds, benchmarks/bench_training.py).
 
 A plain child interpreter (``python -m training.folds TASKS RESULTS``), not ``multiprocessing``:
 its ``spawn`` re-runs the caller's main script in the child, so a user's script that calls
 ``fit`` without an ``if __name__ == "__main__"`` guard would run twice; ``fork`` can deadlock
-under torch's OpenMP pool. Tasks and results travel as pickles in a private temporary directory.
+under torch's OpenMP pool. Tasks and results travel as pickles in a private temporary directory;
+the child deletes its task file once read, and exits (removing the directory) if its parent dies.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -54,10 +59,13 @@ class FoldTask:
 
 @dataclass(frozen=True)
 class FoldScores:
+    """One fold's out-of-sample scores, and where and how long it ran (for the model card)."""
+
     fold: int
     raw: np.ndarray  # float32 [n_held_out, len(MEMBERS)], critic column 0 (scored later)
     log_p: np.ndarray  # float32 [n_held_out]: log p(label | image) of the fold's model
     seconds: float  # wall time of the fold, wherever it ran
+    pid: int  # the process that trained it
 
 
 def train_fold(task: FoldTask, device: torch.device, progress: bool = False) -> tuple[Authenticator, list[float], FoldScores]:
@@ -69,7 +77,7 @@ def train_fold(task: FoldTask, device: torch.device, progress: bool = False) -> 
     images, labels = task.held_out.images, task.held_out.labels
     raw = raw_member_scores(model, None, refs, images, labels, device)
     log_p = batched(model.log_p_label, images, labels, device)
-    return model, losses, FoldScores(task.fold, raw, log_p, time.perf_counter() - start)
+    return model, losses, FoldScores(task.fold, raw, log_p, time.perf_counter() - start, os.getpid())
 
 
 def score_folds(tasks: list[FoldTask], threads: int) -> list[FoldScores]:
@@ -92,7 +100,7 @@ class _Worker:
 class PendingFolds:
     """Folds handed to background processes, or kept for this one (``workers=0`` or a GPU)."""
 
-    def __init__(self, tasks: list[FoldTask], workers: list[_Worker]):
+    def __init__(self, tasks: list[FoldTask], workers: list[_Worker]) -> None:
         self._tasks, self._workers = tasks, workers
 
     def results(self, device: torch.device, progress: bool = False) -> list[FoldScores]:
@@ -107,35 +115,40 @@ class PendingFolds:
                 tail = worker.log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
                 raise BackgroundFoldError(f"background fold process exited with code {code} and no result: {tail[0]}")
             with worker.results.open("rb") as f:
-                status, value = pickle.load(f)
-            if status == "error":
-                raise value
+                status, value, trace = pickle.load(f)
+            if status == "error":  # the fold's own exception, its traceback in the child as the cause
+                raise value from BackgroundFoldError(f"in the background fold process:\n{trace}")
             out.extend(value)
         return out
 
 
 @contextmanager
 def background_folds(tasks: list[FoldTask], workers: int, threads: int, device: torch.device) -> Iterator[PendingFolds]:
-    """Start ``tasks`` in up to ``workers`` child processes (CPU only; on a GPU the folds are short
-    and share the device, so they stay here); yield a handle to collect them. The children are
-    killed if the ``with`` body fails, and their files removed either way."""
+    """Start ``tasks`` in up to ``workers`` child processes; yield a handle to collect them. The
+    children are killed if the ``with`` body fails, and their files removed either way.
+
+    The folds stay in this process on a GPU (they are short and share the device), on a one-CPU
+    machine (nothing to gain, a second torch in memory), and with ``threads=0``: this process then
+    already runs torch's default thread pool on every core, and a second pool beside it would
+    oversubscribe the CPU (the slowdown ``training.torchutil.intra_op_threads`` warns about)."""
     workers = min(workers, len(tasks))
-    if workers <= 0 or device.type != "cpu":
+    if workers <= 0 or device.type != "cpu" or threads == 0 or (os.cpu_count() or 1) < 2:
         yield PendingFolds(tasks, [])
         return
     with tempfile.TemporaryDirectory(prefix="depois-folds-") as tmp:
         started: list[_Worker] = []
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")) if p)}
+        # Run from the directory that holds this package, so ``-m training.folds`` finds this code
+        # and not a ``training`` folder in the caller's working directory.
+        home = str(Path(__file__).resolve().parents[1])
         try:
             for w in range(workers):
                 job, results, log = (Path(tmp) / f"{name}-{w}" for name in ("tasks.pkl", "results.pkl", "log.txt"))
                 with job.open("wb") as f:
                     pickle.dump((tasks[w::workers], threads), f)
                 with log.open("wb") as f:
-                    process = subprocess.Popen([sys.executable, "-m", "training.folds", str(job), str(results)],
-                                               stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, env=env)
-                started.append(_Worker(process, results, log))
+                    started.append(_Worker(subprocess.Popen(
+                        [sys.executable, "-m", "training.folds", str(job), str(results), str(os.getpid())],
+                        stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, cwd=home), results, log))
             yield PendingFolds(tasks, started)
         finally:
             for worker in started:
@@ -144,16 +157,32 @@ def background_folds(tasks: list[FoldTask], workers: int, threads: int, device: 
                     worker.process.wait()
 
 
-def _main(job: str, results: str) -> None:
+def _watch_parent(parent: int, workdir: str) -> None:
+    """Exit (removing the task directory) once the parent is gone: a parent killed by a signal
+    runs no ``finally``, and an orphan would go on training and leave the trusted images on disk."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    shutil.rmtree(workdir, ignore_errors=True)
+    os._exit(1)
+
+
+def _main(job: str, results: str, parent: str) -> None:
+    """The child: read and delete the task file, score the folds, hand back the result or the error."""
+    threading.Thread(target=_watch_parent, args=(int(parent), os.path.dirname(job)), daemon=True).start()
     with open(job, "rb") as f:
         tasks, threads = pickle.load(f)
+    os.unlink(job)
     try:
-        outcome: tuple[str, object] = ("ok", score_folds(tasks, threads))
+        outcome: tuple[str, object, str] = ("ok", score_folds(tasks, threads), "")
     except Exception as error:  # handed to the parent, which raises it as its own
-        outcome = ("error", error)
+        outcome = ("error", error, traceback.format_exc())
+    try:
+        data = pickle.dumps(outcome)
+    except Exception:  # an exception that does not pickle still reaches the parent, as text
+        data = pickle.dumps(("error", BackgroundFoldError(outcome[2].strip().splitlines()[-1]), outcome[2]))
     partial = results + ".part"
     with open(partial, "wb") as f:
-        pickle.dump(outcome, f)
+        f.write(data)
     os.replace(partial, results)
 
 
@@ -162,4 +191,4 @@ if __name__ == "__main__":
     # __main__.FoldScores (which the parent could not load).
     from training.folds import _main as main
 
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

@@ -6,7 +6,8 @@ Stages (each with its own derived seed, so the run is deterministic on CPU under
 2. one authenticator per fold, each scoring its held-out fold: out-of-sample margin, kNN,
    Mahalanobis and novelty scores for every calibration sample; the model of the first fold is
    the one shipped (the holdout's only model, or fold model 0). The other folds train in a
-   background process (``training/folds.py``, ``--fold-workers``) while stage 3 runs here;
+   background process (``training/folds.py``, ``--fold-workers``) while stage 3 runs here (with
+   ``--fold-workers 0``, here after stage 3: the numbers are the same either way);
 3. authenticated cGAN on the shipped model's training data -> gated synthesis -> WGAN-GP mimic
    model (the critic). Its real data is the synthetic set plus every trusted image that does
    *not* calibrate (the holdout's training part; none under cross-fit), so no trusted image
@@ -19,6 +20,7 @@ Only the train split is read; the test split is left for the evaluation.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import warnings
 
@@ -194,7 +196,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
         "per_class_fallback": union.fell_back,
         "times_s": timer,
-        "fold_seconds": {str(r.fold): round(r.seconds, 2) for r in folds},
+        "folds_run": {str(r.fold): {"seconds": round(r.seconds, 2), "background": r.pid != os.getpid()} for r in folds},
         "losses": {"authenticator": auth_losses, **cgan.history, **mimic.history},
         "device": str(device),
     }

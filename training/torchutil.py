@@ -41,7 +41,7 @@ def intra_op_threads(n: int) -> Iterator[None]:
 def adam(params: Iterable[torch.nn.Parameter], **options: Any) -> torch.optim.Adam:
     """``torch.optim.Adam`` with the multi-tensor (``foreach``) update, which torch enables by
     default only on CUDA. On CPU it gives bit-identical weights (the same per-element arithmetic,
-    batched over the parameter tensors; tests/test_training_pipeline.py checks it) and halves the
+    batched over the parameter tensors; tests/test_training_folds.py checks it) and halves the
     optimiser step of these small networks (authenticator 1.85 -> 1.06 ms, critic 2.19 -> 1.13 ms
     on the 2-core VM). ``fused=True`` would be faster still but changes the rounding, so a
     detector would no longer reproduce the version it had."""
