@@ -129,3 +129,24 @@ def test_a_child_whose_parent_is_killed_exits_and_removes_its_files(tmp_path: Pa
         time.sleep(0.5)
     assert not _running(int(child)), "the orphaned fold process is still training"
     assert not Path(workdir).exists(), "the task directory (trusted images) was left on disk"
+
+
+@pytest.mark.slow
+def test_a_training_folder_in_the_callers_directory_does_not_replace_the_child(tmp_path: Path) -> None:
+    """``python -m training.folds`` looks in the working directory first: the child must run this
+    package's code, not a ``training`` folder where the user happens to run ``depois-train``."""
+    work = tmp_path / "work"
+    (work / "training").mkdir(parents=True)
+    (work / "training" / "__init__.py").write_text("")
+    (work / "training" / "folds.py").write_text("raise SystemExit('the caller\\'s training package ran')\n")
+    script = tmp_path / "run.py"  # outside ``work``: the parent itself imports the real package
+    script.write_text(
+        "import numpy as np\nimport torch\n"
+        "from training.data import load_dataset\nfrom training.folds import FoldTask, background_folds\n"
+        "data = load_dataset('digits').train.subset(np.arange(100))\n"
+        "task = FoldTask(1, data, data, 10, 2, 8, 0, 2, 0)\n"
+        "with background_folds([task], 1, 1, torch.device('cpu')) as pending:\n"
+        "    print(len(pending.results(torch.device('cpu'))[0].raw))\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=work)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["100"]
