@@ -113,11 +113,9 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     lap("load")
 
     seed = cfg.seed * 1000
-    raw = np.full((len(pool), len(MEMBERS)), np.nan, np.float32)
-    log_p = np.full(len(pool), np.nan, np.float32)
     tasks = {f: FoldTask(f, *plan.fold_split(f), num_classes, steps.auth_steps, cfg.batch_size, seed + 100 + f, k,
                          cfg.seed) for f in plan.fold_ids}
-    others = [tasks[f] for f in plan.fold_ids if f != plan.shipped_fold]
+    others = [task for f, task in tasks.items() if f != plan.shipped_fold]
     # The folds whose model is not shipped train in the background (training/folds.py) while this
     # process trains the shipped fold, the cGAN and the mimic model: same numbers, less wall time.
     with background_folds(others, cfg.fold_workers, cfg.threads, device) as pending:
@@ -150,14 +148,16 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
                              "pass --n-synthetic > 0")
         mimic = train_mimic(mimic_data, num_classes, steps.critic_steps, cfg.batch_size, seed + 4, device, progress)
         lap("mimic")
-        order = {f: i for i, f in enumerate(plan.fold_ids)}
-        folds = sorted([first, *pending.results(device, progress)], key=lambda r: order[r.fold])
+        by_fold = {r.fold: r for r in [first, *pending.results(device, progress)]}
         lap("other folds (wait)")
-    fold_accuracy = []
+    folds = [by_fold[f] for f in plan.fold_ids]
+    raw = np.full((len(pool), len(MEMBERS)), np.nan, np.float32)
+    log_p = np.full(len(pool), np.nan, np.float32)
     for result in folds:
         idx = np.flatnonzero(plan.folds == result.fold)
         raw[idx], log_p[idx] = result.raw, result.log_p
-        fold_accuracy.append(float(np.mean(result.raw[:, 1] > 0)))  # margin > 0 <=> argmax is the label
+    margin = MEMBERS.index("margin")
+    fold_accuracy = [float(np.mean(r.raw[:, margin] > 0)) for r in folds]  # margin > 0 <=> argmax is the label
 
     cal = plan.calibration
     raw[cal_mask, 0] = batched(mimic.critic, cal.images, cal.labels, device)
