@@ -34,7 +34,9 @@ from training.conformal import member_weights
 from training.data import load_dataset
 from training.detector import FittedDetector, build_metadata, member_columns
 from training.pipeline import fit
+from training.negatives import NEGATIVE_KINDS
 from training.union import calibrate_union
+from training.weighting import Weighting
 
 pytestmark = pytest.mark.slow
 
@@ -124,14 +126,12 @@ def test_onnx_contract_names_dtypes_dynamic_batch_and_metadata(
         # the score is the log of the smallest weighted evidence p-value, min_j p_j / w_j
         w = np.asarray(meta.evidence_weights, np.float32)
         np.testing.assert_allclose(score, np.log((evidence / w).min(axis=1)), rtol=1e-4, atol=1e-4)
-    # the default: the critic 0.1, novelty 1, each member of the label and pixel families 0.5 and
-    # each family's agreement column 1.5 (Fisher's sum of its members' log p, its own p-value)
+    # every member, then one agreement column per family (Fisher's sum of its members' log p, its own
+    # p-value); the weights are the split fit chose (test_fit_uses_records_and_cards_the_budget_split_it_chose)
     assert meta.evidence_members == ("critic", "margin", "knn", "mahalanobis", "novelty", "density", "pixel_knn",
                                      "pixel_mahalanobis", "label_agreement", "pixel_agreement")
     assert meta.evidence_agreements == (("label_agreement", ("margin", "knn", "mahalanobis")),
                                         ("pixel_agreement", ("density", "pixel_knn", "pixel_mahalanobis")))
-    relative = np.asarray(meta.evidence_weights) / meta.evidence_weights[4]
-    np.testing.assert_allclose(relative, [0.1, 0.5, 0.5, 0.5, 1.0, 0.5, 0.5, 0.5, 1.5, 1.5])
     assert sum(meta.evidence_weights) == pytest.approx(len(meta.evidence_members))
 
 
@@ -298,3 +298,29 @@ def test_a_union_without_agreement_columns_exports_with_parity(digits_detector: 
         None, {INPUT_IMAGE: cal.images, INPUT_LABEL: cal.labels})
     assert evidence.shape == (len(cal), len(det.members))
     np.testing.assert_allclose(score, det.score(cal.images, cal.labels), rtol=1e-4, atol=1e-4)
+
+
+def test_digits_keeps_the_configured_split_and_its_card_says_why(digits_run: Path,
+                                                                 digits_detector: FittedDetector) -> None:
+    """252 calibration digits put 2.5 below the 1 % quantile: no split is searched (the boundary
+    is extrapolated there), and the report and card say so."""
+    det = digits_detector
+    chosen = det.report["weighting"]
+    assert chosen["candidates"] == 1 and chosen["accepted"] is False and "252 calibration samples" in chosen["skipped"]
+    assert set(chosen["synthetic_detection_configured"]) == set(NEGATIVE_KINDS)
+    configured = FitConfig().weighting().vector(det.members, det.agreements(det.members))
+    np.testing.assert_allclose(det.metadata.evidence_weights, configured)
+    card = ModelCard.model_validate_json(card_path_for(digits_run / "model.onnx").read_text())
+    assert any(note.startswith("budget split as configured") and "no search" in note for note in card.notes)
+
+
+@pytest.mark.parametrize("search", [True, False])
+def test_fit_scores_with_the_split_it_chose_or_the_configured_one(search: bool) -> None:
+    """At a 5 % target the 252 digits put 12 below the quantile: the search runs (unless
+    ``--fixed-weights``), and the model's weights are the split the report names."""
+    det = fit(FitConfig.quick(seed=11, target_fpr=0.05, weight_search=search, **TINY), progress=False)
+    w = det.report["weighting"]
+    assert w["skipped"] is None and (w["candidates"] > 1) == search
+    split = Weighting(**w["chosen"])
+    assert search or split == FitConfig().weighting()
+    np.testing.assert_allclose(det.metadata.evidence_weights, split.vector(det.members, det.agreements(det.members)))

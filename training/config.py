@@ -17,6 +17,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from training.evidence import FAMILIES, MEMBERS, families_within
+from training.weighting import Weighting
 
 
 class Steps(BaseModel):
@@ -81,6 +82,17 @@ class FitConfig(BaseModel):
                     "density+pixel_knn+pixel_mahalanobis. 0 = no agreement columns. Default 0.5: an even "
                     "split, so a member that alone sees a poison far out still fires, and members that "
                     "each see it a little add up (docs/method.md).")
+    weight_search: bool = Field(
+        True, description="Choose the columns' weights at fit time: every candidate split of the false-alarm "
+                          "budget (critic weight, agreement share, label / pixel / novelty multipliers; "
+                          "training/weighting.py) is calibrated on the clean out-of-sample scores and scored on "
+                          "synthetic negatives made from held-out trusted samples (label flips, pixel noise, "
+                          "patch shuffles, cross-class mixes); the configured --critic-weight and "
+                          "--agreement-share stay unless the best candidate flags more of them by over 2 "
+                          "standard errors. Only with >= 10 / target-fpr calibration samples (Fashion-MNIST's 2,400; not "
+                          "digits' 252): below that the boundary is extrapolated and splits cannot be compared at "
+                          "equal false-positive rates. --fixed-weights: use the configured split as given.",
+        json_schema_extra=_cli("--weight-search/--fixed-weights"))
     gate_pixel_knn: bool = Field(
         False, description="Opt-in: pixel_knn (if listed in --members) joins the union only where its "
                            "out-of-fold accuracy on the trusted pool is within 2 standard errors of the "
@@ -152,16 +164,18 @@ class FitConfig(BaseModel):
         or more of them; none when ``agreement_share`` is 0."""
         return families_within(FAMILIES.items(), members) if self.agreement_share > 0.0 else ()
 
+    def weighting(self) -> Weighting:
+        """The configured split of the budget (``training.weighting.Weighting``): ``critic_weight``
+        and ``agreement_share``, every family multiplier 1. ``fit`` keeps it unless
+        ``weight_search`` finds a clearly better one on synthetic negatives."""
+        return Weighting(self.critic_weight, self.agreement_share)
+
     def relative_weights(self, members: tuple[str, ...]) -> dict[str, float]:
-        """Each column's weight before scaling (``training.conformal.member_weights``): the
-        critic ``critic_weight``; in a family with an agreement column, each member
-        ``1 - agreement_share`` and the agreement ``agreement_share`` times the family's size, so
-        the family keeps the budget of its members; every other member 1."""
-        weights = {"critic": self.critic_weight}
-        for name, parts in self.agreements(members):
-            weights.update({m: 1.0 - self.agreement_share for m in parts})
-            weights[name] = self.agreement_share * len(parts)
-        return weights
+        """Each column's weight before scaling (``training.conformal.member_weights``) under the
+        configured split: the critic ``critic_weight``; in a family with an agreement column, each
+        member ``1 - agreement_share`` and the agreement ``agreement_share`` times the family's
+        size, so the family keeps the budget of its members; every other member 1."""
+        return self.weighting().relative(self.agreements(members))
 
     def steps(self) -> Steps:
         default = DEFAULT_STEPS.get(self.dataset, DEFAULT_STEPS["fashion-mnist"])

@@ -311,6 +311,18 @@ def export_onnx(det: FittedDetector, path: str | Path) -> ModelCard:
     return ModelCard.model_validate_json(card_path_for(path).read_text())
 
 
+def _weighting_note(w: dict) -> str:
+    """One sentence of the card on how the weights were chosen (``training.weighting``)."""
+    rates = lambda r: ", ".join(f"{k} {v:.1%}" for k, v in r.items())  # noqa: E731
+    head = (f"budget split chosen on synthetic negatives ({w['candidates']} candidates): {w['chosen']}"
+            if w["accepted"] else f"budget split as configured: {w['chosen']}")
+    if w.get("skipped"):
+        head += f" (no search: {w['skipped']})"
+    return (f"{head}; share of the synthetic negatives flagged, configured split: "
+            f"{rates(w['synthetic_detection_configured'])}; best candidate: {rates(w['synthetic_detection_best'])} "
+            f"(gain {w['gain']:.1%}, standard error {w['standard_error']:.1%}; {w['rule']})")
+
+
 def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> ModelCard:
     """Provenance, sizes, stage times and the calibration as measured *out of sample*.
 
@@ -350,6 +362,8 @@ def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> Mod
          "references came from the other folds; the FPR on new clean data scatters around the target by about "
          "expected_fpr_spread"),
     ]
+    if report.get("weighting"):
+        notes.append(_weighting_note(report["weighting"]))
     if report.get("pixel_knn_gate"):
         notes.append(str(report["pixel_knn_gate"]))
     if plan.get("warning"):

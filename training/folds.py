@@ -29,7 +29,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,11 @@ from training.augment import train_authenticator
 from training.data import LabeledImages
 from training.detector import build_references, raw_member_scores
 from training.models import Authenticator
+from training.negatives import synthetic_negatives
 from training.torchutil import batched, intra_op_threads
+
+
+NEGATIVES_SEED = 7  # offset from the fold's training seed: the seed of its synthetic negatives
 
 
 @dataclass(frozen=True)
@@ -66,10 +70,14 @@ class FoldScores:
     log_p: np.ndarray  # float32 [n_held_out]: log p(label | image) of the fold's model
     seconds: float  # wall time of the fold, wherever it ran
     pid: int  # the process that trained it
+    # training.negatives kind -> (the negatives made from the held-out part, their raw scores
+    # [n, len(MEMBERS)], critic column 0): out of sample like ``raw`` (training.weighting)
+    negatives: dict[str, tuple[LabeledImages, np.ndarray]] = field(default_factory=dict)
 
 
 def train_fold(task: FoldTask, device: torch.device, progress: bool = False) -> tuple[Authenticator, list[float], FoldScores]:
-    """Train the fold's authenticator on its training part and score its held-out part."""
+    """Train the fold's authenticator on its training part and score its held-out part, and the
+    synthetic negatives made from it (``training.negatives``)."""
     start = time.perf_counter()
     model, losses = train_authenticator(task.train, task.num_classes, task.steps, task.batch_size, task.seed,
                                         device, progress)
@@ -77,7 +85,9 @@ def train_fold(task: FoldTask, device: torch.device, progress: bool = False) -> 
     images, labels = task.held_out.images, task.held_out.labels
     raw = raw_member_scores(model, None, refs, images, labels, device)
     log_p = batched(model.log_p_label, images, labels, device)
-    return model, losses, FoldScores(task.fold, raw, log_p, time.perf_counter() - start, os.getpid())
+    negatives = {kind: (data, raw_member_scores(model, None, refs, data.images, data.labels, device))
+                 for kind, data in synthetic_negatives(task.held_out, task.num_classes, task.seed + NEGATIVES_SEED).items()}
+    return model, losses, FoldScores(task.fold, raw, log_p, time.perf_counter() - start, os.getpid(), negatives)
 
 
 def score_folds(tasks: list[FoldTask], threads: int) -> list[FoldScores]:

@@ -12,7 +12,9 @@ Stages (each with its own derived seed, so the run is deterministic on CPU under
    model (the critic). Its real data is the synthetic set plus every trusted image that does
    *not* calibrate (the holdout's training part; none under cross-fit), so no trusted image
    whose critic score is in the calibration reference was a training sample of the critic;
-4. calibration of the union on the out-of-sample scores (``training/union.py``).
+4. the split of the false-alarm budget between the union's columns, chosen on synthetic negatives
+   made from the held-out trusted samples (``training/weighting.py``, ``training/negatives.py``),
+   then calibration of the union on the out-of-sample scores (``training/union.py``).
 
 Only the train split is read; the test split is left for the evaluation.
 """
@@ -25,6 +27,7 @@ import time
 import warnings
 
 import numpy as np
+import torch
 
 from training.augment import synthesize, train_cgan
 from training.config import FitConfig, Steps
@@ -38,11 +41,12 @@ from training.detector import (
     weights_sha256,
 )
 from training.evidence import MEMBERS, AccuracyGate, neighbours
-from training.folds import FoldTask, background_folds, train_fold
+from training.folds import FoldScores, FoldTask, background_folds, train_fold
 from training.mimic import train_mimic
+from training.negatives import NEGATIVE_KINDS
 from training.torchutil import batched, intra_op_threads, resolve_device
-from training.conformal import member_weights
-from training.union import calibrate_union, column_names
+from training.union import calibrate_union
+from training.weighting import CANDIDATES, Negatives, choose_weighting
 
 __all__ = ["CalibrationWarning", "FitConfig", "Steps", "fit"]
 
@@ -78,6 +82,23 @@ def calibration_warning(n: int, target_fpr: float) -> str | None:
                 f">= {int(np.ceil((1 - target_fpr) / (MAX_RELATIVE_FPR_SPREAD**2 * target_fpr)))} calibration "
                 "samples would keep it within a quarter of the target")
     return None
+
+
+def _negatives(folds: list[FoldScores], critic: torch.nn.Module, device: torch.device) -> Negatives:
+    """Every fold's synthetic negatives (``training.negatives``), kind by kind in plan order, with
+    the mimic model's column filled in: it never trained on a calibrating sample, so it scores
+    the negatives made from them out of sample too."""
+    out: Negatives = {}
+    for kind in NEGATIVE_KINDS:
+        parts = [f.negatives[kind] for f in folds if len(f.negatives.get(kind, ((), ()))[1])]
+        if not parts:
+            continue
+        images = np.concatenate([d.images for d, _ in parts])
+        labels = np.concatenate([d.labels for d, _ in parts])
+        raw = np.concatenate([r for _, r in parts])
+        raw[:, MEMBERS.index("critic")] = batched(critic, images, labels, device)
+        out[kind] = (raw, labels)
+    return out
 
 
 def fit(cfg: FitConfig, progress: bool = True) -> FittedDetector:
@@ -165,10 +186,14 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     gate = AccuracyGate.measure(cal_raw[:, MEMBERS.index("pixel_knn")], cal_raw[:, MEMBERS.index("margin")])
     members = cfg.gated_members(gate.passes)
     agreements = cfg.agreements(members)
-    union = calibrate_union(cal_raw[:, member_columns(members)], cal.labels, num_classes, members,
+    cols = member_columns(members)
+    negatives = _negatives(folds, mimic.critic, device)
+    choice = choose_weighting(cal_raw[:, cols], cal.labels, num_classes, members, agreements, cfg.target_fpr,
+                              cfg.per_class, {kind: (r[:, cols], y) for kind, (r, y) in negatives.items()},
+                              cfg.weighting(), CANDIDATES if cfg.weight_search else ())
+    union = calibrate_union(cal_raw[:, cols], cal.labels, num_classes, members,
                             cfg.target_fpr, cfg.per_class, plan.cv_folds(cfg.seed), cfg.paper_k,
-                            member_weights(column_names(members, agreements), cfg.relative_weights(members)),
-                            agreements)
+                            choice.chosen.vector(members, agreements), agreements)
     sha = weights_sha256(shipped, mimic.critic)
     metadata = build_metadata(cfg, union, splits.shape, num_classes, sha)
     lap("calibration")
@@ -195,6 +220,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "cv_fpr": union.cv_fpr,
         "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
         "per_class_fallback": union.fell_back,
+        "weighting": choice.describe(),
         "times_s": timer,
         "folds_run": {str(r.fold): {"seconds": round(r.seconds, 2), "background": r.pid != os.getpid()} for r in folds},
         "losses": {"authenticator": auth_losses, **cgan.history, **mimic.history},
