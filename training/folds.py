@@ -43,7 +43,7 @@ from training.negatives import synthetic_negatives
 from training.torchutil import batched, intra_op_threads
 
 
-NEGATIVES_SEED = 7  # offset from the fold's training seed: the seed of its synthetic negatives
+NEGATIVES_SEED = 5000  # offset from the fold's training seed (seed + 100 + fold): its synthetic negatives' seed
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class FoldTask:
     seed: int  # the fold authenticator's training seed
     neighbours: int  # k of the kNN members
     reference_seed: int  # seed of the references (PCA) built from the fold's training part
+    negatives: bool = False  # also score synthetic negatives of the held-out part (--weight-search)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,8 @@ class FoldScores:
 
 
 def train_fold(task: FoldTask, device: torch.device, progress: bool = False) -> tuple[Authenticator, list[float], FoldScores]:
-    """Train the fold's authenticator on its training part and score its held-out part, and the
-    synthetic negatives made from it (``training.negatives``)."""
+    """Train the fold's authenticator on its training part and score its held-out part (and, with
+    ``task.negatives``, the synthetic negatives made from it: ``training.negatives``)."""
     start = time.perf_counter()
     model, losses = train_authenticator(task.train, task.num_classes, task.steps, task.batch_size, task.seed,
                                         device, progress)
@@ -85,8 +86,9 @@ def train_fold(task: FoldTask, device: torch.device, progress: bool = False) -> 
     images, labels = task.held_out.images, task.held_out.labels
     raw = raw_member_scores(model, None, refs, images, labels, device)
     log_p = batched(model.log_p_label, images, labels, device)
+    made = synthetic_negatives(task.held_out, task.num_classes, task.seed + NEGATIVES_SEED) if task.negatives else {}
     negatives = {kind: (data, raw_member_scores(model, None, refs, data.images, data.labels, device))
-                 for kind, data in synthetic_negatives(task.held_out, task.num_classes, task.seed + NEGATIVES_SEED).items()}
+                 for kind, data in made.items()}
     return model, losses, FoldScores(task.fold, raw, log_p, time.perf_counter() - start, os.getpid(), negatives)
 
 

@@ -12,9 +12,10 @@ Stages (each with its own derived seed, so the run is deterministic on CPU under
    model (the critic). Its real data is the synthetic set plus every trusted image that does
    *not* calibrate (the holdout's training part; none under cross-fit), so no trusted image
    whose critic score is in the calibration reference was a training sample of the critic;
-4. the split of the false-alarm budget between the union's columns, chosen on synthetic negatives
-   made from the held-out trusted samples (``training/weighting.py``, ``training/negatives.py``),
-   then calibration of the union on the out-of-sample scores (``training/union.py``).
+4. calibration of the union on the out-of-sample scores (``training/union.py``), with the
+   configured split of the false-alarm budget between its columns or, with ``--weight-search``,
+   the one chosen on synthetic negatives made from the held-out trusted samples
+   (``training/weighting.py``, ``training/negatives.py``).
 
 Only the train split is read; the test split is left for the evaluation.
 """
@@ -46,7 +47,7 @@ from training.mimic import train_mimic
 from training.negatives import NEGATIVE_KINDS
 from training.torchutil import batched, intra_op_threads, resolve_device
 from training.union import calibrate_union
-from training.weighting import CANDIDATES, Negatives, choose_weighting
+from training.weighting import CANDIDATES, Negatives, choose_weighting, configured_split
 
 __all__ = ["CalibrationWarning", "FitConfig", "Steps", "fit"]
 
@@ -135,7 +136,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
 
     seed = cfg.seed * 1000
     tasks = {f: FoldTask(f, *plan.fold_split(f), num_classes, steps.auth_steps, cfg.batch_size, seed + 100 + f, k,
-                         cfg.seed) for f in plan.fold_ids}
+                         cfg.seed, cfg.weight_search) for f in plan.fold_ids}
     others = [task for f, task in tasks.items() if f != plan.shipped_fold]
     # The folds whose model is not shipped train in the background (training/folds.py) while this
     # process trains the shipped fold, the cGAN and the mimic model: same numbers, less wall time.
@@ -187,13 +188,15 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     members = cfg.gated_members(gate.passes)
     agreements = cfg.agreements(members)
     cols = member_columns(members)
-    negatives = _negatives(folds, mimic.critic, device)
-    choice = choose_weighting(cal_raw[:, cols], cal.labels, num_classes, members, agreements, cfg.target_fpr,
-                              cfg.per_class, {kind: (r[:, cols], y) for kind, (r, y) in negatives.items()},
-                              cfg.weighting(), CANDIDATES if cfg.weight_search else ())
+    split, weighting = cfg.weighting(), configured_split(cfg.weighting())
+    if cfg.weight_search:
+        negatives = _negatives(folds, mimic.critic, device)
+        choice = choose_weighting(cal_raw[:, cols], cal.labels, num_classes, members, agreements, cfg.target_fpr,
+                                  {kind: (r[:, cols], y) for kind, (r, y) in negatives.items()}, split, CANDIDATES)
+        split, weighting = choice.chosen, choice.describe()
     union = calibrate_union(cal_raw[:, cols], cal.labels, num_classes, members,
                             cfg.target_fpr, cfg.per_class, plan.cv_folds(cfg.seed), cfg.paper_k,
-                            choice.chosen.vector(members, agreements), agreements)
+                            split.vector(members, agreements), agreements)
     sha = weights_sha256(shipped, mimic.critic)
     metadata = build_metadata(cfg, union, splits.shape, num_classes, sha)
     lap("calibration")
@@ -220,7 +223,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "cv_fpr": union.cv_fpr,
         "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
         "per_class_fallback": union.fell_back,
-        "weighting": choice.describe(),
+        "weighting": weighting,
         "times_s": timer,
         "folds_run": {str(r.fold): {"seconds": round(r.seconds, 2), "background": r.pid != os.getpid()} for r in folds},
         "losses": {"authenticator": auth_losses, **cgan.history, **mimic.history},

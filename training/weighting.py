@@ -5,33 +5,38 @@ weight fires on smaller evidence. Which split suits a data set depends on where 
 on digits the pixel members separate almost everything, on Fashion-MNIST the label members carry
 most of it and the label-free ``novelty`` member almost never fires first. A fixed split
 measured on one data set is therefore a choice made on an evaluation; ``choose_weighting`` makes
-it on the trusted pool instead.
+it on the trusted pool instead. It is opt-in (``--weight-search``): on Fashion-MNIST it won on the
+development suite, whose random flips are one of its negative kinds, and left the held-out suites
+level, at the cost of the blended backdoor (docs/evaluation.md).
 
 The rule (pure numpy, deterministic):
 
 1. every candidate split (``CANDIDATES``: the critic's weight, the agreement share of each
    family, and a multiplier for the label family, the pixel family and ``novelty``) calibrates
-   the union on the clean out-of-sample calibration scores, exactly as ``fit`` does;
+   the union on the clean out-of-sample calibration scores with one global boundary;
 2. each is scored on the generic synthetic negatives of ``training.negatives`` (label flips,
    pixel noise, patch shuffles, cross-class mixes of held-out trusted samples, scored out of
-   sample by every member); its objective is the mean over the kinds of the share flagged at its
-   own boundary;
-3. the configured split (``FitConfig.critic_weight`` and ``agreement_share``, all multipliers 1)
-   is kept unless the best candidate beats it by more than ``STANDARD_ERRORS`` paired standard
-   errors.
+   sample by every member): the mean over the kinds of the share flagged at that boundary. The
+   best candidate is picked on the even-numbered negatives of each kind;
+3. its gain over the configured split (``FitConfig.critic_weight`` and ``agreement_share``, all
+   multipliers 1) is then measured on the odd-numbered ones, which played no part in picking it
+   (the best of 72 on the same negatives would look better than it is), and it is kept only if
+   that gain exceeds ``STANDARD_ERRORS`` standard errors. The standard error adds the kinds'
+   errors instead of their variances: the four kinds come from the same source images, and
+   adding the errors is the bound that holds whatever their correlation.
 
-The search runs only where every candidate's boundary is a plain order statistic, i.e. at least
-``MIN_FLAGGED`` calibration samples fall below the target quantile (1,000 samples at 1 %;
-Fashion-MNIST's holdout has 2,400). Below that (the 252 trusted digits: 2.5 samples at 1 %) the
-boundary is extrapolated from the tenth smallest score with a constant that depends on how the
-columns share the tail (``training.union.union_threshold``), so two splits are compared at two
-different, unmeasured false-positive rates: on digits the search picked splits whose realised FPR
-on new clean data doubled (1.1 -> 2.2 % on one seed) while the suites' TPR fell. There the
-configured split stays and the report says why.
-
-The clean false-positive rate does not depend on the choice: every candidate's boundary is
-calibrated on the same clean scores, and the one chosen is calibrated again with the
-cross-validated FPR the card reports.
+Why one global boundary: two splits are fairly compared only at the same false-positive rate,
+and a boundary is an honest quantile only when at least ``MIN_FLAGGED`` calibration samples fall
+below it. Below that ``training.union.union_threshold`` extrapolates from the tenth smallest
+score with a constant that depends on how the columns share the tail, so the realised FPR moves
+with the split. The per-class boundaries ``fit`` ships (Fashion-MNIST: 2.4 samples per class
+below 1 %) are of that kind, the global one over 2,400 samples (24 below) is not. So the search
+compares candidates at the global boundary and runs only where the whole calibration set has
+``MIN_FLAGGED`` samples below the target quantile (1,000 samples at 1 %). The chosen split is
+then calibrated as configured (per class or global). Below that size (the 252 trusted digits:
+2.5 samples at 1 %) the configured split stays and the report says why: on digits the search
+picked splits whose realised FPR on new clean data doubled (1.1 -> 2.2 % on one seed) while the
+suites' TPR fell.
 """
 
 from __future__ import annotations
@@ -104,7 +109,7 @@ class WeightChoice:
     anchor_rates: dict[str, float]
     best_rates: dict[str, float]
     best: Weighting
-    gain: float
+    gain: float  # of the best over the configured split, on the negatives that did not pick it
     standard_error: float
     skipped: str | None = None  # why no candidate was tried (small calibration set), else None
 
@@ -120,21 +125,36 @@ class WeightChoice:
             "synthetic_detection_configured": {k: round(v, 4) for k, v in self.anchor_rates.items()},
             "synthetic_detection_best": {k: round(v, 4) for k, v in self.best_rates.items()},
             "gain": round(self.gain, 4), "standard_error": round(self.standard_error, 4),
-            "rule": f"best candidate kept iff its gain > {STANDARD_ERRORS:g} paired standard errors",
+            "rule": (f"best of the candidates on half the negatives (global boundary), kept iff its gain on the "
+                     f"other half > {STANDARD_ERRORS:g} standard errors"),
             "skipped": self.skipped,
         }
 
 
-def _paired_standard_error(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    """Standard error of ``mean_k(mean(b_k) - mean(a_k))`` with the negatives of each kind paired."""
-    var = sum(float(np.var(b[k].astype(np.float64) - a[k].astype(np.float64), ddof=1)) / len(a[k])
-              for k in a if len(a[k]) > 1)
-    return math.sqrt(var) / max(len(a), 1)
+def configured_split(split: Weighting) -> dict[str, object]:
+    """What the report and card record when no split is searched (``--fixed-weights``, the default)."""
+    return {"chosen": asdict(split), "configured": asdict(split), "accepted": False, "candidates": 0}
+
+
+def _standard_error(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    """Standard error of ``mean_k(mean(b_k) - mean(a_k))``, the negatives of each kind paired; the
+    kinds' errors are added (``sum_k se_k / K``), which bounds it for any correlation between kinds."""
+    se = [math.sqrt(float(np.var(b[k].astype(np.float64) - a[k].astype(np.float64), ddof=1)) / len(a[k]))
+          for k in a if len(a[k]) > 1]
+    return sum(se) / max(len(a), 1)
+
+
+def _half(flags: dict[str, np.ndarray], parity: int) -> dict[str, np.ndarray]:
+    return {k: v[parity::2] for k, v in flags.items() if v[parity::2].size}
+
+
+def _objective(flags: dict[str, np.ndarray]) -> float:
+    return float(np.mean([v.mean() for v in flags.values()])) if flags else 0.0
 
 
 def choose_weighting(raw: np.ndarray, labels: np.ndarray, num_classes: int, members: tuple[str, ...],
-                     agreements: AgreementSpec, target_fpr: float, per_class: bool, negatives: Negatives,
-                     anchor: Weighting, candidates: tuple[Weighting, ...] = CANDIDATES) -> WeightChoice:
+                     agreements: AgreementSpec, target_fpr: float, negatives: Negatives, anchor: Weighting,
+                     candidates: tuple[Weighting, ...] = CANDIDATES) -> WeightChoice:
     """The split of the budget the union uses (module docstring): ``raw`` [n, J] clean out-of-sample
     calibration scores of ``members``, ``negatives`` the same members' scores of the synthetic
     negatives. Candidates that give the same column weights are evaluated once; none is tried when
@@ -151,22 +171,20 @@ def choose_weighting(raw: np.ndarray, labels: np.ndarray, num_classes: int, memb
         vec = w.vector(members, agreements)
         key = np.round(vec, 12).tobytes()
         if key not in seen:
-            union = calibrate_union(raw, labels, num_classes, members, target_fpr, per_class, weights=vec,
+            union = calibrate_union(raw, labels, num_classes, members, target_fpr, False, weights=vec,
                                     agreements=agreements)
             seen[key] = flagged_share(union, negatives)
         return seen[key]
-
-    def objective(f: dict[str, np.ndarray]) -> float:
-        return float(np.mean([v.mean() for v in f.values()])) if f else 0.0
 
     base = flags(anchor)
     best, best_flags = anchor, base
     for w in candidates:
         f = flags(w)
-        if objective(f) > objective(best_flags):
+        if _objective(_half(f, 0)) > _objective(_half(best_flags, 0)):
             best, best_flags = w, f
-    gain = objective(best_flags) - objective(base)
-    se = _paired_standard_error(base, best_flags) if base else 0.0
+    check_base, check_best = _half(base, 1), _half(best_flags, 1)
+    gain = _objective(check_best) - _objective(check_base)
+    se = _standard_error(check_base, check_best) if check_base else 0.0
     chosen = best if gain > STANDARD_ERRORS * se and gain > 0 else anchor
     return WeightChoice(chosen=chosen, anchor=anchor, searched=len(seen),
                         anchor_rates={k: float(v.mean()) for k, v in base.items()},
