@@ -91,11 +91,11 @@ def _negatives(folds: list[FoldScores], critic: torch.nn.Module, device: torch.d
     the negatives made from them out of sample too."""
     out: Negatives = {}
     for kind in NEGATIVE_KINDS:
-        parts = [f.negatives[kind] for f in folds if len(f.negatives.get(kind, ((), ()))[1])]
-        if not parts:
+        parts = [f.negatives[kind] for f in folds if kind in f.negatives]
+        labels = np.concatenate([d.labels for d, _ in parts]) if parts else np.zeros(0, np.int64)
+        if not len(labels):
             continue
         images = np.concatenate([d.images for d, _ in parts])
-        labels = np.concatenate([d.labels for d, _ in parts])
         raw = np.concatenate([r for _, r in parts])
         raw[:, MEMBERS.index("critic")] = batched(critic, images, labels, device)
         out[kind] = (raw, labels)

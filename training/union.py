@@ -176,6 +176,12 @@ def _agreement_columns(members: tuple[str, ...], agreements: AgreementSpec) -> t
 MIN_FLAGGED = 10
 
 
+def is_order_statistic(n: int, target_fpr: float) -> bool:
+    """Whether ``n`` calibration samples put at least ``MIN_FLAGGED`` below the ``target_fpr``
+    quantile, so that ``union_threshold`` reads the boundary off them instead of extrapolating."""
+    return math.floor(target_fpr * n) >= MIN_FLAGGED
+
+
 def union_threshold(stat: np.ndarray, target_fpr: float) -> float:
     """Boundary on the union statistic ``log min_j p_j / w_j`` of clean calibration samples.
 
@@ -191,7 +197,7 @@ def union_threshold(stat: np.ndarray, target_fpr: float) -> float:
     the middle of the gap it falls in, so no calibration score sits on it."""
     s = np.sort(np.asarray(stat, dtype=np.float64))
     n = s.size
-    if math.floor(target_fpr * n) >= MIN_FLAGGED or n < 2:
+    if is_order_statistic(n, target_fpr) or n < 2:
         return threshold_at_fpr(s, target_fpr)
     m = min(MIN_FLAGGED, n)
     t = math.log(target_fpr) + math.log(n + 1.0) - math.log(m) + float(s[m - 1])

@@ -49,7 +49,7 @@ import numpy as np
 
 from training.conformal import member_weights
 from training.evidence import FAMILIES
-from training.union import MIN_FLAGGED, AgreementSpec, UnionCalibration, calibrate_union, column_names
+from training.union import MIN_FLAGGED, AgreementSpec, UnionCalibration, calibrate_union, column_names, is_order_statistic
 
 STANDARD_ERRORS = 2.0
 # The family each agreement column reads, by the multiplier that scales its members and itself.
@@ -95,7 +95,7 @@ CANDIDATES: tuple[Weighting, ...] = tuple(
 Negatives = dict[str, tuple[np.ndarray, np.ndarray]]  # kind -> (raw member scores [n, J], labels [n])
 
 
-def flagged_share(union: UnionCalibration, negatives: Negatives) -> dict[str, np.ndarray]:
+def flags_at_boundary(union: UnionCalibration, negatives: Negatives) -> dict[str, np.ndarray]:
     """Per kind, which negatives the union flags at its boundary (bool [n])."""
     return {kind: union.flagged(union.score(raw, labels), labels) for kind, (raw, labels) in negatives.items()
             if len(labels)}
@@ -160,7 +160,7 @@ def choose_weighting(raw: np.ndarray, labels: np.ndarray, num_classes: int, memb
     negatives. Candidates that give the same column weights are evaluated once; none is tried when
     the calibration set is too small for an order-statistic boundary (module docstring)."""
     skipped = None
-    if candidates and len(labels) * target_fpr < MIN_FLAGGED:
+    if candidates and not is_order_statistic(len(labels), target_fpr):
         skipped = (f"{len(labels)} calibration samples put {len(labels) * target_fpr:.1f} below the "
                    f"{target_fpr:.2%} quantile (< {MIN_FLAGGED}): the boundary is extrapolated and splits cannot be "
                    "compared at equal false-positive rates; configured split kept")
@@ -173,7 +173,7 @@ def choose_weighting(raw: np.ndarray, labels: np.ndarray, num_classes: int, memb
         if key not in seen:
             union = calibrate_union(raw, labels, num_classes, members, target_fpr, False, weights=vec,
                                     agreements=agreements)
-            seen[key] = flagged_share(union, negatives)
+            seen[key] = flags_at_boundary(union, negatives)
         return seen[key]
 
     base = flags(anchor)
