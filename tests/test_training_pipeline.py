@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -354,3 +355,19 @@ def test_a_searched_split_is_what_the_model_scores_with_and_survives_save_and_lo
     np.testing.assert_array_equal(again.score(test.images[:64], test.labels[:64]),
                                   det.score(test.images[:64], test.labels[:64]))
     assert len(CANDIDATES) == 72
+
+
+def test_scoring_graph_follows_the_module_to_another_device(digits_detector: FittedDetector) -> None:
+    """`module.to(device)` must take every tensor the forward pass uses: the torch-eager scorer
+    (bench_scorer.py --device cuda, evaluate on a GPU) failed on CUDA with 'cuda:0 and cpu'. The
+    meta device stands in for CUDA on this CPU-only machine: any tensor left behind on the CPU
+    raises the same device-mismatch error."""
+    from training.export import build_scoring_graph
+
+    graph = build_scoring_graph(digits_detector).to("meta")
+    c, h, w = digits_detector.metadata.input_shape
+    with torch.inference_mode():
+        score, poisoned, p_value, evidence = graph(torch.zeros(3, c, h, w, device="meta"),
+                                                   torch.zeros(3, dtype=torch.int64, device="meta"))
+    assert score.device.type == poisoned.device.type == p_value.device.type == "meta"
+    assert evidence.shape == (3, len(digits_detector.metadata.evidence_members))

@@ -71,7 +71,7 @@ def _log_p(z: torch.Tensor, knots: torch.Tensor, counts: torch.Tensor, n: int, b
     counts [J, K] = #{r <= knot} in the full reference of size n, beta [J]."""
     k = knots.shape[1]
     idx = (knots[None, :, :] <= z[:, :, None]).to(torch.float32).sum(dim=2).to(torch.int64)
-    offsets = torch.arange(knots.shape[0], dtype=torch.int64)[None, :] * k
+    offsets = torch.arange(knots.shape[0], dtype=torch.int64, device=knots.device)[None, :] * k
     lo_pos = offsets + torch.clamp(idx - 1, min=0, max=k - 1)
     hi_pos = offsets + torch.clamp(idx, min=0, max=k - 1)
     lo, hi, lo_c, hi_c = _take(knots, lo_pos), _take(knots, hi_pos), _take(counts, lo_pos), _take(counts, hi_pos)
@@ -91,7 +91,7 @@ def _mean_k_nearest(d2: torch.Tensor, k: int) -> torch.Tensor:
         # Few references per class (digits: 4 of ~23): TopK over 10 tiny rows per sample is
         # dominated by per-row overhead; k rounds of min-and-remove are 2x cheaper and give the
         # same multiset of the k smallest distances.
-        columns = torch.arange(m, dtype=torch.int64)[None, None, :]
+        columns = torch.arange(m, dtype=torch.int64, device=d2.device)[None, None, :]
         dist = torch.zeros_like(d2[:, :, 0])
         for _ in range(k):
             best, where = d2.min(dim=2)
@@ -152,7 +152,8 @@ class ScoringGraph(nn.Module):
         # a p-value against its own reference, exactly as for a member.
         agreements = union.agreements
         self.n_agree = agreements[0].knots.n if agreements else 0
-        self.agree_parts = [torch.tensor(a.parts, dtype=torch.int64) for a in agreements]
+        for i, a in enumerate(agreements):  # buffers, so that .to(device) takes them along
+            self.register_buffer(f"agree_parts_{i}", torch.tensor(a.parts, dtype=torch.int64))
         self.register_buffer("agree_knots", f32(np.stack([a.knots.values for a in agreements]) if agreements
                                                 else np.zeros((0, 1))))
         self.register_buffer("agree_counts", f32(np.stack([a.knots.counts for a in agreements]) if agreements
@@ -163,6 +164,9 @@ class ScoringGraph(nn.Module):
         self.register_buffer("union_beta", f32([union.union_beta]))
         thresholds = meta.boundary.per_class or [meta.boundary.global_] * meta.num_classes
         self.register_buffer("thresholds", f32(thresholds))
+
+    def _agree_parts(self) -> list[torch.Tensor]:
+        return [getattr(self, f"agree_parts_{i}") for i in range(len(self.agree_betas))]
 
     def _knn_d2(self, e: torch.Tensor) -> torch.Tensor:
         kk, m = self.knn_shape
@@ -218,7 +222,7 @@ class ScoringGraph(nn.Module):
         z = (raw - torch.index_select(self.loc_t, 0, label)) / torch.index_select(self.scale_t, 0, label)
         log_p = _log_p(z, self.knots, self.knot_counts, self.n_ref, self.betas)
         if self.n_agree:
-            fisher = torch.stack([torch.index_select(log_p, 1, parts).sum(dim=1) for parts in self.agree_parts], dim=1)
+            fisher = torch.stack([torch.index_select(log_p, 1, parts).sum(dim=1) for parts in self._agree_parts()], dim=1)
             log_p = torch.cat([log_p, _log_p(fisher, self.agree_knots, self.agree_counts, self.n_agree,
                                               self.agree_betas)], dim=1)
         score = (log_p - self.log_weights).min(dim=1).values
