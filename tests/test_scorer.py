@@ -101,6 +101,73 @@ def test_io_binding_matches_plain_run_on_gpu(centroid_model: Path, digits_arrays
     np.testing.assert_allclose(scorer.predict(xte, yte).score, cpu.score, rtol=1e-5, atol=1e-6)
 
 
+def _rows_seen(scorer: Detector, limit: int | None = None) -> list[int]:
+    """Record the rows of every onnxruntime run; with ``limit``, fail runs above it the way the
+    CUDA provider does (seen on an H200: cuDNN's MaxPool refused a Fashion-MNIST batch of 65,536,
+    whose activations pass 2**31 elements; a GPU out of memory fails the same way)."""
+    seen: list[int] = []
+    plain = scorer.session.run
+
+    def run(outputs, feeds):
+        rows = len(feeds["label"])
+        seen.append(rows)
+        if limit is not None and rows > limit:
+            raise RuntimeError("Error in execution: CUDNN failure 3000: CUDNN_STATUS_NOT_SUPPORTED")
+        return plain(outputs, feeds)
+
+    scorer.session.run = run
+    return seen
+
+
+def test_gpu_batch_too_large_for_one_run_is_scored_in_halves(centroid_model: Path, digits_arrays,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A batch the GPU refuses in one run is split, not failed: the stream filter would otherwise
+    fail that batch on every retry (up to --batch-size 65536 is allowed) and stall its partitions."""
+    _, _, xte, yte = digits_arrays
+    expected = Detector.load(centroid_model, device="cpu").predict(xte, yte)
+    scorer = Detector.load(centroid_model, device="cpu")
+    seen = _rows_seen(scorer, limit=100)
+    scorer.provider, scorer.max_rows = CUDA, None  # CUDA's path, run through the CPU session
+    scorer._run_io_binding = lambda images, labels: scorer.session.run(
+        scorer._outputs, {"image": images, "label": labels})
+    got = scorer.predict(xte, yte)
+    np.testing.assert_array_equal(got.score, expected.score)
+    np.testing.assert_array_equal(got.poisoned, expected.poisoned)
+    assert 50 < scorer.max_rows <= 100  # halved until it ran, then kept
+    assert sum(r for r in seen if r <= 100) == len(yte)  # every row scored once, in runs that worked
+    assert "CUDA refused" in caplog.text
+    seen.clear()
+    scorer.predict(xte, yte)
+    assert max(seen) == scorer.max_rows  # the size that worked is remembered: no failed run
+
+
+def test_gpu_failure_on_single_rows_still_raises(centroid_model: Path, digits_arrays) -> None:
+    _, _, xte, yte = digits_arrays
+    scorer = Detector.load(centroid_model, device="cpu")
+    _rows_seen(scorer, limit=0)
+    scorer.provider, scorer.max_rows = CUDA, None
+    scorer._run_io_binding = lambda images, labels: scorer.session.run(
+        scorer._outputs, {"image": images, "label": labels})
+    with pytest.raises(RuntimeError, match="CUDNN"):
+        scorer.predict(xte[:8], yte[:8])
+
+
+def test_cpu_runs_are_bounded_so_a_large_batch_cannot_exhaust_memory(centroid_model: Path,
+                                                                     digits_arrays) -> None:
+    """Activation memory grows with rows per run (Fashion-MNIST: ~200 KB a sample, 13 GB at
+    65,536) while CPU throughput is flat past a few thousand rows, so CPU runs are capped."""
+    _, _, xte, yte = digits_arrays
+    scorer = Detector.load(centroid_model, device="cpu")
+    n = 2 * scorer.max_rows + 7
+    idx = np.arange(n) % len(yte)
+    whole = scorer.predict(xte[idx], yte[idx])
+    seen = _rows_seen(scorer)
+    again = scorer.predict(xte[idx], yte[idx])
+    assert seen == [scorer.max_rows, scorer.max_rows, 7]
+    np.testing.assert_array_equal(again.score, whole.score)
+    assert again.score.shape == (n,)
+
+
 def test_missing_model_says_how_to_get_one(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="does not exist.*depois-train"):
         Detector.load(tmp_path / "nope.onnx")

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 Device = Literal["auto", "cuda", "cpu"]
 
 CUDA = "CUDAExecutionProvider"
+# Rows per onnxruntime run on the CPU. Activation memory grows with the rows of one run
+# (Fashion-MNIST's authenticator holds ~200 KB a sample: 13 GB for the --batch-size maximum of
+# 65,536) while CPU throughput is flat past a few thousand rows (docs/performance.md, "GPU").
+CPU_MAX_ROWS = 4096
 CPU = "CPUExecutionProvider"
 
 _EXPECTED_INPUTS = {INPUT_IMAGE: ("tensor(float)", 4), INPUT_LABEL: ("tensor(int64)", 1)}
@@ -140,6 +144,9 @@ class Detector:
                                               else (REASON_BELOW_BOUNDARY,))
         self.reason_weights: tuple[float, ...] = metadata.evidence_weights if self.has_evidence else ()
         self.signature_key_id: str | None = None  # the verified signer's key id, if any
+        # Rows per onnxruntime run: bounded on the CPU; on CUDA the whole batch until the GPU
+        # refuses a size, then the largest halving that ran (see _run_rows).
+        self.max_rows: int | None = None if self.provider == CUDA else CPU_MAX_ROWS
 
     @classmethod
     def load(cls, path: str | Path, device: Device = "auto", require_gpu: bool = False,
@@ -222,11 +229,7 @@ class Detector:
                               empty if self.has_p_value else None,
                               np.zeros((0, members), np.float32) if self.has_evidence else None,
                               self.reason_names, self.reason_weights)
-        images = np.ascontiguousarray(images, dtype=np.float32)
-        if self.provider == CUDA:
-            outs = self._run_io_binding(images, labels)
-        else:
-            outs = self.session.run(self._outputs, {INPUT_IMAGE: images, INPUT_LABEL: labels})
+        outs = self._run_rows(np.ascontiguousarray(images, dtype=np.float32), labels)
         return Prediction(
             score=np.asarray(outs[0], dtype=np.float32),
             poisoned=np.asarray(outs[1], dtype=bool),
@@ -259,6 +262,36 @@ class Detector:
             raise ValueError("float images must be finite and scaled to [0, 1] "
                              "(pass uint8 0..255 to have them divided by 255)")
         return x, y.astype(np.int64)
+
+    def _run_rows(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+        """The batch in runs of at most ``max_rows`` rows, outputs joined in input order.
+
+        The graph scores each row on its own, so splitting changes no verdict. On CUDA a run the
+        GPU refuses (cuDNN rejects tensors past 2**31 elements, or memory runs out) is retried in
+        halves and the size that ran is kept for later batches: one logged refusal instead of a
+        batch that fails on every retry and stalls its partitions. A single row that still fails
+        is a real error and is raised."""
+        n, start, parts = len(labels), 0, []
+        while start < n:
+            rows = n - start if self.max_rows is None else min(self.max_rows, n - start)
+            x, y = images[start:start + rows], labels[start:start + rows]
+            try:
+                if self.provider == CUDA:
+                    parts.append(self._run_io_binding(x, y))
+                else:
+                    parts.append(self.session.run(self._outputs, {INPUT_IMAGE: x, INPUT_LABEL: y}))
+            except Exception as exc:  # noqa: BLE001  (onnxruntime's Fail is no RuntimeError)
+                if self.provider != CUDA or rows == 1:
+                    raise
+                self.max_rows = rows // 2
+                log.warning("model %s: CUDA refused a run of %d rows (%s); scoring in runs of at "
+                            "most %d rows from now on", self.path.name, rows,
+                            str(exc).splitlines()[0][:200], self.max_rows)
+                continue
+            start += rows
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate([p[i] for p in parts]) for i in range(len(self._outputs))]
 
     def _run_io_binding(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
         """Copy inputs to the GPU once and let outputs stay there until one copy back."""
