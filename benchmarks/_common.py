@@ -150,6 +150,36 @@ def load_or_fit(detector_dir: Path | None, dataset: str, steps: str):
     return fit(cfg, progress=False)
 
 
+def flipped_test_split(dataset: str, stream: Path | None = None):
+    """(images, labels): the test split with 20 % random label flips (seed 0), where many samples
+    sit near and below the boundary, unlike the clean calibration split; or the same saved as
+    ``images``/``labels`` in an .npz (for a host without the data set on disk)."""
+    import numpy as np
+
+    if stream is not None:
+        saved = np.load(stream)
+        return saved["images"], saved["labels"]
+    from depois_stream.sim.attacks import random_flip
+    from depois_stream.sim.datasets import load_dataset
+
+    flipped = random_flip(load_dataset(dataset).test, 0.2, seed=0)
+    return flipped.images, flipped.labels
+
+
+def provider_agreement(cpu, gpu, images, labels) -> str:
+    """One line: verdict agreement of two ``Detector``s of one model on CUDA and on the CPU. The
+    GPU kernels (cuDNN convolutions, cuBLAS for the kNN distances, TF32) round differently from
+    the CPU's; only a verdict that crosses the boundary matters to the stream."""
+    import numpy as np
+
+    a, b = cpu.predict(images, labels), gpu.predict(images, labels)
+    rel = np.abs(b.score - a.score) / (1.0 + np.abs(a.score))
+    return (f"- CUDA vs CPU provider on {len(a.score)} samples (test split, 20 % label flips): verdicts agree "
+            f"on {np.mean(a.poisoned == b.poisoned):.4%} (flagged: CPU {a.poisoned.mean():.2%}, CUDA "
+            f"{b.poisoned.mean():.2%}); score |diff| / (1 + |score|): median {np.median(rel):.1e}, "
+            f"max {rel.max():.1e}")
+
+
 def write_report(path: Path | None, title: str, body: str) -> str:
     """Print the block and append it to ``path`` (if given) with the machine and the command."""
     block = "\n".join([f"### {title}", "", machine_description(), f"- command: `{command_line()}`",

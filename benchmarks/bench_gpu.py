@@ -23,24 +23,11 @@ from typing import Optional
 import numpy as np
 import typer
 
-from _common import fmt_ms, fmt_rate, markdown_table, time_call, write_report
+from _common import fmt_ms, fmt_rate, flipped_test_split, markdown_table, provider_agreement, time_call, write_report
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
 CPU_LARGEST = 16384
-
-
-def flipped_test_split(dataset: str, stream: Optional[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """The test split with 20 % label flips (seed 0), or the same saved as ``images``/``labels``
-    in an .npz (for a GPU host without the data set on disk)."""
-    if stream is not None:
-        saved = np.load(stream)
-        return saved["images"], saved["labels"]
-    from depois_stream.sim.attacks import random_flip
-    from depois_stream.sim.datasets import load_dataset
-
-    flipped = random_flip(load_dataset(dataset).test, 0.2, seed=0)
-    return flipped.images, flipped.labels
 
 
 @app.command(help=__doc__)
@@ -58,13 +45,8 @@ def main(
     images, labels = flipped_test_split(dataset, stream)
     gpu = Detector.load(model, device="cuda", require_gpu=True)
     cpu = Detector.load(model, device="cpu")
-    a, b = cpu.predict(images, labels), gpu.predict(images, labels)
-    rel = np.abs(a.score - b.score) / (1.0 + np.abs(a.score))
-    notes = [f"- model: {gpu.metadata.model_version}, {len(labels)} samples, CUDA provider "
-             f"{gpu.provider}; CPU provider with onnxruntime's default threads",
-             f"- verdicts agree on {np.mean(a.poisoned == b.poisoned):.4%} (flagged: CPU "
-             f"{a.poisoned.mean():.2%}, CUDA {b.poisoned.mean():.2%}); score |diff| / (1 + |score|): "
-             f"median {np.median(rel):.1e}, max {rel.max():.1e}"]
+    notes = [f"- model: {gpu.metadata.model_version}, CUDA provider {gpu.provider}; CPU provider with "
+             "onnxruntime's default threads", provider_agreement(cpu, gpu, images, labels)]
     x0, y0 = gpu._prepare(images, labels)
     rows = []
     for n in (int(v) for v in batch_sizes.split(",")):

@@ -28,7 +28,8 @@ from typing import Callable, Optional
 import numpy as np
 import typer
 
-from _common import Timing, fmt_ms, fmt_rate, load_or_fit, markdown_table, time_call, write_report
+from _common import (Timing, flipped_test_split, fmt_ms, fmt_rate, load_or_fit, markdown_table,
+                     provider_agreement, time_call, write_report)
 
 app = typer.Typer(add_completion=False, help=__doc__, rich_markup_mode=None)
 
@@ -203,33 +204,12 @@ def operator_profile(path: Path, images: np.ndarray, labels: np.ndarray, batch: 
 def heldout_agreement(fp32: Path, int8: Path, dataset: str) -> str:
     """Verdict agreement on the test split with 20 % random label flips: unlike the calibration
     split (clean, small on digits), it has many samples near and below the boundary."""
-    from depois_stream.sim.attacks import random_flip
-    from depois_stream.sim.datasets import load_dataset
     from training.quantize import run_onnx, verdict_agreement
 
-    test = load_dataset(dataset).test
-    stream = random_flip(test, 0.2, seed=0)
-    (_, fp), (_, q) = run_onnx(fp32, stream.images, stream.labels), run_onnx(int8, stream.images, stream.labels)
+    images, labels = flipped_test_split(dataset)
+    (_, fp), (_, q) = run_onnx(fp32, images, labels), run_onnx(int8, images, labels)
     return (f"- int8 verdict agreement on the {dataset} test split with 20 % label flips: "
             f"{verdict_agreement(fp, q):.4%} of {len(q)} (flagged: fp32 {fp.mean():.2%}, int8 {q.mean():.2%})")
-
-
-def provider_agreement(fp32: Path, dataset: str) -> str:
-    """CUDA against CPU verdicts on the test split with 20 % random label flips. The GPU kernels
-    (cuDNN convolutions, cuBLAS MatMul for the kNN distances, possibly TF32) round differently
-    from the CPU's, and only a verdict that flips across the boundary matters to the stream."""
-    from depois_stream.filter.detector import Detector
-    from depois_stream.sim.attacks import random_flip
-    from depois_stream.sim.datasets import load_dataset
-
-    stream = random_flip(load_dataset(dataset).test, 0.2, seed=0)
-    cpu = Detector.load(fp32, device="cpu").predict(stream.images, stream.labels)
-    gpu = Detector.load(fp32, device="cuda", require_gpu=True).predict(stream.images, stream.labels)
-    rel = np.abs(gpu.score - cpu.score) / (1.0 + np.abs(cpu.score))
-    return (f"- CUDA vs CPU provider on the {dataset} test split with 20 % label flips: verdicts agree on "
-            f"{np.mean(gpu.poisoned == cpu.poisoned):.4%} of {len(cpu.score)} (flagged: CPU "
-            f"{cpu.poisoned.mean():.2%}, CUDA {gpu.poisoned.mean():.2%}); score |diff| / (1 + |score|): "
-            f"median {np.median(rel):.1e}, max {rel.max():.1e}")
 
 
 def measure(variants: list[Variant], images: np.ndarray, labels: np.ndarray, batches: list[int],
@@ -306,7 +286,11 @@ def main(
             old = export_graph(previous_fused_graph(det), det, Path(tmp) / "previous.onnx")
             variants.append(raw_ort_variant("previous fused ort fp32", old, single))
         if device == "cuda":
-            notes.append(provider_agreement(fp32, det.metadata.dataset))
+            from depois_stream.filter.detector import Detector
+
+            notes.append(provider_agreement(Detector.load(fp32, device="cpu"),
+                                            Detector.load(fp32, device="cuda", require_gpu=True),
+                                            *flipped_test_split(det.metadata.dataset)))
         if int8 and device == "cuda":
             notes.append("- int8 not timed: dynamic quantisation targets CPU kernels "
                          "(onnxruntime runs DynamicQuantizeMatMul on the CPU provider only)")
