@@ -119,6 +119,16 @@ def _rows_seen(scorer: Detector, limit: int | None = None) -> list[int]:
     return seen
 
 
+def _as_cuda(scorer: Detector, limit: int) -> list[int]:
+    """Take the CUDA path (whole batches, halving on refusal) through the CPU session, whose runs
+    above ``limit`` rows fail as the GPU's do; returns the rows of every run."""
+    seen = _rows_seen(scorer, limit)
+    scorer.provider, scorer.max_rows = CUDA, None
+    scorer._run_io_binding = lambda images, labels: scorer.session.run(
+        scorer._outputs, {"image": images, "label": labels})
+    return seen
+
+
 def test_gpu_batch_too_large_for_one_run_is_scored_in_halves(centroid_model: Path, digits_arrays,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     """A batch the GPU refuses in one run is split, not failed: the stream filter would otherwise
@@ -126,10 +136,7 @@ def test_gpu_batch_too_large_for_one_run_is_scored_in_halves(centroid_model: Pat
     _, _, xte, yte = digits_arrays
     expected = Detector.load(centroid_model, device="cpu").predict(xte, yte)
     scorer = Detector.load(centroid_model, device="cpu")
-    seen = _rows_seen(scorer, limit=100)
-    scorer.provider, scorer.max_rows = CUDA, None  # CUDA's path, run through the CPU session
-    scorer._run_io_binding = lambda images, labels: scorer.session.run(
-        scorer._outputs, {"image": images, "label": labels})
+    seen = _as_cuda(scorer, limit=100)
     got = scorer.predict(xte, yte)
     np.testing.assert_array_equal(got.score, expected.score)
     np.testing.assert_array_equal(got.poisoned, expected.poisoned)
@@ -144,10 +151,7 @@ def test_gpu_batch_too_large_for_one_run_is_scored_in_halves(centroid_model: Pat
 def test_gpu_failure_on_single_rows_still_raises(centroid_model: Path, digits_arrays) -> None:
     _, _, xte, yte = digits_arrays
     scorer = Detector.load(centroid_model, device="cpu")
-    _rows_seen(scorer, limit=0)
-    scorer.provider, scorer.max_rows = CUDA, None
-    scorer._run_io_binding = lambda images, labels: scorer.session.run(
-        scorer._outputs, {"image": images, "label": labels})
+    _as_cuda(scorer, limit=0)
     with pytest.raises(RuntimeError, match="CUDNN"):
         scorer.predict(xte[:8], yte[:8])
 
