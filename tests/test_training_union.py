@@ -371,7 +371,7 @@ def test_graph_k_nearest_equals_the_numpy_member_including_tied_and_padded_refer
     d2[:, :, 1] = d2[:, :, 0]  # exact ties between two references
     d2[:5, 3, :] = PAD_D2  # a class with nothing but padding
     d2[5:9, 4, 2:] = PAD_D2  # a class with fewer real references than k
-    got = _mean_k_nearest(torch.from_numpy(d2), k).numpy()
+    got = _mean_k_nearest(torch.from_numpy(d2.transpose(1, 2, 0).copy()), k).numpy()  # the graph's [K, M, N]
     np.testing.assert_allclose(got, mean_k_nearest(d2, k), rtol=1e-6)
 
 
