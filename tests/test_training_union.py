@@ -359,7 +359,7 @@ def test_pixel_mahalanobis_is_the_pixel_baseline_and_adds_up_noise_and_a_wrong_l
     assert np.median(dens.class_score(noisy, flipped)) < np.min(dens.class_score(images, labels))
 
 
-@pytest.mark.parametrize(("k", "m"), [(4, 23), (3, 200)])  # the min-and-remove path and the TopK path
+@pytest.mark.parametrize(("k", "m"), [(2, 29), (4, 23), (3, 200)])  # min-and-remove (digits' k, m), TopK
 def test_graph_k_nearest_equals_the_numpy_member_including_tied_and_padded_references(k: int, m: int) -> None:
     import torch
 
@@ -369,10 +369,29 @@ def test_graph_k_nearest_equals_the_numpy_member_including_tied_and_padded_refer
     rng = np.random.default_rng(0)
     d2 = rng.random((64, 10, m)).astype(np.float32)
     d2[:, :, 1] = d2[:, :, 0]  # exact ties between two references
+    d2[::2, :, 2] = d2[::2, :, 0]  # and between three, more than k = 2 of them
     d2[:5, 3, :] = PAD_D2  # a class with nothing but padding
     d2[5:9, 4, 2:] = PAD_D2  # a class with fewer real references than k
     got = _mean_k_nearest(torch.from_numpy(d2.transpose(1, 2, 0).copy()), k).numpy()  # the graph's [K, M, N]
     np.testing.assert_allclose(got, mean_k_nearest(d2, k), rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 128, 131])
+def test_graph_knot_count_equals_searchsorted_including_ties_and_both_ends(k: int) -> None:
+    """The graph's two-level knot count is numpy's searchsorted(side="right"), which the p-values
+    of training.conformal are defined with: ties among knots, scores equal to a knot, below the
+    first, above the last and infinite."""
+    import torch
+
+    from training.export import _count_at_most
+
+    rng = np.random.default_rng(k)
+    knots = np.sort(rng.normal(size=(3, k)).round(1), axis=1).astype(np.float32)  # rounding makes ties
+    z = np.concatenate([rng.normal(size=(3, 200)) * 2, knots[:, rng.integers(0, k, 50)],
+                        np.full((3, 2), -np.inf), np.full((3, 2), np.inf)], axis=1).astype(np.float32)
+    got = _count_at_most(torch.from_numpy(knots), torch.from_numpy(z)).numpy()
+    want = np.stack([np.searchsorted(knots[j], z[j], side="right") for j in range(3)])
+    np.testing.assert_array_equal(np.minimum(got, k), want)  # past the last knot: K or more (+inf padding)
 
 
 def test_member_weights_are_a_fixed_point_so_a_saved_detector_reloads_with_the_same_boundary() -> None:

@@ -4,7 +4,9 @@ The graph computes the final verdict itself (networks, the evidence members with
 trusted references, per-class standardisation, per-member conformal p-values, weighted min-p, per-class
 boundary, union p-value), so the torch-free runtime only feeds pixels and labels and reads the
 answer: there is no second implementation of the maths in the consumer to drift apart. kNN
-distances are a MatMul against the stored trusted embeddings followed by TopK.
+distances are one Gemm against the stored trusted embeddings followed by TopK (or, with few
+references per class, rounds of min-and-remove); tensors of that part and of the p-value lookup
+keep the samples innermost, the layout onnxruntime's CPU reductions run fastest on.
 
 Before anything is written, the ONNX model is run with onnxruntime on the calibration samples and
 compared with the detector's own numpy scoring path (score, verdict, p-value and every evidence
@@ -66,14 +68,35 @@ def _take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.index_select(table.reshape(-1), 0, index.reshape(-1)).reshape(index.shape)
 
 
+def _count_at_most(knots: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """[J, N] ``#{knots[j] <= z[j, n]}`` for sorted knots [J, K]: numpy's
+    ``searchsorted(side="right")``, which ONNX lacks.
+
+    Two levels instead of one comparison per knot: the knots are cut into G blocks of B
+    (B = ceil(sqrt(K)), the last block padded with +inf). Counting the blocks whose first knot is
+    <= z finds the one block that can hold the boundary (every knot before it is <= z, every knot
+    after it > z); only its B knots are then compared. G + B comparisons instead of K (23 for
+    128 knots), each the same float32 comparison, so the count is exact. The block's knots are
+    gathered as rows ([J * N, B]): a Gather along the second axis cost more than it saved."""
+    j, k = knots.shape
+    b = math.isqrt(k - 1) + 1 if k > 1 else 1
+    g = -(-k // b)
+    pad = torch.full((j, g * b - k), math.inf, dtype=knots.dtype, device=knots.device)
+    blocks = torch.cat([knots, pad], dim=1).reshape(j * g, b)
+    firsts = blocks[:, 0].reshape(j, g)
+    block = torch.clamp((firsts[:, :, None] <= z[:, None, :]).to(torch.float32).sum(dim=1).to(torch.int64) - 1, min=0)
+    rows = torch.arange(j, dtype=torch.int64, device=knots.device)[:, None] * g + block  # [J, N]
+    inside = torch.index_select(blocks, 0, rows.reshape(-1))  # [J*N, B]
+    within = (inside <= z.reshape(-1, 1)).to(torch.float32).sum(dim=1).to(torch.int64).reshape(j, -1)
+    return block * b + within
+
+
 def _log_p(z: torch.Tensor, knots: torch.Tensor, counts: torch.Tensor, n: int, beta: torch.Tensor) -> torch.Tensor:
     """``training.conformal.log_p_knots`` for every member at once: z [J, N] (member, sample),
     knots [J, K] sorted, counts [J, K] = #{r <= knot} in the full reference of size n, beta [J].
-
-    Samples innermost, as in ``_mean_k_nearest``: the knot comparison [J, K, N] then runs over
-    rows of N contiguous scores."""
+    Samples innermost, as in ``_mean_k_nearest``."""
     k = knots.shape[1]
-    idx = (knots[:, :, None] <= z[:, None, :]).to(torch.float32).sum(dim=1).to(torch.int64)
+    idx = _count_at_most(knots, z)
     offsets = torch.arange(knots.shape[0], dtype=torch.int64, device=knots.device)[:, None] * k
     lo_pos = offsets + torch.clamp(idx - 1, min=0, max=k - 1)
     hi_pos = offsets + torch.clamp(idx, min=0, max=k - 1)
@@ -93,16 +116,25 @@ def _mean_k_nearest(d2: torch.Tensor, k: int) -> torch.Tensor:
     instead of N * K rows of M (29 on digits), which onnxruntime's kernels pay for per row."""
     m = d2.shape[1]
     if k * m <= SMALL_TOPK:
-        # Few references per class (digits: 4 of ~23): TopK over 10 tiny rows per sample is
+        # Few references per class (digits: k = 2 of 29): TopK over 10 tiny rows per sample is
         # dominated by per-row overhead; k rounds of min-and-remove are 2x cheaper and give the
-        # same multiset of the k smallest distances.
-        rows = torch.arange(m, dtype=torch.int64, device=d2.device)[None, :, None]
+        # same multiset of the k smallest distances. A round removes every reference at the
+        # minimum and counts its copies (capped at k in all), so ties come out as numpy's sort
+        # gives them without an ArgMin, and removal is an Add, not a Where (both slower in
+        # onnxruntime than the Equal, Cast and ReduceSum they are replaced by).
         dist = torch.zeros_like(d2[:, 0, :])
+        taken = torch.zeros_like(dist)  # how many of the k are already summed
         for i in range(k):
-            best, where = d2.min(dim=1)
-            dist = dist + torch.sqrt(torch.clamp(best, min=D2_MIN))
-            if i < k - 1:  # the last round's removal would be dead code
-                d2 = torch.where(rows == where[:, None, :], REMOVED_D2, d2)
+            best = d2.min(dim=1, keepdim=True).values
+            if i < k - 1:
+                at_best = (d2 == best).to(torch.float32)
+                # every reference at the minimum (ties included) counts once, up to k in all
+                copies = torch.clamp(at_best.sum(dim=1), max=k - taken)
+                d2 = d2 + at_best * REMOVED_D2  # removed: beyond every reference left
+            else:
+                copies = k - taken
+            dist = dist + copies * torch.sqrt(torch.clamp(best[:, 0, :], min=D2_MIN))
+            taken = taken + copies
         return (dist / k).T
     top = torch.topk(d2, k, dim=1, largest=False, sorted=False).values
     return torch.sqrt(torch.clamp(top, min=D2_MIN)).mean(dim=1).T
@@ -131,8 +163,10 @@ class ScoringGraph(nn.Module):
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         kk, m, d = refs.knn.reference.shape
         self.knn_shape, self.knn_k = (kk, m), refs.knn.k
-        self.register_buffer("knn_ref", f32(refs.knn.reference.reshape(kk * m, d)))
-        self.register_buffer("knn_pad", f32(np.where(refs.knn.valid.reshape(-1), 0.0, PAD_SIMILARITY)))
+        # d2 = 2 - 2 (sim + pad) as one Gemm: -2 * reference is exact (a power of two), padded rows
+        # are zeros, so -2 sim + (2 - 2 pad) rounds exactly as the numpy member does
+        self.register_buffer("knn_ref_m2", f32(-2.0 * refs.knn.reference.reshape(kk * m, d)))
+        self.register_buffer("knn_d2_bias", f32(2.0 - 2.0 * np.where(refs.knn.valid.reshape(-1), 0.0, PAD_SIMILARITY)))
         self.register_buffer("maha_means", f32(refs.mahalanobis.means))
         self.register_buffer("maha_chol", f32(refs.mahalanobis.chol))
         self.novelty_k = refs.novelty.k
@@ -176,7 +210,7 @@ class ScoringGraph(nn.Module):
 
     def _knn_d2(self, e: torch.Tensor) -> torch.Tensor:
         kk, m = self.knn_shape
-        return 2.0 - 2.0 * (self.knn_ref @ e.T + self.knn_pad[:, None]).reshape(kk, m, -1)
+        return (self.knn_ref_m2 @ e.T + self.knn_d2_bias[:, None]).reshape(kk, m, -1)
 
     def _pixel_knn_d2(self, centred: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         kk, m = self.pknn_shape
