@@ -392,6 +392,9 @@ def test_graph_knot_count_equals_searchsorted_including_ties_and_both_ends(k: in
     got = _count_at_most(torch.from_numpy(knots), torch.from_numpy(z)).numpy()
     want = np.stack([np.searchsorted(knots[j], z[j], side="right") for j in range(3)])
     np.testing.assert_array_equal(np.minimum(got, k), want)  # past the last knot: K or more (+inf padding)
+    # NaN compares false with every knot: count 0, as the one-level count gave (searchsorted puts it last)
+    nan = _count_at_most(torch.from_numpy(knots), torch.full((3, 2), float("nan"))).numpy()
+    np.testing.assert_array_equal(nan, 0)
 
 
 def test_member_weights_are_a_fixed_point_so_a_saved_detector_reloads_with_the_same_boundary() -> None:
