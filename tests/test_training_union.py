@@ -380,7 +380,7 @@ def test_graph_k_nearest_equals_the_numpy_member_including_tied_and_padded_refer
 def test_graph_knot_count_equals_searchsorted_including_ties_and_both_ends(k: int) -> None:
     """The graph's two-level knot count is numpy's searchsorted(side="right"), which the p-values
     of training.conformal are defined with: ties among knots, scores equal to a knot, below the
-    first, above the last and infinite."""
+    first, above the last, infinite and NaN."""
     import torch
 
     from training.export import _count_at_most
