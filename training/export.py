@@ -124,18 +124,15 @@ def _mean_k_nearest(d2: torch.Tensor, k: int) -> torch.Tensor:
         # onnxruntime than the Equal, Cast and ReduceSum they are replaced by).
         dist = torch.zeros_like(d2[:, 0, :])
         taken = torch.zeros_like(dist)  # how many of the k are already summed
-        for i in range(k):
+        for _ in range(k - 1):
             best = d2.min(dim=1, keepdim=True).values
-            if i < k - 1:
-                at_best = (d2 == best).to(torch.float32)
-                # every reference at the minimum (ties included) counts once, up to k in all
-                copies = torch.clamp(at_best.sum(dim=1), max=k - taken)
-                d2 = d2 + at_best * REMOVED_D2  # removed: beyond every reference left
-            else:
-                copies = k - taken
+            at_best = (d2 == best).to(torch.float32)
+            copies = torch.clamp(at_best.sum(dim=1), max=k - taken)  # ties count once each, k in all
             dist = dist + copies * torch.sqrt(torch.clamp(best[:, 0, :], min=D2_MIN))
             taken = taken + copies
-        return (dist / k).T
+            d2 = d2 + at_best * REMOVED_D2  # removed: beyond every reference left
+        last = d2.min(dim=1).values  # the last round takes what is still missing of the k
+        return ((dist + (k - taken) * torch.sqrt(torch.clamp(last, min=D2_MIN))) / k).T
     top = torch.topk(d2, k, dim=1, largest=False, sorted=False).values
     return torch.sqrt(torch.clamp(top, min=D2_MIN)).mean(dim=1).T
 
