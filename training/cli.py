@@ -43,6 +43,9 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     add_completion=False,
+    # click's plain formatter re-wraps every paragraph to the terminal, as depois-stream's does;
+    # typer's rich mode keeps the docstrings' source line breaks (ragged at 80 columns).
+    rich_markup_mode=None,
 )
 console = Console()
 err_console = Console(stderr=True)
