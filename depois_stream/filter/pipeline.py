@@ -22,7 +22,7 @@ import numpy as np
 from depois_stream.contract import headers as H
 from depois_stream.contract.wire import decode_batch
 from depois_stream.filter import router
-from depois_stream.filter.clients.base import Header, RecordBatch
+from depois_stream.filter.clients.base import Header, RecordBatch, Unreadable
 from depois_stream.filter.detector import Detector, Prediction
 
 # Bytes reserved for the headers the filter adds (verdict, score, model, provenance, ...); they
@@ -43,6 +43,7 @@ class Ingest:
     forwarded: list[list[Header]]  # each record's headers minus any ``depois.*`` header
     forged: int  # records that carried a ``depois.*`` header
     sizes: np.ndarray  # int64 [n]: key + value + forwarded headers, in bytes
+    unreadable: dict[int, str]  # record position -> why the client could not read it (``Unreadable``)
 
 
 def scan_headers(batch: RecordBatch) -> Ingest:
@@ -57,9 +58,12 @@ def scan_headers(batch: RecordBatch) -> Ingest:
     fwd: list[list[Header]] = [_NO_HEADERS] * n
     sizes = np.empty(n, dtype=np.int64)
     forged = 0
+    unreadable: dict[int, str] = {}
     for i, (key, value, hs) in enumerate(zip(batch.keys, batch.values, batch.headers)):
         size = (len(key) if key else 0) + (len(value) if value else 0)
-        if hs:
+        if isinstance(hs, Unreadable):
+            unreadable[i] = hs.error
+        elif hs:
             kept = []
             dirty = False
             for name, val in hs:
@@ -73,7 +77,7 @@ def scan_headers(batch: RecordBatch) -> Ingest:
             fwd[i] = kept
             forged += dirty
         sizes[i] = size
-    return Ingest(cts, fwd, forged, sizes)
+    return Ingest(cts, fwd, forged, sizes, unreadable)
 
 
 @dataclass(frozen=True)
@@ -117,8 +121,13 @@ def score(batch: RecordBatch, detector: Detector, max_record_bytes: int,
             if why is not None and not stripped[i]:
                 stripped[i] = True
                 failures.append((i, "rejected_by_broker", why))
-    if stripped.any():
-        todo = np.flatnonzero(~stripped)
+    for i, why in ingest.unreadable.items():
+        if not stripped[i]:
+            failures.append((i, "malformed", why))
+    skip = stripped.copy()
+    skip[list(ingest.unreadable)] = True  # dead letters with their bytes, not decoded
+    if skip.any():
+        todo = np.flatnonzero(~skip)
         values = [batch.values[i] for i in todo.tolist()]
         cts = [ingest.content_types[i] for i in todo.tolist()]
     else:

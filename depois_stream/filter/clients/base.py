@@ -21,7 +21,28 @@ import numpy as np
 
 TP = tuple[str, int]  # (topic, partition): client-neutral and hashable
 Header = tuple[str, bytes]
-Headers = Sequence[Header] | None
+
+
+class Unreadable(tuple):
+    """In place of a record's headers: the client could not read this record, and why.
+
+    Kafka brokers store a record's bytes unchecked, so a hostile or broken producer can write
+    what no Python client will parse (header names that are not UTF-8, for one): librdkafka then
+    fails on that record's headers only, kafka-python on the whole fetch, again at every poll.
+    An adapter that meets such a record hands it over with whatever it could read (key and value
+    where it has them) and this marker: an empty header list, so nothing else needs a special
+    case, that the pipeline dead-letters as ``malformed`` with ``error`` as the message. The
+    partition moves on and the record is accounted for, never skipped silently."""
+
+    error: str
+
+    def __new__(cls, error: str) -> "Unreadable":
+        self = super().__new__(cls)
+        self.error = error
+        return self
+
+
+Headers = Sequence[Header] | Unreadable | None
 DeliveryCallback = Callable[[BaseException | None], None]
 
 

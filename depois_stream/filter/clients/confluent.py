@@ -14,6 +14,7 @@ either client.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,7 +27,7 @@ from confluent_kafka.admin import AdminClient
 
 from depois_stream.filter.clients.base import (
     TP, AssignCallback, ClientError, ClientSettings, CommitCallback, DeliveryCallback, Header,
-    ProduceError, RecordBatch, RevokeCallback,
+    ProduceError, RecordBatch, RevokeCallback, Unreadable,
 )
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,26 @@ def _tps(tps: Iterable[TP]) -> list[TopicPartition]:
     return [TopicPartition(t, p) for t, p in tps]
 
 
+# Through the C API's generic call path, which checks the result: for a header name that is not
+# UTF-8, confluent-kafka's Message.headers() returns a list *with an exception set* (its C code
+# does not stop at the failed decode). The interpreter's fast path for method calls does not
+# always check for that, so a plain ``m.headers()`` can leave the error pending, to surface a
+# few instructions later outside any handler (seen: the filter's thread died); this call
+# raises it (as SystemError) right here, every time.
+_HEADERS = operator.methodcaller("headers")
+
+
+def _headers(m: Message) -> list[Header] | Unreadable | None:
+    """The record's headers, or ``Unreadable`` when confluent-kafka cannot give them."""
+    try:
+        return _HEADERS(m)
+    except Exception as exc:  # noqa: BLE001 - any failure here is this one record's
+        cause = exc.__cause__ or exc
+        return Unreadable(f"its headers cannot be read ({type(cause).__name__}: {cause}); Kafka "
+                          "header names must be UTF-8. Dead-lettered with its key and value, "
+                          "without its headers")
+
+
 class ConfluentConsumer:
     def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
         def committed(err: KafkaError | None, _partitions: object) -> None:
@@ -186,7 +207,7 @@ class ConfluentConsumer:
             self._topic, np.fromiter((m.partition() for m in msgs), np.int32, n),
             np.fromiter((m.offset() for m in msgs), np.int64, n),
             np.fromiter((m.timestamp()[1] for m in msgs), np.int64, n),
-            [m.key() for m in msgs], [m.value() for m in msgs], [m.headers() for m in msgs])
+            [m.key() for m in msgs], [m.value() for m in msgs], [_headers(m) for m in msgs])
 
     def seek(self, tp: TP, offset: int) -> None:
         try:

@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
-from kafka.errors import KafkaError
+from kafka.errors import CorruptRecordError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from depois_stream.filter.clients.base import (
     TP, AssignCallback, ClientError, ClientSettings, CommitCallback, DeliveryCallback, Header,
-    ProduceError, RecordBatch, RevokeCallback,
+    ProduceError, RecordBatch, RevokeCallback, Unreadable,
 )
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,8 @@ class KafkaPythonConsumer:
     def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
         try:
             polled = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
+        except CorruptRecordError as exc:
+            return self._unreadable(exc)
         except KafkaError as exc:
             raise _error(exc) from exc
         recs = [r for rs in polled.values() for r in rs]
@@ -139,6 +142,39 @@ class KafkaPythonConsumer:
             np.fromiter((r.offset for r in recs), np.int64, n),
             np.fromiter((r.timestamp for r in recs), np.int64, n),
             [r.key for r in recs], [r.value for r in recs], [r.headers for r in recs])
+
+    def _unreadable(self, exc: CorruptRecordError) -> RecordBatch:
+        """The record kafka-python cannot parse, as one ``Unreadable`` record, and the partition
+        moved past it.
+
+        kafka-python raises for the whole fetch, at every poll, when one record of it does not
+        parse (a header name that is not UTF-8, a bad CRC): left alone, the partition stalls
+        forever. Its fetcher knows where it stopped (the partition, and the offset after the
+        last record it parsed); that record is handed over without key or value (kafka-python
+        never gives them) and the fetch resumes after it. Within the same record batch
+        kafka-python parses from the batch's start, so it cannot read past the bad record at
+        all: each later record of that batch is handed over the same way, one per poll, until
+        the fetch position leaves the batch. Their bytes stay in the topic (offsets in the
+        dead letters' provenance headers); confluent-kafka reads records one by one and keeps
+        their payloads. Without the fetcher's state (another kafka-python version), the error
+        goes up as before."""
+        part = getattr(getattr(self._c, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(part, "topic_partition", None)
+        stopped = getattr(part, "next_fetch_offset", None)
+        if not part or tp is None or stopped is None:
+            raise _error(exc) from exc
+        offset = max(int(stopped), int(self._c.position(tp)))
+        why = (f"kafka-python cannot read this record ({type(exc).__name__}: {exc})" if offset == stopped
+               else f"kafka-python cannot read past offset {stopped} of the same record batch "
+                    f"({type(exc).__name__}: {exc})")
+        log.error("%s[%d]@%d: %s; dead-lettered without its bytes, which stay in the topic",
+                  tp.topic, tp.partition, offset, why)
+        self._c.seek(tp, offset + 1)
+        return RecordBatch(
+            self._topic, np.array([tp.partition], np.int32), np.array([offset], np.int64),
+            np.array([int(time.time() * 1000)], np.int64), [None], [None],
+            [Unreadable(f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{offset} (confluent-kafka "
+                        "reads records one by one: --client confluent-kafka)")])
 
     def seek(self, tp: TP, offset: int) -> None:
         self._c.seek(TopicPartition(*tp), offset)
