@@ -96,3 +96,60 @@ def test_a_record_kafka_python_cannot_parse_inside_a_batch_costs_only_that_batch
         assert set(dead) == hostile
     else:
         assert hostile <= set(dead) and min(dead) == min(hostile)
+
+
+def test_legal_but_unusual_records_are_each_routed_once_and_forwarded_intact(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
+    """Null header values, repeated or empty header names, a thousand headers, binary keys and
+    header values, empty and absent values: all legal in Kafka, all written here with
+    librdkafka (kafka-python's producer refuses null header values)."""
+    from confluent_kafka import Producer
+
+    _, _, xte, yte = digits_arrays
+    ids = [f"{unique}-{i}" for i in range(8)]
+    enc = encode_batch(ids, xte[:8], yte[:8], encoding="binary")
+    ct = (H.CONTENT_TYPE, enc[0][1].encode())
+    cases = [  # (key, value, headers, expected error class or None when scored)
+        (b"k0", enc[0][0], [ct, ("x", None)], None),
+        (b"k1", enc[1][0], [ct, (H.CONTENT_TYPE, b"text/csv")], None),  # the first content type counts
+        (b"k2", enc[2][0], [("", b"v"), ct], None),
+        (b"k3", enc[3][0], [ct] + [(f"h{j}", b"v" * 10) for j in range(1000)], None),
+        (bytes(range(256)), enc[4][0], [ct], None),
+        (b"k5", enc[5][0], [ct, ("\u00e9\u4e2d\U0001F600", b"\xff\x00")], None),
+        (b"k6", b"", [ct], "malformed"),
+        (None, None, [ct], "malformed"),
+        (b"k8", enc[6][0], [(H.CONTENT_TYPE, None)], "malformed"),  # null type: the JSON default
+    ]
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all"})
+    acks = []
+    for key, value, hdrs, _ in cases:
+        producer.produce(topics.ingest, key=key, value=value, headers=hdrs,
+                         on_delivery=lambda err, msg: acks.append((err, msg.offset())))
+    producer.flush(10)
+    assert [err for err, _ in acks] == [None] * len(cases)
+    end = max(offset for _, offset in acks) + 1
+
+    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
+                                       exit_when_idle_s=None), Metrics())
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    runner.start()
+    try:
+        wait_for(lambda: (committed(broker.bootstrap, unique, topics.ingest).get(0) or 0) >= end, timeout_s=60)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+
+    outputs = {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
+    by_offset = {int(H.as_dict(r.headers)[H.SOURCE_OFFSET]): r for rs in outputs.values() for r in rs}
+    assert sorted(by_offset) == list(range(len(cases)))
+    assert sum(len(rs) for rs in outputs.values()) == len(cases)
+    for offset, (key, value, hdrs, error) in enumerate(cases):
+        out = by_offset[offset]
+        assert H.as_dict(out.headers).get(H.ERROR_CLASS) == error, offset
+        if error is None:
+            assert out.key == key and out.value == value  # forwarded byte for byte
+            own = [(k, v) for k, v in out.headers if not k.startswith(H.PREFIX)]
+            assert own == [(k, b"" if v is None else v) for k, v in hdrs]  # null values as empty

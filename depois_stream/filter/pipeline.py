@@ -51,7 +51,8 @@ def scan_headers(batch: RecordBatch) -> Ingest:
 
     ``depois.*`` headers (any letter case) are the filter's and replay's to write: a producer's
     copy is dropped here, so a downstream reader or ``replay`` never takes a forged verdict,
-    error class or replay count for ours.
+    error class or replay count for ours. A null header value is forwarded as an empty one, the
+    same with either client (kafka-python's producer refuses null values).
     """
     n = len(batch)
     cts: list[bytes | None] = [None] * n
@@ -70,10 +71,12 @@ def scan_headers(batch: RecordBatch) -> Ingest:
                 if name[:7].lower() == _PREFIX:
                     dirty = True
                     continue
+                if val is None:  # a null header value (legal): kafka-python cannot write one
+                    val = b""
                 if name == H.CONTENT_TYPE and cts[i] is None:
                     cts[i] = val
                 kept.append((name, val))
-                size += len(name) + (len(val) if val else 0)
+                size += len(name) + len(val)
             fwd[i] = kept
             forged += dirty
         sizes[i] = size
