@@ -153,3 +153,42 @@ def test_legal_but_unusual_records_are_each_routed_once_and_forwarded_intact(
             assert out.key == key and out.value == value  # forwarded byte for byte
             own = [(k, v) for k, v in out.headers if not k.startswith(H.PREFIX)]
             assert own == [(k, b"" if v is None else v) for k, v in hdrs]  # null values as empty
+
+
+def test_every_compression_codec_a_producer_may_use_is_read(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
+    """Producers pick their own compression (gzip, snappy, lz4, zstd are all standard Kafka);
+    a client that cannot decompress one fails that fetch at every poll, a stalled partition."""
+    from confluent_kafka import Producer
+
+    _, _, xte, yte = digits_arrays
+    codecs = ("none", "gzip", "snappy", "lz4", "zstd")
+    per = 10
+    ids = [f"{unique}-{i}" for i in range(per * len(codecs))]
+    enc = encode_batch(ids, xte[:len(ids)], yte[:len(ids)], encoding="binary")
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    acks = []
+    for c, codec in enumerate(codecs):
+        producer = Producer({"bootstrap.servers": broker.bootstrap, "acks": "all", "compression.type": codec,
+                             "linger.ms": 100})
+        for sid, (value, ctype) in list(zip(ids, enc))[c * per:(c + 1) * per]:
+            producer.produce(topics.ingest, key=sid.encode(), value=value, headers=[(H.CONTENT_TYPE, ctype.encode())],
+                             on_delivery=lambda err, msg: acks.append((err, msg.offset())))
+        producer.flush(10)
+    assert [err for err, _ in acks] == [None] * len(ids)
+    end = max(offset for _, offset in acks) + 1
+
+    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
+                                       exit_when_idle_s=None), Metrics())
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    runner.start()
+    try:
+        wait_for(lambda: (committed(broker.bootstrap, unique, topics.ingest).get(0) or 0) >= end, timeout_s=60)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+    outputs = {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
+    assert outputs[topics.dlq] == []
+    assert sorted(r.key.decode() for rs in outputs.values() for r in rs) == sorted(ids)
