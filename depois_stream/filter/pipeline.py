@@ -43,7 +43,7 @@ class Ingest:
     forwarded: list[list[Header]]  # each record's headers minus any ``depois.*`` header
     forged: int  # records that carried a ``depois.*`` header
     sizes: np.ndarray  # int64 [n]: key + value + forwarded headers, in bytes
-    unreadable: dict[int, str]  # record position -> why the client could not read it (``Unreadable``)
+    unreadable: dict[int, str]  # record position -> why the client could not read it
 
 
 def scan_headers(batch: RecordBatch) -> Ingest:

@@ -28,7 +28,7 @@ class Unreadable(tuple):
 
     Kafka brokers store a record's bytes unchecked, so a hostile or broken producer can write
     what no Python client will parse (header names that are not UTF-8, for one): librdkafka then
-    fails on that record's headers only, kafka-python on the whole fetch, again at every poll.
+    fails on that record's headers only, kafka-python on the whole fetch (then spinning on it).
     An adapter that meets such a record hands it over with whatever it could read (key and value
     where it has them) and this marker: an empty header list, so nothing else needs a special
     case, that the pipeline dead-letters as ``malformed`` with ``error`` as the message. The

@@ -109,6 +109,20 @@ class _Listener(ConsumerRebalanceListener):
             self._consumer.seek(TopicPartition(topic, partition), offset)
 
 
+def _stuck_at(stopped: int, position: int, exc: BaseException) -> tuple[int, str]:
+    """The offset kafka-python cannot hand over, and why, from where its parser stopped (the
+    offset after the last record it parsed) and the partition's fetch position.
+
+    The larger of the two: below the position, the parser re-read a record batch from its start
+    and failed before reaching the position (so the position is the first record it cannot
+    reach); above it, it skipped transaction markers or aborted batches first."""
+    offset = max(stopped, position)
+    if offset == stopped:
+        return offset, f"kafka-python cannot read this record ({type(exc).__name__}: {exc})"
+    return offset, (f"kafka-python cannot read past offset {stopped} of the same record batch "
+                    f"({type(exc).__name__}: {exc})")
+
+
 class KafkaPythonConsumer:
     def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
         self._on_commit = on_commit
@@ -134,47 +148,52 @@ class KafkaPythonConsumer:
         except KafkaError as exc:
             raise _error(exc) from exc
         recs = [r for rs in polled.values() for r in rs]
-        if not recs:
-            return RecordBatch.empty(self._topic)
         n = len(recs)
-        return RecordBatch(
+        got = RecordBatch.empty(self._topic) if not recs else RecordBatch(
             self._topic, np.fromiter((r.partition for r in recs), np.int32, n),
             np.fromiter((r.offset for r in recs), np.int64, n),
             np.fromiter((r.timestamp for r in recs), np.int64, n),
             [r.key for r in recs], [r.value for r in recs], [r.headers for r in recs])
+        # A poll that returned records and then met an unparseable one keeps that error for the
+        # next poll, but drops it if the partition is paused meanwhile (the breaker, a backoff),
+        # after which every poll spins on the stuck fetch: handle it now instead.
+        held = getattr(getattr(self._c, "_fetcher", None), "_next_in_line_exception_metadata", None)
+        if held is not None and isinstance(getattr(held, "exception", None), CorruptRecordError):
+            self._c._fetcher._next_in_line_exception_metadata = None
+            return RecordBatch.concat(self._topic, [got, self._unreadable(held.exception)])
+        return got
 
     def _unreadable(self, exc: CorruptRecordError) -> RecordBatch:
         """The record kafka-python cannot parse, as one ``Unreadable`` record, and the partition
         moved past it.
 
-        kafka-python raises for the whole fetch, at every poll, when one record of it does not
-        parse (a header name that is not UTF-8, a bad CRC): left alone, the partition stalls
-        forever. Its fetcher knows where it stopped (the partition, and the offset after the
-        last record it parsed); that record is handed over without key or value (kafka-python
-        never gives them) and the fetch resumes after it. Within the same record batch
-        kafka-python parses from the batch's start, so it cannot read past the bad record at
-        all: each later record of that batch is handed over the same way, one per poll, until
-        the fetch position leaves the batch. Their bytes stay in the topic (offsets in the
-        dead letters' provenance headers); confluent-kafka reads records one by one and keeps
-        their payloads. Without the fetcher's state (another kafka-python version), the error
-        goes up as before."""
-        part = getattr(getattr(self._c, "_fetcher", None), "_next_partition_records", None)
-        tp = getattr(part, "topic_partition", None)
-        stopped = getattr(part, "next_fetch_offset", None)
-        if not part or tp is None or stopped is None:
-            raise _error(exc) from exc
-        offset = max(int(stopped), int(self._c.position(tp)))
-        why = (f"kafka-python cannot read this record ({type(exc).__name__}: {exc})" if offset == stopped
-               else f"kafka-python cannot read past offset {stopped} of the same record batch "
-                    f"({type(exc).__name__}: {exc})")
+        kafka-python raises once when a record of a fetch does not parse (a header name that is
+        not UTF-8, a bad CRC); its fetcher then keeps the stuck fetch, and every later poll
+        spins on it without returning a record: the partition stalls for good. The fetcher
+        knows where it stopped (the partition, and the offset after the last record it parsed);
+        that record is handed over without key or value (kafka-python never gives them), and
+        the seek past it makes kafka-python drop the stuck fetch and fetch again. Within the
+        same record batch kafka-python parses from the batch's start, so it cannot read past
+        the bad record at all: each later offset of that batch is handed over the same way, one
+        per poll, until the fetch position leaves the batch. Their bytes stay in the topic
+        (offsets in the dead letters' provenance headers); confluent-kafka reads records one by
+        one and keeps their payloads. Without the fetcher's state (kafka-python other than the
+        3.0 line tested), the error goes up as before."""
+        try:
+            part = self._c._fetcher._next_partition_records
+            tp = part.topic_partition
+            offset, why = _stuck_at(int(part.next_fetch_offset),
+                                    int(self._c._subscription.assignment[tp].position.offset), exc)
+            self._c.seek(tp, offset + 1)
+        except Exception as err:  # noqa: BLE001 - anything here is "cannot recover"
+            raise _error(exc) from err
         log.error("%s[%d]@%d: %s; dead-lettered without its bytes, which stay in the topic",
                   tp.topic, tp.partition, offset, why)
-        self._c.seek(tp, offset + 1)
         return RecordBatch(
             self._topic, np.array([tp.partition], np.int32), np.array([offset], np.int64),
             np.array([int(time.time() * 1000)], np.int64), [None], [None],
-            [Unreadable(f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{offset} (confluent-kafka "
-                        "reads records one by one: --client confluent-kafka)")])
+            [Unreadable(f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{offset} "
+                        "(confluent-kafka reads records one by one: --client confluent-kafka)")])
 
     def seek(self, tp: TP, offset: int) -> None:
         self._c.seek(TopicPartition(*tp), offset)
