@@ -31,6 +31,24 @@ class _RawKey(str):
         return self.raw
 
 
+def _filter_until_committed(kafka_client: str, broker, topics: Topics, group: str, model,
+                            ends: dict[int, int], timeout_s: float = 60) -> dict[str, list]:
+    """Run the filter until the group has committed ``ends`` (partition -> end offset), stop it
+    (it must stop), and return every record of the three output topics."""
+    flt = StreamFilter(consumer_config(broker.bootstrap, topics, group, model, client=kafka_client,
+                                       exit_when_idle_s=None), Metrics())
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    runner.start()
+    try:
+        wait_for(lambda: committed(broker.bootstrap, group, topics.ingest) == ends, timeout_s=timeout_s)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+    return {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
+
+
 def _run_hostile(kafka_client, broker, unique, centroid_model, digits_arrays, own_batches: bool):
     """Publish 40 samples, two of them with a header name that is not UTF-8 (each in a record
     batch of its own, as a separate producer's would be, or inside one batch with the rest),
@@ -61,19 +79,7 @@ def _run_hostile(kafka_client, broker, unique, centroid_model, digits_arrays, ow
         producer.close()
     end = max(f.get(timeout=10).offset for f in futures) + 1
 
-    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
-                                       exit_when_idle_s=None), Metrics())
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
-    runner.start()
-    try:
-        wait_for(lambda: (committed(broker.bootstrap, unique, topics.ingest).get(0) or 0) >= end, timeout_s=60)
-    finally:
-        stop.set()
-        runner.join(timeout=30)
-    assert not runner.is_alive()
-
-    outputs = {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
+    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
     sources = Counter(H.as_dict(r.headers)[H.SOURCE_OFFSET] for rs in outputs.values() for r in rs)
     assert len(sources) == n + 10 and set(sources.values()) == {1}  # each input exactly once
     assert committed(broker.bootstrap, unique, topics.ingest) == {0: end}
@@ -138,19 +144,7 @@ def test_legal_but_unusual_records_are_each_routed_once_and_forwarded_intact(
     assert [err for err, _ in acks] == [None] * len(cases)
     end = max(offset for _, offset in acks) + 1
 
-    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
-                                       exit_when_idle_s=None), Metrics())
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
-    runner.start()
-    try:
-        wait_for(lambda: (committed(broker.bootstrap, unique, topics.ingest).get(0) or 0) >= end, timeout_s=60)
-    finally:
-        stop.set()
-        runner.join(timeout=30)
-    assert not runner.is_alive()
-
-    outputs = {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
+    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
     by_offset = {int(H.as_dict(r.headers)[H.SOURCE_OFFSET]): r for rs in outputs.values() for r in rs}
     assert sorted(by_offset) == list(range(len(cases)))
     assert sum(len(rs) for rs in outputs.values()) == len(cases)
@@ -186,18 +180,7 @@ def test_every_compression_codec_a_producer_may_use_is_read(
     assert [err for err, _ in acks] == [None] * len(ids)
     end = max(offset for _, offset in acks) + 1
 
-    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
-                                       exit_when_idle_s=None), Metrics())
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
-    runner.start()
-    try:
-        wait_for(lambda: (committed(broker.bootstrap, unique, topics.ingest).get(0) or 0) >= end, timeout_s=60)
-    finally:
-        stop.set()
-        runner.join(timeout=30)
-    assert not runner.is_alive()
-    outputs = {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
+    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
     assert outputs[topics.dlq] == []
     assert sorted(r.key.decode() for rs in outputs.values() for r in rs) == sorted(ids)
 
@@ -253,18 +236,7 @@ def test_a_random_mix_of_records_over_three_partitions_is_each_routed_once(
     assert [a[0] for a in acks] == [None] * n
     ends = {p: max(o for _, q, o in acks if q == p) + 1 for p in range(3)}
 
-    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
-                                       exit_when_idle_s=None), Metrics())
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
-    runner.start()
-    try:
-        wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends, timeout_s=90)
-    finally:
-        stop.set()
-        runner.join(timeout=30)
-    assert not runner.is_alive()
-    outputs = {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
+    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, ends, timeout_s=90)
     sources = Counter((int(H.as_dict(r.headers)[H.SOURCE_PARTITION]), int(H.as_dict(r.headers)[H.SOURCE_OFFSET]))
                       for rs in outputs.values() for r in rs)
     assert sources == Counter((q, o) for _, q, o in acks)  # each input exactly once
