@@ -141,6 +141,7 @@ class KafkaPythonConsumer:
         self._c.subscribe([topic], listener=_Listener(self._c, on_assign, on_revoke, on_lost))
 
     def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
+        self._free_spent_slot()
         try:
             polled = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except CorruptRecordError as exc:
@@ -162,6 +163,20 @@ class KafkaPythonConsumer:
             self._c._fetcher._next_in_line_exception_metadata = None
             return RecordBatch.concat(self._topic, [got, self._unreadable(held.exception)])
         return got
+
+    def _free_spent_slot(self) -> None:
+        """Empty kafka-python's in-hand slot when all it holds is spent records.
+
+        kafka-python 3.0.12 parks the records it holds for a partition that gets paused, and
+        gives them back after the resume only if that slot is ``None``; but it leaves the last
+        partition's spent (drained) records there, so the parked partition was never handed
+        over nor fetched again: a silent stall of one partition after any pause of a subset
+        (a rebalance during the breaker's or a backoff's pause does that). Spent records are
+        worth nothing, so ``None`` is the same slot with the check made to work."""
+        fetcher = getattr(self._c, "_fetcher", None)
+        spent = getattr(fetcher, "_next_partition_records", None)
+        if spent is not None and not spent:
+            fetcher._next_partition_records = None
 
     def _unreadable(self, exc: CorruptRecordError) -> RecordBatch:
         """The record kafka-python cannot parse, as one ``Unreadable`` record, and the partition
@@ -185,6 +200,8 @@ class KafkaPythonConsumer:
             offset, why = _stuck_at(int(part.next_fetch_offset),
                                     int(self._c._subscription.assignment[tp].position.offset), exc)
             self._c.seek(tp, offset + 1)
+            part.drain()  # the stuck parser is spent: a pause must not park it (see above)
+            self._c._fetcher._next_partition_records = None
         except Exception as err:  # noqa: BLE001 - anything here is "cannot recover"
             raise _error(exc) from err
         log.error("%s[%d]@%d: %s; dead-lettered without its bytes, which stay in the topic",
@@ -203,6 +220,7 @@ class KafkaPythonConsumer:
 
     def resume(self, tps: Iterable[TP]) -> None:
         self._c.resume(*(TopicPartition(*tp) for tp in tps))
+        self._free_spent_slot()
 
     def commit(self, offsets: Mapping[TP, int], asynchronous: bool) -> None:
         meta = {TopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
