@@ -68,3 +68,76 @@ def test_rebalance_during_linger_loses_nothing(
         if tb is not None:
             tb.join(timeout=30)
     assert sorted(set(_ids_out(broker.bootstrap, topics))) == everything
+
+
+@pytest.mark.timeout(180)
+def test_a_pause_lifted_while_a_rebalance_is_under_way_leaves_no_partition_paused(
+        kafka_client, broker, unique, digits_arrays):
+    """The breaker or a producer backoff pauses every partition; a member joins; the pause is
+    lifted after the revocation and before the new assignment. The partitions this member
+    keeps must flow again.
+
+    kafka-python's eager rebalance keeps the state of a partition that stays with the member,
+    paused flag included, while the source, which resumed an empty assignment, believes
+    nothing is paused: the kept partitions stalled for good, without an error."""
+    from kafka import KafkaConsumer
+
+    from depois_stream.filter.clients import make_client
+    from depois_stream.filter.clients.base import ClientSettings
+    from depois_stream.filter.metrics import Metrics
+    from depois_stream.filter.source import Source
+
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique, partitions=2)
+    consumer = make_client(kafka_client).consumer(
+        ClientSettings(bootstrap_servers=broker.bootstrap, client_id=f"{unique}-a", group_id=unique),
+        lambda err: None)
+    source = Source(consumer, topics.ingest, batch_size=64, linger_ms=0, metrics=Metrics())
+    source.subscribe()
+    stop = threading.Event()
+    other_owns: set[int] = set()
+
+    def other_member() -> None:  # a plain consumer of the same group: joining makes the rebalance
+        b = KafkaConsumer(topics.ingest, bootstrap_servers=broker.bootstrap, group_id=unique,
+                          enable_auto_commit=False, session_timeout_ms=10_000,
+                          heartbeat_interval_ms=1000, auto_offset_reset="latest")
+        try:
+            while not stop.is_set():
+                b.poll(timeout_ms=200)
+                other_owns.clear()
+                other_owns.update(tp.partition for tp in b.assignment())
+        finally:
+            b.close()
+
+    tb = threading.Thread(target=other_member)
+    try:
+        deadline = time.monotonic() + 60
+        while len(source.assigned) < 2:
+            assert time.monotonic() < deadline, "the member never got both partitions"
+            source.idle(0.2)
+        source.pause("breaker")
+        tb.start()
+        while source.assigned:  # the rebalance has begun: everything revoked
+            assert time.monotonic() < deadline, "no rebalance"
+            source.idle(0.2)
+        source.resume("breaker")  # the breaker closes between revocation and assignment
+        while not source.assigned or len(other_owns) != 1:
+            assert time.monotonic() < deadline, "the rebalance did not finish"
+            source.idle(0.2)
+        (kept,) = {p for _, p in source.assigned}
+        ids = [f"{unique}-{i}" for i in range(40)]
+        ends = publish(broker.bootstrap, topics.ingest, ids, xte[:40], yte[:40])
+        assert ends.get(kept, 0) > 0
+        got: set[int] = set()
+        while len(got) < ends[kept]:
+            assert time.monotonic() < deadline + 30, (
+                f"partition {kept} stalled: {len(got)} of {ends[kept]} records after the pause was lifted")
+            batch = source.next_batch()
+            assert set(batch.partitions.tolist()) <= {kept}
+            got.update(batch.offsets.tolist())
+    finally:
+        stop.set()
+        if tb.is_alive():
+            tb.join(timeout=30)
+        consumer.close()
+    assert got == set(range(ends[kept]))

@@ -154,7 +154,12 @@ RevokeCallback = Callable[[list[TP]], None]
 
 class Consumer(Protocol):
     def subscribe(self, topic: str, on_assign: AssignCallback, on_revoke: RevokeCallback,
-                  on_lost: RevokeCallback) -> None: ...
+                  on_lost: RevokeCallback) -> None:
+        """Join the group. Every partition of an assignment starts unpaused, one kept through
+        the rebalance included (both libraries would keep its pause flag, and a pause lifted
+        between revocation and assignment would never reach it); the source pauses them again
+        after the poll if it is paused."""
+        ...
 
     def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
         """Up to ``max_records`` records; rebalance callbacks run inside this call only."""

@@ -177,6 +177,10 @@ class ConfluentConsumer:
                 if start is not None:
                     tp.offset = start
             consumer.assign(partitions)
+            # A partition kept through a rebalance keeps its pause flag; an assignment starts
+            # unpaused (base.Consumer.subscribe), the source pauses it again if it must.
+            if partitions:
+                consumer.resume(partitions)
 
         self._c.subscribe(
             [topic], on_assign=assign,

@@ -101,6 +101,10 @@ class _Listener(ConsumerRebalanceListener):
         self._lost([(tp.topic, tp.partition) for tp in lost])
 
     def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        assigned = list(assigned)
+        # An eager rebalance keeps the state of a partition that stays with this member, its
+        # pause flag included: an assignment starts unpaused (base.Consumer.subscribe).
+        self._consumer.resume(*assigned)
         starts = self._assign([(tp.topic, tp.partition) for tp in assigned])
         for (topic, partition), offset in starts.items():
             # kafka-python keeps the fetch position of a partition that comes straight back
