@@ -7,6 +7,7 @@ import threading
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 from kafka import KafkaProducer
 
@@ -362,3 +363,70 @@ def test_a_partition_paused_with_records_left_in_hand_is_read_on_after_resume(
     finally:
         consumer.close()
     assert seen == {(int(i >= n0), i - n0 * int(i >= n0)) for i in range(n0 + n1)}
+
+
+@pytest.mark.timeout(180)
+def test_partitions_resumed_while_others_have_a_backlog_are_fetched_again(broker, unique, digits_arrays):
+    """Two partitions are paused, each while kafka-python holds fetched records of it, and
+    resumed while two others have a backlog: neither may stay parked after the resume.
+
+    kafka-python 3.0.12 parks the records it holds for a partition that gets paused and does
+    not fetch that partition while they are parked. It gives them back one partition at a
+    time, and only into an empty in-hand slot, which a backlog keeps full at the start of
+    every poll: the second parked partition starved for as long as the backlog lasted. Two
+    parked partitions come from a rebalance during the breaker's or a backoff's pause (a
+    partition newly assigned, read in the poll that assigned it, then paused). kafka-python
+    only, and white-box on purpose: which partition is in hand is the client's internal
+    state, and Tansu's fetch sizes make any timing of the starvation a matter of luck."""
+    from depois_stream.filter.clients.base import ClientSettings
+    from depois_stream.filter.clients.kafka_python import KafkaPythonConsumer
+    from kafka import TopicPartition
+
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique, partitions=4)
+    sizes = {0: 1000, 1: 1000, 2: 6000, 3: 6000}
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=20)
+    for p, n in sizes.items():
+        enc = encode_batch([f"{p}-{i}" for i in range(n)], xte[np.arange(n) % len(xte)],
+                           yte[np.arange(n) % len(yte)], encoding="binary")
+        for value, ctype in enc:
+            producer.send(topics.ingest, value=value, partition=p, headers=[(H.CONTENT_TYPE, ctype.encode())])
+    producer.close()
+
+    consumer = KafkaPythonConsumer(  # small fetches: the in-hand slot changes partition often
+        ClientSettings(bootstrap_servers=broker.bootstrap, client_id=unique, group_id=unique,
+                       options={"max_partition_fetch_bytes": 16 << 10}), lambda err: None)
+    consumer.subscribe(topics.ingest, lambda tps: {}, lambda tps: None, lambda tps: None)
+    parked = consumer._c._fetcher._paused_partition_records
+    got: dict[int, set[int]] = {p: set() for p in sizes}
+
+    def take() -> list[int]:
+        parts, offsets, _ = _columns(consumer.poll(0.5, 50))
+        for p, o in zip(parts, offsets):
+            assert o not in got[p]
+            got[p].add(o)
+        return parts
+
+    try:
+        deadline = time.monotonic() + 90
+        paused: list[int] = []
+        while len(paused) < 2:  # pause a small partition right after a poll that ended inside it
+            assert time.monotonic() < deadline, f"could not park both small partitions: {paused}"
+            parts = take()
+            last = parts[-1] if parts else None
+            if last in (0, 1) and last not in paused and len(got[last]) < sizes[last]:
+                consumer.pause([(topics.ingest, last)])
+                take()
+                if TopicPartition(topics.ingest, last) in parked:
+                    paused.append(last)
+                else:  # its records were not in hand after all: try again
+                    consumer.resume([(topics.ingest, last)])
+        consumer.resume([(topics.ingest, 0), (topics.ingest, 1)])
+        take()
+        assert not parked, f"resumed partitions still parked (so not fetched): {sorted(parked)}"
+        while any(len(got[p]) < sizes[p] for p in (0, 1)):
+            assert time.monotonic() < deadline, {p: len(got[p]) for p in sizes}
+            take()
+    finally:
+        consumer.close()
+    assert all(got[p] == set(range(sizes[p])) for p in (0, 1))

@@ -145,7 +145,7 @@ class KafkaPythonConsumer:
         self._c.subscribe([topic], listener=_Listener(self._c, on_assign, on_revoke, on_lost))
 
     def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
-        self._free_spent_slot()
+        self._drop_parked()
         try:
             polled = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except CorruptRecordError as exc:
@@ -168,19 +168,23 @@ class KafkaPythonConsumer:
             return RecordBatch.concat(self._topic, [got, self._unreadable(held.exception)])
         return got
 
-    def _free_spent_slot(self) -> None:
-        """Empty kafka-python's in-hand slot when all it holds is spent records.
+    def _drop_parked(self) -> None:
+        """Drop the records kafka-python parked for partitions that are no longer paused.
 
-        kafka-python 3.0.12 parks the records it holds for a partition that gets paused, and
-        gives them back after the resume only if that slot is ``None``; but it leaves the last
-        partition's spent (drained) records there, so the parked partition was never handed
-        over nor fetched again: a silent stall of one partition after any pause of a subset
-        (a rebalance during the breaker's or a backoff's pause does that). Spent records are
-        worth nothing, so ``None`` is the same slot with the check made to work."""
+        kafka-python 3.0.12 parks the fetched records it holds for a partition that gets paused
+        and does not fetch that partition while they are parked. It gives them back one
+        partition per poll, and only into an empty in-hand slot; but it leaves spent records
+        in that slot (so a parked partition stalled for good after its resume) and a backlog
+        on other partitions keeps the slot full (so a second parked partition starved for as
+        long as the backlog lasted). Parked records were never handed over and the fetch
+        position never moved past them, so dropping them costs one fetch: the partition is
+        fetched again from its position at the next poll."""
         fetcher = getattr(self._c, "_fetcher", None)
-        spent = getattr(fetcher, "_next_partition_records", None)
-        if spent is not None and not spent:
-            fetcher._next_partition_records = None
+        parked = getattr(fetcher, "_paused_partition_records", None)
+        if not parked:
+            return
+        for tp in [tp for tp in parked if not self._c._subscription.is_paused(tp)]:
+            parked.pop(tp).drain()
 
     def _unreadable(self, exc: CorruptRecordError) -> RecordBatch:
         """The record kafka-python cannot parse, as one ``Unreadable`` record, and the partition
@@ -224,7 +228,7 @@ class KafkaPythonConsumer:
 
     def resume(self, tps: Iterable[TP]) -> None:
         self._c.resume(*(TopicPartition(*tp) for tp in tps))
-        self._free_spent_slot()
+        self._drop_parked()
 
     def commit(self, offsets: Mapping[TP, int], asynchronous: bool) -> None:
         meta = {TopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
