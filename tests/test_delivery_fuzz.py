@@ -186,6 +186,49 @@ def test_every_compression_codec_a_producer_may_use_is_read(
     assert sorted(r.key.decode() for rs in outputs.values() for r in rs) == sorted(ids)
 
 
+@pytest.mark.timeout(120)
+def test_a_record_batch_that_does_not_decompress_is_dead_lettered_and_passed(
+        kafka_client, broker, unique, centroid_model, digits_arrays, monkeypatch):
+    """A producer batch whose compressed bytes are garbage behind a valid CRC: brokers that do
+    not decompress batches to validate them (Tansu among them) store it. (A codec id no client
+    knows is refused by Tansu on produce, so it is not tested here; kafka-python raises it from
+    the same parser, which the adapter handles alike.)
+
+    Before: kafka-python raised once and then looped inside its poll forever (the whole
+    member hung: no heartbeat, no other partition); librdkafka fetched the batch again and
+    again (the partition stalled, a warning per fetch). Now each offset of the batch is
+    dead-lettered as malformed, without bytes, and the batches around it are filtered."""
+    import kafka.record.default_records as records
+
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    ids = [f"{unique}-{i}" for i in range(30)]
+    enc = encode_batch(ids, xte[:30], yte[:30], encoding="binary")
+    acks = []
+    for part in range(3):  # three producer batches: good, garbage, good
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all",
+                                 compression_type="gzip", linger_ms=100)
+        if part == 1:  # gzip's magic, then zeros; the CRC is computed over them, so valid
+            monkeypatch.setattr(records, "gzip_encode", lambda data: b"\x1f\x8b" + bytes(len(data) // 4))
+        futures = [producer.send(topics.ingest, value=value, key=sid.encode(),
+                                 headers=[(H.CONTENT_TYPE, ctype.encode())])
+                   for sid, (value, ctype) in list(zip(ids, enc))[part * 10:(part + 1) * 10]]
+        producer.flush()
+        acks += [f.get(timeout=10).offset for f in futures]
+        producer.close()
+        monkeypatch.undo()
+    assert acks == list(range(30))
+
+    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: 30})
+    sources = Counter(int(H.as_dict(r.headers)[H.SOURCE_OFFSET]) for rs in outputs.values() for r in rs)
+    assert sorted(sources) == list(range(30)) and set(sources.values()) == {1}
+    dead = {int(H.as_dict(r.headers)[H.SOURCE_OFFSET]): r for r in outputs[topics.dlq]}
+    assert set(dead) == set(range(10, 20))
+    assert all(H.as_dict(r.headers)[H.ERROR_CLASS] == "malformed" for r in dead.values())
+    forwarded = [r.key.decode() for t in (topics.clean, topics.quarantine) for r in outputs[t]]
+    assert sorted(forwarded) == sorted(ids[:10] + ids[20:])
+
+
 def test_a_random_mix_of_records_over_three_partitions_is_each_routed_once(
         kafka_client, broker, unique, centroid_model, digits_arrays):
     """Seeded fuzz: valid samples, truncated and bit-flipped ones, random bytes, random header

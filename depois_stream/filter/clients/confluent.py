@@ -137,6 +137,10 @@ def _tps(tps: Iterable[TP]) -> list[TopicPartition]:
 _HEADERS = operator.methodcaller("headers")
 
 
+# librdkafka's errors for a record batch it fetched but cannot read: each stalls the partition.
+_UNREADABLE = frozenset({KafkaError._BAD_COMPRESSION, KafkaError._BAD_MSG})
+
+
 def _headers(m: Message) -> list[Header] | Unreadable | None:
     """The record's headers, or ``Unreadable`` when confluent-kafka cannot give them."""
     try:
@@ -154,6 +158,11 @@ class ConfluentConsumer:
             on_commit(None if err is None else _error(err, "offset commit"))
 
         self._topic = ""
+        # partition -> an offset its position is known to be at or past: the last seek made here
+        # (a rewind, a start offset, a skip past an unreadable record). librdkafka reports an
+        # unreadable batch at its first offset whatever the position, and position() does not
+        # follow seeks, so skipping one offset per poll needs this.
+        self._floor: dict[int, int] = {}
         self._c = Consumer({
             "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
             **_consumer_only(translate(s.options)),
@@ -173,9 +182,10 @@ class ConfluentConsumer:
         def assign(consumer: Consumer, partitions: list[TopicPartition]) -> None:
             starts = on_assign([(tp.topic, tp.partition) for tp in partitions])
             for tp in partitions:
+                self._floor.pop(tp.partition, None)
                 start = starts.get((tp.topic, tp.partition))
                 if start is not None:
-                    tp.offset = start
+                    tp.offset = self._floor[tp.partition] = start
             consumer.assign(partitions)
             # A partition kept through a rebalance keeps its pause flag; an assignment starts
             # unpaused (base.Consumer.subscribe), the source pauses it again if it must.
@@ -202,22 +212,55 @@ class ConfluentConsumer:
         if not msgs:
             return RecordBatch.empty(self._topic)
         bad = [m for m in msgs if m.error() is not None]
+        unreadable = RecordBatch.empty(self._topic)
         if bad:
             for m in bad:
                 rdkafka_log.warning("consume: %s", m.error().str())
             msgs = [m for m in msgs if m.error() is None]
+            unreadable = self._unreadable(bad)
         n = len(msgs)
-        return RecordBatch(
+        got = RecordBatch(
             self._topic, np.fromiter((m.partition() for m in msgs), np.int32, n),
             np.fromiter((m.offset() for m in msgs), np.int64, n),
             np.fromiter((m.timestamp()[1] for m in msgs), np.int64, n),
             [m.key() for m in msgs], [m.value() for m in msgs], [_headers(m) for m in msgs])
+        return got if not len(unreadable) else RecordBatch.concat(self._topic, [got, unreadable])
+
+    def _unreadable(self, errors: list[Message]) -> RecordBatch:
+        """Records librdkafka cannot read, as ``Unreadable`` records, each partition moved past.
+
+        A record batch that does not decompress (garbage data behind a valid CRC: brokers that
+        do not validate batches store it) comes back from librdkafka as an error at the batch's
+        first offset, and librdkafka fetches it again and again: the partition stalled for good.
+        Like kafka-python (``_stuck_at``), the offset handed over is the larger of the reported
+        one and the last offset sought here, and the seek past it moves on one offset per poll until
+        the position leaves the batch; each is dead-lettered without bytes, which stay in the
+        topic. Other errors (a partition's end, a broker going away) are librdkafka's to retry."""
+        parts, offsets, why = [], [], []
+        for m in errors:
+            err = m.error()
+            if (err.code() not in _UNREADABLE or m.partition() is None or m.offset() is None
+                    or m.offset() < 0 or m.partition() in parts):
+                continue
+            offset = max(m.offset(), self._floor.get(m.partition(), -1))
+            self.seek((m.topic(), m.partition()), offset + 1)
+            log.error("%s[%d]@%d: librdkafka cannot read this record batch (%s); dead-lettered "
+                      "without its bytes, which stay in the topic", m.topic(), m.partition(), offset,
+                      err.str())
+            parts.append(m.partition())
+            offsets.append(offset)
+            why.append(Unreadable(f"librdkafka cannot read the record batch ({err.str()}); its "
+                                  f"bytes stay at {m.topic()}[{m.partition()}]@{offset}"))
+        n = len(parts)
+        return RecordBatch(self._topic, np.array(parts, np.int32), np.array(offsets, np.int64),
+                           np.full(n, int(time.time() * 1000), np.int64), [None] * n, [None] * n, why)
 
     def seek(self, tp: TP, offset: int) -> None:
         try:
             self._c.seek(TopicPartition(tp[0], tp[1], offset))
         except KafkaException as exc:
             raise _exc(exc, f"seek {tp[0]}[{tp[1]}] to {offset}") from exc
+        self._floor[tp[1]] = offset
 
     def pause(self, tps: Iterable[TP]) -> None:
         parts = _tps(tps)

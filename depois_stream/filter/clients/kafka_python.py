@@ -113,6 +113,25 @@ class _Listener(ConsumerRebalanceListener):
             self._consumer.seek(TopicPartition(topic, partition), offset)
 
 
+def _raised_by_parser(exc: BaseException | None) -> bool:
+    """Whether kafka-python's record parser raised ``exc``: a record it cannot read (a bad
+    CRC, a header name that is not UTF-8) or a batch it cannot decompress (garbage gzip data, a
+    codec id no client knows; brokers that do not validate batches store them).
+
+    Such an error leaves the parser spent in kafka-python's in-hand slot, and the next poll
+    loops on it forever without returning, so it must be recovered from at once. Told apart
+    from network and group errors by the parser's frame in the traceback: the exception types
+    alone overlap (a codec error is a KafkaError, a gzip error is not)."""
+    if isinstance(exc, CorruptRecordError):
+        return True
+    tb = exc.__traceback__ if exc is not None else None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_unpack_records":
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _stuck_at(stopped: int, position: int, exc: BaseException) -> tuple[int, str]:
     """The offset kafka-python cannot hand over, and why, from where its parser stopped (the
     offset after the last record it parsed) and the partition's fetch position.
@@ -148,10 +167,12 @@ class KafkaPythonConsumer:
         self._drop_parked()
         try:
             polled = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        except CorruptRecordError as exc:
-            return self._unreadable(exc)
-        except KafkaError as exc:
-            raise _error(exc) from exc
+        except Exception as exc:  # noqa: BLE001 - sorted just below
+            if _raised_by_parser(exc):
+                return self._unreadable(exc)
+            if isinstance(exc, KafkaError):
+                raise _error(exc) from exc
+            raise
         recs = [r for rs in polled.values() for r in rs]
         n = len(recs)
         got = RecordBatch.empty(self._topic) if not recs else RecordBatch(
@@ -163,7 +184,7 @@ class KafkaPythonConsumer:
         # next poll, but drops it if the partition is paused meanwhile (the breaker, a backoff),
         # after which every poll spins on the stuck fetch: handle it now instead.
         held = getattr(getattr(self._c, "_fetcher", None), "_next_in_line_exception_metadata", None)
-        if held is not None and isinstance(getattr(held, "exception", None), CorruptRecordError):
+        if held is not None and _raised_by_parser(getattr(held, "exception", None)):
             self._c._fetcher._next_in_line_exception_metadata = None
             return RecordBatch.concat(self._topic, [got, self._unreadable(held.exception)])
         return got
@@ -186,13 +207,14 @@ class KafkaPythonConsumer:
         for tp in [tp for tp in parked if not self._c._subscription.is_paused(tp)]:
             parked.pop(tp).drain()
 
-    def _unreadable(self, exc: CorruptRecordError) -> RecordBatch:
+    def _unreadable(self, exc: Exception) -> RecordBatch:
         """The record kafka-python cannot parse, as one ``Unreadable`` record, and the partition
         moved past it.
 
         kafka-python raises once when a record of a fetch does not parse (a header name that is
-        not UTF-8, a bad CRC); its fetcher then keeps the stuck fetch, and every later poll
-        spins on it without returning a record: the partition stalls for good. The fetcher
+        not UTF-8, a bad CRC) or its batch does not decompress; its fetcher then keeps the stuck
+        fetch, and later polls spin on it (the partition stalls for good) or, for a batch that
+        did not decompress, loop inside kafka-python without returning at all. The fetcher
         knows where it stopped (the partition, and the offset after the last record it parsed);
         that record is handed over without key or value (kafka-python never gives them), and
         the seek past it makes kafka-python drop the stuck fetch and fetch again. Within the
