@@ -72,3 +72,14 @@ def test_a_misspelt_depois_variable_is_named_at_start_up(centroid_model: Path) -
                 "--startup-timeout-s", "1", "--metrics-port", "0",
                 env={"DEPOIS_VERIFY_SIGNATUR": "/keys/team.pub"})
     assert "DEPOIS_VERIFY_SIGNATUR (did you mean DEPOIS_VERIFY_SIGNATURE?)" in proc.stderr
+
+
+def test_kafka_python_without_a_codec_library_is_refused_at_start_up(centroid_model: Path,
+                                                                    tmp_path: Path) -> None:
+    """A broken install (a codec library missing) would stall every partition that carries such
+    batches; it is refused before joining the group, naming what to install."""
+    (tmp_path / "zstandard.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = _cli("run", "--client", "kafka-python", "--model-path", str(centroid_model),
+                "--bootstrap-servers", "127.0.0.1:1", env=env)
+    _one_line(proc, 2, "zstd", "pip install 'kafka-python[lz4,snappy,zstd]'")

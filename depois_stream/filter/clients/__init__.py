@@ -34,8 +34,13 @@ def resolve(name: str) -> str:
 def make_client(name: str) -> Client:
     name = resolve(name)
     if name == "kafka-python":
-        from depois_stream.filter.clients.kafka_python import KafkaPythonClient
+        from depois_stream.filter.clients.kafka_python import KafkaPythonClient, missing_codecs
 
+        if missing := missing_codecs():
+            raise ClientUnavailable(
+                f"kafka-python cannot decompress {', '.join(missing)} record batches (their "
+                "libraries are not installed), so every such batch would stall its partition: "
+                "pip install 'kafka-python[lz4,snappy,zstd]' (or reinstall depois-stream)")
         return KafkaPythonClient()
     if name == "confluent-kafka":
         if not confluent_installed():

@@ -212,28 +212,41 @@ class ConfluentConsumer:
         if not msgs:
             return RecordBatch.empty(self._topic)
         bad = [m for m in msgs if m.error() is not None]
-        unreadable = RecordBatch.empty(self._topic)
+        unreadable = None
         if bad:
             for m in bad:
                 rdkafka_log.warning("consume: %s", m.error().str())
             msgs = [m for m in msgs if m.error() is None]
-            unreadable = self._unreadable(bad)
+            unreadable = self._unreadable(bad, msgs)
         n = len(msgs)
         got = RecordBatch(
             self._topic, np.fromiter((m.partition() for m in msgs), np.int32, n),
             np.fromiter((m.offset() for m in msgs), np.int64, n),
             np.fromiter((m.timestamp()[1] for m in msgs), np.int64, n),
             [m.key() for m in msgs], [m.value() for m in msgs], [_headers(m) for m in msgs])
-        return got if not len(unreadable) else RecordBatch.concat(self._topic, [got, unreadable])
+        return got if not unreadable else RecordBatch.concat(self._topic, [got, unreadable])
 
-    def _unreadable(self, errors: list[Message]) -> RecordBatch:
+    def _known_floor(self, topic: str, partition: int) -> int:
+        """The last offset sought here, or else the group's committed offset: a partition just
+        assigned starts there, while librdkafka reports an unreadable batch at its first offset,
+        which may lie below it (those offsets were dead-lettered before the commit)."""
+        if partition in self._floor:
+            return self._floor[partition]
+        try:
+            (tp,) = self._c.committed([TopicPartition(topic, partition)], timeout=5)
+        except KafkaException:
+            return -1
+        return tp.offset if tp.offset >= 0 else -1
+
+    def _unreadable(self, errors: list[Message], good: list[Message]) -> RecordBatch:
         """Records librdkafka cannot read, as ``Unreadable`` records, each partition moved past.
 
         A record batch that does not decompress (garbage data behind a valid CRC: brokers that
         do not validate batches store it) comes back from librdkafka as an error at the batch's
         first offset, and librdkafka fetches it again and again: the partition stalled for good.
         Like kafka-python (``_stuck_at``), the offset handed over is the larger of the reported
-        one and the last offset sought here, and the seek past it moves on one offset per poll until
+        one and where the partition is known to be (``_known_floor``), and the seek past it moves
+        on one offset per poll until
         the position leaves the batch; each is dead-lettered without bytes, which stay in the
         topic. Other errors (a partition's end, a broker going away) are librdkafka's to retry."""
         parts, offsets, why = [], [], []
@@ -242,8 +255,16 @@ class ConfluentConsumer:
             if (err.code() not in _UNREADABLE or m.partition() is None or m.offset() is None
                     or m.offset() < 0 or m.partition() in parts):
                 continue
-            offset = max(m.offset(), self._floor.get(m.partition(), -1))
-            self.seek((m.topic(), m.partition()), offset + 1)
+            offset = max(m.offset(), self._known_floor(m.topic(), m.partition()))
+            if any(g.partition() == m.partition() and g.offset() > offset for g in good):
+                pass  # librdkafka went on past it by itself (a legacy message set): no seek
+            else:
+                try:
+                    self.seek((m.topic(), m.partition()), offset + 1)
+                except ClientError as exc:  # the error comes back with the next fetch
+                    log.warning("could not move past the unreadable record at %s[%d]@%d: %s",
+                                m.topic(), m.partition(), offset, exc)
+                    continue
             log.error("%s[%d]@%d: librdkafka cannot read this record batch (%s); dead-lettered "
                       "without its bytes, which stay in the topic", m.topic(), m.partition(), offset,
                       err.str())

@@ -113,6 +113,15 @@ class _Listener(ConsumerRebalanceListener):
             self._consumer.seek(TopicPartition(topic, partition), offset)
 
 
+def missing_codecs() -> list[str]:
+    """The Kafka compression codecs kafka-python has no library for (dependencies of this
+    package, so only a broken install lacks one): checked at start-up, because a missing library
+    is not a bad batch."""
+    from kafka import codec
+
+    return [name for name in ("gzip", "snappy", "lz4", "zstd") if not getattr(codec, f"has_{name}")()]
+
+
 def _raised_by_parser(exc: BaseException | None) -> bool:
     """Whether kafka-python's record parser raised ``exc``: a record it cannot read (a bad
     CRC, a header name that is not UTF-8) or a batch it cannot decompress (garbage gzip data, a
@@ -239,8 +248,9 @@ class KafkaPythonConsumer:
         return RecordBatch(
             self._topic, np.array([tp.partition], np.int32), np.array([offset], np.int64),
             np.array([int(time.time() * 1000)], np.int64), [None], [None],
-            [Unreadable(f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{offset} "
-                        "(confluent-kafka reads records one by one: --client confluent-kafka)")])
+            [Unreadable(f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{offset}"
+                        + (" (confluent-kafka reads records one by one: --client confluent-kafka)"
+                           if isinstance(exc, CorruptRecordError) else ""))])
 
     def seek(self, tp: TP, offset: int) -> None:
         self._c.seek(TopicPartition(*tp), offset)
