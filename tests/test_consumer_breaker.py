@@ -64,3 +64,50 @@ def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
     assert sorted(r.key.decode() for r in clean) == sorted(ids)
     assert {H.as_dict(r.headers)[H.MODEL_VERSION] for r in clean} == {"fixed"}
     assert committed(broker.bootstrap, unique, topics.ingest) == ends
+
+
+def test_breaker_resumed_while_a_member_joins_leaves_no_partition_paused(
+        kafka_client, broker, unique, tmp_path: Path, digits_arrays):
+    """The breaker holds member A; a second member joins; the operator resumes A after the
+    rebalance revoked A's partitions and before it assigned them again. A's kept partition
+    must flow: the clients keep a kept partition's pause flag through an eager rebalance,
+    and A, which resumed an empty assignment, stalled on it for good."""
+    _, _, xte, yte = digits_arrays
+    model = tmp_path / "model.onnx"
+    _deploy(model, digits_arrays, "miscalibrated", boundary=10.0)  # every sample "poisoned"
+    topics = Topics.create(broker.bootstrap, unique, partitions=2)
+    ids = [f"{unique}-{i}" for i in range(400)]
+    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:400], yte[:400])
+
+    def member(name: str) -> tuple[StreamFilter, Metrics, Path]:
+        control = tmp_path / f"control-{name}"
+        control.mkdir()
+        metrics = Metrics()
+        cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
+                              exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
+                              control_dir=control, breaker_cooldown_s=3600)
+        return StreamFilter(cfg, metrics), metrics, control
+
+    a, a_metrics, a_control = member("a")
+    stop = threading.Event()
+    threads = [threading.Thread(target=a.run, args=(stop,))]
+    threads[0].start()
+    try:
+        wait_for(lambda: a_metrics.registry.get_sample_value("depois_circuit_breaker_trips_total") == 1)
+        _deploy(model, digits_arrays, "fixed", boundary=-10.0)  # every sample passes
+        wait_for(lambda: a_metrics.registry.get_sample_value(
+            "depois_model_reloads_total", {"outcome": "loaded"}) == 1)
+        b, _, _ = member("b")
+        threads.append(threading.Thread(target=b.run, args=(stop,)))
+        threads[1].start()
+        wait_for(lambda: not a.assignment, timeout_s=30)  # the rebalance revoked A's partitions
+        (a_control / RESUME_FLAG).touch()  # the operator resumes A now
+        wait_for(lambda: a_metrics.registry.get_sample_value("depois_circuit_breaker_open") == 0)
+        wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends, timeout_s=60)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert len(a.assignment) == 0  # stopped
+    clean = read_all(broker.bootstrap, topics.clean)
+    assert sorted(set(r.key.decode() for r in clean)) == sorted(ids)
