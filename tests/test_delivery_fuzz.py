@@ -313,6 +313,20 @@ def _columns(batch) -> tuple[list[int], list[int], list]:
     return batch.partitions.tolist(), batch.offsets.tolist(), list(batch.headers)
 
 
+def _subscribed(kafka_client: str, broker, group: str, topic: str, **options):
+    """The filter's consumer adapter for ``kafka_client``, alone, subscribed to ``topic``; and
+    the set its assignments accumulate in."""
+    from depois_stream.filter.clients import make_client
+    from depois_stream.filter.clients.base import ClientSettings
+
+    consumer = make_client(kafka_client).consumer(
+        ClientSettings(bootstrap_servers=broker.bootstrap, client_id=group, group_id=group,
+                       options=options), lambda err: None)
+    assigned: set = set()
+    consumer.subscribe(topic, lambda tps: assigned.update(tps) or {}, lambda tps: None, lambda tps: None)
+    return consumer, assigned
+
+
 @pytest.mark.timeout(120)
 def test_kafka_python_error_held_for_the_next_poll_survives_a_pause(broker, unique, digits_arrays):
     """kafka-python keeps a parse error met after other partitions' records for the next poll,
@@ -320,9 +334,6 @@ def test_kafka_python_error_held_for_the_next_poll_survives_a_pause(broker, uniq
     every poll after the resume then spins on the stuck fetch. The adapter handles the error in
     the poll that met it, so pausing and resuming after every poll loses and stalls nothing
     (the pauses go on after the recovery: the spent parser must not be parked for good)."""
-    from depois_stream.filter.clients.base import ClientSettings
-    from depois_stream.filter.clients.kafka_python import KafkaPythonConsumer
-
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     ids = [f"{unique}-{i}" for i in range(60)]
@@ -338,10 +349,7 @@ def test_kafka_python_error_held_for_the_next_poll_survives_a_pause(broker, uniq
         producer.flush()
     producer.close()
 
-    consumer = KafkaPythonConsumer(ClientSettings(bootstrap_servers=broker.bootstrap, client_id=unique,
-                                                  group_id=unique), lambda err: None)
-    assigned: set = set()
-    consumer.subscribe(topics.ingest, lambda tps: assigned.update(tps) or {}, lambda tps: None, lambda tps: None)
+    consumer, assigned = _subscribed("kafka-python", broker, unique, topics.ingest)
     seen: dict[tuple[int, int], object] = {}
     try:
         deadline = time.monotonic() + 60
@@ -372,9 +380,6 @@ def test_a_partition_paused_with_records_left_in_hand_is_read_on_after_resume(
     the parked partition is then never handed over nor fetched again, a silent stall of one
     partition. The filter pauses for the breaker and for producer backoffs, and a rebalance
     during such a pause resumes a subset of partitions exactly like this."""
-    from depois_stream.filter.clients import make_client
-    from depois_stream.filter.clients.base import ClientSettings
-
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
     n0, n1 = 400, 20
@@ -386,11 +391,7 @@ def test_a_partition_paused_with_records_left_in_hand_is_read_on_after_resume(
                       headers=[(H.CONTENT_TYPE, ctype.encode())])
     producer.close()
 
-    consumer = make_client(kafka_client).consumer(
-        ClientSettings(bootstrap_servers=broker.bootstrap, client_id=unique, group_id=unique),
-        lambda err: None)
-    assigned: set = set()
-    consumer.subscribe(topics.ingest, lambda tps: assigned.update(tps) or {}, lambda tps: None, lambda tps: None)
+    consumer, _ = _subscribed(kafka_client, broker, unique, topics.ingest)
     p0 = (topics.ingest, 0)
     seen: set = set()
 
@@ -433,8 +434,6 @@ def test_partitions_resumed_while_others_have_a_backlog_are_fetched_again(broker
     partition newly assigned, read in the poll that assigned it, then paused). kafka-python
     only, and white-box on purpose: which partition is in hand is the client's internal
     state, and Tansu's fetch sizes make any timing of the starvation a matter of luck."""
-    from depois_stream.filter.clients.base import ClientSettings
-    from depois_stream.filter.clients.kafka_python import KafkaPythonConsumer
     from kafka import TopicPartition
 
     _, _, xte, yte = digits_arrays
@@ -448,10 +447,9 @@ def test_partitions_resumed_while_others_have_a_backlog_are_fetched_again(broker
             producer.send(topics.ingest, value=value, partition=p, headers=[(H.CONTENT_TYPE, ctype.encode())])
     producer.close()
 
-    consumer = KafkaPythonConsumer(  # small fetches: the in-hand slot changes partition often
-        ClientSettings(bootstrap_servers=broker.bootstrap, client_id=unique, group_id=unique,
-                       options={"max_partition_fetch_bytes": 16 << 10}), lambda err: None)
-    consumer.subscribe(topics.ingest, lambda tps: {}, lambda tps: None, lambda tps: None)
+    # small fetches: the in-hand slot changes partition often
+    consumer, _ = _subscribed("kafka-python", broker, unique, topics.ingest,
+                              max_partition_fetch_bytes=16 << 10)
     parked = consumer._c._fetcher._paused_partition_records
     got: dict[int, set[int]] = {p: set() for p in sizes}
 

@@ -13,6 +13,7 @@ place to touch each record once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -92,6 +93,16 @@ class RecordBatch:
     def empty(cls, topic: str) -> RecordBatch:
         return cls(topic, np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64),
                    [], [], [])
+
+    @classmethod
+    def unreadable(cls, topic: str, partitions: Sequence[int], offsets: Sequence[int],
+                   reasons: Sequence[str]) -> RecordBatch:
+        """Placeholders for records the client cannot read: no key, no value, an
+        ``Unreadable`` marker as headers (dead-lettered as malformed), stamped now."""
+        n = len(partitions)
+        return cls(topic, np.array(partitions, np.int32), np.array(offsets, np.int64),
+                   np.full(n, int(time.time() * 1000), np.int64), [None] * n, [None] * n,
+                   [Unreadable(why) for why in reasons])
 
     @classmethod
     def concat(cls, topic: str, parts: Sequence[RecordBatch]) -> RecordBatch:

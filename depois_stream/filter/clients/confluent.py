@@ -245,36 +245,34 @@ class ConfluentConsumer:
         do not validate batches store it) comes back from librdkafka as an error at the batch's
         first offset, and librdkafka fetches it again and again: the partition stalled for good.
         Like kafka-python (``_stuck_at``), the offset handed over is the larger of the reported
-        one and where the partition is known to be (``_known_floor``), and the seek past it moves
-        on one offset per poll until
-        the position leaves the batch; each is dead-lettered without bytes, which stay in the
-        topic. Other errors (a partition's end, a broker going away) are librdkafka's to retry."""
+        one and where the partition is known to be (``_known_floor``), and the seek past it
+        moves on one offset per poll until the position leaves the batch; each is
+        dead-lettered without bytes, which stay in the topic. Other errors (a partition's end,
+        a broker going away) are librdkafka's to retry."""
         parts, offsets, why = [], [], []
         for m in errors:
-            err = m.error()
-            if (err.code() not in _UNREADABLE or m.partition() is None or m.offset() is None
-                    or m.offset() < 0 or m.partition() in parts):
+            err, topic, partition = m.error(), m.topic(), m.partition()
+            if (err.code() not in _UNREADABLE or partition is None or m.offset() is None
+                    or m.offset() < 0 or partition in parts):
                 continue
-            offset = max(m.offset(), self._known_floor(m.topic(), m.partition()))
-            if any(g.partition() == m.partition() and g.offset() > offset for g in good):
-                pass  # librdkafka went on past it by itself (a legacy message set): no seek
-            else:
-                try:
-                    self.seek((m.topic(), m.partition()), offset + 1)
-                except ClientError as exc:  # the error comes back with the next fetch
-                    log.warning("could not move past the unreadable record at %s[%d]@%d: %s",
-                                m.topic(), m.partition(), offset, exc)
-                    continue
+            offset = max(m.offset(), self._known_floor(topic, partition))
+            # librdkafka may have gone on past it by itself (a legacy message set): no seek then
+            moved_on = any(g.partition() == partition and g.offset() > offset for g in good)
+            try:
+                if not moved_on:
+                    self.seek((topic, partition), offset + 1)
+            except ClientError as exc:  # the error comes back with the next fetch
+                log.warning("could not move past the unreadable record at %s[%d]@%d: %s",
+                            topic, partition, offset, exc)
+                continue
             log.error("%s[%d]@%d: librdkafka cannot read this record batch (%s); dead-lettered "
-                      "without its bytes, which stay in the topic", m.topic(), m.partition(), offset,
+                      "without its bytes, which stay in the topic", topic, partition, offset,
                       err.str())
-            parts.append(m.partition())
+            parts.append(partition)
             offsets.append(offset)
-            why.append(Unreadable(f"librdkafka cannot read the record batch ({err.str()}); its "
-                                  f"bytes stay at {m.topic()}[{m.partition()}]@{offset}"))
-        n = len(parts)
-        return RecordBatch(self._topic, np.array(parts, np.int32), np.array(offsets, np.int64),
-                           np.full(n, int(time.time() * 1000), np.int64), [None] * n, [None] * n, why)
+            why.append(f"librdkafka cannot read the record batch ({err.str()}); its bytes stay "
+                       f"at {topic}[{partition}]@{offset}")
+        return RecordBatch.unreadable(self._topic, parts, offsets, why)
 
     def seek(self, tp: TP, offset: int) -> None:
         try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ from kafka.structs import OffsetAndMetadata
 
 from depois_stream.filter.clients.base import (
     TP, AssignCallback, ClientError, ClientSettings, CommitCallback, DeliveryCallback, Header,
-    ProduceError, RecordBatch, RevokeCallback, Unreadable,
+    ProduceError, RecordBatch, RevokeCallback,
 )
 
 log = logging.getLogger(__name__)
@@ -245,12 +244,11 @@ class KafkaPythonConsumer:
             raise _error(exc) from err
         log.error("%s[%d]@%d: %s; dead-lettered without its bytes, which stay in the topic",
                   tp.topic, tp.partition, offset, why)
-        return RecordBatch(
-            self._topic, np.array([tp.partition], np.int32), np.array([offset], np.int64),
-            np.array([int(time.time() * 1000)], np.int64), [None], [None],
-            [Unreadable(f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{offset}"
-                        + (" (confluent-kafka reads records one by one: --client confluent-kafka)"
-                           if isinstance(exc, CorruptRecordError) else ""))])
+        return RecordBatch.unreadable(
+            self._topic, [tp.partition], [offset],
+            [f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{offset}"
+             + (" (confluent-kafka reads records one by one: --client confluent-kafka)"
+                if isinstance(exc, CorruptRecordError) else "")])
 
     def seek(self, tp: TP, offset: int) -> None:
         self._c.seek(TopicPartition(*tp), offset)
