@@ -61,6 +61,27 @@ def test_bad_settings_name_the_problem(overrides: dict, message: str) -> None:
         load_config(**overrides)
 
 
+def test_no_depois_variable_the_project_itself_reads_or_sets_is_called_unknown() -> None:
+    """`run` warns about DEPOIS_* variables that set nothing (a misspelt setting), so every
+    variable another command or a deployment file uses must be known to it: a shell that
+    exports `depois-train`'s signing password was told it "sets nothing" and offered a guess."""
+    import re
+
+    from depois_stream.filter.config import unknown_env
+
+    root = Path(__file__).resolve().parents[1]
+    kinds = {".py", ".yaml", ".yml", ".json", ".sh", ".runtime", ".train", ""}
+    files = [p for d in ("depois_stream", "training", "deploy", "benchmarks", ".ci")
+             for p in (root / d).rglob("*") if p.is_file() and p.suffix in kinds]
+    files += [root / "docker-compose.yml", root / "Makefile"]
+    used = {name for p in files for name in re.findall(r"\bDEPOIS_[A-Z][A-Z0-9_]*[A-Z0-9]\b",
+                                                       p.read_text(errors="replace"))}
+    # options.py's help-text placeholder (DEPOIS_<NAME>) and unknown_env's own misspelt example
+    used -= {"DEPOIS_NAME", "DEPOIS_VERIFY_SIGNATUR"}
+    assert len(used) > 20, sorted(used)
+    assert unknown_env(dict.fromkeys(used, "x")) == []
+
+
 def test_unreadable_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot be read"):
         load_config(config_file=tmp_path / "missing.yaml")
