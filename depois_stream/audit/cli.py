@@ -48,7 +48,9 @@ replay_app = typer.Typer(
         "combine with AND; repeating one option means OR within it.\n\n"
         "Connection settings come from the same DEPOIS_* variables as `depois-stream run`: "
         "DEPOIS_BOOTSTRAP_SERVERS, DEPOIS_QUARANTINE_TOPIC, DEPOIS_CLEAN_TOPIC, "
-        "DEPOIS_AUDIT_TOPIC (default depois.audit) and DEPOIS_KAFKA (JSON, security options).\n\n"
+        "DEPOIS_AUDIT_TOPIC (default depois.audit), DEPOIS_KAFKA (JSON, security options) and "
+        "DEPOIS_READ_TIMEOUT_S (default 60: how long one read may take to reach a topic's "
+        "end).\n\n"
         "Exit codes: 0 done; 1 Kafka or a model failed; 2 a flag is wrong."))
 
 
