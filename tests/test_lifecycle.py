@@ -93,6 +93,25 @@ def test_readyz_probes_the_broker_and_a_spare_member_is_ready(
             _stop(p)
 
 
+def test_a_native_crash_leaves_its_signal_and_the_thread_stacks_in_the_log(
+        broker, unique, centroid_model):
+    """A crash inside a native library must say so in the filter's log instead of ending the
+    process without a line: librdkafka segfaulted on a topic re-created under a new id (see the
+    next test but one). The orchestrator restarts the process either way; the operator needs to
+    know why it died."""
+    topics = Topics.create(broker.bootstrap, unique)
+    port = free_port()
+    proc = _start(broker.bootstrap, topics, unique, centroid_model, port)
+    try:
+        wait_for(lambda: readiness(port).get("ready"), timeout_s=30)
+        proc.send_signal(signal.SIGSEGV)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in err, err[-2000:]
+
+
 def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
         kafka_client, tmp_path, centroid_model, digits_arrays):
     _, _, xte, yte = digits_arrays

@@ -8,6 +8,7 @@ model, unreachable broker, missing topic, busy metrics port), with one line sayi
 
 from __future__ import annotations
 
+import faulthandler
 import inspect
 import logging
 import os
@@ -68,6 +69,9 @@ def _run(log_level: str, **settings: Any) -> None:
         raise fail(program, f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR",
                    EXIT_STARTUP)
     configure(log_level)
+    # A crash inside a native library (librdkafka, onnxruntime) would otherwise end the process
+    # without a line in its log: this names the signal and each Python thread's stack.
+    faulthandler.enable()
     for name in unknown_env(os.environ):
         log.warning("environment variable %s sets nothing: `depois-stream run --help` lists the "
                     "DEPOIS_* settings", name)
