@@ -147,7 +147,7 @@ def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
 
 
 def test_a_broker_that_comes_back_empty_is_recovered_from_without_dead_letters(
-        kafka_client, request, tmp_path, centroid_model, digits_arrays):
+        kafka_client, tmp_path, centroid_model, digits_arrays):
     """Tansu restarted: topics, offsets and the idempotent producer's id are gone. The filter
     must neither exit nor dead-letter anything (a producer-state error is not the record's
     fault); it replaces its producer and filters what the new broker gets.
@@ -158,14 +158,12 @@ def test_a_broker_that_comes_back_empty_is_recovered_from_without_dead_letters(
     property checked: every record at or past the old position is filtered, nothing else
     appears, nothing is dead-lettered.
 
-    With confluent-kafka the consumer sometimes never fetches from the re-created topic (no
-    error, no log line; one run in two here), an interaction of librdkafka with a broker that
-    forgot the group and re-created the topic under a new id, which Apache Kafka does not do.
-    The filter then stalls with its loop alive; DepoisConsumerStalled pages. Kept running, not
-    required, so that a fix shows up as XPASS."""
-    if kafka_client == "confluent-kafka":
-        request.node.add_marker(pytest.mark.xfail(
-            reason="librdkafka may not resume on a re-created Tansu topic", strict=False))
+    confluent-kafka 2.12 (librdkafka 2.12.1) failed this in 1 of 7 runs (and crashed in 4 of 12
+    runs of scripts doing the same): the filter died of SIGSEGV inside librdkafka's metadata
+    cache, which mishandled the topic coming back under a new topic id (Apache Kafka does the
+    same to a deleted and re-created topic). An earlier reading took the dead process for a
+    stalled fetch. With confluent-kafka 2.16.1, 9 of 9 runs passed; the `fast` extra now
+    requires 2.16."""
     _, _, xte, yte = digits_arrays
     first = LocalBroker(log_path=tmp_path / "a.log").start()
     port = free_port()
@@ -190,11 +188,13 @@ def test_a_broker_that_comes_back_empty_is_recovered_from_without_dead_letters(
         expected = {r.key.decode() for r in ingest if r.offset >= before.get(r.partition, 0)}
         assert len(expected) >= 200, "the test needs records past the old position"
         try:
-            wait_for(lambda: expected <= set(_keys(second.bootstrap, topics)), timeout_s=120)
+            wait_for(lambda: expected <= set(_keys(second.bootstrap, topics))
+                     or proc.poll() is not None, timeout_s=120)
+            assert expected <= set(_keys(second.bootstrap, topics))
         except AssertionError:
             _, err = _stop(proc)
-            raise AssertionError("not everything filtered after the restart; the filter's "
-                                 "log:\n" + err[-6000:]) from None
+            raise AssertionError(f"not everything filtered after the restart (exit status "
+                                 f"{proc.returncode}); the filter's log:\n" + err[-6000:]) from None
         assert proc.poll() is None, "the filter gave up on a broker that came back"
         took, err = _stop(proc)
         assert proc.returncode == 0, err[-2000:]
