@@ -24,7 +24,16 @@ test: install
 test-fast:
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: install
+# Quix Streams (the peer of benchmarks/bench_peers.py) pins confluent-kafka < 2.13; depois-stream
+# needs 2.16 or later, so Quix gets an environment of its own.
+QUIX_VENV ?= .venv-quix
+
+$(QUIX_VENV)/bin/python:
+	$(PYTHON) -m venv $(QUIX_VENV)
+	$(QUIX_VENV)/bin/pip install -q --upgrade pip
+	$(QUIX_VENV)/bin/pip install -q -e '.[peers]'
+
+bench: install $(QUIX_VENV)/bin/python
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

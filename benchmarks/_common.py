@@ -74,6 +74,7 @@ def machine_description() -> str:
         f"- python {platform.python_version()}, numpy {_version('numpy')}, "
         f"onnxruntime-gpu {_version('onnxruntime-gpu')}, onnxruntime {_version('onnxruntime')}, "
         f"torch {_version('torch')}, kafka-python {_version('kafka-python')}, "
+        f"confluent-kafka {_version('confluent-kafka')}, "
         f"crc32c {_version('crc32c')}",
         f"- git commit {_git_commit()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
     ])

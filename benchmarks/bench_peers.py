@@ -13,6 +13,10 @@ the same decode, score, routing and headers (benchmarks/peers/). Rates start at 
 acknowledged batch (the group join is not the filter's speed). Then p50/p99 end-to-end latency
 (record CreateTime -> read back from the output topic) at a fixed offered load.
 
+Quix Streams pins confluent-kafka < 2.13 and depois-stream needs 2.16 or later, so the Quix app
+runs under its own interpreter: --quix-python (default .venv-quix/bin/python, which `make bench`
+builds with `pip install -e '.[peers]'`), as a user who installs Quix gets it.
+
 \b
     python benchmarks/bench_peers.py --model runs/digits/model.onnx --dataset digits
     python benchmarks/bench_peers.py --model runs/fashion/model.onnx --dataset fashion-mnist \\
@@ -106,12 +110,17 @@ def run_filter(kind: str, bootstrap: str, ingest: str, model: str, dataset: str,
         counts = _depois(_client(kind), bootstrap, ingest, _outputs(bootstrap, tag),
                          group, model, n, progress)
     else:
-        from peers import confluent_loop, quix_app
-
-        peer = confluent_loop if kind == "peer-confluent-loop" else quix_app
-        counts = peer.run(bootstrap, ingest, _outputs(bootstrap, tag), group, model, n, progress)
+        counts = _peer(kind).run(bootstrap, ingest, _outputs(bootstrap, tag), group, model, n, progress)
     (t0, n0, c0), (t1, n1, c1) = marks[0], marks[-1]
     return Trial(n1 - n0, t1 - t0, c1 - c0, _peak_rss_mib(), counts)
+
+
+def _peer(kind: str):
+    """The peer's module, imported alone: quixstreams exists only in the Quix environment."""
+    import importlib
+
+    return importlib.import_module("peers.confluent_loop" if kind == "peer-confluent-loop"
+                                   else "peers.quix_app")
 
 
 def _client(kind: str) -> str:
@@ -176,6 +185,37 @@ def _in_child(fn, *args):
         return pool.apply(fn, args)
 
 
+CHILD_FLAG = "--as-child"  # argv[1] of a trial run under another interpreter (the Quix peer)
+QUIX_PYTHON = Path(".venv-quix/bin/python")
+
+
+def _under(python: Path, what: str, *args: object) -> Trial | None:
+    """Run ``run_filter`` (``what`` = "trial") or ``_latency_filter`` ("latency") in a
+    subprocess of ``python``: the Quix peer's own environment. A spawned child of this
+    interpreter would not do: multiprocessing hands it this process's sys.path."""
+    import json
+    import subprocess
+
+    done = subprocess.run([str(python), __file__, CHILD_FLAG, what, *map(str, args)],
+                          check=True, stdout=subprocess.PIPE, text=True)
+    if what != "trial":
+        return None
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    return Trial(**got)
+
+
+def _child_main(argv: list[str]) -> None:
+    import dataclasses
+    import json
+
+    what, kind, bootstrap, ingest, model, dataset, n, *rest = argv
+    if what == "trial":
+        t = run_filter(kind, bootstrap, ingest, model, dataset, int(n))
+        print(json.dumps(dataclasses.asdict(t)), flush=True)
+    else:
+        _latency_filter(kind, bootstrap, ingest, model, int(n), rest[0])
+
+
 def publish_backlog(bootstrap: str, topic: str, dataset: str, n: int, rate: float = 0.0) -> None:
     """``n`` records of the test split (10 % flipped labels); ``rate`` > 0 paces them."""
     from confluent_kafka import Producer
@@ -227,7 +267,7 @@ def _scorer_only(model: str, dataset: str, n: int, progress, batch: int = 512) -
 
 
 def latency(kind: str, bootstrap: str, model: str, dataset: str, rate: float,
-            seconds: float) -> tuple[float, float, int]:
+            seconds: float, quix_python: Path | None = None) -> tuple[float, float, int]:
     """p50, p99 (s) and samples: a filter of ``kind`` at ``rate`` records/s offered."""
     from confluent_kafka import Consumer, TopicPartition
 
@@ -237,8 +277,12 @@ def latency(kind: str, bootstrap: str, model: str, dataset: str, rate: float,
     ingest = f"lat-{tag}"
     create_topics(bootstrap, [ingest])
     n = int(rate * seconds)
-    proc = mp.get_context("spawn").Process(target=_latency_filter,
-                                           args=(kind, bootstrap, ingest, model, n + 1, tag))
+    if kind == "peer-quix" and quix_python is not None:
+        proc = threading.Thread(target=_under, args=(quix_python, "latency", kind, bootstrap,
+                                                     ingest, model, dataset, n + 1, tag))
+    else:
+        proc = mp.get_context("spawn").Process(target=_latency_filter,
+                                               args=(kind, bootstrap, ingest, model, n + 1, tag))
     proc.start()
     outs = [f"clean-{tag}", f"quarantine-{tag}", f"dlq-{tag}"]
     create_topics(bootstrap, outs)
@@ -273,7 +317,7 @@ def latency(kind: str, bootstrap: str, model: str, dataset: str, rate: float,
     t.join()
     reader.close()
     proc.join(timeout=30)
-    if proc.is_alive():
+    if proc.is_alive() and isinstance(proc, mp.process.BaseProcess):
         proc.kill()
     warm = np.array(lat[int(0.1 * len(lat)):])  # the first seconds include fetch warm-up
     return float(np.percentile(warm, 50)), float(np.percentile(warm, 99)), len(lat)
@@ -286,10 +330,7 @@ def _latency_filter(kind: str, bootstrap: str, ingest: str, model: str, n: int, 
     if kind.startswith("depois"):
         _depois(_client(kind), bootstrap, ingest, outs, group, model, n, lambda d: None)
     else:
-        from peers import confluent_loop, quix_app
-
-        peer = confluent_loop if kind == "peer-confluent-loop" else quix_app
-        peer.run(bootstrap, ingest, outs, group, model, n, lambda d: None)
+        _peer(kind).run(bootstrap, ingest, outs, group, model, n, lambda d: None)
 
 
 def _overhead_notes(rate: dict[str, float], cpu: dict[str, float]) -> list[str]:
@@ -320,12 +361,18 @@ def main(
     latency_seconds: float = typer.Option(20.0, help="How long the latency load lasts."),
     skip_latency: bool = typer.Option(False, help="Only the throughput table."),
     out: Path | None = typer.Option(None, help="Append the markdown report to this file."),
+    quix_python: Path = typer.Option(QUIX_PYTHON, help=(
+        "Interpreter of an environment with quixstreams installed (`pip install -e "
+        "'.[peers]'`), for the Quix peer; if it is missing, peer-quix is left out.")),
 ) -> None:
     """Throughput (median of interleaved rounds), CPU per record, peak RSS, verdict check;
     then latency at a fixed offered load."""
     from depois_stream.sim.broker import LocalBroker, create_topics
 
     chosen = [k for k in kinds.split(",") if k]
+    if "peer-quix" in chosen and not quix_python.exists():
+        print(f"peer-quix left out: {quix_python} does not exist (make bench builds it)")
+        chosen.remove("peer-quix")
     trials: dict[str, list[Trial]] = {k: [] for k in chosen}
     with LocalBroker() as broker:
         ingest = f"backlog-{uuid.uuid4().hex[:6]}"
@@ -334,8 +381,9 @@ def main(
         for r in range(rounds):
             order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
             for kind in order:
-                t = _in_child(run_filter, kind, broker.bootstrap, ingest, str(model), dataset,
-                              records)
+                args = (kind, broker.bootstrap, ingest, str(model), dataset, records)
+                t = (_under(quix_python, "trial", *args) if kind == "peer-quix"
+                     else _in_child(run_filter, *args))
                 trials[kind].append(t)
                 print(f"round {r + 1} {kind}: {t.rate:,.0f} rec/s, {t.cpu_us:.1f} us/rec, "
                       f"{t.peak_rss_mib:.0f} MiB, {t.counts}", flush=True)
@@ -343,7 +391,7 @@ def main(
         if not skip_latency:
             for kind in [k for k in chosen if k in FILTERS]:
                 lat[kind] = latency(kind, broker.bootstrap, str(model), dataset, latency_rate,
-                                    latency_seconds)
+                                    latency_seconds, quix_python)
                 print(f"latency {kind}: p50 {lat[kind][0] * 1e3:.0f} ms, "
                       f"p99 {lat[kind][1] * 1e3:.0f} ms", flush=True)
     med = {k: statistics.median(t.rate for t in v) for k, v in trials.items()}
@@ -373,4 +421,7 @@ def main(
 
 
 if __name__ == "__main__":
-    app()
+    if sys.argv[1:2] == [CHILD_FLAG]:
+        _child_main(sys.argv[2:])
+    else:
+        app()
