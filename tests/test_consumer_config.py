@@ -73,7 +73,8 @@ def test_no_depois_variable_the_project_itself_reads_or_sets_is_called_unknown()
     kinds = {".py", ".yaml", ".yml", ".json", ".sh", ".runtime", ".train", ""}
     files = [p for d in ("depois_stream", "training", "deploy", "benchmarks", ".ci")
              for p in (root / d).rglob("*") if p.is_file() and p.suffix in kinds]
-    files += [root / "docker-compose.yml", root / "Makefile"]
+    files += [root / "docker-compose.yml", root / "Makefile", root / "README.md",
+              *(root / "docs").glob("*.md")]
     used = {name for p in files for name in re.findall(r"\bDEPOIS_[A-Z][A-Z0-9_]*[A-Z0-9]\b",
                                                        p.read_text(errors="replace"))}
     # options.py's help-text placeholder (DEPOIS_<NAME>) and unknown_env's own misspelt example
@@ -92,6 +93,19 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
     (tmp_path / "c.ini").write_text("x=1")
     with pytest.raises(ConfigError, match="unknown extension"):
         load_config(config_file=tmp_path / "c.ini")
+
+
+def test_run_called_in_process_refuses_a_bad_model_with_exit_2(tmp_path: Path) -> None:
+    """`run` through typer's test runner (or a notebook), where stderr is not a file: the crash
+    handler must not turn the documented exit 2 into an unrelated error before start-up."""
+    from typer.testing import CliRunner
+
+    from depois_stream.cli import app
+
+    result = CliRunner().invoke(app, ["run", "--model-path", str(tmp_path / "missing.onnx"),
+                                      "--bootstrap-servers", "127.0.0.1:1"])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "missing.onnx" in result.output
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

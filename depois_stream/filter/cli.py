@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import faulthandler
 import inspect
+import io
 import logging
 import os
 import signal
@@ -41,6 +42,16 @@ def stop_on_signals() -> threading.Event:
     return stop
 
 
+def _report_native_crashes() -> None:
+    """A crash inside a native library (librdkafka, onnxruntime) would otherwise end the process
+    without a line in its log: faulthandler names the signal and each Python thread's stack.
+    It needs a real file descriptor, which an in-process caller's stderr may not have."""
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        log.debug("stderr has no file descriptor: native crashes will not be reported")
+
+
 def fail(program: str, message: str, code: int) -> typer.Exit:
     typer.echo(f"{program}: {message}", err=True)
     return typer.Exit(code)
@@ -69,9 +80,7 @@ def _run(log_level: str, **settings: Any) -> None:
         raise fail(program, f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR",
                    EXIT_STARTUP)
     configure(log_level)
-    # A crash inside a native library (librdkafka, onnxruntime) would otherwise end the process
-    # without a line in its log: this names the signal and each Python thread's stack.
-    faulthandler.enable()
+    _report_native_crashes()
     for name in unknown_env(os.environ):
         log.warning("environment variable %s sets nothing: `depois-stream run --help` lists the "
                     "DEPOIS_* settings", name)
