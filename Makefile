@@ -28,13 +28,15 @@ test-fast:
 # needs 2.16 or later, so Quix gets an environment of its own.
 QUIX_VENV ?= .venv-quix
 
-$(QUIX_VENV)/bin/python:
+# The stamp is written only after pip succeeded, so a failed install is retried next time.
+$(QUIX_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(QUIX_VENV)
 	$(QUIX_VENV)/bin/pip install -q --upgrade pip
 	$(QUIX_VENV)/bin/pip install -q -e '.[peers]'
+	touch $@
 
-bench: install $(QUIX_VENV)/bin/python
-	$(BIN)/python benchmarks/run_all.py
+bench: install $(QUIX_VENV)/.installed
+	$(BIN)/python benchmarks/run_all.py --quix-python $(QUIX_VENV)/bin/python
 
 clean:
 	rm -rf artifacts runs .pytest_cache

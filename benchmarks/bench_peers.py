@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -186,22 +187,30 @@ def _in_child(fn, *args):
 
 
 CHILD_FLAG = "--as-child"  # argv[1] of a trial run under another interpreter (the Quix peer)
-QUIX_PYTHON = Path(".venv-quix/bin/python")
+QUIX_PYTHON = Path(__file__).resolve().parents[1] / ".venv-quix" / "bin" / "python"
 
 
-def _under(python: Path, what: str, *args: object) -> Trial | None:
-    """Run ``run_filter`` (``what`` = "trial") or ``_latency_filter`` ("latency") in a
-    subprocess of ``python``: the Quix peer's own environment. A spawned child of this
-    interpreter would not do: multiprocessing hands it this process's sys.path."""
+def _child_command(python: Path, what: str, *args: object) -> list[str]:
+    """``run_filter`` (``what`` = "trial") or ``_latency_filter`` ("latency") as a command for
+    ``python``: the Quix peer's own environment. A spawned child of this interpreter would not
+    do: multiprocessing hands it this process's sys.path."""
+    return [str(python), str(Path(__file__).resolve()), CHILD_FLAG, what, *map(str, args)]
+
+
+def _under(python: Path, *args: object) -> Trial:
     import json
-    import subprocess
 
-    done = subprocess.run([str(python), __file__, CHILD_FLAG, what, *map(str, args)],
-                          check=True, stdout=subprocess.PIPE, text=True)
-    if what != "trial":
-        return None
-    got = json.loads(done.stdout.strip().splitlines()[-1])
-    return Trial(**got)
+    done = subprocess.run(_child_command(python, "trial", *args), check=True,
+                          stdout=subprocess.PIPE, text=True)
+    return Trial(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _environment_of(python: Path) -> str:
+    """The Quix environment's versions, for the report (they differ from this process's)."""
+    code = ("import importlib.metadata as m; print(', '.join(f'{p} ' + m.version(p) for p in "
+            "('quixstreams', 'confluent-kafka')))")
+    return subprocess.run([str(python), "-c", code], check=True, stdout=subprocess.PIPE,
+                          text=True).stdout.strip()
 
 
 def _child_main(argv: list[str]) -> None:
@@ -278,12 +287,12 @@ def latency(kind: str, bootstrap: str, model: str, dataset: str, rate: float,
     create_topics(bootstrap, [ingest])
     n = int(rate * seconds)
     if kind == "peer-quix" and quix_python is not None:
-        proc = threading.Thread(target=_under, args=(quix_python, "latency", kind, bootstrap,
-                                                     ingest, model, dataset, n + 1, tag))
+        child = subprocess.Popen(_child_command(quix_python, "latency", kind, bootstrap, ingest,
+                                                model, dataset, n + 1, tag))
     else:
         proc = mp.get_context("spawn").Process(target=_latency_filter,
                                                args=(kind, bootstrap, ingest, model, n + 1, tag))
-    proc.start()
+        proc.start()
     outs = [f"clean-{tag}", f"quarantine-{tag}", f"dlq-{tag}"]
     create_topics(bootstrap, outs)
     # The reader is assigned the output partitions directly: a group join (seconds on Tansu)
@@ -316,9 +325,16 @@ def latency(kind: str, bootstrap: str, model: str, dataset: str, rate: float,
     stop.set()
     t.join()
     reader.close()
-    proc.join(timeout=30)
-    if proc.is_alive() and isinstance(proc, mp.process.BaseProcess):
-        proc.kill()
+    if kind == "peer-quix" and quix_python is not None:
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    else:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
     warm = np.array(lat[int(0.1 * len(lat)):])  # the first seconds include fetch warm-up
     return float(np.percentile(warm, 50)), float(np.percentile(warm, 99)), len(lat)
 
@@ -370,9 +386,15 @@ def main(
     from depois_stream.sim.broker import LocalBroker, create_topics
 
     chosen = [k for k in kinds.split(",") if k]
-    if "peer-quix" in chosen and not quix_python.exists():
-        print(f"peer-quix left out: {quix_python} does not exist (make bench builds it)")
-        chosen.remove("peer-quix")
+    quix_env = ""
+    if "peer-quix" in chosen:
+        if quix_python.exists():
+            quix_env = _environment_of(quix_python)
+        else:
+            print(f"peer-quix left out: {quix_python} does not exist (make bench builds it)")
+            chosen.remove("peer-quix")
+    if not chosen:
+        raise typer.BadParameter("no filter left to run", param_hint="--kinds")
     trials: dict[str, list[Trial]] = {k: [] for k in chosen}
     with LocalBroker() as broker:
         ingest = f"backlog-{uuid.uuid4().hex[:6]}"
@@ -382,7 +404,7 @@ def main(
             order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
             for kind in order:
                 args = (kind, broker.bootstrap, ingest, str(model), dataset, records)
-                t = (_under(quix_python, "trial", *args) if kind == "peer-quix"
+                t = (_under(quix_python, *args) if kind == "peer-quix"
                      else _in_child(run_filter, *args))
                 trials[kind].append(t)
                 print(f"round {r + 1} {kind}: {t.rate:,.0f} rec/s, {t.cpu_us:.1f} us/rec, "
@@ -410,6 +432,7 @@ def main(
                             "peak RSS MiB", *ref], rows)
     notes = [f"- backlog: {records:,} records of {dataset} (test split tiled, {POISON_RATE:.0%} "
              f"labels flipped), 2 partitions; {rounds} interleaved rounds",
+             *([f"- the Quix Streams app ran under {quix_python}: {quix_env}"] if quix_env else []),
              f"- verdicts identical across filters: {same} ({verdicts})",
              *_overhead_notes(med, cpu)]
     if lat:
