@@ -98,12 +98,26 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
 def test_run_called_in_process_refuses_a_bad_model_with_exit_2(tmp_path: Path) -> None:
     """`run` through typer's test runner (or a notebook), where stderr is not a file: the crash
     handler must not turn the documented exit 2 into an unrelated error before start-up."""
+    import logging
+
     from typer.testing import CliRunner
 
     from depois_stream.cli import app
+    from depois_stream.filter.logs import LIBRARIES
 
-    result = CliRunner().invoke(app, ["run", "--model-path", str(tmp_path / "missing.onnx"),
-                                      "--bootstrap-servers", "127.0.0.1:1"])
+    # `run` points the root logger at the runner's stderr, which is closed afterwards: later
+    # tests' background Kafka threads would log into it. Put the logging set-up back.
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in LIBRARIES}
+    try:
+        result = CliRunner().invoke(app, ["run", "--model-path", str(tmp_path / "missing.onnx"),
+                                          "--bootstrap-servers", "127.0.0.1:1"])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, lib_level in levels.items():
+            logging.getLogger(name).setLevel(lib_level)
     assert result.exit_code == 2, (result.output, result.exception)
     assert "missing.onnx" in result.output
 
