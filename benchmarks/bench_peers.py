@@ -2,7 +2,7 @@
 
 Every filter reads the same backlog (the data set's test split tiled to --records records, 10 %
 of the labels randomly flipped, the binary wire format) from the same local Tansu broker, scores
-it with the same ONNX model and writes the same headers; each trial runs in its own spawned
+it with the same ONNX model and writes the same headers; each trial runs in its own
 process with a fresh consumer group and fresh output topics, so its CPU time and peak RSS are
 its own. Rounds are interleaved (every filter once per round, the order rotated), the table
 shows the median of the rounds, and the ratios are taken within this one run.
@@ -25,7 +25,6 @@ builds with `pip install -e '.[peers]'`), as a user who installs Quix gets it.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import statistics
 import subprocess
 import sys
@@ -181,26 +180,22 @@ def _depois(client: str, bootstrap: str, ingest: str, outs: tuple[str, str, str]
             "dlq": flt.stats.dead_lettered}
 
 
-def _in_child(fn, *args):
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
-
-
-CHILD_FLAG = "--as-child"  # argv[1] of a trial run under another interpreter (the Quix peer)
+CHILD_FLAG = "--as-child"  # argv[1] of this script run as one trial's process
 QUIX_PYTHON = Path(__file__).resolve().parents[1] / ".venv-quix" / "bin" / "python"
 
 
-def _child_command(python: Path, what: str, *args: object) -> list[str]:
-    """``run_filter`` (``what`` = "trial") or ``_latency_filter`` ("latency") as a command for
-    ``python``: the Quix peer's own environment. A spawned child of this interpreter would not
-    do: multiprocessing hands it this process's sys.path."""
-    return [str(python), str(Path(__file__).resolve()), CHILD_FLAG, what, *map(str, args)]
+def _child_command(kind: str, quix_python: Path, what: str, *args: object) -> list[str]:
+    """``run_filter`` (``what`` = "trial") or ``_latency_filter`` ("latency") as a fresh
+    process, so that its CPU time and peak RSS are its own. The Quix peer runs under its own
+    environment's interpreter (a multiprocessing child would inherit this sys.path)."""
+    python = quix_python if kind == "peer-quix" else Path(sys.executable)
+    return [str(python), str(Path(__file__).resolve()), CHILD_FLAG, what, kind, *map(str, args)]
 
 
-def _under(python: Path, *args: object) -> Trial:
+def _trial(quix_python: Path, kind: str, *args: object) -> Trial:
     import json
 
-    done = subprocess.run(_child_command(python, "trial", *args), check=True,
+    done = subprocess.run(_child_command(kind, quix_python, "trial", *args), check=True,
                           stdout=subprocess.PIPE, text=True)
     return Trial(**json.loads(done.stdout.strip().splitlines()[-1]))
 
@@ -276,7 +271,7 @@ def _scorer_only(model: str, dataset: str, n: int, progress, batch: int = 512) -
 
 
 def latency(kind: str, bootstrap: str, model: str, dataset: str, rate: float,
-            seconds: float, quix_python: Path | None = None) -> tuple[float, float, int]:
+            seconds: float, quix_python: Path = QUIX_PYTHON) -> tuple[float, float, int]:
     """p50, p99 (s) and samples: a filter of ``kind`` at ``rate`` records/s offered."""
     from confluent_kafka import Consumer, TopicPartition
 
@@ -286,13 +281,8 @@ def latency(kind: str, bootstrap: str, model: str, dataset: str, rate: float,
     ingest = f"lat-{tag}"
     create_topics(bootstrap, [ingest])
     n = int(rate * seconds)
-    if kind == "peer-quix" and quix_python is not None:
-        child = subprocess.Popen(_child_command(quix_python, "latency", kind, bootstrap, ingest,
-                                                model, dataset, n + 1, tag))
-    else:
-        proc = mp.get_context("spawn").Process(target=_latency_filter,
-                                               args=(kind, bootstrap, ingest, model, n + 1, tag))
-        proc.start()
+    child = subprocess.Popen(_child_command(kind, quix_python, "latency", bootstrap, ingest,
+                                            model, dataset, n + 1, tag))
     outs = [f"clean-{tag}", f"quarantine-{tag}", f"dlq-{tag}"]
     create_topics(bootstrap, outs)
     # The reader is assigned the output partitions directly: a group join (seconds on Tansu)
@@ -325,16 +315,11 @@ def latency(kind: str, bootstrap: str, model: str, dataset: str, rate: float,
     stop.set()
     t.join()
     reader.close()
-    if kind == "peer-quix" and quix_python is not None:
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait()
-    else:
-        proc.join(timeout=30)
-        if proc.is_alive():
-            proc.kill()
+    try:
+        child.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
     warm = np.array(lat[int(0.1 * len(lat)):])  # the first seconds include fetch warm-up
     return float(np.percentile(warm, 50)), float(np.percentile(warm, 99)), len(lat)
 
@@ -403,9 +388,8 @@ def main(
         for r in range(rounds):
             order = chosen[r % len(chosen):] + chosen[:r % len(chosen)]
             for kind in order:
-                args = (kind, broker.bootstrap, ingest, str(model), dataset, records)
-                t = (_under(quix_python, *args) if kind == "peer-quix"
-                     else _in_child(run_filter, *args))
+                t = _trial(quix_python, kind, broker.bootstrap, ingest, str(model), dataset,
+                           records)
                 trials[kind].append(t)
                 print(f"round {r + 1} {kind}: {t.rate:,.0f} rec/s, {t.cpu_us:.1f} us/rec, "
                       f"{t.peak_rss_mib:.0f} MiB, {t.counts}", flush=True)

@@ -30,9 +30,10 @@ def main(
     model_dir: Path = typer.Option(None, help="A `depois-train all --out` folder of a digits model "
                                    "(model.onnx and detector/); default: train one into runs/bench-digits."),
     skip_training: bool = typer.Option(False, help="Skip the (slow) training wall-time benchmark."),
-    quix_python: Path = typer.Option(HERE.parent / ".venv-quix" / "bin" / "python", help=(
-        "Interpreter of the Quix Streams environment (`make bench` builds .venv-quix): Quix pins "
-        "confluent-kafka < 2.13, depois-stream needs 2.16 or later.")),
+    quix_python: Path = typer.Option(None, help=(
+        "Interpreter of the Quix Streams environment, passed to bench_peers.py (default: its "
+        ".venv-quix, which `make bench` builds): Quix pins confluent-kafka < 2.13, depois-stream "
+        "needs 2.16 or later.")),
 ) -> None:
     if model_dir is None:
         model_dir = Path("runs/bench-digits")
@@ -40,7 +41,7 @@ def main(
                         str(model_dir)], check=True)
     runs = [["bench_scorer.py", "--detector-dir", str(model_dir / "detector"), "--clock", "cpu"],
             ["bench_peers.py", "--model", str(model_dir / "model.onnx"), "--dataset", "digits",
-             "--quix-python", str(quix_python)]]
+             *(["--quix-python", str(quix_python)] if quix_python else [])]]
     if not skip_training:
         runs.append(["bench_training.py"])
     for script, *args in runs:

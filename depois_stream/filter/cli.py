@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import faulthandler
 import inspect
-import io
 import logging
 import os
 import signal
@@ -48,7 +47,7 @@ def _report_native_crashes() -> None:
     It needs a real file descriptor, which an in-process caller's stderr may not have."""
     try:
         faulthandler.enable()
-    except (AttributeError, ValueError, io.UnsupportedOperation):
+    except (AttributeError, ValueError):  # io.UnsupportedOperation is a ValueError
         log.debug("stderr has no file descriptor: native crashes will not be reported")
 
 
