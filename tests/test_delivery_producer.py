@@ -4,6 +4,11 @@ that cannot be made yet must not leave the filter holding a closed one."""
 
 from __future__ import annotations
 
+import threading
+import time
+
+import pytest
+
 from depois_stream.filter.clients.base import ClientError
 from depois_stream.filter.delivery import Delivery
 from depois_stream.filter.metrics import Metrics
@@ -35,3 +40,43 @@ def test_a_producer_that_cannot_be_replaced_yet_is_kept_open_and_replaced_later(
     failing[0] = False
     delivery._renew_producer()
     assert delivery.producer is made[-1] is not first and first.closed
+
+
+def test_a_transactional_call_that_never_returns_is_bounded_and_wedges_the_handle(monkeypatch) -> None:
+    """librdkafka's send_offsets_to_transaction blocked for minutes past its timeout against a
+    broker that had lost its transaction state (test_lifecycle.py reproduces it end to end). The
+    confluent client bounds such a call, fails it as retriable, and refuses every later call on
+    the handle (so the abort that follows does not block too), which makes the delivery layer
+    replace the producer. No broker is needed: the handle is never connected."""
+    confluent = pytest.importorskip("depois_stream.filter.clients.confluent")
+    from depois_stream.filter.clients.base import ClientSettings
+
+    monkeypatch.setattr(confluent, "TXN_GRACE_S", 0.2)
+    producer = confluent.ConfluentProducer(ClientSettings(bootstrap_servers="127.0.0.1:9", client_id="t"))
+    release = threading.Event()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(ClientError, match="did not return within") as err:
+            producer._txn(release.wait, "send_offsets_to_transaction", 0.1)
+        assert err.value.retriable and time.monotonic() - t0 < 5
+        with pytest.raises(ClientError, match="wedged"):
+            producer._txn(lambda: pytest.fail("a wedged handle was called"), "abort_transaction", 0.1)
+        producer.close(0.0)  # does not flush the wedged handle
+    finally:
+        release.set()
+
+
+def test_a_transactional_call_that_returns_in_time_passes_its_error_through() -> None:
+    confluent = pytest.importorskip("depois_stream.filter.clients.confluent")
+    from confluent_kafka import KafkaError, KafkaException
+
+    from depois_stream.filter.clients.base import ClientSettings
+
+    producer = confluent.ConfluentProducer(ClientSettings(bootstrap_servers="127.0.0.1:9", client_id="t"))
+
+    def fenced() -> None:
+        raise KafkaException(KafkaError(KafkaError._FENCED))
+
+    with pytest.raises(ClientError, match="commit_transaction"):
+        producer._txn(fenced, "commit_transaction", 1.0)
+    producer._txn(lambda: None, "commit_transaction", 1.0)  # not wedged: later calls go through

@@ -3,7 +3,10 @@
 librdkafka consumes, batches, compresses and sends on its own C threads, so the Python main
 loop only hands records over and collects reports. Its rebalance, commit and delivery callbacks
 all run inside ``consume()``/``poll()``/``flush()`` on the calling thread, which is exactly where
-the filter's source and delivery code expect them.
+the filter's source and delivery code expect them. The one exception: the transactional calls
+that talk to the broker run on a short-lived thread so that a call librdkafka never returns from
+can be bounded (``ConfluentProducer._txn``); the caller waits for it, and delivery reports
+served inside ``commit_transaction`` go to a thread-safe queue, so nothing runs concurrently.
 
 Pass-through options use librdkafka's dotted names (``security.protocol``, ``sasl.mechanisms``,
 ``ssl.ca.location``); the common kafka-python names (``security_protocol``, ``sasl_mechanism``,
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -59,6 +63,11 @@ _DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
 _FRAMING = 16 * 1024
 PRODUCER_LINGER_MS = 5
 MAX_BLOCK_S = 10.0  # how long send() waits for room in a full local queue
+# A transactional call that has not returned this long after its own timeout is taken as wedged
+# (bound = TXN_BOUND_FACTOR * timeout + TXN_GRACE_S: 50 s at the default 30 s delivery timeout,
+# under the /healthz stall limit of 90 s).
+TXN_BOUND_FACTOR = 1.5
+TXN_GRACE_S = 5.0
 FETCH_WAIT_MAX_MS = 100  # as kafka_python.FETCH_MAX_WAIT_MS: bounded latency on any broker
 
 
@@ -338,6 +347,7 @@ class ConfluentProducer:
         if s.transactional_id:
             conf["transactional.id"] = s.transactional_id
         self._p = Producer(conf)
+        self._wedged: str | None = None  # why this handle is no longer called, once it is not
 
     def partition_count(self, topic: str) -> int:
         try:
@@ -383,7 +393,7 @@ class ConfluentProducer:
         return int(self._p.flush(timeout_s))
 
     def init_transactions(self, timeout_s: float) -> None:
-        self._txn(lambda: self._p.init_transactions(timeout_s), "init_transactions")
+        self._txn(lambda: self._p.init_transactions(timeout_s), "init_transactions", timeout_s)
 
     def begin_transaction(self) -> None:
         self._txn(self._p.begin_transaction, "begin_transaction")
@@ -392,23 +402,65 @@ class ConfluentProducer:
                                     timeout_s: float) -> None:
         parts = [TopicPartition(t, p, off) for (t, p), off in offsets.items()]
         self._txn(lambda: self._p.send_offsets_to_transaction(parts, group_metadata, timeout_s),
-                  "send_offsets_to_transaction")
+                  "send_offsets_to_transaction", timeout_s)
 
     def commit_transaction(self, timeout_s: float) -> None:
-        self._txn(lambda: self._p.commit_transaction(timeout_s), "commit_transaction")
+        self._txn(lambda: self._p.commit_transaction(timeout_s), "commit_transaction", timeout_s)
 
     def abort_transaction(self, timeout_s: float) -> None:
-        self._txn(lambda: self._p.abort_transaction(timeout_s), "abort_transaction")
+        self._txn(lambda: self._p.abort_transaction(timeout_s), "abort_transaction", timeout_s)
 
-    @staticmethod
-    def _txn(call: Any, what: str) -> None:
-        try:
-            call()
-        except KafkaException as exc:
+    def _txn(self, call: Any, what: str, timeout_s: float | None = None) -> None:
+        """Make one transactional call; one that talks to the broker is bounded.
+
+        librdkafka 2.16's ``send_offsets_to_transaction`` blocked for minutes past its own
+        timeout against a broker that had lost its transaction state (Tansu restarted empty; on
+        Apache Kafka a lost ``__transaction_state``), and a blocked C call cannot be
+        interrupted. So the call runs on a thread of its own, and when it has not returned
+        ``TXN_BOUND_FACTOR * timeout + TXN_GRACE_S`` later the handle is declared wedged: this
+        call and every later one on it fail as retriable, and the delivery layer aborts the
+        batch, rewinds to its first offsets and replaces the producer. The new producer's
+        ``init_transactions`` under the same ``transactional.id`` fences the old one, whose
+        open transaction is never committed, so nothing is lost or written twice. The stuck
+        thread (a daemon) keeps the old handle alive; it is leaked rather than destroyed,
+        because destroying a handle with a call still inside it could block as well."""
+        if self._wedged is not None:
+            raise ClientError(f"{what}: not attempted, the producer is wedged ({self._wedged})",
+                              retriable=True)
+        if timeout_s is None:
+            try:
+                call()
+            except KafkaException as exc:
+                raise _exc(exc, what) from exc
+            return
+        outcome: list[BaseException | None] = []
+
+        def attempt() -> None:
+            try:
+                call()
+                outcome.append(None)
+            except BaseException as exc:  # handed to the caller's thread below
+                outcome.append(exc)
+
+        worker = threading.Thread(target=attempt, name=f"librdkafka-{what}", daemon=True)
+        worker.start()
+        bound = TXN_BOUND_FACTOR * timeout_s + TXN_GRACE_S
+        worker.join(bound)
+        if not outcome:
+            self._wedged = f"{what} did not return within {bound:.0f} s"
+            log.warning("librdkafka's %s did not return within %.0f s (its own timeout is %.0f s); "
+                        "the transaction is abandoned and the producer replaced", what, bound,
+                        timeout_s)
+            raise ClientError(f"{what}: did not return within {bound:.0f} s", retriable=True)
+        exc = outcome[0]
+        if isinstance(exc, KafkaException):
             raise _exc(exc, what) from exc
+        if exc is not None:
+            raise exc
 
     def close(self, timeout_s: float) -> None:
-        self._p.flush(timeout_s)
+        if self._wedged is None:  # a wedged handle is left alone (see _txn)
+            self._p.flush(timeout_s)
 
 
 class ConfluentProbe:
