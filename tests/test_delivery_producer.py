@@ -80,3 +80,21 @@ def test_a_transactional_call_that_returns_in_time_passes_its_error_through() ->
     with pytest.raises(ClientError, match="commit_transaction"):
         producer._txn(fenced, "commit_transaction", 1.0)
     producer._txn(lambda: None, "commit_transaction", 1.0)  # not wedged: later calls go through
+
+
+def test_call_bounded_returns_raises_or_gives_up_in_time() -> None:
+    """The one helper behind every bounded librdkafka call (transactions, the final commit,
+    leaving the group): what returns is reported, what raises is raised in the caller's thread,
+    what blocks is abandoned after the bound."""
+    from depois_stream.filter.clients.base import call_bounded
+
+    assert call_bounded(lambda: None, 1.0, "t") is True
+    with pytest.raises(ValueError, match="boom"):
+        call_bounded(lambda: (_ for _ in ()).throw(ValueError("boom")), 1.0, "t")
+    release = threading.Event()
+    try:
+        t0 = time.monotonic()
+        assert call_bounded(release.wait, 0.2, "t") is False
+        assert time.monotonic() - t0 < 2
+    finally:
+        release.set()

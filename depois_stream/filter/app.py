@@ -27,7 +27,7 @@ from depois_stream.filter import pipeline
 from depois_stream.filter.breaker import BreakerSettings, CircuitBreaker
 from depois_stream.filter.clients import make_client
 from depois_stream.filter.clients.base import (
-    ClientError, ClientSettings, Consumer, Probe, Producer, RecordBatch,
+    SHUTDOWN_STEP_S, ClientError, ClientSettings, Consumer, Probe, Producer, RecordBatch,
 )
 from depois_stream.filter.config import ConsumerConfig
 from depois_stream.filter.delivery import Delivery, DeliveryError
@@ -110,8 +110,9 @@ class _BrokerProbe:
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=10)
-        self._probe.close()
+            self._thread.join(timeout=1.0)
+        if not self._thread.is_alive():  # else a check against a silent broker is still in
+            self._probe.close()          # flight: the daemon thread ends with the process
 
 
 class StreamFilter:
@@ -330,7 +331,7 @@ class StreamFilter:
     @staticmethod
     def _close_producer(delivery: Delivery) -> None:
         try:
-            delivery.close(5.0)
+            delivery.close(SHUTDOWN_STEP_S)
         except Exception as exc:  # noqa: BLE001
             log.warning("closing the producer failed: %s", exc)
 

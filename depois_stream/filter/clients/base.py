@@ -13,6 +13,7 @@ place to touch each record once.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,39 @@ import numpy as np
 
 TP = tuple[str, int]  # (topic, partition): client-neutral and hashable
 Header = tuple[str, bytes]
+
+# Each step of the way out that waits on the broker (the final synchronous commit, closing the
+# producer, leaving the group) waits at most this long: with the drain of the batches in flight
+# (at most 10 s) the filter exits within about 20 s even when the broker does not answer, inside
+# compose's 30 s stop grace period and the manifests' 45 s. A healthy broker answers in ms.
+SHUTDOWN_STEP_S = 3.0
+
+
+def call_bounded(call: Callable[[], object], timeout_s: float, name: str) -> bool:
+    """Run ``call`` on a daemon thread and wait for it at most ``timeout_s``.
+
+    True when it returned (an exception it raised is raised here); False when it is still
+    running, and then the thread is left behind. For librdkafka calls that wait on the broker
+    without a timeout of their own (a synchronous commit, closing a consumer) or past the one
+    they were given (transactional calls against a broker that lost its state): a blocked C call
+    cannot be interrupted, only abandoned."""
+    outcome: list[BaseException | None] = []
+
+    def attempt() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # handed to the caller's thread below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=attempt, name=name, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        return False
+    if outcome[0] is not None:
+        raise outcome[0]
+    return True
 
 
 class Unreadable(tuple):
@@ -182,9 +216,11 @@ class Consumer(Protocol):
 
     def resume(self, tps: Iterable[TP]) -> None: ...
 
-    def commit(self, offsets: Mapping[TP, int], asynchronous: bool) -> None:
+    def commit(self, offsets: Mapping[TP, int], asynchronous: bool,
+               timeout_s: float = SHUTDOWN_STEP_S) -> None:
         """Commit next offsets; synchronous failures raise ClientError, asynchronous ones are
-        reported through the ``on_commit`` callback given when the client was made."""
+        reported through the ``on_commit`` callback given when the client was made. A
+        synchronous commit that has not completed after ``timeout_s`` raises ClientError too."""
         ...
 
     def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
@@ -193,8 +229,9 @@ class Consumer(Protocol):
 
     def group_metadata(self) -> Any: ...
 
-    def close(self) -> None:
-        """Leave the group (so the next member need not wait for a session timeout)."""
+    def close(self, timeout_s: float = SHUTDOWN_STEP_S) -> None:
+        """Leave the group (so the next member need not wait for a session timeout), waiting at
+        most ``timeout_s`` for the broker; past that the member is left to time out."""
         ...
 
 

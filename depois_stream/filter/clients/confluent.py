@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import operator
-import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -30,8 +29,8 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient
 
 from depois_stream.filter.clients.base import (
-    TP, AssignCallback, ClientError, ClientSettings, CommitCallback, DeliveryCallback, Header,
-    ProduceError, RecordBatch, RevokeCallback, Unreadable,
+    SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
+    DeliveryCallback, Header, ProduceError, RecordBatch, RevokeCallback, Unreadable, call_bounded,
 )
 
 log = logging.getLogger(__name__)
@@ -300,10 +299,17 @@ class ConfluentConsumer:
         if parts:
             self._c.resume(parts)
 
-    def commit(self, offsets: Mapping[TP, int], asynchronous: bool) -> None:
+    def commit(self, offsets: Mapping[TP, int], asynchronous: bool,
+               timeout_s: float = SHUTDOWN_STEP_S) -> None:
         parts = [TopicPartition(t, p, off) for (t, p), off in offsets.items()]
         try:
-            self._c.commit(offsets=parts, asynchronous=asynchronous)
+            if asynchronous:
+                self._c.commit(offsets=parts, asynchronous=True)
+            # librdkafka's synchronous commit has no timeout: it waited for a broker that did not
+            # answer until the process was killed
+            elif not call_bounded(lambda: self._c.commit(offsets=parts, asynchronous=False),
+                                  timeout_s, "librdkafka-commit"):
+                raise ClientError(f"offset commit: no answer within {timeout_s:g} s", retriable=True)
         except KafkaException as exc:
             raise _exc(exc, "offset commit") from exc
 
@@ -331,8 +337,10 @@ class ConfluentConsumer:
     def group_metadata(self) -> Any:
         return self._c.consumer_group_metadata()
 
-    def close(self) -> None:
-        self._c.close()
+    def close(self, timeout_s: float = SHUTDOWN_STEP_S) -> None:
+        # librdkafka's close waits for the group coordinator without a timeout
+        if not call_bounded(self._c.close, timeout_s, "librdkafka-close"):
+            raise ClientError(f"leaving the group: no answer within {timeout_s:g} s", retriable=True)
 
 
 class ConfluentProducer:
@@ -433,30 +441,17 @@ class ConfluentProducer:
             except KafkaException as exc:
                 raise _exc(exc, what) from exc
             return
-        outcome: list[BaseException | None] = []
-
-        def attempt() -> None:
-            try:
-                call()
-                outcome.append(None)
-            except BaseException as exc:  # handed to the caller's thread below
-                outcome.append(exc)
-
-        worker = threading.Thread(target=attempt, name=f"librdkafka-{what}", daemon=True)
-        worker.start()
         bound = TXN_BOUND_FACTOR * timeout_s + TXN_GRACE_S
-        worker.join(bound)
-        if not outcome:
+        try:
+            returned = call_bounded(call, bound, f"librdkafka-{what}")
+        except KafkaException as exc:
+            raise _exc(exc, what) from exc
+        if not returned:
             self._wedged = f"{what} did not return within {bound:.0f} s"
             log.warning("librdkafka's %s did not return within %.0f s (its own timeout is %.0f s); "
                         "the transaction is abandoned and the producer replaced", what, bound,
                         timeout_s)
             raise ClientError(f"{what}: did not return within {bound:.0f} s", retriable=True)
-        exc = outcome[0]
-        if isinstance(exc, KafkaException):
-            raise _exc(exc, what) from exc
-        if exc is not None:
-            raise exc
 
     def close(self, timeout_s: float) -> None:
         if self._wedged is None:  # a wedged handle is left alone (see _txn)

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
-from kafka.errors import CorruptRecordError, KafkaError
+from kafka.errors import CorruptRecordError, KafkaError, KafkaTimeoutError
 from kafka.structs import OffsetAndMetadata
 
 from depois_stream.filter.clients.base import (
-    TP, AssignCallback, ClientError, ClientSettings, CommitCallback, DeliveryCallback, Header,
-    ProduceError, RecordBatch, RevokeCallback,
+    SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
+    DeliveryCallback, Header, ProduceError, RecordBatch, RevokeCallback,
 )
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,8 @@ class KafkaPythonConsumer:
         self._c.resume(*(TopicPartition(*tp) for tp in tps))
         self._drop_parked()
 
-    def commit(self, offsets: Mapping[TP, int], asynchronous: bool) -> None:
+    def commit(self, offsets: Mapping[TP, int], asynchronous: bool,
+               timeout_s: float = SHUTDOWN_STEP_S) -> None:
         meta = {TopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
         if asynchronous:
             def done(_offsets: object, response: object) -> None:
@@ -268,7 +269,9 @@ class KafkaPythonConsumer:
             self._c.commit_async(meta, callback=done)
             return
         try:
-            self._c.commit(meta)
+            self._c.commit(meta, timeout_ms=int(timeout_s * 1000))
+        except KafkaTimeoutError:
+            raise ClientError(f"offset commit: no answer within {timeout_s:g} s", retriable=True) from None
         except KafkaError as exc:
             raise _error(exc) from exc
 
@@ -288,8 +291,8 @@ class KafkaPythonConsumer:
     def group_metadata(self) -> Any:
         return self._c.group_metadata()
 
-    def close(self) -> None:
-        self._c.close(autocommit=False)
+    def close(self, timeout_s: float = SHUTDOWN_STEP_S) -> None:
+        self._c.close(autocommit=False, timeout_ms=int(timeout_s * 1000))
 
 
 class KafkaPythonProducer:
