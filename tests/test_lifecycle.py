@@ -146,6 +146,30 @@ def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
         assert committed(own.bootstrap, "outage", topics.ingest) == ends
 
 
+def test_a_broker_that_does_not_answer_at_start_up_is_given_up_on_at_the_startup_timeout(
+        kafka_client, tmp_path, centroid_model):
+    """A broker that accepts connections but never answers (hung, or frozen here) must not hold
+    start-up past --startup-timeout-s: kafka-python's admin client waited 30 s for its first
+    bootstrap whatever the timeout asked for (30.6 s measured at --startup-timeout-s 10)."""
+    with LocalBroker(log_path=tmp_path / "tansu.log") as own:
+        topics = Topics.create(own.bootstrap, "frozen")
+        own.freeze()
+        try:
+            t0 = time.monotonic()
+            proc = _start(own.bootstrap, topics, "frozen", centroid_model, free_port(),
+                          "--startup-timeout-s", "6", client=kafka_client)
+            try:
+                _, err = proc.communicate(timeout=60)
+            finally:
+                proc.kill()
+            took = time.monotonic() - t0
+        finally:
+            own.thaw()
+    assert proc.returncode == 2, err[-2000:]
+    assert took < 15, f"start-up gave up after {took:.1f} s, not at its 6 s timeout"
+    assert "--startup-timeout-s 6" in err and "Traceback" not in err
+
+
 def test_sigterm_during_a_broker_outage_exits_within_the_grace_period_and_loses_nothing(
         kafka_client, tmp_path, centroid_model, digits_arrays):
     """An orchestrator stops a filter when its broker is down too (a node drain during an

@@ -388,11 +388,15 @@ class KafkaPythonProbe:
         try:
             if self._admin is None:
                 s = self._settings
+                # both bounds: the first bootstrap waited 30 s (its own default) on a broker
+                # that accepts connections but does not answer, past --startup-timeout-s
+                bound_ms = int(timeout_s * 1000)
                 self._admin = KafkaAdminClient(
                     bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-probe",
-                    request_timeout_ms=int(timeout_s * 1000),
+                    request_timeout_ms=bound_ms, bootstrap_timeout_ms=bound_ms,
                     **options_for(KafkaAdminClient, {k: v for k, v in s.options.items()
-                                               if k != "request_timeout_ms"}))
+                                               if k not in ("request_timeout_ms",
+                                                            "bootstrap_timeout_ms")}))
             self._admin.describe_cluster()
             return True
         except Exception:  # noqa: BLE001  (any failure means: not reachable now)
