@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 
 import pytest
 
@@ -98,3 +99,83 @@ def test_call_bounded_returns_raises_or_gives_up_in_time() -> None:
         assert time.monotonic() - t0 < 2
     finally:
         release.set()
+
+
+def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_committed_offsets() -> None:
+    """Exactly-once: commit_transaction can fail (a timeout, or a call abandoned as wedged) after
+    the coordinator received the commit, which then completes anyway. Rewinding to the batch's
+    first offsets would write the batch twice for read_committed readers. The outcome is known
+    once a new producer's init_transactions under the same transactional.id has settled the old
+    transaction, so the filter replaces the producer and resumes at the group's committed
+    offsets. No real broker can be made to lose that one reply on cue; these fakes play the
+    coordinator that committed it."""
+    import numpy as np
+
+    from depois_stream.filter.clients.base import RecordBatch
+    from depois_stream.filter.pipeline import Routed
+
+    group: dict[tuple[str, int], int] = {("in", 0): 100}  # the coordinator's committed offsets
+
+    class TxnProducer:
+        made = 0
+
+        def __init__(self) -> None:
+            TxnProducer.made += 1
+            self.first = TxnProducer.made == 1
+
+        def init_transactions(self, timeout_s: float) -> None: ...
+
+        def begin_transaction(self) -> None: ...
+
+        def send(self, topic, partition, key, value, headers, on_done) -> None:
+            on_done(None)
+
+        def poll(self, timeout_s: float) -> None: ...
+
+        def flush(self, timeout_s: float) -> int:
+            return 0
+
+        def send_offsets_to_transaction(self, offsets, group_metadata, timeout_s: float) -> None:
+            self.offsets = dict(offsets)
+
+        def commit_transaction(self, timeout_s: float) -> None:
+            group.update(self.offsets)  # the coordinator commits ...
+            if self.first:
+                raise ClientError("commit_transaction: timed out", True)  # ... the reply is lost
+
+        def abort_transaction(self, timeout_s: float) -> None:
+            raise ClientError("abort_transaction: not in an abortable state", False)
+
+        def close(self, timeout_s: float) -> None: ...
+
+    class Consumer:
+        def group_metadata(self) -> None:
+            return None
+
+        def committed(self, tps, timeout_s: float) -> dict:
+            return {tp: group.get(tp) for tp in tps}
+
+    class Source:
+        assigned = frozenset({("in", 0)})
+        rewinds: list[dict] = []
+
+        def rewind(self, offsets) -> None:
+            self.rewinds.append(dict(offsets))
+
+    n = 4
+    batch = RecordBatch("in", np.zeros(n, np.int32), np.arange(100, 100 + n, dtype=np.int64),
+                        np.zeros(n, np.int64), [None] * n, [b"x"] * n, [[] for _ in range(n)])
+    routed = Routed(np.zeros(n, np.int8), np.zeros(n, np.int64), [None] * n, [b"x"] * n,
+                    [[] for _ in range(n)], np.zeros(n, np.int64), {"clean": n}, Counter(), Counter(),
+                    np.zeros(0, np.int64))
+    now = [0.0]
+    source = Source()
+    delivery = Delivery(TxnProducer, Consumer(), source, Metrics(), ("c", "q", "d"),
+                        on_delivered=lambda r: None, exactly_once=True, clock=lambda: now[0])
+    delivery.submit(batch, routed)
+    assert group[("in", 0)] == 104  # committed, though the filter was told otherwise
+    now[0] += 60.0  # past the backoff
+    delivery.service(0.0)
+    assert not delivery.backing_off
+    assert TxnProducer.made == 2, "the producer was not replaced"
+    assert source.rewinds[-1] == {("in", 0): 104}, f"resumed at {source.rewinds[-1]}: the batch would be written twice"

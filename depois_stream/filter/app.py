@@ -170,8 +170,10 @@ class StreamFilter:
                 if len(batch):
                     self._filter(batch, source, delivery)
                     idle_since = now
-                elif delivery.in_flight or not source.assigned:
-                    idle_since = now  # waiting for acknowledgements or a partition: not idle
+                elif delivery.in_flight or not source.assigned or not self._probe_up():
+                    # waiting for acknowledgements, a partition or the broker: not idle (an
+                    # outage must not end a run whose last offsets are still to be committed)
+                    idle_since = now
                 delivery.service(0.0)
                 if now >= next_lag:
                     next_lag = now + self.cfg.lag_interval_s
@@ -350,6 +352,9 @@ class StreamFilter:
         self.http_address = server.address
         log.info("metrics and probes on http://%s:%d/metrics", *server.address)
         return server
+
+    def _probe_up(self) -> bool:
+        return self._probe is None or self._probe.up
 
     def _stall_limit_s(self) -> float:
         """The loop never waits longer than a delivery timeout in one step; three of those

@@ -125,7 +125,8 @@ class ConsumerConfig(BaseSettings):
         "sasl_mechanism, ssl_cafile, max_request_size, ...) or librdkafka's dotted names with "
         "--client confluent-kafka. Options that decide delivery semantics are refused."))
     exit_when_idle_s: float | None = Field(None, gt=0.0, description=(
-        "Exit 0 after this many seconds without records (demos and tests)."))
+        "Exit 0 after this many seconds without records (demos and tests); time while the "
+        "broker is unreachable does not count."))
 
     @model_validator(mode="after")
     def _consistent(self) -> "ConsumerConfig":

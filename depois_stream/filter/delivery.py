@@ -98,6 +98,9 @@ class Delivery:
         self._by_seq: dict[int, _InFlight] = {}
         self._reports: deque[tuple[int, int, ProduceError | None]] = deque()
         self._acked: dict[TP, int] = {}  # next offsets of everything acknowledged
+        # exactly-once: partitions of a transaction whose commit was not confirmed (it may have
+        # completed); they resume at the group's committed offsets once that is settled
+        self._unsettled: tuple[TP, ...] | None = None
         self._attempts = 0  # consecutive failed attempts
         self._blocked_until = 0.0
         self._renew = False  # replace the producer once nothing is in flight on it
@@ -148,7 +151,7 @@ class Delivery:
 
     @property
     def backing_off(self) -> bool:
-        return self._clock() < self._blocked_until
+        return self._clock() < self._blocked_until or self._unsettled is not None
 
     # ---------------------------------------------------------------- sending
 
@@ -178,7 +181,9 @@ class Delivery:
                     break
 
     def _report(self, seq: int, index: int, error: BaseException | None) -> None:
-        """Delivery callback (kafka-python: its IO thread; librdkafka: inside poll/flush)."""
+        """Delivery callback (kafka-python: its IO thread; librdkafka: inside poll/flush, or on
+        the thread of a bounded transactional call). It must only append to the queue: an
+        abandoned call's thread may still run it while the main thread works."""
         if error is not None and not isinstance(error, ProduceError):
             error = ProduceError(str(error), retriable=True)
         self._reports.append((seq, index, error))
@@ -188,6 +193,7 @@ class Delivery:
     def service(self, timeout_s: float = 0.0) -> None:
         """Take delivery reports (waiting at most ``timeout_s`` for one), settle finished
         batches in order and commit them; start the retry of a failed one."""
+        self._settle_unconfirmed_commit()
         self._renew_when_due()
         self.producer.poll(0.0 if self._reports else timeout_s)
         self._take_reports()
@@ -292,12 +298,14 @@ class Delivery:
         self._renew_when_due()
         p = self.producer
         offsets = item.batch.next_offsets()
+        committing = False
         try:
             p.begin_transaction()
             self._by_seq[item.seq] = item
             self._send(item)
             p.send_offsets_to_transaction(offsets, self._consumer.group_metadata(),
                                           self._timeout_s)
+            committing = True
             p.commit_transaction(self._timeout_s)
         except ClientError as exc:
             self._metrics.commit_failures.inc()
@@ -316,6 +324,11 @@ class Delivery:
                 self._metrics.delivery_failures.labels("retriable").inc(item.failed)
                 self._backoff(exc, item, item.batch.first_offsets())
             self._source.rewind(item.batch.first_offsets())
+            if committing:
+                # the coordinator may have received the commit and completed it: re-sending
+                # from the first offsets could write the batch twice
+                self._unsettled = tuple(offsets)
+                self._renew = True
             return
         self._take_reports()
         self._by_seq.pop(item.seq, None)
@@ -323,6 +336,30 @@ class Delivery:
         self._metrics.commits.inc()
         self._metrics.last_batch_timestamp.set_to_current_time()
         self._on_delivered(item.routed)
+
+    def _settle_unconfirmed_commit(self) -> None:
+        """After a commit_transaction that failed without saying whether it committed: make a
+        new producer, whose init_transactions under the same transactional.id completes or
+        aborts the old transaction, then resume at the group's committed offsets, which now say
+        which of the two happened. Until then the loop backs off (reads nothing)."""
+        if self._unsettled is None or self._clock() < self._blocked_until:
+            return
+        if self._renew:
+            self._renew_producer()
+            if self._renew:  # no new producer yet: try again after a pause
+                self._blocked_until = self._clock() + BACKOFF_START_S
+                return
+        try:
+            committed = self._consumer.committed(self._unsettled, self._timeout_s)
+        except ClientError as exc:
+            log.warning("could not read the committed offsets yet (%s)", exc)
+            self._blocked_until = self._clock() + BACKOFF_START_S
+            return
+        resume = {tp: off for tp, off in committed.items() if off is not None}
+        log.warning("a transaction's commit was not confirmed; resuming at the group's committed "
+                    "offsets %s", {f"{t}[{p}]": o for (t, p), o in sorted(resume.items())})
+        self._source.rewind(resume)
+        self._unsettled = None
 
     # ---------------------------------------------------------------- shutdown, rebalance
 

@@ -223,6 +223,11 @@ class Consumer(Protocol):
         synchronous commit that has not completed after ``timeout_s`` raises ClientError too."""
         ...
 
+    def committed(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int | None]:
+        """The group's committed next offsets (None where nothing was committed); raises
+        ClientError when the broker does not answer within ``timeout_s``."""
+        ...
+
     def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         """Records between this member's position and the end of each partition."""
         ...

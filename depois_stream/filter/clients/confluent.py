@@ -3,10 +3,13 @@
 librdkafka consumes, batches, compresses and sends on its own C threads, so the Python main
 loop only hands records over and collects reports. Its rebalance, commit and delivery callbacks
 all run inside ``consume()``/``poll()``/``flush()`` on the calling thread, which is exactly where
-the filter's source and delivery code expect them. The one exception: the transactional calls
-that talk to the broker run on a short-lived thread so that a call librdkafka never returns from
-can be bounded (``ConfluentProducer._txn``); the caller waits for it, and delivery reports
-served inside ``commit_transaction`` go to a thread-safe queue, so nothing runs concurrently.
+the filter's source and delivery code expect them. The exceptions are the calls that wait on the
+broker without a usable timeout (transactional calls, a synchronous commit, closing the
+consumer): each runs on a short-lived thread and is abandoned if it has not returned in time
+(``call_bounded``). The caller waits for it, so callbacks served inside it (delivery reports in
+``commit_transaction``, revocations in ``close``) normally run while the main thread is idle; an
+abandoned call may still run some later, which is safe because delivery reports only append to a
+queue (``Delivery._report`` must stay append-only) and the source takes its lock.
 
 Pass-through options use librdkafka's dotted names (``security.protocol``, ``sasl.mechanisms``,
 ``ssl.ca.location``); the common kafka-python names (``security_protocol``, ``sasl_mechanism``,
@@ -63,8 +66,8 @@ _FRAMING = 16 * 1024
 PRODUCER_LINGER_MS = 5
 MAX_BLOCK_S = 10.0  # how long send() waits for room in a full local queue
 # A transactional call that has not returned this long after its own timeout is taken as wedged
-# (bound = TXN_BOUND_FACTOR * timeout + TXN_GRACE_S: 50 s at the default 30 s delivery timeout,
-# under the /healthz stall limit of 90 s).
+# (bound = TXN_BOUND_FACTOR * timeout + TXN_GRACE_S: 50 s at the default 30 s delivery timeout;
+# one such call stays under the /healthz stall limit of 90 s, a transaction makes up to three).
 TXN_BOUND_FACTOR = 1.5
 TXN_GRACE_S = 5.0
 FETCH_WAIT_MAX_MS = 100  # as kafka_python.FETCH_MAX_WAIT_MS: bounded latency on any broker
@@ -166,6 +169,7 @@ class ConfluentConsumer:
             on_commit(None if err is None else _error(err, "offset commit"))
 
         self._topic = ""
+        self._stuck: str | None = None  # a bounded call left running inside librdkafka
         # partition -> an offset its position is known to be at or past: the last seek made here
         # (a rewind, a start offset, a skip past an unreadable record). librdkafka reports an
         # unreadable batch at its first offset whatever the position, and position() does not
@@ -309,9 +313,17 @@ class ConfluentConsumer:
             # answer until the process was killed
             elif not call_bounded(lambda: self._c.commit(offsets=parts, asynchronous=False),
                                   timeout_s, "librdkafka-commit"):
+                self._stuck = "an offset commit is still waiting inside librdkafka"
                 raise ClientError(f"offset commit: no answer within {timeout_s:g} s", retriable=True)
         except KafkaException as exc:
             raise _exc(exc, "offset commit") from exc
+
+    def committed(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int | None]:
+        try:
+            parts = self._c.committed([TopicPartition(t, p) for t, p in tps], timeout=timeout_s)
+        except KafkaException as exc:
+            raise _exc(exc, "committed offsets") from exc
+        return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in parts}
 
     def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         out: dict[TP, int] = {}
@@ -338,6 +350,9 @@ class ConfluentConsumer:
         return self._c.consumer_group_metadata()
 
     def close(self, timeout_s: float = SHUTDOWN_STEP_S) -> None:
+        if self._stuck is not None:  # close would wait for it too, then destroy the handle under it
+            raise ClientError(f"leaving the group skipped: {self._stuck}; the partitions move after "
+                              "the session timeout", retriable=True)
         # librdkafka's close waits for the group coordinator without a timeout
         if not call_bounded(self._c.close, timeout_s, "librdkafka-close"):
             raise ClientError(f"leaving the group: no answer within {timeout_s:g} s", retriable=True)
@@ -428,8 +443,9 @@ class ConfluentProducer:
         ``TXN_BOUND_FACTOR * timeout + TXN_GRACE_S`` later the handle is declared wedged: this
         call and every later one on it fail as retriable, and the delivery layer aborts the
         batch, rewinds to its first offsets and replaces the producer. The new producer's
-        ``init_transactions`` under the same ``transactional.id`` fences the old one, whose
-        open transaction is never committed, so nothing is lost or written twice. The stuck
+        ``init_transactions`` under the same ``transactional.id`` fences the old one; when the
+        stuck call was the commit itself, the delivery layer then resumes at the group's
+        committed offsets, since that commit may have completed (``Delivery``). The stuck
         thread (a daemon) keeps the old handle alive; it is leaked rather than destroyed,
         because destroying a handle with a call still inside it could block as well."""
         if self._wedged is not None:

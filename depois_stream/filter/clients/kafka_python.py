@@ -275,6 +275,15 @@ class KafkaPythonConsumer:
         except KafkaError as exc:
             raise _error(exc) from exc
 
+    def committed(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int | None]:
+        try:
+            return {tp: self._c.committed(TopicPartition(*tp), timeout_ms=int(timeout_s * 1000))
+                    for tp in tps}
+        except KafkaTimeoutError:
+            raise ClientError(f"committed offsets: no answer within {timeout_s:g} s", retriable=True) from None
+        except KafkaError as exc:
+            raise _error(exc) from exc
+
     def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         parts = [TopicPartition(*tp) for tp in tps]
         ms = int(timeout_s * 1000)
@@ -391,9 +400,11 @@ class KafkaPythonProbe:
                 # both bounds: the first bootstrap waited 30 s (its own default) on a broker
                 # that accepts connections but does not answer, past --startup-timeout-s
                 bound_ms = int(timeout_s * 1000)
+                bootstrap = ({"bootstrap_timeout_ms": bound_ms}
+                             if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {})
                 self._admin = KafkaAdminClient(
                     bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-probe",
-                    request_timeout_ms=bound_ms, bootstrap_timeout_ms=bound_ms,
+                    request_timeout_ms=bound_ms, **bootstrap,
                     **options_for(KafkaAdminClient, {k: v for k, v in s.options.items()
                                                if k not in ("request_timeout_ms",
                                                             "bootstrap_timeout_ms")}))
