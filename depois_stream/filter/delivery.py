@@ -193,8 +193,8 @@ class Delivery:
     def service(self, timeout_s: float = 0.0) -> None:
         """Take delivery reports (waiting at most ``timeout_s`` for one), settle finished
         batches in order and commit them; start the retry of a failed one."""
-        self._settle_unconfirmed_commit()
         self._renew_when_due()
+        self._settle_unconfirmed_commit()
         self.producer.poll(0.0 if self._reports else timeout_s)
         self._take_reports()
         for k, item in enumerate(self._inflight):
@@ -341,14 +341,10 @@ class Delivery:
         """After a commit_transaction that failed without saying whether it committed: make a
         new producer, whose init_transactions under the same transactional.id completes or
         aborts the old transaction, then resume at the group's committed offsets, which now say
-        which of the two happened. Until then the loop backs off (reads nothing)."""
-        if self._unsettled is None or self._clock() < self._blocked_until:
+        which of the two happened (the producer is replaced by ``_renew_when_due``, as after any
+        other failure). Until then the loop backs off (reads nothing)."""
+        if self._unsettled is None or self._renew or self._clock() < self._blocked_until:
             return
-        if self._renew:
-            self._renew_producer()
-            if self._renew:  # no new producer yet: try again after a pause
-                self._blocked_until = self._clock() + BACKOFF_START_S
-                return
         try:
             committed = self._consumer.committed(self._unsettled, self._timeout_s)
         except ClientError as exc:

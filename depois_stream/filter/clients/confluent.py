@@ -451,14 +451,11 @@ class ConfluentProducer:
         if self._wedged is not None:
             raise ClientError(f"{what}: not attempted, the producer is wedged ({self._wedged})",
                               retriable=True)
-        if timeout_s is None:
-            try:
-                call()
-            except KafkaException as exc:
-                raise _exc(exc, what) from exc
-            return
-        bound = TXN_BOUND_FACTOR * timeout_s + TXN_GRACE_S
         try:
+            if timeout_s is None:  # a local call (begin_transaction)
+                call()
+                return
+            bound = TXN_BOUND_FACTOR * timeout_s + TXN_GRACE_S
             returned = call_bounded(call, bound, f"librdkafka-{what}")
         except KafkaException as exc:
             raise _exc(exc, what) from exc
