@@ -7,13 +7,12 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
 from depois_stream.contract import headers as H
 from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
 from tests.helpers.kafka_io import (Topics, committed, publish, read_all, run_command,
-                                    wait_for)
+                                    tiled_stream, wait_for)
 
 
 def _start(bootstrap: str, topics: Topics, group: str, model: Path, *extra: str,
@@ -44,12 +43,6 @@ class _Progress:
         self._consumer.close(autocommit=False)
 
 
-def _stream(n: int, digits_arrays, prefix: str) -> tuple[list[str], np.ndarray, np.ndarray]:
-    _, _, xte, yte = digits_arrays
-    idx = np.arange(n) % len(yte)
-    return [f"{prefix}-{i}" for i in range(n)], xte[idx], yte[idx]
-
-
 def _outputs(bootstrap: str, topics: Topics) -> list:
     return [r for t in topics.outputs() for r in read_all(bootstrap, t)]
 
@@ -57,7 +50,7 @@ def _outputs(bootstrap: str, topics: Topics) -> list:
 def test_sigkill_mid_stream_then_restart_loses_nothing(
         kafka_client, broker, unique, centroid_model, digits_arrays):
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
-    ids, images, labels = _stream(1200, digits_arrays, unique)
+    ids, images, labels = tiled_stream(1200, digits_arrays, unique)
     ends = publish(broker.bootstrap, topics.ingest, ids, images, labels)
     progress = _Progress(broker.bootstrap, unique, topics.ingest, 2)
     # The restarted member waits for the killed one's session to expire: keep it short.
@@ -87,7 +80,7 @@ def test_sigkill_mid_stream_then_restart_loses_nothing(
 def test_sigterm_finishes_the_batch_and_commits_exactly_what_it_produced(
         kafka_client, broker, unique, centroid_model, digits_arrays):
     topics = Topics.create(broker.bootstrap, unique, partitions=2)
-    ids, images, labels = _stream(1200, digits_arrays, unique)
+    ids, images, labels = tiled_stream(1200, digits_arrays, unique)
     publish(broker.bootstrap, topics.ingest, ids, images, labels)
     progress = _Progress(broker.bootstrap, unique, topics.ingest, 2)
     proc = _start(broker.bootstrap, topics, unique, centroid_model, client=kafka_client)

@@ -16,7 +16,7 @@ import pytest
 
 from depois_stream.sim.broker import LocalBroker, free_port
 from tests.helpers.kafka_io import (Topics, committed, publish, read_all, readiness,
-                                    run_command, wait_for)
+                                    run_command, tiled_stream, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -114,18 +114,15 @@ def test_a_native_crash_leaves_its_signal_and_the_thread_stacks_in_the_log(
 
 def test_a_broker_outage_is_reported_waited_out_and_loses_nothing(
         kafka_client, tmp_path, centroid_model, digits_arrays):
-    _, _, xte, yte = digits_arrays
-    n = 3000
-    idx = [i % len(yte) for i in range(n)]
+    ids, images, labels = tiled_stream(3000, digits_arrays, "o")
     with LocalBroker(log_path=tmp_path / "tansu.log") as own:
         topics = Topics.create(own.bootstrap, "outage", partitions=2)
         port = free_port()
-        ids = [f"o-{i}" for i in range(n)]
         proc = _start(own.bootstrap, topics, "outage", centroid_model, port, "--batch-size", "64",
                       "--exit-when-idle-s", "20", client=kafka_client)
         try:
             wait_for(lambda: readiness(port).get("ready"), timeout_s=30)
-            ends = publish(own.bootstrap, topics.ingest, ids, xte[idx], yte[idx])
+            ends = publish(own.bootstrap, topics.ingest, ids, images, labels)
             time.sleep(0.5)
             own.freeze()
             try:
@@ -178,18 +175,15 @@ def test_sigterm_during_a_broker_outage_exits_within_the_grace_period_and_loses_
     stop_grace_period instead of being killed: before the fix confluent-kafka's synchronous
     commit never returned (no exit within 120 s) and kafka-python's took 55 s. Whatever was
     not committed is filtered again after the restart, so nothing is lost either way."""
-    _, _, xte, yte = digits_arrays
-    n = 2000
-    idx = [i % len(yte) for i in range(n)]
+    ids, images, labels = tiled_stream(2000, digits_arrays, "s")
     with LocalBroker(log_path=tmp_path / "tansu.log") as own:
         topics = Topics.create(own.bootstrap, "stop", partitions=2)
         port = free_port()
-        ids = [f"s-{i}" for i in range(n)]
         proc = _start(own.bootstrap, topics, "stop", centroid_model, port, client=kafka_client)
         try:
             wait_for(lambda: readiness(port).get("ready"), timeout_s=30)
-            ends = publish(own.bootstrap, topics.ingest, ids, xte[idx], yte[idx])
-            wait_for(lambda: len(_keys(own.bootstrap, topics)) >= n, timeout_s=60)
+            ends = publish(own.bootstrap, topics.ingest, ids, images, labels)
+            wait_for(lambda: len(_keys(own.bootstrap, topics)) >= len(ids), timeout_s=60)
             own.freeze()
             try:
                 time.sleep(2)

@@ -140,3 +140,10 @@ def run_command(bootstrap: str, topics: Topics, group: str, model, client: str,
             "--clean-topic", topics.clean, "--quarantine-topic", topics.quarantine,
             "--dlq-topic", topics.dlq, "--group-id", group, "--device", "cpu",
             "--client", client, *extra]
+
+
+def tiled_stream(n: int, digits_arrays, prefix: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """``n`` records of the digits test split tiled: keys ``prefix-i``, images, labels."""
+    _, _, xte, yte = digits_arrays
+    idx = np.arange(n) % len(yte)
+    return [f"{prefix}-{i}" for i in range(n)], xte[idx], yte[idx]
