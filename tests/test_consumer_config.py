@@ -40,9 +40,25 @@ def test_config_file_named_by_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 
 def test_kafka_security_options_pass_through(tmp_path: Path) -> None:
-    cfg = load_config(model_path="m.onnx", kafka={"security_protocol": "SASL_SSL",
-                                                  "sasl_mechanism": "PLAIN"})
+    cfg = load_config(model_path="m.onnx", client="kafka-python",
+                      kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"})
     assert cfg.kafka["security_protocol"] == "SASL_SSL"
+
+
+def test_kafka_python_security_names_work_with_the_default_client_too() -> None:
+    """The default ``auto`` may pick librdkafka: the usual kafka-python security names are
+    translated for it, so a deployment written for kafka-python keeps starting."""
+    pytest.importorskip("confluent_kafka")
+    cfg = load_config(model_path="m.onnx", client="confluent-kafka",
+                      kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
+                             "sasl_plain_username": "u", "sasl_plain_password": "p"})
+    assert cfg.kafka["sasl_plain_username"] == "u"
+
+
+def test_a_kafka_python_only_option_under_librdkafka_says_how_to_fix_it() -> None:
+    pytest.importorskip("confluent_kafka")
+    with pytest.raises(ConfigError, match="dotted names .* or --client kafka-python"):
+        load_config(model_path="m.onnx", client="confluent-kafka", kafka={"linger_ms": 5})
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -58,7 +74,7 @@ def test_kafka_security_options_pass_through(tmp_path: Path) -> None:
 ])
 def test_bad_settings_name_the_problem(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        load_config(**overrides)
+        load_config(**{"client": "kafka-python", **overrides})
 
 
 def test_no_depois_variable_the_project_itself_reads_or_sets_is_called_unknown() -> None:
@@ -143,10 +159,14 @@ def test_cli_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
     assert "batch_size" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_cli_unreachable_broker_exits_2_with_what_to_check(centroid_model: Path) -> None:
-    proc = _cli("run", "--model-path", str(centroid_model), "--device", "cpu",
+@pytest.mark.parametrize("client", ["kafka-python", "confluent-kafka"])
+def test_cli_unreachable_broker_exits_2_with_what_to_check(centroid_model: Path,
+                                                           client: str) -> None:
+    pytest.importorskip({"kafka-python": "kafka", "confluent-kafka": "confluent_kafka"}[client])
+    fast = ["--kafka", "bootstrap_timeout_ms=300"] if client == "kafka-python" else []
+    proc = _cli("run", "--model-path", str(centroid_model), "--device", "cpu", "--client", client,
                 "--bootstrap-servers", "127.0.0.1:1", "--metrics-port", "0",
-                "--kafka", "bootstrap_timeout_ms=300", "--startup-timeout-s", "2")
+                *fast, "--startup-timeout-s", "2")
     assert proc.returncode == 2
     assert "cannot use Kafka at 127.0.0.1:1" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -179,3 +199,31 @@ def test_series_that_dashboards_divide_by_exist_before_the_first_record(centroid
         assert f'depois_quarantined_by_label_total{{label="{label}"}} 0.0' in text
     provider = flt.detector.provider
     assert f'depois_inference_duration_seconds_count{{provider="{provider}"}} 0.0' in text
+
+
+@pytest.mark.parametrize("installed, expected", [
+    ((2, 16), "confluent-kafka"), ((3, 0), "confluent-kafka"),
+    ((2, 12), "kafka-python"), (None, "kafka-python")])
+def test_a_plain_run_takes_librdkafka_when_a_usable_one_is_installed(
+        monkeypatch: pytest.MonkeyPatch, installed: tuple[int, int] | None, expected: str) -> None:
+    """The default client is ``auto``: a newcomer who installed the ``fast`` extra and typed
+    ``depois-stream run`` got kafka-python, half the throughput (docs/performance.md). An older
+    confluent-kafka pulled in by another package (Quix Streams pins < 2.13; 2.12 crashed on a
+    re-created topic) must not become the client."""
+    from depois_stream.filter import clients
+
+    monkeypatch.setattr(clients, "confluent_version", lambda: installed)
+    cfg = load_config(model_path="m.onnx")
+    assert cfg.client == "auto"
+    assert clients.resolve(cfg.client) == expected
+    assert clients.resolve("kafka-python") == "kafka-python"
+
+
+def test_the_installed_confluent_kafka_version_is_read() -> None:
+    from depois_stream.filter import clients
+
+    version = clients.confluent_version()
+    if clients.confluent_installed():
+        assert version is not None and version >= (2, 0)
+    else:
+        assert version is None

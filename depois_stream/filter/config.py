@@ -50,10 +50,11 @@ class ConsumerConfig(BaseSettings):
         json_schema_extra=flag("--model-path", "-m"))
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap host:port list.")
     client: Literal["kafka-python", "confluent-kafka", "auto"] = Field(
-        "kafka-python", description=(
+        "auto", description=(
             "Kafka client library: kafka-python (pure Python) or confluent-kafka (librdkafka, "
-            "several times cheaper per record; pip install 'depois-stream[fast]'); auto takes "
-            "confluent-kafka when it is installed."))
+            "two to three times cheaper per record; pip install 'depois-stream[fast]'); auto "
+            "takes confluent-kafka when version 2.16 or later is installed, kafka-python "
+            "otherwise. The choice is logged at start-up."))
     ingest_topic: str = Field("depois.ingest", description="Topic the samples arrive on.")
     clean_topic: str = Field("depois.clean", description="Where samples that pass go.")
     quarantine_topic: str = Field("depois.quarantine", description="Where suspected poisons go.")

@@ -1,13 +1,19 @@
 """Pick a Kafka client library by name: ``kafka-python``, ``confluent-kafka`` or ``auto``.
 
-``auto`` takes confluent-kafka when it is installed (``pip install 'depois-stream[fast]'``:
-librdkafka does the network work in C, several times cheaper per record) and kafka-python
-otherwise. The choice is logged at start-up and exported as ``depois_build_info{client=...}``.
+``auto`` (the default) takes confluent-kafka when a usable one is installed (``pip install
+'depois-stream[fast]'``: librdkafka does the network work in C, two to three times cheaper per
+record) and kafka-python otherwise, so that a plain ``depois-stream run`` is the fast filter
+wherever it can be. "Usable" is the ``fast`` extra's floor, 2.16: 2.12 crashed inside librdkafka
+when a topic came back under a new topic id, and an older copy pulled in by another package (Quix
+Streams pins < 2.13) must not silently become the client. The choice is logged at start-up and
+exported as ``depois_build_info{client=...}``.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import re
 from typing import Literal
 
 from depois_stream.filter.clients.base import Client
@@ -20,14 +26,31 @@ class ClientUnavailable(RuntimeError):
     """The requested client library is not installed; the message says what to install."""
 
 
+# The oldest confluent-kafka ``auto`` takes (the ``fast`` extra's floor in pyproject.toml).
+CONFLUENT_FLOOR = (2, 16)
+
+
 def confluent_installed() -> bool:
     return importlib.util.find_spec("confluent_kafka") is not None
+
+
+def confluent_version() -> tuple[int, int] | None:
+    """The installed confluent-kafka's (major, minor) (None when it is not installed)."""
+    if not confluent_installed():
+        return None
+    try:
+        found = re.match(r"(\d+)\.(\d+)", importlib.metadata.version("confluent-kafka"))
+    except importlib.metadata.PackageNotFoundError:  # importable, but not an installed package
+        return None
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def resolve(name: str) -> str:
     """``auto`` -> the library that will be used; any other name is returned as it is."""
     if name == "auto":
-        return "confluent-kafka" if confluent_installed() else "kafka-python"
+        version = confluent_version()
+        usable = version is not None and version >= CONFLUENT_FLOOR
+        return "confluent-kafka" if usable else "kafka-python"
     return name
 
 

@@ -519,7 +519,8 @@ class ConfluentClient:
         snake = sorted(k for k in conf if "_" in k and "." not in k)
         if snake:
             raise ValueError(f"{snake} are not confluent-kafka options: use librdkafka's dotted "
-                             "names (security.protocol, sasl.mechanisms, ssl.ca.location, ...)")
+                             "names (security.protocol, sasl.mechanisms, ssl.ca.location, ...) "
+                             "or --client kafka-python")
         for make, only in ((Producer, _producer_only), (Consumer, _consumer_only)):
             try:  # librdkafka validates names and values when a handle is made
                 # the filter's own group settings at their smallest allowed values, so that
