@@ -10,6 +10,7 @@ from collections import Counter
 
 import pytest
 
+from depois_stream.filter.clients import base
 from depois_stream.filter.clients.base import ClientError
 from depois_stream.filter.delivery import Delivery
 from depois_stream.filter.metrics import Metrics
@@ -52,7 +53,7 @@ def test_a_transactional_call_that_never_returns_is_bounded_and_wedges_the_handl
     confluent = pytest.importorskip("depois_stream.filter.clients.confluent")
     from depois_stream.filter.clients.base import ClientSettings
 
-    monkeypatch.setattr(confluent, "TXN_GRACE_S", 0.2)
+    monkeypatch.setattr(base, "TXN_GRACE_S", 0.2)
     producer = confluent.ConfluentProducer(ClientSettings(bootstrap_servers="127.0.0.1:9", client_id="t"))
     release = threading.Event()
     try:
@@ -179,3 +180,61 @@ def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_comm
     assert not delivery.backing_off
     assert TxnProducer.made == 2, "the producer was not replaced"
     assert source.rewinds[-1] == {("in", 0): 104}, f"resumed at {source.rewinds[-1]}: the batch would be written twice"
+
+
+def test_once_stopping_a_transactional_call_waiting_on_the_broker_is_abandoned_sooner(
+        monkeypatch) -> None:
+    """A stop during a broker outage waited for the transactional call in flight to give up on
+    its own (55 s with either library), past an orchestrator's 30 s grace period. Once the stop
+    is asked for, the guard waits SHUTDOWN_STEP_S into the call and then abandons it, wedging
+    the producer; without a stop the full bound applies."""
+    monkeypatch.setattr(base, "SHUTDOWN_STEP_S", 0.3)
+    stopping = threading.Event()
+    guard = base.TransactionGuard("lib", stopping)
+    release = threading.Event()
+    try:
+        threading.Timer(0.2, stopping.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(ClientError, match="abandoned: stopping") as err:
+            guard.call(release.wait, "commit_transaction", 30.0)
+        assert err.value.retriable and 0.25 < time.monotonic() - t0 < 3
+        with pytest.raises(ClientError, match="wedged"):
+            guard.check("abort_transaction")
+    finally:
+        release.set()
+    # a call that answers is not abandoned, stop or not
+    done = base.TransactionGuard("lib", stopping)
+    done.call(lambda: time.sleep(0.05), "commit_transaction", 30.0)
+    assert done.wedged is None
+
+
+@pytest.mark.parametrize("module", ["kafka_python", "confluent"])
+def test_both_clients_transactional_calls_go_through_the_guard(monkeypatch, module: str) -> None:
+    """kafka-python's commit_transaction and send_offsets_to_transaction take no timeout, so
+    its adapter needs the guard as much as librdkafka's. No broker: librdkafka's handle never
+    connects; kafka-python's producer bootstraps in its constructor, so that adapter is built
+    around no producer (only its guard is made, as its constructor makes it). The end-to-end
+    check is test_lifecycle.py's stop during an outage mid-transaction."""
+    import importlib
+
+    from depois_stream.filter.clients.base import ClientSettings
+
+    pytest.importorskip({"kafka_python": "kafka", "confluent": "confluent_kafka"}[module])
+    client = importlib.import_module(f"depois_stream.filter.clients.{module}")
+    monkeypatch.setattr(base, "SHUTDOWN_STEP_S", 0.2)
+    stopping = threading.Event()
+    stopping.set()
+    settings = ClientSettings(bootstrap_servers="127.0.0.1:9", client_id="t", stopping=stopping)
+    if module == "kafka_python":
+        producer = object.__new__(client.KafkaPythonProducer)
+        producer._guard = base.TransactionGuard(client.NAME, settings.stopping)
+    else:
+        producer = client.ConfluentProducer(settings)
+    release = threading.Event()
+    try:
+        with pytest.raises(ClientError, match="abandoned"):
+            producer._txn(release.wait, "send_offsets_to_transaction", 30.0)
+        with pytest.raises(ClientError, match="wedged"):
+            producer._txn(lambda: pytest.fail("a wedged handle was called"), "begin_transaction")
+    finally:
+        release.set()

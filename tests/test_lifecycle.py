@@ -32,6 +32,19 @@ def _keys(bootstrap: str, topics: Topics) -> list[str]:
     return [r.key.decode() for t in topics.outputs() for r in read_all(bootstrap, t)]
 
 
+def _commits(port: int) -> float:
+    """depois_commits_total of the filter on ``port`` (0 while it does not answer)."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.split()[-1]) for line in text.splitlines()
+               if line.startswith("depois_commits_total"))
+
+
 def _stop(proc: subprocess.Popen) -> tuple[float, str]:
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
@@ -199,6 +212,43 @@ def test_sigterm_during_a_broker_outage_exits_within_the_grace_period_and_loses_
                  if r.offset < (done.get(r.partition) or 0)}
         assert below <= set(_keys(own.bootstrap, topics))
         assert set(_keys(own.bootstrap, topics)) == set(ids) and ends
+
+
+def test_sigterm_during_an_outage_mid_transaction_exits_within_the_grace_period(
+        kafka_client, tmp_path, centroid_model, digits_arrays):
+    """The same stop with --exactly-once while a backlog is being filtered: the broker freezes
+    with a transaction open, and the loop is inside one of its transactional calls. Before the
+    fix the stop waited for that call to give up on its own, 55 to 56 s on both clients, so an
+    orchestrator's 30 s grace period ended in a kill. Once a stop is asked for, a
+    transactional call still waiting on the broker after a few seconds is abandoned: the open
+    transaction is never committed (the broker aborts it, or the next owner's producer fences
+    it), its records are filtered again from the last committed offsets, and nothing is lost."""
+    ids, images, labels = tiled_stream(30000, digits_arrays, "t")
+    with LocalBroker(log_path=tmp_path / "tansu.log") as own:
+        topics = Topics.create(own.bootstrap, "txstop", partitions=2)
+        port = free_port()
+        proc = _start(own.bootstrap, topics, "txstop", centroid_model, port, "--exactly-once",
+                      client=kafka_client)
+        try:
+            wait_for(lambda: readiness(port).get("ready"), timeout_s=30)
+            publish(own.bootstrap, topics.ingest, ids, images, labels)
+            wait_for(lambda: _commits(port) > 0, timeout_s=60)  # a transaction committed
+            own.freeze()
+            try:
+                time.sleep(2)
+                took, err = _stop(proc)
+            finally:
+                own.thaw()
+        finally:
+            proc.kill()
+        assert proc.returncode == 0 and took < 30, f"exit {proc.returncode} after {took:.1f} s:\n{err[-3000:]}"
+        assert "Traceback" not in err
+        done = committed(own.bootstrap, "txstop", topics.ingest)
+        out = set(_keys(own.bootstrap, topics))
+        below = {r.key.decode() for r in read_all(own.bootstrap, topics.ingest)
+                 if r.offset < (done.get(r.partition) or 0)}
+        assert below <= out
+        assert len(out) < len(ids), "the backlog was filtered before the freeze: nothing tested"
 
 
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])

@@ -134,6 +134,7 @@ class StreamFilter:
         self.max_record_bytes = self.client.max_record_bytes(cfg.kafka)
         self._source: Source | None = None
         self._probe: _BrokerProbe | None = None
+        self._stopping: threading.Event | None = None
         self._loop_at = time.monotonic()
 
     @property
@@ -146,6 +147,7 @@ class StreamFilter:
     def run(self, stop: threading.Event | None = None) -> RunStats:
         """Filter until ``stop`` is set (or the stream idles, with ``exit_when_idle_s``)."""
         stop = stop or threading.Event()
+        self._stopping = stop  # the clients' transactional calls give up sooner once it is set
         with self._running() as (source, delivery):
             _quiet_garbage_collector()
             watcher = ModelWatcher(self.detector, self._load_model, self.cfg.reload_interval_s,
@@ -253,7 +255,7 @@ class StreamFilter:
                     on_delivered=self._delivered, max_in_flight=cfg.max_in_flight,
                     retries=cfg.produce_retries, retry_backoff_max_s=cfg.retry_backoff_max_s,
                     delivery_timeout_s=cfg.delivery_timeout_ms / 1000,
-                    exactly_once=cfg.exactly_once)
+                    exactly_once=cfg.exactly_once, stopping=self._stopping)
             except ClientError as exc:
                 if cfg.exactly_once:
                     raise StartupError(f"cannot start transactions on {cfg.bootstrap_servers} "
@@ -273,7 +275,7 @@ class StreamFilter:
             heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_records=cfg.batch_size,
             read_committed=cfg.exactly_once, delivery_timeout_ms=cfg.delivery_timeout_ms,
             transactional_id=cfg.effective_transactional_id() if cfg.exactly_once else None,
-            options=dict(cfg.kafka))
+            options=dict(cfg.kafka), stopping=self._stopping)
 
     def _wait_for_broker(self) -> None:
         assert self._probe is not None

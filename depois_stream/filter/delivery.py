@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
@@ -80,8 +81,10 @@ class Delivery:
                  on_delivered: Callable[[Routed], None],
                  max_in_flight: int = 4, retries: int | None = None,
                  retry_backoff_max_s: float = 30.0, delivery_timeout_s: float = 30.0,
-                 exactly_once: bool = False, clock: Callable[[], float] = time.monotonic) -> None:
+                 exactly_once: bool = False, clock: Callable[[], float] = time.monotonic,
+                 stopping: threading.Event | None = None) -> None:
         self._make_producer = make_producer
+        self._stopping = stopping
         self._consumer = consumer
         self._source = source
         self._metrics = metrics
@@ -117,8 +120,12 @@ class Delivery:
 
     def _renew_when_due(self) -> None:
         """Replace a failed producer once nothing is in flight on it (with exactly-once, that
-        is between transactions)."""
-        if self._renew and not self._inflight:
+        is between transactions). Not on the way out: nothing more will be sent, and making a
+        producer waits on the broker (kafka-python's bootstrap took 30 s during an outage,
+        past a stop's grace period); what was not committed is filtered again by the next
+        owner."""
+        if self._renew and not self._inflight and not (self._stopping is not None
+                                                       and self._stopping.is_set()):
             self._renew_producer()
 
     def _renew_producer(self) -> None:

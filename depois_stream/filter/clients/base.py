@@ -13,6 +13,7 @@ place to touch each record once.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 TP = tuple[str, int]  # (topic, partition): client-neutral and hashable
 Header = tuple[str, bytes]
@@ -31,14 +34,26 @@ Header = tuple[str, bytes]
 SHUTDOWN_STEP_S = 3.0
 
 
-def call_bounded(call: Callable[[], object], timeout_s: float, name: str) -> bool:
+# A transactional call that has not returned this long after its own timeout is taken as wedged
+# (bound = TXN_BOUND_FACTOR * timeout + TXN_GRACE_S: 50 s at the default 30 s delivery timeout;
+# one such call stays under the /healthz stall limit of 90 s, a transaction makes up to three).
+TXN_BOUND_FACTOR = 1.5
+TXN_GRACE_S = 5.0
+_SLICE_S = 0.1  # how often a bounded call's waiter looks at the stop request
+
+
+def call_bounded(call: Callable[[], object], timeout_s: float, name: str,
+                 abandon: threading.Event | None = None) -> bool:
     """Run ``call`` on a daemon thread and wait for it at most ``timeout_s``.
 
     True when it returned (an exception it raised is raised here); False when it is still
     running, and then the thread is left behind. For librdkafka calls that wait on the broker
     without a timeout of their own (a synchronous commit, closing a consumer) or past the one
     they were given (transactional calls against a broker that lost its state): a blocked C call
-    cannot be interrupted, only abandoned."""
+    cannot be interrupted, only abandoned. With ``abandon``, the wait also ends once that event
+    is set and the call has run ``SHUTDOWN_STEP_S``: a stop asked for while the broker is
+    silent must not wait out a transaction's full bound (a healthy broker answers in ms, so a
+    call in flight when the stop comes still completes)."""
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
@@ -49,13 +64,68 @@ def call_bounded(call: Callable[[], object], timeout_s: float, name: str) -> boo
             outcome.append(exc)
 
     worker = threading.Thread(target=attempt, name=name, daemon=True)
+    started = time.monotonic()
     worker.start()
-    worker.join(timeout_s)
+    if abandon is None:
+        worker.join(timeout_s)
+    else:
+        while worker.is_alive():
+            ran = time.monotonic() - started
+            if ran >= timeout_s or (abandon.is_set() and ran >= SHUTDOWN_STEP_S):
+                break
+            worker.join(min(_SLICE_S, timeout_s - ran))
     if not outcome:
         return False
     if outcome[0] is not None:
         raise outcome[0]
     return True
+
+
+class TransactionGuard:
+    """Transactional calls that talk to the broker, bounded, and the producer they wedge.
+
+    Each call runs on a thread of its own (``call_bounded``) and is waited for at most
+    ``TXN_BOUND_FACTOR * timeout + TXN_GRACE_S``, or ``SHUTDOWN_STEP_S`` once the filter is
+    stopping. A call that has not returned by then marks the producer *wedged*: it and every
+    later call on it fail as retriable without touching the library, so the abort that follows
+    does not block too, and the delivery layer rewinds the batch and replaces the producer (the
+    new one's ``init_transactions`` under the same ``transactional.id`` fences the old one; a
+    stuck commit is settled from the group's committed offsets, ``Delivery``). Why both
+    libraries need it: librdkafka 2.16's ``send_offsets_to_transaction`` blocked for minutes
+    past its own timeout against a broker that had lost its transaction state, and
+    kafka-python's ``commit_transaction`` and ``send_offsets_to_transaction`` take no timeout
+    (55 s against a frozen broker), which made a stop during an outage outlast a 30 s grace
+    period. The stuck thread (a daemon) keeps the old handle; it is leaked, not destroyed,
+    because destroying a handle with a call still inside it could block as well."""
+
+    def __init__(self, library: str, stopping: threading.Event | None) -> None:
+        self.library = library
+        self.stopping = stopping
+        self.wedged: str | None = None  # why the producer is no longer called, once it is not
+
+    def check(self, what: str) -> None:
+        """Refuse any call, local ones included, on a wedged producer."""
+        if self.wedged is not None:
+            raise ClientError(f"{what}: not attempted, the producer is wedged ({self.wedged})",
+                              retriable=True)
+
+    def call(self, call: Callable[[], object], what: str, timeout_s: float) -> None:
+        """Make ``call`` (exceptions it raises are the library's own: translate them)."""
+        self.check(what)
+        bound = TXN_BOUND_FACTOR * timeout_s + TXN_GRACE_S
+        if call_bounded(call, bound, f"{self.library}-{what}", abandon=self.stopping):
+            return
+        if self.stopping is not None and self.stopping.is_set():
+            self.wedged = f"{what} abandoned: stopping while the broker did not answer"
+            log.warning("%s's %s had not returned %.0f s into the stop; the open transaction is "
+                        "abandoned (never committed: its records are filtered again from the "
+                        "committed offsets)", self.library, what, SHUTDOWN_STEP_S)
+        else:
+            self.wedged = f"{what} did not return within {bound:.0f} s"
+            log.warning("%s's %s did not return within %.0f s (its own timeout is %.0f s); the "
+                        "transaction is abandoned and the producer replaced", self.library, what,
+                        bound, timeout_s)
+        raise ClientError(self.wedged, retriable=True)
 
 
 class Unreadable(tuple):
@@ -188,6 +258,9 @@ class ClientSettings:
     delivery_timeout_ms: int = 30000
     transactional_id: str | None = None
     options: dict[str, Any] = field(default_factory=dict)  # pass-through (security, tuning)
+    # set when the filter is asked to stop: transactional calls then give up sooner
+    # (``TransactionGuard``)
+    stopping: threading.Event | None = None
 
 
 # on_assign returns the start offset to use for some of the newly assigned partitions: the

@@ -33,7 +33,8 @@ from confluent_kafka.admin import AdminClient
 
 from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
-    DeliveryCallback, Header, ProduceError, RecordBatch, RevokeCallback, Unreadable, call_bounded,
+    DeliveryCallback, Header, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
+    Unreadable, call_bounded,
 )
 
 log = logging.getLogger(__name__)
@@ -65,11 +66,6 @@ _DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
 _FRAMING = 16 * 1024
 PRODUCER_LINGER_MS = 5
 MAX_BLOCK_S = 10.0  # how long send() waits for room in a full local queue
-# A transactional call that has not returned this long after its own timeout is taken as wedged
-# (bound = TXN_BOUND_FACTOR * timeout + TXN_GRACE_S: 50 s at the default 30 s delivery timeout;
-# one such call stays under the /healthz stall limit of 90 s, a transaction makes up to three).
-TXN_BOUND_FACTOR = 1.5
-TXN_GRACE_S = 5.0
 FETCH_WAIT_MAX_MS = 100  # as kafka_python.FETCH_MAX_WAIT_MS: bounded latency on any broker
 
 
@@ -370,7 +366,7 @@ class ConfluentProducer:
         if s.transactional_id:
             conf["transactional.id"] = s.transactional_id
         self._p = Producer(conf)
-        self._wedged: str | None = None  # why this handle is no longer called, once it is not
+        self._guard = TransactionGuard("librdkafka", s.stopping)
 
     def partition_count(self, topic: str) -> int:
         try:
@@ -434,40 +430,19 @@ class ConfluentProducer:
         self._txn(lambda: self._p.abort_transaction(timeout_s), "abort_transaction", timeout_s)
 
     def _txn(self, call: Any, what: str, timeout_s: float | None = None) -> None:
-        """Make one transactional call; one that talks to the broker is bounded.
-
-        librdkafka 2.16's ``send_offsets_to_transaction`` blocked for minutes past its own
-        timeout against a broker that had lost its transaction state (Tansu restarted empty; on
-        Apache Kafka a lost ``__transaction_state``), and a blocked C call cannot be
-        interrupted. So the call runs on a thread of its own, and when it has not returned
-        ``TXN_BOUND_FACTOR * timeout + TXN_GRACE_S`` later the handle is declared wedged: this
-        call and every later one on it fail as retriable, and the delivery layer aborts the
-        batch, rewinds to its first offsets and replaces the producer. The new producer's
-        ``init_transactions`` under the same ``transactional.id`` fences the old one; when the
-        stuck call was the commit itself, the delivery layer then resumes at the group's
-        committed offsets, since that commit may have completed (``Delivery``). The stuck
-        thread (a daemon) keeps the old handle alive; it is leaked rather than destroyed,
-        because destroying a handle with a call still inside it could block as well."""
-        if self._wedged is not None:
-            raise ClientError(f"{what}: not attempted, the producer is wedged ({self._wedged})",
-                              retriable=True)
+        """Make one transactional call; one that talks to the broker goes through the
+        ``TransactionGuard`` (bounded, and abandoned sooner once the filter is stopping)."""
         try:
             if timeout_s is None:  # a local call (begin_transaction)
+                self._guard.check(what)
                 call()
-                return
-            bound = TXN_BOUND_FACTOR * timeout_s + TXN_GRACE_S
-            returned = call_bounded(call, bound, f"librdkafka-{what}")
+            else:
+                self._guard.call(call, what, timeout_s)
         except KafkaException as exc:
             raise _exc(exc, what) from exc
-        if not returned:
-            self._wedged = f"{what} did not return within {bound:.0f} s"
-            log.warning("librdkafka's %s did not return within %.0f s (its own timeout is %.0f s); "
-                        "the transaction is abandoned and the producer replaced", what, bound,
-                        timeout_s)
-            raise ClientError(f"{what}: did not return within {bound:.0f} s", retriable=True)
 
     def close(self, timeout_s: float) -> None:
-        if self._wedged is None:  # a wedged handle is left alone (see _txn)
+        if self._guard.wedged is None:  # a wedged handle is left alone (TransactionGuard)
             self._p.flush(timeout_s)
 
 

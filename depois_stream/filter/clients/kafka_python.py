@@ -21,7 +21,7 @@ from kafka.structs import OffsetAndMetadata
 
 from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
-    DeliveryCallback, Header, ProduceError, RecordBatch, RevokeCallback,
+    DeliveryCallback, Header, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
 )
 
 log = logging.getLogger(__name__)
@@ -321,6 +321,7 @@ class KafkaPythonProducer:
             max_block_ms=options.pop("max_block_ms", min(MAX_BLOCK_MS, s.delivery_timeout_ms)),
             **extra, **options)
         self._reported = threading.Event()
+        self._guard = TransactionGuard(NAME, s.stopping)
 
     def partition_count(self, topic: str) -> int:
         try:
@@ -361,26 +362,32 @@ class KafkaPythonProducer:
         return 0
 
     def init_transactions(self, timeout_s: float) -> None:
-        self._txn(lambda: self._p.init_transactions())
+        self._txn(self._p.init_transactions, "init_transactions", timeout_s)
 
     def begin_transaction(self) -> None:
-        self._txn(self._p.begin_transaction)
+        self._txn(self._p.begin_transaction, "begin_transaction")
 
     def send_offsets_to_transaction(self, offsets: Mapping[TP, int], group_metadata: Any,
                                     timeout_s: float) -> None:
         meta = {TopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
-        self._txn(lambda: self._p.send_offsets_to_transaction(meta, group_metadata))
+        self._txn(lambda: self._p.send_offsets_to_transaction(meta, group_metadata),
+                  "send_offsets_to_transaction", timeout_s)
 
     def commit_transaction(self, timeout_s: float) -> None:
-        self._txn(self._p.commit_transaction)
+        self._txn(self._p.commit_transaction, "commit_transaction", timeout_s)
 
     def abort_transaction(self, timeout_s: float) -> None:
-        self._txn(self._p.abort_transaction)
+        self._txn(self._p.abort_transaction, "abort_transaction", timeout_s)
 
-    @staticmethod
-    def _txn(call: Any) -> None:
+    def _txn(self, call: Any, what: str, timeout_s: float | None = None) -> None:
+        """One transactional call; those that wait on the broker (kafka-python gives them no
+        timeout) go through the ``TransactionGuard``."""
         try:
-            call()
+            if timeout_s is None:  # a local call (begin_transaction)
+                self._guard.check(what)
+                call()
+            else:
+                self._guard.call(call, what, timeout_s)
         except KafkaError as exc:
             raise _error(exc) from exc
 
