@@ -122,9 +122,12 @@ class ConsumerConfig(BaseSettings):
     probe_interval_s: float = Field(5.0, gt=0.0, description=(
         "How often to probe the broker directly for /readyz and depois_broker_up."))
     kafka: dict[str, Any] = Field(default_factory=dict, description=(
-        "Extra client option KEY=VALUE, repeatable: kafka-python names (security_protocol, "
-        "sasl_mechanism, ssl_cafile, max_request_size, ...) or librdkafka's dotted names with "
-        "--client confluent-kafka. Options that decide delivery semantics are refused."))
+        "Extra client option KEY=VALUE, repeatable, in the chosen client's own names "
+        "(kafka-python: snake_case; confluent-kafka: librdkafka's dotted names). "
+        "The common security and size options may use kafka-python's names with either "
+        "client (security_protocol, sasl_mechanism, sasl_plain_username, sasl_plain_password, "
+        "ssl_cafile, ssl_certfile, ssl_keyfile, max_request_size, ...). Options that decide "
+        "delivery semantics are refused."))
     exit_when_idle_s: float | None = Field(None, gt=0.0, description=(
         "Exit 0 after this many seconds without records (demos and tests); time while the "
         "broker is unreachable does not count."))
