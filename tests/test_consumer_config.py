@@ -51,14 +51,16 @@ def test_kafka_python_security_names_work_with_the_default_client_too() -> None:
     pytest.importorskip("confluent_kafka")
     cfg = load_config(model_path="m.onnx", client="confluent-kafka",
                       kafka={"security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN",
-                             "sasl_plain_username": "u", "sasl_plain_password": "p"})
+                             "sasl_plain_username": "u", "sasl_plain_password": "p",
+                             "ssl_check_hostname": False})
     assert cfg.kafka["sasl_plain_username"] == "u"
 
 
 def test_a_kafka_python_only_option_under_librdkafka_says_how_to_fix_it() -> None:
     pytest.importorskip("confluent_kafka")
     with pytest.raises(ConfigError, match="dotted names .* or --client kafka-python"):
-        load_config(model_path="m.onnx", client="confluent-kafka", kafka={"linger_ms": 5})
+        load_config(model_path="m.onnx", client="confluent-kafka",
+                    kafka={"api_version_auto_timeout_ms": 5})
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -227,3 +229,23 @@ def test_the_installed_confluent_kafka_version_is_read() -> None:
         assert version is not None and version >= (2, 0)
     else:
         assert version is None
+
+
+def test_liveness_fails_once_too_many_abandoned_client_calls_are_stuck(
+        centroid_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a broker that never answers, an exactly-once member abandons a transactional call
+    (and the producer handle inside it) about once a minute; nothing capped them, so a long
+    enough outage would exhaust the process's memory. Above the cap /healthz fails, and the
+    count is exported for the dashboards."""
+    from prometheus_client import generate_latest
+
+    from depois_stream.filter import app
+
+    flt = app.StreamFilter(load_config(model_path=centroid_model, device="cpu",
+                                       bootstrap_servers="127.0.0.1:1"))
+    stuck = [0]
+    monkeypatch.setattr(app, "abandoned_calls", lambda: stuck[0])
+    assert flt._liveness()["abandoned_calls_below_cap"]
+    stuck[0] = app.MAX_ABANDONED_CALLS + 1
+    assert not flt._liveness()["abandoned_calls_below_cap"]
+    assert "depois_client_calls_abandoned 0.0" in generate_latest(flt.metrics.registry).decode()

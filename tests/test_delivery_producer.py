@@ -238,3 +238,114 @@ def test_both_clients_transactional_calls_go_through_the_guard(monkeypatch, modu
             producer._txn(lambda: pytest.fail("a wedged handle was called"), "begin_transaction")
     finally:
         release.set()
+
+
+def test_calls_given_up_on_are_counted_until_they_return() -> None:
+    from depois_stream.filter.clients.base import abandoned_calls, call_bounded
+
+    before = abandoned_calls()
+    release = threading.Event()
+    try:
+        assert call_bounded(release.wait, 0.05, "t") is False
+        assert abandoned_calls() == before + 1
+    finally:
+        release.set()
+    deadline = time.monotonic() + 5
+    while abandoned_calls() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert abandoned_calls() == before
+
+
+def test_a_producer_whose_init_transactions_failed_is_freed_at_once() -> None:
+    """During an outage the exactly-once filter retries making a producer every backoff, and
+    each failed init_transactions left its librdkafka handle (4 threads, sockets) alive: the
+    error raised through call_bounded formed reference cycles with its frames, and the filter's
+    tuned garbage collector (generation 2 frozen, rare full passes) did not free them: 4 more
+    threads every 30 s while the broker was frozen. Real librdkafka, no broker (nothing
+    listens on port 1); the collector is off so that only reference counting can free it."""
+    import gc
+    import weakref
+
+    confluent = pytest.importorskip("depois_stream.filter.clients.confluent")
+    from depois_stream.filter.clients.base import ClientSettings
+
+    gc.collect()
+    gc.disable()
+    try:
+        producer = confluent.ConfluentProducer(ClientSettings(
+            bootstrap_servers="127.0.0.1:1", client_id="t", transactional_id="leak"))
+        with pytest.raises(ClientError):
+            producer.init_transactions(0.5)
+        gone = weakref.ref(producer)
+        del producer
+        assert gone() is None, "the failed producer is still referenced"
+    finally:
+        gc.enable()
+
+
+def test_no_producer_is_made_on_the_way_out() -> None:
+    """Making a producer waits on the broker (kafka-python's bootstrap took 30 s during an
+    outage, past a stop's grace period), and nothing more will be sent once stopping."""
+    made: list[_Producer] = []
+
+    def make() -> _Producer:
+        made.append(_Producer())
+        return made[-1]
+
+    stopping = threading.Event()
+    delivery = Delivery(make, None, None, Metrics(), ("c", "q", "d"), on_delivered=lambda r: None,
+                        stopping=stopping)
+    delivery._renew = True
+    stopping.set()
+    delivery._renew_when_due()
+    assert len(made) == 1 and delivery._renew
+    stopping.clear()
+    delivery._renew_when_due()
+    assert len(made) == 2 and not delivery._renew
+
+
+def test_kafka_pythons_transactional_calls_are_bounded_and_abandoned_on_stop(monkeypatch) -> None:
+    """kafka-python's commit_transaction and send_offsets_to_transaction take no timeout: its
+    adapter, built by its own constructor around a stand-in KafkaProducer whose calls block
+    like a frozen broker's, must give them up 3 s (here 0.2 s) into a stop and refuse every
+    later call on the wedged producer."""
+    kp = pytest.importorskip("depois_stream.filter.clients.kafka_python")
+    from depois_stream.filter.clients.base import ClientSettings
+
+    release = threading.Event()
+    calls: list[str] = []
+
+    class FrozenBroker:
+        def __init__(self, **config) -> None:
+            self.config = config
+
+        def _blocks(self, name: str):
+            def call(*args) -> None:
+                calls.append(name)
+                release.wait()
+            return call
+
+        def __getattr__(self, name: str):
+            if name.endswith("transaction") or name.endswith("transactions") \
+                    or name == "send_offsets_to_transaction":
+                return self._blocks(name)
+            raise AttributeError(name)
+
+    monkeypatch.setattr(kp, "KafkaProducer", FrozenBroker)
+    monkeypatch.setattr(base, "SHUTDOWN_STEP_S", 0.2)
+    stopping = threading.Event()
+    producer = kp.KafkaPythonProducer(ClientSettings(
+        bootstrap_servers="127.0.0.1:9", client_id="t", transactional_id="x", stopping=stopping))
+    try:
+        threading.Timer(0.1, stopping.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(ClientError, match="abandoned"):
+            producer.commit_transaction(30.0)
+        assert time.monotonic() - t0 < 3 and calls == ["commit_transaction"]
+        for attempt in (lambda: producer.abort_transaction(30.0), producer.begin_transaction,
+                        lambda: producer.send_offsets_to_transaction({("t", 0): 1}, "g", 30.0)):
+            with pytest.raises(ClientError, match="wedged"):
+                attempt()
+        assert calls == ["commit_transaction"], "a wedged producer was called"
+    finally:
+        release.set()

@@ -180,6 +180,28 @@ def test_a_broker_that_does_not_answer_at_start_up_is_given_up_on_at_the_startup
     assert "--startup-timeout-s 6" in err and "Traceback" not in err
 
 
+def test_sigterm_while_waiting_for_the_broker_at_start_up_stops_at_once_with_exit_0(
+        kafka_client, tmp_path, centroid_model):
+    """An orchestrator that stops a member still waiting for its broker (a rollout during an
+    outage) asked for a stop, not a start: before, the member kept waiting until
+    --startup-timeout-s and then failed with exit 2 (60 s and a start-up error here)."""
+    with LocalBroker(log_path=tmp_path / "tansu.log") as own:
+        topics = Topics.create(own.bootstrap, "early")
+        own.freeze()
+        try:
+            proc = _start(own.bootstrap, topics, "early", centroid_model, free_port(),
+                          "--startup-timeout-s", "60", "--exactly-once", client=kafka_client)
+            try:
+                time.sleep(5)  # started, model loaded, waiting for the frozen broker
+                took, err = _stop(proc)
+            finally:
+                proc.kill()
+        finally:
+            own.thaw()
+    assert proc.returncode == 0 and took < 15, f"exit {proc.returncode} after {took:.1f} s:\n{err[-2000:]}"
+    assert "stopped during start-up" in err and "Traceback" not in err
+
+
 def test_sigterm_during_a_broker_outage_exits_within_the_grace_period_and_loses_nothing(
         kafka_client, tmp_path, centroid_model, digits_arrays):
     """An orchestrator stops a filter when its broker is down too (a node drain during an
@@ -242,6 +264,7 @@ def test_sigterm_during_an_outage_mid_transaction_exits_within_the_grace_period(
         finally:
             proc.kill()
         assert proc.returncode == 0 and took < 30, f"exit {proc.returncode} after {took:.1f} s:\n{err[-3000:]}"
+        assert "into the stop; it is abandoned" in err, "the stop did not meet a transaction"
         assert "Traceback" not in err
         done = committed(own.bootstrap, "txstop", topics.ingest)
         out = set(_keys(own.bootstrap, topics))

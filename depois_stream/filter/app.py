@@ -28,6 +28,7 @@ from depois_stream.filter.breaker import BreakerSettings, CircuitBreaker
 from depois_stream.filter.clients import make_client
 from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, ClientError, ClientSettings, Consumer, Probe, Producer, RecordBatch,
+    abandoned_calls,
 )
 from depois_stream.filter.config import ConsumerConfig
 from depois_stream.filter.delivery import Delivery, DeliveryError
@@ -41,12 +42,22 @@ log = logging.getLogger(__name__)
 
 RESUME_FLAG = "resume"  # `touch <control_dir>/resume` closes an open circuit breaker
 SHUTDOWN_DRAIN_S = 10.0  # SIGTERM: wait at most this for outputs in flight
+# Liveness fails once more client calls than this were abandoned inside the library and are
+# still stuck there (each may hold a producer handle; a restart frees them). Against a broker
+# that never answers, an exactly-once member abandons about one a minute, so this is a quarter
+# of an hour of such an outage; a healthy broker abandons none.
+MAX_ABANDONED_CALLS = 16
 
 __all__ = ["DeliveryError", "RunStats", "StartupError", "StreamFilter"]
 
 
 class StartupError(RuntimeError):
     """Kafka or the metrics port is unusable at start-up; the message says what to check."""
+
+
+class _StoppedAtStartup(Exception):
+    """A stop was asked for before the filter started: exit as a stop does (0), not as a
+    start-up failure."""
 
 
 @dataclass
@@ -126,6 +137,7 @@ class StreamFilter:
         self.detector = self._load_model(cfg.model_path)
         self._publish_model(self.detector)
         self.metrics.build_info.info({"version": __version__, "client": self.client.name})
+        self.metrics.client_calls_abandoned.set_function(abandoned_calls)
         self.breaker = CircuitBreaker(BreakerSettings(
             window=cfg.breaker_window, max_rate=cfg.breaker_max_rate,
             min_samples=cfg.breaker_min_samples, cooldown_s=cfg.breaker_cooldown_s))
@@ -148,46 +160,53 @@ class StreamFilter:
         """Filter until ``stop`` is set (or the stream idles, with ``exit_when_idle_s``)."""
         stop = stop or threading.Event()
         self._stopping = stop  # the clients' transactional calls give up sooner once it is set
-        with self._running() as (source, delivery):
-            _quiet_garbage_collector()
-            watcher = ModelWatcher(self.detector, self._load_model, self.cfg.reload_interval_s,
-                                   on_outcome=self._reload_outcome)
-            idle_since = next_lag = time.monotonic()
-            while not stop.is_set():
-                self._loop_at = now = time.monotonic()
-                if (new := watcher.poll()) is not None:
-                    self.detector = new
-                    self._publish_model(new)
-                self._maybe_close_breaker(source)
-                if delivery.backing_off:  # the broker refused a batch: wait, stay in the group
-                    source.pause("backoff")
-                    source.idle(0.2)
-                    delivery.service(0.0)
-                    continue
-                source.resume("backoff")
-                if delivery.full:
-                    delivery.service(0.05)
-                    continue
-                batch = source.next_batch(stop.is_set)
-                if len(batch):
-                    self._filter(batch, source, delivery)
-                    idle_since = now
-                elif delivery.in_flight or not source.assigned or not self._probe_up():
-                    # waiting for acknowledgements, a partition or the broker: not idle (an
-                    # outage must not end a run whose last offsets are still to be committed)
-                    idle_since = now
-                delivery.service(0.0)
-                if now >= next_lag:
-                    next_lag = now + self.cfg.lag_interval_s
-                    source.update_lag()
-                if (self.cfg.exit_when_idle_s is not None
-                        and now - idle_since >= self.cfg.exit_when_idle_s):
-                    log.info("no records for %.1f s: exiting", self.cfg.exit_when_idle_s)
-                    break
-            if not delivery.drain(SHUTDOWN_DRAIN_S):
-                log.warning("stopping with outputs unacknowledged; they were not committed and "
-                            "will be filtered again")
+        try:
+            with self._running() as (source, delivery):
+                self._loop(stop, source, delivery)
+        except _StoppedAtStartup:
+            log.info("stopped during start-up: nothing was read")
         return self.stats
+
+    def _loop(self, stop: threading.Event, source: Source, delivery: Delivery) -> None:
+        """The filter's loop: model reload, breaker, backoff, then one batch at a time."""
+        _quiet_garbage_collector()
+        watcher = ModelWatcher(self.detector, self._load_model, self.cfg.reload_interval_s,
+                               on_outcome=self._reload_outcome)
+        idle_since = next_lag = time.monotonic()
+        while not stop.is_set():
+            self._loop_at = now = time.monotonic()
+            if (new := watcher.poll()) is not None:
+                self.detector = new
+                self._publish_model(new)
+            self._maybe_close_breaker(source)
+            if delivery.backing_off:  # the broker refused a batch: wait, stay in the group
+                source.pause("backoff")
+                source.idle(0.2)
+                delivery.service(0.0)
+                continue
+            source.resume("backoff")
+            if delivery.full:
+                delivery.service(0.05)
+                continue
+            batch = source.next_batch(stop.is_set)
+            if len(batch):
+                self._filter(batch, source, delivery)
+                idle_since = now
+            elif delivery.in_flight or not source.assigned or not self._probe_up():
+                # waiting for acknowledgements, a partition or the broker: not idle (an
+                # outage must not end a run whose last offsets are still to be committed)
+                idle_since = now
+            delivery.service(0.0)
+            if now >= next_lag:
+                next_lag = now + self.cfg.lag_interval_s
+                source.update_lag()
+            if (self.cfg.exit_when_idle_s is not None
+                    and now - idle_since >= self.cfg.exit_when_idle_s):
+                log.info("no records for %.1f s: exiting", self.cfg.exit_when_idle_s)
+                break
+        if not delivery.drain(SHUTDOWN_DRAIN_S):
+            log.warning("stopping with outputs unacknowledged; they were not committed and "
+                        "will be filtered again")
 
     def _filter(self, batch: RecordBatch, source: Source, delivery: Delivery) -> None:
         """The data path of one batch: decode -> score -> breaker -> route -> produce."""
@@ -257,6 +276,8 @@ class StreamFilter:
                     delivery_timeout_s=cfg.delivery_timeout_ms / 1000,
                     exactly_once=cfg.exactly_once, stopping=self._stopping)
             except ClientError as exc:
+                if self._stopping is not None and self._stopping.is_set():
+                    raise _StoppedAtStartup from None
                 if cfg.exactly_once:
                     raise StartupError(f"cannot start transactions on {cfg.bootstrap_servers} "
                                        f"({exc}); check that the broker supports them") from None
@@ -281,6 +302,8 @@ class StreamFilter:
         assert self._probe is not None
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while not self._probe.check():
+            if self._stopping is not None and self._stopping.is_set():
+                raise _StoppedAtStartup
             if time.monotonic() >= deadline:
                 raise StartupError(
                     f"cannot use Kafka at {self.cfg.bootstrap_servers} (no answer to a metadata "
@@ -364,7 +387,8 @@ class StreamFilter:
         return max(60.0, 3 * self.cfg.delivery_timeout_ms / 1000)
 
     def _liveness(self) -> dict[str, bool]:
-        return {"loop_running": time.monotonic() - self._loop_at < self._stall_limit_s()}
+        return {"loop_running": time.monotonic() - self._loop_at < self._stall_limit_s(),
+                "abandoned_calls_below_cap": abandoned_calls() <= MAX_ABANDONED_CALLS}
 
     def _readiness(self) -> dict[str, bool]:
         probe, source = self._probe, self._source

@@ -85,6 +85,10 @@ class Metrics:
         self.broker_up = Gauge(
             "broker_up", "1 when the last direct broker probe (a metadata request) succeeded.",
             namespace=ns, registry=r)
+        self.client_calls_abandoned = Gauge(
+            "client_calls_abandoned", "Kafka client calls given up on (no answer within their "
+            "bound) that are still inside the library, each possibly holding a producer handle; "
+            "/healthz fails above a cap, so that a restart frees them.", namespace=ns, registry=r)
         self.group_joined = Gauge(
             "group_joined", "1 while this member is in its consumer group (with or without "
             "partitions).", namespace=ns, registry=r)

@@ -41,6 +41,23 @@ TXN_BOUND_FACTOR = 1.5
 TXN_GRACE_S = 5.0
 _SLICE_S = 0.1  # how often a bounded call's waiter looks at the stop request
 
+# Threads of calls given up on that are still inside the library (see ``abandoned_calls``).
+_abandoned: list[threading.Thread] = []
+_abandoned_lock = threading.Lock()
+
+
+def abandoned_calls() -> int:
+    """How many calls ``call_bounded`` gave up on are still running inside the library.
+
+    Each may hold a whole client handle (a wedged transactional producer keeps its threads,
+    sockets and buffers until its call returns), and against a broker that never answers a
+    new one is abandoned every bound (about a minute). The filter exports the count
+    (``depois_client_calls_abandoned``) and fails liveness above a cap, so that an orchestrator
+    restarts the process, which frees them, before they exhaust its memory."""
+    with _abandoned_lock:
+        _abandoned[:] = [t for t in _abandoned if t.is_alive()]
+        return len(_abandoned)
+
 
 def call_bounded(call: Callable[[], object], timeout_s: float, name: str,
                  abandon: threading.Event | None = None) -> bool:
@@ -50,10 +67,10 @@ def call_bounded(call: Callable[[], object], timeout_s: float, name: str,
     running, and then the thread is left behind. For librdkafka calls that wait on the broker
     without a timeout of their own (a synchronous commit, closing a consumer) or past the one
     they were given (transactional calls against a broker that lost its state): a blocked C call
-    cannot be interrupted, only abandoned. With ``abandon``, the wait also ends once that event
-    is set and the call has run ``SHUTDOWN_STEP_S``: a stop asked for while the broker is
-    silent must not wait out a transaction's full bound (a healthy broker answers in ms, so a
-    call in flight when the stop comes still completes)."""
+    cannot be interrupted, only abandoned. With ``abandon``, the wait also ends
+    ``SHUTDOWN_STEP_S`` after that event is first seen set: a stop asked for while the broker is
+    silent must not wait out a transaction's full bound, while a call in flight when the stop
+    comes still gets those seconds to complete (a healthy broker answers in ms)."""
     outcome: list[BaseException | None] = []
 
     def attempt() -> None:
@@ -69,15 +86,30 @@ def call_bounded(call: Callable[[], object], timeout_s: float, name: str,
     if abandon is None:
         worker.join(timeout_s)
     else:
+        stop_seen: float | None = None
         while worker.is_alive():
-            ran = time.monotonic() - started
-            if ran >= timeout_s or (abandon.is_set() and ran >= SHUTDOWN_STEP_S):
+            now = time.monotonic()
+            if stop_seen is None and abandon.is_set():
+                stop_seen = now
+            if now - started >= timeout_s or (stop_seen is not None
+                                              and now - stop_seen >= SHUTDOWN_STEP_S):
                 break
-            worker.join(min(_SLICE_S, timeout_s - ran))
+            worker.join(min(_SLICE_S, timeout_s - (now - started)))
     if not outcome:
+        with _abandoned_lock:
+            _abandoned.append(worker)
         return False
-    if outcome[0] is not None:
-        raise outcome[0]
+    error = outcome.pop()
+    if error is not None:
+        # Raised without a reference cycle: the error's traceback holds attempt()'s frame
+        # (whose closure holds ``outcome``) and this frame (whose local holds the error).
+        # Cycles wait for a full garbage collection, which the filter's tuned collector rarely
+        # runs, and this one kept the failed call's client handle alive: a librdkafka producer
+        # whose init_transactions timed out, 4 threads leaked per retry during an outage.
+        try:
+            raise error
+        finally:
+            del error  # nor from this frame, which the traceback holds in turn
     return True
 
 
@@ -109,17 +141,22 @@ class TransactionGuard:
             raise ClientError(f"{what}: not attempted, the producer is wedged ({self.wedged})",
                               retriable=True)
 
-    def call(self, call: Callable[[], object], what: str, timeout_s: float) -> None:
-        """Make ``call`` (exceptions it raises are the library's own: translate them)."""
+    def call(self, call: Callable[[], object], what: str, timeout_s: float | None) -> None:
+        """Make ``call`` (exceptions it raises are the library's own: translate them). With no
+        ``timeout_s`` it is a local call (``begin_transaction``): refused on a wedged producer,
+        otherwise made on the caller's thread."""
         self.check(what)
+        if timeout_s is None:
+            call()
+            return
         bound = TXN_BOUND_FACTOR * timeout_s + TXN_GRACE_S
         if call_bounded(call, bound, f"{self.library}-{what}", abandon=self.stopping):
             return
         if self.stopping is not None and self.stopping.is_set():
             self.wedged = f"{what} abandoned: stopping while the broker did not answer"
-            log.warning("%s's %s had not returned %.0f s into the stop; the open transaction is "
-                        "abandoned (never committed: its records are filtered again from the "
-                        "committed offsets)", self.library, what, SHUTDOWN_STEP_S)
+            log.warning("%s's %s had not returned %.0f s into the stop; it is abandoned (an "
+                        "open transaction is never committed: its records are filtered again "
+                        "from the committed offsets)", self.library, what, SHUTDOWN_STEP_S)
         else:
             self.wedged = f"{what} did not return within {bound:.0f} s"
             log.warning("%s's %s did not return within %.0f s (its own timeout is %.0f s); the "

@@ -51,6 +51,9 @@ TRANSLATE = {
     "ssl_certfile": "ssl.certificate.location",
     "ssl_keyfile": "ssl.key.location",
     "ssl_password": "ssl.key.password",
+    "ssl_crlfile": "ssl.crl.location",
+    "ssl_ciphers": "ssl.cipher.suites",
+    "sasl_kerberos_service_name": "sasl.kerberos.service.name",
     "max_request_size": "message.max.bytes",
     "fetch_max_wait_ms": "fetch.wait.max.ms",
     "request_timeout_ms": "request.timeout.ms",
@@ -70,7 +73,14 @@ FETCH_WAIT_MAX_MS = 100  # as kafka_python.FETCH_MAX_WAIT_MS: bounded latency on
 
 
 def translate(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {TRANSLATE.get(k, k): v for k, v in options.items()}
+    """kafka-python's names for the common security and size options -> librdkafka's, so one
+    ``DEPOIS_KAFKA`` serves ``run`` with either client and ``replay``/``produce`` (kafka-python)."""
+    out = {TRANSLATE.get(k, k): v for k, v in options.items() if k != "ssl_check_hostname"}
+    if "ssl_check_hostname" in options:
+        check = options["ssl_check_hostname"]
+        on = check if isinstance(check, bool) else str(check).lower() in ("1", "true", "yes")
+        out["ssl.endpoint.identification.algorithm"] = "https" if on else "none"
+    return out
 
 
 # librdkafka warns about (and ignores) a property given to the wrong kind of handle; one
@@ -433,11 +443,7 @@ class ConfluentProducer:
         """Make one transactional call; one that talks to the broker goes through the
         ``TransactionGuard`` (bounded, and abandoned sooner once the filter is stopping)."""
         try:
-            if timeout_s is None:  # a local call (begin_transaction)
-                self._guard.check(what)
-                call()
-            else:
-                self._guard.call(call, what, timeout_s)
+            self._guard.call(call, what, timeout_s)
         except KafkaException as exc:
             raise _exc(exc, what) from exc
 
@@ -488,7 +494,8 @@ class ConfluentClient:
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         conf = translate(options)
-        refused = sorted(set(conf) & OWNED)
+        refused = sorted(set(conf) & OWNED
+                         | {k for k in conf if k.replace("_", ".") in OWNED})
         if refused:
             raise ValueError(f"{refused} are set by depois-stream itself (use its own flags)")
         snake = sorted(k for k in conf if "_" in k and "." not in k)

@@ -383,15 +383,18 @@ class KafkaPythonProducer:
         """One transactional call; those that wait on the broker (kafka-python gives them no
         timeout) go through the ``TransactionGuard``."""
         try:
-            if timeout_s is None:  # a local call (begin_transaction)
-                self._guard.check(what)
-                call()
-            else:
-                self._guard.call(call, what, timeout_s)
+            self._guard.call(call, what, timeout_s)
         except KafkaError as exc:
             raise _error(exc) from exc
 
     def close(self, timeout_s: float) -> None:
+        if self._guard.wedged is not None:
+            # close() flushes first, and the records of an abandoned transaction never
+            # complete: it would wait out timeout_s, raise, and leave the sender running
+            sender = getattr(self._p, "_sender", None)
+            if sender is not None:
+                sender.force_close()
+            return
         self._p.close(timeout=timeout_s)
 
 
