@@ -349,3 +349,69 @@ def test_kafka_pythons_transactional_calls_are_bounded_and_abandoned_on_stop(mon
         assert calls == ["commit_transaction"], "a wedged producer was called"
     finally:
         release.set()
+
+
+def test_an_abandoned_call_that_fails_later_does_not_keep_its_handle() -> None:
+    """A call given up on (a wedged librdkafka commit) usually fails once the broker answers;
+    its error, kept in call_bounded's outcome list, formed a cycle through the worker's frame
+    that held the call, and so the producer handle, until a full garbage collection."""
+    import gc
+    import weakref
+
+    from depois_stream.filter.clients.base import call_bounded
+
+    class Handle:
+        pass
+
+    release = threading.Event()
+    gc.collect()
+    gc.disable()
+    try:
+        handle = Handle()
+        gone = weakref.ref(handle)
+
+        def stuck(h: Handle = handle) -> None:
+            release.wait()
+            raise RuntimeError(f"failed late: {h}")
+
+        assert call_bounded(stuck, 0.05, "t") is False
+        del handle, stuck
+        release.set()
+        deadline = time.monotonic() + 5
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert gone() is None, "the abandoned call's handle is still referenced"
+    finally:
+        gc.enable()
+
+
+def test_a_wedged_kafka_python_producer_is_force_closed_only_on_the_way_out(monkeypatch) -> None:
+    """Force-closing the sender stops it re-sending the stuck call's request, which then never
+    returns: right when exiting (close() would flush the abandoned transaction for its whole
+    timeout), wrong during the run, when a running sender lets the call end once the broker
+    answers."""
+    kp = pytest.importorskip("depois_stream.filter.clients.kafka_python")
+    from depois_stream.filter.clients.base import ClientSettings
+
+    seen: list[str] = []
+
+    class Stand:
+        def __init__(self, **config) -> None:
+            self._sender = self
+
+        def force_close(self) -> None:
+            seen.append("force_close")
+
+        def close(self, timeout=None) -> None:
+            seen.append("close")
+
+    monkeypatch.setattr(kp, "KafkaProducer", Stand)
+    stopping = threading.Event()
+    producer = kp.KafkaPythonProducer(ClientSettings(
+        bootstrap_servers="127.0.0.1:9", client_id="t", transactional_id="x", stopping=stopping))
+    producer._guard.wedged = "commit_transaction did not return within 50 s"
+    producer.close(0.0)
+    assert seen == ["close"]
+    stopping.set()
+    producer.close(3.0)
+    assert seen == ["close", "force_close"]

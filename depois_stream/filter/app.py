@@ -163,7 +163,11 @@ class StreamFilter:
         try:
             with self._running() as (source, delivery):
                 self._loop(stop, source, delivery)
-        except _StoppedAtStartup:
+        except (_StoppedAtStartup, StartupError):
+            if not stop.is_set():
+                raise
+            # a stop asked for while starting (a rollout during an outage) is a stop, whatever
+            # start-up step it interrupted
             log.info("stopped during start-up: nothing was read")
         return self.stats
 
@@ -276,8 +280,6 @@ class StreamFilter:
                     delivery_timeout_s=cfg.delivery_timeout_ms / 1000,
                     exactly_once=cfg.exactly_once, stopping=self._stopping)
             except ClientError as exc:
-                if self._stopping is not None and self._stopping.is_set():
-                    raise _StoppedAtStartup from None
                 if cfg.exactly_once:
                     raise StartupError(f"cannot start transactions on {cfg.bootstrap_servers} "
                                        f"({exc}); check that the broker supports them") from None
@@ -301,9 +303,8 @@ class StreamFilter:
     def _wait_for_broker(self) -> None:
         assert self._probe is not None
         deadline = time.monotonic() + self.cfg.startup_timeout_s
-        while not self._probe.check():
-            if self._stopping is not None and self._stopping.is_set():
-                raise _StoppedAtStartup
+        stopping = self._stopping or threading.Event()
+        while not stopping.is_set() and not self._probe.check():
             if time.monotonic() >= deadline:
                 raise StartupError(
                     f"cannot use Kafka at {self.cfg.bootstrap_servers} (no answer to a metadata "
@@ -311,7 +312,9 @@ class StreamFilter:
                     "--bootstrap-servers, that the broker is up and the --kafka security "
                     "options; for a local broker run `depois-stream broker`")
             log.info("waiting for the broker at %s", self.cfg.bootstrap_servers)
-            time.sleep(1.0)
+            stopping.wait(1.0)
+        if stopping.is_set():
+            raise _StoppedAtStartup
 
     def _connect(self, settings: ClientSettings) -> Consumer:
         def on_commit(error: BaseException | None) -> None:

@@ -72,13 +72,21 @@ def call_bounded(call: Callable[[], object], timeout_s: float, name: str,
     silent must not wait out a transaction's full bound, while a call in flight when the stop
     comes still gets those seconds to complete (a healthy broker answers in ms)."""
     outcome: list[BaseException | None] = []
+    given_up: list[bool] = []  # set, under the lock, once the caller stops waiting
+    lock = threading.Lock()
 
     def attempt() -> None:
+        error: BaseException | None = None
         try:
             call()
-            outcome.append(None)
         except BaseException as exc:  # handed to the caller's thread below
-            outcome.append(exc)
+            error = exc
+        with lock:
+            if not given_up:
+                outcome.append(error)
+        # an error nobody will raise is dropped here, not kept in ``outcome``: its traceback
+        # holds this frame, whose closure holds ``outcome`` and ``call`` (the client handle)
+        del error
 
     worker = threading.Thread(target=attempt, name=name, daemon=True)
     started = time.monotonic()
@@ -95,10 +103,12 @@ def call_bounded(call: Callable[[], object], timeout_s: float, name: str,
                                               and now - stop_seen >= SHUTDOWN_STEP_S):
                 break
             worker.join(min(_SLICE_S, timeout_s - (now - started)))
-    if not outcome:
-        with _abandoned_lock:
-            _abandoned.append(worker)
-        return False
+    with lock:
+        if not outcome:
+            given_up.append(True)
+            with _abandoned_lock:
+                _abandoned.append(worker)
+            return False
     error = outcome.pop()
     if error is not None:
         # Raised without a reference cycle: the error's traceback holds attempt()'s frame

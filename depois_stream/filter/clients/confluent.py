@@ -77,10 +77,22 @@ def translate(options: Mapping[str, Any]) -> dict[str, Any]:
     ``DEPOIS_KAFKA`` serves ``run`` with either client and ``replay``/``produce`` (kafka-python)."""
     out = {TRANSLATE.get(k, k): v for k, v in options.items() if k != "ssl_check_hostname"}
     if "ssl_check_hostname" in options:
-        check = options["ssl_check_hostname"]
-        on = check if isinstance(check, bool) else str(check).lower() in ("1", "true", "yes")
-        out["ssl.endpoint.identification.algorithm"] = "https" if on else "none"
+        out["ssl.endpoint.identification.algorithm"] = (
+            "https" if _flag("ssl_check_hostname", options["ssl_check_hostname"]) else "none")
     return out
+
+
+def _flag(name: str, value: Any) -> bool:
+    """A boolean option's value; anything unclear is refused rather than read as false (for a
+    security check, a typo must not turn it off)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{name}={value!r}: use true or false")
 
 
 # librdkafka warns about (and ignores) a property given to the wrong kind of handle; one

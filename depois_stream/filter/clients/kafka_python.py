@@ -388,9 +388,13 @@ class KafkaPythonProducer:
             raise _error(exc) from exc
 
     def close(self, timeout_s: float) -> None:
-        if self._guard.wedged is not None:
-            # close() flushes first, and the records of an abandoned transaction never
-            # complete: it would wait out timeout_s, raise, and leave the sender running
+        stopping = self._guard.stopping is not None and self._guard.stopping.is_set()
+        if self._guard.wedged is not None and stopping:
+            # On the way out: close() flushes first, and the records of an abandoned
+            # transaction never complete, so it would wait out timeout_s and raise. Not during
+            # the run: a stopped sender never re-sends the stuck call's request, which would
+            # then never return (its thread and this producer kept for good), while a running
+            # one ends it once the broker answers.
             sender = getattr(self._p, "_sender", None)
             if sender is not None:
                 sender.force_close()
