@@ -32,6 +32,28 @@ def _keys(bootstrap: str, topics: Topics) -> list[str]:
     return [r.key.decode() for t in topics.outputs() for r in read_all(bootstrap, t)]
 
 
+def _stop_while_frozen(broker: LocalBroker, proc: subprocess.Popen) -> tuple[float, str]:
+    """SIGTERM ``proc`` 2 s into a freeze of its broker (thawed after); how long it took, its
+    stderr."""
+    broker.freeze()
+    try:
+        time.sleep(2)
+        return _stop(proc)
+    finally:
+        broker.thaw()
+
+
+def _committed_is_out(bootstrap: str, group: str, topics: Topics) -> set[str]:
+    """The keys on the output topics, after checking that every ingest record below the group's
+    committed offsets is among them (a stop may leave duplicates, never a loss)."""
+    done = committed(bootstrap, group, topics.ingest)
+    out = set(_keys(bootstrap, topics))
+    below = {r.key.decode() for r in read_all(bootstrap, topics.ingest)
+             if r.offset < (done.get(r.partition) or 0)}
+    assert below <= out, f"committed but not out: {sorted(below - out)[:5]}"
+    return out
+
+
 def _commits(port: int) -> float:
     """depois_commits_total of the filter on ``port`` (0 while it does not answer)."""
     import urllib.request
@@ -219,21 +241,12 @@ def test_sigterm_during_a_broker_outage_exits_within_the_grace_period_and_loses_
             wait_for(lambda: readiness(port).get("ready"), timeout_s=30)
             ends = publish(own.bootstrap, topics.ingest, ids, images, labels)
             wait_for(lambda: len(_keys(own.bootstrap, topics)) >= len(ids), timeout_s=60)
-            own.freeze()
-            try:
-                time.sleep(2)
-                took, err = _stop(proc)
-            finally:
-                own.thaw()
+            took, err = _stop_while_frozen(own, proc)
         finally:
             proc.kill()
         assert proc.returncode == 0 and took < 30, f"exit {proc.returncode} after {took:.1f} s:\n{err[-3000:]}"
         assert "Traceback" not in err
-        done = committed(own.bootstrap, "stop", topics.ingest)
-        below = {r.key.decode() for r in read_all(own.bootstrap, topics.ingest)
-                 if r.offset < (done.get(r.partition) or 0)}
-        assert below <= set(_keys(own.bootstrap, topics))
-        assert set(_keys(own.bootstrap, topics)) == set(ids) and ends
+        assert _committed_is_out(own.bootstrap, "stop", topics) == set(ids) and ends
 
 
 def test_sigterm_during_an_outage_mid_transaction_exits_within_the_grace_period(
@@ -255,22 +268,13 @@ def test_sigterm_during_an_outage_mid_transaction_exits_within_the_grace_period(
             wait_for(lambda: readiness(port).get("ready"), timeout_s=30)
             publish(own.bootstrap, topics.ingest, ids, images, labels)
             wait_for(lambda: _commits(port) > 0, timeout_s=60)  # a transaction committed
-            own.freeze()
-            try:
-                time.sleep(2)
-                took, err = _stop(proc)
-            finally:
-                own.thaw()
+            took, err = _stop_while_frozen(own, proc)
         finally:
             proc.kill()
         assert proc.returncode == 0 and took < 30, f"exit {proc.returncode} after {took:.1f} s:\n{err[-3000:]}"
         assert "into the stop; it is abandoned" in err, "the stop did not meet a transaction"
         assert "Traceback" not in err
-        done = committed(own.bootstrap, "txstop", topics.ingest)
-        out = set(_keys(own.bootstrap, topics))
-        below = {r.key.decode() for r in read_all(own.bootstrap, topics.ingest)
-                 if r.offset < (done.get(r.partition) or 0)}
-        assert below <= out
+        out = _committed_is_out(own.bootstrap, "txstop", topics)
         assert len(out) < len(ids), "the backlog was filtered before the freeze: nothing tested"
 
 

@@ -55,11 +55,6 @@ class StartupError(RuntimeError):
     """Kafka or the metrics port is unusable at start-up; the message says what to check."""
 
 
-class _StoppedAtStartup(Exception):
-    """A stop was asked for before the filter started: exit as a stop does (0), not as a
-    start-up failure."""
-
-
 @dataclass
 class RunStats:
     """What one ``run`` routed and the broker acknowledged (held-back batches not counted)."""
@@ -146,7 +141,7 @@ class StreamFilter:
         self.max_record_bytes = self.client.max_record_bytes(cfg.kafka)
         self._source: Source | None = None
         self._probe: _BrokerProbe | None = None
-        self._stopping: threading.Event | None = None
+        self._stopping = threading.Event()  # run's stop event, once it runs
         self._loop_at = time.monotonic()
 
     @property
@@ -163,7 +158,7 @@ class StreamFilter:
         try:
             with self._running() as (source, delivery):
                 self._loop(stop, source, delivery)
-        except (_StoppedAtStartup, StartupError):
+        except StartupError:
             if not stop.is_set():
                 raise
             # a stop asked for while starting (a rollout during an outage) is a stop, whatever
@@ -303,8 +298,7 @@ class StreamFilter:
     def _wait_for_broker(self) -> None:
         assert self._probe is not None
         deadline = time.monotonic() + self.cfg.startup_timeout_s
-        stopping = self._stopping or threading.Event()
-        while not stopping.is_set() and not self._probe.check():
+        while not self._stopping.is_set() and not self._probe.check():
             if time.monotonic() >= deadline:
                 raise StartupError(
                     f"cannot use Kafka at {self.cfg.bootstrap_servers} (no answer to a metadata "
@@ -312,9 +306,9 @@ class StreamFilter:
                     "--bootstrap-servers, that the broker is up and the --kafka security "
                     "options; for a local broker run `depois-stream broker`")
             log.info("waiting for the broker at %s", self.cfg.bootstrap_servers)
-            stopping.wait(1.0)
-        if stopping.is_set():
-            raise _StoppedAtStartup
+            self._stopping.wait(1.0)
+        if self._stopping.is_set():
+            raise StartupError("stopped while waiting for the broker")
 
     def _connect(self, settings: ClientSettings) -> Consumer:
         def on_commit(error: BaseException | None) -> None:

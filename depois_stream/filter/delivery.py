@@ -83,8 +83,9 @@ class Delivery:
                  retry_backoff_max_s: float = 30.0, delivery_timeout_s: float = 30.0,
                  exactly_once: bool = False, clock: Callable[[], float] = time.monotonic,
                  stopping: threading.Event | None = None) -> None:
+        # set when the filter is asked to stop (``StreamFilter.run``'s event)
         self._make_producer = make_producer
-        self._stopping = stopping
+        self._stopping = stopping or threading.Event()
         self._consumer = consumer
         self._source = source
         self._metrics = metrics
@@ -124,8 +125,7 @@ class Delivery:
         producer waits on the broker (kafka-python's bootstrap took 30 s during an outage,
         past a stop's grace period); what was not committed is filtered again by the next
         owner."""
-        if self._renew and not self._inflight and not (self._stopping is not None
-                                                       and self._stopping.is_set()):
+        if self._renew and not self._inflight and not self._stopping.is_set():
             self._renew_producer()
 
     def _renew_producer(self) -> None:

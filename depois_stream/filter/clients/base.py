@@ -140,7 +140,7 @@ class TransactionGuard:
     period. The stuck thread (a daemon) keeps the old handle; it is leaked, not destroyed,
     because destroying a handle with a call still inside it could block as well."""
 
-    def __init__(self, library: str, stopping: threading.Event | None) -> None:
+    def __init__(self, library: str, stopping: threading.Event) -> None:
         self.library = library
         self.stopping = stopping
         self.wedged: str | None = None  # why the producer is no longer called, once it is not
@@ -162,7 +162,7 @@ class TransactionGuard:
         bound = TXN_BOUND_FACTOR * timeout_s + TXN_GRACE_S
         if call_bounded(call, bound, f"{self.library}-{what}", abandon=self.stopping):
             return
-        if self.stopping is not None and self.stopping.is_set():
+        if self.stopping.is_set():
             self.wedged = f"{what} abandoned: stopping while the broker did not answer"
             log.warning("%s's %s had not returned %.0f s into the stop; it is abandoned (an "
                         "open transaction is never committed: its records are filtered again "
@@ -307,7 +307,7 @@ class ClientSettings:
     options: dict[str, Any] = field(default_factory=dict)  # pass-through (security, tuning)
     # set when the filter is asked to stop: transactional calls then give up sooner
     # (``TransactionGuard``)
-    stopping: threading.Event | None = None
+    stopping: threading.Event = field(default_factory=threading.Event)
 
 
 # on_assign returns the start offset to use for some of the newly assigned partitions: the

@@ -388,8 +388,7 @@ class KafkaPythonProducer:
             raise _error(exc) from exc
 
     def close(self, timeout_s: float) -> None:
-        stopping = self._guard.stopping is not None and self._guard.stopping.is_set()
-        if self._guard.wedged is not None and stopping:
+        if self._guard.wedged is not None and self._guard.stopping.is_set():
             # On the way out: close() flushes first, and the records of an abandoned
             # transaction never complete, so it would wait out timeout_s and raise. Not during
             # the run: a stopped sender never re-sends the stuck call's request, which would
