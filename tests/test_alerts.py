@@ -354,6 +354,7 @@ def test_every_consumer_panel_and_annotation_reads_the_declared_metrics(tmp_path
     m.build_info.info({"version": "0.9.0", "client": "kafka-python"})
     m.consumer_lag.labels(topic="depois.ingest", partition="0").set(0)
     m.consumer_lag_seconds.labels(topic="depois.ingest", partition="0").set(0)
+    m.partition_restarts.labels(topic="depois.ingest", partition="0")  # at assignment, from 0
     m.records_consumed.labels(topic="depois.ingest").inc(0)
     m.quarantined_by_label.labels(label="3").inc(0)
     m.quarantined_by_reason.labels(reason="below_boundary").inc(0)

@@ -422,6 +422,8 @@ def test_dashboard_thresholds_are_the_alert_levels() -> None:
     from depois_stream.filter.app import MAX_ABANDONED_CALLS
 
     assert threshold_values(panel_by_id(30))[-1] == MAX_ABANDONED_CALLS  # where /healthz fails
+    assert threshold_values(panel_by_id(31))[-1] == rule_threshold(
+        "DepoisPartitionRestarted", r"\[1h\]\)\) >= ([\d.]+)")
     fresh_budget = float(re.search(r"/ ([\d.]+)$", next(
         r["expr"] for r in all_rules() if r.get("record") == "job:depois_slo_fresh_burn:rate1h")).group(1))
     delivered_budget = float(re.search(r"/ ([\d.]+)$", next(
@@ -470,7 +472,7 @@ def test_dashboard_has_the_panels_operators_need() -> None:
             "depois_consumer_lag_seconds", "depois_inference_duration_seconds_bucket",
             "depois_dead_lettered_total", "depois_quarantined_by_label_total",
             "depois_quarantined_by_reason_total", "depois_provider_fallback", "depois_broker_up",
-            "depois_client_calls_abandoned",
+            "depois_client_calls_abandoned", "depois_partition_restarts_total",
             "depois_delivery_failures_total", "depois_forged_headers_total", "depois_target_fpr",
             "depois_replay_outcomes_total", "job:depois_slo_fresh_burn:rate1h",
             "job:depois_slo_delivered_burn:rate1h"} <= everything

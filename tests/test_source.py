@@ -15,7 +15,7 @@ import numpy as np
 
 from depois_stream.filter.clients.base import TP, RecordBatch
 from depois_stream.filter.metrics import Metrics
-from depois_stream.filter.source import Source
+from depois_stream.filter.source import STALL_MIN_POLLS, Source
 
 TOPIC = "in"
 
@@ -112,3 +112,95 @@ def test_a_hand_back_is_only_for_the_assignment_that_follows_the_revocation():
     for _ in range(4):
         source.next_batch()
     assert consumer.seeks == []
+
+
+class _StallingConsumer(ScriptedConsumer):
+    """A scripted consumer that also answers the stall watch's questions."""
+
+    def __init__(self, steps: list, committed: int | None = None) -> None:
+        super().__init__(steps)
+        self.resumed: list[TP] = []
+        self._committed = committed
+
+    def resume(self, tps) -> None:
+        self.resumed.extend(tps)
+
+    def committed(self, tps, timeout_s):
+        return {tp: self._committed for tp in tps}
+
+
+def _stalled_source(steps: list, committed: int | None = None) -> tuple[Source, _StallingConsumer]:
+    consumer = _StallingConsumer([("assign", [P0]), *steps], committed)
+    source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=Metrics(),
+                    stall_restart_s=60.0)
+    source.subscribe()
+    for _ in range(1 + len(steps)):
+        source.next_batch()
+    return source, consumer
+
+
+def _asked(source: Source, n: int) -> None:
+    """The loop asks for ``n`` batches and gets nothing."""
+    for _ in range(n):
+        source.next_batch()
+
+
+def _restarts(source: Source) -> float:
+    return source._metrics.registry.get_sample_value(
+        "depois_partition_restarts_total", {"topic": TOPIC, "partition": "0"}) or 0.0
+
+
+def test_a_partition_with_lag_and_no_progress_while_asked_is_restarted_where_it_stood():
+    source, consumer = _stalled_source([_records(0, 0, 10)])
+    source._watch_stalls({P0: 5}, now=0.0)
+    _asked(source, STALL_MIN_POLLS)
+    source._watch_stalls({P0: 5}, now=59.0)
+    assert consumer.seeks == [] and _restarts(source) == 0  # not yet the limit
+    source._watch_stalls({P0: 5}, now=60.0)
+    assert consumer.seeks == [(P0, 10)] and consumer.resumed == [P0]  # after the last handed on
+    assert _restarts(source) == 1
+    _asked(source, STALL_MIN_POLLS)
+    source._watch_stalls({P0: 5}, now=119.0)
+    source._watch_stalls({P0: 5}, now=120.0)  # still stuck: again, a limit after the first
+    assert consumer.seeks == [(P0, 10), (P0, 10)] and _restarts(source) == 2
+
+
+def test_no_restart_while_progressing_paused_caught_up_or_not_asked():
+    source, consumer = _stalled_source([_records(0, 0, 10)])
+    source._watch_stalls({P0: 5}, now=0.0)
+    _asked(source, STALL_MIN_POLLS - 1)  # the loop spent the time waiting for acknowledgements
+    source._watch_stalls({P0: 5}, now=100.0)
+    consumer.steps = [_records(0, 10, 3)]
+    _asked(source, STALL_MIN_POLLS)  # progress: a new episode starts now
+    source._watch_stalls({P0: 5}, now=110.0)
+    source._watch_stalls({P0: 5}, now=169.0)
+    source.pause("breaker")  # the filter's own pause is never undone by the watch
+    _asked(source, STALL_MIN_POLLS)
+    source._watch_stalls({P0: 5}, now=500.0)
+    source.resume("breaker")
+    source._watch_stalls({P0: 0}, now=600.0)  # caught up
+    source._watch_stalls({P0: 5}, now=601.0)
+    _asked(source, STALL_MIN_POLLS)
+    source._watch_stalls({P0: 5}, now=660.0)  # lag since 601 only
+    assert consumer.seeks == [] and consumer.resumed == [P0] and _restarts(source) == 0
+    source._watch_stalls({P0: 5}, now=661.0)
+    assert consumer.seeks == [(P0, 13)] and _restarts(source) == 1
+
+
+def test_a_partition_that_never_gave_a_record_restarts_from_the_commit_or_only_resumes():
+    for committed, seeks in ((42, [(P0, 42)]), (None, [])):
+        source, consumer = _stalled_source([], committed)
+        source._watch_stalls({P0: 7}, now=0.0)
+        _asked(source, STALL_MIN_POLLS)
+        source._watch_stalls({P0: 7}, now=60.0)
+        assert consumer.seeks == seeks and consumer.resumed == [P0] and _restarts(source) == 1
+
+
+def test_the_stall_watch_is_off_at_zero():
+    consumer = _StallingConsumer([("assign", [P0])])
+    source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=Metrics())
+    source.subscribe()
+    source._watch_stalls({P0: 5}, now=0.0)
+    _asked(source, 100)
+    source._watch_stalls({P0: 5}, now=1e6)
+    assert consumer.seeks == [] and consumer.resumed == []

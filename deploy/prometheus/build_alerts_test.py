@@ -269,6 +269,34 @@ TAIL = """
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisgpufallback
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=6
 
+  # Member a's stall watch restarts partition 1 once at minute 5 (the series is exported from 0
+  # at assignment); the ticket stays for an hour. Member b owns two partitions that never stall.
+  - interval: 1m
+    input_series:
+      - series: 'depois_partition_restarts_total{job="depois-consumer",instance="a:9108",topic="depois.ingest",partition="0"}'
+        values: '0x80'
+      - series: 'depois_partition_restarts_total{job="depois-consumer",instance="a:9108",topic="depois.ingest",partition="1"}'
+        values: '0x4 1x76'
+      - series: 'depois_partition_restarts_total{job="depois-consumer",instance="b:9108",topic="depois.ingest",partition="2"}'
+        values: '0x80'
+      - series: 'depois_partition_restarts_total{job="depois-consumer",instance="b:9108",topic="depois.ingest",partition="3"}'
+        values: '0x80'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: DepoisPartitionRestarted
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: DepoisPartitionRestarted
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
+            exp_annotations:
+              summary: "depois consumer a:9108 had to restart stalled partitions (1 in the last hour)"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoispartitionrestarted
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=31
+      - eval_time: 70m
+        alertname: DepoisPartitionRestarted
+        exp_alerts: []
+
   # Member a: the broker rejects 3 output records at minute 5 and nothing after; the ticket
   # stays for 30 minutes. Member b: retriable failures only (retried, not rejected).
   - interval: 1m

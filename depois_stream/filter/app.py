@@ -263,7 +263,7 @@ class StreamFilter:
             self._probe.start()
             consumer = self._connect(settings)
             source = Source(consumer, cfg.ingest_topic, cfg.batch_size, cfg.linger_ms,
-                            self.metrics)
+                            self.metrics, stall_restart_s=cfg.stall_restart_s)
             self._source = source
             stack.callback(self._leave, consumer)
             try:

@@ -119,6 +119,11 @@ class ConsumerConfig(BaseSettings):
         "How often to check the model file for a new version."))
     lag_interval_s: float = Field(10.0, gt=0.0, description=(
         "How often to refresh the consumer lag metrics."))
+    stall_restart_s: float = Field(60.0, ge=0.0, description=(
+        "Restart the fetch of an owned partition that had records to give and gave none for "
+        "this long while the filter kept asking (a client library that stopped fetching it): "
+        "resumed and sought to the first record not yet filtered, counted in "
+        "depois_partition_restarts_total. Checked every --lag-interval-s; 0 turns it off."))
     probe_interval_s: float = Field(5.0, gt=0.0, description=(
         "How often to probe the broker directly for /readyz and depois_broker_up."))
     kafka: dict[str, Any] = Field(default_factory=dict, description=(

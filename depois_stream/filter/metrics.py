@@ -82,6 +82,11 @@ class Metrics:
             "consumer_lag_seconds", "Age of the oldest record of the partition not yet filtered "
             "(0 when caught up; only partitions this member owns).",
             ["topic", "partition"], namespace=ns, registry=r)
+        self.partition_restarts = Counter(
+            "partition_restarts", "Owned partitions restarted (resumed and sought to the first "
+            "record not yet filtered) because they had records to give and gave none for "
+            "--stall-restart-s while the filter kept asking: the client library had stopped "
+            "fetching them.", ["topic", "partition"], namespace=ns, registry=r)
         self.broker_up = Gauge(
             "broker_up", "1 when the last direct broker probe (a metadata request) succeeded.",
             namespace=ns, registry=r)

@@ -14,6 +14,12 @@ What it guarantees, whichever client library is behind it:
   stream, anything a poll still returns is handed back (the partition is rewound to it).
 * **Rewinds are exact.** ``rewind`` puts a partition back to a given offset and forgets what was
   buffered past it; the delivery side uses it to retry a batch the broker did not take.
+* **A partition the client stops fetching is restarted.** One that has records to give (lag
+  above zero) but gave none for ``stall_restart_s`` while the loop kept asking, and that the
+  filter did not pause itself, is resumed and sought to the first record not yet handed on: no
+  record is skipped or read twice by it. Client libraries have had such bugs (kafka-python lost
+  partitions' fetches around pause and resume; tests/test_delivery_fuzz.py pins the ones found),
+  and a partition that starves while the others flow shows on no member-level signal.
 
 Rebalance callbacks run only inside ``poll()`` (kafka-python: on its IO thread while the main
 thread waits in ``poll``; librdkafka: on the calling thread), so the buffer they touch is never
@@ -26,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,14 +42,27 @@ from depois_stream.filter.metrics import Metrics
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.2  # longest single poll while waiting for a first record
+# A stall needs this many batches asked for while it lasted, besides the time: the loop may
+# have spent the time waiting for acknowledgements instead of asking for records.
+STALL_MIN_POLLS = 20
+
+
+@dataclass
+class _Stall:
+    """A partition seen with lag and no progress: since when, and how many batches were asked for
+    by then."""
+
+    next_offset: int | None
+    since: float
+    polls: int
 
 
 class Source:
     """Collects batches of at most ``batch_size`` records, lingering ``linger_ms`` to fill them."""
 
     def __init__(self, consumer: Consumer, topic: str, batch_size: int, linger_ms: int,
-                 metrics: Metrics, on_revoked: Callable[[set[TP]], None] = lambda tps: None
-                 ) -> None:
+                 metrics: Metrics, on_revoked: Callable[[set[TP]], None] = lambda tps: None,
+                 stall_restart_s: float = 0.0) -> None:
         self._consumer = consumer
         self._topic = topic
         self._batch_size = batch_size
@@ -58,6 +78,9 @@ class Source:
         self.joined = False
         self._pause_reasons: set[str] = set()  # "breaker", "backoff": paused while non-empty
         self.rebalances = 0
+        self._stall_restart_s = stall_restart_s  # 0: never restart a partition
+        self._stalls: dict[TP, _Stall] = {}
+        self._polls = 0  # batches asked for (next_batch calls)
 
     # ---------------------------------------------------------------- group membership
 
@@ -103,6 +126,8 @@ class Source:
             for tp, off in starts.items():
                 self._next[tp] = off
         self.assigned = self.assigned | set(tps)
+        for t, p in tps:  # exported from 0, so that increase() sees the first restart
+            self._metrics.partition_restarts.labels(t, str(p))
         self.joined = True
         self._metrics.group_joined.set(1)
         self._metrics.partitions_assigned.set(len(self.assigned))
@@ -120,6 +145,7 @@ class Source:
     def next_batch(self, should_stop: Callable[[], bool] = lambda: False) -> RecordBatch:
         """The next batch, or an empty one after ``IDLE_POLL_S`` without records."""
         deadline: float | None = None
+        self._polls += 1
         while True:
             room = self._batch_size - self._buffered()
             wait = IDLE_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
@@ -234,6 +260,52 @@ class Source:
             elif first is not None:
                 self._metrics.consumer_lag_seconds.labels(*labels).set(
                     max(0.0, (now_ms - first) / 1000))
+        self._watch_stalls(lags, time.monotonic())
+
+    def _watch_stalls(self, lags: Mapping[TP, int], now: float) -> None:
+        """Restart each owned partition that has had records to give, and given none, for
+        ``stall_restart_s`` while the loop asked for batches (see the module's docstring).
+
+        Progress is the offset after the last record handed on; the lag is measured from the
+        client's position, so records the client holds back (a partition it stopped fetching)
+        count, and records already handed on do not. A partition behind an upstream transaction
+        left open (read_committed cannot pass it) looks the same and is restarted too, which is
+        harmless: the seek is to where it stands."""
+        if self._stall_restart_s <= 0:
+            return
+        for tp in [tp for tp in self._stalls if tp not in self.assigned]:
+            del self._stalls[tp]
+        for tp in sorted(self.assigned):
+            at = self._next.get(tp)
+            seen = self._stalls.get(tp)
+            if self.paused or lags.get(tp, 0) <= 0:
+                self._stalls.pop(tp, None)
+            elif seen is None or seen.next_offset != at:
+                self._stalls[tp] = _Stall(at, now, self._polls)
+            elif (now - seen.since >= self._stall_restart_s
+                    and self._polls - seen.polls >= STALL_MIN_POLLS):
+                self._restart(tp, lags[tp], now - seen.since)
+                self._stalls[tp] = _Stall(at, now, self._polls)
+
+    def _restart(self, tp: TP, lag: int, stalled_s: float) -> None:
+        """Resume ``tp`` and seek it to the first record not yet handed on (from the last
+        commit when nothing was handed on since the assignment)."""
+        start = self._next.get(tp)
+        try:
+            if start is None:
+                start = self._consumer.committed([tp], 2.0).get(tp)
+            self._consumer.resume([tp])  # only called unpaused: no pause of the filter's undone
+            if start is not None:
+                self.rewind({tp: start})
+        except ClientError as exc:
+            log.warning("partition %s[%d] stalled; restarting its fetch failed (%s), trying "
+                        "again in %.0f s", tp[0], tp[1], exc, self._stall_restart_s)
+            return
+        self._metrics.partition_restarts.labels(tp[0], str(tp[1])).inc()
+        log.warning("partition %s[%d] had %d records to give and gave none for %.0f s while the "
+                    "filter kept asking: the client stopped fetching it; restarted it at offset %s "
+                    "(nothing skipped, nothing read twice)", tp[0], tp[1], lag, stalled_s,
+                    start if start is not None else "where it stood")
 
     def _forget_series(self, tps: set[TP]) -> None:
         for t, p in tps:
