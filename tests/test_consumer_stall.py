@@ -25,7 +25,8 @@ N_PER_PARTITION = 300
 
 class _StopsFetching:
     """The filter's consumer, but after the first poll that returned records of ``partition``
-    the library stops fetching it (a pause nobody asked for)."""
+    the library stops fetching it (a pause nobody asked for) and loses its place (back to the
+    partition's start): resuming alone would read the records already handed on again."""
 
     def __init__(self, inner, topic: str, partition: int) -> None:
         self._inner, self._tp = inner, (topic, partition)
@@ -35,6 +36,7 @@ class _StopsFetching:
         got = self._inner.poll(timeout_s, max_records)
         if not self.injected and (got.partitions == self._tp[1]).any():
             self._inner.pause([self._tp])
+            self._inner.seek(self._tp, 0)
             self.injected = True
         return got
 
@@ -89,3 +91,33 @@ def test_a_partition_the_client_stops_fetching_is_restarted_and_nothing_is_lost(
     restarts = metrics.registry.get_sample_value(
         "depois_partition_restarts_total", {"topic": topics.ingest, "partition": "0"})
     assert restarts is not None and restarts >= 1
+
+
+@pytest.mark.timeout(60)
+def test_lag_is_measured_from_where_a_seek_put_the_partition(kafka_client, broker, unique,
+                                                              digits_arrays):
+    """librdkafka forgets a partition's position on every seek until the next record is read;
+    the lag then fell back to the group's commit, so a partition sought past it (a hand-back
+    after a rebalance whose acknowledged batches could not be committed) showed records to give
+    that will never come, and the stall watch would restart it every minute for nothing. (The
+    end of the partition is taken from fetch responses too: Tansu's ListOffsets answer lags.)"""
+    from depois_stream.filter.clients import make_client
+    from depois_stream.filter.clients.base import ClientSettings
+
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    ids = [f"{unique}-{i}" for i in range(20)]
+    assert publish(broker.bootstrap, topics.ingest, ids, xte[:20], yte[:20]) == {0: 20}
+    consumer = make_client(kafka_client).consumer(
+        ClientSettings(bootstrap_servers=broker.bootstrap, client_id=unique, group_id=unique),
+        lambda err: None)
+    tp = (topics.ingest, 0)
+    consumer.subscribe(topics.ingest, lambda tps: {}, lambda tps: None, lambda tps: None)
+    try:
+        wait_for(lambda: len(consumer.poll(0.5, 5)) > 0, timeout_s=30)
+        consumer.commit({tp: 2}, asynchronous=False)  # the group's commit, well behind
+        for offset, lag in ((10, 10), (20, 0), (15, 5)):
+            consumer.seek(tp, offset)
+            assert consumer.lag([tp], 5.0) == {tp: lag}, f"after a seek to {offset}"
+    finally:
+        consumer.close()

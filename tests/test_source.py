@@ -15,7 +15,7 @@ import numpy as np
 
 from depois_stream.filter.clients.base import TP, RecordBatch
 from depois_stream.filter.metrics import Metrics
-from depois_stream.filter.source import STALL_MIN_POLLS, Source
+from depois_stream.filter.source import STALL_MIN_ASKS, Source
 
 TOPIC = "in"
 
@@ -153,13 +153,13 @@ def _restarts(source: Source) -> float:
 def test_a_partition_with_lag_and_no_progress_while_asked_is_restarted_where_it_stood():
     source, consumer = _stalled_source([_records(0, 0, 10)])
     source._watch_stalls({P0: 5}, now=0.0)
-    _asked(source, STALL_MIN_POLLS)
+    _asked(source, STALL_MIN_ASKS)
     source._watch_stalls({P0: 5}, now=59.0)
     assert consumer.seeks == [] and _restarts(source) == 0  # not yet the limit
     source._watch_stalls({P0: 5}, now=60.0)
     assert consumer.seeks == [(P0, 10)] and consumer.resumed == [P0]  # after the last handed on
     assert _restarts(source) == 1
-    _asked(source, STALL_MIN_POLLS)
+    _asked(source, STALL_MIN_ASKS)
     source._watch_stalls({P0: 5}, now=119.0)
     source._watch_stalls({P0: 5}, now=120.0)  # still stuck: again, a limit after the first
     assert consumer.seeks == [(P0, 10), (P0, 10)] and _restarts(source) == 2
@@ -168,19 +168,19 @@ def test_a_partition_with_lag_and_no_progress_while_asked_is_restarted_where_it_
 def test_no_restart_while_progressing_paused_caught_up_or_not_asked():
     source, consumer = _stalled_source([_records(0, 0, 10)])
     source._watch_stalls({P0: 5}, now=0.0)
-    _asked(source, STALL_MIN_POLLS - 1)  # the loop spent the time waiting for acknowledgements
+    _asked(source, STALL_MIN_ASKS - 1)  # the loop spent the time waiting for acknowledgements
     source._watch_stalls({P0: 5}, now=100.0)
     consumer.steps = [_records(0, 10, 3)]
-    _asked(source, STALL_MIN_POLLS)  # progress: a new episode starts now
+    _asked(source, STALL_MIN_ASKS)  # progress: a new episode starts now
     source._watch_stalls({P0: 5}, now=110.0)
     source._watch_stalls({P0: 5}, now=169.0)
     source.pause("breaker")  # the filter's own pause is never undone by the watch
-    _asked(source, STALL_MIN_POLLS)
+    _asked(source, STALL_MIN_ASKS)
     source._watch_stalls({P0: 5}, now=500.0)
     source.resume("breaker")
     source._watch_stalls({P0: 0}, now=600.0)  # caught up
     source._watch_stalls({P0: 5}, now=601.0)
-    _asked(source, STALL_MIN_POLLS)
+    _asked(source, STALL_MIN_ASKS)
     source._watch_stalls({P0: 5}, now=660.0)  # lag since 601 only
     assert consumer.seeks == [] and consumer.resumed == [P0] and _restarts(source) == 0
     source._watch_stalls({P0: 5}, now=661.0)
@@ -191,7 +191,7 @@ def test_a_partition_that_never_gave_a_record_restarts_from_the_commit_or_only_r
     for committed, seeks in ((42, [(P0, 42)]), (None, [])):
         source, consumer = _stalled_source([], committed)
         source._watch_stalls({P0: 7}, now=0.0)
-        _asked(source, STALL_MIN_POLLS)
+        _asked(source, STALL_MIN_ASKS)
         source._watch_stalls({P0: 7}, now=60.0)
         assert consumer.seeks == seeks and consumer.resumed == [P0] and _restarts(source) == 1
 
@@ -204,3 +204,34 @@ def test_the_stall_watch_is_off_at_zero():
     _asked(source, 100)
     source._watch_stalls({P0: 5}, now=1e6)
     assert consumer.seeks == [] and consumer.resumed == []
+
+
+def test_a_pause_or_a_rewind_between_two_checks_starts_the_watch_over():
+    """A delivery backoff pauses and resumes inside one turn of the loop and re-reads the failed
+    batch from the same offset: that is the filter's own doing, not a client that stopped."""
+    for interrupt in (lambda s: (s.pause("backoff"), s.resume("backoff")),
+                      lambda s: s.rewind({P0: 10})):
+        source, consumer = _stalled_source([_records(0, 0, 10)])
+        source._watch_stalls({P0: 5}, now=0.0)
+        _asked(source, STALL_MIN_ASKS)
+        interrupt(source)
+        source._watch_stalls({P0: 5}, now=60.0)  # a new episode starts here
+        _asked(source, STALL_MIN_ASKS)
+        source._watch_stalls({P0: 5}, now=119.0)
+        assert _restarts(source) == 0
+        source._watch_stalls({P0: 5}, now=120.0)
+        assert _restarts(source) == 1
+
+
+def test_full_batches_of_other_partitions_are_not_asks():
+    """Under a backlog the client hands out full batches; a partition whose records wait behind
+    the others' is queued, not stalled."""
+    source, consumer = _stalled_source([_records(0, 0, 10)])
+    source._watch_stalls({P0: 5}, now=0.0)
+    consumer.steps = [_records(1, k * 100, 100) for k in range(STALL_MIN_ASKS)]  # batch_size 100
+    _asked(source, STALL_MIN_ASKS)
+    source._watch_stalls({P0: 5}, now=60.0)
+    assert _restarts(source) == 0
+    _asked(source, STALL_MIN_ASKS)  # the backlog is worked off: nothing for P0 all the same
+    source._watch_stalls({P0: 5}, now=61.0)
+    assert _restarts(source) == 1

@@ -75,8 +75,9 @@ class Metrics:
             "Record timestamp to output produced (acknowledged), per record.",
             LATENCY_BUCKETS, namespace=ns, registry=r)
         self.consumer_lag = Gauge(
-            "consumer_lag", "Records between the committed position and the partition end "
-            "(only partitions this member owns; removed on revocation).",
+            "consumer_lag", "Records between this member's position (the next record it will "
+            "read) and the partition end (only partitions this member owns; removed on "
+            "revocation).",
             ["topic", "partition"], namespace=ns, registry=r)
         self.consumer_lag_seconds = Gauge(
             "consumer_lag_seconds", "Age of the oldest record of the partition not yet filtered "

@@ -42,19 +42,20 @@ from depois_stream.filter.metrics import Metrics
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.2  # longest single poll while waiting for a first record
-# A stall needs this many batches asked for while it lasted, besides the time: the loop may
-# have spent the time waiting for acknowledgements instead of asking for records.
-STALL_MIN_POLLS = 20
+# A stall needs this many under-full batches while it lasted, besides the time: the loop may
+# have spent the time waiting for acknowledgements instead of asking for records, and under a
+# backlog a partition's records may wait behind the others' (full batches do not count).
+STALL_MIN_ASKS = 20
 
 
 @dataclass
 class _Stall:
-    """A partition seen with lag and no progress: since when, and how many batches were asked for
-    by then."""
+    """A partition seen with lag and no progress: since when, and how many under-full batches
+    had been asked for by then."""
 
     next_offset: int | None
     since: float
-    polls: int
+    asks: int
 
 
 class Source:
@@ -80,7 +81,9 @@ class Source:
         self.rebalances = 0
         self._stall_restart_s = stall_restart_s  # 0: never restart a partition
         self._stalls: dict[TP, _Stall] = {}
-        self._polls = 0  # batches asked for (next_batch calls)
+        # batches asked for that came back under-full: the client had nothing more to give,
+        # so a partition with records to give was not merely queued behind the others
+        self._asks = 0
 
     # ---------------------------------------------------------------- group membership
 
@@ -145,7 +148,6 @@ class Source:
     def next_batch(self, should_stop: Callable[[], bool] = lambda: False) -> RecordBatch:
         """The next batch, or an empty one after ``IDLE_POLL_S`` without records."""
         deadline: float | None = None
-        self._polls += 1
         while True:
             room = self._batch_size - self._buffered()
             wait = IDLE_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
@@ -155,6 +157,7 @@ class Source:
                     self._buffer.append(got)
             if deadline is None:
                 if not self._buffered():
+                    self._asks += 1
                     return RecordBatch.empty(self._topic)
                 deadline = time.monotonic() + self._linger_s
             if (self._buffered() >= self._batch_size or time.monotonic() >= deadline
@@ -167,6 +170,8 @@ class Source:
             self._first_ts.update(
                 {tp: int(batch.timestamps_ms[np.argmax(batch.partitions == tp[1])])
                  for tp in batch.first_offsets()})
+        if len(batch) < self._batch_size:  # the client had no more to give just now
+            self._asks += 1
         return batch
 
     def idle(self, timeout_s: float) -> None:
@@ -216,6 +221,7 @@ class Source:
             for tp, off in owned.items():
                 self._consumer.seek(tp, off)
                 self._next[tp] = off
+                self._stalls.pop(tp, None)  # read again from here: a new start, not a stall
 
     @property
     def paused(self) -> bool:
@@ -224,6 +230,7 @@ class Source:
     def pause(self, reason: str) -> None:
         """Stop fetching from every owned partition (and any assigned later) until every
         reason given here was lifted with ``resume``."""
+        self._stalls.clear()  # paused by the filter: no partition is stalled meanwhile
         if reason not in self._pause_reasons:
             self._pause_reasons.add(reason)
             self._consumer.pause(self.assigned)
@@ -281,11 +288,11 @@ class Source:
             if self.paused or lags.get(tp, 0) <= 0:
                 self._stalls.pop(tp, None)
             elif seen is None or seen.next_offset != at:
-                self._stalls[tp] = _Stall(at, now, self._polls)
+                self._stalls[tp] = _Stall(at, now, self._asks)
             elif (now - seen.since >= self._stall_restart_s
-                    and self._polls - seen.polls >= STALL_MIN_POLLS):
+                    and self._asks - seen.asks >= STALL_MIN_ASKS):
                 self._restart(tp, lags[tp], now - seen.since)
-                self._stalls[tp] = _Stall(at, now, self._polls)
+                self._stalls[tp] = _Stall(self._next.get(tp), now, self._asks)
 
     def _restart(self, tp: TP, lag: int, stalled_s: float) -> None:
         """Resume ``tp`` and seek it to the first record not yet handed on (from the last

@@ -352,7 +352,12 @@ class ConfluentConsumer:
             for t, p in tps:
                 _, high = self._c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s,
                                                         cached=False)
+                # fetch responses carry the high watermark too; Tansu's ListOffsets answer lags
+                # behind it, so take whichever is further (as the kafka-python adapter does)
+                high = max(high, self._c.get_watermark_offsets(TopicPartition(t, p), cached=True)[1])
                 pos = positions.get((t, p), -1)
+                if pos < 0:  # librdkafka forgets the position on a seek until a record is read
+                    pos = self._floor.get(p, -1)
                 if pos < 0:  # nothing fetched yet: measure from the committed offset
                     if committed is None:
                         committed = {(x.topic, x.partition): x.offset
