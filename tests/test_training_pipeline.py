@@ -387,3 +387,74 @@ def test_export_of_a_gpu_trained_detector_checks_parity_on_the_cpu(digits_detect
     card = export_mod.export_onnx(on_gpu, tmp_path / "model.onnx")
     assert card.metadata.model_version == digits_detector.metadata.model_version
     assert on_gpu.device.type == "cuda"  # the caller's detector is left as it was
+
+
+def _exported_samples(folder: Path, images: np.ndarray, labels: np.ndarray) -> Path:
+    """samples.npz exactly as `depois-stream replay export --topic <ingest>` writes it: the records
+    are ingest-topic records (wire-encoded, no router headers)."""
+    from depois_stream.audit.export import SAMPLES, export
+    from depois_stream.audit.replay import QuarantinedRecord
+    from depois_stream.contract import headers as H
+    from depois_stream.contract.wire import encode_batch
+
+    ids = [f"s{i}" for i in range(len(labels))]
+    records = [QuarantinedRecord.from_kafka("ingest", 0, i, 0, sid.encode(), value,
+                                            [(H.CONTENT_TYPE, ctype.encode())])
+               for i, (sid, (value, ctype)) in enumerate(zip(ids, encode_batch(ids, images, labels,
+                                                                              encoding="binary")))]
+    export(records, folder)
+    return folder / SAMPLES
+
+
+def test_recalibrate_moves_the_boundary_onto_clean_samples_and_keeps_the_original(
+        digits_run: Path, tmp_path: Path) -> None:
+    test = load_dataset("digits").test
+    samples = _exported_samples(tmp_path / "vetted", test.images, test.labels)
+    before = FittedDetector.load(digits_run / "detector")
+    into = tmp_path / "recal"
+    result = CliRunner().invoke(app, ["recalibrate", "--out", str(digits_run), "--clean", str(samples),
+                                      "--into", str(into), "--target-fpr", "0.05", "--global"])
+    assert result.exit_code == 0, result.output
+    assert f"export-onnx --out {into}" in result.output
+    det = FittedDetector.load(into / "detector")
+    assert det.metadata.target_fpr == 0.05 and det.metadata.boundary.per_class is None
+    assert det.metadata.model_version != before.metadata.model_version
+    assert 0.03 <= det.predict(test.images, test.labels).mean() <= 0.05
+    assert len(det.report["cv_fpr"]) == 10 and 0.0 < det.report["cv_fpr_mean"] < 0.12
+    # the original is untouched
+    assert FittedDetector.load(digits_run / "detector").metadata == before.metadata
+    # and the recalibrated one exports, its card saying where its calibration came from
+    result = CliRunner().invoke(app, ["export-onnx", "--out", str(into)])
+    assert result.exit_code == 0, result.output
+    card = ModelCard.model_validate_json(card_path_for(into / "model.onnx").read_text())
+    assert card.calibration["calibration_samples"] == len(test.labels)
+    assert card.metadata.model_version == det.metadata.model_version
+    assert any(f"recalibrated on {len(test.labels)} clean samples" in note for note in card.notes)
+    score, poisoned, _, _ = _session(into / "model.onnx").run(
+        None, {INPUT_IMAGE: test.images, INPUT_LABEL: test.labels})
+    np.testing.assert_array_equal(poisoned.astype(bool), det.predict(test.images, test.labels))
+
+
+@pytest.mark.parametrize(("arrays", "needle"), [
+    ({"images": np.zeros((200, 1, 28, 28), np.float32), "labels": np.zeros(200, np.int64)}, "model takes"),
+    ({"images": np.zeros((200, 1, 8, 8), np.float32), "labels": np.full(200, 10)}, "labels must be"),
+    ({"images": np.full((200, 1, 8, 8), 16.0, np.float32), "labels": np.zeros(200, np.int64)}, "in [0, 1]"),
+    ({"pictures": np.zeros((200, 1, 8, 8), np.float32)}, "no 'images' and 'labels'"),
+    ({"images": np.zeros((10, 1, 8, 8), np.float32), "labels": np.zeros(10, np.int64)}, "cannot place"),
+])
+def test_recalibrate_refuses_unusable_clean_samples_in_one_line(digits_run: Path, tmp_path: Path,
+                                                                  arrays: dict, needle: str) -> None:
+    path = tmp_path / "samples.npz"
+    np.savez(path, **arrays)
+    result = CliRunner().invoke(app, ["recalibrate", "--out", str(digits_run), "--clean", str(path),
+                                      "--into", str(tmp_path / "recal")])
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --clean:") and needle in lines[0], result.output
+    assert not (tmp_path / "recal" / "detector").exists()
+
+
+def test_recalibrate_never_overwrites_the_original(digits_run: Path) -> None:
+    result = CliRunner().invoke(app, ["recalibrate", "--out", str(digits_run), "--clean", "x.npz",
+                                      "--into", str(digits_run)])
+    assert result.exit_code == 2 and "--into must differ" in result.output, result.output

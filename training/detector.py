@@ -25,7 +25,7 @@ import torch
 from depois_stream.contract import SCHEMA_VERSION, Boundary, ModelMetadata, utc_now_iso
 from training.config import FitConfig
 from training.conformal import member_weights
-from training.crossfit import CalibrationPlan
+from training.crossfit import CROSSFIT_FOLDS as CV_FOLDS, CalibrationPlan
 from training.data import LabeledImages
 from training.evidence import MEMBERS, References, families_within, member_scores, neighbours
 from training.models import Authenticator, Critic
@@ -215,17 +215,25 @@ class FittedDetector:
 
         New data is out of sample for the shipped networks, so it can replace the cross-fitted
         calibration scores directly. Use it when the stream's clean data differs from the trusted
-        pool: the networks stay, only the operating point moves."""
+        pool: the networks stay, only the operating point moves. The out-of-sample FPR the card
+        reports is re-measured on the new data (ten folds: each fold flagged by a boundary read off
+        the other nine)."""
+        n = len(labels)
         self.calibration_raw = self.raw_evidence(images, labels)
         self.calibration_labels = np.asarray(labels, np.int64)
         self.calibration_log_p = self.log_p_label(images, labels)
-        self.union = self.calibrate(self.members, target_fpr, per_class)
+        folds = np.random.default_rng(self.config.seed).permutation(n) % min(CV_FOLDS, n)
+        self.union = self.calibrate(self.members, target_fpr, per_class, folds=folds)
         boundary = self.union.boundary
         version = model_version(self.config, self.metadata.weights_sha256 or "", self.union)
         self.metadata = self.metadata.model_copy(
             update={"boundary": boundary, "target_fpr": target_fpr, "model_version": version})
+        cv = [float(x) for x in self.union.cv_fpr]
         self.report["per_class_fallback"] = self.union.fell_back
-        self.report["calibration"] = {"source": "infer_threshold", "n": len(labels)}
+        self.report["cv_fpr"] = cv
+        self.report["cv_fpr_mean"] = float(np.mean(cv)) if cv else None
+        self.report["calibration"] = {"source": "infer_threshold", "n": n}
+        self.report.setdefault("sizes", {})["calibration"] = n
         return boundary
 
     # ------------------------------------------------------------------ persistence

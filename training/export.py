@@ -419,6 +419,12 @@ def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> Mod
          "references came from the other folds; the FPR on new clean data scatters around the target by about "
          "expected_fpr_spread"),
     ]
+    recalibrated = report.get("calibration", {})
+    if recalibrated.get("source") == "infer_threshold":
+        notes.append(f"recalibrated on {recalibrated.get('n')} clean samples given after training "
+                     "(`depois-train recalibrate`, FittedDetector.infer_threshold), scored by the shipped "
+                     "networks: the member references, standardisation, boundary and out_of_sample_fpr "
+                     "come from them, not from the trusted pool; the networks are unchanged")
     if report.get("weighting"):
         notes.append(_weighting_note(report["weighting"]))
     if report.get("pixel_knn_gate"):
