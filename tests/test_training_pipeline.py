@@ -435,8 +435,29 @@ def test_recalibrate_moves_the_boundary_onto_clean_samples_and_keeps_the_origina
     np.testing.assert_array_equal(poisoned.astype(bool), det.predict(test.images, test.labels))
 
 
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"", "cannot read"), (b"PK\x03\x04broken", "cannot read"), ("npy", "single array")])
+def test_recalibrate_refuses_a_file_that_is_not_an_npz_in_one_line(digits_run: Path, tmp_path: Path,
+                                                                     content, needle: str) -> None:
+    path = tmp_path / "samples.npz"
+    if content == "npy":
+        with path.open("wb") as f:
+            np.save(f, np.zeros((200, 1, 8, 8), np.float32))
+    else:
+        path.write_bytes(content)
+    result = CliRunner().invoke(app, ["recalibrate", "--out", str(digits_run), "--clean", str(path),
+                                      "--into", str(tmp_path / "recal")])
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --clean:") and needle in lines[0], result.output
+    assert not (tmp_path / "recal").exists()  # nothing written, not even the folder
+
+
 @pytest.mark.parametrize(("arrays", "needle"), [
     ({"images": np.zeros((200, 1, 28, 28), np.float32), "labels": np.zeros(200, np.int64)}, "model takes"),
+    ({"images": np.zeros((200, 1, 8, 8), np.float32), "labels": np.int64(3)}, "labels of shape"),
+    ({"images": np.full((200, 1, 8, 8), "x"), "labels": np.zeros(200, np.int64)}, "model takes"),
+    ({"images": np.zeros((0, 1, 8, 8), np.float32), "labels": np.zeros(0, np.int64)}, "no images"),
     ({"images": np.zeros((200, 1, 8, 8), np.float32), "labels": np.full(200, 10)}, "labels must be"),
     ({"images": np.full((200, 1, 8, 8), 16.0, np.float32), "labels": np.zeros(200, np.int64)}, "in [0, 1]"),
     ({"pictures": np.zeros((200, 1, 8, 8), np.float32)}, "no 'images' and 'labels'"),
@@ -451,10 +472,29 @@ def test_recalibrate_refuses_unusable_clean_samples_in_one_line(digits_run: Path
     assert result.exit_code == 3, result.output
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --clean:") and needle in lines[0], result.output
-    assert not (tmp_path / "recal" / "detector").exists()
+    assert not (tmp_path / "recal").exists()
 
 
-def test_recalibrate_never_overwrites_the_original(digits_run: Path) -> None:
-    result = CliRunner().invoke(app, ["recalibrate", "--out", str(digits_run), "--clean", "x.npz",
-                                      "--into", str(digits_run)])
-    assert result.exit_code == 2 and "--into must differ" in result.output, result.output
+def test_recalibrate_never_overwrites_the_original_or_another_detector(digits_run: Path, tmp_path: Path) -> None:
+    for into in (digits_run, digits_run.parent / digits_run.name / ".", tmp_path / "taken"):
+        (tmp_path / "taken" / "detector").mkdir(parents=True, exist_ok=True)
+        result = CliRunner().invoke(app, ["recalibrate", "--out", str(digits_run), "--clean", "x.npz",
+                                          "--into", str(into)])
+        assert result.exit_code == 2, result.output
+        assert "--into must differ" in result.output or "exists already" in result.output, result.output
+
+
+def test_recalibrate_writes_next_to_out_by_default_and_its_parity_samples_survive_a_reload(
+        digits_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    shutil.copytree(digits_run / "detector", out / "detector")
+    test = load_dataset("digits").test
+    samples = _exported_samples(tmp_path / "vetted", test.images, test.labels)
+    result = CliRunner().invoke(app, ["recalibrate", "--out", f"{out}/", "--clean", str(samples)])
+    assert result.exit_code == 0, result.output
+    det = FittedDetector.load(tmp_path / "model-recalibrated" / "detector")
+    # the export's parity check and int8 gate look where the new boundary was read off
+    np.testing.assert_array_equal(det.calibration.labels, test.labels)
+    assert det.calibration.images.shape == test.images.shape
+    assert det.report["plan"]["warning"].startswith(f"recalibrated on {len(test.labels)} clean samples")
+    assert det.metadata.boundary.per_class is not None  # as fitted (digits: per class)

@@ -403,7 +403,8 @@ def recalibrate_cmd(
     test stream was flagged at 0.3 to 0.5 % for a 1 % target and half the label flips got through;
     recalibrated on 1,000 clean test images: 1.1 % and 96 %). The networks stay; the p-value
     references, standardisation and boundary are re-read from their scores of these samples. The
-    result is a new model version; hot reload picks it up once exported.
+    result is a new model version: `depois-train export-onnx --out INTO --model <served model.onnx>`
+    writes it over the served file, atomically, and the filter's hot reload takes it.
 
     The samples must be clean and like the stream: a vetted sample of the ingest topic
     (`depois-stream replay export --topic <ingest topic>`). Not the clean topic alone: it lacks the
@@ -411,10 +412,14 @@ def recalibrate_cmd(
     from training.recalibrate import CleanDataError, load_clean, recalibrate
 
     _require_detector(out)
-    into = into or out.with_name(out.name + "-recalibrated")
-    if into.resolve() == out.resolve():
+    resolved = out.resolve()
+    into = into or resolved.with_name(f"{resolved.name or 'model'}-recalibrated")
+    if into.resolve() == resolved:
         fail(EXIT_USAGE, "--into must differ from --out: the original detector stays as it is")
-    writable_folder(into, "--into")
+    if (into / "detector").exists():
+        fail(EXIT_USAGE, f"{into / 'detector'} exists already; pass another --into (or remove it first)")
+    if into.exists() and not into.is_dir():
+        fail(EXIT_USAGE, f"--into {into} exists and is not a folder; pass a folder path")
     det = _load_detector(out)
     meta = det.metadata
     try:
@@ -423,6 +428,7 @@ def recalibrate_cmd(
                              per_class if per_class is not None else meta.boundary.per_class is not None)
     except CleanDataError as exc:
         fail(EXIT_DATA, f"--clean: {exc}")
+    writable_folder(into, "--into")
     det.save(into / "detector")
     table = Table(title=f"depois-train recalibrate: {meta.dataset}")
     table.add_column("quantity")

@@ -36,6 +36,11 @@ WEIGHTS_FILE = "detector.pt"
 STATE_FILE = "detector.json"
 
 
+# infer_threshold keeps this many of its samples (a seeded choice) for the export's parity check
+# and the int8 gate, which must look where the new boundary sits: 4,096 28 x 28 images are 13 MB.
+MAX_PARITY_SAMPLES = 4096
+
+
 def weights_sha256(authenticator: Authenticator, critic: Critic) -> str:
     """Digest of the two networks' parameters (stable across save/load, unlike file bytes)."""
     h = hashlib.sha256()
@@ -98,6 +103,7 @@ class FittedDetector:
         calibration_log_p: np.ndarray | None = None,
         report: dict | None = None,
         device: str = "cpu",
+        recalibration: LabeledImages | None = None,
     ):
         self.device = resolve_device(device)
         self.authenticator = authenticator.to(self.device).eval()
@@ -110,6 +116,7 @@ class FittedDetector:
         self.calibration_log_p = calibration_log_p  # out-of-sample authenticator log p(y|x), for the old fusion
         self.synthetic_preview = synthetic_preview
         self.report = report or {}
+        self.recalibration = recalibration  # the samples of the last infer_threshold (at most MAX_PARITY_SAMPLES)
         self.k = neighbours(plan.min_class_count(metadata.num_classes))
         self.references = build_references(self.authenticator, plan.shipped_training_data(), metadata.num_classes,
                                            self.k, config.seed, self.device)
@@ -128,10 +135,11 @@ class FittedDetector:
 
     @property
     def calibration(self) -> LabeledImages:
-        """The trusted samples whose out-of-sample scores calibrated the union at fit time (the
-        export's parity check runs on them; after ``infer_threshold`` the union is calibrated on
-        the data given there instead, whose raw scores ``calibration_raw`` then holds)."""
-        return self.plan.calibration
+        """The samples the union's boundary was read off, where the export's parity check and the
+        int8 verdict gate look: the trusted samples whose out-of-sample scores calibrated it at fit
+        time, or, after ``infer_threshold``, the samples given there (up to
+        ``MAX_PARITY_SAMPLES`` of them), whose raw scores ``calibration_raw`` then holds."""
+        return self.recalibration if self.recalibration is not None else self.plan.calibration
 
     @property
     def trusted(self) -> LabeledImages:
@@ -222,8 +230,11 @@ class FittedDetector:
         self.calibration_raw = self.raw_evidence(images, labels)
         self.calibration_labels = np.asarray(labels, np.int64)
         self.calibration_log_p = self.log_p_label(images, labels)
-        folds = np.random.default_rng(self.config.seed).permutation(n) % min(CV_FOLDS, n)
+        rng = np.random.default_rng(self.config.seed)
+        folds = rng.permutation(n) % min(CV_FOLDS, n)
         self.union = self.calibrate(self.members, target_fpr, per_class, folds=folds)
+        keep = np.sort(rng.permutation(n)[:MAX_PARITY_SAMPLES])
+        self.recalibration = LabeledImages(np.asarray(images, np.float32)[keep], np.asarray(labels, np.int64)[keep])
         boundary = self.union.boundary
         version = model_version(self.config, self.metadata.weights_sha256 or "", self.union)
         self.metadata = self.metadata.model_copy(
@@ -254,6 +265,9 @@ class FittedDetector:
         }
         if self.calibration_log_p is not None:
             tensors["calibration_log_p"] = torch.from_numpy(np.asarray(self.calibration_log_p, np.float32))
+        if self.recalibration is not None:
+            tensors["recalibration_images"] = torch.from_numpy(self.recalibration.images)
+            tensors["recalibration_labels"] = torch.from_numpy(self.recalibration.labels)
         buf = io.BytesIO()
         torch.save(tensors, buf)
         (out / WEIGHTS_FILE).write_bytes(buf.getvalue())
@@ -280,12 +294,14 @@ class FittedDetector:
                                                             tensors["pool_labels"].numpy()),
                                tensors["folds"].numpy())
         log_p = tensors.get("calibration_log_p")
+        recal = (LabeledImages(tensors["recalibration_images"].numpy(), tensors["recalibration_labels"].numpy())
+                 if "recalibration_images" in tensors else None)
         det = cls(
             authenticator, critic, metadata, FitConfig.model_validate(state["config"]), plan,
             tensors["calibration_raw"].numpy(), tensors["calibration_labels"].numpy(),
             LabeledImages(tensors["synthetic_preview_images"].numpy(), tensors["synthetic_preview_labels"].numpy()),
             calibration_log_p=log_p.numpy() if log_p is not None else None,
-            report=state["report"], device=device,
+            report=state["report"], device=device, recalibration=recal,
         )
         if det.union.boundary != metadata.boundary:
             raise ValueError(f"{out}: the boundary rebuilt from the stored calibration scores differs from the "

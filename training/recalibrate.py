@@ -26,7 +26,8 @@ import numpy as np
 
 from training.data import LabeledImages
 from training.detector import FittedDetector
-from training.pipeline import calibration_warning
+from training.conformal import fpr_standard_error
+from training.pipeline import MAX_RELATIVE_FPR_SPREAD, calibration_warning
 
 # Pixel values may stray this far outside [0, 1] (float rounding of an encoder) before a file is
 # taken for another scaling (0..255 images, standardised ones).
@@ -41,19 +42,27 @@ def load_clean(path: Path, shape: tuple[int, int, int], num_classes: int) -> Lab
     """``images`` float [N, C, H, W] in [0, 1] and ``labels`` int [N] from an .npz file (what
     ``depois-stream replay export`` writes as samples.npz), checked against the model's input."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - empty, truncated, not a zip: one line, whatever numpy raises
+        raise CleanDataError(f"cannot read {path} as an .npz file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise CleanDataError(f"{path} is a single array, not an .npz file with 'images' and 'labels'")
+    try:
+        with loaded as npz:
             if "images" not in npz or "labels" not in npz:
                 raise CleanDataError(f"{path} has no 'images' and 'labels' arrays (found: "
                                      f"{', '.join(npz.files) or 'none'})")
             images, labels = np.asarray(npz["images"]), np.asarray(npz["labels"])
     except CleanDataError:
         raise
-    except (OSError, ValueError) as exc:
-        raise CleanDataError(f"cannot read {path} as an .npz file ({exc})") from None
-    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
-        raise CleanDataError(f"{path}: images are {list(images.shape)}, the model takes "
+    except Exception as exc:  # noqa: BLE001 - a member that does not decompress or parse
+        raise CleanDataError(f"cannot read {path} ({type(exc).__name__}: {exc})") from None
+    if images.ndim == 0 or len(images) == 0:
+        raise CleanDataError(f"{path} holds no images")
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape) or not np.issubdtype(images.dtype, np.number):
+        raise CleanDataError(f"{path}: images are {images.dtype} {list(images.shape)}, the model takes float "
                              f"[N, {', '.join(map(str, shape))}]")
-    if len(labels) != len(images) or labels.ndim != 1:
+    if labels.ndim != 1 or len(labels) != len(images):
         raise CleanDataError(f"{path}: {len(images)} images but labels of shape {list(labels.shape)}")
     if not np.issubdtype(labels.dtype, np.integer) or (len(labels) and (
             labels.min() < 0 or labels.max() >= num_classes)):
@@ -95,10 +104,25 @@ def recalibrate(det: FittedDetector, data: LabeledImages, target_fpr: float, per
     boundary_before, version_before = det.metadata.boundary.global_, det.metadata.model_version
     det.infer_threshold(data.images, data.labels, target_fpr, per_class)
     cv = det.report.get("cv_fpr_mean")
+    warning = recalibration_warning(n, target_fpr)
+    plan = det.report.setdefault("plan", {})
+    plan["warning"] = warning  # the card's warning: the pool's (about --trusted-fraction) no longer applies
     return Recalibration(
         samples=n, target_fpr=target_fpr, flagged_before=float(before),
         flagged_after=float(det.predict(data.images, data.labels).mean()),
         out_of_sample_fpr=float(cv) if cv is not None else None,
         boundary_before=float(boundary_before), boundary_after=float(det.metadata.boundary.global_),
         version_before=version_before, version_after=det.metadata.model_version,
-        warning=calibration_warning(n, target_fpr))
+        warning=warning)
+
+
+def recalibration_warning(n: int, target_fpr: float) -> str | None:
+    """``fit``'s small-calibration warning, with the remedy that applies here (more samples)."""
+    message = calibration_warning(n, target_fpr)
+    if message is None:
+        return None
+    spread = fpr_standard_error(target_fpr, n)
+    wanted = int(np.ceil((1 - target_fpr) / (MAX_RELATIVE_FPR_SPREAD**2 * target_fpr)))
+    return (f"recalibrated on {n} clean samples for a {target_fpr:.2%} target FPR: the FPR realised on new clean "
+            f"data will scatter by about +-{spread:.2%} (one standard deviation) around the target; "
+            f"recalibrate on >= {wanted} samples to keep it within a quarter of the target")
