@@ -301,14 +301,25 @@ def test_a_union_without_agreement_columns_exports_with_parity(digits_detector: 
     np.testing.assert_allclose(score, det.score(cal.images, cal.labels), rtol=1e-4, atol=1e-4)
 
 
-def test_by_default_fit_uses_the_configured_split_and_its_card_says_so(digits_run: Path,
-                                                                        digits_detector: FittedDetector) -> None:
+def test_by_default_fit_searches_the_split_but_digits_is_too_small_and_its_card_says_so(
+        digits_run: Path, digits_detector: FittedDetector) -> None:
+    """The search is on by default (stop 33); digits' 252 calibration samples cannot compare splits
+    at one order-statistic boundary, so the configured split stays (the model is unchanged)."""
+    assert FitConfig().weight_search
     det = digits_detector
-    assert det.report["weighting"]["candidates"] == 0 and det.report["weighting"]["accepted"] is False
+    weighting = det.report["weighting"]
+    assert weighting["accepted"] is False and weighting["skipped"].startswith("252 calibration samples")
     configured = FitConfig().weighting().vector(det.members, det.agreements(det.members))
     np.testing.assert_allclose(det.metadata.evidence_weights, configured)
     card = ModelCard.model_validate_json(card_path_for(digits_run / "model.onnx").read_text())
-    assert any(note.startswith("budget split as configured (no search") for note in card.notes)
+    assert any(note.startswith("budget split as configured") and "(no search: 252 calibration samples" in note
+               for note in card.notes)
+
+
+def test_fixed_weights_skips_the_search_and_its_card_says_so() -> None:
+    det = fit(FitConfig.quick(seed=11, weight_search=False, **TINY), progress=False)
+    assert det.report["weighting"]["candidates"] == 0 and det.report["weighting"]["accepted"] is False
+    assert export_mod._weighting_note(det.report["weighting"]).startswith("budget split as configured (no search")
 
 
 def test_digits_is_too_small_for_the_search_at_1_percent_and_the_report_says_why() -> None:

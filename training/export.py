@@ -369,7 +369,7 @@ def export_onnx(det: FittedDetector, path: str | Path) -> ModelCard:
 def _weighting_note(w: dict) -> str:
     """One sentence of the card on how the weights were chosen (``training.weighting``)."""
     if not w.get("candidates"):
-        return f"budget split as configured (no search; --weight-search chooses it on synthetic negatives): {w['chosen']}"
+        return f"budget split as configured (no search: --fixed-weights): {w['chosen']}"
     rates = lambda r: ", ".join(f"{k} {v:.1%}" for k, v in r.items())  # noqa: E731
     head = (f"budget split chosen on synthetic negatives ({w['candidates']} candidates): {w['chosen']}"
             if w["accepted"] else f"budget split as configured: {w['chosen']}")

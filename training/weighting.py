@@ -134,7 +134,8 @@ class WeightChoice:
 
 
 def configured_split(split: Weighting) -> dict[str, object]:
-    """What the report and card record when no split is searched (``--fixed-weights``, the default)."""
+    """What the report and card record when no split is searched (``--fixed-weights``; the default
+    before stop 33)."""
     return {"chosen": asdict(split), "configured": asdict(split), "accepted": False, "candidates": 0}
 
 
