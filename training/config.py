@@ -94,8 +94,9 @@ class FitConfig(BaseModel):
                           "On by default since stop 33: on mnist-5k, a data set no design choice was made on, it "
                           "raised the mean TPR at 1 % FPR of all three suites by 3 to 5 points and the F1 at the "
                           "deployed boundary from 75 to 92-94 %; on Fashion-MNIST it raised the development suite "
-                          "86.5 -> 88.3 %, left the held-out suites level (83.0 -> 83.1 %) and cost the blended "
-                          "backdoor 13 points (docs/evaluation.md).",
+                          "86.5 -> 88.3 % and left the held-out suites level (83.0 -> 83.1 %; stop 25, three seeds, "
+                          "where its pick cost the blended backdoor 13 points; a fresh seed-0 fit picks a "
+                          "neighbouring split that does not: docs/evaluation.md).",
         json_schema_extra=_cli("--weight-search/--fixed-weights"))
     gate_pixel_knn: bool = Field(
         False, description="Opt-in: pixel_knn (if listed in --members) joins the union only where its "
