@@ -70,6 +70,12 @@ def _preview(data: LabeledImages, num_classes: int) -> LabeledImages:
     return data.subset(index)
 
 
+def samples_for_quarter_spread(target_fpr: float) -> int:
+    """Clean samples a boundary must be read off for its realised FPR to scatter by at most
+    ``MAX_RELATIVE_FPR_SPREAD`` of the target (one standard deviation): 1,584 at 1 %."""
+    return int(np.ceil((1 - target_fpr) / (MAX_RELATIVE_FPR_SPREAD**2 * target_fpr)))
+
+
 def calibration_warning(n: int, target_fpr: float) -> str | None:
     """The sentence ``fit`` warns with when ``n`` clean scores cannot pin ``target_fpr`` down."""
     if n * target_fpr < 1.0:
@@ -80,8 +86,8 @@ def calibration_warning(n: int, target_fpr: float) -> str | None:
     if spread > MAX_RELATIVE_FPR_SPREAD * target_fpr:
         return (f"{n} calibration samples for a {target_fpr:.2%} target FPR: the FPR realised on new clean data "
                 f"will scatter by about +-{spread:.2%} (one standard deviation) around the target; a pool of "
-                f">= {int(np.ceil((1 - target_fpr) / (MAX_RELATIVE_FPR_SPREAD**2 * target_fpr)))} calibration "
-                "samples would keep it within a quarter of the target")
+                f">= {samples_for_quarter_spread(target_fpr)} calibration samples would keep it within a quarter "
+                "of the target")
     return None
 
 

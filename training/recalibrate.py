@@ -27,7 +27,7 @@ import numpy as np
 from training.data import LabeledImages
 from training.detector import FittedDetector
 from training.conformal import fpr_standard_error
-from training.pipeline import MAX_RELATIVE_FPR_SPREAD, calibration_warning
+from training.pipeline import MAX_RELATIVE_FPR_SPREAD, samples_for_quarter_spread
 
 # Pixel values may stray this far outside [0, 1] (float rounding of an encoder) before a file is
 # taken for another scaling (0..255 images, standardised ones).
@@ -98,8 +98,8 @@ def recalibrate(det: FittedDetector, data: LabeledImages, target_fpr: float, per
     n = len(data)
     if n * target_fpr < 1.0:
         raise CleanDataError(f"{n} clean samples cannot place a {target_fpr:.2%} boundary (needs at least "
-                             f"{int(np.ceil(1 / target_fpr))}, and about 1,600 keep the realised rate within "
-                             "a quarter of the target)")
+                             f"{int(np.ceil(1 / target_fpr))}, and about {samples_for_quarter_spread(target_fpr):,} "
+                             "keep the realised rate within a quarter of the target)")
     before = det.predict(data.images, data.labels).mean()
     boundary_before, version_before = det.metadata.boundary.global_, det.metadata.model_version
     det.infer_threshold(data.images, data.labels, target_fpr, per_class)
@@ -117,12 +117,12 @@ def recalibrate(det: FittedDetector, data: LabeledImages, target_fpr: float, per
 
 
 def recalibration_warning(n: int, target_fpr: float) -> str | None:
-    """``fit``'s small-calibration warning, with the remedy that applies here (more samples)."""
-    message = calibration_warning(n, target_fpr)
-    if message is None:
-        return None
+    """``fit``'s small-calibration warning, with the remedy that applies here (more samples);
+    ``recalibrate`` has refused fewer than ``1 / target_fpr`` samples already."""
     spread = fpr_standard_error(target_fpr, n)
-    wanted = int(np.ceil((1 - target_fpr) / (MAX_RELATIVE_FPR_SPREAD**2 * target_fpr)))
+    if spread <= MAX_RELATIVE_FPR_SPREAD * target_fpr:
+        return None
     return (f"recalibrated on {n} clean samples for a {target_fpr:.2%} target FPR: the FPR realised on new clean "
             f"data will scatter by about +-{spread:.2%} (one standard deviation) around the target; "
-            f"recalibrate on >= {wanted} samples to keep it within a quarter of the target")
+            f"recalibrate on >= {samples_for_quarter_spread(target_fpr)} samples to keep it within a quarter of "
+            "the target")

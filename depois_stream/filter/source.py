@@ -107,6 +107,7 @@ class Source:
                     self._handback.setdefault(tp, self._next[tp])
                 self._next.pop(tp, None)
                 self._first_ts.pop(tp, None)
+                self._stalls.pop(tp, None)
         self.assigned = self.assigned - gone
         self.rebalances += 1
         self._forget_series(gone)
@@ -280,8 +281,6 @@ class Source:
         harmless: the seek is to where it stands."""
         if self._stall_restart_s <= 0:
             return
-        for tp in [tp for tp in self._stalls if tp not in self.assigned]:
-            del self._stalls[tp]
         for tp in sorted(self.assigned):
             at = self._next.get(tp)
             seen = self._stalls.get(tp)
