@@ -23,6 +23,7 @@ from depois_stream.sim.attacks import (
 from training.attacks import (
     ATTACKS,
     HELDOUT2_ATTACKS,
+    HELDOUT3_ATTACKS,
     HELDOUT_ATTACKS,
     SUITES,
     blended_backdoor,
@@ -42,6 +43,7 @@ from training.attacks import (
     transform_injection,
 )
 from training.attacks.heldout2 import elastic_flip, patch_shuffle_injection, warp_backdoor
+from training.attacks.heldout3 import additive_backdoor, blur_flip, faint_patch_backdoor
 from training.downstream import ClassifierConfig
 
 
@@ -87,6 +89,10 @@ NUMPY_ATTACKS = {
     "warp_backdoor": warp_backdoor,
     "elastic_flip": elastic_flip,
     "patch_shuffle_injection": patch_shuffle_injection,
+    # and the third
+    "additive_backdoor": additive_backdoor,
+    "faint_patch_backdoor": faint_patch_backdoor,
+    "blur_flip": blur_flip,
 }
 
 
@@ -158,14 +164,16 @@ def test_runtime_attacks_do_not_import_torch() -> None:
 
 
 def test_registry_names_every_attack_and_one_clean_label() -> None:
-    every = set(ATTACKS) | set(HELDOUT_ATTACKS) | set(HELDOUT2_ATTACKS)
+    every = set(ATTACKS) | set(HELDOUT_ATTACKS) | set(HELDOUT2_ATTACKS) | set(HELDOUT3_ATTACKS)
     assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == every
-    assert len(every) == len(ATTACKS) + len(HELDOUT_ATTACKS) + len(HELDOUT2_ATTACKS)  # the suites are disjoint
+    # the suites are disjoint
+    assert len(every) == len(ATTACKS) + len(HELDOUT_ATTACKS) + len(HELDOUT2_ATTACKS) + len(HELDOUT3_ATTACKS)
     assert [n for n, spec in ATTACKS.items() if spec.clean_label] == ["feature_collision"]
     assert not any(spec.clean_label for spec in HELDOUT_ATTACKS.values())
     assert not any(spec.clean_label for spec in HELDOUT2_ATTACKS.values())
+    assert not any(spec.clean_label for spec in HELDOUT3_ATTACKS.values())
     assert SUITES == {"development": tuple(ATTACKS), "heldout": tuple(HELDOUT_ATTACKS),
-                      "heldout2": tuple(HELDOUT2_ATTACKS)}
+                      "heldout2": tuple(HELDOUT2_ATTACKS), "heldout3": tuple(HELDOUT3_ATTACKS)}
 
 
 def test_hard_flip_moves_to_the_nearest_other_class_mean(digits: Data) -> None:
@@ -287,13 +295,47 @@ def test_patch_shuffle_poisons_every_slot_even_when_the_tiles_are_alike() -> Non
         patch_shuffle_injection(Data(np.zeros((10, 1, 3, 3), np.float32), labels[:10]), 0.5, seed=0)
 
 
+@pytest.mark.parametrize("attack", [additive_backdoor, faint_patch_backdoor])
+def test_faint_backdoors_carry_one_faint_trigger_to_class_1(digits: Data, attack) -> None:
+    s = attack(digits, 0.2, seed=0)
+    assert s.target_label == 1
+    assert np.all(digits.labels[s.is_poison] != 1) and np.all(s.labels[s.is_poison] == 1)
+    x, y = digits.images[s.is_poison], s.images[s.is_poison]
+    delta = y - x
+    assert np.abs(delta).max() <= 0.35 + 1e-6  # faint: never more than the patch's 35 % blend
+    if attack is additive_backdoor:
+        inside = (x > 0.1) & (x < 0.9)  # the +-0.08 pattern cannot clip there
+        sign = np.where(inside, np.sign(delta), np.nan)
+        assert np.allclose(np.abs(delta[inside]), 0.08, atol=1e-6)
+        spread = np.fmax.reduce(sign, axis=0) - np.fmin.reduce(sign, axis=0)
+        assert np.nanmax(spread) == 0  # one pattern on every poison
+    else:
+        side = 2  # a quarter of each side of an 8x8 digit
+        assert np.all(delta[:, :, side:, :] == 0) and np.all(delta[:, :, :, side:] == 0)
+        patch = (y[:, :, :side, :side] - 0.65 * x[:, :, :side, :side]) / 0.35
+        assert np.ptp(patch, axis=0).max() < 1e-5
+
+
+def test_blur_flip_smooths_each_image_and_changes_its_label(digits: Data) -> None:
+    s = blur_flip(digits, 0.3, seed=0)
+    x, y = digits.images[s.is_poison], s.images[s.is_poison]
+    assert np.all(s.labels[s.is_poison] != digits.labels[s.is_poison])
+    assert len(np.unique((s.labels[s.is_poison] - digits.labels[s.is_poison]) % 10)) > 2
+    # a blur keeps the mean brightness (up to the edges) and lowers the local contrast
+    assert np.allclose(y.mean(axis=(1, 2, 3)), x.mean(axis=(1, 2, 3)), atol=0.03)
+    def roughness(z: np.ndarray) -> np.ndarray:
+        return np.abs(np.diff(z, axis=3)).mean(axis=(1, 2, 3))
+    assert np.all(roughness(y) < roughness(x))
+
+
 def test_every_backdoor_names_the_trigger_it_plants_so_its_success_rate_can_be_measured(digits: Data) -> None:
     """The victim's attack success rate stamps test images with ``AttackSpec.trigger``: it must be
     exactly what the attack put on its poisons, and every attack with a target class has one."""
     from training.attacks import ALL_ATTACKS
 
     with_trigger = {name for name, spec in ALL_ATTACKS.items() if spec.trigger is not None}
-    assert with_trigger == {"backdoor", "sig_backdoor", "blended_backdoor", "warp_backdoor"}
+    assert with_trigger == {"backdoor", "sig_backdoor", "blended_backdoor", "warp_backdoor", "additive_backdoor",
+                            "faint_patch_backdoor"}
     for name in sorted(with_trigger):
         spec = ALL_ATTACKS[name]
         s = spec.fn(digits, 0.2, 3)

@@ -37,6 +37,13 @@ from training.attacks.heldout import (
     sig_trigger,
 )
 from training.attacks.heldout2 import elastic_flip, patch_shuffle_injection, warp_backdoor, warp_trigger
+from training.attacks.heldout3 import (
+    additive_backdoor,
+    additive_trigger,
+    blur_flip,
+    faint_patch_backdoor,
+    faint_patch_trigger,
+)
 from training.attacks.injections import (
     blend_flip,
     cutmix_flip,
@@ -107,15 +114,26 @@ HELDOUT2_ATTACKS: dict[str, AttackSpec] = {
     "patch_shuffle_injection": AttackSpec(patch_shuffle_injection, description="a stream image's 4x4 grid of tiles "
                                                                                "permuted, random labels"),
 }
+# The third held-out suite (training/attacks/heldout3.py): faint triggers and a smooth flip, written in
+# stop 34 after the graded-noise negative and before any detector fitted with it was measured.
+HELDOUT3_ATTACKS: dict[str, AttackSpec] = {
+    "additive_backdoor": AttackSpec(additive_backdoor, description="one fixed +-0.08 sign pattern added to other "
+                                                                   "classes, label 1", trigger=additive_trigger),
+    "faint_patch_backdoor": AttackSpec(faint_patch_backdoor, description="one fixed random corner patch blended in "
+                                                                         "at 35 % on other classes, label 1",
+                                       trigger=faint_patch_trigger),
+    "blur_flip": AttackSpec(blur_flip, description="Gaussian blur (1 px on 28x28, 0.5 px on digits) and a uniform "
+                                                   "wrong label"),
+}
 SUITES: dict[str, tuple[str, ...]] = {"development": tuple(ATTACKS), "heldout": tuple(HELDOUT_ATTACKS),
-                                      "heldout2": tuple(HELDOUT2_ATTACKS)}
-ALL_ATTACKS: dict[str, AttackSpec] = {**ATTACKS, **HELDOUT_ATTACKS, **HELDOUT2_ATTACKS}
+                                      "heldout2": tuple(HELDOUT2_ATTACKS), "heldout3": tuple(HELDOUT3_ATTACKS)}
+ALL_ATTACKS: dict[str, AttackSpec] = {**ATTACKS, **HELDOUT_ATTACKS, **HELDOUT2_ATTACKS, **HELDOUT3_ATTACKS}
 
 
 __all__ = [
-    "ALL_ATTACKS", "ATTACKS", "HELDOUT2_ATTACKS", "HELDOUT_ATTACKS", "SUITES", "Attack", "AttackSpec", "Trigger",
-    "CollisionConfig", "GPConfig", "Labeled", "PoisonedStream", "apply_trigger", "backdoor_patch", "blend_flip",
-    "blended_backdoor", "cutmix_flip", "elastic_flip", "feature_collision", "gp_attack", "hard_flip",
+    "ALL_ATTACKS", "ATTACKS", "HELDOUT2_ATTACKS", "HELDOUT3_ATTACKS", "HELDOUT_ATTACKS", "SUITES", "Attack", "AttackSpec", "Trigger",
+    "CollisionConfig", "GPConfig", "Labeled", "PoisonedStream", "additive_backdoor", "apply_trigger", "backdoor_patch", "blend_flip",
+    "blended_backdoor", "blur_flip", "cutmix_flip", "elastic_flip", "faint_patch_backdoor", "feature_collision", "gp_attack", "hard_flip",
     "low_contrast_injection", "mosaic_injection", "noise_injection", "noisy_flip", "ood_injection",
     "patch_shuffle_injection", "random_flip", "resize_area", "shape_injection", "sig_backdoor", "systematic_shift",
     "targeted_flip", "transform_injection", "warp_backdoor",
