@@ -8,7 +8,7 @@ import pytest
 from training.config import FitConfig
 from training.data import LabeledImages
 from training.evidence import MEMBERS
-from training.negatives import NEGATIVE_KINDS, synthetic_negatives
+from training.negatives import NEGATIVE_KINDS, NOISE_SD_RANGE, synthetic_negatives
 from training.union import calibrate_union
 from training.weighting import CANDIDATES, Weighting, choose_weighting
 
@@ -42,6 +42,19 @@ def test_negatives_break_one_property_each_and_are_seeded() -> None:
     assert all(np.array_equal(again[k].images, neg[k].images) and np.array_equal(again[k].labels, neg[k].labels)
                for k in NEGATIVE_KINDS)
     assert not np.array_equal(other["noise"].images, neg["noise"].images)
+
+
+def test_noise_is_graded_from_barely_visible_to_strong() -> None:
+    # mid-grey images, so that no pixel is clipped and each image's noise sd can be read back
+    data = LabeledImages(np.full((300, 1, 28, 28), 0.5, np.float32), np.arange(300, dtype=np.int64) % 3)
+    noisy = synthetic_negatives(data, 3, seed=5)["noise"]
+    sd = (noisy.images - data.images).reshape(300, -1).std(axis=1)
+    low, high = NOISE_SD_RANGE
+    assert sd.min() >= 0.9 * low and sd.max() <= 1.1 * high
+    # log-uniform: about a third of the images in each third of the log range, faint ones included
+    thirds = np.digitize(np.log(sd), np.linspace(np.log(low), np.log(high), 4)[1:-1])
+    assert np.all(np.bincount(thirds, minlength=3) > 60)
+    assert np.mean(sd < 0.05) > 0.25
 
 
 def test_class_mix_partners_come_from_another_class_and_lone_classes_are_left_out() -> None:
