@@ -17,15 +17,25 @@ The rule (pure numpy, deterministic):
    family, and a multiplier for the label family, the pixel family and ``novelty``) calibrates
    the union on the clean out-of-sample calibration scores with one global boundary;
 2. each is scored on the generic synthetic negatives of ``training.negatives`` (label flips,
-   pixel noise, patch shuffles, cross-class mixes of held-out trusted samples, scored out of
-   sample by every member): the mean over the kinds of the share flagged at that boundary. The
-   best candidate is picked on the even-numbered negatives of each kind;
+   graded pixel noise, patch shuffles, cross-class mixes of held-out trusted samples, scored out
+   of sample by every member): the mean over the kinds of the share flagged at that boundary. The
+   best candidate is picked on the even-numbered negatives of each kind, among the candidates
+   that flag no kind less often than the configured split does there (``loses_a_kind``): the
+   search may move budget towards one kind of evidence but never buy it with another;
 3. its gain over the configured split (``FitConfig.critic_weight`` and ``agreement_share``, all
    multipliers 1) is then measured on the odd-numbered ones, which played no part in picking it
    (the best of 72 on the same negatives would look better than it is), and it is kept only if
    that gain exceeds ``STANDARD_ERRORS`` standard errors. The standard error adds the kinds'
    errors instead of their variances: the four kinds come from the same source images, and
    adding the errors is the bound that holds whatever their correlation.
+
+Why no kind may lose (stop 34): the mean over the kinds rewards a trade, and the kinds are not
+equally easy to move. On Fashion-MNIST seed 1 the best mean halved the pixel family's weight: 6
+points more label flips, 2.5 points fewer faintly noisy images (4.9 standard errors), and on the
+held-out suites the blended backdoor fell from 89 to 64 %. The best candidate that lost nothing
+kept the pixel weight and gave up 0.2 points of the mean. The rule cannot know which attack a
+stream will carry, so it takes only gains that cost no kind anything; at worst it keeps the
+configured split.
 
 Why one global boundary: two splits are fairly compared only at the same false-positive rate,
 and a boundary is an honest quantile only when at least ``MIN_FLAGGED`` calibration samples fall
@@ -127,8 +137,8 @@ class WeightChoice:
             "synthetic_detection_configured": {k: round(v, 4) for k, v in self.anchor_rates.items()},
             "synthetic_detection_best": {k: round(v, 4) for k, v in self.best_rates.items()},
             "gain": round(self.gain, 4), "standard_error": round(self.standard_error, 4),
-            "rule": (f"best of the candidates on half the negatives (global boundary), kept iff its gain on the "
-                     f"other half > {STANDARD_ERRORS:g} standard errors"),
+            "rule": (f"best of the candidates that lose no kind of negative, on half the negatives (global "
+                     f"boundary), kept iff its gain on the other half > {STANDARD_ERRORS:g} standard errors"),
             "skipped": self.skipped,
         }
 
@@ -149,6 +159,11 @@ def _standard_error(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float
 
 def _half(flags: dict[str, np.ndarray], parity: int) -> dict[str, np.ndarray]:
     return {k: v[parity::2] for k, v in flags.items() if v[parity::2].size}
+
+
+def loses_a_kind(anchor: dict[str, np.ndarray], candidate: dict[str, np.ndarray]) -> bool:
+    """Whether ``candidate`` flags a smaller share of some kind of negative than ``anchor`` does."""
+    return any(candidate[k].mean() < anchor[k].mean() for k in anchor)
 
 
 def _objective(flags: dict[str, np.ndarray]) -> float:
@@ -180,9 +195,12 @@ def choose_weighting(raw: np.ndarray, labels: np.ndarray, num_classes: int, memb
         return seen[key]
 
     base = flags(anchor)
+    pick_base = _half(base, 0)
     best, best_flags = anchor, base
     for w in candidates:
         f = flags(w)
+        if loses_a_kind(pick_base, _half(f, 0)):
+            continue
         if _objective(_half(f, 0)) > _objective(_half(best_flags, 0)):
             best, best_flags = w, f
     check_base, check_best = _half(base, 1), _half(best_flags, 1)
