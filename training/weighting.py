@@ -34,9 +34,9 @@ equally easy to move. On Fashion-MNIST seed 1 the best mean halved the pixel fam
 points more label flips, 2.5 points fewer faintly noisy images (4.9 standard errors), and on the
 held-out suite the blended backdoor fell to 64 % (90 % with the configured split, three seeds).
 The best candidate that lost nothing kept the pixel weight and gave up 0.2 points of the mean;
-with it that backdoor is at 74 % and the suite's mean rose from 77.7 to 80.4 %. The rule cannot know which attack a
-stream will carry, so it takes only gains that cost no kind anything; at worst it keeps the
-configured split.
+with it that backdoor is at 74 % and the suite's mean rose from 77.7 to 80.4 %. The rule cannot
+know which attack a stream will carry, so it takes only gains that cost no kind anything; at
+worst it keeps the configured split.
 
 Why one global boundary: two splits are fairly compared only at the same false-positive rate,
 and a boundary is an honest quantile only when at least ``MIN_FLAGGED`` calibration samples fall
