@@ -195,12 +195,18 @@ def test_noisy_flip_changes_label_and_pixels(digits: Data) -> None:
     assert np.all(moved > 0.03)
 
 
+def backdoor_poisons(digits: Data, attack, target: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run a dirty-label backdoor, check it took images of other classes to ``target``, and
+    return its poisons' images before and after the trigger."""
+    s = attack(digits, 0.2, seed=0)
+    assert s.target_label == target
+    assert np.all(digits.labels[s.is_poison] != target) and np.all(s.labels[s.is_poison] == target)
+    return digits.images[s.is_poison], s.images[s.is_poison]
+
+
 @pytest.mark.parametrize("attack", [sig_backdoor, blended_backdoor])
 def test_dirty_label_backdoors_carry_one_trigger_to_the_target(digits: Data, attack) -> None:
-    s = attack(digits, 0.2, seed=0)
-    assert s.target_label == 0
-    assert np.all(digits.labels[s.is_poison] != 0) and np.all(s.labels[s.is_poison] == 0)
-    x, y = digits.images[s.is_poison], s.images[s.is_poison]
+    x, y = backdoor_poisons(digits, attack, 0)
     if attack is blended_backdoor:
         trigger = (y - 0.8 * x) / 0.2  # no clipping: a convex mix stays in [0, 1]
     else:
@@ -297,10 +303,7 @@ def test_patch_shuffle_poisons_every_slot_even_when_the_tiles_are_alike() -> Non
 
 @pytest.mark.parametrize("attack", [additive_backdoor, faint_patch_backdoor])
 def test_faint_backdoors_carry_one_faint_trigger_to_class_1(digits: Data, attack) -> None:
-    s = attack(digits, 0.2, seed=0)
-    assert s.target_label == 1
-    assert np.all(digits.labels[s.is_poison] != 1) and np.all(s.labels[s.is_poison] == 1)
-    x, y = digits.images[s.is_poison], s.images[s.is_poison]
+    x, y = backdoor_poisons(digits, attack, 1)
     delta = y - x
     assert np.abs(delta).max() <= 0.35 + 1e-6  # faint: never more than the patch's 35 % blend
     if attack is additive_backdoor:

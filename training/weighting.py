@@ -197,13 +197,12 @@ def choose_weighting(raw: np.ndarray, labels: np.ndarray, num_classes: int, memb
 
     base = flags(anchor)
     pick_base = _half(base, 0)
-    best, best_flags = anchor, base
+    best, best_flags, best_score = anchor, base, _objective(pick_base)
     for w in candidates:
         f = flags(w)
-        if loses_a_kind(pick_base, _half(f, 0)):
-            continue
-        if _objective(_half(f, 0)) > _objective(_half(best_flags, 0)):
-            best, best_flags = w, f
+        pick = _half(f, 0)
+        if not loses_a_kind(pick_base, pick) and _objective(pick) > best_score:
+            best, best_flags, best_score = w, f, _objective(pick)
     check_base, check_best = _half(base, 1), _half(best_flags, 1)
     gain = _objective(check_best) - _objective(check_base)
     se = _standard_error(check_base, check_best) if check_base else 0.0

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from depois_stream.sim.attacks import Labeled, PoisonedStream, _pick, poison_count
+from depois_stream.sim.attacks import Labeled, PoisonedStream
+from training.attacks.heldout import _other_class_slots
 from training.attacks.injections import _inject, _num_classes, _slots
 
 ADDITIVE_AMPLITUDE = 0.08
@@ -63,8 +64,7 @@ def faint_patch_trigger(images: np.ndarray) -> np.ndarray:
 
 
 def _backdoor(data: Labeled, rate: float, seed: int, trigger, name: str) -> PoisonedStream:
-    rng = np.random.default_rng(seed)
-    idx = _pick(rng, np.flatnonzero(data.labels != TARGET), poison_count(len(data.labels), rate), name)
+    idx = _other_class_slots(np.random.default_rng(seed), data, rate, TARGET, name)
     return _inject(data, idx, trigger(data.images[idx]), TARGET, name, target_label=TARGET)
 
 
