@@ -149,6 +149,41 @@ def test_run_called_in_process_refuses_a_bad_model_with_exit_2(tmp_path: Path) -
     assert "missing.onnx" in result.output
 
 
+def test_an_unexpected_error_in_the_loop_exits_3_and_names_it(centroid_model: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug (any exception the filter does not expect) must not look like exit 1, which tells an
+    SRE "check the broker": it stops with its own documented code, one line naming the error and
+    the traceback in the log for the bug report."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from depois_stream.cli import app
+    from depois_stream.filter import app as filter_app
+    from depois_stream.filter.cli import EXIT_CRASH
+    from depois_stream.filter.logs import LIBRARIES
+
+    def broken_run(self: object, stop: object = None) -> object:
+        raise ZeroDivisionError("a bug in the loop")
+
+    monkeypatch.setattr(filter_app.StreamFilter, "run", broken_run)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in LIBRARIES}
+    try:
+        result = CliRunner().invoke(app, ["run", "--model-path", str(centroid_model), "--device", "cpu",
+                                          "--bootstrap-servers", "127.0.0.1:1", "--metrics-port", "0"])
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        for name, lib_level in levels.items():
+            logging.getLogger(name).setLevel(lib_level)
+    assert EXIT_CRASH not in (0, 1, 2)
+    assert result.exit_code == EXIT_CRASH, (result.output, result.exception)
+    assert "ZeroDivisionError: a bug in the loop" in result.output
+    assert "Traceback" in result.output  # logged once, for the bug report
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "depois_stream", *args], capture_output=True,
                           text=True, timeout=60)

@@ -3,7 +3,8 @@
 Exit codes (also in docs/consumer.md and ``--help``): 0 stopped by SIGTERM/SIGINT or
 ``--exit-when-idle-s`` with everything produced committed; 1 outputs could not be produced
 within ``--produce-retries`` (nothing past them committed); 2 start-up refused (configuration,
-model, unreachable broker, missing topic, busy metrics port), with one line saying what to fix.
+model, unreachable broker, missing topic, busy metrics port), with one line saying what to fix;
+3 an unexpected error (a bug), the traceback in the log.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from depois_stream.filter.options import command, parse_pairs
 
 EXIT_DELIVERY = 1  # the broker would not take the output: nothing was committed past it
 EXIT_STARTUP = 2  # configuration, model or start-up problem: fix and restart
+EXIT_CRASH = 3  # an error the filter does not expect (a bug): the traceback is in the log
 
 log = logging.getLogger("depois_stream")
 
@@ -66,7 +68,8 @@ def _run(log_level: str, **settings: Any) -> None:
 
     Exit codes: 0 stopped (everything produced was committed); 1 outputs could not be produced
     within --produce-retries (nothing past them committed; a restart re-reads them); 2 start-up
-    refused: configuration, model, signature, unreachable broker, missing topic or busy port.
+    refused: configuration, model, signature, unreachable broker, missing topic or busy port;
+    3 an unexpected error (a bug: the traceback is in the log; a restart re-reads the rest).
     """
     from depois_stream.filter.app import StartupError, StreamFilter
     from depois_stream.filter.clients import ClientUnavailable
@@ -88,6 +91,8 @@ def _run(log_level: str, **settings: Any) -> None:
         flt = StreamFilter(cfg)
     except (ConfigError, ModelLoadError, ClientUnavailable) as exc:
         raise fail(program, str(exc), EXIT_STARTUP) from None
+    except Exception as exc:  # noqa: BLE001 - a bug: its own exit code, not a misleading 1
+        raise _crashed(program, exc) from None
     log.info("depois-stream filtering %s with client %s, group %s", cfg.ingest_topic,
              flt.client.name, cfg.group_id)
     try:
@@ -96,9 +101,21 @@ def _run(log_level: str, **settings: Any) -> None:
         raise fail(program, str(exc), EXIT_STARTUP) from None
     except DeliveryError as exc:
         raise fail(program, str(exc), EXIT_DELIVERY) from None
+    except Exception as exc:  # noqa: BLE001 - see _crashed
+        raise _crashed(program, exc) from None
     typer.echo(f"consumed={stats.consumed} clean={stats.clean} quarantined={stats.quarantined} "
                f"dead_lettered={stats.dead_lettered} batches={stats.batches} "
                f"breaker_trips={stats.breaker_trips}")
+
+
+def _crashed(program: str, exc: Exception) -> typer.Exit:
+    """An exception the filter does not expect is a bug. Crash-only: no retry around the loop
+    (state after an unknown error is unknown); the clients were already closed on the way out,
+    so what the broker acknowledged is committed and a restart re-reads the rest. Its own exit
+    code keeps it apart from exit 1 ("check the broker"); the traceback goes to the log once."""
+    log.error("unexpected error, stopping (a bug: report it with this traceback)", exc_info=exc)
+    return fail(program, f"unexpected {type(exc).__name__}: {exc} (a bug; the traceback is in the "
+                f"log; a restart re-reads every record that was not acknowledged)", EXIT_CRASH)
 
 
 LOG_LEVEL = inspect.Parameter(
