@@ -187,6 +187,25 @@ def test_compose_file_is_valid_and_wires_the_stack(compose_env: dict[str, str]) 
     assert grafana["/etc/grafana/provisioning"][0] == str(REPO / "deploy/grafana/provisioning")
 
 
+def test_the_breaker_resume_flag_can_be_written_where_the_runbook_says(compose_env: dict[str, str]) -> None:
+    """DepoisCircuitOpen's runbook closes an open breaker by creating `resume` in the consumer's
+    DEPOIS_CONTROL_DIR: each deployment must set that directory on a writable mount, and the
+    runbook must give the command for it."""
+    compose = _tool("docker-compose")
+    result = _run(compose, "-f", "docker-compose.yml", "config", env=compose_env)
+    assert result.returncode == 0, result.stderr
+    consumer = yaml.safe_load(result.stdout)["services"]["depois-consumer"]
+    control = consumer["environment"].get("DEPOIS_CONTROL_DIR")
+    assert control, "the compose consumer sets no DEPOIS_CONTROL_DIR: the breaker cannot be resumed"
+    tmpfs = consumer.get("tmpfs", [])
+    assert any(str(t).split(":")[0] == control for t in ([tmpfs] if isinstance(tmpfs, str) else tmpfs)), \
+        f"{control} must be a tmpfs: the image runs as a non-root user"
+    runbook = (REPO / "docs/operations.md").read_text()
+    section = runbook.split("### DepoisCircuitOpen", 1)[1].split("\n### ", 1)[0]
+    assert f"touch {control}/resume" in section and "docker compose exec" in section
+    assert "kubectl" in section
+
+
 def test_compose_refuses_to_start_grafana_without_an_admin_password(
         compose_env: dict[str, str]) -> None:
     compose = _tool("docker-compose")
