@@ -1,8 +1,12 @@
 # depois-stream developer entry points. Everything runs inside .venv so a fresh machine needs
-# only python3 (>= 3.10); torch is pinned to the CPU wheel (an unpinned torch pulls CUDA builds).
+# only python3 (>= 3.10) with its venv module (Debian/Ubuntu: python3-venv). torch is pinned to
+# 2.13.0, the CPU wheel on the project's package index (an unpinned torch pulls CUDA builds);
+# where the index serves CUDA wheels, `make install TORCH_PIP_ARGS='--index-url
+# https://download.pytorch.org/whl/cpu'` asks for the CPU build.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+TORCH_PIP_ARGS ?=
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: install demo test test-fast bench clean
@@ -12,7 +16,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(BIN)/pip install -q -e '.[train,eval,dev,fast,signing,deploy-check]'
 
 demo: install
@@ -21,7 +25,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-test-fast:
+test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Quix Streams (the peer of benchmarks/bench_peers.py) pins confluent-kafka < 2.13; depois-stream

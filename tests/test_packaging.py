@@ -158,3 +158,18 @@ def test_runtime_image_installs_no_training_extra() -> None:
         "the runtime image must be able to verify signed models"
     assert "fast" in extras.group(1).split(",") and "DEPOIS_CLIENT=confluent-kafka" in runtime, \
         "the runtime image runs the librdkafka client"
+
+
+def _make_prerequisites(target: str) -> list[str]:
+    """The prerequisites of ``target`` in the Makefile (the line ``target: a b``)."""
+    for line in (REPO / "Makefile").read_text().splitlines():
+        if line.startswith(f"{target}:"):
+            return line.split(":", 1)[1].split()
+    raise AssertionError(f"Makefile has no target {target}")
+
+
+def test_every_make_target_that_runs_the_venv_installs_it_first() -> None:
+    """A fresh clone has no .venv: `make test-fast` (or any target that runs $(BIN)/...) must
+    install it, as `make test` and `make demo` do, instead of failing with 'No such file'."""
+    for target in ("demo", "test", "test-fast", "bench"):
+        assert "install" in _make_prerequisites(target), target
