@@ -184,6 +184,13 @@ def test_an_unexpected_error_in_the_loop_exits_3_and_names_it(centroid_model: Pa
     assert "Traceback" in result.output  # logged once, for the bug report
 
 
+def test_a_malformed_kafka_option_is_a_usage_error_not_a_crash() -> None:
+    """`--kafka foo` is the operator's typo: exit 2 naming the option, never exit 3 ("a bug")."""
+    proc = _cli("run", "--model-path", "m.onnx", "--kafka", "foo")
+    assert proc.returncode == 2, proc.stderr
+    assert "--kafka" in proc.stderr and "Traceback" not in proc.stderr and "a bug" not in proc.stderr
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "depois_stream", *args], capture_output=True,
                           text=True, timeout=60)

@@ -86,8 +86,9 @@ def _run(log_level: str, **settings: Any) -> None:
     for name in unknown_env(os.environ):
         log.warning("environment variable %s sets nothing: `depois-stream run --help` lists the "
                     "DEPOIS_* settings", name)
+    kafka = parse_pairs("kafka", settings.get("kafka"))  # a typo here is a usage error (exit 2)
     try:
-        cfg = load_config(**{**settings, "kafka": parse_pairs("kafka", settings.get("kafka"))})
+        cfg = load_config(**{**settings, "kafka": kafka})
         flt = StreamFilter(cfg)
     except (ConfigError, ModelLoadError, ClientUnavailable) as exc:
         raise fail(program, str(exc), EXIT_STARTUP) from None
@@ -110,12 +111,14 @@ def _run(log_level: str, **settings: Any) -> None:
 
 def _crashed(program: str, exc: Exception) -> typer.Exit:
     """An exception the filter does not expect is a bug. Crash-only: no retry around the loop
-    (state after an unknown error is unknown); the clients were already closed on the way out,
-    so what the broker acknowledged is committed and a restart re-reads the rest. Its own exit
-    code keeps it apart from exit 1 ("check the broker"); the traceback goes to the log once."""
+    (state after an unknown error is unknown) and no final commit (the loop's in-order settling
+    did not run): nothing unacknowledged was ever committed, and a restart re-reads everything
+    after the group's last commit, so records are not lost but some may be produced twice. Its
+    own exit code keeps it apart from exit 1 ("check the broker"); the traceback goes to the log
+    once."""
     log.error("unexpected error, stopping (a bug: report it with this traceback)", exc_info=exc)
     return fail(program, f"unexpected {type(exc).__name__}: {exc} (a bug; the traceback is in the "
-                f"log; a restart re-reads every record that was not acknowledged)", EXIT_CRASH)
+                f"log; a restart re-reads every record after the last commit)", EXIT_CRASH)
 
 
 LOG_LEVEL = inspect.Parameter(
