@@ -183,7 +183,7 @@ TAIL = """
         exp_alerts:
           - exp_labels: {severity: page, job: depois-consumer, instance: "a:9108"}
             exp_annotations:
-              summary: "depois consumer a:9108 owns partitions with a backlog but committed nothing for at least 10 minutes"
+              summary: "depois consumer a:9108 owns partitions with a backlog and has committed nothing for 10 minutes (5 if it never committed since it started)"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisconsumerstalled
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=22
 
