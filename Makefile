@@ -15,9 +15,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
+# pip runs when the stamp is missing or older than pyproject.toml, so `make test` and `make
+# test-fast` on an installed checkout neither wait for pip nor need the package index
+# (`rm $(VENV)/.installed` forces a reinstall, e.g. with other TORCH_PIP_ARGS).
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(BIN)/pip install -q -e '.[train,eval,dev,fast,signing,deploy-check]'
+	touch $@
+
+install: $(VENV)/.installed
 
 demo: install
 	$(BIN)/python -m depois_stream.sim.demo
