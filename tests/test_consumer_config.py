@@ -5,6 +5,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -122,29 +124,36 @@ def test_unreadable_config_file(tmp_path: Path) -> None:
         load_config(config_file=tmp_path / "c.ini")
 
 
-def test_run_called_in_process_refuses_a_bad_model_with_exit_2(tmp_path: Path) -> None:
-    """`run` through typer's test runner (or a notebook), where stderr is not a file: the crash
-    handler must not turn the documented exit 2 into an unrelated error before start-up."""
+@contextmanager
+def logging_set_up_kept() -> Iterator[None]:
+    """`run` called in process points the root logger at the runner's stderr, which is closed
+    afterwards: later tests' background Kafka threads would log into it. Put the set-up back."""
     import logging
 
-    from typer.testing import CliRunner
-
-    from depois_stream.cli import app
     from depois_stream.filter.logs import LIBRARIES
 
-    # `run` points the root logger at the runner's stderr, which is closed afterwards: later
-    # tests' background Kafka threads would log into it. Put the logging set-up back.
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     levels = {name: logging.getLogger(name).level for name in LIBRARIES}
     try:
-        result = CliRunner().invoke(app, ["run", "--model-path", str(tmp_path / "missing.onnx"),
-                                          "--bootstrap-servers", "127.0.0.1:1"])
+        yield
     finally:
         root.handlers[:] = handlers
         root.setLevel(level)
         for name, lib_level in levels.items():
             logging.getLogger(name).setLevel(lib_level)
+
+
+def test_run_called_in_process_refuses_a_bad_model_with_exit_2(tmp_path: Path) -> None:
+    """`run` through typer's test runner (or a notebook), where stderr is not a file: the crash
+    handler must not turn the documented exit 2 into an unrelated error before start-up."""
+    from typer.testing import CliRunner
+
+    from depois_stream.cli import app
+
+    with logging_set_up_kept():
+        result = CliRunner().invoke(app, ["run", "--model-path", str(tmp_path / "missing.onnx"),
+                                          "--bootstrap-servers", "127.0.0.1:1"])
     assert result.exit_code == 2, (result.output, result.exception)
     assert "missing.onnx" in result.output
 
@@ -154,30 +163,19 @@ def test_an_unexpected_error_in_the_loop_exits_3_and_names_it(centroid_model: Pa
     """A bug (any exception the filter does not expect) must not look like exit 1, which tells an
     SRE "check the broker": it stops with its own documented code, one line naming the error and
     the traceback in the log for the bug report."""
-    import logging
-
     from typer.testing import CliRunner
 
     from depois_stream.cli import app
     from depois_stream.filter import app as filter_app
     from depois_stream.filter.cli import EXIT_CRASH
-    from depois_stream.filter.logs import LIBRARIES
 
     def broken_run(self: object, stop: object = None) -> object:
         raise ZeroDivisionError("a bug in the loop")
 
     monkeypatch.setattr(filter_app.StreamFilter, "run", broken_run)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {name: logging.getLogger(name).level for name in LIBRARIES}
-    try:
+    with logging_set_up_kept():
         result = CliRunner().invoke(app, ["run", "--model-path", str(centroid_model), "--device", "cpu",
                                           "--bootstrap-servers", "127.0.0.1:1", "--metrics-port", "0"])
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for name, lib_level in levels.items():
-            logging.getLogger(name).setLevel(lib_level)
     assert EXIT_CRASH not in (0, 1, 2)
     assert result.exit_code == EXIT_CRASH, (result.output, result.exception)
     assert "ZeroDivisionError: a bug in the loop" in result.output
