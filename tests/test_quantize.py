@@ -168,6 +168,7 @@ def untrained_detector(images: np.ndarray, labels: np.ndarray, target_fpr: float
     from training.detector import (
         FittedDetector, build_metadata, build_references, raw_member_scores, weights_sha256,
     )
+    from training.downstream import make_classifier
     from training.evidence import neighbours
     from training.models import Authenticator, Critic
     from training.union import calibrate_union
@@ -175,6 +176,7 @@ def untrained_detector(images: np.ndarray, labels: np.ndarray, target_fpr: float
     torch.manual_seed(0)
     shape, k = tuple(images.shape[1:]), 10
     auth, critic = Authenticator(shape, k).eval(), Critic(shape, k).eval()
+    mlp = make_classifier(int(np.prod(shape)), k, 256).eval()
     cfg = FitConfig(dataset="digits", device="cpu", target_fpr=target_fpr)
     cpu = torch.device("cpu")
     half = len(labels) // 2
@@ -183,11 +185,11 @@ def untrained_detector(images: np.ndarray, labels: np.ndarray, target_fpr: float
     nk = neighbours(plan.min_class_count(k))
     refs = build_references(auth, plan.shipped_training_data(), k, nk, cfg.seed, cpu)
     cal = plan.calibration
-    raw = raw_member_scores(auth, critic, refs, cal.images, cal.labels, cpu)
+    raw = raw_member_scores(auth, critic, refs, cal.images, cal.labels, cpu, mlp)
     union = calibrate_union(raw, cal.labels, k, cfg.members, cfg.target_fpr, cfg.per_class)
-    meta = build_metadata(cfg, union, shape, k, weights_sha256(auth, critic))
+    meta = build_metadata(cfg, union, shape, k, weights_sha256(auth, critic, mlp))
     return FittedDetector(auth, critic, meta, cfg, plan, raw, cal.labels, cal.subset(np.arange(10)),
-                          report={"acceptance_rate": 1.0}, device="cpu")
+                          report={"acceptance_rate": 1.0}, device="cpu", mlp=mlp)
 
 
 @pytest.mark.slow

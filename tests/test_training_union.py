@@ -491,7 +491,7 @@ def test_agreement_reference_is_out_of_sample_and_cross_validated_fpr_counts_it(
 
 def test_agreements_cover_each_family_with_two_or_more_members_and_are_validated() -> None:
     cfg = FitConfig()
-    assert cfg.agreements(cfg.members) == (("label_agreement", ("margin", "knn", "mahalanobis")),
+    assert cfg.agreements(cfg.members) == (("label_agreement", ("margin", "knn", "mahalanobis", "mlp_margin")),
                                            ("pixel_agreement", ("density", "pixel_knn", "pixel_mahalanobis")))
     assert cfg.agreements(("critic", "margin", "density", "pixel_knn")) == (
         ("pixel_agreement", ("density", "pixel_knn")),)

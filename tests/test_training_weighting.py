@@ -7,7 +7,7 @@ import pytest
 
 from training.config import FitConfig
 from training.data import LabeledImages
-from training.evidence import MEMBERS
+from training.evidence import AGREEMENT_ONLY_WEIGHT, MEMBERS
 from training.negatives import NEGATIVE_KINDS, NOISE_SD_RANGE, synthetic_negatives
 from training.union import calibrate_union
 from training.weighting import CANDIDATES, Weighting, choose_weighting
@@ -76,7 +76,8 @@ def test_configured_weighting_is_the_rule_the_config_always_had() -> None:
     assert rel["critic"] == pytest.approx(0.1) and rel["novelty"] == 1.0
     for m in ("margin", "knn", "mahalanobis", "density", "pixel_knn", "pixel_mahalanobis"):
         assert rel[m] == pytest.approx(0.5)
-    assert rel["label_agreement"] == rel["pixel_agreement"] == pytest.approx(1.5)
+    assert rel["mlp_margin"] == pytest.approx(AGREEMENT_ONLY_WEIGHT)  # agreement-only: a token share
+    assert rel["label_agreement"] == rel["pixel_agreement"] == pytest.approx(1.5)  # it does not count in the family
     assert cfg.weighting() == Weighting(0.1, 0.5) and cfg.weighting() in CANDIDATES
     # multipliers scale a family's members and its agreement alike
     doubled = Weighting(0.1, 0.5, label=2.0).relative(cfg.agreements(MEMBERS))

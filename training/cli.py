@@ -250,6 +250,8 @@ def _summary(det, out: Path) -> None:
         table.add_row("pixel_knn gate", str(r["pixel_knn_gate"]))
     table.add_row("authenticator acceptance rate", f"{r['acceptance_rate']:.1%}")
     table.add_row("authenticator accuracy (out of fold)", f"{r['authenticator_out_of_fold_accuracy']:.1%}")
+    if r.get("mlp_out_of_fold_accuracy") is not None:
+        table.add_row("mlp_margin's MLP accuracy (out of fold)", f"{r['mlp_out_of_fold_accuracy']:.1%}")
     cv = r.get("cv_fpr") or []
     cv_text = f"{sum(cv) / len(cv):.2%} (folds {min(cv):.2%} to {max(cv):.2%})" if cv else "n/a"
     table.add_row("target FPR / out-of-sample FPR", f"{meta.target_fpr:.2%} / {cv_text}")

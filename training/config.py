@@ -29,6 +29,7 @@ class Steps(BaseModel):
     auth_steps: int = Field(ge=1)
     gan_steps: int = Field(ge=1)
     critic_steps: int = Field(ge=1)
+    mlp_steps: int = Field(1500, ge=1)  # the mlp_margin member's pixel MLP (batch 128, as the trusted-clf baseline)
 
 
 DEFAULT_STEPS: dict[str, Steps] = {
@@ -37,7 +38,7 @@ DEFAULT_STEPS: dict[str, Steps] = {
     "mnist-5k": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
     "fashion-mnist": Steps(auth_steps=1500, gan_steps=3000, critic_steps=1500),
 }
-QUICK_STEPS = Steps(auth_steps=300, gan_steps=300, critic_steps=150)
+QUICK_STEPS = Steps(auth_steps=300, gan_steps=300, critic_steps=150, mlp_steps=200)
 
 
 def _cli(flag: str) -> dict[str, str]:
@@ -118,6 +119,8 @@ class FitConfig(BaseModel):
     gan_steps: int | None = Field(None, ge=1, description="cGAN steps (default: per data set).")
     critic_steps: int | None = Field(None, ge=1, description="WGAN-GP generator steps, 5 critic steps each "
                                                              "(default: per data set).")
+    mlp_steps: int | None = Field(None, ge=1, description="Steps of the mlp_margin member's pixel MLP, batch 128 "
+                                                          "(default: 1500, the trusted-clf baseline's).")
     batch_size: int = Field(64, ge=2, description="Minibatch size of all stages.")
     auth_threshold: float = Field(0.9, ge=0.0, le=1.0, description="Keep a synthetic sample iff "
                                                                     "p_auth(label|x) >= this.")
@@ -189,4 +192,5 @@ class FitConfig(BaseModel):
             auth_steps=self.auth_steps or default.auth_steps,
             gan_steps=self.gan_steps or default.gan_steps,
             critic_steps=self.critic_steps or default.critic_steps,
+            mlp_steps=self.mlp_steps or default.mlp_steps,
         )

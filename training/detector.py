@@ -17,17 +17,27 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from depois_stream.contract import SCHEMA_VERSION, Boundary, ModelMetadata, utc_now_iso
 from training.config import FitConfig
 from training.conformal import member_weights
 from training.crossfit import CROSSFIT_FOLDS as CV_FOLDS, CalibrationPlan
 from training.data import LabeledImages
-from training.evidence import MEMBERS, References, families_within, member_scores, neighbours
+from training.downstream import make_classifier
+from training.evidence import (
+    MEMBERS,
+    References,
+    families_within,
+    lone_agreement_only_as_plain,
+    member_scores,
+    neighbours,
+)
 from training.models import Authenticator, Critic
 from training.torchutil import batched, resolve_device
 from training.union import UnionCalibration, calibrate_union, column_names
@@ -41,10 +51,11 @@ STATE_FILE = "detector.json"
 MAX_PARITY_SAMPLES = 4096
 
 
-def weights_sha256(authenticator: Authenticator, critic: Critic) -> str:
-    """Digest of the two networks' parameters (stable across save/load, unlike file bytes)."""
+def weights_sha256(authenticator: Authenticator, critic: Critic, mlp: nn.Module | None = None) -> str:
+    """Digest of the networks' parameters (stable across save/load, unlike file bytes); a detector
+    without the mlp_margin member hashes as before that member existed."""
     h = hashlib.sha256()
-    for module in (authenticator, critic):
+    for module in (authenticator, critic, *([mlp] if mlp is not None else [])):
         for name, tensor in sorted(module.state_dict().items()):
             h.update(name.encode())
             h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
@@ -53,9 +64,12 @@ def weights_sha256(authenticator: Authenticator, critic: Critic) -> str:
 
 @torch.no_grad()
 def network_outputs(authenticator: Authenticator, critic: Critic | None, images: np.ndarray, labels: np.ndarray,
-                    device: torch.device, batch: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(critic score [N], logits [N, K], embedding [N, D]) in float32, in chunks."""
-    crit, logits, emb = [], [], []
+                    device: torch.device, batch: int = 2048, mlp: nn.Module | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(critic score [N], logits [N, K], embedding [N, D], MLP logits [N, K] or None) in float32,
+    in chunks. The MLP runs on the CPU, where it was trained: it is a few matrix products."""
+    crit, logits, emb, mlp_logits = [], [], [], []
+    k, d = authenticator.head[4].out_features, authenticator.head[4].in_features
     for i in range(0, len(labels), batch):
         x = torch.from_numpy(np.ascontiguousarray(images[i : i + batch])).to(device)
         y = torch.from_numpy(np.ascontiguousarray(labels[i : i + batch])).to(device)
@@ -63,24 +77,28 @@ def network_outputs(authenticator: Authenticator, critic: Critic | None, images:
         logits.append(z.float().cpu().numpy())
         emb.append(e.float().cpu().numpy())
         crit.append(critic(x, y).float().cpu().numpy() if critic is not None else np.zeros(len(y), np.float32))
+        if mlp is not None:
+            mlp_logits.append(mlp(x.cpu()).float().numpy())
     if not labels.size:
-        return np.zeros(0, np.float32), np.zeros((0, authenticator.head[4].out_features), np.float32), \
-            np.zeros((0, authenticator.head[4].in_features), np.float32)
-    return np.concatenate(crit), np.concatenate(logits), np.concatenate(emb)
+        return (np.zeros(0, np.float32), np.zeros((0, k), np.float32), np.zeros((0, d), np.float32),
+                np.zeros((0, k), np.float32) if mlp is not None else None)
+    return (np.concatenate(crit), np.concatenate(logits), np.concatenate(emb),
+            np.concatenate(mlp_logits) if mlp is not None else None)
 
 
 def build_references(authenticator: Authenticator, data: LabeledImages, num_classes: int, k: int, seed: int,
                      device: torch.device) -> References:
     """kNN / Mahalanobis / novelty references of one model, from the trusted data it trained on."""
-    _, _, emb = network_outputs(authenticator, None, data.images, data.labels, device)
+    _, _, emb, _ = network_outputs(authenticator, None, data.images, data.labels, device)
     return References.fit(data.images, data.labels, emb, num_classes, k, seed)
 
 
 def raw_member_scores(authenticator: Authenticator, critic: Critic | None, refs: References, images: np.ndarray,
-                      labels: np.ndarray, device: torch.device) -> np.ndarray:
-    """[N, len(MEMBERS)] raw member scores (critic column 0 when ``critic`` is None)."""
-    crit, logits, emb = network_outputs(authenticator, critic, images, labels, device)
-    return member_scores(crit, logits, emb, images, labels, refs)
+                      labels: np.ndarray, device: torch.device, mlp: nn.Module | None = None) -> np.ndarray:
+    """[N, len(MEMBERS)] raw member scores (critic column 0 when ``critic`` is None, mlp_margin
+    column 0 when ``mlp`` is None)."""
+    crit, logits, emb, mlp_logits = network_outputs(authenticator, critic, images, labels, device, mlp=mlp)
+    return member_scores(crit, logits, emb, images, labels, refs, mlp_logits)
 
 
 def member_columns(members: tuple[str, ...]) -> list[int]:
@@ -104,10 +122,12 @@ class FittedDetector:
         report: dict | None = None,
         device: str = "cpu",
         recalibration: LabeledImages | None = None,
+        mlp: nn.Module | None = None,
     ):
         self.device = resolve_device(device)
         self.authenticator = authenticator.to(self.device).eval()
         self.critic = critic.to(self.device).eval()
+        self.mlp = mlp.cpu().eval() if mlp is not None else None  # the mlp_margin member's network (CPU)
         self.metadata = metadata
         self.config = config
         self.plan = plan
@@ -117,6 +137,8 @@ class FittedDetector:
         self.synthetic_preview = synthetic_preview
         self.report = report or {}
         self.recalibration = recalibration  # the samples of the last infer_threshold (at most MAX_PARITY_SAMPLES)
+        if "mlp_margin" in self.members and self.mlp is None:
+            raise ValueError("the detector's union has an mlp_margin member but no MLP was given")
         self.k = neighbours(plan.min_class_count(metadata.num_classes))
         self.references = build_references(self.authenticator, plan.shipped_training_data(), metadata.num_classes,
                                            self.k, config.seed, self.device)
@@ -179,6 +201,8 @@ class FittedDetector:
                 for m in parts:
                     relative[m] = full.get(m, 1.0) + full.get(name, 1.0) / len(parts)
             agreements = ()
+        else:
+            relative = lone_agreement_only_as_plain(relative, members, agreements)
         return calibrate_union(self.calibration_raw[:, cols], self.calibration_labels, self.metadata.num_classes,
                                members, target_fpr, per_class, folds, self.config.paper_k,
                                member_weights(column_names(members, agreements), relative), agreements)
@@ -187,7 +211,8 @@ class FittedDetector:
 
     def raw_evidence(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """[N, len(MEMBERS)] raw scores of every member (higher = more trustworthy)."""
-        return raw_member_scores(self.authenticator, self.critic, self.references, images, labels, self.device)
+        return raw_member_scores(self.authenticator, self.critic, self.references, images, labels, self.device,
+                                 self.mlp)
 
     def critic_score(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Raw mimic-model output (the paper's score)."""
@@ -255,6 +280,7 @@ class FittedDetector:
         tensors: dict[str, object] = {
             "authenticator": self.authenticator.state_dict(),
             "critic": self.critic.state_dict(),
+            **({"mlp": self.mlp.state_dict()} if self.mlp is not None else {}),
             "pool_images": torch.from_numpy(self.plan.pool.images),
             "pool_labels": torch.from_numpy(self.plan.pool.labels),
             "folds": torch.from_numpy(self.plan.folds),
@@ -290,6 +316,11 @@ class FittedDetector:
         authenticator, critic = Authenticator(shape, k), Critic(shape, k)
         authenticator.load_state_dict(tensors["authenticator"])
         critic.load_state_dict(tensors["critic"])
+        mlp = None
+        if "mlp" in tensors:  # detectors saved before the mlp_margin member (or fitted without it) have none
+            mlp_state = tensors["mlp"]
+            mlp = make_classifier(math.prod(shape), k, int(mlp_state["1.weight"].shape[0]))
+            mlp.load_state_dict(mlp_state)
         plan = CalibrationPlan(state["plan"], LabeledImages(tensors["pool_images"].numpy(),
                                                             tensors["pool_labels"].numpy()),
                                tensors["folds"].numpy())
@@ -301,7 +332,7 @@ class FittedDetector:
             tensors["calibration_raw"].numpy(), tensors["calibration_labels"].numpy(),
             LabeledImages(tensors["synthetic_preview_images"].numpy(), tensors["synthetic_preview_labels"].numpy()),
             calibration_log_p=log_p.numpy() if log_p is not None else None,
-            report=state["report"], device=device, recalibration=recal,
+            report=state["report"], device=device, recalibration=recal, mlp=mlp,
         )
         if det.union.boundary != metadata.boundary:
             raise ValueError(f"{out}: the boundary rebuilt from the stored calibration scores differs from the "

@@ -144,6 +144,13 @@ def _distance_ratio(dist: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     return torch.log((dist + mask).min(dim=1).values) - torch.log(same)
 
 
+def _logit_margin(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """``training.evidence.logit_margin``: z_y - max_{y' != y} z_y' from [N, K] logits."""
+    own = torch.gather(logits, 1, label[:, None])[:, 0]
+    mask = torch.nn.functional.one_hot(label, logits.shape[1]).to(logits.dtype) * 1e9
+    return own - (logits - mask).max(dim=1).values
+
+
 class ScoringGraph(nn.Module):
     """Everything between (image, label) and (score, poisoned, p_value, evidence), as torch ops.
 
@@ -157,6 +164,9 @@ class ScoringGraph(nn.Module):
         self.authenticator = copy.deepcopy(det.authenticator).cpu().eval()
         self.critic = copy.deepcopy(det.critic).cpu().eval()
         self.members = tuple(union.members)
+        if "mlp_margin" in self.members and det.mlp is None:
+            raise ValueError("the union has an mlp_margin member but the detector has no MLP")
+        self.mlp = copy.deepcopy(det.mlp).cpu().eval() if "mlp_margin" in self.members else None
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         kk, m, d = refs.knn.reference.shape
         self.knn_shape, self.knn_k = (kk, m), refs.knn.k
@@ -240,9 +250,9 @@ class ScoringGraph(nn.Module):
             if name == "critic":
                 columns.append(self.critic(image, label))
             elif name == "margin":
-                own = torch.gather(logits, 1, label[:, None])[:, 0]
-                mask = torch.nn.functional.one_hot(label, logits.shape[1]).to(logits.dtype) * 1e9
-                columns.append(own - (logits - mask).max(dim=1).values)
+                columns.append(_logit_margin(logits, label))
+            elif name == "mlp_margin":
+                columns.append(_logit_margin(self.mlp(image), label))
             elif name == "knn":
                 columns.append(_distance_ratio(_mean_k_nearest(self._knn_d2(e), self.knn_k), label))
             elif name == "mahalanobis":

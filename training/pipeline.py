@@ -3,8 +3,9 @@
 Stages (each with its own derived seed, so the run is deterministic on CPU under ``cfg.seed``):
 
 1. trusted pool -> calibration plan (holdout or k-fold cross-fit, ``training/crossfit.py``);
-2. one authenticator per fold, each scoring its held-out fold: out-of-sample margin, kNN,
-   Mahalanobis and novelty scores for every calibration sample; the model of the first fold is
+2. one authenticator (and one pixel MLP, the ``mlp_margin`` member) per fold, each scoring its
+   held-out fold: out-of-sample margin, kNN, Mahalanobis, pixel and MLP-margin scores for every
+   calibration sample; the model of the first fold is
    the one shipped (the holdout's only model, or fold model 0). The other folds train in a
    background process (``training/folds.py``, ``--fold-workers``) while stage 3 runs here (with
    ``--fold-workers 0``, here after stage 3: the numbers are the same either way);
@@ -141,13 +142,15 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     lap("load")
 
     seed = cfg.seed * 1000
+    mlp_steps = steps.mlp_steps if "mlp_margin" in cfg.members else 0
     tasks = {f: FoldTask(f, *plan.fold_split(f), num_classes, steps.auth_steps, cfg.batch_size, seed + 100 + f, k,
-                         cfg.seed, cfg.weight_search) for f in plan.fold_ids}
+                         cfg.seed, cfg.weight_search, mlp_steps) for f in plan.fold_ids}
     others = [task for f, task in tasks.items() if f != plan.shipped_fold]
     # The folds whose model is not shipped train in the background (training/folds.py) while this
     # process trains the shipped fold, the cGAN and the mimic model: same numbers, less wall time.
     with background_folds(others, cfg.fold_workers, cfg.threads, device) as pending:
-        shipped, auth_losses, first = train_fold(tasks[plan.shipped_fold], device, progress)
+        networks, first = train_fold(tasks[plan.shipped_fold], device, progress)
+        shipped, auth_losses = networks.authenticator, networks.losses
         lap("authenticator")
         model_data = plan.shipped_training_data()
 
@@ -203,7 +206,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     union = calibrate_union(cal_raw[:, cols], cal.labels, num_classes, members,
                             cfg.target_fpr, cfg.per_class, plan.cv_folds(cfg.seed), cfg.paper_k,
                             split.vector(members, agreements), agreements)
-    sha = weights_sha256(shipped, mimic.critic)
+    sha = weights_sha256(shipped, mimic.critic, networks.mlp)
     metadata = build_metadata(cfg, union, splits.shape, num_classes, sha)
     lap("calibration")
 
@@ -225,6 +228,8 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "gate_fallback": gate_fallback,
         "authenticator_out_of_fold_accuracy": gate.authenticator_accuracy,
         "authenticator_fold_accuracy": fold_accuracy,
+        "mlp_out_of_fold_accuracy": (float(np.mean(cal_raw[:, MEMBERS.index("mlp_margin")] > 0))
+                                     if networks.mlp is not None else None),
         "pixel_knn_gate": gate.describe(applied=cfg.gate_pixel_knn) if "pixel_knn" in cfg.members else "pixel_knn not requested",
         "cv_fpr": union.cv_fpr,
         "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
@@ -237,7 +242,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     }
     det = FittedDetector(shipped, mimic.critic, metadata, cfg, plan, cal_raw, cal.labels,
                          _preview(synth.accepted, num_classes), calibration_log_p=cal_log_p, report=report,
-                         device=str(device))
+                         device=str(device), mlp=networks.mlp)
     det.report["plan"]["pca_dims"] = int(det.references.novelty.components.shape[0])
     return det
 

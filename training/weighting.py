@@ -61,7 +61,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from training.conformal import member_weights
-from training.evidence import FAMILIES
+from training.evidence import AGREEMENT_ONLY, AGREEMENT_ONLY_WEIGHT, FAMILIES
 from training.union import MIN_FLAGGED, AgreementSpec, UnionCalibration, calibrate_union, column_names, is_order_statistic
 
 STANDARD_ERRORS = 2.0
@@ -73,7 +73,9 @@ FAMILY_MULTIPLIER = {"label_agreement": "label", "pixel_agreement": "pixel"}
 class Weighting:
     """One split of the budget, as relative weights before ``scale_weights``: the critic
     ``critic``; in a family with an agreement column each member ``1 - agreement_share`` and the
-    agreement ``agreement_share`` times the family's size (the family keeps its members' budget);
+    agreement ``agreement_share`` times the family's size (the family keeps its members' budget),
+    except the agreement-only members (``training.evidence.AGREEMENT_ONLY``), which get a token
+    weight and do not count in the family's size;
     then the label family (members and agreement) times ``label``, the pixel family times
     ``pixel``, ``novelty`` times ``novelty``; any other member 1."""
 
@@ -86,8 +88,10 @@ class Weighting:
     def relative(self, agreements: AgreementSpec) -> dict[str, float]:
         weights = {"critic": self.critic, "novelty": self.novelty}
         for name, parts in agreements:
-            weights.update({m: 1.0 - self.agreement_share for m in parts})
-            weights[name] = self.agreement_share * len(parts)
+            own = [m for m in parts if m not in AGREEMENT_ONLY]
+            weights.update({m: 1.0 - self.agreement_share for m in own})
+            weights.update({m: AGREEMENT_ONLY_WEIGHT for m in parts if m in AGREEMENT_ONLY})
+            weights[name] = self.agreement_share * len(own)
         for family, parts in FAMILIES.items():
             scale = getattr(self, FAMILY_MULTIPLIER[family])
             for column in (*parts, family):
