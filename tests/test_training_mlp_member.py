@@ -25,6 +25,16 @@ from training.union import calibrate_union, column_names
 from training.weighting import Weighting
 
 TINY = {"auth_steps": 20, "gan_steps": 20, "critic_steps": 5, "n_synthetic": 100, "mlp_steps": 30}
+
+
+def test_the_mlp_member_joins_only_where_the_calibration_set_reads_the_boundary_off_order_statistics() -> None:
+    cfg = FitConfig()  # 1 % target: 1,000 calibration samples put 10 below the quantile
+    assert not cfg.mlp_margin_joins(252) and not cfg.mlp_margin_joins(999)
+    assert cfg.mlp_margin_joins(1000) and cfg.mlp_margin_joins(2400)
+    assert FitConfig(target_fpr=0.05).mlp_margin_joins(252)
+    assert not FitConfig(members="critic,margin").mlp_margin_joins(2400)
+    with pytest.raises(ValueError, match="only mlp_margin"):
+        fit(FitConfig.quick(members="mlp_margin", **TINY), progress=False)
 MLP = MEMBERS.index("mlp_margin")
 
 
@@ -107,19 +117,24 @@ def test_the_mlp_adds_its_evidence_to_the_family_and_does_not_fire_alone() -> No
 
 @pytest.mark.slow
 def test_with_and_without_the_mlp_member_fit_save_load_and_export(tmp_path: Path) -> None:
-    """With the member (the default): the shipped MLP is saved, reloaded and baked into the ONNX
-    graph, whose mlp_margin evidence matches the numpy path. Without it (``--members`` leaving it
-    out, like a detector saved before the member existed): no MLP anywhere, and the rest works."""
-    for members, has in ((None, True), (",".join(m for m in MEMBERS if m != "mlp_margin"), False)):
-        extra = {"members": members} if members else {}
+    """With the member (the default where the calibration set is large enough): the shipped MLP is
+    saved, reloaded and baked into the ONNX graph, whose mlp_margin evidence matches the numpy
+    path. Without it (``--members`` leaving it out, like a detector saved before the member
+    existed, or a pool too small for it): no MLP anywhere, and the rest works."""
+    without = ",".join(m for m in MEMBERS if m != "mlp_margin")
+    # 252 trusted digits: 12 calibration samples below a 5 % quantile, the MLP joins; 2.5 below 1 %, it does not
+    for extra, has in (({"target_fpr": 0.05}, True), ({"target_fpr": 0.05, "members": without}, False),
+                       ({}, False)):
         det = fit(FitConfig.quick(seed=2, **TINY, **extra), progress=False)
         assert (det.mlp is not None) == has and ("mlp_margin" in det.union.columns) == has
-        out = det.save(tmp_path / f"det-{has}")
+        assert det.report["mlp_margin"].startswith(("mlp_margin joins" if has else "mlp_margin not requested")
+                                                   if has or "members" in extra else "mlp_margin left out")
+        out = det.save(tmp_path / f"det-{len(extra)}")
         back = FittedDetector.load(out)
         assert (back.mlp is not None) == has and back.metadata.model_version == det.metadata.model_version
         cal = det.calibration
         np.testing.assert_array_equal(back.score(cal.images, cal.labels), det.score(cal.images, cal.labels))
-        model = tmp_path / f"model-{has}.onnx"
+        model = tmp_path / f"model-{len(extra)}.onnx"
         export_onnx(back, model)
         session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
         meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)

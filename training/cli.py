@@ -248,6 +248,8 @@ def _summary(det, out: Path) -> None:
         f"{m} ({w:.2g})" for m, w in zip(meta.evidence_members, meta.member_weights())))
     if r.get("pixel_knn_gate"):
         table.add_row("pixel_knn gate", str(r["pixel_knn_gate"]))
+    if r.get("mlp_margin"):
+        table.add_row("mlp_margin", str(r["mlp_margin"]))
     table.add_row("authenticator acceptance rate", f"{r['acceptance_rate']:.1%}")
     table.add_row("authenticator accuracy (out of fold)", f"{r['authenticator_out_of_fold_accuracy']:.1%}")
     if r.get("mlp_out_of_fold_accuracy") is not None:

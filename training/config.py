@@ -168,6 +168,18 @@ class FitConfig(BaseModel):
             return tuple(m for m in self.members if m != "pixel_knn")
         return self.members
 
+    def mlp_margin_joins(self, calibration_samples: int) -> bool:
+        """Whether the ``mlp_margin`` member is trained and joins the union: when listed in
+        ``members`` and the calibration set puts at least ten samples below the target quantile
+        (``training.union.is_order_statistic``: 1,000 at 1 %, where the budget search can compare
+        splits at an equal false-positive rate). On smaller pools (the 252 trusted digits, 227
+        per fold to train a pixel MLP on) it was measured to cost: digits seed 2 lost 1.6 to 1.8
+        points on three suites and its realised FPR rose from 1.4 to 2.0 %, seeds 0 and 1 moved
+        by -1.6 to +0.2 (docs/evaluation.md, stop 36)."""
+        from training.union import is_order_statistic
+
+        return "mlp_margin" in self.members and is_order_statistic(calibration_samples, self.target_fpr)
+
     def agreements(self, members: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """The agreement columns of a union of ``members``: each family (``FAMILIES``) with two
         or more of them; none when ``agreement_share`` is 0."""

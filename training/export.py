@@ -439,6 +439,8 @@ def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> Mod
         notes.append(_weighting_note(report["weighting"]))
     if report.get("pixel_knn_gate"):
         notes.append(str(report["pixel_knn_gate"]))
+    if report.get("mlp_margin"):
+        notes.append(str(report["mlp_margin"]))
     if plan.get("warning"):
         notes.append(f"warning: {plan['warning']}")
     return ModelCard(

@@ -109,6 +109,18 @@ def _negatives(folds: list[FoldScores], critic: torch.nn.Module, device: torch.d
     return out
 
 
+def mlp_margin_note(cfg: FitConfig, n_cal: int, joined: bool) -> str:
+    """The fit summary's and the card's line on the ``mlp_margin`` member (``FitConfig.mlp_margin_joins``)."""
+    if "mlp_margin" not in cfg.members:
+        return "mlp_margin not requested (--members)"
+    if joined:
+        return (f"mlp_margin joins the label agreement: {n_cal} calibration samples, enough for a "
+                f"{cfg.target_fpr:.2%} boundary read off order statistics")
+    return (f"mlp_margin left out: {n_cal} calibration samples put {n_cal * cfg.target_fpr:.1f} below the "
+            f"{cfg.target_fpr:.2%} quantile (< 10); on pools this small the pixel MLP's margin was measured to "
+            "cost detection (docs/method.md)")
+
+
 def fit(cfg: FitConfig, progress: bool = True) -> FittedDetector:
     with intra_op_threads(cfg.threads):
         return _fit(cfg, progress)
@@ -142,7 +154,11 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     lap("load")
 
     seed = cfg.seed * 1000
-    mlp_steps = steps.mlp_steps if "mlp_margin" in cfg.members else 0
+    mlp_joins = cfg.mlp_margin_joins(n_cal)
+    if cfg.members == ("mlp_margin",) and not mlp_joins:
+        raise ValueError(f"--members lists only mlp_margin, which joins only with >= 10 / target-fpr calibration "
+                         f"samples ({n_cal} here); add other members or use a larger trusted pool")
+    mlp_steps = steps.mlp_steps if mlp_joins else 0
     tasks = {f: FoldTask(f, *plan.fold_split(f), num_classes, steps.auth_steps, cfg.batch_size, seed + 100 + f, k,
                          cfg.seed, cfg.weight_search, mlp_steps) for f in plan.fold_ids}
     others = [task for f, task in tasks.items() if f != plan.shipped_fold]
@@ -194,7 +210,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     raw[cal_mask, 0] = batched(mimic.critic, cal.images, cal.labels, device)
     cal_raw, cal_log_p = raw[cal_mask], log_p[cal_mask]
     gate = AccuracyGate.measure(cal_raw[:, MEMBERS.index("pixel_knn")], cal_raw[:, MEMBERS.index("margin")])
-    members = cfg.gated_members(gate.passes)
+    members = tuple(m for m in cfg.gated_members(gate.passes) if m != "mlp_margin" or mlp_joins)
     agreements = cfg.agreements(members)
     cols = member_columns(members)
     split, weighting = cfg.weighting(), configured_split(cfg.weighting())
@@ -231,6 +247,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         "mlp_out_of_fold_accuracy": (float(np.mean(cal_raw[:, MEMBERS.index("mlp_margin")] > 0))
                                      if networks.mlp is not None else None),
         "pixel_knn_gate": gate.describe(applied=cfg.gate_pixel_knn) if "pixel_knn" in cfg.members else "pixel_knn not requested",
+        "mlp_margin": mlp_margin_note(cfg, n_cal, mlp_joins),
         "cv_fpr": union.cv_fpr,
         "cv_fpr_mean": float(np.mean(union.cv_fpr)) if union.cv_fpr else None,
         "per_class_fallback": union.fell_back,
