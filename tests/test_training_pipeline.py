@@ -261,7 +261,8 @@ def test_a_detector_saved_before_member_weights_still_loads_as_plain_min_p(digit
     np.testing.assert_array_equal(old.union.weight_vector, np.ones(len(old.members)))
     assert old.union.agreements == () and old.union.columns == old.members
     test = load_dataset("digits").test
-    lp = old.union.member_log_p(old.raw_evidence(test.images, test.labels), test.labels)
+    raw = old.raw_evidence(test.images, test.labels)[:, member_columns(old.members)]  # every MEMBERS column -> its members'
+    lp = old.union.member_log_p(raw, test.labels)
     np.testing.assert_allclose(old.score(test.images, test.labels), union_log_p(lp).astype(np.float32))
 
 

@@ -51,8 +51,8 @@ Members (``MEMBERS``, the column order of the ``evidence`` output):
   of its own traded cases (the blended backdoor fell 13 points as the budget moved); as a fourth
   part of the label agreement it raised every suite's mean but one, which fell 0.2 points.
 
-Each member is then standardised per claimed class (critic, margin, knn, mahalanobis; novelty
-is label-free and standardised globally), so that a class whose clean samples are naturally
+Each member is then standardised per claimed class (the label-conditioned ones; novelty and
+density are label-free and standardised globally), so that a class whose clean samples are naturally
 spread out does not own the low tail of the pooled reference.
 """
 

@@ -3,9 +3,9 @@
 Stages (each with its own derived seed, so the run is deterministic on CPU under ``cfg.seed``):
 
 1. trusted pool -> calibration plan (holdout or k-fold cross-fit, ``training/crossfit.py``);
-2. one authenticator (and one pixel MLP, the ``mlp_margin`` member) per fold, each scoring its
-   held-out fold: out-of-sample margin, kNN, Mahalanobis, pixel and MLP-margin scores for every
-   calibration sample; the model of the first fold is
+2. one authenticator (and, where ``FitConfig.mlp_margin_joins``, one pixel MLP: the
+   ``mlp_margin`` member) per fold, each scoring its held-out fold: out-of-sample margin, kNN,
+   Mahalanobis, pixel and MLP-margin scores for every calibration sample; the model of the first fold is
    the one shipped (the holdout's only model, or fold model 0). The other folds train in a
    background process (``training/folds.py``, ``--fold-workers``) while stage 3 runs here (with
    ``--fold-workers 0``, here after stage 3: the numbers are the same either way);
