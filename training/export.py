@@ -164,8 +164,6 @@ class ScoringGraph(nn.Module):
         self.authenticator = copy.deepcopy(det.authenticator).cpu().eval()
         self.critic = copy.deepcopy(det.critic).cpu().eval()
         self.members = tuple(union.members)
-        if "mlp_margin" in self.members and det.mlp is None:
-            raise ValueError("the union has an mlp_margin member but the detector has no MLP")
         self.mlp = copy.deepcopy(det.mlp).cpu().eval() if "mlp_margin" in self.members else None
         f32 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
         kk, m, d = refs.knn.reference.shape

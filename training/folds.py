@@ -47,7 +47,6 @@ from training.torchutil import batched, intra_op_threads
 
 NEGATIVES_SEED = 5000  # offset from the fold's training seed (seed + 100 + fold): its synthetic negatives' seed
 MLP_SEED = 7000  # offset from the fold's training seed: the mlp_margin member's MLP
-MLP_HIDDEN = 256  # the trusted-clf baseline's width (training.downstream.ClassifierConfig)
 
 
 @dataclass(frozen=True)
@@ -86,11 +85,11 @@ def train_member_mlp(data: LabeledImages, num_classes: int, steps: int, seed: in
     (``training.downstream``), with its optimiser settings, on the same data as the fold's
     authenticator, on the CPU (a few seconds; on one thread, as the baseline is trained).
 
-    Its hidden layers are no wider than its input (``MLP_HIDDEN`` units, or as many as the image
+    Its hidden layers are no wider than its input (the baseline's width, or as many as the image
     has pixels): on 8x8 digits the baseline's 256 units cost the ONNX graph 12 % more per sample
     (17.8 vs 15.9 us at batch 512, interleaved) for capacity that ~230 training images cannot
     use; on 28x28 images the layers are the baseline's."""
-    hidden = min(MLP_HIDDEN, int(np.prod(data.images.shape[1:])))
+    hidden = min(ClassifierConfig().hidden, int(np.prod(data.images.shape[1:])))
     return train_classifier(data.images, data.labels, num_classes, seed, ClassifierConfig(hidden=hidden, steps=steps))
 
 
