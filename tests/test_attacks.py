@@ -24,6 +24,7 @@ from training.attacks import (
     ATTACKS,
     HELDOUT2_ATTACKS,
     HELDOUT3_ATTACKS,
+    HELDOUT4_ATTACKS,
     HELDOUT_ATTACKS,
     SUITES,
     blended_backdoor,
@@ -44,6 +45,16 @@ from training.attacks import (
 )
 from training.attacks.heldout2 import elastic_flip, patch_shuffle_injection, warp_backdoor
 from training.attacks.heldout3 import additive_backdoor, blur_flip, faint_patch_backdoor
+from training.attacks.heldout4 import (
+    cutout_flip,
+    label_consistent_backdoor,
+    nudged_flip,
+    plus_trigger,
+    shift,
+    shifted_flip,
+    sparse_pixels,
+    sparse_trigger_backdoor,
+)
 from training.downstream import ClassifierConfig
 
 
@@ -93,6 +104,12 @@ NUMPY_ATTACKS = {
     "additive_backdoor": additive_backdoor,
     "faint_patch_backdoor": faint_patch_backdoor,
     "blur_flip": blur_flip,
+    # and the fourth
+    "label_consistent_backdoor": label_consistent_backdoor,
+    "nudged_flip": nudged_flip,
+    "shifted_flip": shifted_flip,
+    "sparse_trigger_backdoor": sparse_trigger_backdoor,
+    "cutout_flip": cutout_flip,
 }
 
 
@@ -164,16 +181,20 @@ def test_runtime_attacks_do_not_import_torch() -> None:
 
 
 def test_registry_names_every_attack_and_one_clean_label() -> None:
-    every = set(ATTACKS) | set(HELDOUT_ATTACKS) | set(HELDOUT2_ATTACKS) | set(HELDOUT3_ATTACKS)
+    held_out = (HELDOUT_ATTACKS, HELDOUT2_ATTACKS, HELDOUT3_ATTACKS, HELDOUT4_ATTACKS)
+    every = set(ATTACKS).union(*held_out)
     assert set(NUMPY_ATTACKS) | {"gp", "feature_collision"} == every
     # the suites are disjoint
-    assert len(every) == len(ATTACKS) + len(HELDOUT_ATTACKS) + len(HELDOUT2_ATTACKS) + len(HELDOUT3_ATTACKS)
+    assert len(every) == len(ATTACKS) + sum(len(suite) for suite in held_out)
     assert [n for n, spec in ATTACKS.items() if spec.clean_label] == ["feature_collision"]
     assert not any(spec.clean_label for spec in HELDOUT_ATTACKS.values())
     assert not any(spec.clean_label for spec in HELDOUT2_ATTACKS.values())
     assert not any(spec.clean_label for spec in HELDOUT3_ATTACKS.values())
+    # the label-consistent backdoor keeps its labels but plants a visible trigger: it counts as a case
+    assert not any(spec.clean_label for spec in HELDOUT4_ATTACKS.values())
     assert SUITES == {"development": tuple(ATTACKS), "heldout": tuple(HELDOUT_ATTACKS),
-                      "heldout2": tuple(HELDOUT2_ATTACKS), "heldout3": tuple(HELDOUT3_ATTACKS)}
+                      "heldout2": tuple(HELDOUT2_ATTACKS), "heldout3": tuple(HELDOUT3_ATTACKS),
+                      "heldout4": tuple(HELDOUT4_ATTACKS)}
 
 
 def test_hard_flip_moves_to_the_nearest_other_class_mean(digits: Data) -> None:
@@ -331,6 +352,75 @@ def test_blur_flip_smooths_each_image_and_changes_its_label(digits: Data) -> Non
     assert np.all(roughness(y) < roughness(x))
 
 
+def test_label_consistent_backdoor_keeps_every_label_and_triggers_images_of_its_class(digits: Data) -> None:
+    s = label_consistent_backdoor(digits, 0.3, seed=0)
+    np.testing.assert_array_equal(s.labels[~s.is_poison], digits.labels[~s.is_poison])
+    # no label is wrong: every poison is an image of class 2 (below) labelled 2
+    assert s.target_label == 2 and np.all(s.labels[s.is_poison] == 2)
+    triggered = plus_trigger(digits.images[digits.labels == 2]).reshape(-1, 64)
+    for img in s.images[s.is_poison].reshape(-1, 64):  # each poison is a triggered image of class 2
+        assert np.any(np.all(triggered == img, axis=1))
+    # the "+" (3 px on 8x8) sits in the bottom-left corner and nowhere else
+    stamp = plus_trigger(np.zeros((1, 1, 8, 8), np.float32))[0, 0]
+    assert stamp.sum() == 5 and stamp[4:7, 1:4].sum() == 5
+    assert s.is_poison.sum() > np.sum(digits.labels == 2)  # at 0.3 most poisons are triggered copies
+
+
+def test_nudged_flip_moves_each_pixel_towards_the_claimed_class_mean(digits: Data) -> None:
+    s = nudged_flip(digits, 0.3, seed=0)
+    idx = np.flatnonzero(s.is_poison)
+    assert np.all(s.labels[idx] != digits.labels[idx])
+    assert len(np.unique((s.labels[idx] - digits.labels[idx]) % 10)) > 2
+    means = np.stack([digits.images[digits.labels == c].mean(axis=0) for c in range(10)])
+    x, y = digits.images[idx], s.images[idx]
+    towards = np.sign(means[s.labels[idx]] - x)
+    delta = y - x
+    assert np.abs(delta).max() <= 0.1 + 1e-6 and np.all(delta * towards >= -1e-7)
+    inside = (x > 0.1) & (x < 0.9) & (towards != 0)  # no clipping there: the full 0.1 step
+    assert np.allclose(np.abs(delta[inside]), 0.1, atol=1e-6)
+
+
+def test_shifted_flip_translates_each_image_by_one_pixel_on_digits(digits: Data) -> None:
+    s = shifted_flip(digits, 0.3, seed=0)
+    idx = np.flatnonzero(s.is_poison)
+    assert np.all(s.labels[idx] != digits.labels[idx])
+    ways = set()
+    for i in idx:
+        hits = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)
+                and np.array_equal(shift(digits.images[i : i + 1], dy, dx)[0], s.images[i])]
+        assert hits
+        ways.update(hits)
+    assert len(ways) == 8
+    np.testing.assert_array_equal(shift(np.ones((1, 1, 4, 4), np.float32), 1, -1)[0, 0],
+                                  [[0, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [1, 1, 1, 0]])
+
+
+def test_sparse_trigger_backdoor_sets_one_fixed_scattered_pixel_set(digits: Data) -> None:
+    x, y = backdoor_poisons(digits, sparse_trigger_backdoor, 3)
+    where = sparse_pixels((1, 8, 8))
+    assert where.size == 3 and len(np.unique(where // 8)) > 1  # scattered, not one row
+    flat_x, flat_y = x.reshape(len(x), -1), y.reshape(len(y), -1)
+    assert np.all(flat_y[:, where] == 1.0)
+    rest = np.setdiff1d(np.arange(64), where)
+    np.testing.assert_array_equal(flat_y[:, rest], flat_x[:, rest])
+    assert sparse_pixels((1, 28, 28)).size == 16
+
+
+def test_cutout_flip_erases_one_rectangle_and_changes_the_label(digits: Data) -> None:
+    s = cutout_flip(digits, 0.3, seed=0)
+    idx = np.flatnonzero(s.is_poison)
+    assert np.all(s.labels[idx] != digits.labels[idx])
+    for i in idx:
+        x, y = digits.images[i, 0], s.images[i, 0]
+        moved = x != y
+        assert np.all(y[moved] == 0.0)
+        if moved.any():  # the erased part lies inside one rectangle of at most ~45 % of 8x8 (rounding)
+            rows, cols = np.flatnonzero(moved.any(axis=1)), np.flatnonzero(moved.any(axis=0))
+            assert (np.ptp(rows) + 1) * (np.ptp(cols) + 1) <= 0.5 * 64
+    erased = np.mean([np.mean(s.images[i, 0] != digits.images[i, 0]) for i in idx])
+    assert erased > 0.05  # digits are mostly ink in the middle: most rectangles erase some of it
+
+
 def test_every_backdoor_names_the_trigger_it_plants_so_its_success_rate_can_be_measured(digits: Data) -> None:
     """The victim's attack success rate stamps test images with ``AttackSpec.trigger``: it must be
     exactly what the attack put on its poisons, and every attack with a target class has one."""
@@ -338,12 +428,15 @@ def test_every_backdoor_names_the_trigger_it_plants_so_its_success_rate_can_be_m
 
     with_trigger = {name for name, spec in ALL_ATTACKS.items() if spec.trigger is not None}
     assert with_trigger == {"backdoor", "sig_backdoor", "blended_backdoor", "warp_backdoor", "additive_backdoor",
-                            "faint_patch_backdoor"}
+                            "faint_patch_backdoor", "label_consistent_backdoor", "sparse_trigger_backdoor"}
     for name in sorted(with_trigger):
         spec = ALL_ATTACKS[name]
         s = spec.fn(digits, 0.2, 3)
         assert s.target_label is not None and np.all(s.labels[s.is_poison] == s.target_label)
-        np.testing.assert_array_equal(s.images[s.is_poison], spec.trigger(digits.images[s.is_poison]))
+        if name == "label_consistent_backdoor":  # its poisons are other images of the target class
+            np.testing.assert_array_equal(spec.trigger(s.images[s.is_poison]), s.images[s.is_poison])
+        else:
+            np.testing.assert_array_equal(s.images[s.is_poison], spec.trigger(digits.images[s.is_poison]))
         assert not np.array_equal(spec.trigger(digits.images[:5]), digits.images[:5])
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 
 from training.attacks import (
-    ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT3_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig, Trigger,
+    ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT3_ATTACKS, HELDOUT4_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig, Trigger,
 )
 from training.baselines import Baseline, all_detectors
 from training.config import FitConfig
@@ -259,7 +259,8 @@ def evaluate(
              + ". heldout (written after the design; informed one later change, docs/evaluation.md): "
              + ", ".join(HELDOUT_ATTACKS) + ". heldout2 (written after heldout informed a change; the unseen check): "
              + ", ".join(HELDOUT2_ATTACKS) + ". heldout3 (faint triggers, written after the graded-noise negative "
-             "and before it was measured): " + ", ".join(HELDOUT3_ATTACKS) + ".")] = "development",
+             "and before it was measured): " + ", ".join(HELDOUT3_ATTACKS) + ". heldout4 (written after every design "
+             "choice of the shipped union, read once): " + ", ".join(HELDOUT4_ATTACKS) + ".")] = "development",
     rates: Annotated[str, typer.Option(help="Comma-separated poison rates (share of the stream).")] = "0.1,0.2,0.3",
     out: Annotated[Path, typer.Option(help="Folder for evaluation.json, evaluation.md and the PNGs.")] = Path("runs/evaluate"),
     seeds: Annotated[str, typer.Option(
