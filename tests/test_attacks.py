@@ -49,10 +49,13 @@ from training.attacks.heldout4 import (
     cutout_flip,
     label_consistent_backdoor,
     nudged_flip,
+    plus_side,
     plus_trigger,
     shift,
+    shift_pixels,
     shifted_flip,
     sparse_pixels,
+    sparse_trigger,
     sparse_trigger_backdoor,
 )
 from training.downstream import ClassifierConfig
@@ -363,7 +366,35 @@ def test_label_consistent_backdoor_keeps_every_label_and_triggers_images_of_its_
     # the "+" (3 px on 8x8) sits in the bottom-left corner and nowhere else
     stamp = plus_trigger(np.zeros((1, 1, 8, 8), np.float32))[0, 0]
     assert stamp.sum() == 5 and stamp[4:7, 1:4].sum() == 5
-    assert s.is_poison.sum() > np.sum(digits.labels == 2)  # at 0.3 most poisons are triggered copies
+    # slots are drawn uniformly: a slot of class 2 keeps its own image, the others (most) get copies
+    own = s.is_poison & (digits.labels == 2)
+    assert own.any() and np.mean(digits.labels[s.is_poison] != 2) > 0.5
+    np.testing.assert_array_equal(s.images[own], plus_trigger(digits.images[own]))
+
+
+def test_label_consistent_backdoor_needs_its_class_only_when_it_poisons(digits: Data) -> None:
+    no_twos = Data(digits.images[digits.labels != 2], digits.labels[digits.labels != 2])
+    with pytest.raises(ValueError, match="no sample of target class 2"):
+        label_consistent_backdoor(no_twos, 0.1, seed=0)
+    assert not label_consistent_backdoor(no_twos, 0.0, seed=0).is_poison.any()
+
+
+def test_heldout4_sizes_on_28x28_and_on_colour_images() -> None:
+    from training.augment import max_shift
+
+    # the shift is the authenticator's own augmentation size, so the image stays on its manifold
+    assert [shift_pixels(h) for h in (8, 28)] == [max_shift(h) for h in (8, 28)] == [1, 2]
+    rgb = np.zeros((2, 3, 28, 28), np.float32)
+    stamp = plus_trigger(rgb)
+    assert plus_side(28) == 5 and np.all(stamp.sum(axis=(2, 3)) == 9)  # a 5 px "+" in every channel
+    assert np.all(stamp[:, :, 22:27, 1:6].sum(axis=(2, 3)) == 9)
+    sparse = sparse_trigger(rgb)
+    assert np.all(sparse.sum(axis=(2, 3)) == 16)  # 2 % of 784 pixels, in every channel
+    np.testing.assert_array_equal(sparse[:, 0], sparse[:, 2])
+    with pytest.raises(ValueError, match="at least 5x5"):
+        plus_trigger(np.zeros((1, 1, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="leaves nothing"):
+        shift(np.zeros((1, 1, 4, 4), np.float32), 4, 0)
 
 
 def test_nudged_flip_moves_each_pixel_towards_the_claimed_class_mean(digits: Data) -> None:

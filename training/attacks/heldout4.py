@@ -5,19 +5,24 @@ detector does on attacks it was never shaped on. ``depois-train evaluate --attac
 Why another suite: each earlier held-out suite stopped being unseen once a change was chosen after
 reading it (docs/evaluation.md). These families ask questions none of the others asks:
 
-* ``label_consistent_backdoor``: Turner et al. 2019's label-consistent (clean-label) backdoor:
+* ``label_consistent_backdoor``: Turner et al. 2019's label-consistent (clean-label) backdoor in
+  its plain stamped form (without their adversarial or GAN perturbation of the base images):
   images *of the target class*, label kept correct, carry a small full-contrast "+" trigger in
   the bottom-left corner. No label is wrong, so the label members have nothing to see; only the
-  pixels can give it away. Slots already of the target class keep their own image; the others get
-  a stream image of the target class (drawn with replacement: at rates above that class's share
-  most poisons are triggered copies, as an attacker who wants the rate would send them).
+  pixels can give it away. Slots are drawn uniformly; a slot already of the target class keeps its
+  own image, every other slot gets a stream image of the target class (drawn with replacement), so
+  at any rate about (1 - that class's share) of the poisons are triggered copies of stream images,
+  duplicates but for the "+", as an attacker who wants the rate would send them.
 * ``nudged_flip``: a uniform wrong label whose image is nudged towards the claimed class: every
-  pixel moves by ``NUDGE`` (0.1 of the range) towards the claimed class's mean image over the
-  stream (what an attacker can compute): a flip made to look more like its label to a pixel
-  detector, at the price of a visible texture.
+  pixel moves by ``NUDGE`` (0.1 of the range) in the direction of the claimed class's mean image
+  over the stream (what an attacker can compute; a pixel closer than 0.1 to that mean steps past
+  it): a flip made to look more like its label to a pixel detector, at the price of a visible
+  texture.
 * ``shifted_flip``: the image translated by ``shift_pixels`` (1 px on 8x8 digits, 2 px on 28x28)
   in one of eight directions, the vacated border filled with 0 (the background), and a uniform
-  wrong label. The authenticator is trained with such shifts, so the image stays on its manifold.
+  wrong label. The authenticator is trained with random shifts up to the same size
+  (``training.augment.max_shift``; a test keeps the two equal without importing torch here), so
+  the image stays on its manifold.
 * ``sparse_trigger_backdoor``: one fixed random set of pixels (2 % of them, at least 3) set to
   full intensity on images of other classes, relabelled ``SPARSE_TARGET``: a scattered trigger,
   not a patch.
@@ -50,9 +55,12 @@ def plus_side(height: int) -> int:
 
 
 def plus_trigger(images: np.ndarray) -> np.ndarray:
-    """Stamp the full-contrast "+" in the bottom-left corner, one pixel from the edges."""
-    c, h, w = images.shape[1:]
+    """Stamp the full-contrast "+" in the bottom-left corner, one pixel from the edges (every
+    channel); images must be at least ``plus_side + 2`` pixels on each side."""
+    h, w = images.shape[2:]
     s = plus_side(min(h, w))
+    if min(h, w) < s + 2:
+        raise ValueError(f"the \"+\" trigger needs images of at least {s + 2}x{s + 2} pixels, got {h}x{w}")
     top, left, mid = h - 1 - s, 1, s // 2
     out = np.array(images, dtype=np.float32, copy=True)
     out[:, :, top + mid, left : left + s] = 1.0
@@ -97,8 +105,11 @@ def shift_pixels(height: int) -> int:
 
 
 def shift(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """Translate [N, C, H, W] images by (dy, dx) pixels, the vacated border set to 0."""
+    """Translate [N, C, H, W] images by (dy, dx) pixels (|dy| < H, |dx| < W), the vacated border
+    set to 0."""
     h, w = images.shape[2:]
+    if abs(dy) >= h or abs(dx) >= w:
+        raise ValueError(f"a shift of ({dy}, {dx}) leaves nothing of a {h}x{w} image")
     out = np.zeros_like(images)
     out[:, :, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = \
         images[:, :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)]
