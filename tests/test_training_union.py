@@ -276,6 +276,9 @@ def test_pixel_knn_gate_keeps_a_member_as_accurate_as_the_authenticator_and_drop
     # opt-in since the held-out suite: by default pixel_knn stays whatever its accuracy
     assert FitConfig().gated_members(False) == FitConfig().members
     assert FitConfig(members="pixel_knn", gate_pixel_knn=True).gated_members(False) == ("pixel_knn",)  # never empty
+    # mlp_margin leaves the union where it does not join (FitConfig.mlp_margin_joins), and only it
+    assert FitConfig().gated_members(True, False) == tuple(m for m in FitConfig().members if m != "mlp_margin")
+    assert "mlp_margin" in FitConfig().gated_members(True, True)
 
 
 def test_standardiser_pools_small_classes_and_label_free_members() -> None:

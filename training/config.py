@@ -162,11 +162,13 @@ class FitConfig(BaseModel):
         base = {**QUICK_STEPS.model_dump(), "n_synthetic": 1000, "device": "cpu"}
         return cls(**{**base, **overrides})
 
-    def gated_members(self, pixel_knn_passes: bool) -> tuple[str, ...]:
-        """``members`` after the pixel_knn gate (``training.evidence.AccuracyGate``)."""
-        if self.gate_pixel_knn and not pixel_knn_passes and len(self.members) > 1:
-            return tuple(m for m in self.members if m != "pixel_knn")
-        return self.members
+    def gated_members(self, pixel_knn_passes: bool, mlp_margin_joins: bool = True) -> tuple[str, ...]:
+        """``members`` after the pixel_knn gate (``training.evidence.AccuracyGate``) and without
+        ``mlp_margin`` where it does not join (``mlp_margin_joins``)."""
+        members = self.members
+        if self.gate_pixel_knn and not pixel_knn_passes and len(members) > 1:
+            members = tuple(m for m in members if m != "pixel_knn")
+        return tuple(m for m in members if m != "mlp_margin" or mlp_margin_joins)
 
     def mlp_margin_joins(self, calibration_samples: int) -> bool:
         """Whether the ``mlp_margin`` member is trained and joins the union: when listed in

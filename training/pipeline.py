@@ -47,7 +47,7 @@ from training.folds import FoldScores, FoldTask, background_folds, train_fold
 from training.mimic import train_mimic
 from training.negatives import NEGATIVE_KINDS
 from training.torchutil import batched, intra_op_threads, resolve_device
-from training.union import calibrate_union
+from training.union import MIN_FLAGGED, calibrate_union
 from training.weighting import CANDIDATES, Negatives, choose_weighting, configured_split
 
 __all__ = ["CalibrationWarning", "FitConfig", "Steps", "fit"]
@@ -117,7 +117,7 @@ def mlp_margin_note(cfg: FitConfig, n_cal: int, joined: bool) -> str:
         return (f"mlp_margin joins the label agreement: {n_cal} calibration samples, enough for a "
                 f"{cfg.target_fpr:.2%} boundary read off order statistics")
     return (f"mlp_margin left out: {n_cal} calibration samples put {n_cal * cfg.target_fpr:.1f} below the "
-            f"{cfg.target_fpr:.2%} quantile (< 10); on pools this small the pixel MLP's margin was measured to "
+            f"{cfg.target_fpr:.2%} quantile (< {MIN_FLAGGED}); on pools this small the pixel MLP's margin was measured to "
             "cost detection (docs/method.md)")
 
 
@@ -210,7 +210,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
     raw[cal_mask, 0] = batched(mimic.critic, cal.images, cal.labels, device)
     cal_raw, cal_log_p = raw[cal_mask], log_p[cal_mask]
     gate = AccuracyGate.measure(cal_raw[:, MEMBERS.index("pixel_knn")], cal_raw[:, MEMBERS.index("margin")])
-    members = tuple(m for m in cfg.gated_members(gate.passes) if m != "mlp_margin" or mlp_joins)
+    members = cfg.gated_members(gate.passes, mlp_joins)
     agreements = cfg.agreements(members)
     cols = member_columns(members)
     split, weighting = cfg.weighting(), configured_split(cfg.weighting())

@@ -75,13 +75,18 @@ def _pick(rng: np.random.Generator, candidates: np.ndarray, n: int, attack: str)
     return np.sort(rng.choice(candidates, size=n, replace=False))
 
 
+def wrong_labels(rng: np.random.Generator, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """A uniformly drawn *other* class for each label (one draw of ``rng`` per label)."""
+    return (labels + rng.integers(1, num_classes, size=labels.size)) % num_classes
+
+
 def random_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
     """Each poisoned sample gets a label drawn uniformly from the *other* classes."""
     k = _num_classes(data, num_classes)
     rng = np.random.default_rng(seed)
     idx = _pick(rng, np.arange(len(data.labels)), poison_count(len(data.labels), rate), "random_flip")
     labels = data.labels.copy()
-    labels[idx] = (labels[idx] + rng.integers(1, k, size=idx.size)) % k
+    labels[idx] = wrong_labels(rng, labels[idx], k)
     return PoisonedStream.from_slots(data, idx, "random_flip", labels=labels)
 
 

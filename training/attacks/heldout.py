@@ -26,9 +26,11 @@ same stream for the same seed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from depois_stream.sim.attacks import Labeled, PoisonedStream, _pick, poison_count
+from depois_stream.sim.attacks import Labeled, PoisonedStream, _pick, poison_count, wrong_labels
 from training.attacks.injections import _inject, _num_classes, _partners, _slots
 
 BACKDOOR_TARGET = 0
@@ -61,7 +63,7 @@ def noisy_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None
     rng = np.random.default_rng(seed)
     idx = _slots(rng, len(data.labels), rate)
     fresh = data.images[idx] + rng.normal(0.0, NOISE_SIGMA, data.images[idx].shape)
-    return _inject(data, idx, fresh, (data.labels[idx] + rng.integers(1, k, idx.size)) % k, "noisy_flip")
+    return _inject(data, idx, fresh, wrong_labels(rng, data.labels[idx], k), "noisy_flip")
 
 
 def sig_trigger(images: np.ndarray) -> np.ndarray:
@@ -79,16 +81,20 @@ def blended_trigger(images: np.ndarray) -> np.ndarray:
     return np.clip((1.0 - BLEND_ALPHA) * images + BLEND_ALPHA * pattern[None], 0.0, 1.0).astype(np.float32)
 
 
+def dirty_label_backdoor(data: Labeled, rate: float, seed: int, trigger: Callable[[np.ndarray], np.ndarray],
+                         target: int, attack: str) -> PoisonedStream:
+    """The dirty-label backdoor every suite's trigger attacks share: ``trigger`` on images of other
+    classes (``_other_class_slots``), relabelled ``target``."""
+    idx = _other_class_slots(np.random.default_rng(seed), data, rate, target, attack)
+    return _inject(data, idx, trigger(data.images[idx]), target, attack, target_label=target)
+
+
 def sig_backdoor(data: Labeled, rate: float, seed: int, *, target: int = BACKDOOR_TARGET) -> PoisonedStream:
-    rng = np.random.default_rng(seed)
-    idx = _other_class_slots(rng, data, rate, target, "sig_backdoor")
-    return _inject(data, idx, sig_trigger(data.images[idx]), target, "sig_backdoor", target_label=target)
+    return dirty_label_backdoor(data, rate, seed, sig_trigger, target, "sig_backdoor")
 
 
 def blended_backdoor(data: Labeled, rate: float, seed: int, *, target: int = BACKDOOR_TARGET) -> PoisonedStream:
-    rng = np.random.default_rng(seed)
-    idx = _other_class_slots(rng, data, rate, target, "blended_backdoor")
-    return _inject(data, idx, blended_trigger(data.images[idx]), target, "blended_backdoor", target_label=target)
+    return dirty_label_backdoor(data, rate, seed, blended_trigger, target, "blended_backdoor")
 
 
 def low_contrast_injection(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from depois_stream.sim.attacks import Labeled, PoisonedStream, _pick, poison_count
+from depois_stream.sim.attacks import Labeled, PoisonedStream, _pick, poison_count, wrong_labels
 from training.attacks.injections import _inject, _num_classes, _slots, _smooth
 
 WARP_GRID = 4
@@ -108,7 +108,7 @@ def elastic_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | No
     peak = np.abs(field).max(axis=(1, 2, 3), keepdims=True)
     field *= elastic_strength(h) / np.maximum(peak, 1e-12)
     fresh = warp(data.images[idx], field[:, 0], field[:, 1])
-    return _inject(data, idx, fresh, (data.labels[idx] + rng.integers(1, k, idx.size)) % k, "elastic_flip")
+    return _inject(data, idx, fresh, wrong_labels(rng, data.labels[idx], k), "elastic_flip")
 
 
 def patch_shuffle_injection(data: Labeled, rate: float, seed: int, *,
@@ -133,5 +133,5 @@ def patch_shuffle_injection(data: Labeled, rate: float, seed: int, *,
                 break
     labels = rng.integers(0, k, idx.size)
     unchanged = np.all(fresh == data.images[idx], axis=(1, 2, 3))
-    labels[unchanged] = (data.labels[idx][unchanged] + rng.integers(1, k, int(unchanged.sum()))) % k
+    labels[unchanged] = wrong_labels(rng, data.labels[idx][unchanged], k)
     return _inject(data, idx, fresh, labels, "patch_shuffle_injection")

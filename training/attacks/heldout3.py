@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from depois_stream.sim.attacks import Labeled, PoisonedStream
-from training.attacks.heldout import _other_class_slots
+from depois_stream.sim.attacks import Labeled, PoisonedStream, wrong_labels
+from training.attacks.heldout import dirty_label_backdoor
 from training.attacks.injections import _inject, _num_classes, _slots
 
 ADDITIVE_AMPLITUDE = 0.08
@@ -63,19 +63,14 @@ def faint_patch_trigger(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _backdoor(data: Labeled, rate: float, seed: int, trigger, name: str) -> PoisonedStream:
-    idx = _other_class_slots(np.random.default_rng(seed), data, rate, TARGET, name)
-    return _inject(data, idx, trigger(data.images[idx]), TARGET, name, target_label=TARGET)
-
-
 def additive_backdoor(data: Labeled, rate: float, seed: int) -> PoisonedStream:
     """Add the fixed sign pattern to images of other classes and relabel them ``TARGET``."""
-    return _backdoor(data, rate, seed, additive_trigger, "additive_backdoor")
+    return dirty_label_backdoor(data, rate, seed, additive_trigger, TARGET, "additive_backdoor")
 
 
 def faint_patch_backdoor(data: Labeled, rate: float, seed: int) -> PoisonedStream:
     """Blend the fixed corner patch into images of other classes and relabel them ``TARGET``."""
-    return _backdoor(data, rate, seed, faint_patch_trigger, "faint_patch_backdoor")
+    return dirty_label_backdoor(data, rate, seed, faint_patch_trigger, TARGET, "faint_patch_backdoor")
 
 
 def blur_sigma(height: int) -> float:
@@ -104,4 +99,4 @@ def blur_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None 
     rng = np.random.default_rng(seed)
     idx = _slots(rng, len(data.labels), rate)
     fresh = gaussian_blur(data.images[idx], blur_sigma(data.images.shape[2]))
-    return _inject(data, idx, fresh, (data.labels[idx] + rng.integers(1, k, idx.size)) % k, "blur_flip")
+    return _inject(data, idx, fresh, wrong_labels(rng, data.labels[idx], k), "blur_flip")

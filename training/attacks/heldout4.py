@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from depois_stream.sim.attacks import Labeled, PoisonedStream, poison_count
-from training.attacks.heldout import _other_class_slots
+from depois_stream.sim.attacks import Labeled, PoisonedStream, poison_count, wrong_labels
+from training.attacks.heldout import dirty_label_backdoor
 from training.attacks.injections import _inject, _num_classes, _slots
 
 CONSISTENT_TARGET = 2  # the label-consistent backdoor's class: differs from the other suites' targets
@@ -81,16 +81,12 @@ def label_consistent_backdoor(data: Labeled, rate: float, seed: int, *, target: 
                    target_label=target)
 
 
-def _wrong_labels(rng: np.random.Generator, labels: np.ndarray, k: int) -> np.ndarray:
-    return (labels + rng.integers(1, k, labels.size)) % k
-
-
 def nudged_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
     """A uniform wrong label, each pixel moved ``NUDGE`` towards that class's mean image."""
     k = _num_classes(data, num_classes)
     rng = np.random.default_rng(seed)
     idx = _slots(rng, len(data.labels), rate)
-    wrong = _wrong_labels(rng, data.labels[idx], k)
+    wrong = wrong_labels(rng, data.labels[idx], k)
     overall = data.images.mean(axis=0)
     means = np.stack([data.images[data.labels == c].mean(axis=0) if np.any(data.labels == c) else overall
                       for c in range(k)])
@@ -130,7 +126,7 @@ def shifted_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | No
     for d, (dy, dx) in enumerate(_DIRECTIONS):
         sel = way == d
         fresh[sel] = shift(data.images[idx[sel]], dy * step, dx * step)
-    return _inject(data, idx, fresh, _wrong_labels(rng, data.labels[idx], k), "shifted_flip")
+    return _inject(data, idx, fresh, wrong_labels(rng, data.labels[idx], k), "shifted_flip")
 
 
 def sparse_pixels(shape: tuple[int, ...]) -> np.ndarray:
@@ -150,8 +146,7 @@ def sparse_trigger(images: np.ndarray) -> np.ndarray:
 
 def sparse_trigger_backdoor(data: Labeled, rate: float, seed: int, *, target: int = SPARSE_TARGET) -> PoisonedStream:
     """Stamp the scattered trigger on images of other classes and relabel them ``target``."""
-    idx = _other_class_slots(np.random.default_rng(seed), data, rate, target, "sparse_trigger_backdoor")
-    return _inject(data, idx, sparse_trigger(data.images[idx]), target, "sparse_trigger_backdoor", target_label=target)
+    return dirty_label_backdoor(data, rate, seed, sparse_trigger, target, "sparse_trigger_backdoor")
 
 
 def cutout_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | None = None) -> PoisonedStream:
@@ -169,7 +164,7 @@ def cutout_flip(data: Labeled, rate: float, seed: int, *, num_classes: int | Non
     left = rng.integers(0, w - rw + 1)
     for i in range(idx.size):
         fresh[i, :, top[i] : top[i] + rh[i], left[i] : left[i] + rw[i]] = 0.0
-    return _inject(data, idx, fresh, _wrong_labels(rng, data.labels[idx], k), "cutout_flip")
+    return _inject(data, idx, fresh, wrong_labels(rng, data.labels[idx], k), "cutout_flip")
 
 
 __all__ = ["cutout_flip", "label_consistent_backdoor", "nudged_flip", "plus_trigger", "shifted_flip",
