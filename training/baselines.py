@@ -209,7 +209,10 @@ def confident_learning(plan: CalibrationPlan, num_classes: int, seed: int, confi
         return get_label_quality_scores(labels, predict_proba(model, images), method="normalized_margin")
 
     def flag(images: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        return find_label_issues(labels, predict_proba(model, images))
+        # n_jobs=1: cleanlab otherwise forks a pool on Linux, and a fork of this multi-threaded
+        # process (torch's threads, a Kafka client's) can deadlock in the child; cleanlab's
+        # results do not depend on n_jobs
+        return find_label_issues(labels, predict_proba(model, images), n_jobs=1)
 
     return Baseline("cleanlab", "baseline", score, flag)
 
