@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 
 from depois_stream.filter.app import StreamFilter
-from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all, wait_for
+from tests.helpers.kafka_io import (Topics, assert_each_key_once, committed, consumer_config, publish,
+                                     wait_for)
 
 
 def test_two_members_split_partitions_and_account_for_everything(
@@ -34,6 +35,5 @@ def test_two_members_split_partitions_and_account_for_everything(
     assert not a & b and len(a | b) == 4
     assert all(m.stats.consumed > 0 for m in members)
     assert sum(m.stats.consumed for m in members) == len(ids)
-    keys = [r.key.decode() for t in topics.outputs() for r in read_all(broker.bootstrap, t)]
-    assert sorted(keys) == sorted(ids)
+    assert_each_key_once(broker.bootstrap, topics.outputs(), ids)
     assert committed(broker.bootstrap, unique, topics.ingest) == ends
