@@ -36,7 +36,7 @@ app = typer.Typer(
     name="depois-train",
     help=(
         "Train the De-Pois union poisoning detector offline and export it to ONNX.\n\n"
-        "Typical use: `depois-train all --dataset digits --out artifacts/digits` trains on the "
+        "Typical use: `depois-train all --dataset digits --out runs/digits` trains on the "
         "trusted part of the train split, calibrates the boundary on out-of-sample scores of it, and "
         "writes model.onnx + model.card.json for `depois-stream`. `fit` and `export-onnx` run the "
         "two halves separately; `recalibrate` moves the boundary onto clean samples of the stream; "

@@ -52,7 +52,7 @@ class ConsumerConfig(BaseSettings):
     client: Literal["kafka-python", "confluent-kafka", "auto"] = Field(
         "auto", description=(
             "Kafka client library: kafka-python (pure Python) or confluent-kafka (librdkafka, "
-            "two to three times cheaper per record; pip install 'depois-stream[fast]'); auto "
+            "its own cost per record about a third of kafka-python's; pip install 'depois-stream[fast]'); auto "
             "takes confluent-kafka when version 2.16 or later is installed, kafka-python "
             "otherwise. The choice is logged at start-up."))
     ingest_topic: str = Field("depois.ingest", description="Topic the samples arrive on.")

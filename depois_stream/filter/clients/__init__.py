@@ -1,8 +1,8 @@
 """Pick a Kafka client library by name: ``kafka-python``, ``confluent-kafka`` or ``auto``.
 
 ``auto`` (the default) takes confluent-kafka when a usable one is installed (``pip install
-'depois-stream[fast]'``: librdkafka does the network work in C, two to three times cheaper per
-record) and kafka-python otherwise, so that a plain ``depois-stream run`` is the fast filter
+'depois-stream[fast]'``: librdkafka does the network work in C: the filter's own cost per record
+is about a third of kafka-python's, docs/performance.md) and kafka-python otherwise, so that a plain ``depois-stream run`` is the fast filter
 wherever it can be. "Usable" is the ``fast`` extra's floor, 2.16: 2.12 crashed inside librdkafka
 when a topic came back under a new topic id, and an older copy pulled in by another package (Quix
 Streams pins < 2.13) must not silently become the client. The choice is logged at start-up and
