@@ -312,7 +312,13 @@ class StreamFilter:
 
     def _connect(self, settings: ClientSettings) -> Consumer:
         def on_commit(error: BaseException | None) -> None:
-            if error is not None:
+            """The broker's answer to an asynchronous commit: only now is it a commit (or a
+            failure); counting at send time made a filter whose commits were all refused look
+            healthy to DepoisConsumerStalled."""
+            if error is None:
+                self.metrics.commits.inc()
+                self.metrics.last_batch_timestamp.set_to_current_time()
+            else:
                 self.metrics.commit_failures.inc()
                 log.warning("offset commit failed (%s); the records after the last commit "
                             "will be filtered again", error)

@@ -248,8 +248,9 @@ class Delivery:
             log.warning("offset commit failed (%s); the records after the last commit will be "
                         "filtered again", exc)
             return
-        self._metrics.commits.inc()
-        self._metrics.last_batch_timestamp.set_to_current_time()
+        if not asynchronous:  # an asynchronous one counts when the broker answers (on_commit)
+            self._metrics.commits.inc()
+            self._metrics.last_batch_timestamp.set_to_current_time()
 
     def _retry(self, k: int, item: _InFlight) -> None:
         """Abandon ``item`` and every later batch, rewind their partitions, try again."""

@@ -102,9 +102,9 @@ class Metrics:
             "partitions_assigned", "Ingest partitions currently assigned to this member.",
             namespace=ns, registry=r)
         self.commits = Counter(
-            "commits", "Successful offset commits.", namespace=ns, registry=r)
+            "commits", "Offset commits the broker confirmed.", namespace=ns, registry=r)
         self.commit_failures = Counter(
-            "commit_failures", "Offset commits that failed (the batch will be re-delivered).",
+            "commit_failures", "Offset commits the broker refused or did not answer (the batch will be re-delivered).",
             namespace=ns, registry=r)
         self.produce_retries = Counter(
             "produce_retries", "Batch produce attempts that failed and were retried.",
@@ -149,7 +149,7 @@ class Metrics:
             "build", "depois-stream version and the Kafka client library in use.",
             namespace=ns, registry=r)
         self.last_batch_timestamp = Gauge(
-            "last_batch_timestamp_seconds", "Unix time of the last committed batch.",
+            "last_batch_timestamp_seconds", "Unix time the broker last confirmed an offset commit.",
             namespace=ns, registry=r)
 
         for d in DESTINATIONS:  # export zeros so rate() works before the first record of a kind
