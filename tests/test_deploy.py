@@ -35,7 +35,8 @@ REQUIRED_ALERTS = {
     "DepoisDeadLetterRate", "DepoisCircuitOpen", "DepoisCircuitBreakerTripped",
     "DepoisDeliveryRejected", "DepoisProduceRetrying", "DepoisCommitFailures",
     "DepoisModelRejected", "DepoisForgedHeaders", "DepoisFreshnessSLOFastBurn",
-    "DepoisFreshnessSLOSlowBurn", "DepoisDeliverySLOFastBurn", "DepoisDeliverySLOSlowBurn"}
+    "DepoisFreshnessSLOSlowBurn", "DepoisDeliverySLOFastBurn", "DepoisDeliverySLOSlowBurn",
+    "DepoisNoPartitionsOwned", "DepoisMemberOutOfGroup", "DepoisClientCallsStuck"}
 # The one base URL of each annotation kind (alerts.yml's header says how to change them).
 RUNBOOK_BASE = "https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#"
 DASHBOARD_BASE = "http://localhost:3000/d/depois-stream/depois-stream?orgId=1"
@@ -477,6 +478,34 @@ def test_every_dashboard_url_opens_an_existing_panel_with_existing_variables() -
                 assert key[4:] in variables, f"{rule['alert']}: no variable {key[4:]}"
 
 
+def test_a_table_of_several_queries_shows_them_as_one_table() -> None:
+    """Grafana shows one frame per query in a table and hides the others behind a dropdown:
+    the model table's fallback, target FPR, signature and build columns were invisible. A
+    merge transformation joins the frames on their common labels (the instance)."""
+    tables = [p for p in raw_dashboard()["panels"] if p["type"] == "table" and len(p["targets"]) > 1]
+    assert tables
+    for panel in tables:
+        ids = [t["id"] for t in panel.get("transformations", [])]
+        assert ids and ids[0] in {"merge", "joinByField"}, f"{panel['title']}: frames not joined"
+
+
+def test_consumers_up_reads_as_a_share_of_the_scraped_replicas() -> None:
+    """``sum(up)`` was green at one replica of three; the share is red below all of them."""
+    panel = panel_by_id(1)
+    (target,) = panel["targets"]
+    assert target["expr"].startswith("sum(up{") and "/ count(up{" in target["expr"]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "percentunit"
+    assert threshold_values(panel)[-1] == 1
+
+
+def test_time_since_the_last_confirmed_commit_is_shown_at_the_stall_level() -> None:
+    (panel,) = [p for p in raw_dashboard()["panels"]
+                if any("depois_last_batch_timestamp_seconds" in t["expr"] for t in p["targets"])]
+    assert panel["fieldConfig"]["defaults"]["unit"] == "s"
+    assert threshold_values(panel)[-1] == rule_threshold(
+        "DepoisConsumerStalled", r"depois_last_batch_timestamp_seconds\) > ([\d.]+)")
+
+
 def test_dashboard_has_the_panels_operators_need() -> None:
     """The issue's list of views, each pinned to the metric that answers it."""
     board = load_dashboard(DASHBOARD)
@@ -494,7 +523,8 @@ def test_dashboard_has_the_panels_operators_need() -> None:
             "depois_client_calls_abandoned", "depois_partition_restarts_total",
             "depois_delivery_failures_total", "depois_forged_headers_total", "depois_target_fpr",
             "depois_replay_outcomes_total", "job:depois_slo_fresh_burn:rate1h",
-            "job:depois_slo_delivered_burn:rate1h"} <= everything
+            "job:depois_slo_delivered_burn:rate1h", "depois_last_batch_timestamp_seconds",
+            "depois_group_joined", "depois_partitions_assigned"} <= everything
     quantiles = [t.expr for p in board.panels for t in p.targets
                  if "depois_inference_duration_seconds_bucket" in t.expr]
     levels = {re.search(r"histogram_quantile\(([\d.]+)", q).group(1) for q in quantiles}
@@ -519,7 +549,8 @@ def test_grafana_provisioning_points_at_the_dashboard_and_its_datasource() -> No
 def test_operations_doc_lists_every_metric_and_every_alert() -> None:
     doc = (REPO / "docs" / "operations.md").read_text()
     table = set(re.findall(r"^\| `(depois_[a-z0-9_]+)`", doc, flags=re.M))
-    names = {f.name + {"counter": "_total", "info": "_info"}.get(f.type, "") for f in families()}
+    names = {f.name + {"counter": "_total", "info": "_info"}.get(f.type, "") for f in families()
+             if f.name.startswith("depois_")}  # process_*: prometheus-client's own, documented once
     assert table == names, "docs/operations.md's metrics table is out of date"
     sections = set(re.findall(r"^### (Depois\w+)", doc, flags=re.M))
     assert sections == {r["alert"] for r in alert_rules()}, "each alert needs a runbook section"

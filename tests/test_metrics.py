@@ -36,3 +36,13 @@ def test_batches_expose_the_same_series_as_one_observe_per_value(buckets) -> Non
     for name in a:
         assert np.isclose(a[name], b[name]), name  # counts exact, the sum up to rounding
     assert a["x_x_count"] == (~np.isnan(values)).sum()
+
+
+def test_the_filters_private_registry_exports_the_process_metrics() -> None:
+    """The runbook's exit-137 row (out of memory) needs the replica's memory; the filter's
+    registry is private, so prometheus-client's process collector has to be added to it."""
+    from depois_stream.filter.metrics import Metrics
+
+    text = generate_latest(Metrics().registry).decode()
+    assert "\nprocess_resident_memory_bytes " in text
+    assert "\nprocess_open_fds " in text

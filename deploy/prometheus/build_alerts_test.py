@@ -216,6 +216,97 @@ TAIL = """
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisbrokerunreachable
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=5
 
+  # Job "depois-consumer": two members, scraped and up; at minute 3 the group falls apart and
+  # neither owns a partition (and a: leaves the group too). Job "spare": one member up and in
+  # the group but with no partition, beside one that owns all four: must stay quiet. Job
+  # "stopped": nothing is scraped at all (DepoisConsumerDown's business): quiet here.
+  - interval: 1m
+    input_series:
+      - series: 'depois_partitions_assigned{job="depois-consumer",instance="a:9108"}'
+        values: '2 2 2 0x15'
+      - series: 'depois_partitions_assigned{job="depois-consumer",instance="b:9108"}'
+        values: '2 2 2 0x15'
+      - series: 'up{job="depois-consumer",instance="a:9108"}'
+        values: '1x18'
+      - series: 'up{job="depois-consumer",instance="b:9108"}'
+        values: '1x18'
+      - series: 'depois_partitions_assigned{job="spare",instance="c:9108"}'
+        values: '0x18'
+      - series: 'depois_partitions_assigned{job="spare",instance="d:9108"}'
+        values: '4x18'
+      - series: 'up{job="spare",instance="c:9108"}'
+        values: '1x18'
+      - series: 'up{job="spare",instance="d:9108"}'
+        values: '1x18'
+      - series: 'depois_partitions_assigned{job="stopped",instance="e:9108"}'
+        values: '0 0 0 _x15'
+      - series: 'up{job="stopped",instance="e:9108"}'
+        values: '1 1 1 0x15'
+    alert_rule_test:
+      - eval_time: 6m
+        alertname: DepoisNoPartitionsOwned
+        exp_alerts: []
+      - eval_time: 9m
+        alertname: DepoisNoPartitionsOwned
+        exp_alerts:
+          - exp_labels: {severity: page, job: depois-consumer}
+            exp_annotations:
+              summary: "depois-consumer: consumers are running but none owns an ingest partition for 5 minutes: nothing is being filtered"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisnopartitionsowned
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&viewPanel=25
+
+  # Member a leaves its group at minute 2 and stays out; member b rejoins after 5 minutes (a
+  # slow rebalance, not a ticket); member c is out of the group but cannot be scraped either
+  # (DepoisConsumerDown's business).
+  - interval: 1m
+    input_series:
+      - series: 'depois_group_joined{job="depois-consumer",instance="a:9108"}'
+        values: '1 1 0x20'
+      - series: 'up{job="depois-consumer",instance="a:9108"}'
+        values: '1x22'
+      - series: 'depois_group_joined{job="depois-consumer",instance="b:9108"}'
+        values: '1 1 0 0 0 0 0 1x15'
+      - series: 'up{job="depois-consumer",instance="b:9108"}'
+        values: '1x22'
+      - series: 'depois_group_joined{job="depois-consumer",instance="c:9108"}'
+        values: '1 1 0x20'
+      - series: 'up{job="depois-consumer",instance="c:9108"}'
+        values: '1 1 0x20'
+    alert_rule_test:
+      - eval_time: 8m
+        alertname: DepoisMemberOutOfGroup
+        exp_alerts: []
+      - eval_time: 14m
+        alertname: DepoisMemberOutOfGroup
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
+            exp_annotations:
+              summary: "depois consumer a:9108 has been outside its consumer group for 10 minutes"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoismemberoutofgroup
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=24
+
+  # Member a's stuck client calls grow by one a minute (a broker that accepts connections and
+  # never answers) and nothing restarts it; member b's reach the cap of 16 and stay there
+  # (/healthz still passes at 16).
+  - interval: 1m
+    input_series:
+      - series: 'depois_client_calls_abandoned{job="depois-consumer",instance="a:9108"}'
+        values: '0+1x30'
+      - series: 'depois_client_calls_abandoned{job="depois-consumer",instance="b:9108"}'
+        values: '0+1x16 16x14'
+    alert_rule_test:
+      - eval_time: 20m
+        alertname: DepoisClientCallsStuck
+        exp_alerts: []
+      - eval_time: 23m
+        alertname: DepoisClientCallsStuck
+        exp_alerts:
+          - exp_labels: {severity: page, job: depois-consumer, instance: "a:9108"}
+            exp_annotations:
+              summary: "depois consumer a:9108 holds 23 Kafka client calls stuck in the library: its /healthz fails and nothing has restarted it"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisclientcallsstuck
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=30
+
   # Lag in seconds. depois.ingest partition 0 stops being filtered: its oldest record ages one
   # second per second. Partition 1 is reported by two members (a rebalance) and must not
   # change anything. Topic "steady" has a constant 5-minute-old backlog being worked off as

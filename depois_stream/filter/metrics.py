@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
@@ -39,7 +39,12 @@ class Metrics:
     """All depois metrics on one registry (pass ``registry=None`` for a fresh private one)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
+        if registry is None:
+            registry = CollectorRegistry()
+            # memory, CPU and file descriptors (process_*): what an out-of-memory exit or a
+            # descriptor leak is read from; a shared registry brings its own
+            ProcessCollector(registry=registry)
+        self.registry = registry
         r, ns = self.registry, NAMESPACE
 
         self.records_consumed = Counter(
