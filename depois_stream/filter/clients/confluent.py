@@ -193,6 +193,9 @@ class ConfluentConsumer:
         # unreadable batch at its first offset whatever the position, and position() does not
         # follow seeks, so skipping one offset per poll needs this.
         self._floor: dict[int, int] = {}
+        # partition -> offset of a seek librdkafka refused because the partition was not
+        # fetching yet (``seek``); made at the next poll, before records are handed on
+        self._pending_seek: dict[int, int] = {}
         self._c = Consumer({
             "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
             **_consumer_only(translate(s.options)),
@@ -213,6 +216,7 @@ class ConfluentConsumer:
             starts = on_assign([(tp.topic, tp.partition) for tp in partitions])
             for tp in partitions:
                 self._floor.pop(tp.partition, None)
+                self._pending_seek.pop(tp.partition, None)
                 start = starts.get((tp.topic, tp.partition))
                 if start is not None:
                     tp.offset = self._floor[tp.partition] = start
@@ -224,13 +228,19 @@ class ConfluentConsumer:
 
         self._c.subscribe(
             [topic], on_assign=assign,
-            on_revoke=lambda _c, ps: on_revoke([(tp.topic, tp.partition) for tp in ps]),
-            on_lost=lambda _c, ps: on_lost([(tp.topic, tp.partition) for tp in ps]))
+            on_revoke=lambda _c, ps: self._gone(ps, on_revoke),
+            on_lost=lambda _c, ps: self._gone(ps, on_lost))
+
+    def _gone(self, partitions: list[TopicPartition], then: RevokeCallback) -> None:
+        for tp in partitions:
+            self._pending_seek.pop(tp.partition, None)
+        then([(tp.topic, tp.partition) for tp in partitions])
 
     def poll(self, timeout_s: float, max_records: int) -> RecordBatch:
         """What is there now, up to ``max_records``; waits (at most ``timeout_s``) only when
         nothing is. librdkafka's ``consume(n, timeout)`` would wait for all ``n``: that is the
         linger's job (source.Source), not the client's."""
+        self._seek_pending()
         try:
             msgs: list[Message] = self._c.consume(num_messages=max_records, timeout=0)
             if not msgs and timeout_s > 0:
@@ -239,6 +249,10 @@ class ConfluentConsumer:
                     msgs += self._c.consume(num_messages=max_records - 1, timeout=0)
         except KafkaException as exc:
             raise _exc(exc, "consume") from exc
+        if self._pending_seek and msgs:
+            # fetched from where the partition started, before the seek could be made
+            msgs = [m for m in msgs if m.partition() not in self._pending_seek]
+            self._seek_pending()
         if not msgs:
             return RecordBatch.empty(self._topic)
         bad = [m for m in msgs if m.error() is not None]
@@ -305,11 +319,29 @@ class ConfluentConsumer:
         return RecordBatch.unreadable(self._topic, parts, offsets, why)
 
     def seek(self, tp: TP, offset: int) -> None:
+        """Move ``tp`` to ``offset``. A partition assigned but not fetching yet cannot be
+        sought (librdkafka: ``_STATE``); it will start at the group's committed offset, at or
+        before any offset the filter seeks to (a rewind to a batch not yet committed, a
+        hand-back, a restart where it stood), so the seek is kept and made by the next poll,
+        which hands on none of the partition's records fetched before it."""
         try:
             self._c.seek(TopicPartition(tp[0], tp[1], offset))
         except KafkaException as exc:
-            raise _exc(exc, f"seek {tp[0]}[{tp[1]}] to {offset}") from exc
+            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if err is None or err.code() != KafkaError._STATE:
+                raise _exc(exc, f"seek {tp[0]}[{tp[1]}] to {offset}") from exc
+            self._pending_seek[tp[1]] = offset
+        else:
+            self._pending_seek.pop(tp[1], None)
         self._floor[tp[1]] = offset
+
+    def _seek_pending(self) -> None:
+        for partition, offset in list(self._pending_seek.items()):
+            try:
+                self._c.seek(TopicPartition(self._topic, partition, offset))
+            except KafkaException:
+                continue  # still not fetching: nothing of it to hand on yet either
+            del self._pending_seek[partition]
 
     def pause(self, tps: Iterable[TP]) -> None:
         parts = _tps(tps)

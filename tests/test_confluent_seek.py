@@ -1,0 +1,51 @@
+"""librdkafka refuses to seek a partition that is assigned but not fetching yet (its start
+offset, the group's commit, is still being looked up): ``_STATE``, "Erroneous state". A retried
+batch right after a partition came back to the member rewinds it just then, and the error
+ended the filter's loop (exit 3). Such a partition starts at the group's committed offset, at
+or before any offset the filter rewinds to, so the seek can wait for the next poll; records
+fetched from the old position meanwhile are not handed on."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+confluent = pytest.importorskip("depois_stream.filter.clients.confluent")
+from confluent_kafka import TopicPartition  # noqa: E402
+
+from depois_stream.filter.clients.base import ClientSettings  # noqa: E402
+from tests.helpers.kafka_io import Topics, publish  # noqa: E402
+
+
+def _consumer(bootstrap: str, group: str):
+    return confluent.ConfluentConsumer(
+        ClientSettings(bootstrap_servers=bootstrap, client_id="t", group_id=group), lambda e: None)
+
+
+def test_a_seek_before_the_partition_fetches_waits_for_it_instead_of_failing() -> None:
+    """No broker: the partition can never start fetching, so librdkafka refuses every seek."""
+    consumer = _consumer("127.0.0.1:9", "g")
+    try:
+        consumer._c.assign([TopicPartition("t", 0)])
+        consumer.seek(("t", 0), 5)  # raised ClientError(_STATE) before
+    finally:
+        consumer._c.close()
+
+
+def test_records_before_a_waiting_seek_are_not_handed_on(broker, unique, digits_arrays) -> None:
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique)
+    publish(broker.bootstrap, topics.ingest, [f"r{i}" for i in range(20)], xte[:20], yte[:20])
+    consumer = _consumer(broker.bootstrap, unique)
+    try:
+        consumer._topic = topics.ingest
+        consumer._c.assign([TopicPartition(topics.ingest, 0)])  # starts at the commit: none, 0
+        consumer.seek((topics.ingest, 0), 10)  # at once: usually before it fetches
+        offsets: list[int] = []
+        deadline = time.monotonic() + 20
+        while len(offsets) < 10 and time.monotonic() < deadline:
+            offsets += consumer.poll(0.2, 100).offsets.tolist()
+        assert offsets == list(range(10, 20))
+    finally:
+        consumer._c.close()
