@@ -160,7 +160,7 @@ def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_comm
         assigned = frozenset({("in", 0)})
         rewinds: list[dict] = []
 
-        def rewind(self, offsets) -> None:
+        def rewind(self, offsets, settled: bool = False) -> None:
             self.rewinds.append(dict(offsets))
 
     n = 4
@@ -415,3 +415,111 @@ def test_a_wedged_kafka_python_producer_is_force_closed_only_on_the_way_out(monk
     stopping.set()
     producer.close(3.0)
     assert seen == ["close", "force_close"]
+
+
+def _batch_and_routed(n: int, first: int = 100):
+    import numpy as np
+
+    from depois_stream.filter.clients.base import RecordBatch
+    from depois_stream.filter.pipeline import Routed
+
+    batch = RecordBatch("in", np.zeros(n, np.int32), np.arange(first, first + n, dtype=np.int64),
+                        np.zeros(n, np.int64), [None] * n, [b"x"] * n, [[] for _ in range(n)])
+    routed = Routed(np.zeros(n, np.int8), np.zeros(n, np.int64), [None] * n, [b"x"] * n,
+                    [[] for _ in range(n)], np.zeros(n, np.int64), {"clean": n}, Counter(), Counter(),
+                    np.zeros(0, np.int64))
+    return batch, routed
+
+
+class _Source:
+    assigned = frozenset({("in", 0)})
+
+    def __init__(self) -> None:
+        self.rewinds: list[dict] = []
+
+    def rewind(self, offsets, settled: bool = False) -> None:
+        self.rewinds.append(dict(offsets))
+
+
+def test_a_transaction_with_an_output_the_client_would_not_take_is_aborted_not_committed() -> None:
+    """Exactly-once: ``send`` raising for one output (librdkafka's local queue full for 10 s,
+    say) only stopped the sending; the offsets then went into the transaction and were committed
+    with the rest of the batch's outputs never written. No broker is made to fill a producer's
+    local queue on cue; these fakes play the client."""
+    from depois_stream.filter.clients.base import ProduceError
+
+    calls: list[str] = []
+
+    class TxnProducer:
+        def init_transactions(self, timeout_s: float) -> None: ...
+
+        def begin_transaction(self) -> None:
+            calls.append("begin")
+
+        def send(self, topic, partition, key, value, headers, on_done) -> None:
+            if len(calls) == 3:  # the third output of the batch
+                raise ProduceError("local queue full for 10 s", retriable=True)
+            calls.append("send")
+            on_done(None)
+
+        def poll(self, timeout_s: float) -> None: ...
+
+        def flush(self, timeout_s: float) -> int:
+            return 0
+
+        def send_offsets_to_transaction(self, offsets, group_metadata, timeout_s: float) -> None:
+            calls.append("offsets")
+
+        def commit_transaction(self, timeout_s: float) -> None:
+            calls.append("commit")
+
+        def abort_transaction(self, timeout_s: float) -> None:
+            calls.append("abort")
+
+        def close(self, timeout_s: float) -> None: ...
+
+    class Consumer:
+        def group_metadata(self) -> None:
+            return None
+
+    delivered: list = []
+    source = _Source()
+    delivery = Delivery(TxnProducer, Consumer(), source, Metrics(), ("c", "q", "d"),
+                        on_delivered=delivered.append, exactly_once=True, clock=lambda: 0.0)
+    batch, routed = _batch_and_routed(5)
+    delivery.submit(batch, routed)
+    assert "offsets" not in calls and "commit" not in calls and calls[-1] == "abort"
+    assert source.rewinds == [{("in", 0): 100}] and delivery.backing_off and not delivered
+
+
+def test_a_record_refused_again_goes_bare_and_one_refused_bare_backs_off() -> None:
+    """A refused record is re-sent without its value, then (refused again) bare; refused even
+    bare, nothing the filter can change will be taken: it was re-sent at once for ever, a hot
+    loop re-producing the batch's other outputs each time. Now that is a retriable failure with
+    backoff (and, with --produce-retries, an exit)."""
+    from depois_stream.filter.clients.base import ProduceError
+    from depois_stream.filter.pipeline import BARE_AFTER
+
+    class Refusing:
+        def send(self, topic, partition, key, value, headers, on_done) -> None:
+            on_done(ProduceError("MSG_SIZE_TOO_LARGE", False, rejected=True) if value == b"x0"
+                    else None)
+
+        def poll(self, timeout_s: float) -> None: ...
+
+        def close(self, timeout_s: float) -> None: ...
+
+    class Consumer:
+        def commit(self, offsets, asynchronous) -> None: ...
+
+    source = _Source()
+    delivery = Delivery(Refusing, Consumer(), source, Metrics(), ("c", "q", "d"),
+                        on_delivered=lambda r: None, clock=lambda: 0.0)
+    batch, routed = _batch_and_routed(3)
+    routed.values[0] = b"x0"
+    seen = []
+    for _ in range(BARE_AFTER + 1):
+        delivery.submit(batch, routed)
+        seen.append((delivery.rejected[(0, 100)].times, delivery.backing_off))
+    assert seen == [(1, False), (BARE_AFTER, False), (BARE_AFTER + 1, True)]
+    assert len(source.rewinds) == BARE_AFTER + 1

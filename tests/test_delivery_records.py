@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 from kafka import KafkaProducer
 
 from depois_stream.contract import headers as H
 from depois_stream.filter.app import StreamFilter
 from depois_stream.filter.metrics import Metrics
 from depois_stream.contract.wire import CONTENT_TYPE_BINARY, encode_batch
-from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all
+from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all, wait_for
 
 
 def test_key_and_headers_count_towards_the_size_that_must_be_forwarded(
@@ -83,3 +85,68 @@ def test_producers_cannot_write_depois_headers(
     assert verdicts[b"bad"] == "dlq"
     assert sum(v == "quarantine" for v in verdicts.values()) >= n // 3
     assert metrics.registry.get_sample_value("depois_forged_headers_total") == n + 1
+
+
+def _filter_until_committed(kafka_client, broker, topics, group, model, ends, timeout_s=45):
+    """Run the filter until the group committed ``ends``; a record refused over and over would
+    keep it busy (never idle), so it is stopped from outside and the commit is what is checked."""
+    flt = StreamFilter(consumer_config(broker.bootstrap, topics, group, model, client=kafka_client,
+                                       exit_when_idle_s=None))
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    runner.start()
+    try:
+        wait_for(lambda: committed(broker.bootstrap, group, topics.ingest) == ends, timeout_s=timeout_s)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    return flt.stats
+
+
+def test_a_header_name_is_counted_in_bytes_so_an_oversized_record_cannot_stall_its_partition(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
+    """A 300,000-emoji header name is 1.2 MB on the wire. Counted in characters (300 kB) the
+    record looked small: forwarded whole, refused by the producer, forwarded again without its
+    value but with its key and headers, refused again, for ever: the partition stalled."""
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique)
+    value, ctype = encode_batch(["x"], xte[:1], yte[:1])[0]
+    big = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4 << 20)
+    try:
+        meta = big.send(topics.ingest, value=value, key=b"emoji",
+                        headers=[(H.CONTENT_TYPE, ctype.encode()), ("\U0001F600" * 300_000, b"v")]
+                        ).get(timeout=10)
+    finally:
+        big.close()
+    ids = [f"{unique}-{i}" for i in range(5)]
+    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:5], yte[:5])
+    assert meta.offset == 0 and ends == {0: 6}
+    _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, ends)
+    (dead,) = read_all(broker.bootstrap, topics.dlq)
+    assert H.as_dict(dead.headers)[H.ERROR_CLASS] == "too_large"
+    assert dead.value == b"" and dead.key is None
+    routed = [r.key.decode() for t in (topics.clean, topics.quarantine)
+              for r in read_all(broker.bootstrap, t)]
+    assert sorted(routed) == sorted(ids)
+
+
+def test_an_unsupported_content_type_is_dead_lettered_with_its_payload_and_its_reason(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
+    """The error message quoted the whole content-type header (up to 4x its size for bytes
+    that are not UTF-8): a 300 kB header made a 1.2 MB dead letter, which the producer refused,
+    so the record went out again without its payload, as `rejected_by_broker`."""
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique)
+    value, _ = encode_batch(["x"], xte[:1], yte[:1], encoding="json")[0]
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4 << 20)
+    try:
+        producer.send(topics.ingest, value=value, key=b"odd",
+                      headers=[(H.CONTENT_TYPE, b"\xff" * 300_000)]).get(timeout=10)
+    finally:
+        producer.close()
+    _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: 1})
+    (dead,) = read_all(broker.bootstrap, topics.dlq)
+    fields = H.as_dict(dead.headers)
+    assert fields[H.ERROR_CLASS] == "unsupported_content_type"
+    assert dead.value == value and dead.key == b"odd"
+    assert len(fields[H.ERROR]) < 1000

@@ -32,3 +32,55 @@ def test_an_unreadable_record_is_dead_lettered_as_malformed_with_its_bytes_and_t
     assert routed.values[1] == encoded[1][0] and routed.keys[1] == b"b"  # payload kept for replay
     assert H.as_dict(routed.headers[1])[H.ERROR_CLASS] == "malformed"
     assert routed.dead_letter_reasons == {"malformed": 1}
+
+
+def test_a_record_refused_again_is_dead_lettered_bare_and_a_header_name_counts_in_bytes(
+        centroid_model, digits_arrays) -> None:
+    """A first refusal drops the value; a second means the key or the producer's headers are
+    refused too (a dead-letter topic with a lower max.message.bytes): the dead letter keeps
+    only the filter's headers, which name the source record."""
+    from depois_stream.filter.pipeline import (BARE_AFTER, HEADER_ALLOWANCE, HEADER_OVERHEAD, Refusal,
+                                               scan_headers)
+
+    _, _, xte, yte = digits_arrays
+    (value, ct), = encode_batch(["a"], xte[:1], yte[:1], encoding="binary")
+    batch = RecordBatch("in", np.zeros(1, np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                        [b"k" * 5000], [value], [[(H.CONTENT_TYPE, ct.encode()), ("x-trace", b"t")]])
+    detector = Detector.load(centroid_model, device="cpu")
+    limit = 1 << 20
+    for times, bare in [(1, False), (BARE_AFTER, True)]:
+        scored = score(batch, detector, limit, {(0, 0): Refusal("too big for the topic", times)})
+        routed = route(batch, scored, "v1", "ab" * 32, [1, 1, 1], limit)
+        assert routed.destination[0] == DLQ and routed.values[0] == b""
+        assert H.as_dict(routed.headers[0])[H.ERROR_CLASS] == "rejected_by_broker"
+        assert (routed.keys[0] is None) == bare
+        assert (("x-trace", b"t") in routed.headers[0]) == (not bare)
+
+    emoji = [(H.CONTENT_TYPE, ct.encode()), ("\U0001F600" * 1000, b"")]
+    sized = RecordBatch("in", np.zeros(1, np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64),
+                        [None], [value], [emoji])
+    own = len(value) + len(H.CONTENT_TYPE) + len(ct) + 4000 + 2 * HEADER_OVERHEAD  # bytes, not characters
+    assert scan_headers(sized).sizes.tolist() == [own]
+    assert score(sized, detector, own + HEADER_ALLOWANCE - 1).failures[0][1] == "too_large"
+
+
+def test_the_error_header_is_bounded_whatever_the_producer_sent(centroid_model, digits_arrays) -> None:
+    """The message quoted a 300 kB content type back (1.2 MB for bytes that are not UTF-8):
+    the dead letter outgrew the producer's limit and lost its payload on the retry."""
+    from depois_stream.filter.router import MAX_ERROR_BYTES
+
+    _, _, xte, yte = digits_arrays
+    (value, _), = encode_batch(["a"], xte[:1], yte[:1], encoding="json")
+    n = "9" * 4000
+    shape = ('{"id":"b","label":1,"shape":[%s,%s,%s],"dtype":"uint8","data":""}' % (n, n, n)).encode()
+    label = ('{"id":"c","label":%s,"shape":[1,8,8],"dtype":"uint8","data":""}' % n).encode()
+    batch = RecordBatch("in", np.zeros(3, np.int32), np.arange(3, dtype=np.int64), np.zeros(3, np.int64),
+                        [b"a", b"b", b"c"], [value, shape, label],
+                        [[(H.CONTENT_TYPE, b"\xff" * 300_000)], [], []])
+    detector = Detector.load(centroid_model, device="cpu")
+    routed = route(batch, score(batch, detector, 1 << 20), "v1", "ab" * 32, [1, 1, 1], 1 << 20)
+    for i in range(3):
+        fields = dict(routed.headers[i])
+        assert routed.destination[i] == DLQ and routed.values[i] == batch.values[i]
+        assert len(fields[H.ERROR]) <= MAX_ERROR_BYTES
+    assert dict(routed.headers[0])[H.ERROR_CLASS] == b"unsupported_content_type"

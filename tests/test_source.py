@@ -235,3 +235,21 @@ def test_full_batches_of_other_partitions_are_not_asks():
     _asked(source, STALL_MIN_ASKS)  # the backlog is worked off: nothing for P0 all the same
     source._watch_stalls({P0: 5}, now=61.0)
     assert _restarts(source) == 1
+
+
+def test_a_settled_rewind_replaces_the_hand_back_of_a_revoked_partition():
+    """Exactly-once, kafka-python: a commit whose reply was lost rewinds the batch (100), the
+    partition is revoked while the filter backs off, then the group's committed offset (104:
+    the commit did complete) is read. Taking the earlier of the two, as for a failed batch,
+    resumed at 100 and transacted the committed batch a second time."""
+    consumer = ScriptedConsumer([("assign", [P0]), _records(0, 100, 4)])
+    source = _source(consumer)
+    source.next_batch()
+    batch = source.next_batch()
+    source.rewind(batch.first_offsets())  # the commit failed, as far as the filter knows
+    consumer.steps = [("revoke", [P0])]
+    source.next_batch()
+    source.rewind({P0: 104}, settled=True)  # the committed offsets say it did commit
+    consumer.steps = [("assign", [P0])]
+    source.next_batch()
+    assert consumer.seeks[-1] == (P0, 104)

@@ -242,13 +242,19 @@ def _value_failures(images: np.ndarray) -> list[tuple[str, str] | None]:
     return out
 
 
+def _clip(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters: messages quote what a producer sent, which may be
+    huge (a 4,000-digit number, a 300 kB header)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def _shape_message(got: tuple[int, ...], want: tuple[int, int, int]) -> str:
-    return f"image shape {list(got)} does not match the model input shape {list(want)}; resize it"
+    return f"image shape {_clip(str(list(got)))} does not match the model input shape {list(want)}; resize it"
 
 
 def _label_message(label: int, num_classes: int | None) -> str:
     top = f"0..{num_classes - 1}" if num_classes is not None else "a non-negative integer"
-    return f"label {label} is out of range; the model expects {top}"
+    return f"label {_clip(str(label))} is out of range; the model expects {top}"
 
 
 def _label_ok(label: int, num_classes: int | None) -> bool:
@@ -445,7 +451,7 @@ def decode_batch(values: Sequence[bytes | None], content_types: Sequence[str | b
             groups[media][1].append(pos)
         else:
             failures.append(DecodeFailure(pos, "unsupported_content_type", (
-                f"content-type {ct!r} is not supported; use {CONTENT_TYPE_JSON} (the default when "
+                f"content-type {_clip(repr(ct))} is not supported; use {CONTENT_TYPE_JSON} (the default when "
                 f"the header is absent) or {CONTENT_TYPE_BINARY}")))
     out = _Partial()
     _decode_json_group(*groups[CONTENT_TYPE_JSON], input_shape, num_classes, out, failures)

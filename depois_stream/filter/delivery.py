@@ -43,7 +43,7 @@ from depois_stream.filter.clients.base import (
     TP, ClientError, Consumer, ProduceError, Producer, RecordBatch,
 )
 from depois_stream.filter.metrics import Metrics
-from depois_stream.filter.pipeline import Routed
+from depois_stream.filter.pipeline import BARE_AFTER, Refusal, Routed
 from depois_stream.filter.source import Source
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Delivery:
         self._attempts = 0  # consecutive failed attempts
         self._blocked_until = 0.0
         self._renew = False  # replace the producer once nothing is in flight on it
-        self.rejected: OrderedDict[tuple[int, int], str] = OrderedDict()
+        self.rejected: OrderedDict[tuple[int, int], Refusal] = OrderedDict()
         self.producer = self._new_producer()
 
     # ---------------------------------------------------------------- the producer
@@ -271,14 +271,32 @@ class Delivery:
         self._source.rewind(rewind)
 
     def _remember_rejections(self, item: _InFlight) -> None:
+        """Remember each refused record so that the retry dead-letters it without its value, and
+        without its key and producer headers once it was refused again (``pipeline.score``).
+        A record refused even bare cannot be written in any form: that is a retriable failure
+        with backoff (the dead-letter topic's settings are wrong), never a hot loop."""
         parts, offs = item.batch.partitions.tolist(), item.batch.offsets.tolist()
+        refused_bare = 0
         for i, why in item.rejected.items():
-            self.rejected[(parts[i], offs[i])] = f"the broker refused the forwarded record: {why}"
+            key = (parts[i], offs[i])
+            before = self.rejected.pop(key, None)
+            times = 1 if before is None else before.times + 1
+            refused_bare += times > BARE_AFTER
+            self.rejected[key] = Refusal(f"the broker refused the forwarded record: {why}",
+                                         min(times, BARE_AFTER + 1))
             while len(self.rejected) > MAX_REMEMBERED_REJECTIONS:
                 self.rejected.popitem(last=False)
         self._metrics.delivery_failures.labels("rejected").inc(len(item.rejected))
+        if refused_bare:
+            item.failure = item.failure or ProduceError(
+                f"{refused_bare} dead letter(s) refused even without value, key and producer "
+                f"headers ({next(iter(item.rejected.values()))}): check the dead-letter topic's "
+                "max.message.bytes and cleanup.policy (compaction refuses records without a key)",
+                retriable=True)
+            return
         log.warning("%d record(s) of a batch were refused by the broker (%s); they are "
-                    "dead-lettered without their payload and the batch is sent again",
+                    "dead-lettered without their payload (without key and headers too if refused "
+                    "again) and the batch is sent again",
                     len(item.rejected), next(iter(item.rejected.values())))
 
     def _backoff(self, error: BaseException, item: _InFlight, rewind: Mapping[TP, int]) -> None:
@@ -311,6 +329,11 @@ class Delivery:
             p.begin_transaction()
             self._by_seq[item.seq] = item
             self._send(item)
+            self._take_reports()
+            if item.broken:
+                # an output the client would not take (``send`` raised: a full local queue, a
+                # record refused): committing the offsets now would skip it for good
+                raise item.failure or ProduceError("an output record was refused", False, True)
             p.send_offsets_to_transaction(offsets, self._consumer.group_metadata(),
                                           self._timeout_s)
             committing = True
@@ -326,11 +349,12 @@ class Delivery:
             self._take_reports()
             self._by_seq.pop(item.seq, None)
             if item.rejected:
-                self._remember_rejections(item)
-            else:
+                self._remember_rejections(item)  # sets item.failure if refused even bare
+            if not item.rejected or item.failure is not None:
                 item.failed = item.failed or len(item.routed)
-                self._metrics.delivery_failures.labels("retriable").inc(item.failed)
-                self._backoff(exc, item, item.batch.first_offsets())
+                self._metrics.delivery_failures.labels("retriable").inc(item.failed
+                                                                        - len(item.rejected))
+                self._backoff(item.failure or exc, item, item.batch.first_offsets())
             self._source.rewind(item.batch.first_offsets())
             if committing:
                 # the coordinator may have received the commit and completed it: re-sending
@@ -362,7 +386,7 @@ class Delivery:
         resume = {tp: off for tp, off in committed.items() if off is not None}
         log.warning("a transaction's commit was not confirmed; resuming at the group's committed "
                     "offsets %s", {f"{t}[{p}]": o for (t, p), o in sorted(resume.items())})
-        self._source.rewind(resume)
+        self._source.rewind(resume, settled=True)
         self._unsettled = None
 
     # ---------------------------------------------------------------- shutdown, rebalance

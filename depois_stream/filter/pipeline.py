@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,11 +29,28 @@ from depois_stream.filter.detector import Detector, Prediction
 # Bytes reserved for the headers the filter adds (verdict, score, model, provenance, ...); they
 # are bounded, so a record whose own bytes fit in the limit minus this always fits once routed.
 HEADER_ALLOWANCE = 2048
+# Wire bytes of one record header besides its name and value: two varint lengths of at most 5
+# bytes each. Uncounted, 400,000 empty headers were 0 bytes to the filter and 800 kB to Kafka.
+HEADER_OVERHEAD = 10
 _PREFIX = H.PREFIX
 _NO_HEADERS: list[Header] = []
 
-# (source partition, source offset) -> why the broker refused the forwarded record
-Rejections = Mapping[tuple[int, int], str]
+
+
+class Refusal(NamedTuple):
+    """Why the broker refused a record's output, and how many times it has."""
+
+    why: str
+    times: int = 1
+
+
+# After this many refusals a record is dead-lettered bare: the filter's headers only, no value,
+# key or producer headers (its source location still names it). The first refusal drops the
+# value; a second means the key or the producer's headers are refused too (a dead-letter topic
+# whose max.message.bytes is below the producer's, say).
+BARE_AFTER = 2
+# (source partition, source offset) -> the broker's refusals of the forwarded record
+Rejections = Mapping[tuple[int, int], Refusal]
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,8 @@ def scan_headers(batch: RecordBatch) -> Ingest:
                 if name == H.CONTENT_TYPE and cts[i] is None:
                     cts[i] = val
                 kept.append((name, val))
-                size += len(name) + len(val)
+                # bytes on the wire: a name is text, and 300,000 emoji are 1.2 MB, not 300 kB
+                size += len(name.encode("utf-8", "surrogatepass")) + len(val) + HEADER_OVERHEAD
             fwd[i] = kept
             forged += dirty
         sizes[i] = size
@@ -94,6 +113,7 @@ class Scored:
     prediction: Prediction  # [m] rows
     failures: list[tuple[int, str, str]]  # (record position, DLQ reason, message), sorted
     stripped: np.ndarray  # bool [n]: forward without the payload (too large, or refused)
+    bare: np.ndarray | None = None  # bool [n]: also without key and producer headers (refused again)
 
     @property
     def quarantined(self) -> int:
@@ -118,12 +138,18 @@ def score(batch: RecordBatch, detector: Detector, max_record_bytes: int,
                          "(raise the producer's max_request_size / message.max.bytes with "
                          "--kafka, and the topics' max.message.bytes)")
         for i in np.flatnonzero(too_large).tolist()]
+    bare = None
     if rejected:
         for i, (p, o) in enumerate(zip(batch.partitions.tolist(), batch.offsets.tolist())):
-            why = rejected.get((p, o))
-            if why is not None and not stripped[i]:
+            refusal = rejected.get((p, o))
+            if refusal is None:
+                continue
+            if refusal.times >= BARE_AFTER:
+                bare = np.zeros(n, dtype=bool) if bare is None else bare
+                bare[i] = True
+            if not stripped[i]:
                 stripped[i] = True
-                failures.append((i, "rejected_by_broker", why))
+                failures.append((i, "rejected_by_broker", refusal.why))
     for i, why in ingest.unreadable.items():
         if not stripped[i]:
             failures.append((i, "malformed", why))
@@ -143,7 +169,7 @@ def score(batch: RecordBatch, detector: Detector, max_record_bytes: int,
     failures.sort()
     prediction = detector.run(decoded.images, decoded.labels)
     return Scored(n, ingest, index.astype(np.int64), decoded.labels, prediction, failures,
-                  stripped)
+                  stripped, bare)
 
 
 @dataclass(frozen=True)
@@ -173,7 +199,8 @@ def route(batch: RecordBatch, scored: Scored, model_version: str, model_sha256: 
     An output keeps its source partition (modulo the output topic's partition count), which
     preserves per-key order from a key-partitioned ingest topic and skips per-record hashing.
     A stripped record (too large, or refused by the broker) is dead-lettered without its value,
-    and without its key and own headers too when those alone do not fit.
+    and without its key and own headers too when those alone do not fit or the broker refused
+    it again (``Scored.bare``).
     """
     pred = scored.prediction
     reasons = pred.reasons
@@ -192,7 +219,8 @@ def route(batch: RecordBatch, scored: Scored, model_version: str, model_sha256: 
     for i in np.flatnonzero(scored.stripped).tolist():
         values[i] = b""
         own = scored.ingest.sizes[i] - (len(batch.values[i]) if batch.values[i] else 0)
-        if own + HEADER_ALLOWANCE > max_record_bytes:  # key and own headers alone too large
+        bare = scored.bare is not None and bool(scored.bare[i])
+        if bare or own + HEADER_ALLOWANCE > max_record_bytes:  # key and own headers refused
             keys[i] = None
             headers[i] = plan.headers[i]
     for i, _, _ in scored.failures:

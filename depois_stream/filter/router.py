@@ -23,6 +23,22 @@ VERDICTS = (H.VERDICT_CLEAN.encode(), H.VERDICT_QUARANTINE.encode(), H.VERDICT_D
 
 Header = tuple[str, bytes]
 
+# The longest ``depois.error`` value written (UTF-8 bytes). Error messages may quote what the
+# producer sent (a content type, a number, the broker's refusal); unbounded, a 300 kB header
+# quoted back made a dead letter too large to produce. The filter's headers must fit in
+# pipeline.HEADER_ALLOWANCE together.
+MAX_ERROR_BYTES = 512
+_TRUNCATED = " ... (truncated)".encode()
+
+
+def error_header(message: str) -> bytes:
+    """``message`` as UTF-8, cut to at most ``MAX_ERROR_BYTES`` (on a character boundary)."""
+    raw = message.encode("utf-8", "replace")
+    if len(raw) <= MAX_ERROR_BYTES:
+        return raw
+    head = raw[:MAX_ERROR_BYTES - len(_TRUNCATED)].decode("utf-8", "ignore").encode()
+    return head + _TRUNCATED
+
 
 @dataclass(frozen=True)
 class Provenance:
@@ -116,7 +132,7 @@ def plan(verdicts: Verdicts, provenance: Provenance, model_version: str,
                 out[i].append(encoded[r])
 
     for i, reason, message in verdicts.failures:
-        out[i] = [(H.VERDICT, VERDICTS[DLQ]), (H.ERROR, message.encode("utf-8", "replace")),
+        out[i] = [(H.VERDICT, VERDICTS[DLQ]), (H.ERROR, error_header(message)),
                   (H.ERROR_CLASS, reason.encode()), version, sha, topics[i],
                   (H.SOURCE_PARTITION, parts[i]), (H.SOURCE_OFFSET, offsets[i]),
                   (H.SOURCE_TIMESTAMP, stamps[i])]

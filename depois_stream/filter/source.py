@@ -202,16 +202,20 @@ class Source:
 
     # ---------------------------------------------------------------- control
 
-    def rewind(self, offsets: Mapping[TP, int]) -> None:
+    def rewind(self, offsets: Mapping[TP, int], settled: bool = False) -> None:
         """Resume the given owned partitions at these offsets, dropping anything buffered
-        past them (a retried or held-back batch is read again, in order)."""
+        past them (a retried or held-back batch is read again, in order).
+
+        ``settled``: the offsets are the group's committed ones, read after an exactly-once
+        commit whose outcome was unknown; they replace a revoked partition's hand-back offset
+        instead of taking the earlier of the two (which would transact a committed batch twice)."""
         owned = {tp: off for tp, off in offsets.items() if tp in self.assigned}
         with self._lock:
             for tp, off in offsets.items():
                 # Revoked and not yet re-assigned: if it comes back here, resume at the earlier
                 # of the two (a batch that failed after its partition was revoked is re-read).
                 if tp in self._handback:
-                    self._handback[tp] = min(self._handback[tp], off)
+                    self._handback[tp] = off if settled else min(self._handback[tp], off)
             kept = []
             for part in self._buffer:
                 drop = np.zeros(len(part), bool)
