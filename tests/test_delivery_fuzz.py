@@ -3,7 +3,6 @@ land in exactly one output topic, and the filter neither crashes nor stalls on t
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 
@@ -14,9 +13,7 @@ from kafka import KafkaProducer
 from depois_stream.contract import headers as H
 from depois_stream.contract.wire import encode_batch
 from depois_stream.filter.clients.base import Unreadable
-from depois_stream.filter.app import StreamFilter
-from depois_stream.filter.metrics import Metrics
-from tests.helpers.kafka_io import Topics, committed, consumer_config, read_all, wait_for
+from tests.helpers.kafka_io import Topics, committed, filter_until_committed
 
 
 class _RawKey(str):
@@ -30,24 +27,6 @@ class _RawKey(str):
 
     def encode(self, *args, **kwargs) -> bytes:  # noqa: D102 - what the producer writes
         return self.raw
-
-
-def _filter_until_committed(kafka_client: str, broker, topics: Topics, group: str, model,
-                            ends: dict[int, int], timeout_s: float = 60) -> dict[str, list]:
-    """Run the filter until the group has committed ``ends`` (partition -> end offset), stop it
-    (it must stop), and return every record of the three output topics."""
-    flt = StreamFilter(consumer_config(broker.bootstrap, topics, group, model, client=kafka_client,
-                                       exit_when_idle_s=None), Metrics())
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
-    runner.start()
-    try:
-        wait_for(lambda: committed(broker.bootstrap, group, topics.ingest) == ends, timeout_s=timeout_s)
-    finally:
-        stop.set()
-        runner.join(timeout=30)
-    assert not runner.is_alive()
-    return {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
 
 
 def _run_hostile(kafka_client, broker, unique, centroid_model, digits_arrays, own_batches: bool):
@@ -80,7 +59,7 @@ def _run_hostile(kafka_client, broker, unique, centroid_model, digits_arrays, ow
         producer.close()
     end = max(f.get(timeout=10).offset for f in futures) + 1
 
-    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
+    outputs = filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
     sources = Counter(H.as_dict(r.headers)[H.SOURCE_OFFSET] for rs in outputs.values() for r in rs)
     assert len(sources) == n + 10 and set(sources.values()) == {1}  # each input exactly once
     assert committed(broker.bootstrap, unique, topics.ingest) == {0: end}
@@ -145,7 +124,7 @@ def test_legal_but_unusual_records_are_each_routed_once_and_forwarded_intact(
     assert [err for err, _ in acks] == [None] * len(cases)
     end = max(offset for _, offset in acks) + 1
 
-    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
+    outputs = filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
     by_offset = {int(H.as_dict(r.headers)[H.SOURCE_OFFSET]): r for rs in outputs.values() for r in rs}
     assert sorted(by_offset) == list(range(len(cases)))
     assert sum(len(rs) for rs in outputs.values()) == len(cases)
@@ -181,7 +160,7 @@ def test_every_compression_codec_a_producer_may_use_is_read(
     assert [err for err, _ in acks] == [None] * len(ids)
     end = max(offset for _, offset in acks) + 1
 
-    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
+    outputs = filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: end})
     assert outputs[topics.dlq] == []
     assert sorted(r.key.decode() for rs in outputs.values() for r in rs) == sorted(ids)
 
@@ -231,7 +210,7 @@ def test_a_record_batch_that_does_not_decompress_is_dead_lettered_and_passed(
         earlier.commit({TopicPartition(topics.ingest, 0): OffsetAndMetadata(committed_at, "", -1)})
         earlier.close()
 
-    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: 30})
+    outputs = filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: 30})
     sources = Counter(int(H.as_dict(r.headers)[H.SOURCE_OFFSET]) for rs in outputs.values() for r in rs)
     assert sorted(sources) == list(range(start, 30)) and set(sources.values()) == {1}
     dead = {int(H.as_dict(r.headers)[H.SOURCE_OFFSET]): r for r in outputs[topics.dlq]}
@@ -292,7 +271,7 @@ def test_a_random_mix_of_records_over_three_partitions_is_each_routed_once(
     assert [a[0] for a in acks] == [None] * n
     ends = {p: max(o for _, q, o in acks if q == p) + 1 for p in range(3)}
 
-    outputs = _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, ends, timeout_s=90)
+    outputs = filter_until_committed(kafka_client, broker, topics, unique, centroid_model, ends, timeout_s=90)
     sources = Counter((int(H.as_dict(r.headers)[H.SOURCE_PARTITION]), int(H.as_dict(r.headers)[H.SOURCE_OFFSET]))
                       for rs in outputs.values() for r in rs)
     assert sources == Counter((q, o) for _, q, o in acks)  # each input exactly once

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import threading
-
 from kafka import KafkaProducer
 
 from depois_stream.contract import headers as H
 from depois_stream.filter.app import StreamFilter
 from depois_stream.filter.metrics import Metrics
 from depois_stream.contract.wire import CONTENT_TYPE_BINARY, encode_batch
-from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, read_all, wait_for
+from tests.helpers.kafka_io import (Topics, committed, consumer_config, filter_until_committed, publish,
+                                     read_all)
 
 
 def test_key_and_headers_count_towards_the_size_that_must_be_forwarded(
@@ -87,22 +86,6 @@ def test_producers_cannot_write_depois_headers(
     assert metrics.registry.get_sample_value("depois_forged_headers_total") == n + 1
 
 
-def _filter_until_committed(kafka_client, broker, topics, group, model, ends, timeout_s=45):
-    """Run the filter until the group committed ``ends``; a record refused over and over would
-    keep it busy (never idle), so it is stopped from outside and the commit is what is checked."""
-    flt = StreamFilter(consumer_config(broker.bootstrap, topics, group, model, client=kafka_client,
-                                       exit_when_idle_s=None))
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
-    runner.start()
-    try:
-        wait_for(lambda: committed(broker.bootstrap, group, topics.ingest) == ends, timeout_s=timeout_s)
-    finally:
-        stop.set()
-        runner.join(timeout=30)
-    return flt.stats
-
-
 def test_a_header_name_is_counted_in_bytes_so_an_oversized_record_cannot_stall_its_partition(
         kafka_client, broker, unique, centroid_model, digits_arrays):
     """A 300,000-emoji header name is 1.2 MB on the wire. Counted in characters (300 kB) the
@@ -121,7 +104,7 @@ def test_a_header_name_is_counted_in_bytes_so_an_oversized_record_cannot_stall_i
     ids = [f"{unique}-{i}" for i in range(5)]
     ends = publish(broker.bootstrap, topics.ingest, ids, xte[:5], yte[:5])
     assert meta.offset == 0 and ends == {0: 6}
-    _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, ends)
+    filter_until_committed(kafka_client, broker, topics, unique, centroid_model, ends)
     (dead,) = read_all(broker.bootstrap, topics.dlq)
     assert H.as_dict(dead.headers)[H.ERROR_CLASS] == "too_large"
     assert dead.value == b"" and dead.key is None
@@ -144,7 +127,7 @@ def test_an_unsupported_content_type_is_dead_lettered_with_its_payload_and_its_r
                       headers=[(H.CONTENT_TYPE, b"\xff" * 300_000)]).get(timeout=10)
     finally:
         producer.close()
-    _filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: 1})
+    filter_until_committed(kafka_client, broker, topics, unique, centroid_model, {0: 1})
     (dead,) = read_all(broker.bootstrap, topics.dlq)
     fields = H.as_dict(dead.headers)
     assert fields[H.ERROR_CLASS] == "unsupported_content_type"

@@ -139,6 +139,32 @@ def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
         consumer.close(autocommit=False)
 
 
+def filter_until_committed(kafka_client: str, broker, topics: Topics, group: str, model,
+                           ends: dict[int, int], timeout_s: float = 60) -> dict[str, list]:
+    """Run an in-process filter until the group has committed ``ends`` (partition -> end
+    offset), stop it (it must stop), and return every record of the three output topics.
+
+    Stopped from outside rather than on idleness: a record refused over and over would keep
+    it busy for ever, and the commit is what shows that nothing stalled."""
+    import threading
+
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.filter.metrics import Metrics
+
+    flt = StreamFilter(consumer_config(broker.bootstrap, topics, group, model, client=kafka_client,
+                                       exit_when_idle_s=None), Metrics())
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    runner.start()
+    try:
+        wait_for(lambda: committed(broker.bootstrap, group, topics.ingest) == ends, timeout_s=timeout_s)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+    return {t: read_all(broker.bootstrap, t) for t in topics.outputs()}
+
+
 def wait_for(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
