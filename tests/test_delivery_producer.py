@@ -523,3 +523,56 @@ def test_a_record_refused_again_goes_bare_and_one_refused_bare_backs_off() -> No
         seen.append((delivery.rejected[(0, 100)].times, delivery.backing_off))
     assert seen == [(1, False), (BARE_AFTER, False), (BARE_AFTER + 1, True)]
     assert len(source.rewinds) == BARE_AFTER + 1
+
+
+def test_a_refused_output_in_a_transaction_is_dead_lettered_at_once_not_backed_off() -> None:
+    """Exactly-once: the abort that follows a refused output purges the batch's other outputs,
+    whose reports come back as non-retriable errors. Read as failures, they turned one refused
+    record into a backoff (and, with --produce-retries 0, an exit) instead of a dead letter on
+    the immediate retry."""
+    from depois_stream.filter.clients.base import ProduceError
+
+    pending: list = []
+
+    class TxnProducer:
+        def init_transactions(self, timeout_s: float) -> None: ...
+
+        def begin_transaction(self) -> None: ...
+
+        def send(self, topic, partition, key, value, headers, on_done) -> None:
+            if value == b"big":
+                raise ProduceError("MSG_SIZE_TOO_LARGE", False, rejected=True)
+            pending.append(on_done)  # queued, not yet acknowledged
+
+        def poll(self, timeout_s: float) -> None: ...
+
+        def flush(self, timeout_s: float) -> int:
+            return 0
+
+        def send_offsets_to_transaction(self, offsets, group_metadata, timeout_s: float) -> None:
+            raise AssertionError("offsets sent with a refused output")
+
+        def commit_transaction(self, timeout_s: float) -> None: ...
+
+        def abort_transaction(self, timeout_s: float) -> None:
+            for on_done in pending:
+                on_done(ProduceError("purged by the abort", False))
+            pending.clear()
+
+        def close(self, timeout_s: float) -> None: ...
+
+    class Consumer:
+        def group_metadata(self) -> None:
+            return None
+
+    metrics = Metrics()
+    source = _Source()
+    delivery = Delivery(TxnProducer, Consumer(), source, metrics, ("c", "q", "d"),
+                        on_delivered=lambda r: None, exactly_once=True, retries=0, clock=lambda: 0.0)
+    batch, routed = _batch_and_routed(4)
+    routed.values[2] = b"big"
+    delivery.submit(batch, routed)  # retries=0 would raise DeliveryError on a backoff
+    assert not delivery.backing_off
+    assert delivery.rejected[(0, 102)].times == 1 and source.rewinds == [{("in", 0): 100}]
+    assert metrics.registry.get_sample_value(
+        "depois_delivery_failures_total", {"kind": "retriable"}) == 0

@@ -217,41 +217,41 @@ TAIL = """
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=5
 
   # Job "depois-consumer": two members, scraped and up; at minute 3 the group falls apart and
-  # neither owns a partition (and a: leaves the group too). Job "spare": one member up and in
+  # neither owns a partition for good. Job "spare": one member up and in
   # the group but with no partition, beside one that owns all four: must stay quiet. Job
   # "stopped": nothing is scraped at all (DepoisConsumerDown's business): quiet here.
   - interval: 1m
     input_series:
       - series: 'depois_partitions_assigned{job="depois-consumer",instance="a:9108"}'
-        values: '2 2 2 0x15'
+        values: '2 2 2 0x20'
       - series: 'depois_partitions_assigned{job="depois-consumer",instance="b:9108"}'
-        values: '2 2 2 0x15'
+        values: '2 2 2 0x20'
       - series: 'up{job="depois-consumer",instance="a:9108"}'
-        values: '1x18'
+        values: '1x23'
       - series: 'up{job="depois-consumer",instance="b:9108"}'
-        values: '1x18'
+        values: '1x23'
       - series: 'depois_partitions_assigned{job="spare",instance="c:9108"}'
-        values: '0x18'
+        values: '0x23'
       - series: 'depois_partitions_assigned{job="spare",instance="d:9108"}'
-        values: '4x18'
+        values: '4x23'
       - series: 'up{job="spare",instance="c:9108"}'
-        values: '1x18'
+        values: '1x23'
       - series: 'up{job="spare",instance="d:9108"}'
-        values: '1x18'
+        values: '1x23'
       - series: 'depois_partitions_assigned{job="stopped",instance="e:9108"}'
-        values: '0 0 0 _x15'
+        values: '0 0 0 _x20'
       - series: 'up{job="stopped",instance="e:9108"}'
-        values: '1 1 1 0x15'
+        values: '1 1 1 0x20'
     alert_rule_test:
-      - eval_time: 6m
+      - eval_time: 11m
         alertname: DepoisNoPartitionsOwned
         exp_alerts: []
-      - eval_time: 9m
+      - eval_time: 14m
         alertname: DepoisNoPartitionsOwned
         exp_alerts:
           - exp_labels: {severity: page, job: depois-consumer}
             exp_annotations:
-              summary: "depois-consumer: consumers are running but none owns an ingest partition for 5 minutes: nothing is being filtered"
+              summary: "depois-consumer: consumers are running but none owns an ingest partition for 10 minutes: nothing is being filtered"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisnopartitionsowned
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&viewPanel=25
 

@@ -263,18 +263,19 @@ class Delivery:
             for tp, off in a.batch.first_offsets().items():
                 rewind.setdefault(tp, off)
         if item.rejected:
-            self._remember_rejections(item)
+            item.failure = item.failure or self._remember_rejections(item)
         if item.failure is not None:
             self._metrics.delivery_failures.labels("retriable").inc(item.failed
                                                                     - len(item.rejected))
             self._backoff(item.failure, item, rewind)
         self._source.rewind(rewind)
 
-    def _remember_rejections(self, item: _InFlight) -> None:
+    def _remember_rejections(self, item: _InFlight) -> ProduceError | None:
         """Remember each refused record so that the retry dead-letters it without its value, and
         without its key and producer headers once it was refused again (``pipeline.score``).
-        A record refused even bare cannot be written in any form: that is a retriable failure
-        with backoff (the dead-letter topic's settings are wrong), never a hot loop."""
+        A record refused even bare cannot be written in any form: the error returned for that
+        is a retriable failure to back off on (the dead-letter topic's settings are wrong),
+        never a hot loop; None otherwise (the retry goes at once: it differs)."""
         parts, offs = item.batch.partitions.tolist(), item.batch.offsets.tolist()
         refused_bare = 0
         for i, why in item.rejected.items():
@@ -288,16 +289,16 @@ class Delivery:
                 self.rejected.popitem(last=False)
         self._metrics.delivery_failures.labels("rejected").inc(len(item.rejected))
         if refused_bare:
-            item.failure = item.failure or ProduceError(
+            return ProduceError(
                 f"{refused_bare} dead letter(s) refused even without value, key and producer "
                 f"headers ({next(iter(item.rejected.values()))}): check the dead-letter topic's "
                 "max.message.bytes and cleanup.policy (compaction refuses records without a key)",
                 retriable=True)
-            return
         log.warning("%d record(s) of a batch were refused by the broker (%s); they are "
                     "dead-lettered without their payload (without key and headers too if refused "
                     "again) and the batch is sent again",
                     len(item.rejected), next(iter(item.rejected.values())))
+        return None
 
     def _backoff(self, error: BaseException, item: _InFlight, rewind: Mapping[TP, int]) -> None:
         self._attempts += 1
@@ -325,6 +326,7 @@ class Delivery:
         p = self.producer
         offsets = item.batch.next_offsets()
         committing = False
+        refused = False  # an output the client would not take: no commit was tried
         try:
             p.begin_transaction()
             self._by_seq[item.seq] = item
@@ -333,13 +335,15 @@ class Delivery:
             if item.broken:
                 # an output the client would not take (``send`` raised: a full local queue, a
                 # record refused): committing the offsets now would skip it for good
+                refused = True
                 raise item.failure or ProduceError("an output record was refused", False, True)
             p.send_offsets_to_transaction(offsets, self._consumer.group_metadata(),
                                           self._timeout_s)
             committing = True
             p.commit_transaction(self._timeout_s)
         except ClientError as exc:
-            self._metrics.commit_failures.inc()
+            if not refused:
+                self._metrics.commit_failures.inc()
             try:
                 p.abort_transaction(self._timeout_s)
             except ClientError as abort_exc:  # the transactional producer is unusable
@@ -348,13 +352,16 @@ class Delivery:
                 self._renew = True
             self._take_reports()
             self._by_seq.pop(item.seq, None)
+            # Rejections first: the abort's purge reports of the batch's other outputs are not
+            # failures of theirs, and a refused record is re-sent at once without its value.
             if item.rejected:
-                self._remember_rejections(item)  # sets item.failure if refused even bare
-            if not item.rejected or item.failure is not None:
+                refused_bare = self._remember_rejections(item)
+                if refused_bare is not None:
+                    self._backoff(refused_bare, item, item.batch.first_offsets())
+            else:
                 item.failed = item.failed or len(item.routed)
-                self._metrics.delivery_failures.labels("retriable").inc(item.failed
-                                                                        - len(item.rejected))
-                self._backoff(item.failure or exc, item, item.batch.first_offsets())
+                self._metrics.delivery_failures.labels("retriable").inc(item.failed)
+                self._backoff(exc, item, item.batch.first_offsets())
             self._source.rewind(item.batch.first_offsets())
             if committing:
                 # the coordinator may have received the commit and completed it: re-sending

@@ -95,7 +95,8 @@ def scan_headers(batch: RecordBatch) -> Ingest:
                     cts[i] = val
                 kept.append((name, val))
                 # bytes on the wire: a name is text, and 300,000 emoji are 1.2 MB, not 300 kB
-                size += len(name.encode("utf-8", "surrogatepass")) + len(val) + HEADER_OVERHEAD
+                size += ((len(name) if name.isascii() else len(name.encode("utf-8", "surrogatepass")))
+                         + len(val) + HEADER_OVERHEAD)
             fwd[i] = kept
             forged += dirty
         sizes[i] = size

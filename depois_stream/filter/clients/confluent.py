@@ -320,10 +320,9 @@ class ConfluentConsumer:
 
     def seek(self, tp: TP, offset: int) -> None:
         """Move ``tp`` to ``offset``. A partition assigned but not fetching yet cannot be
-        sought (librdkafka: ``_STATE``); it will start at the group's committed offset, at or
-        before any offset the filter seeks to (a rewind to a batch not yet committed, a
-        hand-back, a restart where it stood), so the seek is kept and made by the next poll,
-        which hands on none of the partition's records fetched before it."""
+        sought (librdkafka: ``_STATE``); the seek is then kept and made by a later poll, and
+        until it is made none of the partition's records is handed on, wherever the partition
+        started (after the seek, librdkafka discards anything fetched before it)."""
         try:
             self._c.seek(TopicPartition(tp[0], tp[1], offset))
         except KafkaException as exc:
@@ -336,11 +335,19 @@ class ConfluentConsumer:
         self._floor[tp[1]] = offset
 
     def _seek_pending(self) -> None:
+        """Make the seeks librdkafka refused earlier. One that keeps failing keeps its
+        partition's records back (never hands on a record past the seek's offset): a
+        ``_STATE`` that lasts is a partition that never starts fetching; anything else is
+        logged, and the stall watch restarts the partition (``source.Source``)."""
         for partition, offset in list(self._pending_seek.items()):
             try:
                 self._c.seek(TopicPartition(self._topic, partition, offset))
-            except KafkaException:
-                continue  # still not fetching: nothing of it to hand on yet either
+            except KafkaException as exc:
+                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                if err is None or err.code() not in (KafkaError._STATE, KafkaError._PREV_IN_PROGRESS):
+                    log.warning("seek %s[%d] to %d still fails (%s); its records are held back",
+                                self._topic, partition, offset, exc)
+                continue
             del self._pending_seek[partition]
 
     def pause(self, tps: Iterable[TP]) -> None:
