@@ -102,6 +102,60 @@ def test_call_bounded_returns_raises_or_gives_up_in_time() -> None:
         release.set()
 
 
+def _batch_and_routed(n: int, first: int = 100):
+    import numpy as np
+
+    from depois_stream.filter.clients.base import RecordBatch
+    from depois_stream.filter.pipeline import Routed
+
+    batch = RecordBatch("in", np.zeros(n, np.int32), np.arange(first, first + n, dtype=np.int64),
+                        np.zeros(n, np.int64), [None] * n, [b"x"] * n, [[] for _ in range(n)])
+    routed = Routed(np.zeros(n, np.int8), np.zeros(n, np.int64), [None] * n, [b"x"] * n,
+                    [[] for _ in range(n)], np.zeros(n, np.int64), {"clean": n}, Counter(), Counter(),
+                    np.zeros(0, np.int64))
+    return batch, routed
+
+
+class _Source:
+    assigned = frozenset({("in", 0)})
+
+    def __init__(self) -> None:
+        self.rewinds: list[dict] = []
+
+    def rewind(self, offsets, settled: bool = False) -> None:
+        self.rewinds.append(dict(offsets))
+
+
+class _TxnProducer:
+    """A transactional producer that takes and acknowledges everything; tests override what
+    their scenario needs."""
+
+    def init_transactions(self, timeout_s: float) -> None: ...
+
+    def begin_transaction(self) -> None: ...
+
+    def send(self, topic, partition, key, value, headers, on_done) -> None:
+        on_done(None)
+
+    def poll(self, timeout_s: float) -> None: ...
+
+    def flush(self, timeout_s: float) -> int:
+        return 0
+
+    def send_offsets_to_transaction(self, offsets, group_metadata, timeout_s: float) -> None: ...
+
+    def commit_transaction(self, timeout_s: float) -> None: ...
+
+    def abort_transaction(self, timeout_s: float) -> None: ...
+
+    def close(self, timeout_s: float) -> None: ...
+
+
+class _TxnConsumer:
+    def group_metadata(self) -> None:
+        return None
+
+
 def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_committed_offsets() -> None:
     """Exactly-once: commit_transaction can fail (a timeout, or a call abandoned as wedged) after
     the coordinator received the commit, which then completes anyway. Rewinding to the batch's
@@ -110,31 +164,14 @@ def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_comm
     transaction, so the filter replaces the producer and resumes at the group's committed
     offsets. No real broker can be made to lose that one reply on cue; these fakes play the
     coordinator that committed it."""
-    import numpy as np
-
-    from depois_stream.filter.clients.base import RecordBatch
-    from depois_stream.filter.pipeline import Routed
-
     group: dict[tuple[str, int], int] = {("in", 0): 100}  # the coordinator's committed offsets
 
-    class TxnProducer:
+    class TxnProducer(_TxnProducer):
         made = 0
 
         def __init__(self) -> None:
             TxnProducer.made += 1
             self.first = TxnProducer.made == 1
-
-        def init_transactions(self, timeout_s: float) -> None: ...
-
-        def begin_transaction(self) -> None: ...
-
-        def send(self, topic, partition, key, value, headers, on_done) -> None:
-            on_done(None)
-
-        def poll(self, timeout_s: float) -> None: ...
-
-        def flush(self, timeout_s: float) -> int:
-            return 0
 
         def send_offsets_to_transaction(self, offsets, group_metadata, timeout_s: float) -> None:
             self.offsets = dict(offsets)
@@ -147,30 +184,13 @@ def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_comm
         def abort_transaction(self, timeout_s: float) -> None:
             raise ClientError("abort_transaction: not in an abortable state", False)
 
-        def close(self, timeout_s: float) -> None: ...
-
-    class Consumer:
-        def group_metadata(self) -> None:
-            return None
-
+    class Consumer(_TxnConsumer):
         def committed(self, tps, timeout_s: float) -> dict:
             return {tp: group.get(tp) for tp in tps}
 
-    class Source:
-        assigned = frozenset({("in", 0)})
-        rewinds: list[dict] = []
-
-        def rewind(self, offsets, settled: bool = False) -> None:
-            self.rewinds.append(dict(offsets))
-
-    n = 4
-    batch = RecordBatch("in", np.zeros(n, np.int32), np.arange(100, 100 + n, dtype=np.int64),
-                        np.zeros(n, np.int64), [None] * n, [b"x"] * n, [[] for _ in range(n)])
-    routed = Routed(np.zeros(n, np.int8), np.zeros(n, np.int64), [None] * n, [b"x"] * n,
-                    [[] for _ in range(n)], np.zeros(n, np.int64), {"clean": n}, Counter(), Counter(),
-                    np.zeros(0, np.int64))
+    batch, routed = _batch_and_routed(4)
     now = [0.0]
-    source = Source()
+    source = _Source()
     delivery = Delivery(TxnProducer, Consumer(), source, Metrics(), ("c", "q", "d"),
                         on_delivered=lambda r: None, exactly_once=True, clock=lambda: now[0])
     delivery.submit(batch, routed)
@@ -417,30 +437,6 @@ def test_a_wedged_kafka_python_producer_is_force_closed_only_on_the_way_out(monk
     assert seen == ["close", "force_close"]
 
 
-def _batch_and_routed(n: int, first: int = 100):
-    import numpy as np
-
-    from depois_stream.filter.clients.base import RecordBatch
-    from depois_stream.filter.pipeline import Routed
-
-    batch = RecordBatch("in", np.zeros(n, np.int32), np.arange(first, first + n, dtype=np.int64),
-                        np.zeros(n, np.int64), [None] * n, [b"x"] * n, [[] for _ in range(n)])
-    routed = Routed(np.zeros(n, np.int8), np.zeros(n, np.int64), [None] * n, [b"x"] * n,
-                    [[] for _ in range(n)], np.zeros(n, np.int64), {"clean": n}, Counter(), Counter(),
-                    np.zeros(0, np.int64))
-    return batch, routed
-
-
-class _Source:
-    assigned = frozenset({("in", 0)})
-
-    def __init__(self) -> None:
-        self.rewinds: list[dict] = []
-
-    def rewind(self, offsets, settled: bool = False) -> None:
-        self.rewinds.append(dict(offsets))
-
-
 def test_a_transaction_with_an_output_the_client_would_not_take_is_aborted_not_committed() -> None:
     """Exactly-once: ``send`` raising for one output (librdkafka's local queue full for 10 s,
     say) only stopped the sending; the offsets then went into the transaction and were committed
@@ -450,9 +446,7 @@ def test_a_transaction_with_an_output_the_client_would_not_take_is_aborted_not_c
 
     calls: list[str] = []
 
-    class TxnProducer:
-        def init_transactions(self, timeout_s: float) -> None: ...
-
+    class TxnProducer(_TxnProducer):
         def begin_transaction(self) -> None:
             calls.append("begin")
 
@@ -461,11 +455,6 @@ def test_a_transaction_with_an_output_the_client_would_not_take_is_aborted_not_c
                 raise ProduceError("local queue full for 10 s", retriable=True)
             calls.append("send")
             on_done(None)
-
-        def poll(self, timeout_s: float) -> None: ...
-
-        def flush(self, timeout_s: float) -> int:
-            return 0
 
         def send_offsets_to_transaction(self, offsets, group_metadata, timeout_s: float) -> None:
             calls.append("offsets")
@@ -476,15 +465,9 @@ def test_a_transaction_with_an_output_the_client_would_not_take_is_aborted_not_c
         def abort_transaction(self, timeout_s: float) -> None:
             calls.append("abort")
 
-        def close(self, timeout_s: float) -> None: ...
-
-    class Consumer:
-        def group_metadata(self) -> None:
-            return None
-
     delivered: list = []
     source = _Source()
-    delivery = Delivery(TxnProducer, Consumer(), source, Metrics(), ("c", "q", "d"),
+    delivery = Delivery(TxnProducer, _TxnConsumer(), source, Metrics(), ("c", "q", "d"),
                         on_delivered=delivered.append, exactly_once=True, clock=lambda: 0.0)
     batch, routed = _batch_and_routed(5)
     delivery.submit(batch, routed)
@@ -534,40 +517,23 @@ def test_a_refused_output_in_a_transaction_is_dead_lettered_at_once_not_backed_o
 
     pending: list = []
 
-    class TxnProducer:
-        def init_transactions(self, timeout_s: float) -> None: ...
-
-        def begin_transaction(self) -> None: ...
-
+    class TxnProducer(_TxnProducer):
         def send(self, topic, partition, key, value, headers, on_done) -> None:
             if value == b"big":
                 raise ProduceError("MSG_SIZE_TOO_LARGE", False, rejected=True)
             pending.append(on_done)  # queued, not yet acknowledged
 
-        def poll(self, timeout_s: float) -> None: ...
-
-        def flush(self, timeout_s: float) -> int:
-            return 0
-
         def send_offsets_to_transaction(self, offsets, group_metadata, timeout_s: float) -> None:
             raise AssertionError("offsets sent with a refused output")
-
-        def commit_transaction(self, timeout_s: float) -> None: ...
 
         def abort_transaction(self, timeout_s: float) -> None:
             for on_done in pending:
                 on_done(ProduceError("purged by the abort", False))
             pending.clear()
 
-        def close(self, timeout_s: float) -> None: ...
-
-    class Consumer:
-        def group_metadata(self) -> None:
-            return None
-
     metrics = Metrics()
     source = _Source()
-    delivery = Delivery(TxnProducer, Consumer(), source, metrics, ("c", "q", "d"),
+    delivery = Delivery(TxnProducer, _TxnConsumer(), source, metrics, ("c", "q", "d"),
                         on_delivered=lambda r: None, exactly_once=True, retries=0, clock=lambda: 0.0)
     batch, routed = _batch_and_routed(4)
     routed.values[2] = b"big"

@@ -31,7 +31,7 @@ from depois_stream.filter.clients.base import (
     abandoned_calls,
 )
 from depois_stream.filter.config import ConsumerConfig
-from depois_stream.filter.delivery import Delivery, DeliveryError
+from depois_stream.filter.delivery import Delivery, DeliveryError, commit_answered
 from depois_stream.filter.detector import Detector, ModelLoadError
 from depois_stream.filter.http import HealthServer
 from depois_stream.filter.metrics import Metrics
@@ -311,17 +311,8 @@ class StreamFilter:
             raise StartupError("stopped while waiting for the broker")
 
     def _connect(self, settings: ClientSettings) -> Consumer:
-        def on_commit(error: BaseException | None) -> None:
-            """The broker's answer to an asynchronous commit: only now is it a commit (or a
-            failure); counting at send time made a filter whose commits were all refused look
-            healthy to DepoisConsumerStalled."""
-            if error is None:
-                self.metrics.commits.inc()
-                self.metrics.last_batch_timestamp.set_to_current_time()
-            else:
-                self.metrics.commit_failures.inc()
-                log.warning("offset commit failed (%s); the records after the last commit "
-                            "will be filtered again", error)
+        def on_commit(error: BaseException | None) -> None:  # an asynchronous commit's answer
+            commit_answered(self.metrics, error)
 
         try:
             return self.client.consumer(settings, on_commit)

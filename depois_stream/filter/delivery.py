@@ -53,6 +53,20 @@ MAX_REMEMBERED_REJECTIONS = 10_000
 RENEW_AFTER = 3  # failed attempts in a row after which the producer is replaced
 
 
+def commit_answered(metrics: Metrics, error: BaseException | None) -> None:
+    """Count one offset commit once its outcome is known: the broker's answer to an
+    asynchronous one (the consumer's ``on_commit``), a synchronous one's return, a committed
+    transaction. Counted at send time, a filter whose commits were all refused looked healthy
+    to DepoisConsumerStalled, which reads the timestamp."""
+    if error is None:
+        metrics.commits.inc()
+        metrics.last_batch_timestamp.set_to_current_time()
+        return
+    metrics.commit_failures.inc()
+    log.warning("offset commit failed (%s); the records after the last commit will be filtered "
+                "again", error)
+
+
 class DeliveryError(RuntimeError):
     """Outputs could not be produced within the configured retries; nothing past the first
     unacknowledged record was committed."""
@@ -244,13 +258,10 @@ class Delivery:
         try:
             self._consumer.commit(owned, asynchronous=asynchronous)
         except ClientError as exc:
-            self._metrics.commit_failures.inc()
-            log.warning("offset commit failed (%s); the records after the last commit will be "
-                        "filtered again", exc)
+            commit_answered(self._metrics, exc)
             return
         if not asynchronous:  # an asynchronous one counts when the broker answers (on_commit)
-            self._metrics.commits.inc()
-            self._metrics.last_batch_timestamp.set_to_current_time()
+            commit_answered(self._metrics, None)
 
     def _retry(self, k: int, item: _InFlight) -> None:
         """Abandon ``item`` and every later batch, rewind their partitions, try again."""
@@ -372,8 +383,7 @@ class Delivery:
         self._take_reports()
         self._by_seq.pop(item.seq, None)
         self._attempts = 0
-        self._metrics.commits.inc()
-        self._metrics.last_batch_timestamp.set_to_current_time()
+        commit_answered(self._metrics, None)
         self._on_delivered(item.routed)
 
     def _settle_unconfirmed_commit(self) -> None:

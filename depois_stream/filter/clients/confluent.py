@@ -125,8 +125,13 @@ def _error(err: KafkaError | None, what: str) -> ClientError:
     return ClientError(f"{what}: {err.str()} ({err.name()})", retriable=retriable)
 
 
+def _kafka_error(exc: KafkaException) -> KafkaError | None:
+    """The KafkaError a KafkaException carries, if any."""
+    return exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+
+
 def _exc(exc: KafkaException, what: str) -> ClientError:
-    err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+    err = _kafka_error(exc)
     return _error(err, what) if err is not None else ClientError(f"{what}: {exc}", True)
 
 
@@ -326,7 +331,7 @@ class ConfluentConsumer:
         try:
             self._c.seek(TopicPartition(tp[0], tp[1], offset))
         except KafkaException as exc:
-            err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            err = _kafka_error(exc)
             if err is None or err.code() != KafkaError._STATE:
                 raise _exc(exc, f"seek {tp[0]}[{tp[1]}] to {offset}") from exc
             self._pending_seek[tp[1]] = offset
@@ -343,7 +348,7 @@ class ConfluentConsumer:
             try:
                 self._c.seek(TopicPartition(self._topic, partition, offset))
             except KafkaException as exc:
-                err = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+                err = _kafka_error(exc)
                 if err is None or err.code() not in (KafkaError._STATE, KafkaError._PREV_IN_PROGRESS):
                     log.warning("seek %s[%d] to %d still fails (%s); its records are held back",
                                 self._topic, partition, offset, exc)
@@ -466,8 +471,8 @@ class ConfluentProducer:
                     raise ProduceError("local producer queue stayed full", retriable=True) from None
                 self._p.poll(0.05)
             except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if isinstance(err, KafkaError):
+                err = _kafka_error(exc)
+                if err is not None:
                     raise _produce_error(err, "produce") from exc
                 raise ProduceError(f"produce: {exc}", retriable=True) from exc
 
