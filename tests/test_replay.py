@@ -336,6 +336,7 @@ def test_released_copies_are_never_released_again(quarantine: Quarantine) -> Non
     # by its replay_count even under a fresh audit topic that has no record of the release.
     copy = _released(quarantine)[sid]
     fresh = quarantine.settings.model_copy(update={"audit_topic": f"audit-{uuid.uuid4().hex[:6]}"})
+    create_topics(fresh.bootstrap_servers, [fresh.audit_topic])  # empty: no record of the release
     looped = QuarantinedRecord.from_kafka("q", 0, 0, None, copy.key, copy.value,
                                           list(copy.headers) + [(H.VERDICT, b"quarantine")])
     report = release(fresh, [looped], "alice", "loop", dry_run=True)

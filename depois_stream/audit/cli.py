@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn, Optional
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import BaseModel, Field, ValidationError
@@ -20,8 +21,10 @@ from pydantic import BaseModel, Field, ValidationError
 from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.replay import (
     QuarantinedRecord,
+    Listing,
     ReadWindow,
     ReplayError,
+    ReleaseReport,
     ReplayFilter,
     ReplaySettings,
     parse_offsets,
@@ -107,20 +110,29 @@ class Selection(BaseModel):
                             source_partitions=opt(self.partitions), reasons=opt(self.reasons))
 
 
+# Kafka record timestamps are epoch ms, and a time index lookup refuses negative ones.
+_LATEST_MS = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp() * 1000)
+
+
 def _time_ms(text: str | None, flag_name: str) -> int | None:
     if text is None:
         return None
-    if text.isdigit():
-        return int(text)
-    iso = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text  # Python 3.10: no "Z"
-    try:
-        t = datetime.fromisoformat(iso)
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is neither ISO-8601 nor epoch ms",
-                                 param_hint=flag_name) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    return int(t.timestamp() * 1000)
+    if text.isascii() and text.isdigit():
+        ms = int(text)
+    else:
+        iso = text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text  # Python 3.10: no "Z"
+        try:
+            t = datetime.fromisoformat(iso)
+        except ValueError:
+            raise typer.BadParameter(f"{text!r} is neither ISO-8601 nor epoch ms",
+                                     param_hint=flag_name) from None
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=timezone.utc)
+        ms = int(t.timestamp() * 1000)
+    if not 0 <= ms <= _LATEST_MS:
+        raise typer.BadParameter(f"{text!r} is outside 1970-01-01 .. 9999-12-31 (record times "
+                                 "are milliseconds since 1970)", param_hint=flag_name)
+    return ms
 
 
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
@@ -150,7 +162,28 @@ def _read(sel: Selection, settings: ReplaySettings) -> tuple[int, list[Quarantin
     return len(records), select(records, flt)
 
 
+def _check_outputs(kw: dict[str, Any]) -> None:
+    """Refuse a metrics destination that cannot work before anything is read or released: found
+    afterwards, the error would hide a release that did happen."""
+    url = kw.get("pushgateway")
+    if url is not None:
+        try:
+            parts = urlsplit(url if "://" in url else f"http://{url}")
+            ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            ok = False
+        if not ok:
+            raise typer.BadParameter(f"{url!r} is not a Pushgateway URL such as "
+                                     "http://pushgateway:9091", param_hint="--pushgateway")
+    textfile = kw.get("metrics_textfile")
+    if textfile is not None and not Path(textfile).parent.is_dir():
+        raise typer.BadParameter(f"folder {str(Path(textfile).parent)!r} does not exist",
+                                 param_hint="--metrics-textfile")
+
+
 def _publish(metrics: ReplayMetrics, action: str, kw: dict[str, Any]) -> None:
+    """Called after the run's report is printed: a metrics failure must not hide what was done."""
     try:
         metrics.publish(action, kw.get("pushgateway"),
                         str(kw["metrics_textfile"]) if kw.get("metrics_textfile") else None)
@@ -177,6 +210,8 @@ def _register(name: str, fn: Callable[..., None], *extra: Any) -> None:
 
 
 def _split(kw: dict[str, Any]) -> Selection:
+    """The selection options out of ``kw``; the metrics destinations in it checked."""
+    _check_outputs(kw)
     return Selection(**{k: kw.pop(k) for k in list(kw) if k in Selection.model_fields})
 
 
@@ -191,12 +226,15 @@ def list_(**kw: Any) -> None:
     read, chosen = _read(sel, _settings(sel))
     metrics = ReplayMetrics()
     metrics.replay_outcomes.labels(action="list", outcome="listed").inc(len(chosen))
-    _publish(metrics, "list", kw)
     listing = summarize(read, chosen)
-    if kw["as_json"]:
+    _print_listing(listing, kw["as_json"], kw["limit"])
+    _publish(metrics, "list", kw)
+
+
+def _print_listing(listing: Listing, as_json: bool, limit: int) -> None:
+    if as_json:
         typer.echo(listing.model_dump_json(indent=2))
         return
-    limit = kw["limit"]
     typer.echo(f"{'ID':<24} {'LABEL':>5} {'SCORE':>10} {'BOUNDARY':>10} {'REASON':<15} "
                f"{'MODEL':<18} {'SOURCE':>10} {'AT':>10}  TIME")
     for r in listing.records[:limit]:
@@ -229,15 +267,22 @@ def export_(**kw: Any) -> None:
     from depois_stream.audit.export import export
 
     sel = _split(kw)
-    _, chosen = _read(sel, _settings(sel))
     folder = kw["out"] or Path.cwd() / datetime.now(timezone.utc).strftime(
         "replay-export-%Y%m%dT%H%M%SZ")
+    if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
+        # Into an earlier export, its contact sheets beyond the new count would stay and mislead.
+        raise typer.BadParameter(f"{str(folder)!r} already exists and is not an empty folder; "
+                                 "name a new one", param_hint="--out")
+    _, chosen = _read(sel, _settings(sel))
     metrics = ReplayMetrics()
-    summary = export(chosen, folder, metrics=metrics)
-    _publish(metrics, "export", kw)
+    try:
+        summary = export(chosen, folder, metrics=metrics)
+    except OSError as exc:
+        _fail(f"could not write the export to {str(folder)!r}: {exc}")
     typer.echo(f"exported {summary.records} records to {summary.folder}: {summary.decoded} "
                f"images in samples.npz and {len(summary.sheets)} contact sheet(s), "
                f"{summary.decode_failed} undecodable (see decode_error in manifest.jsonl)")
+    _publish(metrics, "export", kw)
 
 
 def rescore_(**kw: Any) -> None:
@@ -253,6 +298,9 @@ def rescore_(**kw: Any) -> None:
     sel = _split(kw)
     if kw["device"] not in ("auto", "cuda", "cpu"):
         raise typer.BadParameter("use auto, cuda or cpu", param_hint="--device")
+    if not kw["histogram"].parent.is_dir():
+        raise typer.BadParameter(f"folder {str(kw['histogram'].parent)!r} does not exist",
+                                 param_hint="--histogram")
     _, chosen = _read(sel, _settings(sel))
     try:
         detector = Detector.load(kw["model"], device=kw["device"],
@@ -260,9 +308,16 @@ def rescore_(**kw: Any) -> None:
     except ModelLoadError as exc:
         _fail(str(exc))
     metrics = ReplayMetrics()
-    report = rescore(chosen, detector, kw["histogram"], metrics=metrics)
+    try:
+        report = rescore(chosen, detector, kw["histogram"], metrics=metrics)
+    except OSError as exc:
+        _fail(f"could not write the histogram {str(kw['histogram'])!r}: {exc}")
+    _print_rescore(report, kw["as_json"])
     _publish(metrics, "rescore", kw)
-    if kw["as_json"]:
+
+
+def _print_rescore(report: Any, as_json: bool) -> None:
+    if as_json:
         typer.echo(report.model_dump_json(indent=2))
         return
     typer.echo(f"model {report.model_version}: {report.would_pass} of {report.scored} scored "
@@ -302,14 +357,21 @@ def release_(**kw: Any) -> None:
         report = release(settings, chosen, operator, reason, dry_run=kw["dry_run"],
                          metrics=metrics)
     except ReplayError as exc:
-        _fail(str(exc))
+        typer.echo(f"depois-stream replay: {exc}", err=True)
+        _publish(metrics, "release", kw)  # what did go out is counted
+        raise typer.Exit(EXIT_FAILED) from None
+    _print_release(report, kw["as_json"], kw["dry_run"], settings)
     _publish(metrics, "release", kw)
-    if kw["as_json"]:
+
+
+def _print_release(report: ReleaseReport, as_json: bool, dry_run: bool,
+                   settings: ReplaySettings) -> None:
+    if as_json:
         typer.echo(report.model_dump_json(indent=2))
         return
-    verb = "would release" if kw["dry_run"] else "released"
+    verb = "would release" if dry_run else "released"
     typer.echo(f"{verb} {len(report.released)} sample(s) to {settings.clean_topic}"
-               + ("" if kw["dry_run"] else f", audit records on {settings.audit_topic}"))
+               + ("" if dry_run else f", audit records on {settings.audit_topic}"))
     for sid in report.released:
         typer.echo(f"  {sid}")
     for why, skipped in report.skipped.items():
@@ -324,8 +386,8 @@ _register("list", list_,
           option("limit", int, 50, "--limit", help="Print at most this many rows (the totals "
                  "count all)."), AS_JSON, *OUTPUTS)
 _register("export", export_,
-          option("out", Optional[Path], None, "--out", help="Folder to write (created); default "
-                 "./replay-export-<UTC time>."), *OUTPUTS)
+          option("out", Optional[Path], None, "--out", help="Folder to write: new (created) or "
+                 "empty; default ./replay-export-<UTC time>."), *OUTPUTS)
 _register("rescore", rescore_,
           option("model", Path, ..., "--model", help="ONNX model to try (its model card must sit "
                  "beside it)."),

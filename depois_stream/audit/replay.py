@@ -270,6 +270,9 @@ def parse_offsets(specs: Sequence[str]) -> dict[int, tuple[int, int | None]]:
                              "e.g. 0:120-180 or 2:40") from None
         if p < 0 or lo < 0 or (hi is not None and hi < lo):
             raise ValueError(f"offset range {spec!r} is empty or negative")
+        if p in out:  # keeping only one of them would read less than was asked, silently
+            raise ValueError(f"partition {p} is given twice (--offsets takes one range per "
+                             "partition)")
         out[p] = (lo, hi)
     return out
 
@@ -361,7 +364,9 @@ def release_headers(r: QuarantinedRecord, operator: str, reason: str,
     Everything the router wrote is kept so the clean copy still explains where it came from;
     only the verdict changes, to ``released``, which a trainer can choose to treat differently.
     """
-    kept = [(k, v) for k, v in r.headers if k not in _OVERWRITTEN]
+    # A null header value is legal in Kafka, but kafka-python cannot write one: empty, as the
+    # filter forwards it.
+    kept = [(k, b"" if v is None else v) for k, v in r.headers if k not in _OVERWRITTEN]
     return kept + [
         (H.VERDICT, H.VERDICT_RELEASED.encode()),
         (H.REPLAY_COUNT, str(r.replay_count + 1).encode()),
@@ -391,6 +396,12 @@ class ReleaseReport(BaseModel):
 def require_operator_and_reason(operator: str | None, reason: str | None) -> tuple[str, str]:
     who, why = (operator or "").strip(), (reason or "").strip()
     missing = [flag for flag, v in (("--operator", who), ("--reason", why)) if not v]
+    for flag, v in (("--operator", who), ("--reason", why)):
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ReplayError(f"{flag} is not valid UTF-8 text (it goes into headers and the "
+                              "audit topic as UTF-8); check the terminal's encoding") from None
     if missing:
         raise ReplayError(
             f"release needs {' and '.join(missing)}: every release is written to the audit topic "
@@ -412,14 +423,19 @@ def _kafka_errors(bootstrap: str) -> Iterator[None]:
 
 
 def _consumer(bootstrap: str, kafka: dict[str, Any]) -> KafkaConsumer:
-    # group_id=None: no group membership, no offset commits, ever.
+    # group_id=None: no group membership, no offset commits, ever. read_committed: a record of
+    # an aborted transaction (an exactly-once filter's batch that was retried) was never written
+    # as far as its readers are concerned; releasing it would put the sample on the clean topic
+    # twice. DEPOIS_KAFKA may still say otherwise.
+    options = {"isolation_level": "read_committed", **kafka}
     return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         auto_offset_reset="earliest", client_id=CLIENT_ID, **kafka)
+                         auto_offset_reset="earliest", client_id=CLIENT_ID, **options)
 
 
 def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
              kafka: dict[str, Any] | None = None, timeout_s: float = 60.0,
-             missing_ok: bool = False, grace_s: float = 0.5) -> list[ConsumerRecord]:
+             missing_hint: str = "check --topic and DEPOIS_BOOTSTRAP_SERVERS",
+             grace_s: float = 0.5) -> list[ConsumerRecord]:
     """Read ``window`` of ``topic`` (all of it by default) and return kafka ConsumerRecords.
 
     Reading stops once every partition reached the end offset snapshotted at start and one
@@ -432,10 +448,7 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
         try:
             parts = consumer.partitions_for_topic(topic)
             if not parts:
-                if missing_ok:
-                    return []
-                raise ReplayError(f"topic {topic!r} does not exist on {bootstrap}; check "
-                                  "--topic and DEPOIS_BOOTSTRAP_SERVERS")
+                raise ReplayError(f"topic {topic!r} does not exist on {bootstrap}; {missing_hint}")
             if window.offsets is not None:
                 unknown = sorted(set(window.offsets) - parts)
                 if unknown:
@@ -504,10 +517,19 @@ def read_quarantine(settings: ReplaySettings, window: ReadWindow | None = None,
 
 
 def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:
-    """All audit records (and how many values were unreadable); a missing topic is empty."""
+    """All audit records (and how many values were unreadable).
+
+    The audit topic must exist. It is release's memory: read as empty, a mistyped
+    ``DEPOIS_AUDIT_TOPIC`` would make every earlier release releasable again (and a broker that
+    creates topics on first write would keep the typo's own, separate memory from then on).
+    """
     recs = read_raw(settings.bootstrap_servers, settings.audit_topic,
                     kafka=settings.client_options(KafkaConsumer),
-                    timeout_s=settings.read_timeout_s, missing_ok=True)
+                    timeout_s=settings.read_timeout_s, missing_hint=(
+                        "release reads it to refuse samples released before: check "
+                        "DEPOIS_AUDIT_TOPIC, or create it once with unlimited retention (e.g. "
+                        f"kafka-topics.sh --create --topic {settings.audit_topic} --config "
+                        "retention.ms=-1; docs/replay.md)"))
     return parse_audit_values(r.value for r in recs)
 
 
@@ -516,25 +538,44 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
             metrics: ReplayMetrics | None = None) -> ReleaseReport:
     """Publish ``selected`` to the clean topic and audit each one; see ``plan_release``.
 
-    Clean copies are flushed before their audit records are written: a crash in between leaves a
-    released sample without its audit record (so a rerun would release it twice), never an
-    audit record claiming a release that did not happen.
+    Every sample ends in one of two states that a rerun reads correctly: released with its audit
+    record (a rerun skips it) or not released at all (a rerun releases it). When a step fails
+    part-way, the ``ReplayError`` names the samples of each state and any sample whose fate the
+    broker never answered; see ``_publish``.
     """
     operator, reason = require_operator_and_reason(operator, reason)
     audit, unreadable = read_audit(settings)
     plan = plan_release(selected, released_ids(audit))
+    failure: ReplayError | None = None
+    released = plan.release
     if not dry_run and plan.release:
-        _publish(settings, plan.release, operator, reason)
+        try:
+            _publish(settings, plan.release, operator, reason)
+        except ReleaseIncomplete as exc:
+            failure, released = exc, exc.released
     report = ReleaseReport(
-        dry_run=dry_run, released=[r.sample_id for r in plan.release],
+        dry_run=dry_run, released=[r.sample_id for r in released],
         skipped=_group_skips(plan.skipped), unreadable_audit_records=unreadable,
     )
     if metrics is not None:
         outcome = "dry_run" if dry_run else "released"
-        metrics.replay_outcomes.labels(action="release", outcome=outcome).inc(len(plan.release))
+        metrics.replay_outcomes.labels(action="release", outcome=outcome).inc(len(released))
         for why, ids in report.skipped.items():
             metrics.replay_outcomes.labels(action="release", outcome=f"skipped_{why}").inc(len(ids))
+        if failure is not None:
+            metrics.replay_outcomes.labels(action="release", outcome="failed").inc(
+                len(plan.release) - len(released))
+    if failure is not None:
+        raise failure
     return report
+
+
+class ReleaseIncomplete(ReplayError):
+    """A release that stopped part-way; ``released`` went out with their audit records."""
+
+    def __init__(self, message: str, released: list[QuarantinedRecord]) -> None:
+        super().__init__(message)
+        self.released = released
 
 
 def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]) -> dict[str, list[str]]:
@@ -544,29 +585,129 @@ def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]) -> dict[st
     return out
 
 
+# An estimate of a record's size on the wire beyond key, value and header bytes (record batch
+# framing, per-header varints), generous so that a record refused before anything is sent is
+# one kafka-python would refuse too.
+_RECORD_OVERHEAD = 128
+_HEADER_OVERHEAD = 10
+
+
 def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], operator: str,
              reason: str) -> None:
+    """Clean copies first, then an audit record for each copy the broker acknowledged.
+
+    A record handed to a Kafka producer cannot be taken back (closing it delivers what is
+    queued), so a failure part-way does not stop at an exception: every copy is followed to its
+    answer and exactly the acknowledged ones are audited, so a rerun skips them and releases the
+    rest. Copies the client would refuse for their size are refused before anything is sent. What
+    stays unknown (no answer within the delivery timeout) or released without its audit record
+    (the audit write failed) is named in the error, because a rerun would release it again.
+    """
     released_at = utc_now_iso()
     copies: list[Message] = [(r.key, r.value, release_headers(r, operator, reason, released_at))
                              for r in records]
-    audits: list[Message] = [(r.sample_id.encode("utf-8"),
-                              audit_record_for(r, operator, reason, released_at,
-                                               settings.clean_topic).to_bytes(), [])
-                             for r in records]
+    producer_options = {"delivery_timeout_ms": 60_000, **settings.client_options(KafkaProducer)}
+    _refuse_oversized(records, copies, int(producer_options.get("max_request_size", 1_048_576)))
+    wait_s = producer_options["delivery_timeout_ms"] / 1000 + 10
     with _kafka_errors(settings.bootstrap_servers):
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                                 client_id=CLIENT_ID, **settings.client_options(KafkaProducer))
+                                 client_id=CLIENT_ID, **producer_options)
+        unanswered = False
         try:
-            _send_acknowledged(producer, settings.clean_topic, copies)
-            _send_acknowledged(producer, settings.audit_topic, audits)
+            clean = _send_all(producer, settings.clean_topic, copies, wait_s)
+            out = [records[i] for i in clean.acknowledged]
+            audited = _send_all(producer, settings.audit_topic, [
+                (r.sample_id.encode("utf-8"), audit_record_for(
+                    r, operator, reason, released_at, settings.clean_topic).to_bytes(), [])
+                for r in out], wait_s)
+            unanswered = bool(clean.unknown or audited.unknown)
         finally:
-            producer.close()
+            producer.close(timeout=0 if unanswered else None)
+    if clean.complete and audited.complete:
+        return
+    def names(idx: Iterable[int], recs: Sequence[QuarantinedRecord]) -> str:
+        return ", ".join(recs[i].sample_id for i in idx)
+
+    parts = []
+    if audited.acknowledged:
+        parts.append(f"released {len(audited.acknowledged)} of {len(records)} with their audit "
+                     f"records (a rerun skips them): {names(audited.acknowledged, out)}")
+    lost_audit = sorted(set(range(len(out))) - set(audited.acknowledged))
+    if lost_audit:
+        parts.append(f"RELEASED WITHOUT AN AUDIT RECORD ({audited.first_error or 'no answer'}; "
+                     f"a rerun would release them again, write them down): {names(lost_audit, out)}")
+    if clean.failed or clean.unsent:
+        not_out = sorted(set(clean.failed) | set(clean.unsent))
+        parts.append(f"not released ({clean.first_error}): {names(not_out, records)}")
+    if clean.unknown:
+        parts.append(f"no answer from the broker within {wait_s:.0f} s, so possibly on "
+                     f"{settings.clean_topic} without an audit record (look there before a "
+                     f"rerun): {names(clean.unknown, records)}")
+    acknowledged_with_audit = [out[i] for i in audited.acknowledged]
+    raise ReleaseIncomplete("release stopped part-way: " + "; ".join(parts),
+                            acknowledged_with_audit)
 
 
-def _send_acknowledged(producer: KafkaProducer, topic: str,
-                       messages: list[Message], timeout_s: float = 30.0) -> None:
-    """Send and wait for every acknowledgement, so a failure stops before the next step."""
-    futures = [producer.send(topic, key=k, value=v, headers=h) for k, v, h in messages]
-    producer.flush(timeout=timeout_s)
-    for f in futures:
-        f.get(timeout=timeout_s)
+def _refuse_oversized(records: Sequence[QuarantinedRecord], copies: Sequence[Message],
+                      max_request_size: int) -> None:
+    for r, (key, value, headers) in zip(records, copies):
+        size = (len(key or b"") + len(value or b"") + _RECORD_OVERHEAD
+                + sum(len(k.encode("utf-8", "surrogatepass")) + len(v) + _HEADER_OVERHEAD
+                      for k, v in headers))
+        if size > max_request_size:
+            raise ReplayError(
+                f"{r.sample_id} would be about {size} bytes with its headers, over the producer's "
+                f"max_request_size of {max_request_size}; nothing was released. Raise it for "
+                "replay with DEPOIS_KAFKA='{\"max_request_size\": N}' (the clean topic's "
+                "max.message.bytes must allow it too), or leave that sample out of the selection")
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What became of each message of one ``_send_all``, by position."""
+
+    acknowledged: list[int]
+    failed: dict[int, str]  # refused, and why
+    unsent: list[int]  # never handed to the client: an earlier send was refused at once
+    unknown: list[int]  # handed over, no answer before the deadline
+
+    @property
+    def complete(self) -> bool:
+        return not (self.failed or self.unsent or self.unknown)
+
+    @property
+    def first_error(self) -> str | None:
+        return self.failed[min(self.failed)] if self.failed else None
+
+
+def _send_all(producer: KafkaProducer, topic: str, messages: Sequence[Message],
+              wait_s: float) -> Sent:
+    """Hand the messages over in order, stop at the first one refused at once, and wait for
+    the broker's answer to every one handed over (the delivery timeout bounds that wait)."""
+    futures = []
+    failed: dict[int, str] = {}
+    for i, (key, value, headers) in enumerate(messages):
+        try:
+            futures.append(producer.send(topic, key=key, value=value, headers=headers))
+        except (KafkaError, TypeError, ValueError, AssertionError) as exc:
+            failed[i] = _why(exc)
+            break
+    try:
+        producer.flush(timeout=wait_s)
+    except KafkaError:  # a timeout: the futures say which answers are missing
+        pass
+    acknowledged, unknown = [], []
+    for i, f in enumerate(futures):
+        if not f.is_done:
+            unknown.append(i)
+        elif f.succeeded():
+            acknowledged.append(i)
+        else:
+            failed[i] = _why(f.exception)
+    first_unsent = len(futures) + (1 if len(futures) in failed else 0)
+    return Sent(acknowledged, failed, list(range(first_unsent, len(messages))), unknown)
+
+
+def _why(exc: BaseException | None) -> str:
+    text = f"{type(exc).__name__}: {exc}" if exc is not None else "no reason given"
+    return text if len(text) <= 200 else text[:199] + "…"

@@ -40,5 +40,11 @@ VERDICT_RELEASED = "released"
 
 
 def as_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
-    """Kafka headers (list of (key, bytes)) -> {key: str}; the last value of a repeated key wins."""
-    return {k: (v.decode("utf-8", "replace") if v is not None else "") for k, v in (headers or [])}
+    """Kafka headers (list of (key, bytes)) -> {key: str}; the first value of a repeated key wins,
+    as in the filter, which decodes a record by its first ``content-type`` header: replay must
+    read a record the way the filter did."""
+    out: dict[str, str] = {}
+    for k, v in headers or []:
+        if k not in out:
+            out[k] = v.decode("utf-8", "replace") if v is not None else ""
+    return out

@@ -34,6 +34,7 @@ HEADER_ALLOWANCE = 2048
 HEADER_OVERHEAD = 10
 _PREFIX = H.PREFIX
 _NO_HEADERS: list[Header] = []
+_LINEAGE = H.REPLAY_COUNT  # the one depois.* header a record keeps through the filter
 
 
 
@@ -69,8 +70,11 @@ def scan_headers(batch: RecordBatch) -> Ingest:
 
     ``depois.*`` headers (any letter case) are the filter's and replay's to write: a producer's
     copy is dropped here, so a downstream reader or ``replay`` never takes a forged verdict,
-    error class or replay count for ours. A null header value is forwarded as an empty one, the
-    same with either client (kafka-python's producer refuses null values).
+    score or error class for ours. One is kept: ``depois.replay_count``, when it is a small
+    number. It is how ``replay release`` recognises a released copy that came back through
+    ingest (a pipeline feeding the clean topic back in), and all a forged one can do is make
+    its own record unreleasable. A null header value is forwarded as an empty one, the same with
+    either client (kafka-python's producer refuses null values).
     """
     n = len(batch)
     cts: list[bytes | None] = [None] * n
@@ -87,8 +91,11 @@ def scan_headers(batch: RecordBatch) -> Ingest:
             dirty = False
             for name, val in hs:
                 if name[:7].lower() == _PREFIX:
-                    dirty = True
-                    continue
+                    if name == _LINEAGE and val and len(val) <= 6 and val.isdigit():
+                        val = str(int(val)).encode()  # b"0001" -> b"1"
+                    else:
+                        dirty = True
+                        continue
                 if val is None:  # a null header value (legal): kafka-python cannot write one
                     val = b""
                 if name == H.CONTENT_TYPE and cts[i] is None:

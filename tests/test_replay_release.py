@@ -1,0 +1,328 @@
+"""`replay release` when something goes wrong part-way, against a real broker where it can be.
+
+Each test here started as a way a review (stop 39) made release lose track of a sample: a copy on
+the clean topic with no audit record (so a rerun releases it again), a release the error said had
+failed but that went out anyway, a released copy that came back through ingest and was released
+a second time, a mistyped audit topic read as "nothing released yet". The rule they pin: after a
+release, every selected sample is either released with its audit record or not released, and
+whatever is neither is named in the error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from depois_stream.audit.replay import (
+    QuarantinedRecord,
+    ReleaseIncomplete,
+    ReplaySettings,
+    read_audit,
+    read_quarantine,
+    read_raw,
+    release,
+)
+from depois_stream.cli import app
+from depois_stream.contract import headers as H
+from depois_stream.contract.wire import encode_sample
+from depois_stream.sim.broker import create_topics
+from tests.helpers.kafka_io import Topics, consumer_config
+
+
+@dataclass
+class Scratch:
+    settings: ReplaySettings
+    env: dict[str, str]
+    ingest: str
+
+
+@pytest.fixture
+def scratch(broker, unique: str) -> Scratch:
+    t = {k: f"{unique}-{k}" for k in ("ingest", "clean", "quarantine", "audit")}
+    create_topics(broker.bootstrap, list(t.values()))
+    settings = ReplaySettings(bootstrap_servers=broker.bootstrap, quarantine_topic=t["quarantine"],
+                              clean_topic=t["clean"], audit_topic=t["audit"], read_timeout_s=20)
+    env = {"DEPOIS_BOOTSTRAP_SERVERS": broker.bootstrap, "DEPOIS_QUARANTINE_TOPIC": t["quarantine"],
+           "DEPOIS_CLEAN_TOPIC": t["clean"], "DEPOIS_AUDIT_TOPIC": t["audit"],
+           "DEPOIS_READ_TIMEOUT_S": "20"}
+    return Scratch(settings, env, t["ingest"])
+
+
+def quarantine_headers(ingest: str, offset: int) -> list[tuple[str, bytes]]:
+    """What the router writes on a quarantine record (the fields release reads)."""
+    return [(H.VERDICT, b"quarantine"), (H.SCORE, b"-0.5"), (H.BOUNDARY, b"-0.1"), (H.LABEL, b"3"),
+            (H.MODEL_VERSION, b"m1"), (H.SOURCE_TOPIC, ingest.encode()),
+            (H.SOURCE_PARTITION, b"0"), (H.SOURCE_OFFSET, str(offset).encode())]
+
+
+def sample(sid: str) -> tuple[bytes, str]:
+    return encode_sample(sid, np.full((1, 4, 4), 0.5, np.float32), 3, encoding="json")
+
+
+def put(bootstrap: str, topic: str, records: list[tuple[bytes, bytes, list]],
+        **producer: object) -> None:
+    from kafka import KafkaProducer
+
+    p = KafkaProducer(bootstrap_servers=bootstrap, acks="all", **producer)
+    try:
+        for f in [p.send(topic, key=k, value=v, headers=h) for k, v, h in records]:
+            f.get(timeout=20)
+    finally:
+        p.close()
+
+
+def released_copies(s: ReplaySettings) -> list[QuarantinedRecord]:
+    return [r for r in (QuarantinedRecord.from_kafka(x.topic, x.partition, x.offset, x.timestamp,
+                                                     x.key, x.value, x.headers)
+                        for x in read_raw(s.bootstrap_servers, s.clean_topic, timeout_s=20))
+            if r.verdict == H.VERDICT_RELEASED]
+
+
+def replay(s: Scratch, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["replay", *args], env={**s.env, **(env or {})})
+    return result.exit_code, result.output
+
+
+RELEASE = ("release", "--label", "3", "--operator", "alice", "--reason", "ticket 7")
+
+
+# ---------------------------------------------------------------- real broker
+
+def test_a_sample_too_large_to_release_stops_the_release_before_anything_is_sent(
+        broker, scratch: Scratch) -> None:
+    """Before: the first sample went out, the second (2 MB, written by a filter configured for
+    large records) was refused by the producer, and the error hid that the first was released
+    without an audit record, so every rerun released it again."""
+    big = b"x" * 2_000_000
+    put(broker.bootstrap, scratch.settings.quarantine_topic, [
+        (b"s0", sample("s0")[0], quarantine_headers(scratch.ingest, 0)),
+        (b"s1", big, quarantine_headers(scratch.ingest, 1)),
+        (b"s2", sample("s2")[0], quarantine_headers(scratch.ingest, 2))],
+        max_request_size=4_000_000)
+    for _ in range(2):
+        code, out = replay(scratch, *RELEASE)
+        assert code == 1, out
+        assert "s1" in out and "max_request_size" in out and "nothing was released" in out
+        assert released_copies(scratch.settings) == []
+        assert read_audit(scratch.settings)[0] == []
+    # With the limit raised as the error says, all three go out, each once, each audited.
+    code, out = replay(scratch, *RELEASE, env={"DEPOIS_KAFKA": '{"max_request_size": 4000000}'})
+    assert code == 0, out
+    assert sorted(r.sample_id for r in released_copies(scratch.settings)) == ["s0", "s1", "s2"]
+    assert sorted(a.sample_id for a in read_audit(scratch.settings)[0]) == ["s0", "s1", "s2"]
+
+
+def test_a_null_header_value_is_released_as_an_empty_one(broker, scratch: Scratch) -> None:
+    """Null header values are legal in Kafka (the filter forwards them as empty, but any other
+    writer of the quarantine topic may keep them). Before: a traceback part-way, the samples
+    before it released without audit records, and a duplicate of each on every rerun."""
+    from confluent_kafka import Producer
+
+    p = Producer({"bootstrap.servers": broker.bootstrap})
+    for i in range(3):
+        headers = quarantine_headers(scratch.ingest, i)
+        if i == 1:
+            headers = [("x-trace", None), *headers]
+        p.produce(scratch.settings.quarantine_topic, key=f"s{i}".encode(),
+                  value=sample(f"s{i}")[0], headers=headers)
+    assert p.flush(20) == 0
+    for _ in range(2):  # the second run must find all three released
+        code, out = replay(scratch, *RELEASE)
+        assert code == 0, out
+    copies = {r.sample_id: r for r in released_copies(scratch.settings)}
+    assert sorted(copies) == ["s0", "s1", "s2"]
+    assert ("x-trace", b"") in copies["s1"].headers
+    assert sorted(a.sample_id for a in read_audit(scratch.settings)[0]) == ["s0", "s1", "s2"]
+
+
+def test_a_missing_audit_topic_refuses_the_release_instead_of_forgetting_earlier_ones(
+        broker, scratch: Scratch) -> None:
+    """Before: a mistyped DEPOIS_AUDIT_TOPIC read as an empty audit trail, and a sample released
+    the day before went out a second time."""
+    put(broker.bootstrap, scratch.settings.quarantine_topic,
+        [(b"s0", sample("s0")[0], quarantine_headers(scratch.ingest, 0))])
+    assert replay(scratch, *RELEASE)[0] == 0
+    typo = {"DEPOIS_AUDIT_TOPIC": scratch.settings.audit_topic + "-typo"}
+    for dry in ((), ("--dry-run",)):
+        code, out = replay(scratch, *RELEASE, *dry, env=typo)
+        assert code == 1 and "DEPOIS_AUDIT_TOPIC" in out and "-typo" in out, out
+    assert [r.sample_id for r in released_copies(scratch.settings)] == ["s0"]
+
+
+def test_a_released_copy_that_comes_back_through_ingest_is_not_released_again(
+        broker, unique: str, centroid_model: Path, digits_arrays) -> None:
+    """docs/replay.md: a released copy routed back into ingest is never released a second time,
+    audit topic or not. Before: the filter dropped every depois.* header from ingest, the count
+    with them, and the copy, quarantined again under a new source offset, was released again."""
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.filter.detector import Detector
+
+    _, _, xte, yte = digits_arrays
+    images = (np.round(xte[:40] * 255) / 255).astype(np.float32)
+    flipped = (yte[:40] + 1) % 10
+    verdict = Detector.load(centroid_model, device="cpu").predict(images, flipped)
+    i = int(np.flatnonzero(verdict.poisoned)[0])
+    topics = Topics.create(broker.bootstrap, unique)
+    audit = f"{unique}-audit"
+    create_topics(broker.bootstrap, [audit])
+    value, ctype = encode_sample("digit-x", images[i], int(flipped[i]))
+    put(broker.bootstrap, topics.ingest, [(b"digit-x", value, [(H.CONTENT_TYPE, ctype.encode())])])
+    cfg = consumer_config(broker.bootstrap, topics, unique, centroid_model)
+    StreamFilter(cfg).run()
+    settings = ReplaySettings(bootstrap_servers=broker.bootstrap, quarantine_topic=topics.quarantine,
+                              clean_topic=topics.clean, audit_topic=audit, read_timeout_s=20)
+    first = release(settings, read_quarantine(settings), "alice", "ticket 1")
+    assert first.released == ["digit-x"]
+
+    (copy,) = released_copies(settings)
+    put(broker.bootstrap, topics.ingest, [(copy.key, copy.value, list(copy.headers))])
+    StreamFilter(cfg).run()
+    again = [r for r in read_quarantine(settings) if r.source and r.source.offset == 1]
+    assert len(again) == 1 and again[0].replay_count == 1
+    for audit_topic in (audit, f"{unique}-fresh-audit"):  # with or without the audit trail
+        create_topics(broker.bootstrap, [audit_topic])
+        s = settings.model_copy(update={"audit_topic": audit_topic})
+        report = release(s, again, "bob", "ticket 2")
+        assert report.released == [] and report.skipped == {"loop_guard": ["digit-x"]}
+    assert len(released_copies(settings)) == 1
+
+
+# ---------------------------------------------------------------- scripted producer
+
+class _Future:
+    def __init__(self, outcome: str) -> None:
+        self.outcome = outcome
+
+    @property
+    def is_done(self) -> bool:
+        return self.outcome != "pending"
+
+    def succeeded(self) -> bool:
+        return self.outcome == "ok"
+
+    @property
+    def exception(self) -> Exception | None:
+        from kafka.errors import KafkaTimeoutError
+
+        return KafkaTimeoutError("Batch expired") if self.outcome == "failed" else None
+
+
+class _Producer:
+    """kafka-python's producer as a broker that stops answering mid-release would drive it.
+
+    ``plan`` gives the outcome of each clean copy in order ("ok", "failed", "pending": no answer
+    before the flush deadline); audit records are acknowledged. ``sent`` is what the client took.
+    """
+
+    plan: list[str] = []
+    sent: dict[str, list[bytes | None]] = {}
+
+    def __init__(self, **_: object) -> None:
+        self.closed_with: object = "not closed"
+
+    def send(self, topic: str, key=None, value=None, headers=None) -> _Future:
+        _Producer.sent.setdefault(topic, []).append(key)
+        if topic.endswith("clean"):
+            return _Future(_Producer.plan[len(_Producer.sent[topic]) - 1])
+        return _Future("ok")
+
+    def flush(self, timeout=None) -> None:
+        from kafka.errors import KafkaTimeoutError
+
+        if "pending" in _Producer.plan:
+            raise KafkaTimeoutError("Failed to flush buffered records within timeout")
+
+    def close(self, timeout=None) -> None:
+        self.closed_with = timeout
+
+
+def _quarantined(n: int) -> list[QuarantinedRecord]:
+    return [QuarantinedRecord.from_kafka("q", 0, i, 1000, f"s{i}".encode(), b"v",
+                                         quarantine_headers("in", i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("plan, audited, named", [
+    (["ok", "pending", "ok"], ["s0", "s2"], "possibly on clean"),
+    (["ok", "failed", "ok"], ["s0", "s2"], "not released (KafkaTimeoutError"),
+])
+def test_a_release_that_stops_part_way_audits_exactly_what_went_out(
+        monkeypatch: pytest.MonkeyPatch, plan: list[str], audited: list[str], named: str) -> None:
+    """Before: a flush that timed out (a broker frozen for 40 s) raised at once, the audit step
+    never ran, and the producer's close() then delivered the copies anyway: released, not
+    audited, and released again by the rerun the error invited."""
+    import depois_stream.audit.replay as replay_module
+
+    monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
+    monkeypatch.setattr(replay_module, "read_audit", lambda s: ([], 0))
+    monkeypatch.setattr(_Producer, "plan", plan)
+    monkeypatch.setattr(_Producer, "sent", {})
+    settings = ReplaySettings(bootstrap_servers="127.0.0.1:1", clean_topic="clean",
+                              audit_topic="audit")
+    with pytest.raises(ReleaseIncomplete) as caught:
+        release(settings, _quarantined(3), "alice", "ticket 7")
+    assert [k.decode() for k in _Producer.sent["audit"]] == audited
+    assert [r.sample_id for r in caught.value.released] == audited
+    message = str(caught.value).replace("\n", " ")
+    assert named in message and "s1" in message.split(named)[1]
+    assert "released 2 of 3 with their audit records" in message
+
+
+def test_the_reader_skips_records_of_aborted_transactions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exactly-once filter aborts a batch it then writes again; read_uncommitted, replay saw
+    the aborted quarantine copy and released a sample that was already on the clean topic.
+    (Tansu shows aborted records to read_committed readers too, so this is checked on the
+    client settings; Apache Kafka honours them.)"""
+    import depois_stream.audit.replay as replay_module
+
+    seen: dict[str, object] = {}
+
+    class Consumer:
+        def __init__(self, **kwargs: object) -> None:
+            seen.update(kwargs)
+
+    monkeypatch.setattr(replay_module, "KafkaConsumer", Consumer)
+    replay_module._consumer("127.0.0.1:1", {})
+    assert seen["isolation_level"] == "read_committed"
+    replay_module._consumer("127.0.0.1:1", {"isolation_level": "read_uncommitted"})
+    assert seen["isolation_level"] == "read_uncommitted"  # DEPOIS_KAFKA still decides
+
+
+# ---------------------------------------------------------------- command line, no broker
+
+@pytest.mark.parametrize("args, flag", [
+    (("list", "--since", "1969-12-31T23:59:59Z"), "--since"),
+    (("list", "--until", "99999999999999999999"), "--until"),
+    (("list", "--offsets", "0:1", "--offsets", "0:5-9"), "--offsets"),
+    (("list", "--pushgateway", "http://127.0.0.1:x"), "--pushgateway"),
+    (("list", "--metrics-textfile", "/nonexistent/x.prom"), "--metrics-textfile"),
+    (("rescore", "--model", "m.onnx", "--histogram", "/nonexistent/h.png"), "--histogram"),
+    (("release", "--id", "s0", "--operator", "al\udcffce", "--reason", "r"), "--operator"),
+])
+def test_bad_options_are_one_line_and_exit_2_before_anything_is_read(
+        args: tuple[str, ...], flag: str) -> None:
+    """Before: tracebacks (negative or huge times, a non-UTF-8 operator, a Pushgateway URL with
+    no port number, missing folders) or, for repeated --offsets, a silently narrower read."""
+    result = CliRunner().invoke(app, ["replay", *args],
+                                env={"DEPOIS_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert flag in result.output and "Traceback" not in result.output
+
+
+def test_export_refuses_a_folder_that_holds_an_earlier_export(tmp_path: Path) -> None:
+    """An earlier export's contact sheets beyond the new count stayed and read as this one's."""
+    (tmp_path / "contact_004.png").write_bytes(b"old")
+    for out in (tmp_path, tmp_path / "contact_004.png"):
+        result = CliRunner().invoke(app, ["replay", "export", "--out", str(out)],
+                                    env={"DEPOIS_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
+        assert result.exit_code == 2 and "--out" in result.output, result.output
+
+
+def test_a_repeated_header_reads_as_its_first_value_as_the_filter_reads_it() -> None:
+    """The filter decodes by the first content-type header; replay took the last, and called
+    undecodable a sample the detector had scored."""
+    assert H.as_dict([(H.CONTENT_TYPE, b"a"), (H.CONTENT_TYPE, b"b")]) == {H.CONTENT_TYPE: "a"}
+
