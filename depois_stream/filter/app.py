@@ -142,7 +142,12 @@ class StreamFilter:
         self._source: Source | None = None
         self._probe: _BrokerProbe | None = None
         self._stopping = threading.Event()  # run's stop event, once it runs
+        self._check_model = threading.Event()  # set by SIGHUP: look at the model file now
         self._loop_at = time.monotonic()
+
+    def request_model_check(self) -> None:
+        """Look at the model file at the next loop turn (safe from a signal handler)."""
+        self._check_model.set()
 
     @property
     def assignment(self) -> frozenset[tuple[str, int]]:
@@ -170,7 +175,7 @@ class StreamFilter:
         """The filter's loop: model reload, breaker, backoff, then one batch at a time."""
         _quiet_garbage_collector()
         watcher = ModelWatcher(self.detector, self._load_model, self.cfg.reload_interval_s,
-                               on_outcome=self._reload_outcome)
+                               on_outcome=self._reload_outcome, now=self._check_model)
         idle_since = next_lag = time.monotonic()
         while not stop.is_set():
             self._loop_at = now = time.monotonic()

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -25,6 +25,9 @@ from depois_stream.filter.options import command, parse_pairs
 EXIT_DELIVERY = 1  # the broker would not take the output: nothing was committed past it
 EXIT_STARTUP = 2  # configuration, model or start-up problem: fix and restart
 EXIT_CRASH = 3  # an error the filter does not expect (a bug): the traceback is in the log
+
+if TYPE_CHECKING:
+    from depois_stream.filter.app import StreamFilter
 
 log = logging.getLogger("depois_stream")
 
@@ -41,6 +44,17 @@ def stop_on_signals() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return stop
+
+
+def check_model_on_sighup(flt: StreamFilter) -> None:
+    """SIGHUP asks for a model check now instead of at the next ``--reload-interval-s`` (as
+    Prometheus and most daemons read it); its default action would end the filter without a
+    graceful stop."""
+    def handler(signum: int, _frame: object) -> None:
+        log.info("SIGHUP received: checking the model file now")
+        flt.request_model_check()
+
+    signal.signal(signal.SIGHUP, handler)
 
 
 def _report_native_crashes() -> None:
@@ -97,6 +111,7 @@ def _run(log_level: str, **settings: Any) -> None:
     log.info("depois-stream filtering %s with client %s, group %s", cfg.ingest_topic,
              flt.client.name, cfg.group_id)
     try:
+        check_model_on_sighup(flt)
         stats = flt.run(stop_on_signals())
     except StartupError as exc:
         raise fail(program, str(exc), EXIT_STARTUP) from None

@@ -116,7 +116,7 @@ class ConsumerConfig(BaseSettings):
     control_dir: Path | None = Field(None, description=(
         "Operator folder: `touch DIR/resume` closes an open circuit breaker."))
     reload_interval_s: float = Field(5.0, ge=0.0, description=(
-        "How often to check the model file for a new version."))
+        "How often to check the model file for a new version (SIGHUP checks at once)."))
     lag_interval_s: float = Field(10.0, gt=0.0, description=(
         "How often to refresh the consumer lag metrics."))
     stall_restart_s: float = Field(60.0, ge=0.0, description=(

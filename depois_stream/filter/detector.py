@@ -20,6 +20,7 @@ reliable truth is ``session.get_providers()`` after the session exists, so that 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 
 from depois_stream.contract import (
     INPUT_IMAGE, INPUT_LABEL, OUTPUT_EVIDENCE, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE,
-    ContractError, ModelCard, ModelMetadata, card_path_for, sha256_file,
+    ContractError, ModelCard, ModelMetadata, card_path_for,
 )
 from depois_stream.contract.model import first_problem
 from depois_stream.contract.signing import SignatureError, verify_or_warn
@@ -161,7 +162,12 @@ class Detector:
         honour the contract; its ``poisoned`` output agrees with the metadata boundary.
         """
         path = Path(path)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except OSError as exc:  # a folder on the way that cannot be searched, say
+            raise ModelLoadError(f"model file {path} cannot be read ({exc.strerror or exc})",
+                                 "load") from None
+        if not is_file:
             raise ModelLoadError(
                 f"model file {path} does not exist: train and export one with "
                 "`depois-train all` (or pass --model-path / DEPOIS_MODEL_PATH)", "load")
@@ -169,11 +175,22 @@ class Detector:
             verified = verify_or_warn(path, public_key)
         except SignatureError as exc:
             raise ModelLoadError(str(exc), "signature") from None
+        except OSError as exc:
+            raise ModelLoadError(f"model {path} or its signature cannot be read "
+                                 f"({exc.strerror or exc})", "signature") from None
         if verified is not None:
             sha, source = verified.model_sha256, verified.model_bytes
             _verify_card(path, sha, verified.card_bytes)
         else:
-            sha, source = sha256_file(path), str(path)
+            # Read once: hashed and loaded from the same bytes, so a file replaced between the
+            # two (a deployment copying while the filter reloads) cannot leave a detector whose
+            # sha256, in every routed record's headers, names a graph it does not run.
+            try:
+                source = path.read_bytes()
+            except OSError as exc:
+                raise ModelLoadError(f"model file {path} cannot be read ({exc.strerror or exc})",
+                                     "load") from None
+            sha = hashlib.sha256(source).hexdigest()
             if verify_card:
                 _verify_card(path, sha)
         requested = requested_providers(device, ort.get_available_providers())
@@ -304,12 +321,34 @@ class Detector:
         return binding.copy_outputs_to_cpu()
 
     def _check_boundary_agrees(self) -> None:
-        """The graph's ``poisoned`` output and the metadata boundary must tell the same story,
-        because the router sends the metadata threshold downstream as the reason for a verdict."""
+        """The graph must run on batches of any size, and its ``poisoned`` output and the
+        metadata boundary must tell the same story, because the router sends the metadata
+        threshold downstream as the reason for a verdict.
+
+        Probed at three batch sizes (one row, one per class, and an odd size past both): a graph
+        that only runs at one size (a fixed reshape inside) would pass a single probe and then
+        fail on the stream's first batch, or, hot-reloaded, take down a filter that was serving.
+        """
         shape = self.metadata.input_shape
-        labels = np.arange(self.metadata.num_classes, dtype=np.int64)
-        probe = np.linspace(0.0, 1.0, len(labels) * int(np.prod(shape)), dtype=np.float32)
-        res = self.run(probe.reshape(len(labels), *shape), labels)
+        k = self.metadata.num_classes
+        for n in (k, 1, 2 * k + 3):
+            labels = np.arange(n, dtype=np.int64) % k
+            probe = np.linspace(0.0, 1.0, n * int(np.prod(shape)), dtype=np.float32)
+            try:
+                res = self.run(probe.reshape(n, *shape), labels)
+            except Exception as exc:  # onnxruntime's own untyped errors
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ModelLoadError(
+                    f"{self.path}: the graph fails on a probe batch of {n} samples "
+                    f"({type(exc).__name__}: {first[:300]}); re-export it with "
+                    "`depois-train export-onnx`", "contract") from None
+            if len(res.score) != n or len(res.poisoned) != n:
+                raise ModelLoadError(
+                    f"{self.path}: the graph answers {len(res.score)} scores for a batch of {n} "
+                    "samples; re-export it with `depois-train export-onnx`", "contract")
+            self._check_agreement(res, labels)
+
+    def _check_agreement(self, res: Prediction, labels: np.ndarray) -> None:
         members = self.metadata.evidence_members
         if res.evidence is not None and res.evidence.shape != (len(labels), len(members)):
             raise ModelLoadError(

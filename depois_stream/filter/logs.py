@@ -30,6 +30,8 @@ class RateLimit(logging.Filter):
         self._seen: dict[tuple[str, str], list[float | int]] = {}  # key -> [window start, count]
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "always", False):  # rare lines that state the current truth
+            return True
         if record.exc_info and record.name.split(".")[0] in LIBRARIES:
             # a client library's own traceback is noise to an operator: keep its one line
             exc = record.exc_info[1]

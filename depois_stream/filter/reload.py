@@ -1,17 +1,22 @@
 """Model hot reload: notice a replaced model file between batches, verify it, swap it in.
 
-The watcher looks at the (mtime, size) of the ONNX file, its model card and its signature,
-because a deployment copies them separately: the model alone changing first (sha256 mismatch against the
+The watcher looks at the (inode, mtime, ctime, size) of the ONNX file, its model card and its
+signature (a store-style swap can keep size and mtime; the inode or ctime still moves), because
+a deployment copies them separately: the model alone changing first (sha256 mismatch against the
 old card, rejected) must be retried once the card arrives. A candidate goes through the same
 ``Detector.load`` checks as at start-up; if it fails, the running model stays and the rejection is
-logged and counted, so a bad push cannot take the filter down. Only a file whose sha256 differs
-from the serving model's counts as a new model (touching the file does nothing).
+logged and counted, so a bad push cannot take the filter down: whatever a candidate fails on,
+an unreadable path, a folder in its place or a graph that onnxruntime cannot run, is a rejection.
+Only a file whose sha256 differs from the serving model's counts as a new model (touching the file
+does nothing). The first poll always compares: a model replaced while the filter was starting
+(waiting for the broker, say) is noticed then.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -22,17 +27,21 @@ from depois_stream.filter.detector import ModelLoadError, Detector
 
 log = logging.getLogger(__name__)
 
-Signature = tuple[tuple[int, int] | None, ...]
+Signature = tuple[tuple[int, int, int, int] | None, ...]
+# Reload lines are rare and each one says which model serves: never rate-limited away
+# (``logs.RateLimit``), or after a burst of deploys the last line would name an older model.
+_ALWAYS = {"always": True}
 
 
 def file_signature(*paths: Path) -> Signature:
-    """Cheap change detector: (mtime_ns, size) per file, None where a file is absent."""
-    out: list[tuple[int, int] | None] = []
+    """Cheap change detector: (inode, mtime_ns, ctime_ns, size) per file (through symlinks),
+    None where a file is absent or cannot be looked at."""
+    out: list[tuple[int, int, int, int] | None] = []
     for p in paths:
         try:
             st = os.stat(p)
-            out.append((st.st_mtime_ns, st.st_size))
-        except FileNotFoundError:
+            out.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
+        except OSError:  # absent, a symlink loop, a folder that cannot be searched
             out.append(None)
     return tuple(out)
 
@@ -42,37 +51,57 @@ class ModelWatcher:
 
     def __init__(self, current: Detector, load: Callable[[Path], Detector], interval_s: float,
                  on_outcome: Callable[[str], None] = lambda outcome: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 now: threading.Event | None = None) -> None:
         self.current = current
         self._load = load
         self._interval_s = interval_s
         self._on_outcome = on_outcome
         self._clock = clock
+        self._now = now or threading.Event()  # set: check at the next poll (SIGHUP)
         self._paths = (current.path, card_path_for(current.path),
                        signature_path_for(current.path))
-        self._signature = file_signature(*self._paths)
+        self._signature: Signature | None = None  # the first poll compares the file's sha256
         self._next_check = clock() + interval_s
+        self._missing = False
 
     def poll(self) -> Detector | None:
         now = self._clock()
-        if now < self._next_check:
+        if now < self._next_check and not self._now.is_set():
             return None
+        self._now.clear()
         self._next_check = now + self._interval_s
         signature = file_signature(*self._paths)
         if signature == self._signature:
             return None
         self._signature = signature
-        if signature[0] is None or sha256_file(self.current.path) == self.current.sha256:
+        try:
+            sha = sha256_file(self.current.path) if signature[0] is not None else None
+        except OSError:  # a folder in its place, or gone since the stat
+            sha = None
+        if sha is None:
+            if not self._missing:
+                log.warning("model file %s is missing or unreadable; keeping version %s (%s…), "
+                            "but a restart would fail until a model is back",
+                            self.current.path, self.current.metadata.model_version,
+                            self.current.sha256[:12], extra=_ALWAYS)
+            self._missing = True
+            return None
+        self._missing = False
+        if sha == self.current.sha256:
             return None
         try:
             candidate = self._load(self.current.path)
-        except ModelLoadError as exc:
+        except Exception as exc:  # ModelLoadError, or anything else: a bad push must not crash
+            why = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
             log.error("model reload rejected, keeping version %s (%s…): %s",
-                      self.current.metadata.model_version, self.current.sha256[:12], exc)
+                      self.current.metadata.model_version, self.current.sha256[:12], why,
+                      extra=_ALWAYS)
             self._on_outcome("rejected")
             return None
         log.info("model reloaded: %s (%s…) -> %s (%s…)", self.current.metadata.model_version,
-                 self.current.sha256[:12], candidate.metadata.model_version, candidate.sha256[:12])
+                 self.current.sha256[:12], candidate.metadata.model_version, candidate.sha256[:12],
+                 extra=_ALWAYS)
         self.current = candidate
         self._on_outcome("loaded")
         return candidate
