@@ -228,3 +228,20 @@ def test_sighup_checks_the_model_now_and_does_not_end_the_filter(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_model_with_another_input_contract_is_not_hot_reloaded(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    """Before: accepted, and every record after it was dead-lettered as shape_mismatch (the
+    breaker counts scored records only, so it stayed closed)."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.random((50, 1, 6, 6), dtype=np.float32), np.arange(50) % 5
+    other = tmp_path / "other" / "model.onnx"
+    other.parent.mkdir()
+    build_centroid_model(other, images, labels, num_classes=5, model_version="v6x6")
+    outcomes: list[str] = []
+    watcher = watcher_on(models["live"], outcomes)
+    deploy(other, models["live"])
+    assert watcher.poll() is None
+    assert outcomes == ["rejected"] and watcher.current.metadata.model_version == "vA"
+    assert load(models["live"]).metadata.input_shape == (1, 6, 6)  # a restart would take it

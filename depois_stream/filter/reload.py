@@ -7,6 +7,9 @@ old card, rejected) must be retried once the card arrives. A candidate goes thro
 ``Detector.load`` checks as at start-up; if it fails, the running model stays and the rejection is
 logged and counted, so a bad push cannot take the filter down: whatever a candidate fails on,
 an unreadable path, a folder in its place or a graph that onnxruntime cannot run, is a rejection.
+So is a change of input contract (input shape, number of classes): the stream's records are
+shaped for the serving model, and a reload is not how producers and filter change format
+together; a restart is.
 Only a file whose sha256 differs from the serving model's counts as a new model (touching the file
 does nothing). The first poll always compares: a model replaced while the filter was starting
 (waiting for the broker, say) is noticed then.
@@ -99,9 +102,28 @@ class ModelWatcher:
                       extra=_ALWAYS)
             self._on_outcome("rejected")
             return None
+        changed = _contract_change(self.current, candidate)
+        if changed:
+            log.error("model reload rejected, keeping version %s (%s…): %s %s changes %s; the "
+                      "stream's records are shaped for the serving model, so every one would be "
+                      "dead-lettered. A contract change needs a restart with the new model",
+                      self.current.metadata.model_version, self.current.sha256[:12],
+                      candidate.metadata.model_version, candidate.sha256[:12], changed,
+                      extra=_ALWAYS)
+            self._on_outcome("rejected")
+            return None
         log.info("model reloaded: %s (%s…) -> %s (%s…)", self.current.metadata.model_version,
                  self.current.sha256[:12], candidate.metadata.model_version, candidate.sha256[:12],
                  extra=_ALWAYS)
         self.current = candidate
         self._on_outcome("loaded")
         return candidate
+
+
+def _contract_change(current: Detector, candidate: Detector) -> str:
+    """What a candidate changes in the input contract (input shape, number of classes), or ""."""
+    a, b = current.metadata, candidate.metadata
+    changes = [f"{name} {x} -> {y}" for name, x, y in (
+        ("input_shape", list(a.input_shape), list(b.input_shape)),
+        ("num_classes", a.num_classes, b.num_classes)) if x != y]
+    return ", ".join(changes)
