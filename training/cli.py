@@ -355,8 +355,20 @@ def export_onnx_cmd(
     _require_detector(out)
     target = model or out / "model.onnx"
     writable_folder(target.parent, "the model's folder")
+    _replaceable_file(target)
     _check_sign_key(sign_key)
     _export(_load_detector(out), target, quantize, sign_key)
+
+
+def _replaceable_file(target: Path) -> None:
+    """Exit 2 unless ``target`` and its card are absent or regular files: the export replaces
+    them by rename, which would put a model in the place of a folder, a FIFO or a device
+    (`--model /dev/null` once replaced the device with a file)."""
+    from depois_stream.contract import card_path_for
+
+    for path in (target, card_path_for(target)):
+        if path.exists() and not path.is_file():
+            fail(EXIT_USAGE, f"{path} exists and is not a regular file; pass a new file path for --model")
 
 
 def _require_detector(out: Path) -> None:

@@ -47,14 +47,16 @@ def _cli(flag: str) -> dict[str, str]:
 
 
 class FitConfig(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    # NaN and infinity reach torch as weights and numpy as fractions, and fail deep in training
+    # with a misleading hint; refused here with the option's name.
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     dataset: str = Field("digits", description="Data set (see `depois-train datasets`).")
     data_dir: Path | None = Field(None, description="Folder with the IDX .gz files (mnist, mnist-5k test, "
                                                     "fashion-mnist).")
     download: bool = Field(True, description="Download missing IDX files (--offline: a missing file is an error).",
                            json_schema_extra=_cli("--download/--offline"))
-    seed: int = Field(0, description="Seed of every random choice; CPU runs are reproducible.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of every random choice; CPU runs are reproducible.")
     trusted_fraction: float = Field(0.2, gt=0.0, le=1.0, description="Share of the train split the defender trusts.")
     calibration_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Share of the trusted pool held out for calibration when the pool is "
@@ -107,25 +109,25 @@ class FitConfig(BaseModel):
                            "cost 5.7 TPR points on the held-out attack families (docs/evaluation.md).",
         json_schema_extra=_cli("--gate-pixel-knn/--always-pixel-knn"))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (CUDA if present), cpu or cuda.")
-    threads: int = Field(1, ge=0, description="torch CPU threads; 1 is robust on a shared box, 0 = torch's default.")
-    fold_workers: int = Field(1, ge=0, description="Background processes that train the cross-fit folds whose model "
+    threads: int = Field(1, ge=0, le=1024, description="torch CPU threads; 1 is robust on a shared box, 0 = torch's default.")
+    fold_workers: int = Field(1, ge=0, le=256, description="Background processes that train the cross-fit folds whose model "
                                                    "is not shipped, while this one trains the cGAN and the mimic "
                                                    "model. The detector is the same bit for bit (training/folds.py); "
                                                    "1 suits a 2-core machine, 0 = every fold in this process. The "
                                                    "folds also stay here on a GPU, on one CPU and with --threads 0 "
                                                    "(all cores already busy).")
-    auth_steps: int | None = Field(None, ge=1, description="Authenticator steps (default: per data set, "
+    auth_steps: int | None = Field(None, ge=1, le=10_000_000, description="Authenticator steps (default: per data set, "
                                                            "training/config.py).")
-    gan_steps: int | None = Field(None, ge=1, description="cGAN steps (default: per data set).")
-    critic_steps: int | None = Field(None, ge=1, description="WGAN-GP generator steps, 5 critic steps each "
+    gan_steps: int | None = Field(None, ge=1, le=10_000_000, description="cGAN steps (default: per data set).")
+    critic_steps: int | None = Field(None, ge=1, le=10_000_000, description="WGAN-GP generator steps, 5 critic steps each "
                                                              "(default: per data set).")
-    mlp_steps: int | None = Field(None, ge=1, description="Steps of the mlp_margin member's pixel MLP, batch 128 "
+    mlp_steps: int | None = Field(None, ge=1, le=10_000_000, description="Steps of the mlp_margin member's pixel MLP, batch 128 "
                                                           "(default: 1500, the trusted-clf baseline's).")
-    batch_size: int = Field(64, ge=2, description="Minibatch size of all stages.")
+    batch_size: int = Field(64, ge=2, le=65536, description="Minibatch size of all stages.")
     auth_threshold: float = Field(0.9, ge=0.0, le=1.0, description="Keep a synthetic sample iff "
                                                                     "p_auth(label|x) >= this.")
-    aux_weight: float = Field(1.0, ge=0.0, description="Weight of the authenticator's loss in the cGAN generator.")
-    n_synthetic: int | None = Field(None, ge=0, description="Synthetic samples to keep (default: train size - "
+    aux_weight: float = Field(1.0, ge=0.0, le=1e6, description="Weight of the authenticator's loss in the cGAN generator.")
+    n_synthetic: int | None = Field(None, ge=0, le=10_000_000, description="Synthetic samples to keep (default: train size - "
                                                              "trusted size).")
     paper_k: float = Field(1.0, description="k of the paper's mean - k * std boundary (recorded, not used).")
     out_dir: Path | None = Field(None, description="Output folder.", json_schema_extra=_cli("--out"))

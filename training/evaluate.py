@@ -318,6 +318,11 @@ def evaluate(
         rate_list = [0.2]
     if any(not 0.0 < r < 1.0 for r in rate_list):
         raise _fail(f"--rates must lie strictly between 0 and 1, got {rates}")
+    if any(not 0 <= s < 2**32 for s in seed_list):
+        raise _fail(f"--seeds must lie in 0 .. 2**32 - 1, got {seeds}")
+    if stream_size < 10 or victim_seeds < 1:
+        raise _fail(f"--stream-size must be at least 10 and --victim-seeds at least 1, got "
+                    f"{stream_size} and {victim_seeds}")
     cfg = EvalConfig(
         datasets=dataset, attacks=_attack_names(attacks), rates=rate_list, seeds=seed_list, quick=quick,
         stream_size=stream_size, data_dir=data_dir, ood_dir=ood_dir, detector_dir=detector_dir, device=device,

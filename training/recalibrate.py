@@ -41,6 +41,8 @@ class CleanDataError(ValueError):
 def load_clean(path: Path, shape: tuple[int, int, int], num_classes: int) -> LabeledImages:
     """``images`` float [N, C, H, W] in [0, 1] and ``labels`` int [N] from an .npz file (what
     ``depois-stream replay export`` writes as samples.npz), checked against the model's input."""
+    if not Path(path).is_file():  # np.load of a FIFO waits for a writer for ever
+        raise CleanDataError(f"{path} is not a file (missing, a folder, a FIFO or a device)")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as exc:  # noqa: BLE001 - empty, truncated, not a zip: one line, whatever numpy raises

@@ -34,7 +34,7 @@ from depois_stream.audit.replay import (
     select,
     summarize,
 )
-from depois_stream.filter.config import describe_errors, flag
+from depois_stream.filter.config import TOPIC_NAME, describe_errors, flag
 from depois_stream.filter.options import command, option, reflow
 
 EXIT_FAILED = 1
@@ -62,7 +62,7 @@ class Selection(BaseModel):
 
     bootstrap_servers: str | None = Field(None, description=(
         "Kafka bootstrap servers (default: $DEPOIS_BOOTSTRAP_SERVERS)."))
-    topic: str | None = Field(None, description=(
+    topic: str | None = Field(None, pattern=TOPIC_NAME, description=(
         "Topic to read (default: the quarantine topic). Point it at the dead-letter topic to "
         "list or export undecodable records; they cannot be released."))
     since: str | None = Field(None, description=(
@@ -141,15 +141,14 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 
 def _settings(sel: Selection) -> ReplaySettings:
+    given = {"bootstrap_servers": sel.bootstrap_servers} if sel.bootstrap_servers else {}
     try:
-        settings = ReplaySettings()
+        settings = ReplaySettings(**given)
     except ValidationError as exc:
         _fail(f"invalid DEPOIS_* setting: {describe_errors(exc)}", EXIT_USAGE)
     except ValueError as exc:  # pydantic-settings: DEPOIS_KAFKA is not JSON
         _fail(f"invalid DEPOIS_* setting: {str(exc).splitlines()[0]} (DEPOIS_KAFKA is JSON: "
               "DEPOIS_KAFKA='{\"security_protocol\": \"SSL\"}')", EXIT_USAGE)
-    if sel.bootstrap_servers:
-        settings = settings.model_copy(update={"bootstrap_servers": sel.bootstrap_servers})
     return settings
 
 
@@ -212,7 +211,10 @@ def _register(name: str, fn: Callable[..., None], *extra: Any) -> None:
 def _split(kw: dict[str, Any]) -> Selection:
     """The selection options out of ``kw``; the metrics destinations in it checked."""
     _check_outputs(kw)
-    return Selection(**{k: kw.pop(k) for k in list(kw) if k in Selection.model_fields})
+    try:
+        return Selection(**{k: kw.pop(k) for k in list(kw) if k in Selection.model_fields})
+    except ValidationError as exc:
+        raise typer.BadParameter(describe_errors(exc)) from None
 
 
 def list_(**kw: Any) -> None:
@@ -301,6 +303,8 @@ def rescore_(**kw: Any) -> None:
     if not kw["histogram"].parent.is_dir():
         raise typer.BadParameter(f"folder {str(kw['histogram'].parent)!r} does not exist",
                                  param_hint="--histogram")
+    if kw["histogram"].suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise typer.BadParameter("name a .png, .svg or .pdf file", param_hint="--histogram")
     _, chosen = _read(sel, _settings(sel))
     try:
         detector = Detector.load(kw["model"], device=kw["device"],

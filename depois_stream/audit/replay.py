@@ -19,7 +19,7 @@ from typing import Any, Literal
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from depois_stream.contract import headers as H
@@ -33,6 +33,7 @@ from depois_stream.audit.trail import (
 )
 from depois_stream.contract import utc_now_iso
 from depois_stream.filter.clients.kafka_python import check_passthrough, options_for
+from depois_stream.filter.config import MAX_SECONDS, TOPIC_NAME
 from depois_stream.audit.metrics import ReplayMetrics
 
 CLIENT_ID = "depois-replay"
@@ -62,11 +63,22 @@ class ReplaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEPOIS_", extra="ignore")
 
     bootstrap_servers: str = "127.0.0.1:9092"
-    quarantine_topic: str = "depois.quarantine"
-    clean_topic: str = "depois.clean"
-    audit_topic: str = DEFAULT_AUDIT_TOPIC
+    quarantine_topic: str = Field("depois.quarantine", pattern=TOPIC_NAME)
+    clean_topic: str = Field("depois.clean", pattern=TOPIC_NAME)
+    audit_topic: str = Field(DEFAULT_AUDIT_TOPIC, pattern=TOPIC_NAME)
     kafka: dict[str, Any] = {}  # security passthrough (sasl_*, ssl_*, security_protocol)
-    read_timeout_s: float = 60.0
+    read_timeout_s: float = Field(60.0, gt=0.0, le=MAX_SECONDS, allow_inf_nan=False)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, v: str) -> str:
+        """kafka-python raises a bare ValueError, deep in a client, for an entry it cannot
+        split; say which one here."""
+        for entry in v.split(","):
+            host, sep, port = entry.strip().rpartition(":")
+            if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"{entry.strip()!r} is not HOST:PORT (a list is comma-separated)")
+        return v
 
     @field_validator("kafka")
     @classmethod

@@ -46,6 +46,8 @@ META_SCHEMA_VERSION = "depois.schema_version"
 META_BOUNDARY = "depois.boundary"
 META_TARGET_FPR = "depois.target_fpr"
 META_INPUT_SHAPE = "depois.input_shape"
+MAX_CLASSES = 1_000_000
+MAX_INPUT_VALUES = 1 << 26  # C x H x W of one sample: 64 M values, far past any image model
 META_NUM_CLASSES = "depois.num_classes"
 META_DATASET = "depois.dataset"
 META_SCORE_KIND = "depois.score_kind"
@@ -73,7 +75,9 @@ class Boundary(BaseModel):
     original De-Pois rule (mean - k*std of the calibration scores) for comparison only.
     """
 
-    model_config = ConfigDict(populate_by_name=True, frozen=True)
+    # A NaN boundary makes every comparison false: nothing would ever be quarantined, and the
+    # load-time check that the graph agrees with it would pass for the same reason.
+    model_config = ConfigDict(populate_by_name=True, frozen=True, allow_inf_nan=False)
 
     global_: float = Field(alias="global")
     per_class: list[float] | None = None
@@ -102,7 +106,8 @@ class ModelMetadata(BaseModel):
     boundary: Boundary
     target_fpr: float = Field(gt=0.0, lt=1.0)
     input_shape: tuple[int, int, int]
-    num_classes: int = Field(ge=2)
+    # Bounded so that a corrupt or hostile value fails here, not as a multi-GB allocation.
+    num_classes: int = Field(ge=2, le=MAX_CLASSES)
     dataset: str
     score_kind: ScoreKind
     model_version: str = Field(min_length=1)
@@ -146,6 +151,9 @@ class ModelMetadata(BaseModel):
     def _positive_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
         if any(d <= 0 for d in v):
             raise ValueError(f"input_shape must be positive, got {v}")
+        if v[0] * v[1] * v[2] > MAX_INPUT_VALUES:
+            raise ValueError(f"input_shape {list(v)} has more than {MAX_INPUT_VALUES} values per "
+                             "sample")
         return v
 
     @model_validator(mode="after")

@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from depois_stream.contract.files import read_small
 from depois_stream.contract import ModelCard, card_path_for
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def _read_bundle(signature_path: Path) -> tuple[str, dict[str, _Resource]]:
 
     Nothing here is trusted: model-signing decides; this only explains its refusals."""
     try:
-        bundle = _Bundle.model_validate_json(signature_path.read_bytes())
+        bundle = _Bundle.model_validate_json(read_small(signature_path))
         statement = _Statement.model_validate_json(base64.b64decode(bundle.dsse_envelope.payload))
     except OSError as exc:
         raise SignatureError(f"signature file {signature_path} cannot be read: {exc.strerror}",
@@ -199,7 +200,7 @@ def key_id(public_key_path: str | Path) -> str:
         raise SignatureError(f"reading public keys needs cryptography: {INSTALL_HINT}",
                              "unavailable") from exc
     try:
-        data = path.read_bytes()
+        data = read_small(path)
     except OSError as exc:
         raise SignatureError(f"public key {path} cannot be read: {exc.strerror}", "key") from exc
     try:
@@ -224,7 +225,7 @@ def check_private_key(path: str | Path, password: str | None = None) -> None:
     from cryptography.hazmat.primitives import serialization
 
     try:
-        data = path.read_bytes()
+        data = read_small(path)
     except OSError as exc:
         raise SignatureError(f"signing key {path} cannot be read: {exc.strerror}", "key") from exc
     try:
@@ -354,7 +355,7 @@ def verify_model(model_path: str | Path, public_key_path: str | Path,
         except Exception as exc:  # model-signing raises ValueError, InvalidSignature, JSON errors
             raise SignatureError(
                 f"{sig_path.name} does not verify with {public_key_path} "
-                f"({type(exc).__name__}: {str(exc)[:120] or 'bad signature'}): the signature file "
+                f"({type(exc).__name__}: {_first_line(exc)[:120] or 'bad signature'}): the signature file "
                 "was altered or not made for these files; re-sign the model", "invalid") from exc
     return VerifiedModel(
         model_path=model_path, card_path=card_path, signature_path=sig_path,
@@ -378,3 +379,8 @@ def verify_or_warn(model_path: str | Path, public_key_path: str | Path | None,
     log.info("model %s: signature %s verified with key id %s", verified.model_path.name,
              verified.signature_path.name, verified.key_id[:12])
     return verified
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

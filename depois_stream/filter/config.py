@@ -21,14 +21,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
 )
 
+from depois_stream.contract.files import read_small
+
 
 class ConfigError(ValueError):
     """Invalid configuration; the message says which setting and how to fix it."""
+
+
+# Kafka's own rules for a topic name: a client given another crashes (librdkafka aborts on some)
+# or fails deep in start-up with a traceback instead of naming the setting.
+TOPIC_NAME = r"^[a-zA-Z0-9._-]{1,249}$"  # and neither "." nor ".." (checked below)
+# Kafka's protocol carries these as int32.
+INT32_MAX = 2**31 - 1
+# The longest wait any setting may ask for; Python's timed waits overflow past ~292 years, and
+# nothing here means more than days.
+MAX_SECONDS = 7 * 86400.0
 
 
 def flag(name: str, *alias: str) -> dict[str, Any]:
@@ -39,7 +51,7 @@ def flag(name: str, *alias: str) -> dict[str, Any]:
 class ConsumerConfig(BaseSettings):
     """Everything `depois-stream run` needs; docs/consumer.md explains the semantics."""
 
-    model_config = SettingsConfigDict(env_prefix="DEPOIS_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="DEPOIS_", extra="forbid", allow_inf_nan=False)
 
     config_file: Path | None = Field(None, description=(
         "YAML, TOML or JSON file with any of these settings (snake_case keys). Precedence: "
@@ -55,16 +67,16 @@ class ConsumerConfig(BaseSettings):
             "its own cost per record about a third of kafka-python's; pip install 'depois-stream[fast]'); auto "
             "takes confluent-kafka when version 2.16 or later is installed, kafka-python "
             "otherwise. The choice is logged at start-up."))
-    ingest_topic: str = Field("depois.ingest", description="Topic the samples arrive on.")
-    clean_topic: str = Field("depois.clean", description="Where samples that pass go.")
-    quarantine_topic: str = Field("depois.quarantine", description="Where suspected poisons go.")
-    dlq_topic: str = Field("depois.dlq", description="Where undecodable records go.")
-    group_id: str = Field("depois-stream", description=(
+    ingest_topic: str = Field("depois.ingest", pattern=TOPIC_NAME, description="Topic the samples arrive on.")
+    clean_topic: str = Field("depois.clean", pattern=TOPIC_NAME, description="Where samples that pass go.")
+    quarantine_topic: str = Field("depois.quarantine", pattern=TOPIC_NAME, description="Where suspected poisons go.")
+    dlq_topic: str = Field("depois.dlq", pattern=TOPIC_NAME, description="Where undecodable records go.")
+    group_id: str = Field("depois-stream", min_length=1, max_length=255, description=(
         "Consumer group; start more processes with the same id to scale out."))
     auto_offset_reset: Literal["earliest", "latest"] = Field("earliest", description=(
         "Where a new group starts: earliest (filters the backlog) or latest."))
     batch_size: int = Field(512, ge=1, le=65536, description="Records scored per batch.")
-    linger_ms: int = Field(50, ge=0, description=(
+    linger_ms: int = Field(50, ge=0, le=INT32_MAX, description=(
         "Wait at most this long for a batch to fill once its first record arrived."))
     max_in_flight: int = Field(4, ge=1, le=64, description=(
         "Batches whose outputs may be awaiting acknowledgement while the next ones are read "
@@ -85,46 +97,47 @@ class ConsumerConfig(BaseSettings):
         "Produce outputs and commit offsets in one Kafka transaction per batch (default: "
         "at-least-once). See docs/consumer.md for the Tansu caveat."),
         json_schema_extra=flag("--exactly-once/--at-least-once"))
-    transactional_id: str | None = Field(None, description=(
+    transactional_id: str | None = Field(None, min_length=1, max_length=255, description=(
         "Stable transactional.id for --exactly-once (default: group id + random)."))
     metrics_host: str = Field("127.0.0.1", description=(
         "Bind address of /metrics, /healthz, /readyz (0.0.0.0 in a container)."))
     metrics_port: int | None = Field(9108, ge=0, le=65535, description=(
         "Port of the HTTP endpoint (0 = any free port)."))
-    session_timeout_ms: int = Field(10000, ge=1000, description=(
+    session_timeout_ms: int = Field(10000, ge=1000, le=INT32_MAX, description=(
         "Group session timeout: how long the group waits for a member that stopped "
         "heartbeating (a crashed member's partitions move after this)."))
-    heartbeat_interval_ms: int = Field(1000, ge=100, description="Group heartbeat interval.")
-    delivery_timeout_ms: int = Field(30000, ge=1000, description=(
+    heartbeat_interval_ms: int = Field(1000, ge=100, le=INT32_MAX,
+                                       description="Group heartbeat interval.")
+    delivery_timeout_ms: int = Field(30000, ge=1000, le=INT32_MAX, description=(
         "How long one attempt to produce a record may take before it counts as failed and "
         "its batch is sent again."))
-    produce_retries: int | None = Field(None, ge=0, description=(
+    produce_retries: int | None = Field(None, ge=0, le=INT32_MAX, description=(
         "Give up (exit 1, nothing committed past the failure) after this many consecutive "
         "failed attempts; unset retries until the broker takes the batch."))
-    retry_backoff_max_s: float = Field(30.0, gt=0.0, description=(
+    retry_backoff_max_s: float = Field(30.0, gt=0.0, le=MAX_SECONDS, description=(
         "Longest wait between two attempts (the wait doubles from 0.5 s)."))
-    startup_timeout_s: float = Field(30.0, gt=0.0, description=(
+    startup_timeout_s: float = Field(30.0, gt=0.0, le=MAX_SECONDS, description=(
         "How long start-up waits for the broker before it gives up with exit code 2."))
-    breaker_window: int = Field(1000, ge=1, description=(
+    breaker_window: int = Field(1000, ge=1, le=10_000_000, description=(
         "Samples the poison rate is computed over."))
     breaker_max_rate: float = Field(0.5, gt=0.0, le=1.0, description=(
         "Pause consumption when more than this fraction would be quarantined (1.0 disables)."))
-    breaker_min_samples: int = Field(200, ge=1, description=(
+    breaker_min_samples: int = Field(200, ge=1, le=10_000_000, description=(
         "Samples needed before the breaker may open."))
-    breaker_cooldown_s: float = Field(300.0, ge=0.0, description=(
+    breaker_cooldown_s: float = Field(300.0, ge=0.0, le=MAX_SECONDS, description=(
         "An open breaker resumes by itself after this."))
     control_dir: Path | None = Field(None, description=(
         "Operator folder: `touch DIR/resume` closes an open circuit breaker."))
-    reload_interval_s: float = Field(5.0, ge=0.0, description=(
+    reload_interval_s: float = Field(5.0, ge=0.0, le=MAX_SECONDS, description=(
         "How often to check the model file for a new version (SIGHUP checks at once)."))
-    lag_interval_s: float = Field(10.0, gt=0.0, description=(
+    lag_interval_s: float = Field(10.0, gt=0.0, le=MAX_SECONDS, description=(
         "How often to refresh the consumer lag metrics."))
-    stall_restart_s: float = Field(60.0, ge=0.0, description=(
+    stall_restart_s: float = Field(60.0, ge=0.0, le=MAX_SECONDS, description=(
         "Restart the fetch of an owned partition that had records to give and gave none for "
         "this long while the filter kept asking (a client library that stopped fetching it): "
         "resumed and sought to the first record not yet filtered, counted in "
         "depois_partition_restarts_total. Checked every --lag-interval-s; 0 turns it off."))
-    probe_interval_s: float = Field(5.0, gt=0.0, description=(
+    probe_interval_s: float = Field(5.0, gt=0.0, le=MAX_SECONDS, description=(
         "How often to probe the broker directly for /readyz and depois_broker_up."))
     kafka: dict[str, Any] = Field(default_factory=dict, description=(
         "Extra client option KEY=VALUE, repeatable, in the chosen client's own names "
@@ -133,15 +146,36 @@ class ConsumerConfig(BaseSettings):
         "client (security_protocol, sasl_mechanism, sasl_plain_username, sasl_plain_password, "
         "ssl_cafile, ssl_certfile, ssl_keyfile, max_request_size, ...). Options that decide "
         "delivery semantics are refused."))
-    exit_when_idle_s: float | None = Field(None, gt=0.0, description=(
+    exit_when_idle_s: float | None = Field(None, gt=0.0, le=MAX_SECONDS, description=(
         "Exit 0 after this many seconds without records (demos and tests); time while the "
         "broker is unreachable does not count."))
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _text_a_client_can_take(cls, v: Any, info: ValidationInfo) -> Any:
+        """No NUL byte and valid UTF-8 in any text setting: the client libraries and the
+        operating system take text as C strings (librdkafka crashed on a topic name with a byte
+        that is not UTF-8, and a NUL cut a path short)."""
+        texts = [v] if isinstance(v, (str, Path)) else []
+        if isinstance(v, dict):
+            texts = [*v, *(x for x in v.values() if isinstance(x, str))]
+        for text in map(str, texts):
+            if "\0" in text:
+                raise ValueError("contains a NUL byte")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("is not valid UTF-8 text (check the shell's or file's "
+                                 "encoding)") from None
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "ConsumerConfig":
         if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
             raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
         topics = [self.ingest_topic, self.clean_topic, self.quarantine_topic, self.dlq_topic]
+        if set(topics) & {".", ".."}:
+            raise ValueError("a topic cannot be named '.' or '..'")
         if len(set(topics)) != len(topics):
             raise ValueError(f"ingest, clean, quarantine and dlq topics must differ, got {topics}")
         if self.kafka:
@@ -195,11 +229,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
     if loader is None:
         raise ConfigError(f"config file {path}: unknown extension, use .yaml, .yml, .toml or .json")
     try:
-        data = loader(path.read_text())
+        data = loader(read_small(path).decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
     except (ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {path} is not valid {path.suffix[1:]}: {exc}") from exc
+        said = " ".join(str(exc).split())  # YAML's message spans lines: one line here
+        raise ConfigError(f"config file {path} is not valid {path.suffix[1:]}: {said[:300]}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -251,6 +286,8 @@ def load_config(**overrides: Any) -> ConsumerConfig:
         raise ConfigError(
             f"invalid configuration: {describe_errors(exc)} (set it with a flag, a "
             "DEPOIS_<NAME> env variable or the config file)") from None
+    except ConfigError:  # the config file's own error says what is wrong with it
+        raise
     except ValueError as exc:  # e.g. DEPOIS_KAFKA is not JSON (pydantic-settings' SettingsError)
         raise ConfigError(f"invalid configuration: {_first_line(exc)} (complex settings such "
                           "as DEPOIS_KAFKA are JSON: DEPOIS_KAFKA='{\"security_protocol\": "

@@ -325,13 +325,15 @@ class Detector:
         metadata boundary must tell the same story, because the router sends the metadata
         threshold downstream as the reason for a verdict.
 
-        Probed at three batch sizes (one row, one per class, and an odd size past both): a graph
-        that only runs at one size (a fixed reshape inside) would pass a single probe and then
-        fail on the stream's first batch, or, hot-reloaded, take down a filter that was serving.
+        Probed at three batch sizes (one row per class up to 64, one row, and an odd size past
+        both): a graph that only runs at one size (a fixed reshape inside) would pass a single
+        probe and then fail on the stream's first batch, or, hot-reloaded, take down a filter
+        that was serving. The probe stays within 64 MB of input whatever the metadata claims.
         """
         shape = self.metadata.input_shape
         k = self.metadata.num_classes
-        for n in (k, 1, 2 * k + 3):
+        rows = max(1, min(k, 64, (1 << 24) // int(np.prod(shape))))
+        for n in (rows, 1, rows + 7):
             labels = np.arange(n, dtype=np.int64) % k
             probe = np.linspace(0.0, 1.0, n * int(np.prod(shape)), dtype=np.float32)
             try:

@@ -69,7 +69,26 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
     if unknown:
         raise ValueError(f"{unknown} are not kafka-python client options (e.g. "
                          "security_protocol, sasl_mechanism, ssl_cafile)")
+    # kafka-python takes any value and fails later with a traceback (a text where a number
+    # goes) or not at all (an unknown security protocol ran as plaintext): check the type
+    # against the option's own default, and the one enumeration that matters most.
+    defaults = {**KafkaAdminClient.DEFAULT_CONFIG, **KafkaProducer.DEFAULT_CONFIG,
+                **KafkaConsumer.DEFAULT_CONFIG}
+    for name, value in options.items():
+        default = defaults.get(name)
+        wanted = next((t for t in (bool, int, float, str) if isinstance(default, t)), None)
+        ok = (wanted is None or isinstance(value, wanted)
+              or (wanted is float and isinstance(value, int) and not isinstance(value, bool)))
+        if not ok or (wanted is int and isinstance(value, bool)):
+            raise ValueError(f"kafka-python option {name} must be of type "
+                             f"{type(default).__name__} (like {default!r}), not {value!r}")
+    protocol = options.get("security_protocol")
+    if protocol is not None and protocol not in SECURITY_PROTOCOLS:
+        raise ValueError(f"security_protocol {protocol!r} is not one of "
+                         f"{', '.join(SECURITY_PROTOCOLS)}")
 
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 # Errors that concern the record itself (kafka.errors class names): dead-letter it. Every other
 # non-retriable error is the producer's state, not the record's (see base.ProduceError).
