@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from depois_stream.audit.replay import (
     QuarantinedRecord,
     ReleaseIncomplete,
+    ReplayError,
     ReplaySettings,
     read_audit,
     read_quarantine,
@@ -206,16 +207,19 @@ class _Future:
 
     @property
     def exception(self) -> Exception | None:
-        from kafka.errors import KafkaTimeoutError
+        from kafka.errors import KafkaTimeoutError, MessageSizeTooLargeError
 
-        return KafkaTimeoutError("Batch expired") if self.outcome == "failed" else None
+        return {"expired": KafkaTimeoutError("Expiring 1 record(s): 60000 ms has passed"),
+                "refused": MessageSizeTooLargeError("too large")}.get(self.outcome)
 
 
 class _Producer:
     """kafka-python's producer as a broker that stops answering mid-release would drive it.
 
-    ``plan`` gives the outcome of each clean copy in order ("ok", "failed", "pending": no answer
-    before the flush deadline); audit records are acknowledged. ``sent`` is what the client took.
+    ``plan`` gives the outcome of each clean copy in order ("ok"; "refused" for good; "expired":
+    sent, then timed out, so maybe written; "pending": no answer before the flush deadline);
+    audit records are acknowledged. ``sent`` is what the client took. As kafka-python's, its
+    close(timeout=0) raises when answers are missing.
     """
 
     plan: list[str] = []
@@ -237,7 +241,11 @@ class _Producer:
             raise KafkaTimeoutError("Failed to flush buffered records within timeout")
 
     def close(self, timeout=None) -> None:
+        from kafka.errors import KafkaTimeoutError
+
         self.closed_with = timeout
+        if timeout == 0 and "pending" in _Producer.plan:
+            raise KafkaTimeoutError("Timeout waiting for future")
 
 
 def _quarantined(n: int) -> list[QuarantinedRecord]:
@@ -247,13 +255,16 @@ def _quarantined(n: int) -> list[QuarantinedRecord]:
 
 @pytest.mark.parametrize("plan, audited, named", [
     (["ok", "pending", "ok"], ["s0", "s2"], "possibly on clean"),
-    (["ok", "failed", "ok"], ["s0", "s2"], "not released (KafkaTimeoutError"),
+    (["ok", "expired", "ok"], ["s0", "s2"], "possibly on clean"),
+    (["ok", "refused", "ok"], ["s0", "s2"], "not released (MessageSizeTooLargeError"),
 ])
 def test_a_release_that_stops_part_way_audits_exactly_what_went_out(
         monkeypatch: pytest.MonkeyPatch, plan: list[str], audited: list[str], named: str) -> None:
     """Before: a flush that timed out (a broker frozen for 40 s) raised at once, the audit step
     never ran, and the producer's close() then delivered the copies anyway: released, not
-    audited, and released again by the rerun the error invited."""
+    audited, and released again by the rerun the error invited. A review of the first fix found
+    two more ways to that end: an expired batch (sent, maybe written) called "not released", and
+    kafka-python's close(timeout=0) raising over the detailed message."""
     import depois_stream.audit.replay as replay_module
 
     monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
@@ -326,3 +337,22 @@ def test_a_repeated_header_reads_as_its_first_value_as_the_filter_reads_it() -> 
     undecodable a sample the detector had scored."""
     assert H.as_dict([(H.CONTENT_TYPE, b"a"), (H.CONTENT_TYPE, b"b")]) == {H.CONTENT_TYPE: "a"}
 
+
+
+def test_a_sample_that_cannot_be_audited_stops_the_release_before_anything_is_sent(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quarantine record written by something other than the filter, with a replay count the
+    audit schema refuses: before, its copy went out and the audit step failed with a traceback."""
+    import depois_stream.audit.replay as replay_module
+
+    monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
+    monkeypatch.setattr(replay_module, "read_audit", lambda s: ([], 0))
+    monkeypatch.setattr(_Producer, "plan", ["ok", "ok"])
+    monkeypatch.setattr(_Producer, "sent", {})
+    odd = QuarantinedRecord.from_kafka("q", 0, 1, 1000, b"s1", b"v", [
+        *quarantine_headers("in", 1), (H.REPLAY_COUNT, b"-1")])
+    settings = ReplaySettings(bootstrap_servers="127.0.0.1:1", clean_topic="clean",
+                              audit_topic="audit")
+    with pytest.raises(ReplayError, match="s1 cannot be audited"):
+        release(settings, [_quarantined(1)[0], odd], "alice", "ticket 7")
+    assert _Producer.sent == {}

@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from kafka.errors import KafkaError, KafkaTimeoutError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from depois_stream.contract import headers as H
@@ -33,7 +33,7 @@ from depois_stream.audit.trail import (
 )
 from depois_stream.contract import utc_now_iso
 from depois_stream.filter.clients.kafka_python import check_passthrough, options_for
-from depois_stream.filter.config import MAX_SECONDS, TOPIC_NAME
+from depois_stream.filter.config import MAX_SECONDS, TOPIC_NAME, describe_errors
 from depois_stream.audit.metrics import ReplayMetrics
 
 CLIENT_ID = "depois-replay"
@@ -618,6 +618,16 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
     released_at = utc_now_iso()
     copies: list[Message] = [(r.key, r.value, release_headers(r, operator, reason, released_at))
                              for r in records]
+    # Built before anything is sent: a sample whose audit record cannot be written (a header
+    # value the audit schema refuses) stops the release here, not after its copy went out.
+    audits: list[Message] = []
+    for r in records:
+        try:
+            audits.append((r.sample_id.encode("utf-8"), audit_record_for(
+                r, operator, reason, released_at, settings.clean_topic).to_bytes(), []))
+        except ValidationError as exc:
+            raise ReplayError(f"{r.sample_id} cannot be audited ({describe_errors(exc)}); "
+                              "nothing was released: leave it out of the selection") from None
     producer_options = {"delivery_timeout_ms": 60_000, **settings.client_options(KafkaProducer)}
     _refuse_oversized(records, copies, int(producer_options.get("max_request_size", 1_048_576)))
     wait_s = producer_options["delivery_timeout_ms"] / 1000 + 10
@@ -628,13 +638,14 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
         try:
             clean = _send_all(producer, settings.clean_topic, copies, wait_s)
             out = [records[i] for i in clean.acknowledged]
-            audited = _send_all(producer, settings.audit_topic, [
-                (r.sample_id.encode("utf-8"), audit_record_for(
-                    r, operator, reason, released_at, settings.clean_topic).to_bytes(), [])
-                for r in out], wait_s)
+            audited = _send_all(producer, settings.audit_topic,
+                                [audits[i] for i in clean.acknowledged], wait_s)
             unanswered = bool(clean.unknown or audited.unknown)
         finally:
-            producer.close(timeout=0 if unanswered else None)
+            try:
+                producer.close(timeout=0 if unanswered else None)
+            except KafkaError:  # kafka-python's close(0) raises for the missing answers: known
+                pass
     if clean.complete and audited.complete:
         return
     def names(idx: Iterable[int], recs: Sequence[QuarantinedRecord]) -> str:
@@ -646,13 +657,15 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
                      f"records (a rerun skips them): {names(audited.acknowledged, out)}")
     lost_audit = sorted(set(range(len(out))) - set(audited.acknowledged))
     if lost_audit:
-        parts.append(f"RELEASED WITHOUT AN AUDIT RECORD ({audited.first_error or 'no answer'}; "
+        why = audited.first_error or next(iter(audited.unknown.values()), "not sent")
+        parts.append(f"RELEASED WITHOUT A CONFIRMED AUDIT RECORD ({why}; "
                      f"a rerun would release them again, write them down): {names(lost_audit, out)}")
     if clean.failed or clean.unsent:
         not_out = sorted(set(clean.failed) | set(clean.unsent))
         parts.append(f"not released ({clean.first_error}): {names(not_out, records)}")
     if clean.unknown:
-        parts.append(f"no answer from the broker within {wait_s:.0f} s, so possibly on "
+        why = next(iter(clean.unknown.values()))
+        parts.append(f"no definite answer from the broker ({why}), so possibly on "
                      f"{settings.clean_topic} without an audit record (look there before a "
                      f"rerun): {names(clean.unknown, records)}")
     acknowledged_with_audit = [out[i] for i in audited.acknowledged]
@@ -679,9 +692,9 @@ class Sent:
     """What became of each message of one ``_send_all``, by position."""
 
     acknowledged: list[int]
-    failed: dict[int, str]  # refused, and why
+    failed: dict[int, str]  # refused for good, and why: not written
     unsent: list[int]  # never handed to the client: an earlier send was refused at once
-    unknown: list[int]  # handed over, no answer before the deadline
+    unknown: dict[int, str]  # no answer, or a timeout or retriable error: maybe written
 
     @property
     def complete(self) -> bool:
@@ -708,16 +721,26 @@ def _send_all(producer: KafkaProducer, topic: str, messages: Sequence[Message],
         producer.flush(timeout=wait_s)
     except KafkaError:  # a timeout: the futures say which answers are missing
         pass
-    acknowledged, unknown = [], []
+    acknowledged: list[int] = []
+    unknown: dict[int, str] = {}
     for i, f in enumerate(futures):
         if not f.is_done:
-            unknown.append(i)
+            unknown[i] = f"no answer within {wait_s:.0f} s"
         elif f.succeeded():
             acknowledged.append(i)
+        elif _maybe_written(f.exception):
+            unknown[i] = _why(f.exception)
         else:
             failed[i] = _why(f.exception)
     first_unsent = len(futures) + (1 if len(futures) in failed else 0)
     return Sent(acknowledged, failed, list(range(first_unsent, len(messages))), unknown)
+
+
+def _maybe_written(exc: BaseException | None) -> bool:
+    """A batch that expired or failed for a passing reason may still have been written by the
+    broker (kafka-python expires a batch already sent once the delivery timeout has passed):
+    only a definite refusal, such as a record too large, means it is not on the topic."""
+    return isinstance(exc, KafkaTimeoutError) or bool(getattr(exc, "retriable", False))
 
 
 def _why(exc: BaseException | None) -> str:
