@@ -245,3 +245,25 @@ def test_a_model_with_another_input_contract_is_not_hot_reloaded(
     assert watcher.poll() is None
     assert outcomes == ["rejected"] and watcher.current.metadata.model_version == "vA"
     assert load(models["live"]).metadata.input_shape == (1, 6, 6)  # a restart would take it
+
+
+def test_every_rejected_reload_is_counted_by_reason(models: dict[str, Path], tmp_path: Path,
+                                                   digits_arrays) -> None:
+    """The dashboard's "Model files refused" reads depois_model_rejections_total{reason}; a
+    contract change was counted as a rejected reload but under no reason."""
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.filter.config import ConsumerConfig
+
+    flt = StreamFilter(ConsumerConfig(model_path=models["live"], device="cpu", metrics_port=None,
+                                      reload_interval_s=0.0))
+    watcher = flt._model_watcher()
+    rng = np.random.default_rng(0)
+    other = tmp_path / "other" / "model.onnx"
+    other.parent.mkdir()
+    build_centroid_model(other, rng.random((50, 1, 6, 6), dtype=np.float32), np.arange(50) % 5,
+                         num_classes=5, model_version="v6x6")
+    deploy(other, models["live"])
+    assert watcher.poll() is None
+    value = flt.metrics.registry.get_sample_value
+    assert value("depois_model_reloads_total", {"outcome": "rejected"}) == 1
+    assert value("depois_model_rejections_total", {"reason": "contract"}) == 1

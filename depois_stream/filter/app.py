@@ -174,8 +174,7 @@ class StreamFilter:
     def _loop(self, stop: threading.Event, source: Source, delivery: Delivery) -> None:
         """The filter's loop: model reload, breaker, backoff, then one batch at a time."""
         _quiet_garbage_collector()
-        watcher = ModelWatcher(self.detector, self._load_model, self.cfg.reload_interval_s,
-                               on_outcome=self._reload_outcome, now=self._check_model)
+        watcher = self._model_watcher()
         idle_since = next_lag = time.monotonic()
         while not stop.is_set():
             self._loop_at = now = time.monotonic()
@@ -439,8 +438,18 @@ class StreamFilter:
             self.metrics.model_rejections.labels(exc.reason).inc()
             raise
 
+    def _model_watcher(self) -> ModelWatcher:
+        """Hot reload of the serving model, every outcome counted (``depois_model_reloads_total``
+        and, for a rejection, ``depois_model_rejections_total{reason}``)."""
+        return ModelWatcher(self.detector, self._load_model, self.cfg.reload_interval_s,
+                            on_outcome=self._reload_outcome, now=self._check_model,
+                            on_refused=self._count_refusal)
+
     def _reload_outcome(self, outcome: str) -> None:
         self.metrics.model_reloads.labels(outcome).inc()
+
+    def _count_refusal(self, reason: str) -> None:
+        self.metrics.model_rejections.labels(reason).inc()
 
     def _publish_model(self, det: Detector) -> None:
         meta, m = det.metadata, self.metrics

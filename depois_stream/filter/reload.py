@@ -55,11 +55,16 @@ class ModelWatcher:
     def __init__(self, current: Detector, load: Callable[[Path], Detector], interval_s: float,
                  on_outcome: Callable[[str], None] = lambda outcome: None,
                  clock: Callable[[], float] = time.monotonic,
-                 now: threading.Event | None = None) -> None:
+                 now: threading.Event | None = None,
+                 on_refused: Callable[[str], None] = lambda reason: None) -> None:
+        """``on_outcome``: "loaded" or "rejected" per candidate. ``on_refused``: the reason code
+        of a rejection that ``load`` did not raise as a ``ModelLoadError`` (which its caller
+        counts by reason already): a contract change, or an error nobody expected."""
         self.current = current
         self._load = load
         self._interval_s = interval_s
         self._on_outcome = on_outcome
+        self._on_refused = on_refused
         self._clock = clock
         self._now = now or threading.Event()  # set: check at the next poll (SIGHUP)
         self._paths = (current.path, card_path_for(current.path),
@@ -101,6 +106,8 @@ class ModelWatcher:
                       self.current.metadata.model_version, self.current.sha256[:12], why,
                       extra=_ALWAYS)
             self._on_outcome("rejected")
+            if not isinstance(exc, ModelLoadError):
+                self._on_refused("load")
             return None
         changed = _contract_change(self.current, candidate)
         if changed:
@@ -111,6 +118,7 @@ class ModelWatcher:
                       candidate.metadata.model_version, candidate.sha256[:12], changed,
                       extra=_ALWAYS)
             self._on_outcome("rejected")
+            self._on_refused("contract")
             return None
         log.info("model reloaded: %s (%s…) -> %s (%s…)", self.current.metadata.model_version,
                  self.current.sha256[:12], candidate.metadata.model_version, candidate.sha256[:12],
