@@ -99,7 +99,7 @@ def test_a_model_whose_boundary_is_nan_or_whose_class_count_is_absurd_is_refused
 # ---------------------------------------------------------------- replay and depois-train
 
 @pytest.mark.parametrize("args, env, needle", [
-    (("list", "--bootstrap-servers", "host:notaport"), {}, "HOST:PORT"),
+    (("list", "--bootstrap-servers", "host:notaport"), {}, "HOST[:PORT]"),
     (("list",), {"DEPOIS_KAFKA": '{"fetch_max_wait_ms": [1]}'}, "fetch_max_wait_ms"),
     (("list", "--topic", "a b"), {}, "topic"),
     (("rescore", "--model", "m.onnx", "--histogram", "h.xyz"), {}, "--histogram"),
@@ -155,3 +155,19 @@ def test_recalibrate_refuses_a_fifo_instead_of_waiting_on_it(tmp_path: Path) -> 
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30)  # before: np.load waited for a writer until killed
     assert "not a file" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_valid_settings_the_new_checks_must_not_refuse() -> None:
+    """From a review for regressions: each of these worked before the checks and must still."""
+    from depois_stream.audit.replay import ReplaySettings
+    from depois_stream.filter.clients.kafka_python import check_passthrough
+    from depois_stream.filter.config import ConsumerConfig
+
+    for servers in ("kafka", "localhost,kafka:9092", "kafka:9092,", "[::1]:9092"):
+        ReplaySettings(bootstrap_servers=servers)  # the clients add port 9092 themselves
+    check_passthrough({"request_timeout_ms": 30000.0, "retries": 5, "api_version": [2, 8],
+                       "ssl_check_hostname": False, "sasl_mechanism": "SCRAM-SHA-512",
+                       "security_protocol": "SASL_SSL"}, frozenset(), "owned")
+    cfg = ConsumerConfig(model_path="m.onnx", breaker_cooldown_s=1e9, ingest_topic="__a.b-c_9",
+                         group_id="équipe-données", exit_when_idle_s=30 * 86400)
+    assert cfg.breaker_cooldown_s == 1e9  # "never": only the operator's resume file ends it

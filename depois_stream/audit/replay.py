@@ -72,12 +72,12 @@ class ReplaySettings(BaseSettings):
     @field_validator("bootstrap_servers")
     @classmethod
     def _host_port_list(cls, v: str) -> str:
-        """kafka-python raises a bare ValueError, deep in a client, for an entry it cannot
-        split; say which one here."""
-        for entry in v.split(","):
-            host, sep, port = entry.strip().rpartition(":")
-            if not (sep and host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-                raise ValueError(f"{entry.strip()!r} is not HOST:PORT (a list is comma-separated)")
+        """kafka-python raises a bare ValueError, deep in a client, for a port it cannot read;
+        say which entry here. A host without a port is fine (the clients add 9092)."""
+        for entry in filter(None, (e.strip() for e in v.split(","))):
+            host, sep, port = entry.rpartition(":")
+            if sep and not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"{entry!r} is not HOST[:PORT] (a list is comma-separated)")
         return v
 
     @field_validator("kafka")

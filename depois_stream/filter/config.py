@@ -38,9 +38,9 @@ class ConfigError(ValueError):
 TOPIC_NAME = r"^[a-zA-Z0-9._-]{1,249}$"  # and neither "." nor ".." (checked below)
 # Kafka's protocol carries these as int32.
 INT32_MAX = 2**31 - 1
-# The longest wait any setting may ask for; Python's timed waits overflow past ~292 years, and
-# nothing here means more than days.
-MAX_SECONDS = 7 * 86400.0
+# The longest wait any setting may ask for (about 31 years: "never", for a breaker cooldown
+# that only an operator's resume file should end); Python's timed waits overflow at ~292 years.
+MAX_SECONDS = 1e9
 
 
 def flag(name: str, *alias: str) -> dict[str, Any]:

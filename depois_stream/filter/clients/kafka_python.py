@@ -77,11 +77,15 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
     for name, value in options.items():
         default = defaults.get(name)
         wanted = next((t for t in (bool, int, float, str) if isinstance(default, t)), None)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
         ok = (wanted is None or isinstance(value, wanted)
-              or (wanted is float and isinstance(value, int) and not isinstance(value, bool)))
+              or (wanted is float and number)
+              or (wanted is int and isinstance(value, float) and value.is_integer()))
         if not ok or (wanted is int and isinstance(value, bool)):
+            hint = (" (JSON true or false: the text 'false' would read as true)"
+                    if wanted is bool else f" (like {default!r})")
             raise ValueError(f"kafka-python option {name} must be of type "
-                             f"{type(default).__name__} (like {default!r}), not {value!r}")
+                             f"{type(default).__name__}{hint}, not {value!r}")
     protocol = options.get("security_protocol")
     if protocol is not None and protocol not in SECURITY_PROTOCOLS:
         raise ValueError(f"security_protocol {protocol!r} is not one of "
