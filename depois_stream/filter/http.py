@@ -22,6 +22,9 @@ from typing import Callable
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 Checks = Callable[[], dict[str, bool]]
+# A connection that has not sent its request (or read its answer) in this long is closed: each
+# holds a server thread, and a scanner or slow client on a 0.0.0.0 port would pile them up.
+IDLE_TIMEOUT_S = 10.0
 
 
 class HealthServer:
@@ -53,6 +56,8 @@ class HealthServer:
 def _make_handler(registry: CollectorRegistry, readiness: Checks, liveness: Checks,
                   info: Callable[[], dict[str, object]]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = IDLE_TIMEOUT_S  # socket timeout per connection (StreamRequestHandler)
+
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

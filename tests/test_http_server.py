@@ -1,0 +1,39 @@
+"""The probe endpoint under a client that connects and never finishes a request.
+
+Before: each such connection held a server thread for ever. Bound to 0.0.0.0 in a container, a
+port scanner or a slow client accumulates them (memory, threads) on the one process whose
+/healthz decides whether Kubernetes restarts it.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import urllib.request
+
+from prometheus_client import CollectorRegistry
+
+import depois_stream.filter.http as http_module
+from depois_stream.filter.http import HealthServer
+
+
+def test_a_connection_that_sends_nothing_is_closed_and_probes_still_answer(monkeypatch) -> None:
+    monkeypatch.setattr(http_module, "IDLE_TIMEOUT_S", 1.0, raising=False)
+    server = HealthServer(CollectorRegistry(), readiness=lambda: {"ok": True}, port=0).start()
+    try:
+        host, port = server.address
+        idle = socket.create_connection((host, port))
+        idle.sendall(b"GET /metr")  # a request line that never ends
+        idle.settimeout(10)
+        started = time.monotonic()
+        try:
+            closed = idle.recv(1024) == b""
+        except socket.timeout:
+            closed = False
+        finally:
+            idle.close()
+        assert closed and time.monotonic() - started < 5, "the idle connection was kept open"
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=5) as reply:
+            assert reply.status == 200
+    finally:
+        server.close()
