@@ -163,9 +163,14 @@ def test_valid_settings_the_new_checks_must_not_refuse() -> None:
     from depois_stream.filter.clients.kafka_python import check_passthrough
     from depois_stream.filter.config import ConsumerConfig
 
-    for servers in ("kafka", "localhost,kafka:9092", "kafka:9092,", "[::1]:9092"):
+    for servers in ("kafka", "localhost,kafka:9092", "kafka:9092,", "[::1]:9092", "[::1]"):
         ReplaySettings(bootstrap_servers=servers)  # the clients add port 9092 themselves
-    check_passthrough({"request_timeout_ms": 30000.0, "retries": 5, "api_version": [2, 8],
+    for servers in ("", ",", " "):
+        with pytest.raises(ValueError, match="empty"):
+            ReplaySettings(bootstrap_servers=servers)
+    with pytest.raises(ValueError, match="whole number"):  # packed as is: fails at a fetch
+        check_passthrough({"fetch_max_bytes": 52428800.0}, frozenset(), "owned")
+    check_passthrough({"request_timeout_ms": 30000, "retries": 5, "api_version": [2, 8],
                        "ssl_check_hostname": False, "sasl_mechanism": "SCRAM-SHA-512",
                        "security_protocol": "SASL_SSL"}, frozenset(), "owned")
     cfg = ConsumerConfig(model_path="m.onnx", breaker_cooldown_s=1e9, ingest_topic="__a.b-c_9",

@@ -74,7 +74,12 @@ class ReplaySettings(BaseSettings):
     def _host_port_list(cls, v: str) -> str:
         """kafka-python raises a bare ValueError, deep in a client, for a port it cannot read;
         say which entry here. A host without a port is fine (the clients add 9092)."""
-        for entry in filter(None, (e.strip() for e in v.split(","))):
+        entries = [e.strip() for e in v.split(",") if e.strip()]
+        if not entries:
+            raise ValueError("is empty: name at least one HOST[:PORT]")
+        for entry in entries:
+            if entry.startswith("[") and entry.endswith("]"):  # an IPv6 address, no port
+                continue
             host, sep, port = entry.rpartition(":")
             if sep and not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
                 raise ValueError(f"{entry!r} is not HOST[:PORT] (a list is comma-separated)")

@@ -59,8 +59,8 @@ class Ingest:
     """One pass over the batch's own headers."""
 
     content_types: list[bytes | None]
-    forwarded: list[list[Header]]  # each record's headers minus any ``depois.*`` header
-    forged: int  # records that carried a ``depois.*`` header
+    forwarded: list[list[Header]]  # each record's headers minus ``depois.*`` (but a replay count)
+    forged: int  # records that carried a ``depois.*`` header other than a valid replay count
     sizes: np.ndarray  # int64 [n]: key + value + forwarded headers, in bytes
     unreadable: dict[int, str]  # record position -> why the client could not read it
 

@@ -78,12 +78,13 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
         default = defaults.get(name)
         wanted = next((t for t in (bool, int, float, str) if isinstance(default, t)), None)
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = (wanted is None or isinstance(value, wanted)
-              or (wanted is float and number)
-              or (wanted is int and isinstance(value, float) and value.is_integer()))
+        # No float where an int goes, not even 30000.0: kafka-python packs some of them into
+        # the protocol as they are, and struct.pack refuses a float at the first fetch.
+        ok = wanted is None or isinstance(value, wanted) or (wanted is float and number)
         if not ok or (wanted is int and isinstance(value, bool)):
             hint = (" (JSON true or false: the text 'false' would read as true)"
-                    if wanted is bool else f" (like {default!r})")
+                    if wanted is bool else f" (a whole number like {default!r})"
+                    if wanted is int else f" (like {default!r})")
             raise ValueError(f"kafka-python option {name} must be of type "
                              f"{type(default).__name__}{hint}, not {value!r}")
     protocol = options.get("security_protocol")
