@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from depois_stream.contract.model import first_line
 from training.data import DATASETS, DatasetError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
@@ -388,7 +389,7 @@ def _load_detector(out: Path):
     try:
         return FittedDetector.load(folder)
     except Exception as exc:  # noqa: BLE001 - any corrupt file (json, pickle, shapes) ends here as one line
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         fail(EXIT_DATA, f"cannot read the detector in {folder} ({type(exc).__name__}: {first}); re-run "
                         f"`depois-train fit --out {out}`")
 
@@ -491,7 +492,7 @@ def evaluate_merge(
         except OSError as exc:
             fail(EXIT_DATA, f"cannot read {path} ({exc.strerror}); pass folders that `evaluate --out` wrote")
         except ValueError as exc:
-            fail(EXIT_DATA, f"{path} is not an evaluation report ({str(exc).splitlines()[0]})")
+            fail(EXIT_DATA, f"{path} is not an evaluation report ({first_line(exc)})")
     try:
         merged = merge_reports(reports)
     except ValueError as exc:

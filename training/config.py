@@ -46,6 +46,9 @@ def _cli(flag: str) -> dict[str, str]:
     return {"cli": flag}
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are uint32
+
+
 class FitConfig(BaseModel):
     # NaN and infinity reach torch as weights and numpy as fractions, and fail deep in training
     # with a misleading hint; refused here with the option's name.
@@ -56,7 +59,7 @@ class FitConfig(BaseModel):
                                                     "fashion-mnist).")
     download: bool = Field(True, description="Download missing IDX files (--offline: a missing file is an error).",
                            json_schema_extra=_cli("--download/--offline"))
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed of every random choice; CPU runs are reproducible.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice; CPU runs are reproducible.")
     trusted_fraction: float = Field(0.2, gt=0.0, le=1.0, description="Share of the train split the defender trusts.")
     calibration_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Share of the trusted pool held out for calibration when the pool is "

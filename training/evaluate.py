@@ -31,7 +31,7 @@ from training.attacks import (
     ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT3_ATTACKS, HELDOUT4_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig, Trigger,
 )
 from training.baselines import Baseline, all_detectors
-from training.config import FitConfig
+from training.config import MAX_SEED, FitConfig
 from training.data import (
     DATASETS,
     FASHION_FILES,
@@ -318,8 +318,8 @@ def evaluate(
         rate_list = [0.2]
     if any(not 0.0 < r < 1.0 for r in rate_list):
         raise _fail(f"--rates must lie strictly between 0 and 1, got {rates}")
-    if any(not 0 <= s < 2**32 for s in seed_list):
-        raise _fail(f"--seeds must lie in 0 .. 2**32 - 1, got {seeds}")
+    if any(not 0 <= s <= MAX_SEED for s in seed_list):
+        raise _fail(f"--seeds must lie in 0 .. {MAX_SEED}, got {seeds}")
     if stream_size < 10 or victim_seeds < 1:
         raise _fail(f"--stream-size must be at least 10 and --victim-seeds at least 1, got "
                     f"{stream_size} and {victim_seeds}")

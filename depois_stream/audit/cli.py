@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, NoReturn, Optional
 from urllib.parse import urlsplit
 
 import typer
@@ -34,8 +34,12 @@ from depois_stream.audit.replay import (
     select,
     summarize,
 )
+from depois_stream.contract.model import first_line
 from depois_stream.filter.config import TOPIC_NAME, describe_errors, flag
 from depois_stream.filter.options import command, option, reflow
+
+if TYPE_CHECKING:
+    from depois_stream.audit.export import RescoreReport
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -147,7 +151,7 @@ def _settings(sel: Selection) -> ReplaySettings:
     except ValidationError as exc:
         _fail(f"invalid DEPOIS_* setting: {describe_errors(exc)}", EXIT_USAGE)
     except ValueError as exc:  # pydantic-settings: DEPOIS_KAFKA is not JSON
-        _fail(f"invalid DEPOIS_* setting: {str(exc).splitlines()[0]} (DEPOIS_KAFKA is JSON: "
+        _fail(f"invalid DEPOIS_* setting: {first_line(exc)} (DEPOIS_KAFKA is JSON: "
               "DEPOIS_KAFKA='{\"security_protocol\": \"SSL\"}')", EXIT_USAGE)
     return settings
 
@@ -320,7 +324,7 @@ def rescore_(**kw: Any) -> None:
     _publish(metrics, "rescore", kw)
 
 
-def _print_rescore(report: Any, as_json: bool) -> None:
+def _print_rescore(report: RescoreReport, as_json: bool) -> None:
     if as_json:
         typer.echo(report.model_dump_json(indent=2))
         return

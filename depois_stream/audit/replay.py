@@ -602,11 +602,10 @@ def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]) -> dict[st
     return out
 
 
-# An estimate of a record's size on the wire beyond key, value and header bytes (record batch
-# framing, per-header varints), generous so that a record refused before anything is sent is
-# one kafka-python would refuse too.
+# An estimate of a record's size on the wire beyond key, value and headers (record batch
+# framing), generous so that a record refused before anything is sent is one kafka-python would
+# refuse too.
 _RECORD_OVERHEAD = 128
-_HEADER_OVERHEAD = 10
 
 
 def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], operator: str,
@@ -642,7 +641,6 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
         unanswered = False
         try:
             clean = _send_all(producer, settings.clean_topic, copies, wait_s)
-            out = [records[i] for i in clean.acknowledged]
             audited = _send_all(producer, settings.audit_topic,
                                 [audits[i] for i in clean.acknowledged], wait_s)
             unanswered = bool(clean.unknown or audited.unknown)
@@ -651,8 +649,17 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
                 producer.close(timeout=0 if unanswered else None)
             except KafkaError:  # kafka-python's close(0) raises for the missing answers: known
                 pass
-    if clean.complete and audited.complete:
-        return
+    if not (clean.complete and audited.complete):
+        raise ReleaseIncomplete(_incomplete(records, clean, audited, settings.clean_topic),
+                                [records[clean.acknowledged[i]] for i in audited.acknowledged])
+
+
+def _incomplete(records: Sequence[QuarantinedRecord], clean: Sent, audited: Sent,
+                clean_topic: str) -> str:
+    """The error of a release that stopped part-way: each selected sample in the state a rerun
+    must know (``audited`` indexes the acknowledged clean copies, in order)."""
+    out = [records[i] for i in clean.acknowledged]
+
     def names(idx: Iterable[int], recs: Sequence[QuarantinedRecord]) -> str:
         return ", ".join(recs[i].sample_id for i in idx)
 
@@ -671,18 +678,16 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
     if clean.unknown:
         why = next(iter(clean.unknown.values()))
         parts.append(f"no definite answer from the broker ({why}), so possibly on "
-                     f"{settings.clean_topic} without an audit record (look there before a "
+                     f"{clean_topic} without an audit record (look there before a "
                      f"rerun): {names(clean.unknown, records)}")
-    acknowledged_with_audit = [out[i] for i in audited.acknowledged]
-    raise ReleaseIncomplete("release stopped part-way: " + "; ".join(parts),
-                            acknowledged_with_audit)
+    return "release stopped part-way: " + "; ".join(parts)
 
 
 def _refuse_oversized(records: Sequence[QuarantinedRecord], copies: Sequence[Message],
                       max_request_size: int) -> None:
     for r, (key, value, headers) in zip(records, copies):
         size = (len(key or b"") + len(value or b"") + _RECORD_OVERHEAD
-                + sum(len(k.encode("utf-8", "surrogatepass")) + len(v) + _HEADER_OVERHEAD
+                + sum(len(k.encode("utf-8", "surrogatepass")) + len(v) + H.HEADER_OVERHEAD
                       for k, v in headers))
         if size > max_request_size:
             raise ReplayError(

@@ -39,6 +39,11 @@ VERDICT_DLQ = "dlq"
 VERDICT_RELEASED = "released"
 
 
+# Wire bytes of one record header besides its name and value: two varint lengths of at most 5
+# bytes each. Uncounted, 400,000 empty headers were 0 bytes to the filter and 800 kB to Kafka.
+HEADER_OVERHEAD = 10
+
+
 def as_dict(headers: list[tuple[str, bytes]] | None) -> dict[str, str]:
     """Kafka headers (list of (key, bytes)) -> {key: str}; the first value of a repeated key wins,
     as in the filter, which decodes a record by its first ``content-type`` header: replay must

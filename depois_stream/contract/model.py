@@ -295,6 +295,14 @@ def _parse_agreements(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(out)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): third-party errors
+    (onnxruntime, model-signing, YAML, pydantic-settings) span lines, and every refusal here is
+    one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def first_problem(exc: ValidationError) -> str:
     """One readable line from a pydantic error (no URLs, no dump of the input)."""
     errors = exc.errors(include_url=False, include_input=False)

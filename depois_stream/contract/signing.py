@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from depois_stream.contract.files import read_small
 from depois_stream.contract import ModelCard, card_path_for
+from depois_stream.contract.model import first_line
 
 log = logging.getLogger(__name__)
 
@@ -355,7 +356,7 @@ def verify_model(model_path: str | Path, public_key_path: str | Path,
         except Exception as exc:  # model-signing raises ValueError, InvalidSignature, JSON errors
             raise SignatureError(
                 f"{sig_path.name} does not verify with {public_key_path} "
-                f"({type(exc).__name__}: {_first_line(exc)[:120] or 'bad signature'}): the signature file "
+                f"({type(exc).__name__}: {first_line(exc)[:120] or 'bad signature'}): the signature file "
                 "was altered or not made for these files; re-sign the model", "invalid") from exc
     return VerifiedModel(
         model_path=model_path, card_path=card_path, signature_path=sig_path,
@@ -380,7 +381,3 @@ def verify_or_warn(model_path: str | Path, public_key_path: str | Path | None,
              verified.signature_path.name, verified.key_id[:12])
     return verified
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict,
 )
 
 from depois_stream.contract.files import read_small
+from depois_stream.contract.model import first_line
 
 
 class ConfigError(ValueError):
@@ -152,7 +153,7 @@ class ConsumerConfig(BaseSettings):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _text_a_client_can_take(cls, v: Any, info: ValidationInfo) -> Any:
+    def _text_a_client_can_take(cls, v: Any) -> Any:
         """No NUL byte and valid UTF-8 in any text setting: the client libraries and the
         operating system take text as C strings (librdkafka crashed on a topic name with a byte
         that is not UTF-8, and a NUL cut a path short)."""
@@ -289,11 +290,6 @@ def load_config(**overrides: Any) -> ConsumerConfig:
     except ConfigError:  # the config file's own error says what is wrong with it
         raise
     except ValueError as exc:  # e.g. DEPOIS_KAFKA is not JSON (pydantic-settings' SettingsError)
-        raise ConfigError(f"invalid configuration: {_first_line(exc)} (complex settings such "
-                          "as DEPOIS_KAFKA are JSON: DEPOIS_KAFKA='{\"security_protocol\": "
+        raise ConfigError(f"invalid configuration: {first_line(exc) or type(exc).__name__} "
+                          "(complex settings such as DEPOIS_KAFKA are JSON: DEPOIS_KAFKA='{\"security_protocol\": "
                           "\"SSL\"}')") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -34,7 +34,7 @@ from depois_stream.contract import (
     INPUT_IMAGE, INPUT_LABEL, OUTPUT_EVIDENCE, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE,
     ContractError, ModelCard, ModelMetadata, card_path_for,
 )
-from depois_stream.contract.model import first_problem
+from depois_stream.contract.model import first_line, first_problem
 from depois_stream.contract.signing import SignatureError, verify_or_warn
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ class Detector:
                 self.max_rows = rows // 2
                 log.warning("model %s: CUDA refused a run of %d rows (%s); scoring in runs of at "
                             "most %d rows from now on", self.path.name, rows,
-                            str(exc).splitlines()[0][:200], self.max_rows)
+                            first_line(exc)[:200], self.max_rows)
                 continue
             start += rows
         if len(parts) == 1:
@@ -332,17 +332,17 @@ class Detector:
         """
         shape = self.metadata.input_shape
         k = self.metadata.num_classes
-        rows = max(1, min(k, 64, (1 << 24) // int(np.prod(shape))))
+        values = int(np.prod(shape))
+        rows = max(1, min(k, 64, (1 << 24) // values))
         for n in (rows, 1, rows + 7):
             labels = np.arange(n, dtype=np.int64) % k
-            probe = np.linspace(0.0, 1.0, n * int(np.prod(shape)), dtype=np.float32)
+            probe = np.linspace(0.0, 1.0, n * values, dtype=np.float32)
             try:
                 res = self.run(probe.reshape(n, *shape), labels)
             except Exception as exc:  # onnxruntime's own untyped errors
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise ModelLoadError(
                     f"{self.path}: the graph fails on a probe batch of {n} samples "
-                    f"({type(exc).__name__}: {first[:300]}); re-export it with "
+                    f"({type(exc).__name__}: {first_line(exc)[:300]}); re-export it with "
                     "`depois-train export-onnx`", "contract") from None
             if len(res.score) != n or len(res.poisoned) != n:
                 raise ModelLoadError(
@@ -376,7 +376,7 @@ def _open_session(path: Path, source: str | bytes, providers: list[str],
     try:
         return ort.InferenceSession(source, session_options(), providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc) or type(exc).__name__
         raise ModelLoadError(
             f"onnxruntime cannot load {path} ({first[:300]}); the file is not a valid ONNX "
             "model, re-export it with `depois-train export-onnx`", "load") from None

@@ -101,31 +101,31 @@ class ModelWatcher:
         try:
             candidate = self._load(self.current.path)
         except Exception as exc:  # ModelLoadError, or anything else: a bad push must not crash
-            why = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
-            log.error("model reload rejected, keeping version %s (%s…): %s",
-                      self.current.metadata.model_version, self.current.sha256[:12], why,
-                      extra=_ALWAYS)
-            self._on_outcome("rejected")
-            if not isinstance(exc, ModelLoadError):
-                self._on_refused("load")
-            return None
+            if isinstance(exc, ModelLoadError):
+                return self._reject(str(exc), None)  # counted by reason where it was raised
+            return self._reject(f"{type(exc).__name__}: {exc}", "load")
         changed = _contract_change(self.current, candidate)
         if changed:
-            log.error("model reload rejected, keeping version %s (%s…): %s %s changes %s; the "
-                      "stream's records are shaped for the serving model, so every one would be "
-                      "dead-lettered. A contract change needs a restart with the new model",
-                      self.current.metadata.model_version, self.current.sha256[:12],
-                      candidate.metadata.model_version, candidate.sha256[:12], changed,
-                      extra=_ALWAYS)
-            self._on_outcome("rejected")
-            self._on_refused("contract")
-            return None
+            return self._reject(
+                f"{candidate.metadata.model_version} ({candidate.sha256[:12]}…) changes {changed}; "
+                "the stream's records are shaped for the serving model, so every one would be "
+                "dead-lettered. A contract change needs a restart with the new model", "contract")
         log.info("model reloaded: %s (%s…) -> %s (%s…)", self.current.metadata.model_version,
                  self.current.sha256[:12], candidate.metadata.model_version, candidate.sha256[:12],
                  extra=_ALWAYS)
         self.current = candidate
         self._on_outcome("loaded")
         return candidate
+
+    def _reject(self, why: str, uncounted_reason: str | None) -> None:
+        """Keep the serving model, say why in one line and count the rejection (by reason too
+        when ``load`` did not count it)."""
+        log.error("model reload rejected, keeping version %s (%s…): %s",
+                  self.current.metadata.model_version, self.current.sha256[:12], why,
+                  extra=_ALWAYS)
+        self._on_outcome("rejected")
+        if uncounted_reason is not None:
+            self._on_refused(uncounted_reason)
 
 
 def _contract_change(current: Detector, candidate: Detector) -> str:

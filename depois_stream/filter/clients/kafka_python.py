@@ -82,9 +82,8 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
         # the protocol as they are, and struct.pack refuses a float at the first fetch.
         ok = wanted is None or isinstance(value, wanted) or (wanted is float and number)
         if not ok or (wanted is int and isinstance(value, bool)):
-            hint = (" (JSON true or false: the text 'false' would read as true)"
-                    if wanted is bool else f" (a whole number like {default!r})"
-                    if wanted is int else f" (like {default!r})")
+            hint = {bool: " (JSON true or false: the text 'false' would read as true)",
+                    int: f" (a whole number like {default!r})"}.get(wanted, f" (like {default!r})")
             raise ValueError(f"kafka-python option {name} must be of type "
                              f"{type(default).__name__}{hint}, not {value!r}")
     protocol = options.get("security_protocol")
