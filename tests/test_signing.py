@@ -361,3 +361,17 @@ def test_run_with_verify_signature_refuses_an_unsigned_model_with_exit_2(
     assert proc.returncode == 2
     assert "unsigned" in proc.stderr and "Traceback" not in proc.stderr
     assert len([l for l in proc.stderr.splitlines() if l.startswith("depois-stream")]) == 1
+
+
+def test_a_bundle_model_signing_cannot_parse_is_refused_in_one_line(
+        signed: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+    """A start-up fuzz run (stop 39): a bundle with an unknown mediaType passes our own reading
+    of it and model-signing refuses it with a multi-line pydantic error, which was quoted whole
+    (three lines on stderr)."""
+    sig = signature_path_for(signed)
+    bundle = json.loads(sig.read_text())
+    bundle["mediaType"] = "bogus"
+    sig.write_text(json.dumps(bundle))
+    with pytest.raises(SignatureError) as caught:
+        verify_model(signed, keys["team"][1])
+    assert "\n" not in str(caught.value)
