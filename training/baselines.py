@@ -269,6 +269,19 @@ def ablations(det: FittedDetector, evidence: LastCall) -> list[Baseline]:
     return out
 
 
+def left_out_baselines() -> list[str]:
+    """The baselines this environment cannot run, each with what brings it back.
+
+    A comparison that silently lacks a baseline reads as if it had beaten it: the report and
+    the console name every baseline left out.
+    """
+    try:
+        import cleanlab  # noqa: F401 (what confident_learning needs)
+    except ImportError:
+        return ["cleanlab (confident learning): not installed; pip install -e '.[eval]'"]
+    return []
+
+
 def all_detectors(det: FittedDetector, seed: int, classifier: ClassifierConfig,
                   with_ablations: bool = True) -> list[Baseline]:
     """Ours, the previous fused detector, every baseline (cleanlab when installed) and the

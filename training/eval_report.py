@@ -163,6 +163,9 @@ def detail_table(report: EvalReport, dataset: str) -> str:
 
 def render_markdown(report: EvalReport) -> str:
     parts = ["## Summary", summary_table(report)]
+    if report.left_out:
+        parts.append("Baselines left out of every comparison below: "
+                     + "; ".join(report.left_out) + ".")
     for name in dict.fromkeys(s.name for s in report.datasets):
         summaries = [s for s in report.datasets if s.name == name]
         s0 = summaries[0]

@@ -110,6 +110,7 @@ class EvalReport(BaseModel):
     datasets: list[DatasetSummary]
     detection: list[DetectionRow]
     downstream: list[DownstreamRow]
+    left_out: list[str] = []  # baselines this environment could not run, with what brings them back
 
     def cases(self, dataset: str) -> list[tuple[str, float, bool]]:
         seen: dict[tuple[str, float], bool] = {}
@@ -174,4 +175,5 @@ def merge_reports(reports: list[EvalReport]) -> EvalReport:
         "seeds": sorted({seed for _, seed in seen}), "detector_dir": None})
     return EvalReport(config=config, datasets=[s for r in reports for s in r.datasets],
                       detection=[d for r in reports for d in r.detection],
-                      downstream=[d for r in reports for d in r.downstream])
+                      downstream=[d for r in reports for d in r.downstream],
+                      left_out=list(dict.fromkeys(x for r in reports for x in r.left_out)))

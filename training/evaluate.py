@@ -30,7 +30,7 @@ from tqdm import tqdm
 from training.attacks import (
     ALL_ATTACKS, ATTACKS, HELDOUT2_ATTACKS, HELDOUT3_ATTACKS, HELDOUT4_ATTACKS, HELDOUT_ATTACKS, SUITES, CollisionConfig, GPConfig, Trigger,
 )
-from training.baselines import Baseline, all_detectors
+from training.baselines import Baseline, all_detectors, left_out_baselines
 from training.config import MAX_SEED, FitConfig
 from training.data import (
     DATASETS,
@@ -205,7 +205,8 @@ def run_evaluation(cfg: EvalConfig, out: Path) -> EvalReport:
             summaries.append(summary)
             detection += det_rows
             downstream += down_rows
-    report = EvalReport(config=cfg, datasets=summaries, detection=detection, downstream=downstream)
+    report = EvalReport(config=cfg, datasets=summaries, detection=detection, downstream=downstream,
+                        left_out=left_out_baselines())
     write_report(report, out)
     save_plots(curves, out)
     return report
@@ -332,6 +333,8 @@ def evaluate(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise _fail(f"cannot write to --out {out} ({exc.strerror or exc})") from None
+    for missing in left_out_baselines():  # said before a run of many minutes, not only after it
+        typer.echo(f"warning: baseline left out: {missing}", err=True)
     try:
         report = run_evaluation(cfg, out)
     except DatasetError as exc:
