@@ -42,3 +42,5 @@ def test_demo_accounts_for_every_record_and_catches_the_flips(broker, unique, ce
                         f'{float(result.consumed)}']
     shown = render(result, cfg, "random-flip", 0.2)
     assert "first quarantined records" in shown and "consumer metrics" in shown
+    # Its broker is gone when this is read: the replay hint must not point at it as if it were up.
+    assert "broker stopped with it" in shown

@@ -266,9 +266,10 @@ def export_(**kw: Any) -> None:
     manifest.jsonl has one line per record (id, label, score, boundary, reason, model version,
     provenance, timestamp, and where its image is); samples.npz holds the decoded images
     (float32 [N,C,H,W] in [0,1]), labels, ids, scores and boundaries; contact_NNN.png show up
-    to 100 images each, sorted by score (closest to the boundary first), each captioned with
-    its sample id, label and score. Records whose bytes do not decode stay in the manifest
-    with decode_error set.
+    to 100 images each, in the order the records were read (the manifest's order), each
+    captioned "#cell y=label" and its score: the manifest's sheet and cell fields give each
+    image's sample id. Records whose bytes do not decode stay in the manifest with
+    decode_error set.
     """
     from depois_stream.audit.export import export
 

@@ -202,8 +202,10 @@ def render(result: DemoResult, cfg: ConsumerConfig, attack: str, rate: float) ->
             lines.append(f"  {row.sample_id:<18} {row.label:>5} {_short(row.score):>9} "
                          f"{_short(row.boundary):>9} {row.source_offset:>6}  "
                          f"{'yes' if row.truly_poisoned else 'NO (false alarm)'}")
-        lines.append(f"  model version {result.quarantine_rows[0].model_version}; "
-                     f"`depois-stream replay list` shows them all")
+        # The demo's broker is in memory and stops with it: point at a broker that stays up.
+        lines.append(f"  model version {result.quarantine_rows[0].model_version}; the demo's "
+                     "broker stopped with it: against one that stays up (README, \"Using it\") "
+                     "`depois-stream replay list` shows them all")
     if result.metrics_excerpt:
         lines += ["", "consumer metrics (non-zero counters at exit):"]
         lines += [f"  {line}" for line in result.metrics_excerpt]
