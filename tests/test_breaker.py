@@ -64,3 +64,27 @@ def test_rate_of_one_disables_the_breaker() -> None:
     b = _breaker(max_rate=1.0)
     assert not b.observe(100, 100, now=0.0)
     assert not b.is_open
+
+
+def test_an_operator_resume_lets_the_acknowledged_burst_through_then_arms_again() -> None:
+    """A campaign above the limit: the operator resumes to keep quarantining it. The batch that
+    tripped the breaker comes first after the resume; it must not trip it again, nor anything
+    until the rate has been under the limit once (then a new burst trips it as before)."""
+    b = _breaker()
+    assert b.observe(100, 97, now=0.0)
+    assert b.should_close(now=1.0, operator_resume=True)
+    b.close(acknowledge=True)
+    assert not b.observe(100, 97, now=2.0)  # the held-back batch
+    assert not b.observe(100, 90, now=3.0) and not b.is_open  # the campaign goes on
+    assert b.acknowledged
+    assert not b.observe(100, 10, now=4.0) and not b.acknowledged  # under the limit: armed
+    assert b.observe(100, 95, now=5.0) and b.trips == 2  # a new burst trips it again
+
+
+def test_a_cooldown_resume_is_still_a_probe() -> None:
+    b = _breaker()
+    b.observe(100, 97, now=0.0)
+    assert b.should_close(now=60.0)
+    b.close()
+    assert not b.acknowledged
+    assert b.observe(100, 97, now=61.0)  # the held-back batch trips it again

@@ -219,9 +219,14 @@ class StreamFilter:
         scored = pipeline.score(batch, det, self.max_record_bytes, delivery.rejected)
         m.inference_duration.labels(det.provider).observe(time.perf_counter() - t0)
         m.forged_headers.inc(scored.ingest.forged)
+        acknowledged = self.breaker.acknowledged
         if self.breaker.observe(scored.scored, scored.quarantined, time.monotonic()):
             self._trip(source, batch)  # not routed: handed back and held until resumed
             return
+        if acknowledged and not self.breaker.acknowledged:
+            m.circuit_acknowledged.set(0)
+            log.warning("circuit breaker armed again: the quarantine rate is back under %.0f%%",
+                        100 * self.cfg.breaker_max_rate)
         m.poison_rate.set(self.breaker.rate)
         m.score.observe_many(scored.prediction.score)
         routed = pipeline.route(batch, scored, det.metadata.model_version, det.sha256,
@@ -423,11 +428,17 @@ class StreamFilter:
             return
         if flag is not None:
             flag.unlink(missing_ok=True)
-        self.breaker.close()
+        self.breaker.close(acknowledge=operator)
         source.resume("breaker")
         self.metrics.circuit_open.set(0)
-        log.warning("circuit breaker closed (%s); consumption resumed",
-                    "operator" if operator else "cooldown elapsed")
+        self.metrics.circuit_acknowledged.set(int(operator))
+        if operator:
+            log.warning("circuit breaker closed (operator); consumption resumed, and the breaker "
+                        "stays closed until the quarantine rate is back under %.0f%% (the burst "
+                        "is quarantined, not held)", 100 * self.cfg.breaker_max_rate)
+        else:
+            log.warning("circuit breaker closed (cooldown elapsed); consumption resumed (a "
+                        "probe: the next window over the limit trips it again)")
 
     def _load_model(self, path: Path) -> Detector:
         try:

@@ -8,10 +8,16 @@ offending batch back uncommitted) and waits for a human or a timeout instead.
 State machine (pure; the caller passes the clock so tests need no sleeps):
 
     closed --(>= min_samples in window and rate > max_rate)--> open
-    open --(cooldown elapsed, or operator resume)--> closed, with an empty window
+    open --(cooldown elapsed)--> closed, with an empty window (a probe)
+    open --(operator resume)--> closed and *acknowledged*, with an empty window
+    acknowledged --(>= min_samples in window and rate <= max_rate)--> closed (armed again)
 
 Resuming after the cooldown is a probe: if the model is still wrong the next window trips it
-again. The window counts *samples*, not batches, so the limit means the same at any batch size.
+again. An operator's resume is a decision about the burst that tripped it ("this is a campaign,
+keep quarantining it" or "the model is fixed"), so the breaker does not trip again until the
+quarantine rate has come back under the limit once: without that, a real campaign above the
+limit tripped it again on the very batch it had held back, and no resume ever got past it.
+The window counts *samples*, not batches, so the limit means the same at any batch size.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class CircuitBreaker:
     settings: BreakerSettings = field(default_factory=BreakerSettings)
     opened_at: float | None = None
     trips: int = 0
+    acknowledged: bool = False  # an operator resumed: no trip until the rate is back under the limit
     _batches: deque[tuple[int, int]] = field(default_factory=deque)  # (scored, quarantined)
     _scored: int = 0
     _quarantined: int = 0
@@ -53,7 +60,9 @@ class CircuitBreaker:
 
     def would_trip(self, scored: int, quarantined: int) -> bool:
         """Whether adding this batch would open the breaker (the caller can then hold it back)."""
-        total, bad = self._window_after(scored, quarantined)
+        return not self.acknowledged and self._above(*self._window_after(scored, quarantined))
+
+    def _above(self, total: int, bad: int) -> bool:
         return total >= self.settings.min_samples and bad / total > self.settings.max_rate
 
     def observe(self, scored: int, quarantined: int, now: float) -> bool:
@@ -65,18 +74,23 @@ class CircuitBreaker:
         self._scored += scored
         self._quarantined += quarantined
         self._trim()
+        if self.acknowledged and self._scored >= self.settings.min_samples and not self._above(
+                self._scored, self._quarantined):
+            self.acknowledged = False  # the acknowledged burst is over: judge again
         if tripped:
             self.opened_at = now
             self.trips += 1
         return tripped
 
     def should_close(self, now: float, operator_resume: bool = False) -> bool:
-        return self.is_open and (operator_resume or
-                                 now - (self.opened_at or now) >= self.settings.cooldown_s)
+        return self.opened_at is not None and (
+            operator_resume or now - self.opened_at >= self.settings.cooldown_s)
 
-    def close(self) -> None:
-        """Resume with an empty window so the next verdict is judged on fresh samples."""
+    def close(self, acknowledge: bool = False) -> None:
+        """Resume with an empty window so the next verdict is judged on fresh samples;
+        ``acknowledge`` (an operator's resume) holds it closed until the rate is under the limit."""
         self.opened_at = None
+        self.acknowledged = acknowledge
         self._batches.clear()
         self._scored = self._quarantined = 0
 

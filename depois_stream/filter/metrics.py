@@ -130,6 +130,10 @@ class Metrics:
         self.circuit_open = Gauge(
             "circuit_breaker_open", "1 while the poison-rate circuit breaker pauses consumption.",
             namespace=ns, registry=r)
+        self.circuit_acknowledged = Gauge(
+            "circuit_breaker_acknowledged", "1 while an operator's resume holds the breaker "
+            "closed through the burst that tripped it; 0 again (armed) once the quarantine rate "
+            "is back under the limit.", namespace=ns, registry=r)
         self.circuit_trips = Counter(
             "circuit_breaker_trips", "Times the poison-rate circuit breaker opened.",
             namespace=ns, registry=r)
