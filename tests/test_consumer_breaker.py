@@ -64,6 +64,47 @@ def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
     assert sorted(r.key.decode() for r in clean) == sorted(ids)
     assert {H.as_dict(r.headers)[H.MODEL_VERSION] for r in clean} == {"fixed"}
     assert committed(broker.bootstrap, unique, topics.ingest) == ends
+    # Read twice (handed back at the trip, read again after the resume), consumed once: the
+    # delivery SLO (routed / consumed) paged for a loss at every trip while both reads counted.
+    assert sample("depois_records_consumed_total", {"topic": topics.ingest}) == len(ids)
+    assert sample("depois_records_routed_total", {"destination": "clean"}) == len(ids)
+
+
+def test_an_operator_resume_during_a_campaign_quarantines_it_instead_of_tripping_again(
+        kafka_client, broker, unique, tmp_path: Path, digits_arrays):
+    """A real campaign above the breaker's limit: the operator resumes without a model change
+    ("it is a campaign, keep quarantining it"). Before stop 40 the batch held back at the trip
+    came first after the resume and tripped the breaker again at once, every time: the stream
+    stayed stopped through every resume and cooldown."""
+    _, _, xte, yte = digits_arrays
+    model = tmp_path / "model.onnx"
+    _deploy(model, digits_arrays, "campaign", boundary=10.0)  # every sample quarantined
+    control = tmp_path / "control"
+    control.mkdir()
+    topics = Topics.create(broker.bootstrap, unique)
+    ids = [f"{unique}-{i}" for i in range(200)]
+    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
+    metrics = Metrics()
+    cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
+                          exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
+                          control_dir=control, breaker_cooldown_s=3600)
+    flt = StreamFilter(cfg, metrics)
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    sample = metrics.registry.get_sample_value
+    runner.start()
+    try:
+        wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
+        (control / RESUME_FLAG).touch()
+        wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends, timeout_s=60)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert sample("depois_circuit_breaker_trips_total") == 1
+    assert sample("depois_circuit_breaker_open") == 0
+    assert sample("depois_circuit_breaker_acknowledged") == 1  # the rate never came back down
+    quarantined = read_all(broker.bootstrap, topics.quarantine)
+    assert sorted(set(r.key.decode() for r in quarantined)) == sorted(ids)
 
 
 def test_breaker_resumed_while_a_member_joins_leaves_no_partition_paused(

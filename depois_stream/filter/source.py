@@ -73,6 +73,7 @@ class Source:
         self._lock = threading.Lock()
         self._buffer: list[RecordBatch] = []
         self._next: dict[TP, int] = {}  # offset after the last record handed on, per partition
+        self._counted: dict[int, int] = {}  # highest offset counted as consumed, per partition
         self._handback: dict[TP, int] = {}  # where a revoked partition must resume if it returns
         self._first_ts: dict[TP, int] = {}  # timestamp of the first record of the last batch
         self.assigned: frozenset[TP] = frozenset()
@@ -193,8 +194,23 @@ class Source:
             if len(got):
                 self.rewind(got.first_offsets())
                 got = RecordBatch.empty(self._topic)
-        self._metrics.records_consumed.labels(self._topic).inc(len(got))
+        self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(got))
         return got
+
+    def _first_reads(self, got: RecordBatch) -> int:
+        """How many of ``got`` this process reads for the first time. A record handed back (a
+        breaker trip, a retried delivery, a pause) and read again is consumed once: counted at
+        each read, every trip added a batch that was never routed, and the delivery SLO (routed
+        / consumed) paged for losses that did not happen."""
+        if not len(got):
+            return 0
+        new = 0
+        for p in np.unique(got.partitions).tolist():
+            offsets = got.offsets[got.partitions == p]
+            seen = self._counted.get(p, -1)
+            new += int(np.count_nonzero(offsets > seen))
+            self._counted[p] = max(seen, int(offsets.max()))
+        return new
 
     def _buffered(self) -> int:
         with self._lock:
