@@ -413,3 +413,33 @@ def test_every_consumer_panel_and_annotation_reads_the_declared_metrics(tmp_path
             assert float(level["value"][1]) == pytest.approx(0.1)
     finally:
         exporter.shutdown()
+
+
+def _panel_expr(title: str) -> str:
+    board = json.loads(DASHBOARD.read_text())
+    (target,) = [t for p in board["panels"] if p.get("title") == title for t in p["targets"]]
+    return resolve_dashboard_variables(target["expr"], board)  # "All", as Grafana and `report`
+
+
+def test_consumers_up_at_all_jobs_counts_only_consumers(tmp_path: Path) -> None:
+    """With Job at "All" (the dashboard's default and the report's), the headline counted every
+    scrape target: the only consumer down beside Prometheus, the Pushgateway and Alertmanager read
+    as 75 % up instead of 0 (found by an SRE review). A consumer job is one that exported
+    depois_build_info within the hour, so a job that is all down still counts (as 0)."""
+    minutes = 10
+    down_from = 5 * 60 // STEP_S  # the consumer stops answering after 5 minutes
+    steps = minutes * 60 // STEP_S
+    consumer = 'job="depois-consumer",instance="consumer-1:9108"'
+    series = [
+        {"series": f"up{{{consumer}}}", "values": f"1x{down_from} 0x{steps - down_from - 1}"},
+        {"series": f'depois_build_info{{{consumer},version="1"}}', "values": f"1x{down_from}"},
+    ] + [{"series": f'up{{job="{job}",instance="{job}:1"}}', "values": f"1x{steps}"}
+         for job in ("prometheus", "pushgateway", "alertmanager")]
+    expr = _panel_expr("Consumers up")
+    result = _run_promtool(tmp_path, {
+        "interval": f"{STEP_S}s", "input_series": series,
+        "promql_expr_test": [
+            {"expr": expr, "eval_time": "4m", "exp_samples": [{"labels": "{}", "value": 1}]},
+            {"expr": expr, "eval_time": "9m", "exp_samples": [{"labels": "{}", "value": 0}]},
+        ]})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
