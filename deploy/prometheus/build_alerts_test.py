@@ -46,9 +46,20 @@ TAIL = """
   # Member a's breaker opens at minute 2 and stays open; member b's opens for one scrape only.
   # Both tripped once, so both get DepoisCircuitBreakerTripped (Alertmanager suppresses a's
   # while DepoisCircuitOpen fires for it); member c never tripped. The ticket resolves when the
-  # trip leaves the 1-hour window.
+  # trip leaves the 1-hour window. Member d is a new replica (started at 4m30s) that tripped
+  # before its first scrape: its counter's first sample is already 1, which increase() alone
+  # never saw. Member e's series is new only to Prometheus (its process started two hours ago:
+  # a Prometheus that lost its data), so its old trip is not news.
   - interval: 1m
     input_series:
+      - series: 'depois_circuit_breaker_trips_total{job="depois-consumer",instance="d:9108"}'
+        values: '_x5 1x75'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="d:9108"}'
+        values: '_x5 270x75'
+      - series: 'depois_circuit_breaker_trips_total{job="depois-consumer",instance="e:9108"}'
+        values: '_x5 1x75'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="e:9108"}'
+        values: '_x5 -7200x75'
       - series: 'depois_circuit_breaker_open{job="depois-consumer",instance="a:9108"}'
         values: '0 0 1x80'
       - series: 'depois_circuit_breaker_trips_total{job="depois-consumer",instance="a:9108"}'
@@ -89,6 +100,11 @@ TAIL = """
               summary: "The circuit breaker of b:9108 tripped in the last hour"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoiscircuitbreakertripped
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=b:9108&viewPanel=7
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "d:9108"}
+            exp_annotations:
+              summary: "The circuit breaker of d:9108 tripped in the last hour"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoiscircuitbreakertripped
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=d:9108&viewPanel=7
       - eval_time: 75m
         alertname: DepoisCircuitBreakerTripped
         exp_alerts: []
@@ -389,9 +405,14 @@ TAIL = """
         exp_alerts: []
 
   # Member a: the broker rejects 3 output records at minute 5 and nothing after; the ticket
-  # stays for 30 minutes. Member b: retriable failures only (retried, not rejected).
+  # stays for 30 minutes. Member b: retriable failures only (retried, not rejected). Member c,
+  # a new replica started at 5m30s, had 2 rejected before its first scrape.
   - interval: 1m
     input_series:
+      - series: 'depois_delivery_failures_total{job="depois-consumer",instance="c:9108",kind="rejected"}'
+        values: '_x6 2x58'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="c:9108"}'
+        values: '_x6 330x58'
       - series: 'depois_delivery_failures_total{job="depois-consumer",instance="a:9108",kind="rejected"}'
         values: '0x4 3x60'
       - series: 'depois_delivery_failures_total{job="depois-consumer",instance="b:9108",kind="rejected"}'
@@ -410,6 +431,11 @@ TAIL = """
               summary: "The broker rejected 3 output records of a:9108 in 30 minutes"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisdeliveryrejected
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=21
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "c:9108"}
+            exp_annotations:
+              summary: "The broker rejected 2 output records of c:9108 in 30 minutes"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisdeliveryrejected
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=c:9108&viewPanel=21
       - eval_time: 40m
         alertname: DepoisDeliveryRejected
         exp_alerts: []
@@ -525,9 +551,14 @@ TAIL = """
         alertname: DepoisModelRejected
         exp_alerts: []
 
-  # Job "spoofed" receives 4 records with depois.* headers at minute 10; job "clean" none.
+  # Job "spoofed" receives 4 records with depois.* headers at minute 10; job "clean" none; job
+  # "restarted" gets a new replica (started at 10m) that read 3 before its first scrape.
   - interval: 1m
     input_series:
+      - series: 'depois_forged_headers_total{job="restarted",instance="b:9108"}'
+        values: '_x10 3x30'
+      - series: 'process_start_time_seconds{job="restarted",instance="b:9108"}'
+        values: '_x10 570x30'
       - series: 'depois_forged_headers_total{job="spoofed",instance="a:9108"}'
         values: '0x9 4x30'
       - series: 'depois_forged_headers_total{job="clean",instance="a:9108"}'
@@ -544,6 +575,11 @@ TAIL = """
               summary: "4 ingest records of spoofed carried forged depois.* headers in 30 minutes"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisforgedheaders
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=spoofed&viewPanel=23
+          - exp_labels: {severity: ticket, job: restarted}
+            exp_annotations:
+              summary: "3 ingest records of restarted carried forged depois.* headers in 30 minutes"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisforgedheaders
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=restarted&viewPanel=23
 """
 
 def ann(alert, summary, panel, job, instance=None):
