@@ -88,3 +88,14 @@ def test_a_cooldown_resume_is_still_a_probe() -> None:
     b.close()
     assert not b.acknowledged
     assert b.observe(100, 97, now=61.0)  # the held-back batch trips it again
+
+
+def test_a_model_change_ends_an_acknowledgement() -> None:
+    """The acknowledgement is about one model's verdicts: a new model is judged again."""
+    b = _breaker()
+    b.observe(100, 97, now=0.0)
+    b.close(acknowledge=True)
+    assert not b.observe(100, 97, now=1.0)
+    assert b.rearm() and not b.acknowledged
+    assert b.observe(100, 97, now=2.0)  # the new model quarantines everything: trips
+    assert not b.rearm()  # nothing to end

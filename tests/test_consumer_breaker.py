@@ -97,14 +97,23 @@ def test_an_operator_resume_during_a_campaign_quarantines_it_instead_of_tripping
         wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
         (control / RESUME_FLAG).touch()
         wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends, timeout_s=60)
+        assert sample("depois_circuit_breaker_trips_total") == 1
+        assert sample("depois_circuit_breaker_open") == 0
+        assert sample("depois_circuit_breaker_acknowledged") == 1  # the rate never came back down
+        quarantined = read_all(broker.bootstrap, topics.quarantine)
+        assert sorted(set(r.key.decode() for r in quarantined)) == sorted(ids)
+
+        # The acknowledgement was about that model: a new one that quarantines everything too
+        # is judged again (an operator's "it is a campaign" must not disarm the breaker for good).
+        _deploy(model, digits_arrays, "campaign-2", boundary=10.0)
+        wait_for(lambda: sample("depois_model_reloads_total", {"outcome": "loaded"}) == 1)
+        assert sample("depois_circuit_breaker_acknowledged") == 0
+        more = [f"{unique}-more-{i}" for i in range(200)]
+        publish(broker.bootstrap, topics.ingest, more, xte[200:400], yte[200:400])
+        wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 2)
     finally:
         stop.set()
         runner.join(timeout=30)
-    assert sample("depois_circuit_breaker_trips_total") == 1
-    assert sample("depois_circuit_breaker_open") == 0
-    assert sample("depois_circuit_breaker_acknowledged") == 1  # the rate never came back down
-    quarantined = read_all(broker.bootstrap, topics.quarantine)
-    assert sorted(set(r.key.decode() for r in quarantined)) == sorted(ids)
 
 
 def test_breaker_resumed_while_a_member_joins_leaves_no_partition_paused(

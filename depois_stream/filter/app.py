@@ -133,6 +133,7 @@ class StreamFilter:
         self._publish_model(self.detector)
         self.metrics.build_info.info({"version": __version__, "client": self.client.name})
         self.metrics.client_calls_abandoned.set_function(abandoned_calls)
+        self._tripped_by = ""  # sha256 of the model serving when the breaker last opened
         self.breaker = CircuitBreaker(BreakerSettings(
             window=cfg.breaker_window, max_rate=cfg.breaker_max_rate,
             min_samples=cfg.breaker_min_samples, cooldown_s=cfg.breaker_cooldown_s))
@@ -181,6 +182,9 @@ class StreamFilter:
             if (new := watcher.poll()) is not None:
                 self.detector = new
                 self._publish_model(new)
+                if self.breaker.rearm():  # an acknowledgement was about the previous model
+                    self.metrics.circuit_acknowledged.set(0)
+                    log.warning("circuit breaker armed again: a new model is serving")
             self._maybe_close_breaker(source)
             if delivery.backing_off:  # the broker refused a batch: wait, stay in the group
                 source.pause("backoff")
@@ -405,6 +409,7 @@ class StreamFilter:
     # ------------------------------------------------------------------ breaker and model
 
     def _trip(self, source: Source, batch: RecordBatch) -> None:
+        self._tripped_by = self.detector.sha256  # a resume under this model acknowledges the burst
         source.rewind(batch.first_offsets())
         source.pause("breaker")
         self.stats.breaker_trips += 1
@@ -428,11 +433,16 @@ class StreamFilter:
             return
         if flag is not None:
             flag.unlink(missing_ok=True)
-        self.breaker.close(acknowledge=operator)
+        acknowledge = operator and self.detector.sha256 == self._tripped_by
+        self.breaker.close(acknowledge=acknowledge)
         source.resume("breaker")
         self.metrics.circuit_open.set(0)
-        self.metrics.circuit_acknowledged.set(int(operator))
-        if operator:
+        self.metrics.circuit_acknowledged.set(int(acknowledge))
+        if operator and not acknowledge:
+            log.warning("circuit breaker closed (operator, after a model change); consumption "
+                        "resumed (a probe of the new model: the next window over the limit "
+                        "trips it again)")
+        elif operator:
             log.warning("circuit breaker closed (operator); consumption resumed, and the breaker "
                         "stays closed until the quarantine rate is back under %.0f%% (the burst "
                         "is quarantined, not held)", 100 * self.cfg.breaker_max_rate)

@@ -13,10 +13,13 @@ State machine (pure; the caller passes the clock so tests need no sleeps):
     acknowledged --(>= min_samples in window and rate <= max_rate)--> closed (armed again)
 
 Resuming after the cooldown is a probe: if the model is still wrong the next window trips it
-again. An operator's resume is a decision about the burst that tripped it ("this is a campaign,
-keep quarantining it" or "the model is fixed"), so the breaker does not trip again until the
-quarantine rate has come back under the limit once: without that, a real campaign above the
-limit tripped it again on the very batch it had held back, and no resume ever got past it.
+again. An operator's resume *under the model that tripped it* is a decision about the burst ("this is
+a campaign, keep quarantining it"), so the breaker does not trip again until the quarantine rate
+has come back under the limit once: without that, a real campaign above the limit tripped it
+again on the very batch it had held back, and no resume ever got past it. A resume after a model
+change is a probe like the cooldown's (the new model is what is being judged), and a model
+change while acknowledged arms the breaker again (``rearm``): the acknowledgement is about one
+model's verdicts, never a blanket "stop judging".
 The window counts *samples*, not batches, so the limit means the same at any batch size.
 """
 
@@ -93,6 +96,11 @@ class CircuitBreaker:
         self.acknowledged = acknowledge
         self._batches.clear()
         self._scored = self._quarantined = 0
+
+    def rearm(self) -> bool:
+        """End an acknowledgement (the model changed); True when there was one to end."""
+        was, self.acknowledged = self.acknowledged, False
+        return was
 
     def _window_after(self, scored: int, quarantined: int) -> tuple[int, int]:
         total, bad = self._scored + scored, self._quarantined + quarantined

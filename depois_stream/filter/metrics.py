@@ -48,7 +48,8 @@ class Metrics:
         r, ns = self.registry, NAMESPACE
 
         self.records_consumed = Counter(
-            "records_consumed", "Records read from the ingest topic.", ["topic"],
+            "records_consumed", "Records read from the ingest topic, each offset once per "
+            "process (a record handed back and read again is not counted again).", ["topic"],
             namespace=ns, registry=r)
         self.records_routed = Counter(
             "records_routed", "Records produced to an output topic, by destination.",
@@ -133,7 +134,7 @@ class Metrics:
         self.circuit_acknowledged = Gauge(
             "circuit_breaker_acknowledged", "1 while an operator's resume holds the breaker "
             "closed through the burst that tripped it; 0 again (armed) once the quarantine rate "
-            "is back under the limit.", namespace=ns, registry=r)
+            "is back under the limit or another model is loaded.", namespace=ns, registry=r)
         self.circuit_trips = Counter(
             "circuit_breaker_trips", "Times the poison-rate circuit breaker opened.",
             namespace=ns, registry=r)
