@@ -198,11 +198,10 @@ def confident_learning(plan: CalibrationPlan, num_classes: int, seed: int, confi
     normalised margin; flags come from ``find_label_issues``, whose per-class thresholds are
     estimated on the stream itself, as confident learning prescribes.
     """
-    try:
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
-    except ImportError:
+    functions = _cleanlab()
+    if functions is None:
         return None
+    find_label_issues, get_label_quality_scores = functions
     model = train_classifier(plan.pool.images, plan.pool.labels, num_classes, seed, config)
 
     def score(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -275,11 +274,20 @@ def left_out_baselines() -> list[str]:
     A comparison that silently lacks a baseline reads as if it had beaten it: the report and
     the console name every baseline left out.
     """
-    try:
-        import cleanlab  # noqa: F401 (what confident_learning needs)
-    except ImportError:
-        return ["cleanlab (confident learning): not installed; pip install -e '.[eval]'"]
+    if _cleanlab() is None:
+        return ["cleanlab (confident learning): not installed or not importable; "
+                "pip install -e '.[eval]'"]
     return []
+
+
+def _cleanlab() -> tuple[Callable, Callable] | None:
+    """cleanlab's two functions the baseline uses, or None where they cannot be imported."""
+    try:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+    except ImportError:
+        return None
+    return find_label_issues, get_label_quality_scores
 
 
 def all_detectors(det: FittedDetector, seed: int, classifier: ClassifierConfig,
