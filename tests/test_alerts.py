@@ -425,8 +425,8 @@ def test_consumers_up_at_all_jobs_counts_only_consumers(tmp_path: Path) -> None:
     """With Job at "All" (the dashboard's default and the report's), the headline counted every
     scrape target: the only consumer down beside Prometheus, the Pushgateway and Alertmanager read
     as 75 % up instead of 0 (found by an SRE review). A consumer job is one that exported
-    depois_build_info within the hour, so a job that is all down still counts (as 0)."""
-    minutes = 10
+    depois_build_info within the day, so a job that is all down still counts (as 0) for a day."""
+    minutes = 190
     down_from = 5 * 60 // STEP_S  # the consumer stops answering after 5 minutes
     steps = minutes * 60 // STEP_S
     consumer = 'job="depois-consumer",instance="consumer-1:9108"'
@@ -441,5 +441,6 @@ def test_consumers_up_at_all_jobs_counts_only_consumers(tmp_path: Path) -> None:
         "promql_expr_test": [
             {"expr": expr, "eval_time": "4m", "exp_samples": [{"labels": "{}", "value": 1}]},
             {"expr": expr, "eval_time": "9m", "exp_samples": [{"labels": "{}", "value": 0}]},
+            {"expr": expr, "eval_time": "3h", "exp_samples": [{"labels": "{}", "value": 0}]},
         ]})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]

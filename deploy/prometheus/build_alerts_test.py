@@ -49,9 +49,15 @@ TAIL = """
   # trip leaves the 1-hour window. Member d is a new replica (started at 4m30s) that tripped
   # before its first scrape: its counter's first sample is already 1, which increase() alone
   # never saw. Member e's series is new only to Prometheus (its process started two hours ago:
-  # a Prometheus that lost its data), so its old trip is not news.
+  # a Prometheus that lost its data), so its old trip is not news. Member f tripped once long
+  # ago, restarts at minute 70 under the same instance label and trips before its first
+  # scrape: its counter reads 1 throughout, and only the process start says it is new.
   - interval: 1m
     input_series:
+      - series: 'depois_circuit_breaker_trips_total{job="depois-consumer",instance="f:9108"}'
+        values: '1x80'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="f:9108"}'
+        values: '-7200x70 4170x10'
       - series: 'depois_circuit_breaker_trips_total{job="depois-consumer",instance="d:9108"}'
         values: '_x5 1x75'
       - series: 'process_start_time_seconds{job="depois-consumer",instance="d:9108"}'
@@ -107,7 +113,12 @@ TAIL = """
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=d:9108&viewPanel=7
       - eval_time: 75m
         alertname: DepoisCircuitBreakerTripped
-        exp_alerts: []
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "f:9108"}
+            exp_annotations:
+              summary: "The circuit breaker of f:9108 tripped in the last hour"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoiscircuitbreakertripped
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=f:9108&viewPanel=7
 
   # Member a stops answering at minute 2; member b keeps answering.
   - interval: 1m
@@ -552,11 +563,16 @@ TAIL = """
         exp_alerts: []
 
   # Job "spoofed" receives 4 records with depois.* headers at minute 10; job "clean" none; job
-  # "restarted" gets a new replica (started at 10m) that read 3 before its first scrape.
+  # "restarted" gets 4 on its old replica and a new replica (started at 10m) that read 3 before
+  # its first scrape: 7 in all.
   - interval: 1m
     input_series:
       - series: 'depois_forged_headers_total{job="restarted",instance="b:9108"}'
         values: '_x10 3x30'
+      - series: 'depois_forged_headers_total{job="restarted",instance="a:9108"}'
+        values: '0x9 4x31'
+      - series: 'process_start_time_seconds{job="restarted",instance="a:9108"}'
+        values: '-7200x40'
       - series: 'process_start_time_seconds{job="restarted",instance="b:9108"}'
         values: '_x10 570x30'
       - series: 'depois_forged_headers_total{job="spoofed",instance="a:9108"}'
@@ -577,7 +593,7 @@ TAIL = """
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=spoofed&viewPanel=23
           - exp_labels: {severity: ticket, job: restarted}
             exp_annotations:
-              summary: "3 ingest records of restarted carried forged depois.* headers in 30 minutes"
+              summary: "7 ingest records of restarted carried forged depois.* headers in 30 minutes"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisforgedheaders
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=restarted&viewPanel=23
 """
