@@ -487,6 +487,24 @@ def test_recalibrate_refuses_unusable_clean_samples_in_one_line(digits_run: Path
     assert not (tmp_path / "recal").exists()
 
 
+def test_recalibrate_refuses_samples_the_current_model_flags_far_beyond_its_target(
+        digits_run: Path, tmp_path: Path) -> None:
+    """200 noise images labelled 0, given as "clean": recalibrating on them switched the pixel
+    evidence off (noise caught 5 % instead of 100 %). Refused in one line; an operator who means
+    it says so with --max-flagged."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "samples.npz"
+    np.savez(path, images=rng.random((200, 1, 8, 8), dtype=np.float32), labels=np.zeros(200, np.int64))
+    args = ["recalibrate", "--out", str(digits_run), "--clean", str(path)]
+    result = CliRunner().invoke(app, [*args, "--into", str(tmp_path / "recal")])
+    assert result.exit_code == 3, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "flags" in lines[0] and "--max-flagged" in lines[0], result.output
+    assert not (tmp_path / "recal").exists()
+    forced = CliRunner().invoke(app, [*args, "--into", str(tmp_path / "forced"), "--max-flagged", "1"])
+    assert forced.exit_code == 0, forced.output
+
+
 def test_recalibrate_never_overwrites_the_original_or_another_detector(digits_run: Path, tmp_path: Path) -> None:
     for into in (digits_run, digits_run.parent / digits_run.name / ".", tmp_path / "taken"):
         (tmp_path / "taken" / "detector").mkdir(parents=True, exist_ok=True)

@@ -412,6 +412,10 @@ def recalibrate_cmd(
     per_class: Annotated[Optional[bool], typer.Option(
         "--per-class/--global", help="One boundary per class where a class has >= 1 / target FPR samples, or "
                                      "one for all (default: as the detector was fitted).")] = None,
+    max_flagged: Annotated[Optional[float], typer.Option(
+        "--max-flagged", min=0.0, max=1.0, help="Refuse (exit 3) when the current model flags more than this "
+        "share of the given samples (default: 5 x its target FPR, at least 0.05): such a file is not clean, "
+        "and recalibrating on it would let its kind of sample through from then on.")] = None,
 ) -> None:
     """Recalibrate a trained detector on clean samples of the stream it will serve.
 
@@ -442,7 +446,8 @@ def recalibrate_cmd(
     try:
         data = load_clean(clean, tuple(meta.input_shape), meta.num_classes)
         result = recalibrate(det, data, target_fpr if target_fpr is not None else meta.target_fpr,
-                             per_class if per_class is not None else meta.boundary.per_class is not None)
+                             per_class if per_class is not None else meta.boundary.per_class is not None,
+                             max_flagged)
     except CleanDataError as exc:
         fail(EXIT_DATA, f"--clean: {exc}")
     writable_folder(into, "--into")

@@ -38,6 +38,17 @@ class CleanDataError(ValueError):
     """The clean-sample file cannot be used (unreadable, wrong shape, labels or pixel range)."""
 
 
+def default_max_flagged(target_fpr: float) -> float:
+    """The largest share of the "clean" samples the current model may flag before recalibrating
+    on them is refused: five times its target, at least 5 %. A harder stream is flagged at a
+    few times the target (the case recalibration exists for); a file the model flags far beyond
+    that holds something else. Recalibrating on it would read every column's reference off those
+    samples, and the kind of sample that fills the file would pass from then on: 200 noise
+    images labelled 0, flagged at 100 %, switched the pixel evidence off (noise caught 5 %
+    instead of 100 %; found by an independent evaluation in stop 40)."""
+    return max(0.05, 5.0 * target_fpr)
+
+
 def load_clean(path: Path, shape: tuple[int, int, int], num_classes: int) -> LabeledImages:
     """``images`` float [N, C, H, W] in [0, 1] and ``labels`` int [N] from an .npz file (what
     ``depois-stream replay export`` writes as samples.npz), checked against the model's input."""
@@ -94,15 +105,24 @@ class Recalibration:
     warning: str | None
 
 
-def recalibrate(det: FittedDetector, data: LabeledImages, target_fpr: float, per_class: bool) -> Recalibration:
+def recalibrate(det: FittedDetector, data: LabeledImages, target_fpr: float, per_class: bool,
+                max_flagged: float | None = None) -> Recalibration:
     """Recalibrate ``det`` in place on ``data`` (clean samples of the stream); raises
-    ``CleanDataError`` when there are too few of them to estimate a ``target_fpr`` quantile."""
+    ``CleanDataError`` when there are too few of them to estimate a ``target_fpr`` quantile, or
+    when the current model flags more than ``max_flagged`` of them (default:
+    ``default_max_flagged`` of its own target)."""
     n = len(data)
     if n * target_fpr < 1.0:
         raise CleanDataError(f"{n} clean samples cannot place a {target_fpr:.2%} boundary (needs at least "
                              f"{int(np.ceil(1 / target_fpr))}, and about {samples_for_quarter_spread(target_fpr):,} "
                              "keep the realised rate within a quarter of the target)")
     before = det.predict(data.images, data.labels).mean()
+    limit = default_max_flagged(det.metadata.target_fpr) if max_flagged is None else max_flagged
+    if before > limit:
+        raise CleanDataError(
+            f"the current model flags {before:.2%} of these {n} 'clean' samples (more than {limit:.2%}): "
+            "recalibrating on them would let their kind through from then on; vet the file (drop what "
+            "is not clean: docs/method.md), or pass --max-flagged 1 to recalibrate on it anyway")
     boundary_before, version_before = det.metadata.boundary.global_, det.metadata.model_version
     det.infer_threshold(data.images, data.labels, target_fpr, per_class)
     cv = det.report.get("cv_fpr_mean")
