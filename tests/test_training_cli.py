@@ -146,3 +146,12 @@ def test_a_bad_signing_key_is_refused_before_training(tmp_path: Path) -> None:
     result, seconds = _run(["all", "--sign-key", str(key), "--out", str(tmp_path / "out")])
     _one_line_error(result, EXIT_USAGE, "--sign-key", "not a PEM private key")
     assert seconds < 10 and not (tmp_path / "out" / "detector").exists()
+
+
+def test_a_class_left_out_of_a_fold_is_told_to_use_more_folds_not_fewer(tmp_path: Path) -> None:
+    """The helper's case: 3 % of digits' train split in 2 folds leaves a class without a training
+    sample in one fold; the message said "lower --folds", which makes it worse (the same pool
+    trains with the default 10 folds)."""
+    result, _ = _run(["fit", "--dataset", "digits", "--trusted-fraction", "0.03", "--seed", "7",
+                      "--folds", "2", "--device", "cpu", "--out", str(tmp_path / "o")])
+    _one_line_error(result, EXIT_USAGE, "raise --trusted-fraction or --folds")

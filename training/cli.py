@@ -162,8 +162,13 @@ def preflight(cfg) -> None:
         fail(EXIT_USAGE, "--n-synthetic 0 leaves the mimic model without training data under cross-fitting (every "
                          "trusted image calibrates); pass --n-synthetic > 0 or --folds 1")
     if smallest < 1:
+        # Cross-fitting trains each fold on (folds - 1) / folds of the pool, so more folds (not
+        # fewer) leave a rare class a sample to train on; the split plan trains on what
+        # calibration leaves over.
+        remedy = ("raise --trusted-fraction or --folds (each fold trains on (folds - 1) / folds of the pool)"
+                  if plan.mode == "crossfit" else "raise --trusted-fraction or lower --calibration-fraction")
         fail(EXIT_USAGE, f"a class has no trusted training sample in the {plan.mode} plan over {pool_size} trusted "
-                         "samples; raise --trusted-fraction or lower --folds")
+                         f"samples; {remedy}")
     if cfg.out_dir is not None:
         writable_folder(cfg.out_dir, "--out")
 
