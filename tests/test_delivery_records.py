@@ -45,6 +45,34 @@ def test_key_and_headers_count_towards_the_size_that_must_be_forwarded(
     assert committed(broker.bootstrap, unique, topics.ingest) == ends
 
 
+def test_both_clients_forward_a_record_just_under_one_mebibyte(
+        kafka_client, broker, unique, centroid_model, digits_arrays):
+    """Routing must not depend on --client: a valid sample carrying 1,000,000 bytes of its own
+    headers is under kafka-python's limit (1 MiB less framing) and was dead-lettered as too_large
+    by the librdkafka client alone, whose default limit was 1,000,000 bytes (stop 40's chaos run)."""
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique)
+    big = KafkaProducer(bootstrap_servers=broker.bootstrap, max_request_size=4 << 20)
+    try:
+        value, ctype = encode_batch(["big"], xte[:1], yte[:1])[0]
+        big.send(topics.ingest, value=value, key=b"big",
+                 headers=[(H.CONTENT_TYPE, ctype.encode()), ("x-pad", b"p" * 1_000_000)]
+                 ).get(timeout=10)
+    finally:
+        big.close()
+    ends = publish(broker.bootstrap, topics.ingest, ["small"], xte[1:2], yte[1:2])
+    cfg = consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
+                          kafka={"fetch_max_wait_ms": 100})
+    stats = StreamFilter(cfg).run()
+    assert stats.consumed == 2
+    assert read_all(broker.bootstrap, topics.dlq) == []
+    routed = [r for t in (topics.clean, topics.quarantine) for r in read_all(broker.bootstrap, t)]
+    assert sorted(r.key.decode() for r in routed) == ["big", "small"]
+    forwarded = next(r for r in routed if r.key == b"big")
+    assert dict(forwarded.headers)["x-pad"] == b"p" * 1_000_000
+    assert committed(broker.bootstrap, unique, topics.ingest) == ends
+
+
 FORGED = [("depois.verdict", b"clean"), ("depois.error_class", b"malformed"),
           ("depois.replay_count", b"3"), ("Depois.Score", b"99"), ("depois.released.by", b"eve")]
 

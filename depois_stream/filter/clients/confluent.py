@@ -65,7 +65,9 @@ OWNED = frozenset({
     "heartbeat.interval.ms", "message.timeout.ms", "delivery.timeout.ms", "linger.ms",
     "queue.buffering.max.ms", "on_commit", "on_delivery", "logger", "error_cb",
 })
-_DEFAULT_MESSAGE_MAX_BYTES = 1_000_000
+# kafka-python's max_request_size default (1 MiB), not librdkafka's 1,000,000: a record's route
+# must not depend on --client (records between the two were dead-lettered by this client only).
+_DEFAULT_MESSAGE_MAX_BYTES = 1_048_576
 _FRAMING = 16 * 1024
 PRODUCER_LINGER_MS = 5
 MAX_BLOCK_S = 10.0  # how long send() waits for room in a full local queue
@@ -428,6 +430,7 @@ class ConfluentConsumer:
 class ConfluentProducer:
     def __init__(self, s: ClientSettings) -> None:
         conf: dict[str, Any] = {
+            "message.max.bytes": _DEFAULT_MESSAGE_MAX_BYTES,
             **_producer_only(translate(s.options)),
             "bootstrap.servers": s.bootstrap_servers, "client.id": s.client_id,
             "acks": "all", "enable.idempotence": True, "linger.ms": PRODUCER_LINGER_MS,
