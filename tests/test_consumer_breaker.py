@@ -161,3 +161,79 @@ def test_breaker_resumed_while_a_member_joins_leaves_no_partition_paused(
     assert len(a.assignment) == 0  # stopped
     clean = read_all(broker.bootstrap, topics.clean)
     assert sorted(set(r.key.decode() for r in clean)) == sorted(ids)
+
+
+def _tripping_filter(kafka_client, broker, unique, tmp_path: Path, digits_arrays, control: Path):
+    _, _, xte, yte = digits_arrays
+    model = tmp_path / "model.onnx"
+    _deploy(model, digits_arrays, "broken", boundary=10.0)  # every sample quarantined
+    topics = Topics.create(broker.bootstrap, unique)
+    ids = [f"{unique}-{i}" for i in range(200)]
+    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
+    metrics = Metrics()
+    cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
+                          exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
+                          control_dir=control, breaker_cooldown_s=3600)
+    return StreamFilter(cfg, metrics), metrics, topics, ids, ends
+
+
+def test_a_resume_flag_older_than_the_trip_does_not_resume_it(
+        kafka_client, broker, unique, tmp_path: Path, digits_arrays, caplog):
+    """A flag left in the control folder (touched after a cooldown had closed the breaker, or
+    "just in case") acknowledged the next trip by itself: a broken model then quarantined the
+    whole stream with the breaker closed (stop 40's chaos run). Only a resume made after the
+    trip counts."""
+    control = tmp_path / "control"
+    control.mkdir()
+    (control / RESUME_FLAG).touch()  # stale: before anything tripped
+    flt, metrics, topics, ids, ends = _tripping_filter(kafka_client, broker, unique, tmp_path,
+                                                       digits_arrays, control)
+    sample = metrics.registry.get_sample_value
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    with caplog.at_level(logging.WARNING, logger="depois_stream.filter.app"):
+        runner.start()
+        try:
+            wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
+            time.sleep(1.0)
+            assert sample("depois_circuit_breaker_open") == 1  # held, not resumed by the old flag
+            assert not read_all(broker.bootstrap, topics.quarantine)
+            assert not (control / RESUME_FLAG).exists()
+            (control / RESUME_FLAG).touch()  # the operator's decision, after the trip
+            wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends)
+        finally:
+            stop.set()
+            runner.join(timeout=30)
+    assert any("made before this trip" in r.getMessage() for r in caplog.records)
+    assert sample("depois_circuit_breaker_acknowledged") == 1
+
+
+def test_a_resume_flag_that_cannot_be_removed_is_ignored_not_fatal(
+        kafka_client, broker, unique, tmp_path: Path, digits_arrays, caplog):
+    """`mkdir resume` (or a read-only mount) made unlink raise, and the filter exited 3 on every
+    restart with the partition stalled. Now it is ignored with one error line, and a plain file
+    made after it is removed resumes as usual."""
+    control = tmp_path / "control"
+    control.mkdir()
+    flt, metrics, topics, ids, ends = _tripping_filter(kafka_client, broker, unique, tmp_path,
+                                                       digits_arrays, control)
+    sample = metrics.registry.get_sample_value
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    with caplog.at_level(logging.ERROR, logger="depois_stream.filter.app"):
+        runner.start()
+        try:
+            wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
+            (control / RESUME_FLAG).mkdir()
+            wait_for(lambda: any("cannot remove the resume flag" in r.getMessage()
+                                 for r in caplog.records))
+            time.sleep(0.5)
+            assert runner.is_alive() and sample("depois_circuit_breaker_open") == 1
+            (control / RESUME_FLAG).rmdir()
+            (control / RESUME_FLAG).touch()
+            wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends)
+        finally:
+            stop.set()
+            runner.join(timeout=30)
+    errors = [r for r in caplog.records if "cannot remove the resume flag" in r.getMessage()]
+    assert len(errors) == 1  # said once, not once per loop

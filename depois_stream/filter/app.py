@@ -134,6 +134,7 @@ class StreamFilter:
         self.metrics.build_info.info({"version": __version__, "client": self.client.name})
         self.metrics.client_calls_abandoned.set_function(abandoned_calls)
         self._tripped_by = ""  # sha256 of the model serving when the breaker last opened
+        self._flag_complaint = ""  # the last resume-flag error logged (said once, not per loop)
         self.breaker = CircuitBreaker(BreakerSettings(
             window=cfg.breaker_window, max_rate=cfg.breaker_max_rate,
             min_samples=cfg.breaker_min_samples, cooldown_s=cfg.breaker_cooldown_s))
@@ -408,8 +409,35 @@ class StreamFilter:
 
     # ------------------------------------------------------------------ breaker and model
 
+    def _resume_flag(self) -> Path | None:
+        return Path(self.cfg.control_dir) / RESUME_FLAG if self.cfg.control_dir else None
+
+    def _take_resume_flag(self, why: str) -> bool:
+        """Whether an operator's resume flag is there, removing it (it acts once). A flag that
+        cannot be removed (a folder, a read-only mount) is ignored, loudly: honoured, it would
+        resume every later trip by itself; raised, it stopped the filter (exit 3) on every
+        restart (stop 40's chaos run)."""
+        flag = self._resume_flag()
+        try:
+            if flag is None or not flag.exists():
+                return False
+            flag.unlink()
+            return True
+        except OSError as exc:
+            if self._flag_complaint != str(exc):
+                self._flag_complaint = str(exc)
+                log.error("cannot remove the resume flag %s (%s), so it is ignored %s: remove "
+                          "it and create a plain file there to resume", flag, exc, why,
+                          extra={"always": True})
+            return False
+
     def _trip(self, source: Source, batch: RecordBatch) -> None:
         self._tripped_by = self.detector.sha256  # a resume under this model acknowledges the burst
+        # Only a resume made after this trip decides about it: a flag left from earlier (touched
+        # after a cooldown had already closed the breaker, or "just in case") would acknowledge a
+        # burst nobody has looked at, and let a broken model quarantine the whole stream.
+        if self._take_resume_flag("for this trip"):
+            log.warning("removed a resume flag made before this trip: create it again to resume")
         source.rewind(batch.first_offsets())
         source.pause("breaker")
         self.stats.breaker_trips += 1
@@ -427,12 +455,9 @@ class StreamFilter:
     def _maybe_close_breaker(self, source: Source) -> None:
         if not self.breaker.is_open:
             return
-        flag = Path(self.cfg.control_dir) / RESUME_FLAG if self.cfg.control_dir else None
-        operator = flag is not None and flag.exists()
+        operator = self._take_resume_flag("while the breaker is open")
         if not self.breaker.should_close(time.monotonic(), operator_resume=operator):
             return
-        if flag is not None:
-            flag.unlink(missing_ok=True)
         acknowledge = operator and self.detector.sha256 == self._tripped_by
         self.breaker.close(acknowledge=acknowledge)
         source.resume("breaker")
