@@ -165,8 +165,13 @@ def preflight(cfg) -> None:
         # Cross-fitting trains each fold on (folds - 1) / folds of the pool, so more folds (not
         # fewer) leave a rare class a sample to train on; the split plan trains on what
         # calibration leaves over.
-        remedy = ("raise --trusted-fraction or --folds (each fold trains on (folds - 1) / folds of the pool)"
-                  if plan.mode == "crossfit" else "raise --trusted-fraction or lower --calibration-fraction")
+        rarest = int(np.bincount(pool.labels, minlength=splits.num_classes).min())
+        if plan.mode != "crossfit":
+            remedy = "raise --trusted-fraction or lower --calibration-fraction"
+        elif rarest < 2:  # its one sample calibrates some fold, whatever --folds is
+            remedy = f"raise --trusted-fraction (a class has {rarest} trusted sample{'s' * (rarest != 1)})"
+        else:
+            remedy = "raise --trusted-fraction or --folds (each fold trains on (folds - 1) / folds of the pool)"
         fail(EXIT_USAGE, f"a class has no trusted training sample in the {plan.mode} plan over {pool_size} trusted "
                          f"samples; {remedy}")
     if cfg.out_dir is not None:
@@ -419,8 +424,9 @@ def recalibrate_cmd(
                                      "one for all (default: as the detector was fitted).")] = None,
     max_flagged: Annotated[Optional[float], typer.Option(
         "--max-flagged", min=0.0, max=1.0, help="Refuse (exit 3) when the current model flags more than this "
-        "share of the given samples (default: 5 x its target FPR, at least 0.05): such a file is not clean, "
-        "and recalibrating on it would let its kind of sample through from then on.")] = None,
+        "share of the given samples (default: 5 x its target FPR, at least 0.05; no limit from a 20 % target "
+        "up): such a file is probably not clean, and recalibrating on it would let its kind of sample through "
+        "from then on.")] = None,
 ) -> None:
     """Recalibrate a trained detector on clean samples of the stream it will serve.
 

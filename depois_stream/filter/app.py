@@ -418,11 +418,13 @@ class StreamFilter:
         resume every later trip by itself; raised, it stopped the filter (exit 3) on every
         restart (stop 40's chaos run)."""
         flag = self._resume_flag()
+        if flag is None:
+            return False
         try:
-            if flag is None or not flag.exists():
-                return False
-            flag.unlink()
-            return True
+            flag.unlink()  # no exists() first: one call, no gap, the same on every Python
+        except FileNotFoundError:
+            self._flag_complaint = ""  # a later unremovable flag is news again
+            return False
         except OSError as exc:
             if self._flag_complaint != str(exc):
                 self._flag_complaint = str(exc)
@@ -430,6 +432,8 @@ class StreamFilter:
                           "it and create a plain file there to resume", flag, exc, why,
                           extra={"always": True})
             return False
+        self._flag_complaint = ""
+        return True
 
     def _trip(self, source: Source, batch: RecordBatch) -> None:
         self._tripped_by = self.detector.sha256  # a resume under this model acknowledges the burst
