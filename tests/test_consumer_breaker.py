@@ -4,6 +4,8 @@ until an operator fixes the model and resumes; then the held-back batch is filte
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 import threading
 import time
 from pathlib import Path
@@ -15,22 +17,44 @@ from tests.helpers.kafka_io import Topics, committed, consumer_config, publish, 
 from tests.test_consumer_reload import _deploy
 
 
-def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
-        kafka_client, broker, unique, tmp_path: Path, digits_arrays, caplog):
+@contextmanager
+def _running(flt: StreamFilter) -> Iterator[threading.Thread]:
+    """The filter's loop in a thread for the block; stopped and joined after it."""
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    runner.start()
+    try:
+        yield runner
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+
+
+def _tripping_filter(kafka_client, broker, unique, tmp_path: Path, digits_arrays, control: Path,
+                     version: str = "broken"):
+    """A filter whose model quarantines every sample, over 200 published records; the breaker
+    trips on 32 samples and never closes by itself."""
     _, _, xte, yte = digits_arrays
     model = tmp_path / "model.onnx"
-    _deploy(model, digits_arrays, "miscalibrated", boundary=10.0)  # every sample "poisoned"
-    control = tmp_path / "control"
-    control.mkdir()
+    _deploy(model, digits_arrays, version, boundary=10.0)  # every sample quarantined
     topics = Topics.create(broker.bootstrap, unique)
     ids = [f"{unique}-{i}" for i in range(200)]
     ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
-
     metrics = Metrics()
     cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
                           exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
                           control_dir=control, breaker_cooldown_s=3600)
-    flt = StreamFilter(cfg, metrics)
+    return StreamFilter(cfg, metrics), metrics, topics, ids, ends
+
+
+
+def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
+        kafka_client, broker, unique, tmp_path: Path, digits_arrays, caplog):
+    model = tmp_path / "model.onnx"
+    control = tmp_path / "control"
+    control.mkdir()
+    flt, metrics, topics, ids, ends = _tripping_filter(
+        kafka_client, broker, unique, tmp_path, digits_arrays, control, "miscalibrated")
     stop = threading.Event()
     runner = threading.Thread(target=flt.run, args=(stop,))
     sample = metrics.registry.get_sample_value
@@ -78,22 +102,12 @@ def test_an_operator_resume_during_a_campaign_quarantines_it_instead_of_tripping
     stayed stopped through every resume and cooldown."""
     _, _, xte, yte = digits_arrays
     model = tmp_path / "model.onnx"
-    _deploy(model, digits_arrays, "campaign", boundary=10.0)  # every sample quarantined
     control = tmp_path / "control"
     control.mkdir()
-    topics = Topics.create(broker.bootstrap, unique)
-    ids = [f"{unique}-{i}" for i in range(200)]
-    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
-    metrics = Metrics()
-    cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
-                          exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
-                          control_dir=control, breaker_cooldown_s=3600)
-    flt = StreamFilter(cfg, metrics)
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
+    flt, metrics, topics, ids, ends = _tripping_filter(
+        kafka_client, broker, unique, tmp_path, digits_arrays, control, "campaign")
     sample = metrics.registry.get_sample_value
-    runner.start()
-    try:
+    with _running(flt):
         wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
         (control / RESUME_FLAG).touch()
         wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends, timeout_s=60)
@@ -111,9 +125,6 @@ def test_an_operator_resume_during_a_campaign_quarantines_it_instead_of_tripping
         more = [f"{unique}-more-{i}" for i in range(200)]
         publish(broker.bootstrap, topics.ingest, more, xte[200:400], yte[200:400])
         wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 2)
-    finally:
-        stop.set()
-        runner.join(timeout=30)
 
 
 def test_breaker_resumed_while_a_member_joins_leaves_no_partition_paused(
@@ -163,20 +174,6 @@ def test_breaker_resumed_while_a_member_joins_leaves_no_partition_paused(
     assert sorted(set(r.key.decode() for r in clean)) == sorted(ids)
 
 
-def _tripping_filter(kafka_client, broker, unique, tmp_path: Path, digits_arrays, control: Path):
-    _, _, xte, yte = digits_arrays
-    model = tmp_path / "model.onnx"
-    _deploy(model, digits_arrays, "broken", boundary=10.0)  # every sample quarantined
-    topics = Topics.create(broker.bootstrap, unique)
-    ids = [f"{unique}-{i}" for i in range(200)]
-    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
-    metrics = Metrics()
-    cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
-                          exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
-                          control_dir=control, breaker_cooldown_s=3600)
-    return StreamFilter(cfg, metrics), metrics, topics, ids, ends
-
-
 def test_a_resume_flag_older_than_the_trip_does_not_resume_it(
         kafka_client, broker, unique, tmp_path: Path, digits_arrays, caplog):
     """A flag left in the control folder (touched after a cooldown had closed the breaker, or
@@ -189,21 +186,14 @@ def test_a_resume_flag_older_than_the_trip_does_not_resume_it(
     flt, metrics, topics, ids, ends = _tripping_filter(kafka_client, broker, unique, tmp_path,
                                                        digits_arrays, control)
     sample = metrics.registry.get_sample_value
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
-    with caplog.at_level(logging.WARNING, logger="depois_stream.filter.app"):
-        runner.start()
-        try:
-            wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
-            time.sleep(1.0)
-            assert sample("depois_circuit_breaker_open") == 1  # held, not resumed by the old flag
-            assert not read_all(broker.bootstrap, topics.quarantine)
-            assert not (control / RESUME_FLAG).exists()
-            (control / RESUME_FLAG).touch()  # the operator's decision, after the trip
-            wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends)
-        finally:
-            stop.set()
-            runner.join(timeout=30)
+    with caplog.at_level(logging.WARNING, logger="depois_stream.filter.app"), _running(flt):
+        wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
+        time.sleep(1.0)
+        assert sample("depois_circuit_breaker_open") == 1  # held, not resumed by the old flag
+        assert not read_all(broker.bootstrap, topics.quarantine)
+        assert not (control / RESUME_FLAG).exists()
+        (control / RESUME_FLAG).touch()  # the operator's decision, after the trip
+        wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends)
     assert any("made before this trip" in r.getMessage() for r in caplog.records)
     assert sample("depois_circuit_breaker_acknowledged") == 1
 
@@ -218,27 +208,20 @@ def test_a_resume_flag_that_cannot_be_removed_is_ignored_not_fatal(
     flt, metrics, topics, ids, ends = _tripping_filter(kafka_client, broker, unique, tmp_path,
                                                        digits_arrays, control)
     sample = metrics.registry.get_sample_value
-    stop = threading.Event()
-    runner = threading.Thread(target=flt.run, args=(stop,))
-    with caplog.at_level(logging.ERROR, logger="depois_stream.filter.app"):
-        runner.start()
-        try:
-            wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
-            (control / RESUME_FLAG).mkdir()
-            wait_for(lambda: any("cannot remove the resume flag" in r.getMessage()
-                                 for r in caplog.records))
-            time.sleep(0.5)
-            assert runner.is_alive() and sample("depois_circuit_breaker_open") == 1
-            (control / RESUME_FLAG).rmdir()
-            time.sleep(0.5)  # the flag's absence is seen: a later unremovable one is news again
-            (control / RESUME_FLAG).mkdir()
-            wait_for(lambda: sum("cannot remove the resume flag" in r.getMessage()
-                                 for r in caplog.records) == 2)
-            (control / RESUME_FLAG).rmdir()
-            (control / RESUME_FLAG).touch()
-            wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends)
-        finally:
-            stop.set()
-            runner.join(timeout=30)
+    with caplog.at_level(logging.ERROR, logger="depois_stream.filter.app"), _running(flt) as runner:
+        wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
+        (control / RESUME_FLAG).mkdir()
+        wait_for(lambda: any("cannot remove the resume flag" in r.getMessage()
+                             for r in caplog.records))
+        time.sleep(0.5)
+        assert runner.is_alive() and sample("depois_circuit_breaker_open") == 1
+        (control / RESUME_FLAG).rmdir()
+        time.sleep(0.5)  # the flag's absence is seen: a later unremovable one is news again
+        (control / RESUME_FLAG).mkdir()
+        wait_for(lambda: sum("cannot remove the resume flag" in r.getMessage()
+                             for r in caplog.records) == 2)
+        (control / RESUME_FLAG).rmdir()
+        (control / RESUME_FLAG).touch()
+        wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends)
     errors = [r for r in caplog.records if "cannot remove the resume flag" in r.getMessage()]
     assert len(errors) == 2  # once per unremovable flag, not once per loop
