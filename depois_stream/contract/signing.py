@@ -380,4 +380,3 @@ def verify_or_warn(model_path: str | Path, public_key_path: str | Path | None,
     log.info("model %s: signature %s verified with key id %s", verified.model_path.name,
              verified.signature_path.name, verified.key_id[:12])
     return verified
-

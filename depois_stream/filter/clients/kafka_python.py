@@ -54,6 +54,9 @@ def options_for(client: type, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+
+
 def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_owned: str) -> None:
     """Raise ValueError naming options the caller decides itself or kafka-python does not know.
 
@@ -91,8 +94,6 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
         raise ValueError(f"security_protocol {protocol!r} is not one of "
                          f"{', '.join(SECURITY_PROTOCOLS)}")
 
-
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 # Errors that concern the record itself (kafka.errors class names): dead-letter it. Every other
 # non-retriable error is the producer's state, not the record's (see base.ProduceError).
