@@ -155,3 +155,12 @@ def test_a_class_left_out_of_a_fold_is_told_to_use_more_folds_not_fewer(tmp_path
     result, _ = _run(["fit", "--dataset", "digits", "--trusted-fraction", "0.03", "--seed", "7",
                       "--folds", "2", "--device", "cpu", "--out", str(tmp_path / "o")])
     _one_line_error(result, EXIT_USAGE, "raise --trusted-fraction or --folds")
+
+
+def test_a_class_with_one_trusted_sample_is_told_only_to_raise_the_pool(tmp_path: Path) -> None:
+    """Its one sample calibrates some fold whatever --folds is, so "or --folds" would send the
+    user round in circles (review of the fix above)."""
+    result, _ = _run(["fit", "--dataset", "digits", "--trusted-fraction", "0.02", "--seed", "1",
+                      "--device", "cpu", "--out", str(tmp_path / "o")])
+    _one_line_error(result, EXIT_USAGE, "raise --trusted-fraction (a class has 1 trusted sample)")
+    assert "--folds" not in result.output
