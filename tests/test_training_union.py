@@ -506,3 +506,11 @@ def test_agreements_cover_each_family_with_two_or_more_members_and_are_validated
     with pytest.raises(ValueError, match="3 members and 1 agreement"):
         calibrate_union(cal, np.zeros(10, np.int64), 2, ("critic", "margin", "knn"), 0.01, False,
                         weights=np.ones(3), agreements=(("a", ("margin", "knn")),))
+
+
+def test_folds_help_names_the_fold_count_the_auto_plan_uses() -> None:
+    """The `--folds` help said "else 5 folds" while the auto plan cross-fits in 10: a user sizing
+    a pool from the help misjudged what each fold model trains on."""
+    _, k = choose_mode(252, 0.2, 0.01, None)
+    text = FitConfig.model_fields["folds"].description
+    assert f"else {k} folds" in text, text

@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from training.crossfit import CROSSFIT_FOLDS
 from training.evidence import FAMILIES, MEMBERS, families_within
 from training.weighting import Weighting
 
@@ -67,7 +68,7 @@ class FitConfig(BaseModel):
     folds: int | None = Field(
         None, ge=1, le=20, description="Calibration plan: 1 = one holdout split, k >= 2 = k-fold cross-fitting "
                                        "(every trusted sample scored out of fold); default: holdout when it holds "
-                                       ">= 10 / target-fpr samples, else 5 folds.")
+                                       f">= 10 / target-fpr samples, else {CROSSFIT_FOLDS} folds.")
     target_fpr: float = Field(0.01, gt=0.0, lt=1.0, description="Clean false-positive rate the boundary is set to.")
     per_class: bool = Field(True, description="One threshold per class where a class has >= 1 / target-fpr "
                                               "calibration samples (else the global one).",
