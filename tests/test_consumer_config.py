@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -301,3 +302,48 @@ def test_liveness_fails_once_too_many_abandoned_client_calls_are_stuck(
 
     text = generate_latest(flt.metrics.registry).decode()
     assert re.search(r"^depois_client_calls_abandoned \d+\.0$", text, flags=re.M)
+
+
+def test_liveness_stays_up_while_start_up_waits_for_the_broker(centroid_model: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A member started during a broker outage waits up to --startup-timeout-s; the wait is the
+    loop turning, not a wedge. Before, the stall clock ran from construction: raised past the
+    stall limit (to ride out an outage instead of crash-looping on Kubernetes), /healthz said
+    "wedged" mid-wait and liveness killed the pod with a misleading reason."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from depois_stream.filter.app import StartupError, StreamFilter
+
+    flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", metrics_port=0,
+                                   bootstrap_servers="127.0.0.1:1", startup_timeout_s=60,
+                                   probe_interval_s=1))  # one wait step: a 1 s probe + 1 s pause
+    monkeypatch.setattr(flt, "_stall_limit_s", lambda: 3.0)
+    stop, failed = threading.Event(), []
+
+    def run() -> None:
+        try:
+            flt.run(stop)
+        except StartupError as exc:  # the stop below ends the wait; anything else is the bug
+            failed.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    try:
+        deadline = time.monotonic() + 20
+        while flt.http_address is None:
+            assert time.monotonic() < deadline and runner.is_alive(), "the probe server never started"
+            time.sleep(0.05)
+        time.sleep(7.0)  # more than twice the stall limit, still inside the start-up wait
+        assert runner.is_alive(), failed
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{flt.http_address[1]}/healthz", timeout=2) as r:
+                status, body = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, body = e.code, e.read().decode()
+        assert status == 200, body
+    finally:
+        stop.set()
+        runner.join(timeout=20)
+    assert not runner.is_alive() and not failed

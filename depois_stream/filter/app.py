@@ -313,6 +313,9 @@ class StreamFilter:
         assert self._probe is not None
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while not self._stopping.is_set() and not self._probe.check():
+            # waiting is the loop turning, not a wedge: a member given a long --startup-timeout-s
+            # to ride out an outage must not be killed by liveness mid-wait
+            self._loop_at = time.monotonic()
             if time.monotonic() >= deadline:
                 raise StartupError(
                     f"cannot use Kafka at {self.cfg.bootstrap_servers} (no answer to a metadata "
