@@ -473,3 +473,56 @@ def test_scale_up_adds_one_member_at_a_time() -> None:
     for direction in ("scaleUp", "scaleDown"):
         assert all(p["type"] == "Pods" and p["value"] == 1 for p in behavior[direction]["policies"])
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_an_empty_prometheus_answer_falls_back_instead_of_unfreezing() -> None:
+    """With ``ignoreNullValues: true`` (KEDA's default) an empty result is the value 0, not an
+    error: a Prometheus that does not scrape the members (a kube-prometheus-stack whose selector
+    misses the ServiceMonitor) turned ``breaker_open`` into 0 and the formula into plain lag, the
+    scale-to-maximum on every trip the freeze exists to prevent. As an error, the fallback keeps
+    the current replica count."""
+    so = one(render("production-keda"), "ScaledObject")["spec"]
+    prometheus = [t for t in so["triggers"] if t["type"] == "prometheus"]
+    assert prometheus
+    for t in prometheus:
+        assert t["metadata"].get("ignoreNullValues") == "false", t["name"]
+    assert so["fallback"]["behavior"] == "currentReplicas"
+
+
+@pytest.mark.parametrize("overlay", PRODUCTION)
+def test_tmp_holds_a_copy_of_the_model_for_the_signature_check(overlay: str) -> None:
+    """Verifying a signature writes a private copy of the model and its card under $TMPDIR
+    (depois_stream/contract/signing.py): a /tmp smaller than the model got the pod evicted at
+    every start and hot reload (64 MiB against a 1 GiB model volume)."""
+    docs = render(overlay)
+    assert settings(docs).get("DEPOIS_VERIFY_SIGNATURE"), "production verifies signatures"
+    pod = one(docs, "Deployment")["spec"]["template"]["spec"]
+    c = container(docs)
+    tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
+    size = next(v for v in pod["volumes"] if v["name"] == tmp["name"])["emptyDir"]["sizeLimit"]
+    model_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(Path(settings(docs)["DEPOIS_MODEL_PATH"]).parent))
+    model_volume = next(v for v in pod["volumes"] if v["name"] == model_mount["name"])
+    if "persistentVolumeClaim" in model_volume:
+        claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+        model_size = claim["spec"]["resources"]["requests"]["storage"]
+    else:
+        model_size = model_volume["emptyDir"]["sizeLimit"]
+    assert quantity(size) >= quantity(model_size), (size, model_size)
+
+
+@pytest.mark.parametrize("overlay", PRODUCTION)
+def test_each_member_is_given_the_core_the_docs_say_it_needs(overlay: str) -> None:
+    """docs/operations.md: a member uses about one core at full backlog, "give each pod a core
+    (requests.cpu)"; a 500m request let two busy members share one core exactly when the
+    autoscaler adds them, delaying heartbeats into rebalances. (The dev overlay asks for 250m on
+    purpose: one member on a laptop cluster.)"""
+    cpu = container(render(overlay))["resources"]["requests"]["cpu"]
+    assert quantity(str(cpu)) >= 1, cpu
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity ("500m", "1", "64Mi", "2Gi") as a number."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text).strip())
+    assert m, text
+    return float(m.group(1)) * units.get(m.group(2), 1.0)

@@ -173,3 +173,13 @@ def test_every_make_target_that_runs_the_venv_installs_it_first() -> None:
     install it, as `make test` and `make demo` do, instead of failing with 'No such file'."""
     for target in ("demo", "test", "test-fast", "bench"):
         assert "install" in _make_prerequisites(target), target
+
+
+def test_training_image_can_sign_the_models_production_requires() -> None:
+    """Production overlays refuse unsigned models, and `export-onnx --sign-key` needs the
+    `signing` extra: the training image installed only `.[train,eval]`, so the documented path
+    to a servable model failed inside the image."""
+    text = (REPO / "deploy" / "docker" / "Dockerfile.train").read_text()
+    installs = " ".join(re.findall(r"pip install ([^\n&]+)", re.sub(r"\\\n", " ", text)))
+    extras = set(re.findall(r"\.\[([^\]]*)\]", installs)[0].split(","))
+    assert {"train", "signing"} <= extras, installs
