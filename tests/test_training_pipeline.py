@@ -56,6 +56,7 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    (out / "console.txt").write_text(result.output)
     return out
 
 
@@ -99,6 +100,15 @@ def test_run_writes_plots_card_and_a_loadable_detector(digits_run: Path, digits_
     # construction); with 252 samples it scatters, but a broken calibration flags far more
     assert 0.0 <= card.calibration["out_of_sample_fpr"] <= 5 * digits_detector.metadata.target_fpr
     assert 0.0 < digits_detector.report["acceptance_rate"] <= 1.0
+
+
+def test_the_summary_says_how_far_this_fit_s_fpr_may_land_from_the_target(digits_run: Path) -> None:
+    """The out-of-sample FPR row is read off the same 252 calibration samples: over 16 digits
+    pools it did not predict where a fit's realised FPR landed (docs/evaluation.md), so the
+    summary states the scatter next to it, and the warning says to recalibrate on the stream."""
+    text = " ".join((digits_run / "console.txt").read_text().split())
+    assert "FPR scatter on new data (1 sd)" in text and "+-0.63%" in text
+    assert "depois-train recalibrate" in text
 
 
 def test_onnx_contract_names_dtypes_dynamic_batch_and_metadata(

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from depois_stream.contract.model import first_line
+from training.conformal import fpr_standard_error
 from training.data import DATASETS, DatasetError
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_DATA = 0, 1, 2, 3
@@ -268,6 +269,10 @@ def _summary(det, out: Path) -> None:
     cv = r.get("cv_fpr") or []
     cv_text = f"{sum(cv) / len(cv):.2%} (folds {min(cv):.2%} to {max(cv):.2%})" if cv else "n/a"
     table.add_row("target FPR / out-of-sample FPR", f"{meta.target_fpr:.2%} / {cv_text}")
+    # what one fit's realised FPR scatters by: its out-of-sample estimate is read off the same few
+    # calibration samples, so it does not predict where in that range this fit lands
+    table.add_row("FPR scatter on new data (1 sd)",
+                  f"+-{fpr_standard_error(meta.target_fpr, det.union.n):.2%}")
     table.add_row("global boundary (log weighted min-p)", f"{meta.boundary.global_:.3f}")
     if meta.boundary.per_class is not None:
         table.add_row("classes using the global fallback", str(len(r["per_class_fallback"])))
