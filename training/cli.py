@@ -269,9 +269,10 @@ def _summary(det, out: Path) -> None:
     cv = r.get("cv_fpr") or []
     cv_text = f"{sum(cv) / len(cv):.2%} (folds {min(cv):.2%} to {max(cv):.2%})" if cv else "n/a"
     table.add_row("target FPR / out-of-sample FPR", f"{meta.target_fpr:.2%} / {cv_text}")
-    # what one fit's realised FPR scatters by: its out-of-sample estimate is read off the same few
-    # calibration samples, so it does not predict where in that range this fit lands
-    table.add_row("FPR scatter on new data (1 sd)",
+    # what one fit's realised FPR scatters by at least: its out-of-sample estimate is read off the
+    # same few calibration samples, so it does not predict where this fit lands, and small
+    # cross-fitted pools scatter more (the calibration warning says so)
+    table.add_row("FPR scatter, new data (binomial sd)",
                   f"+-{fpr_standard_error(meta.target_fpr, det.union.n):.2%}")
     table.add_row("global boundary (log weighted min-p)", f"{meta.boundary.global_:.3f}")
     if meta.boundary.per_class is not None:
