@@ -154,6 +154,46 @@ def test_a_missing_audit_topic_refuses_the_release_instead_of_forgetting_earlier
     assert [r.sample_id for r in released_copies(scratch.settings)] == ["s0"]
 
 
+def test_a_missing_clean_topic_refuses_the_release_instead_of_creating_it(
+        broker, scratch: Scratch) -> None:
+    """F5. Before: a mistyped DEPOIS_CLEAN_TOPIC was created by the broker on the first write,
+    the audit trail said released, and the rerun with the right topic skipped the sample as
+    already released: it never reached the clean topic."""
+    from kafka import KafkaConsumer
+
+    put(broker.bootstrap, scratch.settings.quarantine_topic,
+        [(b"s0", sample("s0")[0], quarantine_headers(scratch.ingest, 0))])
+    typo = scratch.settings.clean_topic + "-typo"
+    for dry in ((), ("--dry-run",), ()):  # the check itself must not create the topic either
+        code, out = replay(scratch, *RELEASE, *dry, env={"DEPOIS_CLEAN_TOPIC": typo})
+        assert code == 1 and "DEPOIS_CLEAN_TOPIC" in out and typo in out, out
+        assert len(out.strip().splitlines()) == 1, out
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap)
+    try:
+        assert typo not in consumer.topics()
+    finally:
+        consumer.close()
+    assert read_audit(scratch.settings)[0] == []
+    code, out = replay(scratch, *RELEASE)
+    assert code == 0 and "released 1 sample(s)" in out, out
+    assert [r.sample_id for r in released_copies(scratch.settings)] == ["s0"]
+
+
+def test_a_quarantine_record_without_a_value_is_skipped_not_released_as_a_tombstone(
+        broker, scratch: Scratch) -> None:
+    """F13. A quarantine record with no value (written by hand) was released as a tombstone: on
+    a compacted clean topic that deletes the key's sample."""
+    put(broker.bootstrap, scratch.settings.quarantine_topic, [
+        (b"s0", None, quarantine_headers(scratch.ingest, 0)),
+        (b"s1", sample("s1")[0], quarantine_headers(scratch.ingest, 1))])
+    code, out = replay(scratch, *RELEASE)
+    assert code == 0, out
+    assert "skipped 1 (no_value): s0" in out, out
+    clean = read_raw(broker.bootstrap, scratch.settings.clean_topic, timeout_s=20)
+    assert [(r.key, r.value is None) for r in clean] == [(b"s1", False)]
+    assert [a.sample_id for a in read_audit(scratch.settings)[0]] == ["s1"]
+
+
 def test_a_released_copy_that_comes_back_through_ingest_is_not_released_again(
         broker, unique: str, centroid_model: Path, digits_arrays) -> None:
     """docs/replay.md: a released copy routed back into ingest is never released a second time,
@@ -269,6 +309,7 @@ def test_a_release_that_stops_part_way_audits_exactly_what_went_out(
 
     monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
     monkeypatch.setattr(replay_module, "read_audit", lambda s: ([], 0))
+    monkeypatch.setattr(replay_module, "require_topic", lambda *_: None)  # no broker here
     monkeypatch.setattr(_Producer, "plan", plan)
     monkeypatch.setattr(_Producer, "sent", {})
     settings = ReplaySettings(bootstrap_servers="127.0.0.1:1", clean_topic="clean",
@@ -312,11 +353,18 @@ def test_the_reader_skips_records_of_aborted_transactions(monkeypatch: pytest.Mo
     (("list", "--metrics-textfile", "/nonexistent/x.prom"), "--metrics-textfile"),
     (("rescore", "--model", "m.onnx", "--histogram", "/nonexistent/h.png"), "--histogram"),
     (("release", "--id", "s0", "--operator", "al\udcffce", "--reason", "r"), "--operator"),
+    (("list", "--limit", "-3"), "--limit"),
+    (("list", "--label", "-1"), "--label"),
+    (("list", "--partition", "-2"), "--partition"),
+    (("list", "--min-score", "nan"), "--min-score"),
+    (("release", "--max-score", "nan", "--operator", "a", "--reason", "r"), "--max-score"),
 ])
 def test_bad_options_are_one_line_and_exit_2_before_anything_is_read(
         args: tuple[str, ...], flag: str) -> None:
     """Before: tracebacks (negative or huge times, a non-UTF-8 operator, a Pushgateway URL with
-    no port number, missing folders) or, for repeated --offsets, a silently narrower read."""
+    no port number, missing folders) or, for repeated --offsets, a silently narrower read; and
+    (F10) a negative --limit printed rows and "... -N more", a negative --label or --partition
+    or a NaN score bound silently selected nothing."""
     result = CliRunner().invoke(app, ["replay", *args],
                                 env={"DEPOIS_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
     assert result.exit_code == 2, (result.output, result.exception)
@@ -347,12 +395,13 @@ def test_a_sample_that_cannot_be_audited_stops_the_release_before_anything_is_se
 
     monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
     monkeypatch.setattr(replay_module, "read_audit", lambda s: ([], 0))
+    monkeypatch.setattr(replay_module, "require_topic", lambda *_: None)  # no broker here
     monkeypatch.setattr(_Producer, "plan", ["ok", "ok"])
     monkeypatch.setattr(_Producer, "sent", {})
     odd = QuarantinedRecord.from_kafka("q", 0, 1, 1000, b"s1", b"v", [
         *quarantine_headers("in", 1), (H.REPLAY_COUNT, b"-1")])
     settings = ReplaySettings(bootstrap_servers="127.0.0.1:1", clean_topic="clean",
                               audit_topic="audit")
-    with pytest.raises(ReplayError, match="s1 cannot be audited"):
+    with pytest.raises(ReplayError, match=r"s1 \(in:0:1\) cannot be audited"):
         release(settings, [_quarantined(1)[0], odd], "alice", "ticket 7")
     assert _Producer.sent == {}

@@ -9,6 +9,7 @@ flag is wrong or release lacks --operator, --reason or a selection.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 from urllib.parse import urlsplit
 
 import typer
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
 from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.replay import (
+    RELEASE_ID_CHARS,
     QuarantinedRecord,
     Listing,
     ReadWindow,
@@ -31,7 +33,9 @@ from depois_stream.audit.replay import (
     read_quarantine,
     release,
     require_operator_and_reason,
+    require_unambiguous_keys,
     select,
+    shown,
     summarize,
 )
 from depois_stream.contract.model import first_line
@@ -77,8 +81,11 @@ class Selection(BaseModel):
         "Read only PARTITION:FIRST[-LAST] of the topic (LAST inclusive; repeat per partition), "
         "e.g. --offsets 0:120-180."))
     ids: list[str] | None = Field(None, description=(
-        "Sample ids (the message key) or release ids (SOURCE_TOPIC:PARTITION:OFFSET); repeat "
-        "or separate with commas."), json_schema_extra=flag("--id", "--ids"))
+        "Release ids (SOURCE_TOPIC:PARTITION:OFFSET, shown by `replay list`) or sample ids (the "
+        "message key); repeat or separate with commas. A token of the release-id form matches "
+        "release ids only, any other token matches keys. Keys can repeat: release refuses a key "
+        "that matches more than one sample (exit 2); name that sample by its release id."),
+        json_schema_extra=flag("--id", "--ids"))
     labels: list[int] | None = Field(None, description=(
         "Claimed class label; repeat for several."), json_schema_extra=flag("--label"))
     min_score: float | None = Field(None, description=(
@@ -96,6 +103,23 @@ class Selection(BaseModel):
         "pixel_agreement), below_boundary for models without evidence columns, or a dead-letter error class such as "
         "malformed; repeat for several."), json_schema_extra=flag("--reason-code"))
 
+    @field_validator("labels", "partitions")
+    @classmethod
+    def _not_negative(cls, v: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        """A negative label or partition matches nothing: a typo, not a selection."""
+        bad = [x for x in v or () if x < 0]
+        if bad:
+            raise ValueError(f"{_flag_of(info.field_name)} must be 0 or more, not {bad[0]}")
+        return v
+
+    @field_validator("min_score", "max_score")
+    @classmethod
+    def _a_number(cls, v: float | None, info: ValidationInfo) -> float | None:
+        """NaN compares false with every score: the filter would silently match nothing."""
+        if v is not None and math.isnan(v):
+            raise ValueError(f"{_flag_of(info.field_name)} must be a number, not nan")
+        return v
+
     def window(self) -> ReadWindow:
         try:
             return ReadWindow(since_ms=_time_ms(self.since, "--since"),
@@ -112,6 +136,14 @@ class Selection(BaseModel):
         return ReplayFilter(ids=opt(ids), labels=opt(self.labels), min_score=self.min_score,
                             max_score=self.max_score, model_versions=opt(self.model_versions),
                             source_partitions=opt(self.partitions), reasons=opt(self.reasons))
+
+
+def _flag_of(field_name: str | None) -> str:
+    """The command-line flag of a ``Selection`` field, for its error messages."""
+    info = Selection.model_fields[field_name or ""]
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    flags = extra.get("flags") or (f"--{(field_name or '').replace('_', '-')}",)
+    return str(flags[0])  # type: ignore[index]
 
 
 # Kafka record timestamps are epoch ms, and a time index lookup refuses negative ones.
@@ -224,11 +256,15 @@ def _split(kw: dict[str, Any]) -> Selection:
 def list_(**kw: Any) -> None:
     """Print the selected quarantine records as a table, then totals by label, reason and model.
 
-    Columns: sample id, claimed label, score and the boundary it was compared with, reason
-    code, model version, the original ingest record (SOURCE partition:offset) and the
-    quarantine record (AT partition:offset) with its time. Nothing is written anywhere.
+    Columns: sample id (the key: it can repeat), release id (the ingest record, which tells two
+    samples with the same key apart; release takes it in --id), claimed label, score and the
+    boundary it was compared with, reason code, model version, the original ingest record
+    (SOURCE partition:offset) and the quarantine record (AT partition:offset) with its time.
+    Nothing is written anywhere; whatever a producer wrote is printed escaped and cut.
     """
     sel = _split(kw)
+    if kw["limit"] < 0:
+        raise typer.BadParameter(f"must be 0 or more, not {kw['limit']}", param_hint="--limit")
     read, chosen = _read(sel, _settings(sel))
     metrics = ReplayMetrics()
     metrics.replay_outcomes.labels(action="list", outcome="listed").inc(len(chosen))
@@ -241,17 +277,20 @@ def _print_listing(listing: Listing, as_json: bool, limit: int) -> None:
     if as_json:
         typer.echo(listing.model_dump_json(indent=2))
         return
-    typer.echo(f"{'ID':<24} {'LABEL':>5} {'SCORE':>10} {'BOUNDARY':>10} {'REASON':<15} "
-               f"{'MODEL':<18} {'SOURCE':>10} {'AT':>10}  TIME")
+    # Every text column can hold what a producer wrote: escaped and cut by ``shown``.
+    typer.echo(f"{'ID':<24} {'RELEASE ID':<30} {'LABEL':>5} {'SCORE':>10} {'BOUNDARY':>10} "
+               f"{'REASON':<15} {'MODEL':<18} {'SOURCE':>10} {'AT':>10}  TIME")
     for r in listing.records[:limit]:
         src = f"{r.source.partition}:{r.source.offset}" if r.source else "-"
         at = f"{r.quarantine.partition}:{r.quarantine.offset}"
         ms = r.quarantine.timestamp_ms
         when = (datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
                 if ms and ms > 0 else "-")
-        typer.echo(f"{r.id[:24]:<24} {str(r.label):>5} {_fmt(r.score):>10} "
-                   f"{_fmt(r.boundary):>10} {r.reason[:15]:<15} {str(r.model_version)[:18]:<18} "
-                   f"{src:>10} {at:>10}  {when}")
+        typer.echo(f"{shown(r.id, 23, note=False):<24} "
+                   f"{shown(r.release_id, RELEASE_ID_CHARS):<30} {str(r.label):>5} "
+                   f"{_fmt(r.score):>10} {_fmt(r.boundary):>10} "
+                   f"{shown(r.reason, 14, note=False):<15} "
+                   f"{shown(str(r.model_version), 17, note=False):<18} {src:>10} {at:>10}  {when}")
     if listing.selected > limit:
         typer.echo(f"... {listing.selected - limit} more (raise --limit or use --json)")
     typer.echo(f"\nread {listing.read}, selected {listing.selected}")
@@ -344,10 +383,12 @@ def release_(**kw: Any) -> None:
     with exit code 2 otherwise. Each released copy keeps the original value, key and headers
     (score, model, provenance) and adds depois.verdict=released, depois.replay_count,
     depois.released.by/.at/.reason. A sample is identified by the ingest record it came from
-    (source topic, partition, offset), never by its key. Skipped, and reported: samples already
-    released (found on the audit topic; a second run publishes nothing), records released before
-    (replay_count >= 1), records that are not quarantine verdicts, and a second quarantine copy
-    of the same ingest record.
+    (its release id: source topic, partition, offset), never by its key: a key given to --id
+    that matches more than one sample is refused (exit 2), name the sample by its release id.
+    Skipped, and reported: samples already released (found on the audit topic; a second run
+    publishes nothing), records released before (replay_count >= 1), records that are not
+    quarantine verdicts, records without a value, and a second quarantine copy of the same
+    ingest record. The clean and audit topics must exist (exit 1 otherwise).
     """
     sel = _split(kw)
     try:
@@ -361,6 +402,10 @@ def release_(**kw: Any) -> None:
               code=EXIT_USAGE)
     settings = _settings(sel)
     _, chosen = _read(sel, settings)
+    try:
+        require_unambiguous_keys(sel.filter(), chosen)
+    except ReplayError as exc:
+        _fail(str(exc), code=EXIT_USAGE)
     metrics = ReplayMetrics()
     try:
         report = release(settings, chosen, operator, reason, dry_run=kw["dry_run"],
@@ -381,10 +426,13 @@ def _print_release(report: ReleaseReport, as_json: bool, dry_run: bool,
     verb = "would release" if dry_run else "released"
     typer.echo(f"{verb} {len(report.released)} sample(s) to {settings.clean_topic}"
                + ("" if dry_run else f", audit records on {settings.audit_topic}"))
-    for sid in report.released:
-        typer.echo(f"  {sid}")
+    # Key and release id: two samples may share a key, and only the release id tells them apart.
+    for sid, rid in zip(report.released, report.release_ids):
+        typer.echo(f"  {shown(sid)}  {shown(rid, RELEASE_ID_CHARS)}")
     for why, skipped in report.skipped.items():
-        typer.echo(f"skipped {len(skipped)} ({why}): {', '.join(skipped[:20])}"
+        named = [f"{shown(sid)} ({shown(rid, RELEASE_ID_CHARS)})" for sid, rid in
+                 zip(skipped[:20], report.skipped_release_ids[why])]
+        typer.echo(f"skipped {len(skipped)} ({why}): {', '.join(named)}"
                    + (" ..." if len(skipped) > 20 else ""))
     if report.unreadable_audit_records:
         typer.echo(f"warning: {report.unreadable_audit_records} unreadable record(s) on "
@@ -392,8 +440,8 @@ def _print_release(report: ReleaseReport, as_json: bool, dry_run: bool,
 
 
 _register("list", list_,
-          option("limit", int, 50, "--limit", help="Print at most this many rows (the totals "
-                 "count all)."), AS_JSON, *OUTPUTS)
+          option("limit", int, 50, "--limit", help="Print at most this many rows, 0 or more (the "
+                 "totals count all)."), AS_JSON, *OUTPUTS)
 _register("export", export_,
           option("out", Optional[Path], None, "--out", help="Folder to write: new (created) or "
                  "empty; default ./replay-export-<UTC time>."), *OUTPUTS)

@@ -33,6 +33,11 @@ MANIFEST = "manifest.jsonl"
 SAMPLES = "samples.npz"
 SHEET_COLS = 10
 SHEET_CELLS = 100
+# samples.npz keeps ids as a fixed-width unicode array (what plain ``np.load`` reads without
+# pickles), and such an array pads every id to the longest one: a single 900,000-character key
+# among 1,000 records made it 3.6 GB to write and again to load. So ids there are cut to this
+# many characters; manifest.jsonl keeps them whole (its npz_index joins the two).
+NPZ_ID_CHARS = 256
 
 
 @dataclass
@@ -86,6 +91,7 @@ class ManifestEntry(BaseModel):
     """One line of ``manifest.jsonl``: the record's verdict, provenance and where to find it."""
 
     id: str
+    release_id: str  # the ingest record (topic:partition:offset): keys can repeat, this cannot
     label: int | None
     score: float | None
     boundary: float | None
@@ -121,7 +127,8 @@ def export(records: Sequence[QuarantinedRecord], folder: Path, *,
     scores = np.array([_nan(records[i].score) for i in dec.rows], dtype=np.float32)
     np.savez_compressed(
         folder / SAMPLES, images=dec.images, labels=dec.labels,
-        ids=np.array([records[i].sample_id for i in dec.rows], dtype=str), scores=scores,
+        ids=np.array([records[i].sample_id[:NPZ_ID_CHARS] for i in dec.rows], dtype=str),
+        scores=scores,
         boundaries=np.array([_nan(records[i].boundary) for i in dec.rows], dtype=np.float32))
     sheets = _sheet_names(len(dec.rows))
     for s, name in enumerate(sheets):
@@ -151,7 +158,8 @@ def manifest_entries(records: Sequence[QuarantinedRecord], dec: Decoded) -> list
     for i, r in enumerate(records):
         k = npz_row.get(i)
         out.append(ManifestEntry(
-            id=r.sample_id, label=int(dec.labels[k]) if k is not None else r.label,
+            id=r.sample_id, release_id=r.release_id,
+            label=int(dec.labels[k]) if k is not None else r.label,
             score=r.score, boundary=r.boundary, p_value=r.p_value,
             model_version=r.model_version, model_sha256=r.model_sha256, reason=r.reason,
             provenance=r.source, quarantine=r.location, timestamp=_iso(r.location.timestamp_ms),

@@ -9,11 +9,13 @@ consumer's offsets, whatever topic or group the operator points it at.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -50,11 +52,44 @@ _OWNED_KAFKA_KEYS = frozenset({
 Header = tuple[str, bytes]
 Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
 
-SkipReason = Literal["already_released", "loop_guard", "not_quarantined", "duplicate"]
+SkipReason = Literal["already_released", "loop_guard", "not_quarantined", "no_value",
+                     "duplicate"]
+
+# How much of an id an error or output line shows. Keys are producers' to pick and can be most
+# of a megabyte; a line that long helps nobody. Release ids of legal topic names (at most 249
+# characters) always fit RELEASE_ID_CHARS.
+ID_CHARS = 80
+RELEASE_ID_CHARS = 300
 
 
 class ReplayError(RuntimeError):
     """Replay cannot proceed; the message says what to fix."""
+
+
+def shown(text: str, limit: int = ID_CHARS, *, note: bool = True) -> str:
+    """``text`` as one harmless, bounded piece of a terminal line.
+
+    Keys (and anything else a producer wrote) reach the operator's terminal in tables, reports
+    and errors: a newline there forges a table row, an escape sequence clears the screen. So
+    every character that is not printable, and the backslash that would make an escape
+    ambiguous, is written as its Python escape (``\\n``, ``\\x1b``). Past ``limit`` characters
+    the text is cut, with its full length noted (``note``) or just an ellipsis (table cells).
+    """
+    head = "".join(c if c.isprintable() and c != "\\" else
+                   c.encode("unicode_escape").decode("ascii") for c in text[:limit])
+    if len(head) <= limit and len(text) <= limit:
+        return head
+    return head[:limit] + (f"… ({len(text)} characters)" if note else "…")
+
+
+_RELEASE_ID = re.compile(r"[a-zA-Z0-9._-]{1,249}:[0-9]+:[0-9]+")
+
+
+def is_release_id(token: str) -> bool:
+    """Whether an ``--id`` token names an ingest record (``TOPIC:PARTITION:OFFSET``, a legal
+    topic name and integers) rather than a key. A key of that shape is a producer's choice that
+    would otherwise join a selection by release id, so such a token matches release ids only."""
+    return _RELEASE_ID.fullmatch(token) is not None
 
 
 class ReplaySettings(BaseSettings):
@@ -225,11 +260,21 @@ class ReplayFilter(BaseModel):
     def selects_everything(self) -> bool:
         return all(v is None for v in self.model_dump().values())
 
+    @cached_property
+    def release_ids(self) -> frozenset[str]:
+        """The ``ids`` of the release-id form: they match release ids, never keys."""
+        return frozenset(i for i in self.ids or () if is_release_id(i))
+
+    @cached_property
+    def key_ids(self) -> frozenset[str]:
+        """The other ``ids``: they match keys."""
+        return frozenset(self.ids or ()) - self.release_ids
+
     def matches(self, r: QuarantinedRecord) -> bool:
         score = r.score
         source = r.source
         return (
-            (self.ids is None or r.sample_id in self.ids or r.release_id in self.ids)
+            (self.ids is None or r.release_id in self.release_ids or r.sample_id in self.key_ids)
             and (self.labels is None or r.label in self.labels)
             and (self.min_score is None or (score is not None and score >= self.min_score))
             and (self.max_score is None or (score is not None and score <= self.max_score))
@@ -242,6 +287,40 @@ class ReplayFilter(BaseModel):
 
 def select(records: Iterable[QuarantinedRecord], flt: ReplayFilter) -> list[QuarantinedRecord]:
     return [r for r in records if flt.matches(r)]
+
+
+def ambiguous_keys(flt: ReplayFilter, chosen: Iterable[QuarantinedRecord]) -> dict[str, list[str]]:
+    """Each key of ``flt.ids`` that selected more than one distinct sample, with their release
+    ids in selection order. Keys are the producer's choice: an attacker can reuse the key of a
+    sample under review, and a release by that key would publish both. (Two quarantine copies
+    of one ingest record share their release id: that is one sample, not a choice.)"""
+    out: dict[str, list[str]] = {}
+    for r in chosen:
+        if r.key and r.sample_id in flt.key_ids:
+            rids = out.setdefault(r.sample_id, [])
+            if r.release_id not in rids:
+                rids.append(r.release_id)
+    return {key: rids for key, rids in out.items() if len(rids) > 1}
+
+
+def require_unambiguous_keys(flt: ReplayFilter, chosen: Iterable[QuarantinedRecord]) -> None:
+    """Refuse a release whose ``--id`` keys stand for more than one sample (see
+    ``ambiguous_keys``): only the operator can say which one was reviewed."""
+    shared = ambiguous_keys(flt, chosen)
+    if not shared:
+        return
+
+    def one(key: str, rids: list[str]) -> str:
+        more = f" and {len(rids) - 3} more" if len(rids) > 3 else ""
+        return (f"--id '{shown(key)}' matches {len(rids)} different samples (release ids "
+                f"{', '.join(shown(r, RELEASE_ID_CHARS) for r in rids[:3])}{more})")
+
+    items = list(shared.items())
+    more = f"; and {len(items) - 3} more keys" if len(items) > 3 else ""
+    raise ReplayError("; ".join(one(k, v) for k, v in items[:3]) + more + ": keys are chosen "
+                      "by producers and can repeat, so release will not pick one; select the "
+                      "sample to release by its release id (--id TOPIC:PARTITION:OFFSET, shown "
+                      "by `replay list`)")
 
 
 class ReadWindow(BaseModel):
@@ -298,6 +377,7 @@ class ListedRecord(BaseModel):
     """What ``replay list`` shows of one record."""
 
     id: str
+    release_id: str  # what tells apart two samples with the same key
     label: int | None
     score: float | None
     boundary: float | None
@@ -323,8 +403,9 @@ def summarize(read: int, chosen: Sequence[QuarantinedRecord]) -> Listing:
         return dict(sorted(Counter(str(v) for v in values).items()))
 
     return Listing(
-        records=[ListedRecord(id=r.sample_id, label=r.label, score=r.score, boundary=r.boundary,
-                              reason=r.reason, model_version=r.model_version, source=r.source,
+        records=[ListedRecord(id=r.sample_id, release_id=r.release_id, label=r.label,
+                              score=r.score, boundary=r.boundary, reason=r.reason,
+                              model_version=r.model_version, source=r.source,
                               quarantine=r.location) for r in chosen],
         read=read, selected=len(chosen), by_label=count(r.label for r in chosen),
         by_reason=count(r.reason for r in chosen),
@@ -346,9 +427,10 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
     Records are identified by ``release_id`` (the ingest record they came from), never by key.
     Refused: records with a release on the audit topic (idempotence), records that were already
     released once (replay_count >= 1: a loop guard should a released copy ever be routed back),
-    records that are not quarantine verdicts (dead letters cannot be decoded downstream) and a
-    second copy of the same ingest record in the selection (at-least-once delivery can write
-    one ingest record to quarantine twice).
+    records that are not quarantine verdicts (dead letters cannot be decoded downstream),
+    records without a value (a tombstone written by hand: released, it would delete the key's
+    sample from a compacted clean topic) and a second copy of the same ingest record in the
+    selection (at-least-once delivery can write one ingest record to quarantine twice).
     """
     plan = ReleasePlan(release=[], skipped=[])
     seen: set[str] = set()
@@ -361,6 +443,8 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
             why = "loop_guard"
         elif r.verdict != H.VERDICT_QUARANTINE:
             why = "not_quarantined"
+        elif r.value is None:
+            why = "no_value"
         elif sid in seen:
             why = "duplicate"
         if why is None:
@@ -404,9 +488,14 @@ def audit_record_for(r: QuarantinedRecord, operator: str, reason: str, released_
 
 
 class ReleaseReport(BaseModel):
+    """What a release did; each list of sample ids (keys, which may repeat) has its release ids
+    (which do not) in a list of the same order beside it."""
+
     dry_run: bool
     released: list[str]
+    release_ids: list[str]
     skipped: dict[str, list[str]]  # skip reason -> sample ids
+    skipped_release_ids: dict[str, list[str]]  # skip reason -> release ids
     unreadable_audit_records: int
 
 
@@ -463,9 +552,7 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
     with _kafka_errors(bootstrap):
         consumer = _consumer(bootstrap, kafka or {})
         try:
-            parts = consumer.partitions_for_topic(topic)
-            if not parts:
-                raise ReplayError(f"topic {topic!r} does not exist on {bootstrap}; {missing_hint}")
+            parts = _partitions(consumer, bootstrap, topic, missing_hint)
             if window.offsets is not None:
                 unknown = sorted(set(window.offsets) - parts)
                 if unknown:
@@ -477,6 +564,28 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
             for tp in tps:
                 consumer.seek(tp, starts[tp])
             return _drain(consumer, tps, stops, window, timeout_s, grace_s)
+        finally:
+            consumer.close(autocommit=False)
+
+
+def _partitions(consumer: KafkaConsumer, bootstrap: str, topic: str, missing_hint: str) -> set[int]:
+    """The partitions of ``topic``; ReplayError when it does not exist.
+
+    kafka-python asks for the metadata of all topics here, not of this one, so the check cannot
+    make a broker that creates topics on a metadata request (or first write) create it.
+    """
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise ReplayError(f"topic {topic!r} does not exist on {bootstrap}; {missing_hint}")
+    return set(parts)
+
+
+def require_topic(settings: ReplaySettings, topic: str, missing_hint: str) -> None:
+    """Refuse to go on when ``topic`` does not exist (see ``_partitions``)."""
+    with _kafka_errors(settings.bootstrap_servers):
+        consumer = _consumer(settings.bootstrap_servers, settings.client_options(KafkaConsumer))
+        try:
+            _partitions(consumer, settings.bootstrap_servers, topic, missing_hint)
         finally:
             consumer.close(autocommit=False)
 
@@ -558,10 +667,16 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
     Every sample ends in one of two states that a rerun reads correctly: released with its audit
     record (a rerun skips it) or not released at all (a rerun releases it). When a step fails
     part-way, the ``ReplayError`` names the samples of each state and any sample whose fate the
-    broker never answered; see ``_publish``.
+    broker never answered; see ``_publish``. ``selected`` is released as given: a caller that
+    selected by key should ``require_unambiguous_keys`` first (the command line does), since a
+    key can stand for more than one sample.
     """
     operator, reason = require_operator_and_reason(operator, reason)
     audit, unreadable = read_audit(settings)
+    # A missing clean topic would be created by a broker that creates topics on first write: the
+    # audit trail would say released, and the rerun with the right name would skip the sample.
+    require_topic(settings, settings.clean_topic, "release publishes there: check "
+                  "DEPOIS_CLEAN_TOPIC (the stream filter's clean topic)")
     plan = plan_release(selected, released_ids(audit))
     failure: ReplayError | None = None
     released = plan.release
@@ -570,9 +685,13 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
             _publish(settings, plan.release, operator, reason)
         except ReleaseIncomplete as exc:
             failure, released = exc, exc.released
+    skipped = _group_skips(plan.skipped)
     report = ReleaseReport(
         dry_run=dry_run, released=[r.sample_id for r in released],
-        skipped=_group_skips(plan.skipped), unreadable_audit_records=unreadable,
+        release_ids=[r.release_id for r in released],
+        skipped={why: [r.sample_id for r in recs] for why, recs in skipped.items()},
+        skipped_release_ids={why: [r.release_id for r in recs] for why, recs in skipped.items()},
+        unreadable_audit_records=unreadable,
     )
     if metrics is not None:
         outcome = "dry_run" if dry_run else "released"
@@ -595,10 +714,11 @@ class ReleaseIncomplete(ReplayError):
         self.released = released
 
 
-def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
+def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]
+                 ) -> dict[str, list[QuarantinedRecord]]:
+    out: dict[str, list[QuarantinedRecord]] = {}
     for r, why in skipped:
-        out.setdefault(why, []).append(r.sample_id)
+        out.setdefault(why, []).append(r)
     return out
 
 
@@ -630,10 +750,11 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
             audits.append((r.sample_id.encode("utf-8"), audit_record_for(
                 r, operator, reason, released_at, settings.clean_topic).to_bytes(), []))
         except ValidationError as exc:
-            raise ReplayError(f"{r.sample_id} cannot be audited ({describe_errors(exc)}); "
+            raise ReplayError(f"{_named(r)} cannot be audited ({describe_errors(exc)}); "
                               "nothing was released: leave it out of the selection") from None
     producer_options = {"delivery_timeout_ms": 60_000, **settings.client_options(KafkaProducer)}
-    _refuse_oversized(records, copies, int(producer_options.get("max_request_size", 1_048_576)))
+    _refuse_oversized(records, copies, audits, settings,
+                      int(producer_options.get("max_request_size", 1_048_576)))
     wait_s = producer_options["delivery_timeout_ms"] / 1000 + 10
     with _kafka_errors(settings.bootstrap_servers):
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
@@ -661,7 +782,7 @@ def _incomplete(records: Sequence[QuarantinedRecord], clean: Sent, audited: Sent
     out = [records[i] for i in clean.acknowledged]
 
     def names(idx: Iterable[int], recs: Sequence[QuarantinedRecord]) -> str:
-        return ", ".join(recs[i].sample_id for i in idx)
+        return ", ".join(_named(recs[i]) for i in idx)
 
     parts = []
     if audited.acknowledged:
@@ -683,18 +804,39 @@ def _incomplete(records: Sequence[QuarantinedRecord], clean: Sent, audited: Sent
     return "release stopped part-way: " + "; ".join(parts)
 
 
+def _named(r: QuarantinedRecord) -> str:
+    """A sample in an error line: its key (bounded, escaped) and, when that is not already it,
+    its release id (keys repeat; release ids do not)."""
+    name, rid = shown(r.sample_id), shown(r.release_id, RELEASE_ID_CHARS)
+    return name if r.sample_id == r.release_id else f"{name} ({rid})"
+
+
+def message_size(message: Message) -> int:
+    """An upper estimate of ``message``'s size on the wire, as the producer's max_request_size
+    counts it: key, value, headers and record framing."""
+    key, value, headers = message
+    return (len(key or b"") + len(value or b"") + _RECORD_OVERHEAD
+            + sum(len(k.encode("utf-8", "surrogatepass")) + len(v) + H.HEADER_OVERHEAD
+                  for k, v in headers))
+
+
 def _refuse_oversized(records: Sequence[QuarantinedRecord], copies: Sequence[Message],
+                      audits: Sequence[Message], settings: ReplaySettings,
                       max_request_size: int) -> None:
-    for r, (key, value, headers) in zip(records, copies):
-        size = (len(key or b"") + len(value or b"") + _RECORD_OVERHEAD
-                + sum(len(k.encode("utf-8", "surrogatepass")) + len(v) + H.HEADER_OVERHEAD
-                      for k, v in headers))
-        if size > max_request_size:
-            raise ReplayError(
-                f"{r.sample_id} would be about {size} bytes with its headers, over the producer's "
-                f"max_request_size of {max_request_size}; nothing was released. Raise it for "
-                "replay with DEPOIS_KAFKA='{\"max_request_size\": N}' (the clean topic's "
-                "max.message.bytes must allow it too), or leave that sample out of the selection")
+    """Refuse the whole release before anything is sent when a clean copy or an audit record
+    is larger than the producer will send. The audit record matters as much as the copy: it
+    carries the key twice (Kafka key and sample_id), so a long key can fit the copy but not its
+    audit record, and a copy out without its audit record is released again by every rerun."""
+    for r, copy, audit in zip(records, copies, audits):
+        for what, topic, message in (("its clean copy", settings.clean_topic, copy),
+                                     ("its audit record", settings.audit_topic, audit)):
+            size = message_size(message)
+            if size > max_request_size:
+                raise ReplayError(
+                    f"{_named(r)}: {what} would be about {size} bytes, over the producer's "
+                    f"max_request_size of {max_request_size}; nothing was released. Raise it for "
+                    "replay with DEPOIS_KAFKA='{\"max_request_size\": N}' (the max.message.bytes "
+                    f"of {topic} must allow it too), or leave that sample out of the selection")
 
 
 @dataclass(frozen=True)
@@ -754,5 +896,5 @@ def _maybe_written(exc: BaseException | None) -> bool:
 
 
 def _why(exc: BaseException | None) -> str:
-    text = f"{type(exc).__name__}: {exc}" if exc is not None else "no reason given"
-    return text if len(text) <= 200 else text[:199] + "…"
+    return shown(f"{type(exc).__name__}: {exc}" if exc is not None else "no reason given", 200,
+                 note=False)
