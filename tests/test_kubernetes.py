@@ -90,6 +90,14 @@ def settings(docs: list[dict[str, Any]]) -> dict[str, str]:
     return env
 
 
+def _quantity(text: str) -> float:
+    """A Kubernetes quantity ("500m", "1", "64Mi", "2Gi") as a number."""
+    units = {"": 1.0, "m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text).strip())
+    assert m and m.group(2) in units, f"not a quantity this test knows: {text!r}"
+    return float(m.group(1)) * units[m.group(2)]
+
+
 def strict(schema: Any) -> Any:
     """Reject unknown fields, as `kubectl apply` (strict field validation) does by default."""
     if isinstance(schema, dict):
@@ -500,14 +508,15 @@ def test_tmp_holds_a_copy_of_the_model_for_the_signature_check(overlay: str) -> 
     c = container(docs)
     tmp = next(m for m in c["volumeMounts"] if m["mountPath"] == "/tmp")
     size = next(v for v in pod["volumes"] if v["name"] == tmp["name"])["emptyDir"]["sizeLimit"]
-    model_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == str(Path(settings(docs)["DEPOIS_MODEL_PATH"]).parent))
+    model_dir = str(Path(settings(docs)["DEPOIS_MODEL_PATH"]).parent)
+    model_mount = next(m for m in c["volumeMounts"] if m["mountPath"] == model_dir)
     model_volume = next(v for v in pod["volumes"] if v["name"] == model_mount["name"])
     if "persistentVolumeClaim" in model_volume:
         claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
         model_size = claim["spec"]["resources"]["requests"]["storage"]
     else:
         model_size = model_volume["emptyDir"]["sizeLimit"]
-    assert quantity(size) >= quantity(model_size), (size, model_size)
+    assert _quantity(size) >= _quantity(model_size), (size, model_size)
 
 
 @pytest.mark.parametrize("overlay", PRODUCTION)
@@ -517,12 +526,4 @@ def test_each_member_is_given_the_core_the_docs_say_it_needs(overlay: str) -> No
     autoscaler adds them, delaying heartbeats into rebalances. (The dev overlay asks for 250m on
     purpose: one member on a laptop cluster.)"""
     cpu = container(render(overlay))["resources"]["requests"]["cpu"]
-    assert quantity(str(cpu)) >= 1, cpu
-
-
-def quantity(text: str) -> float:
-    """A Kubernetes quantity ("500m", "1", "64Mi", "2Gi") as a number."""
-    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
-    m = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(text).strip())
-    assert m, text
-    return float(m.group(1)) * units.get(m.group(2), 1.0)
+    assert _quantity(str(cpu)) >= 1, cpu

@@ -521,12 +521,16 @@ def test_small_cross_fitted_pools_are_told_to_recalibrate_on_the_stream() -> Non
     3.3 %, wider than the binomial spread the warning quoted (the shipped fold model and the
     pool's coverage of the stream differ from pool to pool), while recalibrating on 600 vetted
     stream samples centred every pool near 1 % (docs/evaluation.md): the warning must say so."""
-    from training.pipeline import RECALIBRATION_SAMPLES, calibration_warning
+    from training.pipeline import RECALIBRATION_SAMPLES, calibration_warning, recalibration_samples
 
     crossfit = calibration_warning(378, 0.01, crossfit=True)
     holdout = calibration_warning(378, 0.01, crossfit=False)
     assert crossfit and holdout and "+-0.51%" in holdout
-    assert "depois-train recalibrate" in crossfit and str(RECALIBRATION_SAMPLES) in crossfit
+    assert "depois-train recalibrate" in crossfit and f">= {RECALIBRATION_SAMPLES} vetted" in crossfit
     assert "recalibrate" not in holdout
     assert calibration_warning(1600, 0.01, crossfit=True) is None
     assert "cannot estimate" in calibration_warning(50, 0.01, crossfit=True)
+    # the count it asks for is one `recalibrate` accepts at any target (it refuses < 1 / target)
+    for target in (0.05, 0.01, 0.001, 0.0001):
+        assert recalibration_samples(target) * target >= 1.0
+    assert ">= 1000 vetted" in calibration_warning(2000, 0.001, crossfit=True)

@@ -77,7 +77,13 @@ def samples_for_quarter_spread(target_fpr: float) -> int:
     return int(np.ceil((1 - target_fpr) / (MAX_RELATIVE_FPR_SPREAD**2 * target_fpr)))
 
 
-RECALIBRATION_SAMPLES = 600
+RECALIBRATION_SAMPLES = 600  # what centred every measured pool near the target (docs/evaluation.md)
+
+
+def recalibration_samples(target_fpr: float) -> int:
+    """Vetted stream samples the cross-fit warning asks for: ``RECALIBRATION_SAMPLES``, or the
+    ``1 / target_fpr`` that ``recalibrate`` refuses to go below, whichever is more."""
+    return max(RECALIBRATION_SAMPLES, int(np.ceil(1 / target_fpr)))
 
 
 def calibration_warning(n: int, target_fpr: float, crossfit: bool = False) -> str | None:
@@ -103,7 +109,9 @@ def calibration_warning(n: int, target_fpr: float, crossfit: bool = False) -> st
             message += ("; on a cross-fitted pool this small the shipped fold model and the pool's coverage of "
                         "the stream move it further (0.3 to 3.3 % at a 1 % target over 16 digits pools, "
                         "docs/evaluation.md): before relying on the FPR, recalibrate on >= "
-                        f"{RECALIBRATION_SAMPLES} vetted clean samples of the stream (`depois-train recalibrate`)")
+                        f"{recalibration_samples(target_fpr)} vetted clean samples of the stream (`depois-train "
+                        f"recalibrate`; >= {samples_for_quarter_spread(target_fpr)} keep one recalibration within a "
+                        "quarter of the target)")
         return message
     return None
 
