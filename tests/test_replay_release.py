@@ -83,7 +83,7 @@ def released_copies(s: ReplaySettings) -> list[QuarantinedRecord]:
             if r.verdict == H.VERDICT_RELEASED]
 
 
-def replay(s: Scratch, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+def replay(s: Scratch, *args: str, env: dict[str, str | None] | None = None) -> tuple[int, str]:
     result = CliRunner().invoke(app, ["replay", *args], env={**s.env, **(env or {})})
     return result.exit_code, result.output
 
@@ -405,3 +405,131 @@ def test_a_sample_that_cannot_be_audited_stops_the_release_before_anything_is_se
     with pytest.raises(ReplayError, match=r"s1 \(in:0:1\) cannot be audited"):
         release(settings, [_quarantined(1)[0], odd], "alice", "ticket 7")
     assert _Producer.sent == {}
+
+
+# ---------------------------------------------------------------- chunks (F6) and a stall (F9)
+
+def test_a_release_stopped_in_a_later_chunk_reports_every_sample_exactly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """F6. A selection larger than one chunk goes out chunk by chunk (copies acknowledged, then
+    their audit records); the broker stops answering one copy of the second chunk. Released with
+    audit records: the first chunk and the rest of the second; possibly on clean: that one; not
+    released: the third chunk, never handed over. Before: every copy went out before any audit
+    record, so the third chunk was on the clean topic too."""
+    import depois_stream.audit.replay as replay_module
+
+    n, chunk = 250, replay_module.RELEASE_CHUNK
+    assert n > 2 * chunk
+    monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
+    monkeypatch.setattr(replay_module, "read_audit", lambda s: ([], 0))
+    monkeypatch.setattr(replay_module, "require_topic", lambda *_: None)  # no broker here
+    stalled = chunk + 49
+    monkeypatch.setattr(_Producer, "plan", ["pending" if i == stalled else "ok" for i in range(n)])
+    monkeypatch.setattr(_Producer, "sent", {})
+    settings = ReplaySettings(bootstrap_servers="127.0.0.1:1", clean_topic="clean",
+                              audit_topic="audit")
+    with pytest.raises(ReleaseIncomplete) as caught:
+        release(settings, _quarantined(n), "alice", "ticket 7")
+    audited = [f"s{i}" for i in range(2 * chunk) if i != stalled]
+    assert [k.decode() for k in _Producer.sent["audit"]] == audited
+    assert len(_Producer.sent["clean"]) == 2 * chunk
+    assert [r.sample_id for r in caught.value.released] == audited
+    message = str(caught.value)
+    assert f"released {len(audited)} of {n} with their audit records" in message
+    assert "WITHOUT A CONFIRMED AUDIT RECORD" not in message
+    unknown = message.split("possibly on clean")[1]
+    assert f"s{stalled}" in unknown and f"s{stalled + 1}," not in unknown
+    not_released = message.split("not released (")[1].split(";")[0]
+    assert all(f"s{i}" in not_released for i in range(2 * chunk, n))
+    assert f"s{2 * chunk - 1}," not in not_released
+
+
+class _Killed(BaseException):
+    """The process dying (kill -9) at a chosen point of a release."""
+
+
+def test_a_release_killed_part_way_leaves_at_most_one_chunk_without_audit_records(
+        broker, scratch: Scratch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """F6. Before: release sent every clean copy, then every audit record; killed between the two
+    (1,800 selected, kill -9 at 1.6 s), the rerun released 298 samples a second time. The release
+    here dies as it hands its 150th record to a real producer; what it handed over before is
+    delivered (the worst a kill can leave). At most one chunk may lack audit records."""
+    from collections import Counter
+
+    from kafka import KafkaProducer
+
+    import depois_stream.audit.replay as replay_module
+    from depois_stream.audit.trail import released_ids
+
+    n, s = 250, scratch.settings
+    put(broker.bootstrap, s.quarantine_topic,
+        [(f"s{i}".encode(), sample(f"s{i}")[0], quarantine_headers(scratch.ingest, i))
+         for i in range(n)])
+
+    class DiesAt(KafkaProducer):
+        sends = 0
+
+        def send(self, topic, **kwargs):  # type: ignore[no-untyped-def]
+            DiesAt.sends += 1
+            if DiesAt.sends == 150:
+                raise _Killed
+            return super().send(topic, **kwargs)
+
+    monkeypatch.setattr(replay_module, "KafkaProducer", DiesAt)
+    with pytest.raises(_Killed):
+        release(s, read_quarantine(s), "alice", "ticket 7")
+    monkeypatch.undo()
+    unaudited = {r.release_id for r in released_copies(s)} - released_ids(read_audit(s)[0])
+    assert 0 < len(unaudited) <= replay_module.RELEASE_CHUNK, len(unaudited)
+    code, out = replay(scratch, *RELEASE)
+    assert code == 0, out
+    copies = Counter(r.release_id for r in released_copies(s))
+    assert len(copies) == n
+    assert {rid for rid, k in copies.items() if k > 1} == unaudited
+
+
+def test_a_release_cut_by_a_frozen_broker_leaves_nothing_to_print_at_exit(
+        tmp_path: Path, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """F9. The broker freezes (SIGSTOP) as the first audit record is handed over. Before:
+    the one-line error was followed, at exit, by "Exception ignored in: KafkaProducer.__del__
+    ... KafkaTimeoutError": kafka-python's close(timeout=0) raised inside its flush, before it
+    force-closed, so the producer stayed open and its __del__ closed it again."""
+    import gc
+    import sys
+    import weakref
+
+    from kafka import KafkaProducer
+
+    import depois_stream.audit.replay as replay_module
+    from depois_stream.sim.broker import LocalBroker
+
+    with LocalBroker(log_path=tmp_path / "tansu.log") as own:
+        t = {k: f"{unique}-{k}" for k in ("clean", "quarantine", "audit")}
+        create_topics(own.bootstrap, list(t.values()))
+        put(own.bootstrap, t["quarantine"],
+            [(f"s{i}".encode(), sample(f"s{i}")[0], quarantine_headers("in", i)) for i in range(5)])
+        settings = ReplaySettings(
+            bootstrap_servers=own.bootstrap, quarantine_topic=t["quarantine"],
+            clean_topic=t["clean"], audit_topic=t["audit"], read_timeout_s=20,
+            kafka={"delivery_timeout_ms": 8000, "request_timeout_ms": 5000})
+        made: list[weakref.ref] = []
+
+        class FreezesTheBroker(KafkaProducer):
+            def send(self, topic, **kwargs):  # type: ignore[no-untyped-def]
+                if topic == settings.audit_topic and not made:
+                    made.append(weakref.ref(self))
+                    own.freeze()
+                return super().send(topic, **kwargs)
+
+        unraisable: list[object] = []
+        monkeypatch.setattr(replay_module, "KafkaProducer", FreezesTheBroker)
+        monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+        records = read_quarantine(settings)
+        try:
+            with pytest.raises(ReleaseIncomplete, match="WITHOUT A CONFIRMED AUDIT RECORD"):
+                release(settings, records, "alice", "ticket 7")
+        finally:
+            own.thaw()
+        gc.collect()
+        assert made and made[0]() is None  # collected: its __del__ has run
+        assert [str(getattr(u, "exc_value", u)) for u in unraisable] == []

@@ -10,6 +10,7 @@ flag is wrong or release lacks --operator, --reason or a selection.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -37,8 +38,9 @@ from depois_stream.audit.replay import (
     select,
     shown,
     summarize,
+    unknown_replay_env,
 )
-from depois_stream.contract.model import first_line
+from depois_stream.contract.model import card_path_for, first_line
 from depois_stream.filter.config import TOPIC_NAME, describe_errors, flag
 from depois_stream.filter.options import command, option, reflow
 
@@ -61,7 +63,8 @@ replay_app = typer.Typer(
         "DEPOIS_BOOTSTRAP_SERVERS, DEPOIS_QUARANTINE_TOPIC, DEPOIS_CLEAN_TOPIC, "
         "DEPOIS_AUDIT_TOPIC (default depois.audit), DEPOIS_KAFKA (JSON, security options) and "
         "DEPOIS_READ_TIMEOUT_S (default 60: how long one read may take to reach a topic's "
-        "end).\n\n"
+        "end). A DEPOIS_* variable that neither replay nor `run` reads (a misspelt name) is "
+        "refused with exit 2, naming it.\n\n"
         "Exit codes: 0 done; 1 Kafka or a model failed; 2 a flag is wrong."))
 
 
@@ -177,6 +180,13 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 
 def _settings(sel: Selection) -> ReplaySettings:
+    unknown = unknown_replay_env(os.environ)
+    if unknown:
+        # Ignored, a misspelt DEPOIS_CLEAN_TOPIC would send released copies to the default topic.
+        _fail(f"environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+              f"set{'' if len(unknown) > 1 else 's'} nothing: `depois-stream replay --help` lists "
+              "the DEPOIS_* settings replay reads (those of `depois-stream run` are accepted "
+              f"too); correct or unset {'them' if len(unknown) > 1 else 'it'}", EXIT_USAGE)
     given = {"bootstrap_servers": sel.bootstrap_servers} if sel.bootstrap_servers else {}
     try:
         settings = ReplaySettings(**given)
@@ -349,10 +359,14 @@ def rescore_(**kw: Any) -> None:
                                  param_hint="--histogram")
     if kw["histogram"].suffix.lower() not in (".png", ".svg", ".pdf"):
         raise typer.BadParameter("name a .png, .svg or .pdf file", param_hint="--histogram")
+    problem = model_file_problem(kw["model"])
+    if problem is not None:
+        _fail(problem, EXIT_USAGE)
     _, chosen = _read(sel, _settings(sel))
     try:
         detector = Detector.load(kw["model"], device=kw["device"],
-                                 public_key=kw["verify_signature"])
+                                 public_key=kw["verify_signature"],
+                                 signature_option="--verify-signature")
     except ModelLoadError as exc:
         _fail(str(exc))
     metrics = ReplayMetrics()
@@ -362,6 +376,31 @@ def rescore_(**kw: Any) -> None:
         _fail(f"could not write the histogram {str(kw['histogram'])!r}: {exc}")
     _print_rescore(report, kw["as_json"])
     _publish(metrics, "rescore", kw)
+
+
+def model_file_problem(model: Path) -> str | None:
+    """What is wrong with ``--model`` as a file, in rescore's words, or ``None``.
+
+    Checked before the quarantine is read, so a wrong path fails at once rather than after a
+    long read. The detector's own errors for these cases name the stream filter's remedies
+    (--model-path / DEPOIS_MODEL_PATH, --no-verify-card), which rescore does not have: it takes
+    the model from --model only and always checks it against its card.
+    """
+    card = card_path_for(model)
+    try:
+        if model.is_dir():
+            return (f"--model {str(model)!r} is a folder: name the model file in it (the .onnx "
+                    "that `depois-train export-onnx` wrote, its .card.json beside it)")
+        if not model.is_file():
+            return (f"--model {str(model)!r} does not name a file: give the path of a model "
+                    "exported by `depois-train export-onnx`")
+        if not card.is_file():
+            return (f"--model {str(model)!r} has no model card beside it ({str(card)!r}): "
+                    "rescore checks every model against its card; copy the two together "
+                    "(`depois-train export-onnx` writes both)")
+    except OSError as exc:  # a folder on the way that cannot be searched, say
+        return f"--model {str(model)!r} cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def _print_rescore(report: RescoreReport, as_json: bool) -> None:

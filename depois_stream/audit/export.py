@@ -53,36 +53,51 @@ class Decoded:
 def decode_records(records: Sequence[QuarantinedRecord],
                    input_shape: tuple[int, int, int] | None = None,
                    num_classes: int | None = None) -> Decoded:
-    """Decode every record's value; without ``input_shape`` the first decoded shape is the norm.
+    """Decode every record's value into one shape: ``input_shape`` (a model's), or without it
+    the shape most of the records have (see ``common_shape``).
 
     One shape per export or rescore keeps the NPZ a single array; a record of another shape
     (a different data set on the same topic) is reported as a decode error, not resized.
+    Without a model, which shape is the norm must not depend on which record is read first: one
+    odd record first would otherwise make every other sample "undecodable".
     """
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    rows: list[int] = []
     errors: dict[int, str] = {}
-    shape = input_shape
+    decoded: dict[int, tuple[int, np.ndarray]] = {}  # record position -> (label, image)
     for i, r in enumerate(records):
         if r.value is None:
             errors[i] = "record has no value (tombstone)"
             continue
         try:
-            _, label, image = decode_image(r.value, r.content_type, input_shape=shape,
+            _, label, image = decode_image(r.value, r.content_type, input_shape=input_shape,
                                            num_classes=num_classes)
         except DecodeError as exc:
             errors[i] = str(exc)
             continue
-        c, h, w = image.shape
-        shape = (c, h, w)  # later records must match it (the decoder says shape_mismatch)
-        images.append(image)
-        labels.append(label)
-        rows.append(i)
+        decoded[i] = (label, image)
+    shape = input_shape or common_shape([image.shape for _, image in decoded.values()])
+    for i, (_, image) in list(decoded.items()):
+        if image.shape != shape:
+            del decoded[i]
+            errors[i] = (f"shape_mismatch: image shape {list(image.shape)} is not "
+                         f"{list(shape or ())}, the shape most of the selected records have "
+                         "(samples.npz holds one shape); select the records of this shape on "
+                         "their own to export them")
+    rows = sorted(decoded)
     c, h, w = shape or (1, 1, 1)
     return Decoded(
-        images=np.stack(images) if images else np.zeros((0, c, h, w), dtype=np.float32),
-        labels=np.asarray(labels, dtype=np.int64), rows=rows, errors=errors,
+        images=(np.stack([decoded[i][1] for i in rows]) if rows
+                else np.zeros((0, c, h, w), dtype=np.float32)),
+        labels=np.asarray([decoded[i][0] for i in rows], dtype=np.int64), rows=rows,
+        errors=dict(sorted(errors.items())),
     )
+
+
+def common_shape(shapes: Sequence[tuple[int, ...]]) -> tuple[int, int, int] | None:
+    """The most common of ``shapes`` (ties: the first seen), or ``None`` when there are none."""
+    if not shapes:
+        return None
+    c, h, w = Counter(tuple(s) for s in shapes).most_common(1)[0][0]
+    return c, h, w
 
 
 # ---------------------------------------------------------------- export

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -35,7 +35,7 @@ from depois_stream.audit.trail import (
 )
 from depois_stream.contract import utc_now_iso
 from depois_stream.filter.clients.kafka_python import check_passthrough, options_for
-from depois_stream.filter.config import MAX_SECONDS, TOPIC_NAME, describe_errors
+from depois_stream.filter.config import MAX_SECONDS, TOPIC_NAME, describe_errors, unknown_env
 from depois_stream.audit.metrics import ReplayMetrics
 
 CLIENT_ID = "depois-replay"
@@ -130,6 +130,18 @@ class ReplaySettings(BaseSettings):
     def client_options(self, client: type[KafkaConsumer] | type[KafkaProducer]) -> dict[str, Any]:
         """The ``kafka`` options ``client`` understands (kafka-python rejects the others)."""
         return options_for(client, self.kafka)
+
+
+def unknown_replay_env(environ: Mapping[str, str]) -> list[str]:
+    """``DEPOIS_*`` variables in ``environ`` that set nothing, each with the setting it most
+    likely meant (``unknown_env``, the check `depois-stream run` makes at start-up).
+
+    ``ReplaySettings`` ignores variables it does not know, as pydantic-settings does, so a
+    misspelt one would silently fall back to a default. Replay runs in the stream filter's
+    environment, so `run`'s variables (and the other tools' that it knows) are not unknown here.
+    """
+    own = {f"DEPOIS_{name.upper()}" for name in ReplaySettings.model_fields}
+    return [entry for entry in unknown_env(environ) if entry.split(" ", 1)[0] not in own]
 
 
 @dataclass(frozen=True)
@@ -730,14 +742,18 @@ _RECORD_OVERHEAD = 128
 
 def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], operator: str,
              reason: str) -> None:
-    """Clean copies first, then an audit record for each copy the broker acknowledged.
+    """Chunk by chunk (see ``release_chunks``): the chunk's clean copies, then an audit record
+    for each copy the broker acknowledged, then the next chunk.
 
     A record handed to a Kafka producer cannot be taken back (closing it delivers what is
     queued), so a failure part-way does not stop at an exception: every copy is followed to its
     answer and exactly the acknowledged ones are audited, so a rerun skips them and releases the
-    rest. Copies the client would refuse for their size are refused before anything is sent. What
-    stays unknown (no answer within the delivery timeout) or released without its audit record
-    (the audit write failed) is named in the error, because a rerun would release it again.
+    rest. A chunk that did not go out whole ends the release: later chunks are not sent. Copies
+    the client would refuse for their size are refused before anything is sent. What stays
+    unknown (no answer within the delivery timeout) or released without its audit record (the
+    audit write failed) is named in the error, because a rerun would release it again. Sending
+    all copies before any audit record would widen that last state, for a process killed between
+    the two phases, to every copy sent; chunks bound it to one chunk.
     """
     released_at = utc_now_iso()
     copies: list[Message] = [(r.key, r.value, release_headers(r, operator, reason, released_at))
@@ -756,23 +772,76 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
     _refuse_oversized(records, copies, audits, settings,
                       int(producer_options.get("max_request_size", 1_048_576)))
     wait_s = producer_options["delivery_timeout_ms"] / 1000 + 10
+    clean, audited = Sent.nothing(), Sent.nothing()
     with _kafka_errors(settings.bootstrap_servers):
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
                                  client_id=CLIENT_ID, **producer_options)
-        unanswered = False
         try:
-            clean = _send_all(producer, settings.clean_topic, copies, wait_s)
-            audited = _send_all(producer, settings.audit_topic,
-                                [audits[i] for i in clean.acknowledged], wait_s)
-            unanswered = bool(clean.unknown or audited.unknown)
+            for part in release_chunks([message_size(c) for c in copies]):
+                out = _send_all(producer, settings.clean_topic, copies[part.start:part.stop],
+                                wait_s)
+                logged = _send_all(producer, settings.audit_topic,
+                                   [audits[part.start + i] for i in out.acknowledged], wait_s)
+                audited = audited.then(logged, len(clean.acknowledged))
+                clean = clean.then(out, part.start)
+                if not (out.complete and logged.complete):
+                    rest = range(part.stop, len(records))
+                    clean = clean.then(Sent([], {}, list(rest), {}), 0)
+                    break
         finally:
-            try:
-                producer.close(timeout=0 if unanswered else None)
-            except KafkaError:  # kafka-python's close(0) raises for the missing answers: known
-                pass
+            _close(producer, gave_up=bool(clean.unknown or audited.unknown))
     if not (clean.complete and audited.complete):
         raise ReleaseIncomplete(_incomplete(records, clean, audited, settings.clean_topic),
                                 [records[clean.acknowledged[i]] for i in audited.acknowledged])
+
+
+# How many samples a release sends before it writes their audit records: a process killed in
+# between leaves at most one chunk of copies without audit records (a rerun releases those
+# again). The byte bound keeps a chunk of large records under kafka-python's buffer_memory
+# (32 MB by default), so handing a chunk over never waits for buffer space.
+RELEASE_CHUNK = 100
+RELEASE_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def release_chunks(sizes: Sequence[int], max_count: int = RELEASE_CHUNK,
+                   max_bytes: int = RELEASE_CHUNK_BYTES) -> list[range]:
+    """Consecutive ranges of message positions, in order, covering all of ``sizes``: each holds
+    at most ``max_count`` messages and ``max_bytes`` (a single larger message is a chunk of
+    its own)."""
+    out: list[range] = []
+    start, total = 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_count or total + size > max_bytes):
+            out.append(range(start, i))
+            start, total = i, 0
+        total += size
+    if start < len(sizes):
+        out.append(range(start, len(sizes)))
+    return out
+
+
+# How long a release that gave up on some of the broker's answers waits for its producer to
+# close (the delivery timeout has already been waited out by then).
+_CLOSE_S = 5.0
+
+
+def _close(producer: KafkaProducer, gave_up: bool) -> None:
+    """Close the producer; ``gave_up``: some records have no answer, and none is awaited now.
+
+    kafka-python's close(timeout) flushes first and raises from that flush when answers are
+    missing, before it force-closes its I/O thread and marks itself closed: the producer stays
+    open, and its __del__ closes it again at exit and prints a traceback under replay's
+    one-line error. So, having given up, the I/O thread is told to drop what it still holds
+    (``force_close``: those records are reported as without a definite answer) before the
+    close, and the producer is marked closed should the close still fail.
+    """
+    try:
+        sender = getattr(producer, "_sender", None)
+        if gave_up and sender is not None:
+            sender.force_close()
+        producer.close(timeout=_CLOSE_S if gave_up else None)
+    except KafkaError:
+        producer._closed = True  # kafka-python's own flag: its __del__ and close() do nothing
 
 
 def _incomplete(records: Sequence[QuarantinedRecord], clean: Sent, audited: Sent,
@@ -795,7 +864,8 @@ def _incomplete(records: Sequence[QuarantinedRecord], clean: Sent, audited: Sent
                      f"a rerun would release them again, write them down): {names(lost_audit, out)}")
     if clean.failed or clean.unsent:
         not_out = sorted(set(clean.failed) | set(clean.unsent))
-        parts.append(f"not released ({clean.first_error}): {names(not_out, records)}")
+        why = clean.first_error or "not sent: a release stops at a chunk that did not go out whole"
+        parts.append(f"not released ({why}): {names(not_out, records)}")
     if clean.unknown:
         why = next(iter(clean.unknown.values()))
         parts.append(f"no definite answer from the broker ({why}), so possibly on "
@@ -851,6 +921,18 @@ class Sent:
     @property
     def complete(self) -> bool:
         return not (self.failed or self.unsent or self.unknown)
+
+    @classmethod
+    def nothing(cls) -> Sent:
+        return cls([], {}, [], {})
+
+    def then(self, other: Sent, shift: int) -> Sent:
+        """This outcome followed by ``other``'s, whose positions start at ``shift`` (a release
+        sends chunk by chunk; its error speaks of positions in the whole selection)."""
+        return Sent(self.acknowledged + [i + shift for i in other.acknowledged],
+                    {**self.failed, **{i + shift: why for i, why in other.failed.items()}},
+                    self.unsent + [i + shift for i in other.unsent],
+                    {**self.unknown, **{i + shift: why for i, why in other.unknown.items()}})
 
     @property
     def first_error(self) -> str | None:

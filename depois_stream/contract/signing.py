@@ -364,17 +364,22 @@ def verify_model(model_path: str | Path, public_key_path: str | Path,
         key_id=expected_key, model_bytes=model_bytes, card_bytes=card_bytes)
 
 
+RUN_KEY_OPTION = "--verify-signature / DEPOIS_VERIFY_SIGNATURE"  # how `depois-stream run` takes the key
+
+
 def verify_or_warn(model_path: str | Path, public_key_path: str | Path | None,
-                   signature_path: str | Path | None = None) -> VerifiedModel | None:
+                   signature_path: str | Path | None = None, *, option: str = RUN_KEY_OPTION
+                   ) -> VerifiedModel | None:
     """One call for every load path (start-up, hot reload, replay rescore).
 
     With a public key: ``verify_model`` (raises on failure). Without one: logs, at WARNING and
     naming the file, that the model runs unsigned, so nobody mistakes a local set-up for a
-    verified one, and returns ``None``.
+    verified one, and returns ``None``. ``option``: how the calling command takes the key, for
+    that warning (`run` has a flag and a variable, `replay rescore` the flag only).
     """
     if public_key_path is None:
-        log.warning("model %s loaded WITHOUT signature verification (no --verify-signature / "
-                    "DEPOIS_VERIFY_SIGNATURE): acceptable for local use only", Path(model_path).name)
+        log.warning("model %s loaded WITHOUT signature verification (no %s): acceptable for "
+                    "local use only", Path(model_path).name, option)
         return None
     verified = verify_model(model_path, public_key_path, signature_path)
     log.info("model %s: signature %s verified with key id %s", verified.model_path.name,

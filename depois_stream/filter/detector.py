@@ -35,7 +35,7 @@ from depois_stream.contract import (
     ContractError, ModelCard, ModelMetadata, card_path_for,
 )
 from depois_stream.contract.model import first_line, first_problem
-from depois_stream.contract.signing import SignatureError, verify_or_warn
+from depois_stream.contract.signing import RUN_KEY_OPTION, SignatureError, verify_or_warn
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,8 @@ class Detector:
 
     @classmethod
     def load(cls, path: str | Path, device: Device = "auto", require_gpu: bool = False,
-             verify_card: bool = True, public_key: str | Path | None = None) -> Detector:
+             verify_card: bool = True, public_key: str | Path | None = None,
+             signature_option: str = RUN_KEY_OPTION) -> Detector:
         """Open and verify a model exported by ``depois-train export-onnx``.
 
         Checks, in order: the file exists; with ``public_key``, the model and its card are
@@ -160,6 +161,8 @@ class Detector:
         verified; its sha256 matches the model card beside it (unless ``verify_card=False``
         without a key); onnxruntime can load it; its inputs, outputs and ``depois.*`` metadata
         honour the contract; its ``poisoned`` output agrees with the metadata boundary.
+        ``signature_option``: how the caller's user passes ``public_key``, named by the warning
+        about an unsigned model (``replay rescore`` has the flag only, not the variable).
         """
         path = Path(path)
         try:
@@ -172,7 +175,7 @@ class Detector:
                 f"model file {path} does not exist: train and export one with "
                 "`depois-train all` (or pass --model-path / DEPOIS_MODEL_PATH)", "load")
         try:
-            verified = verify_or_warn(path, public_key)
+            verified = verify_or_warn(path, public_key, option=signature_option)
         except SignatureError as exc:
             raise ModelLoadError(str(exc), "signature") from None
         except OSError as exc:

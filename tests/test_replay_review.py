@@ -1,0 +1,116 @@
+"""`replay export`, `rescore` and the replay settings, against the real local broker.
+
+Each test started as a defect an independent tester found in `replay` (F8, F11, F12): an export
+that called five good samples undecodable because of one odd record read first, rescore errors
+that named flags only `depois-stream run` has, and a misspelt DEPOIS_* variable that replay
+ignored (for release: copies sent to the default clean topic).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from depois_stream.audit.replay import read_audit
+from depois_stream.contract.model import card_path_for
+from depois_stream.contract.wire import encode_sample
+from tests import test_replay_release
+from tests.test_replay_release import (
+    RELEASE,
+    Scratch,
+    put,
+    quarantine_headers,
+    released_copies,
+    replay,
+    sample,
+)
+
+scratch = test_replay_release.scratch  # the same fixture (fresh topics per test), used here too
+
+# Hints that only `depois-stream run` can act on.
+RUN_ONLY = ("--model-path", "DEPOIS_MODEL_PATH", "--no-verify-card", "DEPOIS_VERIFY_SIGNATURE")
+
+
+def _put(s: Scratch, values: list[tuple[bytes, bytes]]) -> None:
+    put(s.settings.bootstrap_servers, s.settings.quarantine_topic,
+        [(k, v, quarantine_headers(s.ingest, i)) for i, (k, v) in enumerate(values)])
+
+
+def test_export_keeps_the_most_common_shape_when_an_odd_record_comes_first(
+        scratch: Scratch, tmp_path: Path) -> None:
+    """F8. Before: the first decodable record set the shape, so one 8x8 record read first made
+    the five 4x4 samples after it "undecodable", each told it did not match "the model input
+    shape" (no model is involved in an export)."""
+    odd = encode_sample("odd", np.full((1, 8, 8), 0.5, np.float32), 3, encoding="json")[0]
+    _put(scratch, [(b"odd", odd), *((f"s{i}".encode(), sample(f"s{i}")[0]) for i in range(5))])
+    out_dir = tmp_path / "review"
+    code, out = replay(scratch, "export", "--out", str(out_dir))
+    assert code == 0, out
+    assert "5 images" in out and "1 undecodable" in out, out
+    manifest = {m["id"]: m for m in map(json.loads, (out_dir / "manifest.jsonl").read_text()
+                                        .splitlines())}
+    assert [manifest[f"s{i}"]["decode_error"] for i in range(5)] == [None] * 5
+    error = manifest["odd"]["decode_error"]
+    assert manifest["odd"]["npz_index"] is None
+    assert "model" not in error and "[1, 8, 8]" in error and "[1, 4, 4]" in error, error
+    with np.load(out_dir / "samples.npz") as npz:
+        assert npz["images"].shape == (5, 1, 4, 4)
+        assert list(npz["ids"]) == [f"s{i}" for i in range(5)]
+
+
+def test_rescore_errors_name_its_own_option_and_no_flag_of_run(
+        scratch: Scratch, tmp_path: Path, centroid_model: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """F11. Before: a folder given as --model was said not to exist, with "pass --model-path /
+    DEPOIS_MODEL_PATH"; a model without its card was told to "pass --no-verify-card"; and the
+    unsigned-model warning named DEPOIS_VERIFY_SIGNATURE. rescore has none of those."""
+    _put(scratch, [(b"s0", sample("s0")[0])])
+    hist = ("--device", "cpu", "--histogram", str(tmp_path / "h.png"))
+    no_card = tmp_path / "no-card" / "m.onnx"
+    no_card.parent.mkdir()
+    shutil.copy(centroid_model, no_card)
+    for model, words in ((tmp_path, "folder"), (no_card, "card")):
+        code, out = replay(scratch, "rescore", "--model", str(model), *hist)
+        assert code == 2, out
+        assert len(out.strip().splitlines()) == 1, out
+        assert "--model" in out and words in out and str(model) in out, out
+        assert "does not exist" not in out and not [w for w in RUN_ONLY if w in out], out
+
+    # A card that does not match: the model is loaded, unsigned, and refused.
+    bad = tmp_path / "bad-card" / "m.onnx"
+    bad.parent.mkdir()
+    shutil.copy(centroid_model, bad)
+    card = json.loads(card_path_for(centroid_model).read_text())
+    card_path_for(bad).write_text(json.dumps({**card, "onnx_sha256": "0" * 64}))
+    with caplog.at_level(logging.WARNING):
+        code, out = replay(scratch, "rescore", "--model", str(bad), *hist)
+    assert code == 1 and "card" in out and len(out.strip().splitlines()) == 1, out
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "WITHOUT signature verification" in warned and "--verify-signature" in warned, warned
+    assert not [w for w in RUN_ONLY if w in out + warned], out + warned
+
+
+def test_a_misspelt_depois_variable_is_refused_and_a_variable_of_run_is_not(
+        scratch: Scratch) -> None:
+    """F12. Before: replay ignored a DEPOIS_* variable it did not know, so a release with
+    DEPOIS_CLEAN_TOPC set (DEPOIS_CLEAN_TOPIC meant) went to the default clean topic. Replay
+    reads the stream filter's environment, so the filter's own variables must not stop it."""
+    _put(scratch, [(b"s0", sample("s0")[0])])
+    typo = {"DEPOIS_CLEAN_TOPIC": None, "DEPOIS_CLEAN_TOPC": scratch.settings.clean_topic}
+    for args in (RELEASE, ("list",)):
+        code, out = replay(scratch, *args, env=typo)
+        assert code == 2, out
+        assert len(out.strip().splitlines()) == 1, out
+        assert "DEPOIS_CLEAN_TOPC (did you mean DEPOIS_CLEAN_TOPIC?)" in out, out
+        assert "sets nothing" in out, out
+    assert released_copies(scratch.settings) == [] and read_audit(scratch.settings)[0] == []
+
+    of_run = {"DEPOIS_BATCH_SIZE": "64", "DEPOIS_MODEL_PATH": "/models/m.onnx"}
+    code, out = replay(scratch, *RELEASE, env=of_run)
+    assert code == 0 and "released 1 sample(s)" in out, out
+    assert [r.sample_id for r in released_copies(scratch.settings)] == ["s0"]
