@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from depois_stream.audit.replay import read_audit, read_raw
+from depois_stream.contract import headers as H
 from tests import test_replay_release
 from tests.test_replay_release import (
     Scratch,
@@ -100,8 +101,32 @@ def test_release_id_tokens_match_release_ids_only_and_other_tokens_keys() -> Non
     assert not r.ReplayFilter(ids=frozenset({"in:0:1"})).matches(forged)
     assert r.ReplayFilter(ids=frozenset({"in:0:7"})).matches(forged)
     assert r.ReplayFilter(ids=frozenset({"a:b", "in:0:1:2"})).key_ids == {"a:b", "in:0:1:2"}
-    tokens = ("in:0:1", "a b:0:1", "in:0:x", "in:-1:2", "in:0:1:2")
-    assert [r.is_release_id(t) for t in tokens] == [True, False, False, False, False]
+    tokens = ("in:0:1", "a b:0:1", "in:0:x", "in:-1:2", "in:0:1:2", "orders:01:002", "in:10:0")
+    assert [r.is_release_id(t) for t in tokens] == [True, False, False, False, False, False, True]
+
+
+def test_a_keyless_record_is_counted_among_the_samples_its_key_token_names() -> None:
+    """Review of the fix: a keyless record whose hand-written provenance is not of release-id
+    shape is named by that text, a key token, which also matches a keyed record: two samples,
+    so release must refuse, as for two keys."""
+    from depois_stream.audit import replay as r
+
+    odd = [(k, v) for k, v in quarantine_headers("in", 3) if k != H.SOURCE_TOPIC] + [(H.SOURCE_TOPIC, b"bad topic")]
+    keyless = r.QuarantinedRecord.from_kafka("q", 0, 5, 1000, None, b"v", odd)
+    keyed = r.QuarantinedRecord.from_kafka("q", 0, 6, 1000, b"bad topic:0:3", b"v", quarantine_headers("in", 4))
+    flt = r.ReplayFilter(ids=frozenset({"bad topic:0:3"}))
+    assert flt.matches(keyless) and flt.matches(keyed)
+    assert r.ambiguous_keys(flt, [keyless, keyed]) == {"bad topic:0:3": ["bad topic:0:3", "in:0:4"]}
+
+
+def test_shown_never_cuts_an_escape_in_half() -> None:
+    """Review of the fix: cut after escaping, ``\\x1b`` could end as ``\\x``."""
+    from depois_stream.audit.replay import shown
+
+    assert shown("a" * 78 + "\x1b[2J", 80) == "a" * 78 + "… (82 characters)"
+    assert shown("\x1b" * 10, 5, note=False) == "\\x1b…"
+    assert shown("ab\\cd", 3) == "ab… (5 characters)"
+    assert shown("short") == "short" and shown("tab\t") == "tab\\t"
 
 
 def test_a_sample_whose_audit_record_is_too_large_stops_the_release_before_anything_is_sent(
@@ -112,8 +137,10 @@ def test_a_sample_whose_audit_record_is_too_large_stops_the_release_before_anyth
     error line carried the key (600 KB)."""
     huge = b"K" * 600_000
     _put_keys(scratch, [b"s0", huge, b"s2"])
-    for _ in range(2):
-        code, out = replay(scratch, "release", "--label", "3", *OPERATOR)
+    # the dry run refuses too (review of the fix: it said "would release 3", then the release
+    # refused), then the real run twice
+    for dry in (("--dry-run",), (), ()):
+        code, out = replay(scratch, "release", "--label", "3", *OPERATOR, *dry)
         assert code == 1, out[:2000]
         assert "audit record" in out and "nothing was released" in out, out[:2000]
         assert "KKKK" in out and "600000 characters" in out and len(out) < 1000, out[:2000]
@@ -145,6 +172,11 @@ def test_unprintable_keys_cannot_forge_rows_or_drive_the_terminal(scratch: Scrat
     outputs = [replay(scratch, "list")[1],
                replay(scratch, "release", "--id", evil, *OPERATOR)[1],  # ambiguous: an error
                replay(scratch, "release", "--id", ids[0], *OPERATOR)[1]]
+    # the totals lines print header text too (review of the fix): a hostile model version
+    put(scratch.settings.bootstrap_servers, scratch.settings.quarantine_topic,
+        [(b"m", sample("m")[0], [*quarantine_headers(scratch.ingest, 9)[:4],
+                                 (H.MODEL_VERSION, evil.encode()), *quarantine_headers(scratch.ingest, 9)[5:]])])
+    outputs.append(replay(scratch, "list")[1])
     for out in outputs:
         assert "\x1b" not in out and not any(line.startswith("forged") for line in
                                              out.splitlines()), out

@@ -114,3 +114,17 @@ def test_a_misspelt_depois_variable_is_refused_and_a_variable_of_run_is_not(
     code, out = replay(scratch, *RELEASE, env=of_run)
     assert code == 0 and "released 1 sample(s)" in out, out
     assert [r.sample_id for r in released_copies(scratch.settings)] == ["s0"]
+
+
+def test_only_a_variable_that_meant_a_replay_setting_is_refused() -> None:
+    """Review of the fix: a platform's own DEPOIS_* variables (Kubernetes adds
+    DEPOIS_X_SERVICE_HOST for a Service named depois-x) must not stop replay, and names compare
+    in any case, as pydantic-settings reads them."""
+    from depois_stream.audit.replay import unknown_replay_env
+
+    refused, warned = unknown_replay_env({
+        "DEPOIS_CLEAN_TOPC": "x", "depois_quarantine_topc": "y", "DEPOIS_Clean_Topic": "z",
+        "DEPOIS_X_SERVICE_HOST": "10.0.0.1", "DEPOIS_BATCH_SIZE": "64", "DEPOIS_AUDIT_TOPIC": "a"})
+    assert refused == ["DEPOIS_CLEAN_TOPC (did you mean DEPOIS_CLEAN_TOPIC?)",
+                       "depois_quarantine_topc (did you mean DEPOIS_QUARANTINE_TOPIC?)"]
+    assert [w.split(" ")[0] for w in warned] == ["DEPOIS_X_SERVICE_HOST"]

@@ -135,7 +135,7 @@ class Selection(BaseModel):
         def opt(values: list[Any] | None) -> frozenset[Any] | None:
             return frozenset(values) if values else None
 
-        ids = [i for chunk in self.ids or [] for i in chunk.split(",") if i]
+        ids = [i.strip() for chunk in self.ids or [] for i in chunk.split(",") if i.strip()]
         return ReplayFilter(ids=opt(ids), labels=opt(self.labels), min_score=self.min_score,
                             max_score=self.max_score, model_versions=opt(self.model_versions),
                             source_partitions=opt(self.partitions), reasons=opt(self.reasons))
@@ -180,7 +180,9 @@ def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
 
 
 def _settings(sel: Selection) -> ReplaySettings:
-    unknown = unknown_replay_env(os.environ)
+    unknown, foreign = unknown_replay_env(os.environ)
+    for name in foreign:
+        typer.echo(f"depois-stream replay: warning: environment variable {name} sets nothing", err=True)
     if unknown:
         # Ignored, a misspelt DEPOIS_CLEAN_TOPIC would send released copies to the default topic.
         _fail(f"environment variable{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
@@ -306,7 +308,7 @@ def _print_listing(listing: Listing, as_json: bool, limit: int) -> None:
     typer.echo(f"\nread {listing.read}, selected {listing.selected}")
     for name, counts in (("by label", listing.by_label), ("by reason", listing.by_reason),
                          ("by model version", listing.by_model_version)):
-        typer.echo(f"{name}: {', '.join(f'{k}: {v}' for k, v in counts.items()) or '-'}")
+        typer.echo(f"{name}: {', '.join(f'{shown(str(k), 40, note=False)}: {v}' for k, v in counts.items()) or '-'}")
 
 
 def export_(**kw: Any) -> None:

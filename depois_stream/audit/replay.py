@@ -35,7 +35,7 @@ from depois_stream.audit.trail import (
 )
 from depois_stream.contract import utc_now_iso
 from depois_stream.filter.clients.kafka_python import check_passthrough, options_for
-from depois_stream.filter.config import MAX_SECONDS, TOPIC_NAME, describe_errors, unknown_env
+from depois_stream.filter.config import MAX_SECONDS, TOPIC_NAME, describe_errors, unknown_env_matches
 from depois_stream.audit.metrics import ReplayMetrics
 
 CLIENT_ID = "depois-replay"
@@ -75,14 +75,18 @@ def shown(text: str, limit: int = ID_CHARS, *, note: bool = True) -> str:
     ambiguous, is written as its Python escape (``\\n``, ``\\x1b``). Past ``limit`` characters
     the text is cut, with its full length noted (``note``) or just an ellipsis (table cells).
     """
-    head = "".join(c if c.isprintable() and c != "\\" else
-                   c.encode("unicode_escape").decode("ascii") for c in text[:limit])
-    if len(head) <= limit and len(text) <= limit:
+    head, used = "", 0
+    for c in text[:limit]:
+        piece = c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii")
+        if len(head) + len(piece) > limit:
+            break
+        head, used = head + piece, used + 1
+    if used == len(text):
         return head
-    return head[:limit] + (f"… ({len(text)} characters)" if note else "…")
+    return head + (f"… ({len(text)} characters)" if note else "…")
 
 
-_RELEASE_ID = re.compile(r"[a-zA-Z0-9._-]{1,249}:[0-9]+:[0-9]+")
+_RELEASE_ID = re.compile(r"[a-zA-Z0-9._-]{1,249}:(0|[1-9][0-9]*):(0|[1-9][0-9]*)")
 
 
 def is_release_id(token: str) -> bool:
@@ -132,16 +136,23 @@ class ReplaySettings(BaseSettings):
         return options_for(client, self.kafka)
 
 
-def unknown_replay_env(environ: Mapping[str, str]) -> list[str]:
-    """``DEPOIS_*`` variables in ``environ`` that set nothing, each with the setting it most
-    likely meant (``unknown_env``, the check `depois-stream run` makes at start-up).
-
-    ``ReplaySettings`` ignores variables it does not know, as pydantic-settings does, so a
-    misspelt one would silently fall back to a default. Replay runs in the stream filter's
-    environment, so `run`'s variables (and the other tools' that it knows) are not unknown here.
+def unknown_replay_env(environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """``DEPOIS_*`` variables in ``environ`` that set nothing (``unknown_env_matches``, the check
+    `depois-stream run` makes at start-up), split in two: those that most likely meant one of
+    replay's own settings, to refuse (a misspelt DEPOIS_CLEAN_TOPIC would send released copies to
+    the default topic), and the rest, to warn about as `run` does (replay runs in the stream
+    filter's environment, where a platform may add variables of its own, such as Kubernetes'
+    service variables for a Service named depois-something).
     """
     own = {f"DEPOIS_{name.upper()}" for name in ReplaySettings.model_fields}
-    return [entry for entry in unknown_env(environ) if entry.split(" ", 1)[0] not in own]
+    refused: list[str] = []
+    warned: list[str] = []
+    for name, close in unknown_env_matches(environ):
+        if name.upper() in own:
+            continue
+        entry = f"{name} (did you mean {close}?)" if close else name
+        (refused if close in own else warned).append(entry)
+    return refused, warned
 
 
 @dataclass(frozen=True)
@@ -308,7 +319,7 @@ def ambiguous_keys(flt: ReplayFilter, chosen: Iterable[QuarantinedRecord]) -> di
     of one ingest record share their release id: that is one sample, not a choice.)"""
     out: dict[str, list[str]] = {}
     for r in chosen:
-        if r.key and r.sample_id in flt.key_ids:
+        if r.sample_id in flt.key_ids:
             rids = out.setdefault(r.sample_id, [])
             if r.release_id not in rids:
                 rids.append(r.release_id)
@@ -692,9 +703,11 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
     plan = plan_release(selected, released_ids(audit))
     failure: ReplayError | None = None
     released = plan.release
-    if not dry_run and plan.release:
+    # built (and size-checked) for a dry run too: it must refuse what the real run would refuse
+    messages = _messages(settings, plan.release, operator, reason) if plan.release else None
+    if not dry_run and messages is not None:
         try:
-            _publish(settings, plan.release, operator, reason)
+            _publish(settings, plan.release, messages)
         except ReleaseIncomplete as exc:
             failure, released = exc, exc.released
     skipped = _group_skips(plan.skipped)
@@ -740,8 +753,41 @@ def _group_skips(skipped: list[tuple[QuarantinedRecord, SkipReason]]
 _RECORD_OVERHEAD = 128
 
 
-def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], operator: str,
-             reason: str) -> None:
+@dataclass(frozen=True)
+class _Messages:
+    """What a release sends: per sample its clean copy and its audit record, and the producer's
+    options they were sized for."""
+
+    copies: list[Message]
+    audits: list[Message]
+    producer_options: dict[str, Any]
+
+
+def _messages(settings: ReplaySettings, records: Sequence[QuarantinedRecord], operator: str,
+              reason: str) -> _Messages:
+    """Every clean copy and audit record of ``records``, built and size-checked before anything
+    is sent (and on a dry run, which must refuse what the real run would): a sample whose audit
+    record cannot be written (a header value the audit schema refuses) or would be too large
+    stops the release here, not after its copy went out."""
+    released_at = utc_now_iso()
+    copies: list[Message] = [(r.key, r.value, release_headers(r, operator, reason, released_at))
+                             for r in records]
+    audits: list[Message] = []
+    for r in records:
+        try:
+            audits.append((r.sample_id.encode("utf-8"), audit_record_for(
+                r, operator, reason, released_at, settings.clean_topic).to_bytes(), []))
+        except ValidationError as exc:
+            raise ReplayError(f"{_named(r)} cannot be audited ({describe_errors(exc)}); "
+                              "nothing was released: leave it out of the selection") from None
+    producer_options = {"delivery_timeout_ms": 60_000, **settings.client_options(KafkaProducer)}
+    _refuse_oversized(records, copies, audits, settings,
+                      int(producer_options.get("max_request_size", 1_048_576)))
+    return _Messages(copies, audits, producer_options)
+
+
+def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord],
+             messages: _Messages) -> None:
     """Chunk by chunk (see ``release_chunks``): the chunk's clean copies, then an audit record
     for each copy the broker acknowledged, then the next chunk.
 
@@ -755,22 +801,7 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
     all copies before any audit record would widen that last state, for a process killed between
     the two phases, to every copy sent; chunks bound it to one chunk.
     """
-    released_at = utc_now_iso()
-    copies: list[Message] = [(r.key, r.value, release_headers(r, operator, reason, released_at))
-                             for r in records]
-    # Built before anything is sent: a sample whose audit record cannot be written (a header
-    # value the audit schema refuses) stops the release here, not after its copy went out.
-    audits: list[Message] = []
-    for r in records:
-        try:
-            audits.append((r.sample_id.encode("utf-8"), audit_record_for(
-                r, operator, reason, released_at, settings.clean_topic).to_bytes(), []))
-        except ValidationError as exc:
-            raise ReplayError(f"{_named(r)} cannot be audited ({describe_errors(exc)}); "
-                              "nothing was released: leave it out of the selection") from None
-    producer_options = {"delivery_timeout_ms": 60_000, **settings.client_options(KafkaProducer)}
-    _refuse_oversized(records, copies, audits, settings,
-                      int(producer_options.get("max_request_size", 1_048_576)))
+    copies, audits, producer_options = messages.copies, messages.audits, messages.producer_options
     wait_s = producer_options["delivery_timeout_ms"] / 1000 + 10
     clean, audited = Sent.nothing(), Sent.nothing()
     with _kafka_errors(settings.bootstrap_servers):
@@ -797,8 +828,8 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord], ope
 
 # How many samples a release sends before it writes their audit records: a process killed in
 # between leaves at most one chunk of copies without audit records (a rerun releases those
-# again). The byte bound keeps a chunk of large records under kafka-python's buffer_memory
-# (32 MB by default), so handing a chunk over never waits for buffer space.
+# again). The byte bound caps what one chunk holds in the client's memory, and what a kill can
+# leave unaudited, when the records are large.
 RELEASE_CHUNK = 100
 RELEASE_CHUNK_BYTES = 16 * 1024 * 1024
 

@@ -258,18 +258,26 @@ OTHER_TOOLS_ENV = frozenset({
 })
 
 
+def unknown_env_matches(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
+    """``DEPOIS_*`` variables that set nothing, each with the known variable it most likely meant
+    (None when none is close). Names compare in upper case: pydantic-settings reads them in any
+    case, so ``depois_clean_topic`` sets something and ``depois_clean_topc`` is a typo."""
+    known = {f"DEPOIS_{name.upper()}" for name in ConsumerConfig.model_fields} | OTHER_TOOLS_ENV
+    out: list[tuple[str, str | None]] = []
+    for name in sorted(k for k in environ if k.upper().startswith("DEPOIS_") and k.upper() not in known):
+        close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+        out.append((name, close[0] if close else None))
+    return out
+
+
 def unknown_env(environ: Mapping[str, str]) -> list[str]:
     """``DEPOIS_*`` variables that set nothing, each with the setting it most likely meant.
 
     pydantic-settings ignores environment variables it does not know, so a misspelt
     ``DEPOIS_VERIFY_SIGNATUR`` would silently serve unsigned models: start-up says so instead.
     """
-    known = {f"DEPOIS_{name.upper()}" for name in ConsumerConfig.model_fields} | OTHER_TOOLS_ENV
-    out = []
-    for name in sorted(k for k in environ if k.startswith("DEPOIS_") and k not in known):
-        close = difflib.get_close_matches(name, sorted(known), n=1)
-        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
-    return out
+    return [f"{name} (did you mean {close}?)" if close else name
+            for name, close in unknown_env_matches(environ)]
 
 
 def describe_errors(exc: ValidationError) -> str:
