@@ -42,7 +42,7 @@ from depois_stream.audit.replay import (
 )
 from depois_stream.contract.model import card_path_for, first_line
 from depois_stream.filter.config import TOPIC_NAME, describe_errors, flag
-from depois_stream.filter.options import command, option, reflow
+from depois_stream.filter.options import command, flags_of, option, reflow
 
 if TYPE_CHECKING:
     from depois_stream.audit.export import RescoreReport
@@ -143,10 +143,7 @@ class Selection(BaseModel):
 
 def _flag_of(field_name: str | None) -> str:
     """The command-line flag of a ``Selection`` field, for its error messages."""
-    info = Selection.model_fields[field_name or ""]
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    flags = extra.get("flags") or (f"--{(field_name or '').replace('_', '-')}",)
-    return str(flags[0])  # type: ignore[index]
+    return flags_of(field_name or "", Selection.model_fields[field_name or ""])[0]
 
 
 # Kafka record timestamps are epoch ms, and a time index lookup refuses negative ones.

@@ -893,10 +893,11 @@ def _incomplete(records: Sequence[QuarantinedRecord], clean: Sent, audited: Sent
         why = audited.first_error or next(iter(audited.unknown.values()), "not sent")
         parts.append(f"RELEASED WITHOUT A CONFIRMED AUDIT RECORD ({why}; "
                      f"a rerun would release them again, write them down): {names(lost_audit, out)}")
-    if clean.failed or clean.unsent:
-        not_out = sorted(set(clean.failed) | set(clean.unsent))
-        why = clean.first_error or "not sent: a release stops at a chunk that did not go out whole"
-        parts.append(f"not released ({why}): {names(not_out, records)}")
+    if clean.failed:
+        parts.append(f"not released ({clean.first_error}): {names(sorted(clean.failed), records)}")
+    if clean.unsent:
+        parts.append("not sent (a release stops at its first failure, a rerun releases them): "
+                     f"{names(sorted(clean.unsent), records)}")
     if clean.unknown:
         why = next(iter(clean.unknown.values()))
         parts.append(f"no definite answer from the broker ({why}), so possibly on "

@@ -30,7 +30,8 @@ def _unwrap_optional(annotation: Any) -> Any:
     return annotation
 
 
-def _flags(name: str, info: FieldInfo) -> tuple[str, ...]:
+def flags_of(name: str, info: FieldInfo) -> tuple[str, ...]:
+    """A settings field's command-line flags: its declared ``flags``, else ``--name``."""
     extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
     return tuple(extra.get("flags") or (f"--{name.replace('_', '-')}",))  # type: ignore[arg-type]
 
@@ -75,7 +76,7 @@ def parameters(model: type[BaseModel], skip: Iterable[str] = (),
             annotation = Optional[kind]
         else:  # pragma: no cover - a new field type needs a rule here
             raise TypeError(f"no command-line rule for {name}: {info.annotation}")
-        option = typer.Option(None, *_flags(name, info), help=help_text, show_default=False)
+        option = typer.Option(None, *flags_of(name, info), help=help_text, show_default=False)
         out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                      annotation=annotation))
     return out
