@@ -760,6 +760,7 @@ class _Messages:
 
     copies: list[Message]
     audits: list[Message]
+    copy_sizes: list[int]  # message_size of each copy: the size check and the chunks read it
     producer_options: dict[str, Any]
 
 
@@ -781,9 +782,10 @@ def _messages(settings: ReplaySettings, records: Sequence[QuarantinedRecord], op
             raise ReplayError(f"{_named(r)} cannot be audited ({describe_errors(exc)}); "
                               "nothing was released: leave it out of the selection") from None
     producer_options = {"delivery_timeout_ms": 60_000, **settings.client_options(KafkaProducer)}
-    _refuse_oversized(records, copies, audits, settings,
+    copy_sizes = [message_size(c) for c in copies]
+    _refuse_oversized(records, copy_sizes, [message_size(a) for a in audits], settings,
                       int(producer_options.get("max_request_size", 1_048_576)))
-    return _Messages(copies, audits, producer_options)
+    return _Messages(copies, audits, copy_sizes, producer_options)
 
 
 def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord],
@@ -808,7 +810,7 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord],
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
                                  client_id=CLIENT_ID, **producer_options)
         try:
-            for part in release_chunks([message_size(c) for c in copies]):
+            for part in release_chunks(messages.copy_sizes):
                 out = _send_all(producer, settings.clean_topic, copies[part.start:part.stop],
                                 wait_s)
                 logged = _send_all(producer, settings.audit_topic,
@@ -922,17 +924,16 @@ def message_size(message: Message) -> int:
                   for k, v in headers))
 
 
-def _refuse_oversized(records: Sequence[QuarantinedRecord], copies: Sequence[Message],
-                      audits: Sequence[Message], settings: ReplaySettings,
+def _refuse_oversized(records: Sequence[QuarantinedRecord], copy_sizes: Sequence[int],
+                      audit_sizes: Sequence[int], settings: ReplaySettings,
                       max_request_size: int) -> None:
     """Refuse the whole release before anything is sent when a clean copy or an audit record
     is larger than the producer will send. The audit record matters as much as the copy: it
     carries the key twice (Kafka key and sample_id), so a long key can fit the copy but not its
     audit record, and a copy out without its audit record is released again by every rerun."""
-    for r, copy, audit in zip(records, copies, audits):
-        for what, topic, message in (("its clean copy", settings.clean_topic, copy),
-                                     ("its audit record", settings.audit_topic, audit)):
-            size = message_size(message)
+    for r, copy_size, audit_size in zip(records, copy_sizes, audit_sizes):
+        for what, topic, size in (("its clean copy", settings.clean_topic, copy_size),
+                                  ("its audit record", settings.audit_topic, audit_size)):
             if size > max_request_size:
                 raise ReplayError(
                     f"{_named(r)}: {what} would be about {size} bytes, over the producer's "
