@@ -358,13 +358,15 @@ def test_the_reader_skips_records_of_aborted_transactions(monkeypatch: pytest.Mo
     (("list", "--partition", "-2"), "--partition"),
     (("list", "--min-score", "nan"), "--min-score"),
     (("release", "--max-score", "nan", "--operator", "a", "--reason", "r"), "--max-score"),
+    (("list", "--min-score", "0.5", "--max-score", "-0.5"), "--min-score"),
 ])
 def test_bad_options_are_one_line_and_exit_2_before_anything_is_read(
         args: tuple[str, ...], flag: str) -> None:
     """Before: tracebacks (negative or huge times, a non-UTF-8 operator, a Pushgateway URL with
     no port number, missing folders) or, for repeated --offsets, a silently narrower read; and
     (F10) a negative --limit printed rows and "... -N more", a negative --label or --partition
-    or a NaN score bound silently selected nothing."""
+    or a NaN score bound silently selected nothing; and a --min-score above --max-score selected
+    nothing after a full read of the topic (swapped bounds are a typo, not a selection)."""
     result = CliRunner().invoke(app, ["replay", *args],
                                 env={"DEPOIS_BOOTSTRAP_SERVERS": "127.0.0.1:1"})
     assert result.exit_code == 2, (result.output, result.exception)

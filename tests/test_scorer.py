@@ -177,6 +177,17 @@ def test_missing_model_says_how_to_get_one(tmp_path: Path) -> None:
         Detector.load(tmp_path / "nope.onnx")
 
 
+def test_a_folder_given_as_the_model_is_named_a_folder_not_missing(tmp_path: Path) -> None:
+    """`depois-train all --out runs/digits` writes runs/digits/model.onnx; a user who passes the
+    folder was told it "does not exist" (the folder is right there)."""
+    (tmp_path / "model.onnx").write_bytes(b"")
+    with pytest.raises(ModelLoadError) as err:
+        Detector.load(tmp_path)
+    text = str(err.value)
+    assert "does not exist" not in text and "is a folder" in text, text
+    assert str(tmp_path / "model.onnx") in text, text
+
+
 def test_missing_card_is_refused_unless_waived(centroid_model: Path, tmp_path: Path) -> None:
     path = _copy_model(centroid_model, tmp_path)
     card_path_for(path).unlink()

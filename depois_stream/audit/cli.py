@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Optional
 from urllib.parse import urlsplit
 
 import typer
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.replay import (
@@ -122,6 +122,14 @@ class Selection(BaseModel):
         if v is not None and math.isnan(v):
             raise ValueError(f"{_flag_of(info.field_name)} must be a number, not nan")
         return v
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> "Selection":
+        """Swapped bounds select nothing, and only after the whole topic was read: a typo."""
+        if self.min_score is not None and self.max_score is not None and self.min_score > self.max_score:
+            raise ValueError(f"--min-score {self.min_score:g} is above --max-score {self.max_score:g}: "
+                             "nothing can match; swap them")
+        return self
 
     def window(self) -> ReadWindow:
         try:

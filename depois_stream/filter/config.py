@@ -281,9 +281,15 @@ def unknown_env(environ: Mapping[str, str]) -> list[str]:
 
 
 def describe_errors(exc: ValidationError) -> str:
-    """A pydantic error as one line: ``setting: problem; ...`` (no URLs, no input dump)."""
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
-                     for e in exc.errors(include_url=False, include_input=False))
+    """A pydantic error as one line: ``setting: problem; ...`` (no URLs, no input dump).
+
+    A validator's own message is a whole sentence that names its flag: pydantic's "Value
+    error, " prefix is dropped, and so is the location of a check across settings (it has none)."""
+    parts = []
+    for e in exc.errors(include_url=False, include_input=False):
+        where, msg = ".".join(str(p) for p in e["loc"]), e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts)
 
 
 def load_config(**overrides: Any) -> ConsumerConfig:

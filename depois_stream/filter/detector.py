@@ -166,10 +166,16 @@ class Detector:
         """
         path = Path(path)
         try:
-            is_file = path.is_file()
+            is_file, is_dir = path.is_file(), path.is_dir()
+            inside = sorted(str(p) for p in path.glob("*.onnx")) if is_dir else []
         except OSError as exc:  # a folder on the way that cannot be searched, say
             raise ModelLoadError(f"model file {path} cannot be read ({exc.strerror or exc})",
                                  "load") from None
+        if is_dir:  # `depois-train all --out DIR` writes DIR/model.onnx: name it
+            found = f" ({', '.join(inside[:3])} in it)" if inside else " (it holds no .onnx file)"
+            raise ModelLoadError(
+                f"model path {path} is a folder{found}: pass the .onnx file that `depois-train "
+                "export-onnx` wrote, its .card.json beside it", "load")
         if not is_file:
             raise ModelLoadError(
                 f"model file {path} does not exist: train and export one with "
