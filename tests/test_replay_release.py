@@ -343,6 +343,31 @@ def test_the_reader_skips_records_of_aborted_transactions(monkeypatch: pytest.Mo
     assert seen["isolation_level"] == "read_uncommitted"  # DEPOIS_KAFKA still decides
 
 
+def test_a_short_read_timeout_also_bounds_the_wait_for_a_broker_that_is_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kafka-python waits 30 s for a first broker whatever DEPOIS_READ_TIMEOUT_S said: a down
+    broker took 30 s to report with a 3 s read timeout. The bootstrap wait is now the shorter of
+    the two, and DEPOIS_KAFKA's own bootstrap_timeout_ms still decides."""
+    import depois_stream.audit.replay as replay_module
+
+    seen: dict[str, object] = {}
+
+    class Consumer:
+        DEFAULT_CONFIG = replay_module.KafkaConsumer.DEFAULT_CONFIG
+
+        def __init__(self, **kwargs: object) -> None:
+            seen.update(kwargs)
+            raise OSError("no broker")
+
+    monkeypatch.setattr(replay_module, "KafkaConsumer", Consumer)
+    for kafka, timeout_s, expected in (({}, 3.0, 3000), ({}, 600.0, 30000),
+                                       ({"bootstrap_timeout_ms": 7000}, 3.0, 7000)):
+        seen.clear()
+        with pytest.raises(Exception):
+            replay_module.read_raw("127.0.0.1:1", "t", kafka=kafka, timeout_s=timeout_s)
+        assert seen["bootstrap_timeout_ms"] == expected, (kafka, timeout_s, seen)
+
+
 # ---------------------------------------------------------------- command line, no broker
 
 @pytest.mark.parametrize("args, flag", [

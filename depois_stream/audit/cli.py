@@ -63,7 +63,8 @@ replay_app = typer.Typer(
         "DEPOIS_BOOTSTRAP_SERVERS, DEPOIS_QUARANTINE_TOPIC, DEPOIS_CLEAN_TOPIC, "
         "DEPOIS_AUDIT_TOPIC (default depois.audit), DEPOIS_KAFKA (JSON, security options) and "
         "DEPOIS_READ_TIMEOUT_S (default 60: how long one read may take to reach a topic's "
-        "end). A DEPOIS_* variable that neither replay nor `run` reads (a misspelt name) is "
+        "end; a broker that does not answer is reported after 30 s of it, or after all of a "
+        "shorter one). A DEPOIS_* variable that neither replay nor `run` reads (a misspelt name) is "
         "refused with exit 2, naming it.\n\n"
         "Exit codes: 0 done; 1 Kafka or a model failed; 2 a flag is wrong."))
 

@@ -572,8 +572,13 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
     offset is a batch base rather than the last offset (Tansu); on Kafka it costs one poll.
     """
     window = window or ReadWindow()
+    kafka = dict(kafka or {})
+    if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:
+        # kafka-python waits this long for a first broker (30 s) before any read can time out.
+        default_ms = KafkaConsumer.DEFAULT_CONFIG["bootstrap_timeout_ms"]
+        kafka.setdefault("bootstrap_timeout_ms", int(min(timeout_s * 1000, default_ms)))
     with _kafka_errors(bootstrap):
-        consumer = _consumer(bootstrap, kafka or {})
+        consumer = _consumer(bootstrap, kafka)
         try:
             parts = _partitions(consumer, bootstrap, topic, missing_hint)
             if window.offsets is not None:
