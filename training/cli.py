@@ -109,10 +109,14 @@ def build_config(values: dict[str, object]):
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = str(err["loc"][0]) if err["loc"] else "?"
+            message = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a check across options: its message names them
+                lines.append(message)
+                continue
+            name = str(err["loc"][0])
             field = FitConfig.model_fields.get(name)
             flag = _flag(name, field) if field else name
-            lines.append(f"invalid {flag.split('/')[0]} {err.get('input')!r}: {err['msg']}")
+            lines.append(f"invalid {flag.split('/')[0]} {err.get('input')!r}: {message}")
         fail(EXIT_USAGE, "; ".join(lines))
 
 
@@ -134,7 +138,7 @@ def preflight(cfg) -> None:
     import numpy as np
 
     from training.crossfit import make_plan
-    from training.data import load_dataset, trusted_split
+    from training.data import fit_data
     from training.torchutil import resolve_device
 
     try:
@@ -143,11 +147,13 @@ def preflight(cfg) -> None:
         fail(EXIT_USAGE, str(exc))
     if cfg.data_dir is not None and not cfg.data_dir.is_dir():
         fail(EXIT_USAGE, f"--data-dir {cfg.data_dir} is not a folder; pass the folder that holds the IDX files")
+    if cfg.data_dir is not None and cfg.dataset == "digits":
+        fail(EXIT_USAGE, "--data-dir does not apply to digits (bundled with scikit-learn); for your own "
+                         "images use --trusted-npz")
     try:
-        splits = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
+        splits, parts = fit_data(cfg)
     except DatasetError as exc:
         fail(EXIT_DATA, str(exc))
-    parts = trusted_split(splits.train, cfg.trusted_fraction, cfg.calibration_fraction, cfg.seed)
     pool_size = len(parts.trusted_train) + len(parts.calibration)
     from training.data import LabeledImages
 

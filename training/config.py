@@ -11,10 +11,12 @@ Fashion-MNIST on 2 CPU cores with one torch thread (measured numbers in docs/eva
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from training.crossfit import CROSSFIT_FOLDS
 from training.evidence import FAMILIES, MEMBERS, families_within
@@ -58,6 +60,16 @@ class FitConfig(BaseModel):
     dataset: str = Field("digits", description="Data set (see `depois-train datasets`).")
     data_dir: Path | None = Field(None, description="Folder with the IDX .gz files (mnist, mnist-5k test, "
                                                     "fashion-mnist).")
+    trusted_npz: Path | None = Field(
+        None, description="Your own trusted pool instead of --dataset: an .npz file with `images` (uint8 0..255 or "
+                          "float in [0, 1], [N, C, H, W] or [N, H, W]) and `labels` (integers 0..K-1, every class "
+                          "present), made e.g. with np.savez('pool.npz', images=x, labels=y). Every sample is "
+                          "trusted (--trusted-fraction does not apply) and exact repeats are dropped; the images' "
+                          "shape and the class count become the model's input contract, the file's name its "
+                          "data set name. Step counts default to Fashion-MNIST's; the cGAN synthesises 4x the "
+                          "pool. Check that the pool covers every style the stream will carry: the boundary is "
+                          "read off it (a small pool: see the calibration warning, then `depois-train "
+                          "recalibrate` on vetted stream samples).")
     download: bool = Field(True, description="Download missing IDX files (--offline: a missing file is an error).",
                            json_schema_extra=_cli("--download/--offline"))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice; CPU runs are reproducible.")
@@ -145,6 +157,28 @@ class FitConfig(BaseModel):
             raise ValueError(f"unknown data set {v!r}; choose one of {', '.join(DATASETS)}")
         return v
 
+    @model_validator(mode="after")
+    def _own_pool_replaces_the_registry(self) -> FitConfig:
+        """--trusted-npz is the whole trusted pool: flags that pick a pool out of a registered
+        data set would be silently ignored, so they are refused."""
+        if self.trusted_npz is not None:
+            clashing = [flag for flag, given in (("--dataset", self.dataset != "digits"),
+                                                 ("--data-dir", self.data_dir is not None),
+                                                 ("--trusted-fraction", self.trusted_fraction != 0.2)) if given]
+            if clashing:
+                raise ValueError(f"{' and '.join(clashing)} choose a pool from a registered data set, and "
+                                 "--trusted-npz is the whole trusted pool: give one or the other")
+        return self
+
+    @property
+    def data_name(self) -> str:
+        """The data set's name in the model card and the model version: the registered name, or
+        the --trusted-npz file's stem (characters a Kafka header or file name would trip on
+        replaced)."""
+        if self.trusted_npz is None:
+            return self.dataset
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.trusted_npz.stem)[:48].strip("-.") or "own"
+
     @field_validator("members", mode="before")
     @classmethod
     def _split_members(cls, v: object) -> object:
@@ -207,7 +241,7 @@ class FitConfig(BaseModel):
         return self.weighting().relative(self.agreements(members))
 
     def steps(self) -> Steps:
-        default = DEFAULT_STEPS.get(self.dataset, DEFAULT_STEPS["fashion-mnist"])
+        default = DEFAULT_STEPS.get(self.dataset if self.trusted_npz is None else "", DEFAULT_STEPS["fashion-mnist"])
         return Steps(
             auth_steps=self.auth_steps or default.auth_steps,
             gan_steps=self.gan_steps or default.gan_steps,

@@ -363,7 +363,7 @@ def model_version(config: FitConfig, weights_sha: str, union: UnionCalibration) 
     h.update(b"union")
     h.update(union_digest(union).encode())
     h.update(union.boundary.to_json().encode())
-    return f"{config.dataset}-seed{config.seed}-{h.hexdigest()[:12]}"
+    return f"{config.data_name}-seed{config.seed}-{h.hexdigest()[:12]}"
 
 
 def build_metadata(config: FitConfig, union: UnionCalibration, shape: tuple[int, int, int], num_classes: int,
@@ -374,7 +374,7 @@ def build_metadata(config: FitConfig, union: UnionCalibration, shape: tuple[int,
         target_fpr=union.target_fpr,
         input_shape=shape,
         num_classes=num_classes,
-        dataset=config.dataset,
+        dataset=config.data_name,
         score_kind="union",
         model_version=model_version(config, sha, union),
         created_at=utc_now_iso(),

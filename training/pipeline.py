@@ -35,7 +35,7 @@ from training.augment import synthesize, train_cgan
 from training.config import FitConfig, Steps
 from training.conformal import fpr_standard_error
 from training.crossfit import make_plan
-from training.data import LabeledImages, load_dataset, trusted_split
+from training.data import LabeledImages, default_synthetic, fit_data
 from training.detector import (
     FittedDetector,
     build_metadata,
@@ -162,8 +162,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
 
     device = resolve_device(cfg.device)
     steps = cfg.steps()
-    splits = load_dataset(cfg.dataset, cfg.data_dir, download=cfg.download)
-    parts = trusted_split(splits.train, cfg.trusted_fraction, cfg.calibration_fraction, cfg.seed)
+    splits, parts = fit_data(cfg)
     pool = LabeledImages(np.concatenate([parts.calibration.images, parts.trusted_train.images]),
                          np.concatenate([parts.calibration.labels, parts.trusted_train.labels]))
     plan = make_plan(pool, parts.calibration, parts.trusted_train, cfg.calibration_fraction, cfg.target_fpr,
@@ -194,7 +193,7 @@ def _fit(cfg: FitConfig, progress: bool) -> FittedDetector:
         lap("authenticator")
         model_data = plan.shipped_training_data()
 
-        n_synthetic = (cfg.n_synthetic if cfg.n_synthetic is not None else len(splits.train) - len(pool))
+        n_synthetic = (cfg.n_synthetic if cfg.n_synthetic is not None else default_synthetic(len(splits.train), len(pool)))
         cgan = train_cgan(model_data, shipped, num_classes, steps.gan_steps, cfg.batch_size, seed + 2, device,
                           cfg.aux_weight, progress)
         lap("cgan")

@@ -115,6 +115,115 @@ class DatasetSplits:
     test: LabeledImages
 
 
+# --------------------------------------------------------------------------- your own .npz
+
+RANGE_TOLERANCE = 1e-3  # float pixels a rounding step outside [0, 1] are clipped, not refused
+
+
+def read_npz(path: str | Path, shape: tuple[int, ...] | None = None,
+             num_classes: int | None = None) -> LabeledImages:
+    """``images`` and ``labels`` of a user's .npz file, in the contract's form.
+
+    One reader, one set of rules, for every place a user hands in arrays (a trusted pool for
+    ``depois-train fit --trusted-npz``, vetted stream samples for ``recalibrate``, samples for
+    ``depois-stream produce --npz``), the rules ``Detector.predict`` applies: images [N, C, H, W]
+    or [N, H, W] (one channel), uint8 0..255 (divided by 255) or float in [0, 1]; labels integers
+    in 0..num_classes-1. ``shape`` and ``num_classes``, when given, are the model's. Anything
+    else is one ``DatasetError`` line naming the file and what to change: a silently rescaled
+    pixel range or a truncated float label would give a detector that flags everything, or
+    nothing, without a word.
+    """
+    path = Path(path)
+    if not path.is_file():  # np.load of a FIFO waits for a writer for ever
+        raise DatasetError(f"{path} is not a file (missing, a folder, a FIFO or a device)")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - empty, truncated, not a zip: one line, whatever numpy raises
+        raise DatasetError(f"cannot read {path} as an .npz file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DatasetError(f"{path} is a single array, not an .npz file with 'images' and 'labels' "
+                           "(np.savez(path, images=..., labels=...))")
+    try:
+        with loaded as npz:
+            if "images" not in npz or "labels" not in npz:
+                raise DatasetError(f"{path} has no 'images' and 'labels' arrays (found: "
+                                   f"{', '.join(npz.files) or 'none'})")
+            images, labels = np.asarray(npz["images"]), np.asarray(npz["labels"])
+    except DatasetError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a member that does not decompress or parse
+        raise DatasetError(f"cannot read {path} ({type(exc).__name__}: {exc})") from None
+    return LabeledImages(*_contract_arrays(path, images, labels, shape, num_classes))
+
+
+def _contract_arrays(path: Path, images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...] | None,
+                     num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if images.ndim == 0 or len(images) == 0:
+        raise DatasetError(f"{path} holds no images")
+    if images.ndim == 3 and (shape is None or shape[0] == 1):
+        images = images[:, None]
+    want = f"[N, {', '.join(map(str, shape))}]" if shape else "[N, C, H, W] or [N, H, W]"
+    channels_last = images.ndim == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
+    if (images.ndim != 4 or (shape is not None and tuple(images.shape[1:]) != tuple(shape))
+            or (shape is None and channels_last)):
+        hint = "; it looks like [N, H, W, C]: np.moveaxis(images, -1, 1)" if channels_last else ""
+        raise DatasetError(f"{path}: images are {images.dtype} {list(images.shape)}, expected {want}{hint}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DatasetError(f"{path}: {len(images)} images but labels of shape {list(labels.shape)} "
+                           "(one integer label per image)")
+    top = f"0..{num_classes - 1}" if num_classes else "0..K-1"
+    if not np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_:
+        raise DatasetError(f"{path}: labels are {labels.dtype}; they must be integers in {top} "
+                           "(map class names or other codes to 0..K-1 first)")
+    if labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes):
+        raise DatasetError(f"{path}: labels must be integers in {top}, got {labels.min()} to {labels.max()}")
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / np.float32(255)
+    elif not np.issubdtype(images.dtype, np.floating):
+        raise DatasetError(f"{path}: images are {images.dtype}; pass uint8 0..255 or float in [0, 1]")
+    images = images.astype(np.float32)
+    finite = bool(np.isfinite(images).all())
+    if not finite or images.min() < -RANGE_TOLERANCE or images.max() > 1 + RANGE_TOLERANCE:
+        got = f"{images.min():g} to {images.max():g}" if finite else "NaN or infinite values"
+        raise DatasetError(f"{path}: float pixel values must be finite and in [0, 1], got {got} (divide "
+                           "by the maximum of your pixel scale, or pass uint8 0..255)")
+    return np.clip(images, 0.0, 1.0), labels.astype(np.int64)
+
+
+def drop_duplicates(data: LabeledImages) -> tuple[LabeledImages, int]:
+    """``data`` without exact repeats of an (image, label) pair, in first-seen order, and how
+    many were dropped. A stream export under at-least-once delivery repeats records; each copy
+    would count as another clean sample, narrowing a quantile that rests on fewer than it says
+    (and exact ties break the export's ONNX/torch parity check)."""
+    if len(data) == 0:
+        return data, 0
+    rows = np.ascontiguousarray(data.images.reshape(len(data), -1))
+    keyed = np.concatenate([rows.view(np.uint8).reshape(len(data), -1),
+                            data.labels.astype(np.int64)[:, None].view(np.uint8)], axis=1)
+    _, first = np.unique(keyed, axis=0, return_index=True)
+    keep = np.sort(first)
+    return data.subset(keep), len(data) - len(keep)
+
+
+def own_dataset(path: str | Path) -> DatasetSplits:
+    """A trusted pool the user brings (``depois-train fit --trusted-npz``): every sample is
+    trusted, exact repeats dropped, the classes are 0..K-1 and each must have a sample (a gap is
+    a label code the detector would learn as a class with no data). No test split: evaluation
+    needs a registered data set."""
+    pool, _ = drop_duplicates(read_npz(path))
+    counts = np.bincount(pool.labels)
+    empty = np.flatnonzero(counts == 0)
+    if len(counts) < 2:
+        raise DatasetError(f"{path}: one class only (label {counts.size - 1}); a label check needs >= 2 classes")
+    if empty.size:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if empty.size > 10 else "")
+        raise DatasetError(f"{path}: labels run 0..{len(counts) - 1} but class {shown} has no sample; "
+                           "number your classes 0..K-1 without gaps")
+    shape = tuple(int(d) for d in pool.images.shape[1:])
+    empty_test = LabeledImages(np.zeros((0, *shape), np.float32), np.zeros(0, np.int64))
+    return DatasetSplits(Path(path).stem, shape, len(counts), pool, empty_test)
+
+
 # --------------------------------------------------------------------------- IDX files
 
 
@@ -139,7 +248,8 @@ def verify_idx_file(path: Path, spec: IdxFile) -> bytes:
     if _md5(raw) != spec.gz_md5 and _md5(payload) != spec.payload_md5:
         raise DatasetError(
             f"md5 mismatch for {path}: got {_md5(raw)}, expected {spec.gz_md5} "
-            f"(file {spec.name} is corrupt or from another data set); delete it and download it again"
+            f"(file {spec.name} is corrupt or from another data set); delete it and download it again "
+            "(to train on your own images: depois-train fit --trusted-npz)"
         )
     return payload
 
