@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 
 from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.replay import (
+    MISSING,
     RELEASE_ID_CHARS,
     QuarantinedRecord,
     Listing,
@@ -30,6 +31,7 @@ from depois_stream.audit.replay import (
     ReleaseReport,
     ReplayFilter,
     ReplaySettings,
+    as_text,
     parse_offsets,
     read_quarantine,
     release,
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+LIST_LIMIT = 50  # `replay list` rows by default; --limit 0 prints all
 
 replay_app = typer.Typer(
     name="replay", no_args_is_help=True, rich_markup_mode=None,
@@ -64,8 +67,9 @@ replay_app = typer.Typer(
         "DEPOIS_AUDIT_TOPIC (default depois.audit), DEPOIS_KAFKA (JSON, security options) and "
         "DEPOIS_READ_TIMEOUT_S (default 60: how long one read may take to reach a topic's "
         "end; a broker that does not answer is reported after 30 s of it, or after all of a "
-        "shorter one). A DEPOIS_* variable that neither replay nor `run` reads (a misspelt name) is "
-        "refused with exit 2, naming it.\n\n"
+        "shorter one). A DEPOIS_* variable that neither replay nor `run` reads is refused with "
+        "exit 2 when it most likely meant one of replay's own settings (a misspelt name: the "
+        "error names it and the setting it meant); any other one gets a warning on stderr.\n\n"
         "Exit codes: 0 done; 1 Kafka or a model failed; 2 a flag is wrong."))
 
 
@@ -76,7 +80,8 @@ class Selection(BaseModel):
         "Kafka bootstrap servers (default: $DEPOIS_BOOTSTRAP_SERVERS)."))
     topic: str | None = Field(None, pattern=TOPIC_NAME, description=(
         "Topic to read (default: the quarantine topic). Point it at the dead-letter topic to "
-        "list or export undecodable records; they cannot be released."))
+        "list or export undecodable records. For list and export only: release and rescore "
+        "refuse any topic but the quarantine topic (exit 2)."))
     since: str | None = Field(None, description=(
         "Only records at or after this time: ISO-8601 (2026-11-25T10:00:00Z) or epoch ms."))
     until: str | None = Field(None, description=(
@@ -206,6 +211,27 @@ def _settings(sel: Selection) -> ReplaySettings:
     return settings
 
 
+def foreign_topic_problem(command_name: str, topic: str | None, quarantine_topic: str) -> str | None:
+    """Why ``command_name`` (release or rescore) refuses ``--topic topic``, or ``None``.
+
+    Only list and export read other topics (docs/replay.md). Release publishes quarantine
+    verdicts only: pointed at the dead-letter topic it read everything, skipped every record as
+    not_quarantined and exited 0, as if a release had been asked for and done. Rescore of a
+    dead letter only counts it undecodable. Refused before anything is read.
+    """
+    if topic is None or topic == quarantine_topic:
+        return None
+    return (f"{command_name} works on the quarantine topic ({quarantine_topic}) only, not "
+            f"--topic {topic}: --topic is for `replay list` and `replay export` (dead letters "
+            "are never released or rescored); leave --topic out")
+
+
+def _refuse_foreign_topic(command_name: str, sel: Selection, settings: ReplaySettings) -> None:
+    problem = foreign_topic_problem(command_name, sel.topic, settings.quarantine_topic)
+    if problem is not None:
+        _fail(problem, EXIT_USAGE)
+
+
 def _read(sel: Selection, settings: ReplaySettings) -> tuple[int, list[QuarantinedRecord]]:
     window, flt = sel.window(), sel.filter()
     try:
@@ -245,7 +271,7 @@ def _publish(metrics: ReplayMetrics, action: str, kw: dict[str, Any]) -> None:
 
 
 def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
+    return MISSING if x is None else f"{x:.4g}"
 
 
 AS_JSON = option("as_json", bool, False, "--json", help="Print one JSON document instead of text.")
@@ -278,7 +304,10 @@ def list_(**kw: Any) -> None:
     samples with the same key apart; release takes it in --id), claimed label, score and the
     boundary it was compared with, reason code, model version, the original ingest record
     (SOURCE partition:offset) and the quarantine record (AT partition:offset) with its time.
-    Nothing is written anywhere; whatever a producer wrote is printed escaped and cut.
+    Nothing is written anywhere; whatever a producer wrote is printed escaped, long keys cut
+    (reason codes and model versions whole, to copy into --reason-code and --model-version).
+    At most --limit rows (50 by default, 0 for all); when rows are left out, a line after the
+    table and the totals line say how many.
     """
     sel = _split(kw)
     if kw["limit"] < 0:
@@ -295,26 +324,55 @@ def _print_listing(listing: Listing, as_json: bool, limit: int) -> None:
     if as_json:
         typer.echo(listing.model_dump_json(indent=2))
         return
-    # Every text column can hold what a producer wrote: escaped and cut by ``shown``.
-    typer.echo(f"{'ID':<24} {'RELEASE ID':<30} {'LABEL':>5} {'SCORE':>10} {'BOUNDARY':>10} "
-               f"{'REASON':<15} {'MODEL':<18} {'SOURCE':>10} {'AT':>10}  TIME")
-    for r in listing.records[:limit]:
-        src = f"{r.source.partition}:{r.source.offset}" if r.source else "-"
+    typer.echo("\n".join(listing_lines(listing, limit)))
+
+
+def rows_left_out(selected: int, limit: int) -> int:
+    """How many selected rows a table of at most ``limit`` rows leaves out (``limit`` 0: none)."""
+    return 0 if limit == 0 else max(selected - limit, 0)
+
+
+def _when(ms: int | None) -> str:
+    return (datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            if ms and ms > 0 else MISSING)
+
+
+def listing_lines(listing: Listing, limit: int) -> list[str]:
+    """The text of `replay list`: the table (at most ``limit`` rows, 0 for all) and its totals.
+
+    Every text cell can hold what a producer wrote, so it goes through ``shown`` (escaped). Keys
+    are cut to keep the table narrow (the release id beside them is whole, and --id takes it);
+    reason codes and model versions are what --reason-code and --model-version take, so they are
+    shown whole (only text longer than any real code or version, ``ID_CHARS``, is cut, with its
+    length noted). Those columns and the release id's are as wide as their widest cell, so the
+    columns after them stay in line. Rows left out are counted twice: after
+    the table, and on the totals line, the one a reader of a long table or of `| grep` sees.
+    """
+    rows = listing.records if limit == 0 else listing.records[:limit]
+    rids = [shown(r.release_id, RELEASE_ID_CHARS) for r in rows]
+    reasons = [shown(r.reason) for r in rows]
+    models = [shown(as_text(r.model_version)) for r in rows]
+    iw = max([30, *map(len, rids)])  # 30 holds the usual ones: depois.ingest:11:123456789
+    rw = max([len("REASON"), *map(len, reasons)])
+    mw = max([len("MODEL"), *map(len, models)])
+    lines = [f"{'ID':<24} {'RELEASE ID':<{iw}} {'LABEL':>5} {'SCORE':>10} {'BOUNDARY':>10} "
+             f"{'REASON':<{rw}} {'MODEL':<{mw}} {'SOURCE':>10} {'AT':>10}  TIME"]
+    for r, rid, reason, model in zip(rows, rids, reasons, models):
+        src = f"{r.source.partition}:{r.source.offset}" if r.source else MISSING
         at = f"{r.quarantine.partition}:{r.quarantine.offset}"
-        ms = r.quarantine.timestamp_ms
-        when = (datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-                if ms and ms > 0 else "-")
-        typer.echo(f"{shown(r.id, 23, note=False):<24} "
-                   f"{shown(r.release_id, RELEASE_ID_CHARS):<30} {str(r.label):>5} "
-                   f"{_fmt(r.score):>10} {_fmt(r.boundary):>10} "
-                   f"{shown(r.reason, 14, note=False):<15} "
-                   f"{shown(str(r.model_version), 17, note=False):<18} {src:>10} {at:>10}  {when}")
-    if listing.selected > limit:
-        typer.echo(f"... {listing.selected - limit} more (raise --limit or use --json)")
-    typer.echo(f"\nread {listing.read}, selected {listing.selected}")
+        lines.append(f"{shown(r.id, 23, note=False):<24} {rid:<{iw}} {as_text(r.label):>5} "
+                     f"{_fmt(r.score):>10} {_fmt(r.boundary):>10} {reason:<{rw}} {model:<{mw}} "
+                     f"{src:>10} {at:>10}  {_when(r.quarantine.timestamp_ms)}")
+    left_out = rows_left_out(listing.selected, limit)
+    if left_out:
+        lines.append(f"... {left_out} more not shown (--limit {limit}): --limit 0 shows all, "
+                     "--json prints every record")
+    lines.append(f"\nread {listing.read}, selected {listing.selected}"
+                 + (f", shown {len(rows)} (--limit 0 shows all)" if left_out else ""))
     for name, counts in (("by label", listing.by_label), ("by reason", listing.by_reason),
                          ("by model version", listing.by_model_version)):
-        typer.echo(f"{name}: {', '.join(f'{shown(str(k), 40, note=False)}: {v}' for k, v in counts.items()) or '-'}")
+        lines.append(f"{name}: {', '.join(f'{shown(k)}: {v}' for k, v in counts.items()) or MISSING}")
+    return lines
 
 
 def export_(**kw: Any) -> None:
@@ -370,7 +428,9 @@ def rescore_(**kw: Any) -> None:
     problem = model_file_problem(kw["model"])
     if problem is not None:
         _fail(problem, EXIT_USAGE)
-    _, chosen = _read(sel, _settings(sel))
+    settings = _settings(sel)
+    _refuse_foreign_topic("rescore", sel, settings)
+    _, chosen = _read(sel, settings)
     try:
         detector = Detector.load(kw["model"], device=kw["device"],
                                  public_key=kw["verify_signature"],
@@ -435,7 +495,8 @@ def release_(**kw: Any) -> None:
     Skipped, and reported: samples already released (found on the audit topic; a second run
     publishes nothing), records released before (replay_count >= 1), records that are not
     quarantine verdicts, records without a value, and a second quarantine copy of the same
-    ingest record. The clean and audit topics must exist (exit 1 otherwise).
+    ingest record. The clean and audit topics must exist (exit 1 otherwise). Only the
+    quarantine topic is released from: --topic naming another is refused (exit 2).
     """
     sel = _split(kw)
     try:
@@ -448,6 +509,7 @@ def release_(**kw: Any) -> None:
               "run `replay list` with the same options first to see what it selects",
               code=EXIT_USAGE)
     settings = _settings(sel)
+    _refuse_foreign_topic("release", sel, settings)
     _, chosen = _read(sel, settings)
     try:
         require_unambiguous_keys(sel.filter(), chosen)
@@ -465,6 +527,21 @@ def release_(**kw: Any) -> None:
     _publish(metrics, "release", kw)
 
 
+def samples_named_once(sample_ids: list[str], release_ids: list[str]) -> list[str]:
+    """Each sample of a report list once, as "key (release id)", in first-seen order, with its
+    number of copies when the list holds more than one record of it.
+
+    The lists are per quarantine record, and at-least-once delivery can put two copies of one
+    ingest record on the quarantine topic: named once per record, a release run again named the
+    one sample twice ("already_released: k (in:0:7), k (in:0:7)"), which reads as two samples.
+    """
+    copies: dict[tuple[str, str], int] = {}
+    for pair in zip(sample_ids, release_ids):
+        copies[pair] = copies.get(pair, 0) + 1
+    return [f"{shown(sid)} ({shown(rid, RELEASE_ID_CHARS)}"
+            + (f", {n} copies)" if n > 1 else ")") for (sid, rid), n in copies.items()]
+
+
 def _print_release(report: ReleaseReport, as_json: bool, dry_run: bool,
                    settings: ReplaySettings) -> None:
     if as_json:
@@ -477,18 +554,17 @@ def _print_release(report: ReleaseReport, as_json: bool, dry_run: bool,
     for sid, rid in zip(report.released, report.release_ids):
         typer.echo(f"  {shown(sid)}  {shown(rid, RELEASE_ID_CHARS)}")
     for why, skipped in report.skipped.items():
-        named = [f"{shown(sid)} ({shown(rid, RELEASE_ID_CHARS)})" for sid, rid in
-                 zip(skipped[:20], report.skipped_release_ids[why])]
-        typer.echo(f"skipped {len(skipped)} ({why}): {', '.join(named)}"
-                   + (" ..." if len(skipped) > 20 else ""))
+        named = samples_named_once(skipped, report.skipped_release_ids[why])
+        typer.echo(f"skipped {len(skipped)} ({why}): {', '.join(named[:20])}"
+                   + (" ..." if len(named) > 20 else ""))
     if report.unreadable_audit_records:
         typer.echo(f"warning: {report.unreadable_audit_records} unreadable record(s) on "
                    f"{settings.audit_topic} were ignored", err=True)
 
 
 _register("list", list_,
-          option("limit", int, 50, "--limit", help="Print at most this many rows, 0 or more (the "
-                 "totals count all)."), AS_JSON, *OUTPUTS)
+          option("limit", int, LIST_LIMIT, "--limit", help="Print at most this many rows; 0 "
+                 "prints all of them (the totals always count all)."), AS_JSON, *OUTPUTS)
 _register("export", export_,
           option("out", Optional[Path], None, "--out", help="Folder to write: new (created) or "
                  "empty; default ./replay-export-<UTC time>."), *OUTPUTS)

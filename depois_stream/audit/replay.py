@@ -421,9 +421,19 @@ class Listing(BaseModel):
     by_model_version: dict[str, int]
 
 
+# What a listing shows for a header a record lacks (a dead letter has no label, score or model):
+# the same dash in the table, its totals and their JSON keys, never Python's "None".
+MISSING = "-"
+
+
+def as_text(value: object) -> str:
+    """``value`` as a listing shows it: ``MISSING`` for a header the record lacks."""
+    return MISSING if value is None else str(value)
+
+
 def summarize(read: int, chosen: Sequence[QuarantinedRecord]) -> Listing:
     def count(values: Iterable[object]) -> dict[str, int]:
-        return dict(sorted(Counter(str(v) for v in values).items()))
+        return dict(sorted(Counter(as_text(v) for v in values).items()))
 
     return Listing(
         records=[ListedRecord(id=r.sample_id, release_id=r.release_id, label=r.label,

@@ -42,6 +42,10 @@ class QuarantineRow(BaseModel):
     truly_poisoned: bool
 
 
+# The command the demo's last line names to see every quarantined record: `replay list` alone
+# prints its first 50 rows.
+REPLAY_LIST_ALL = "depois-stream replay list --limit 0"
+
 # Series worth showing after a run; histograms and per-partition gauges stay on /metrics.
 EXCERPT_PREFIXES = ("depois_records_consumed_total", "depois_records_routed_total",
                     "depois_dead_lettered_total", "depois_quarantined_by_label_total",
@@ -205,7 +209,7 @@ def render(result: DemoResult, cfg: ConsumerConfig, attack: str, rate: float) ->
         # The demo's broker is in memory and stops with it: point at a broker that stays up.
         lines.append(f"  model version {result.quarantine_rows[0].model_version}; the demo's "
                      "broker stopped with it: against one that stays up (README, \"Using it\") "
-                     "`depois-stream replay list` shows them all")
+                     f"`{REPLAY_LIST_ALL}` shows them all")
     if result.metrics_excerpt:
         lines += ["", "consumer metrics (non-zero counters at exit):"]
         lines += [f"  {line}" for line in result.metrics_excerpt]
