@@ -52,6 +52,8 @@ def test_settings_a_client_library_would_crash_on_are_refused(
     ("probe_interval_s: .inf\n", "probe_interval_s"),
     ("session_timeout_ms: 2147483648\n", "session_timeout_ms"),
     ("client: kafka-python\nkafka: {max_request_size: abc}\n", "max_request_size"),
+    # librdkafka names it message.max.bytes; the user wrote kafka-python's name (stop 42)
+    ("client: confluent-kafka\nkafka: {max_request_size: abc}\n", "max_request_size"),
     ("client: kafka-python\nkafka: {security_protocol: BOGUS}\n", "security_protocol"),
     ("client: confluent-kafka\ndelivery_timeout_ms: 2147483648\n", "delivery_timeout_ms"),
 ])

@@ -84,6 +84,13 @@ def translate(options: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _as_given(options: Mapping[str, Any], error: str) -> str:
+    """`` (given as NAME)`` when librdkafka's error names a property the user set under its
+    kafka-python name (``max_request_size`` is ``message.max.bytes`` to librdkafka), else ''."""
+    given = [name for name, dotted in TRANSLATE.items() if name in options and f'"{dotted}"' in error]
+    return f" (given as {given[0]})" if given else ""
+
+
 def _flag(name: str, value: Any) -> bool:
     """A boolean option's value; anything unclear is refused rather than read as false (for a
     security check, a typo must not turn it off)."""
@@ -443,12 +450,17 @@ class ConfluentProducer:
         self._guard = TransactionGuard("librdkafka", s.stopping)
 
     def partition_count(self, topic: str) -> int:
+        # The metadata of all topics: asking for this one lets a broker that creates topics on
+        # first mention (Tansu always, Apache Kafka by default) create a mistyped output topic
+        # that nobody reads.
         try:
-            meta = self._p.list_topics(topic, timeout=10)
+            meta = self._p.list_topics(timeout=10)
         except KafkaException as exc:
             raise _exc(exc, f"metadata of {topic!r}") from exc
         info = meta.topics.get(topic)
-        if info is None or info.error is not None or not info.partitions:
+        if info is None:
+            raise ClientError(f"topic {topic!r} does not exist", retriable=False)
+        if info.error is not None or not info.partitions:
             raise ClientError(f"topic {topic!r} is not available"
                               + (f" ({info.error.str()})" if info and info.error else ""),
                               retriable=True)
@@ -575,6 +587,7 @@ class ConfluentClient:
                           "heartbeat.interval.ms": 100} if make is Consumer else {})
                 handle = make({**only(conf), **extra, "logger": logging.getLogger("check")})
             except KafkaException as exc:
-                raise ValueError(f"librdkafka refuses the options: {exc.args[0].str()}") from None
+                raise ValueError(f"librdkafka refuses the options: {exc.args[0].str()}"
+                                 f"{_as_given(options, exc.args[0].str())}") from None
             if make is Consumer:
                 handle.close()

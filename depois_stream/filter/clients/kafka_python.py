@@ -346,8 +346,12 @@ class KafkaPythonProducer:
             **extra, **options)
         self._reported = threading.Event()
         self._guard = TransactionGuard(NAME, s.stopping)
+        self._settings = s
+        self._topics: set[str] | None = None
 
     def partition_count(self, topic: str) -> int:
+        if topic not in self._existing_topics():
+            raise ClientError(f"topic {topic!r} does not exist", retriable=False)
         try:
             parts = self._p.partitions_for(topic)
         except KafkaError as exc:
@@ -355,6 +359,25 @@ class KafkaPythonProducer:
         if not parts:
             raise ClientError(f"topic {topic!r} has no partitions", retriable=True)
         return len(parts)
+
+    def _existing_topics(self) -> set[str]:
+        """Every topic's name, from one metadata request for all topics (read once: start-up).
+
+        ``partitions_for`` asks for the one topic, and a broker that creates topics on first
+        mention (Tansu always, Apache Kafka by default) then creates a mistyped output topic
+        that nobody reads; a request for all topics creates nothing."""
+        if self._topics is None:
+            s = self._settings
+            try:
+                admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-topics",
+                                         **options_for(KafkaAdminClient, s.options))
+                try:
+                    self._topics = set(admin.list_topics())
+                finally:
+                    admin.close()
+            except KafkaError as exc:
+                raise _error(exc) from exc
+        return self._topics
 
     def send(self, topic: str, partition: int, key: bytes | None, value: bytes | None,
              headers: Sequence[Header], on_done: DeliveryCallback) -> None:
