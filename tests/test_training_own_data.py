@@ -162,3 +162,16 @@ def test_all_trains_exports_and_scores_an_own_pool_of_another_shape(tmp_path: Pa
     flipped = det.predict(images[held], (labels[held] + 1) % 3)
     assert clean.poisoned.mean() < 0.1, clean.poisoned.mean()
     assert flipped.poisoned.mean() > 0.8, flipped.poisoned.mean()
+
+
+def test_fit_names_the_classes_too_rare_for_their_false_alarms_to_be_held() -> None:
+    """A 101-image digits pool realised 22 % false alarms on its class of 2 trusted images, and
+    no warning said which classes (stop 42's review)."""
+    from training.pipeline import RARE_CLASS_SAMPLES, rare_class_warning
+
+    assert rare_class_warning(np.full(10, RARE_CLASS_SAMPLES)) is None
+    text = rare_class_warning(np.array([9, 7, 12, 7, 10, 9, 16, 2, 18, 11]))
+    assert text is not None and text.startswith("5 classes with fewer than 10")
+    for named in ("class 0 (9)", "class 1 (7)", "class 7 (2)"):
+        assert named in text, text
+    assert "class 2 (" not in text and "class 4 (" not in text
