@@ -26,7 +26,8 @@ def _records(partition: int, start: int, n: int) -> RecordBatch:
 
 
 class ScriptedConsumer:
-    """Plays one step per poll: a RecordBatch, ("revoke", [tps]) or ("assign", [tps])."""
+    """Plays one step per poll: a RecordBatch, ("revoke", [tps]), ("lost", [tps]) or ("assign",
+    [tps]) (optionally with a RecordBatch the same poll returns)."""
 
     def __init__(self, steps: list) -> None:
         self.steps = list(steps)
@@ -42,17 +43,23 @@ class ScriptedConsumer:
         step = self.steps.pop(0)
         if isinstance(step, RecordBatch):
             return step
-        kind, tps = step
-        on_assign, on_revoke, _ = self._cb
+        kind, tps, *fetched = step  # ("assign", tps, batch): records fetched in the same poll
+        on_assign, on_revoke, on_lost = self._cb
         if kind == "revoke":
             on_revoke(tps)
+        elif kind == "lost":
+            on_lost(tps)
         else:
             for tp, off in on_assign(tps).items():
                 self.seeks.append((tp, off))
-        return RecordBatch.empty(TOPIC)
+        return fetched[0] if fetched else RecordBatch.empty(TOPIC)
 
     def seek(self, tp, offset) -> None:
         self.seeks.append((tp, offset))
+
+    def committed(self, tps, timeout_s: float) -> dict:
+        """The group's committed offsets: none, unless a test sets ``group``."""
+        return {tp: getattr(self, "group", {}).get(tp) for tp in tps}
 
     def pause(self, tps) -> None:
         pass
@@ -112,6 +119,58 @@ def test_a_hand_back_is_only_for_the_assignment_that_follows_the_revocation():
     for _ in range(4):
         source.next_batch()
     assert consumer.seeks == []
+
+
+def test_a_lost_partition_that_comes_back_resumes_at_the_groups_commit_if_another_member_went_further():
+    """A kafka-python member frozen past its session (SIGSTOP 15 s) got its partition back after
+    the other member had filtered and committed 7,000 records past its hand-back, and filtered
+    them all again (a chaos run, stop 42; in exactly-once mode too)."""
+    consumer = ScriptedConsumer([("assign", [P0]), _records(0, 0, 10)])
+    source = _source(consumer)
+    source.next_batch()
+    assert source.next_batch().offsets.tolist() == list(range(10))  # handed on; commit pending
+    consumer.steps = [("lost", [P0])]
+    source.next_batch()
+    consumer.group = {P0: 7010}  # meanwhile another member filtered 10..7009 and committed
+    # the assignment seeks to the hand-back (10); what the client fetched from there in the
+    # same poll must not be handed on
+    consumer.steps = [("assign", [P0], _records(0, 10, 5)), _records(0, 7010, 3)]
+    handed = [source.next_batch() for _ in range(3)]
+    assert consumer.seeks == [(P0, 10), (P0, 7010)]
+    assert [o for b in handed for o in b.offsets.tolist()] == [7010, 7011, 7012]
+
+
+def test_a_hand_back_ahead_of_the_groups_commit_stands():
+    """Nobody else filtered the partition: the commit lags the records this member handed on,
+    and resuming at the commit would filter them twice; at the hand-back nothing is skipped."""
+    consumer = ScriptedConsumer([("assign", [P0]), _records(0, 0, 10)])
+    source = _source(consumer)
+    source.next_batch()
+    source.next_batch()
+    consumer.group = {P0: 4}
+    consumer.steps = [("lost", [P0]), ("assign", [P0]), _records(0, 10, 5)]
+    handed = [source.next_batch() for _ in range(3)]
+    assert consumer.seeks == [(P0, 10)]
+    assert [o for b in handed for o in b.offsets.tolist()] == [10, 11, 12, 13, 14]
+
+
+def test_an_unreadable_commit_keeps_the_hand_back():
+    """The broker does not answer the commit read: nothing may be skipped, so the hand-back
+    stands (records may be filtered twice)."""
+    from depois_stream.filter.clients.base import ClientError
+
+    class Unanswered(ScriptedConsumer):
+        def committed(self, tps, timeout_s: float) -> dict:
+            raise ClientError("no answer", retriable=True)
+
+    consumer = Unanswered([("assign", [P0]), _records(0, 0, 10)])
+    source = _source(consumer)
+    source.next_batch()
+    source.next_batch()
+    consumer.steps = [("lost", [P0]), ("assign", [P0]), _records(0, 10, 2)]
+    handed = [source.next_batch() for _ in range(3)]
+    assert consumer.seeks == [(P0, 10)]
+    assert [o for b in handed for o in b.offsets.tolist()] == [10, 11]
 
 
 class _StallingConsumer(ScriptedConsumer):
