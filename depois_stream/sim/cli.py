@@ -10,18 +10,26 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 
 from depois_stream.filter.cli import EXIT_STARTUP, fail, stop_on_signals
 from depois_stream.filter.options import parse_pairs
 
+if TYPE_CHECKING:
+    from depois_stream.sim.broker import LocalBroker
+
 DEFAULT_TOPICS = ["depois.ingest", "depois.clean", "depois.quarantine", "depois.dlq",
                   "depois.audit"]
 # What produce decides itself; the rest of --kafka passes through to kafka-python's producer.
 _PRODUCE_OWNED = frozenset({"bootstrap_servers", "acks", "client_id", "linger_ms",
                             "key_serializer", "value_serializer"})
+
+# Exit codes of both commands, as their --help states them.
+EXIT_FAILED = 1  # produce: Kafka did not take the records; broker: Tansu died while serving
+EXIT_USAGE = EXIT_STARTUP  # 2: a flag or the data is wrong, or the broker could not start
+BROKER = "depois-stream broker"
 
 
 class AttackChoice(str, Enum):
@@ -59,7 +67,8 @@ def produce(
     split: SplitChoice = typer.Option(SplitChoice.test, help="Which split of the named data set to publish."),
     npz: Optional[Path] = typer.Option(
         None, exists=True, dir_okay=False, help="Publish this .npz instead of a named data set: arrays "
-        "`images` ([N, C, H, W] or [N, H, W], float in [0, 1] or uint8) and `labels` ([N] ints)."),
+        "`images` ([N, C, H, W] or [N, H, W], float in [0, 1] or uint8 0..255) and `labels` ([N] "
+        "integers 0..K-1), the rules the filter applies; any other file is refused (exit 2)."),
     data_dir: Optional[Path] = typer.Option(None, help="Where the named data set's files are."),
     attack: AttackChoice = typer.Option(
         AttackChoice.none, help="Poison the stream with this numpy attack before publishing."),
@@ -87,26 +96,37 @@ def produce(
     Example: poison 20 % of the digits test split by random label flips, add six invalid records:
 
     depois-stream produce --attack random-flip --rate 0.2 --malformed 6 --manifest m.json
+
+    Exit codes: 0 published; 1 Kafka did not take every record (unreachable broker, refused
+    send); 2 a flag or the data is wrong (--kafka or --bootstrap-servers malformed, an unknown
+    or missing data set, an --npz file the filter would refuse, an attack the data cannot take),
+    nothing sent. Each failure is one line on stderr.
     """
     from kafka.errors import KafkaError
 
     from depois_stream.filter.clients.kafka_python import check_passthrough
+    from depois_stream.sim.datasets import DatasetError
     from depois_stream.sim.producer import attack_by_name, load_samples, produce as publish
 
+    program = "depois-stream produce"
     options = parse_pairs("kafka", kafka)
     try:  # before loading anything: a bad flag must not cost a data set load first
         check_passthrough(options or {}, _PRODUCE_OWNED, "are set by produce itself")
     except ValueError as exc:
-        raise fail("depois-stream produce", f"--kafka: {exc}", EXIT_STARTUP) from None
-    try:
+        raise fail(program, f"--kafka: {exc}", EXIT_USAGE) from None
+    try:  # the data before Kafka: a file the filter would refuse is never half-published
         data = load_samples(dataset, split.value, npz=npz, data_dir=data_dir)
+    except DatasetError as exc:
+        raise fail(program, str(exc), EXIT_USAGE) from None
+    try:
         chosen = None if attack is AttackChoice.none else attack_by_name(attack.value, data.num_classes)
         sent = publish(bootstrap_servers, topic, data, attack=chosen, rate=rate, seed=seed,
                        encoding=encoding.value, dtype=dtype.value, malformed=malformed, limit=limit,
                        partitions=partitions, kafka=options)
-    except (ValueError, RuntimeError, OSError, KafkaError) as exc:
-        typer.echo(f"depois-stream produce: {exc}", err=True)
-        raise typer.Exit(1) from None
+    except ValueError as exc:  # an attack the data cannot take, a bootstrap address that does not parse
+        raise fail(program, str(exc), EXIT_USAGE) from None
+    except (RuntimeError, OSError, KafkaError) as exc:
+        raise fail(program, str(exc), EXIT_FAILED) from None
     typer.echo(f"sent {sent.sent} records to {topic}: {sent.samples} samples from {sent.source}, "
                f"{len(sent.poisoned_ids)} poisoned ({sent.attack or 'no attack'}), "
                f"{len(sent.malformed)} malformed")
@@ -115,30 +135,80 @@ def produce(
 
 
 def broker(
-    port: int = typer.Option(0, help="Loopback port to listen on (0 = a free one)."),
+    port: int = typer.Option(
+        0, min=0, max=65535, help="Loopback port to listen on (0 = a free one). A port in use is "
+        "refused (exit 2): pick another and give the same address to the other commands."),
     create_topics: bool = typer.Option(
         True, "--create-topics/--no-create-topics",
         help="Create the default depois.* topics at start (Tansu cannot add partitions later)."),
     partitions: int = typer.Option(
         1, min=1, help="Partitions per created topic (= max consumers that share the work)."),
     log_file: Optional[Path] = typer.Option(
-        None, help="Where the broker's own log goes (default: discarded)."),
+        None, help="Where the broker's own log goes (default: a temporary file, removed on stop "
+        "unless an error names it)."),
 ) -> None:
-    """Run the in-memory Tansu broker on 127.0.0.1 until Ctrl-C/SIGTERM (data is lost on stop)."""
-    from depois_stream.sim.broker import BrokerError, LocalBroker, create_topics as create
+    """Run the in-memory Tansu broker on 127.0.0.1 until Ctrl-C/SIGTERM (data is lost on stop).
+
+    It prints `bootstrap: 127.0.0.1:PORT` once the broker serves, and watches it after that.
+
+    Exit codes: 0 stopped by Ctrl-C/SIGTERM; 1 Tansu exited while serving; 2 could not start
+    (Tansu not installed, the port in use, Tansu exited at start-up, the topics not created).
+    Each failure is one line on stderr, naming Tansu's log where it has something to say.
+    """
+    from depois_stream.sim.broker import BrokerError
 
     stop = stop_on_signals()
+    local = _start_broker(port, log_file, create_topics, partitions)
     try:
-        local = LocalBroker(port=port or None, log_path=log_file).start()
-    except BrokerError as exc:
-        raise fail("depois-stream broker", str(exc), EXIT_STARTUP) from None
-    try:
-        if create_topics:
-            create(local.bootstrap, DEFAULT_TOPICS, partitions=partitions)
         typer.echo(f"bootstrap: {local.bootstrap}")
         sys.stdout.flush()
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(0.5):  # an address printed for a dead broker sends every later
+            local.check_alive()     # command to whatever holds the port now
+    except BrokerError as exc:
+        raise fail(BROKER, str(exc), EXIT_FAILED) from None
     finally:
         local.stop()
     typer.echo("broker stopped")
+
+
+def _start_broker(port: int, log_file: Optional[Path], create_topics: bool,
+                  partitions: int) -> LocalBroker:
+    """Start Tansu and create the topics, or stop it and exit 2 with one line: the broker is
+    announced only once it serves, never a port that another process holds."""
+    from kafka.errors import KafkaError
+
+    from depois_stream.sim.broker import (
+        BrokerError, LocalBroker, PortInUse, create_topics as create,
+    )
+
+    try:
+        local = LocalBroker(port=port or None, log_path=log_file).start()
+    except PortInUse as exc:
+        raise fail(BROKER, f"{exc}; pick another with --port PORT (0 = a free one)",
+                   EXIT_USAGE) from None
+    except BrokerError as exc:
+        raise fail(BROKER, str(exc), EXIT_USAGE) from None
+    try:
+        if create_topics:
+            create(local.bootstrap, DEFAULT_TOPICS, partitions=partitions)
+        local.check_alive()
+    except (BrokerError, KafkaError) as exc:
+        raise fail(BROKER, _start_failure(local, exc), EXIT_USAGE) from None
+    return local
+
+
+def _start_failure(local: LocalBroker, exc: Exception) -> str:
+    """What to say when the topics could not be created: Tansu's exit explains a Kafka error
+    better than the error does; stops the broker either way."""
+    from depois_stream.sim.broker import BrokerError
+
+    try:
+        local.check_alive()
+        message = str(exc) if isinstance(exc, BrokerError) else (
+            f"could not create the topics on {local.bootstrap} ({exc}); its log: {local.log_file}")
+    except BrokerError as died:
+        message = str(died)
+    if local.log_file is not None and str(local.log_file) in message:
+        local.keep_log()
+    local.stop()
+    return message

@@ -18,7 +18,7 @@ import numpy as np
 from pydantic import BaseModel
 
 from depois_stream.sim import attacks
-from depois_stream.sim.datasets import load_dataset
+from depois_stream.sim.datasets import load_dataset, read_npz
 from depois_stream.contract.headers import CONTENT_TYPE
 from depois_stream.contract.wire import (
     CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, Dtype, Encoding, encode_batch, encode_sample,
@@ -34,6 +34,7 @@ ATTACKS: dict[str, Attack] = {
     "backdoor": attacks.backdoor_patch,
     "ood": attacks.ood_injection,
 }
+LABEL_FLIPS = frozenset({"random-flip", "systematic-shift"})  # a poison = another class's label
 
 
 @dataclass(frozen=True)
@@ -82,18 +83,17 @@ class Manifest(BaseModel):
 def load_samples(dataset: str = "digits", split: Split = "test", npz: Path | None = None,
                  data_dir: Path | None = None) -> SampleSet:
     """The samples to publish: an ``.npz`` with ``images`` and ``labels``, or a named data set
-    (``depois_stream.sim.datasets``: digits is bundled with scikit-learn, the others are files)."""
+    (``depois_stream.sim.datasets``: digits is bundled with scikit-learn, the others are files).
+
+    The ``.npz`` goes through ``read_npz``, the reader every user array goes through, so what is
+    published follows the rules the stream filter's Detector applies: a file it would refuse
+    (float labels, which a cast would truncate, pixels outside [0, 1], a single ``.npy`` array,
+    labels shaped [N, 1], ...) raises ``DatasetError`` in one line before anything is sent. The
+    class count is the largest label + 1, the most the file itself says about it.
+    """
     if npz is not None:
-        with np.load(npz) as f:
-            images, labels = f["images"], f["labels"].astype(np.int64)
-        if images.dtype == np.uint8:
-            images = images.astype(np.float32) / np.float32(255)
-        if images.ndim == 3:
-            images = images[:, None]
-        if images.ndim != 4 or len(images) != len(labels) or len(labels) == 0:
-            raise ValueError(f"{npz}: need images [N, C, H, W] or [N, H, W] and labels [N] with "
-                             f"N > 0; got images {images.shape} and labels {labels.shape}")
-        return SampleSet(images.astype(np.float32), labels, Path(npz).name, int(labels.max()) + 1)
+        own = read_npz(npz)
+        return SampleSet(own.images, own.labels, Path(npz).name, int(own.labels.max()) + 1)
     splits = load_dataset(dataset, data_dir=data_dir)
     part = splits.train if split == "train" else splits.test
     return SampleSet(part.images, part.labels, f"{splits.name}/{split}", splits.num_classes)
@@ -108,9 +108,15 @@ def poison(data: SampleSet, attack: Attack | None, rate: float, seed: int) -> at
 
 
 def attack_by_name(name: str, num_classes: int) -> Attack:
-    """Look up an attack, binding the class count for the label-flipping ones."""
+    """Look up an attack, binding the class count for the label-flipping ones; ValueError for a
+    name not in ATTACKS or a label flip on fewer than 2 classes."""
     if name not in ATTACKS:
         raise ValueError(f"unknown attack {name!r}; choose one of {', '.join(ATTACKS)}")
+    if name in LABEL_FLIPS and num_classes < 2:
+        # with one class there is no other label: random-flip cannot draw one, and
+        # systematic-shift would "poison" a sample by giving it its own label back
+        raise ValueError(f"{name} needs at least 2 classes to flip labels between; the data has "
+                         f"{num_classes} (every label is {num_classes - 1})")
     fn = ATTACKS[name]
     if name in ("random-flip", "systematic-shift", "ood"):
         return functools.partial(fn, num_classes=num_classes)
