@@ -27,10 +27,10 @@ EXIT_CODES = {
                   "verdict gate of --quantize)",
     EXIT_USAGE: "invalid command line: an option value out of range or unknown (data set, members, "
                 "--quantize, --device cuda without CUDA), --out / --detector-dir without a trained detector, "
-                "an output that cannot be written",
-    EXIT_DATA: "data problem: data set files missing, corrupt or not downloadable, a saved detector "
-               "that cannot be read back, or a recalibrate --clean file that is unreadable, does not fit the "
-               "model or holds too few samples",
+                "an output that cannot be written, an export without --sign-key over a signed model",
+    EXIT_DATA: "data problem: data set files missing, corrupt or not downloadable, a --trusted-npz file that "
+               "is unreadable or breaks its rules, a saved detector that cannot be read back, or a "
+               "recalibrate --clean file that is unreadable, does not fit the model or holds too few samples",
 }
 EXIT_CODES_TEXT = "Exit codes: " + "; ".join(f"{code} = {text}" for code, text in EXIT_CODES.items()) + "."
 
@@ -185,12 +185,32 @@ def preflight(cfg) -> None:
         writable_folder(cfg.out_dir, "--out")
 
 
+def _fit_warning_once(cfg):
+    """``fit(cfg, progress=True)``, its calibration warning shown once: ``_summary`` prints the
+    plan's warning as ``warning: ...`` after the table, so the Python warning of the same text
+    (printed first, with the source line ``det = fit(...)``) is held back. Every other warning is
+    shown as Python shows it, after the fit (or its failure)."""
+    import warnings
+
+    from training.pipeline import CalibrationWarning, fit
+
+    det, caught = None, []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            det = fit(cfg, progress=True)
+    finally:
+        summarised = det.report.get("plan", {}).get("warning") if det is not None else None
+        for w in caught:
+            if not (issubclass(w.category, CalibrationWarning) and str(w.message) == summarised):
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+    return det
+
+
 def _fit_and_save(cfg, out: Path):
-    from training.pipeline import fit
     from training.plots import plot_losses, plot_sample_grid
 
     try:
-        det = fit(cfg, progress=True)
+        det = _fit_warning_once(cfg)
     except DatasetError as exc:
         fail(EXIT_DATA, str(exc))
     det.save(out / "detector")
@@ -221,9 +241,11 @@ def _export(det, model: Path, quantize: str | None = None, sign_key: Path | None
 SIGN_PASSWORD_ENV = "DEPOIS_SIGN_KEY_PASSWORD"
 
 
-def _check_sign_key(sign_key: Path | None) -> None:
-    """Refuse a missing, unreadable or unusable signing key before any long work."""
+def _check_sign_key(sign_key: Path | None, model: Path, quantize: str | None = None) -> None:
+    """Refuse a missing, unreadable or unusable signing key before any long work, and an export
+    without one over a signed model (``_refuse_stale_signature``)."""
     if sign_key is None:
+        _refuse_stale_signature(model, quantize)
         return
     from depois_stream.contract.signing import SignatureError, check_private_key
 
@@ -231,6 +253,26 @@ def _check_sign_key(sign_key: Path | None) -> None:
         check_private_key(sign_key, os.environ.get(SIGN_PASSWORD_ENV))
     except SignatureError as exc:
         fail(EXIT_USAGE, f"--sign-key: {exc}")
+
+
+def _refuse_stale_signature(model: Path, quantize: str | None) -> None:
+    """Exit 2 when a model this export writes has a signature beside it and no --sign-key was
+    given. The new model and card would sit next to the old model's .sig: a filter that verifies
+    signatures rejects the reload and refuses to restart (exit 2), and nothing said so."""
+    from depois_stream.contract.signing import signature_path_for
+
+    written = [model]
+    if quantize == "int8":
+        from training.quantize import int8_path_for
+
+        written.append(int8_path_for(model))
+    for path in written:
+        sig = signature_path_for(path)
+        if sig.exists():
+            fail(EXIT_USAGE, f"{path} has a signature beside it ({sig}) and no --sign-key was given: the new model "
+                             "would sit next to the old signature, which a verifying filter rejects (no reload, "
+                             f"no restart); pass --sign-key to sign the new model, or remove {sig} to publish it "
+                             "unsigned")
 
 
 def _sign(model: Path, sign_key: Path) -> None:
@@ -302,16 +344,19 @@ def datasets() -> None:
     console.print(table)
 
 
-SignKeyOpt = Annotated[
-    Optional[Path],
-    typer.Option(
-        "--sign-key",
-        help="PEM elliptic-curve private key (P-256/384/521): sign the exported model and its card "
-        "(OpenSSF model-signing format, MODEL.sig next to it; the int8 copy too). Consumers started "
-        "with `depois-stream run --verify-signature KEY.pub` refuse anything else. An encrypted "
-        f"key's password is read from ${SIGN_PASSWORD_ENV}. Checked before any training.",
-    ),
-]
+def _sign_key_help(checked: str) -> str:
+    """--sign-key's help; ``checked`` says when the key is checked (``all`` trains first, ``export-onnx`` does not)."""
+    return ("PEM elliptic-curve private key (P-256/384/521): sign the exported model and its card "
+            "(OpenSSF model-signing format, MODEL.sig next to it; the int8 copy too). Consumers started "
+            "with `depois-stream run --verify-signature KEY.pub` refuse anything else. An encrypted "
+            f"key's password is read from ${SIGN_PASSWORD_ENV}. Checked {checked}. Without it, an export "
+            "over a model that has a MODEL.sig beside it is refused (exit 2): the old signature would not "
+            "match the new model.")
+
+
+SignKeyOpt = Annotated[Optional[Path], typer.Option("--sign-key", help=_sign_key_help("before any training"))]
+ExportSignKeyOpt = Annotated[Optional[Path], typer.Option(
+    "--sign-key", help=_sign_key_help("before the export starts"))]
 
 QuantizeOpt = Annotated[
     Optional[Literal["int8"]],
@@ -344,7 +389,7 @@ def _fit_body(cfg) -> None:
 
 
 def _all_body(cfg, quantize: str | None, sign_key: Path | None) -> None:
-    _check_sign_key(sign_key)
+    _check_sign_key(sign_key, cfg.out_dir / "model.onnx", quantize)
     det = _fit_and_save(cfg, cfg.out_dir)
     _export(det, cfg.out_dir / "model.onnx", quantize, sign_key)
     _summary(det, cfg.out_dir)
@@ -369,7 +414,7 @@ def export_onnx_cmd(
         Optional[Path], typer.Option(help="ONNX file to write (default: OUT/model.onnx).")
     ] = None,
     quantize: QuantizeOpt = None,
-    sign_key: SignKeyOpt = None,
+    sign_key: ExportSignKeyOpt = None,
 ) -> None:
     """Export OUT/detector to one ONNX file and its model card (and sign them with --sign-key).
 
@@ -379,7 +424,7 @@ def export_onnx_cmd(
     target = model or out / "model.onnx"
     writable_folder(target.parent, "the model's folder")
     _replaceable_file(target)
-    _check_sign_key(sign_key)
+    _check_sign_key(sign_key, target, quantize)
     _export(_load_detector(out), target, quantize, sign_key)
 
 
@@ -421,13 +466,15 @@ def recalibrate_cmd(
     out: Annotated[Path, typer.Option("--out", help="Folder that `fit --out` or `all --out` wrote (holds detector/).")] = Path(
         "artifacts/model"),
     clean: Annotated[Path, typer.Option(
-        "--clean", help="An .npz of clean samples like the stream's: 'images' float [N, C, H, W] in [0, 1] and "
-                        "'labels' int [N], as `depois-stream replay export` writes samples.npz. At least "
-                        "1 / target FPR of them; about 1,600 keep the realised FPR within a quarter of a 1 % "
-                        "target.")] = Path("samples.npz"),
+        "--clean", help="An .npz of clean samples like the stream's, as `depois-stream replay export` writes "
+                        "samples.npz: 'images' [N, C, H, W] (or [N, H, W] for one channel), uint8 0..255 "
+                        "(divided by 255) or float in [0, 1], as the filter reads them, and 'labels' int [N]. "
+                        "Exact repeats are dropped. At least 1 / target FPR unique samples; about 1,600 keep "
+                        "the realised FPR within a quarter of a 1 % target.")] = Path("samples.npz"),
     into: Annotated[Optional[Path], typer.Option(
         "--into", help="Folder for the recalibrated detector (default: OUT-recalibrated); export it with "
-                       "`depois-train export-onnx --out INTO`. Never OUT itself: the original stays.")] = None,
+                       "`depois-train export-onnx --out INTO --model <served model.onnx>`. Never OUT itself: "
+                       "the original stays.")] = None,
     target_fpr: Annotated[Optional[float], typer.Option(
         "--target-fpr", min=1e-6, max=0.5, help="Clean false-positive rate to calibrate for (default: the "
                                                 "detector's).")] = None,
@@ -436,9 +483,10 @@ def recalibrate_cmd(
                                      "one for all (default: as the detector was fitted).")] = None,
     max_flagged: Annotated[Optional[float], typer.Option(
         "--max-flagged", min=0.0, max=1.0, help="Refuse (exit 3) when the current model flags more than this "
-        "share of the given samples (default: 5 x its target FPR, at least 0.05; no limit from a 20 % target "
-        "up): such a file is probably not clean, and recalibrating on it would let its kind of sample through "
-        "from then on.")] = None,
+        "share of the given samples (default: 5 x the higher of its target FPR and its card's out-of-sample "
+        "FPR, at least 0.05; no limit once that rate reaches 20 %): such a file is probably not clean, and "
+        "recalibrating on it would let its kind of sample through from then on. The refusal names the value "
+        "that accepts a file you vetted.")] = None,
 ) -> None:
     """Recalibrate a trained detector on clean samples of the stream it will serve.
 
@@ -453,6 +501,8 @@ def recalibrate_cmd(
     The samples must be clean and like the stream: a vetted sample of the ingest topic
     (`depois-stream replay export --topic <ingest topic>`). Not the clean topic alone: it lacks the
     clean samples the current boundary quarantined."""
+    from rich.markup import escape
+
     from training.recalibrate import CleanDataError, load_clean, recalibrate
 
     _require_detector(out)
@@ -479,7 +529,8 @@ def recalibrate_cmd(
     table.add_column("quantity")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("clean samples", "", f"{result.samples:,}")
+    table.add_row("clean samples (unique)", "", f"{result.samples:,}")
+    table.add_row("exact repeats dropped", "", f"{result.repeats_dropped:,}")
     table.add_row("share of them flagged", f"{result.flagged_before:.2%}", f"{result.flagged_after:.2%}")
     table.add_row("out-of-sample FPR (10 folds of them)", "",
                   f"{result.out_of_sample_fpr:.2%}" if result.out_of_sample_fpr is not None else "n/a")
@@ -487,10 +538,17 @@ def recalibrate_cmd(
     table.add_row("global boundary (log weighted min-p)", f"{result.boundary_before:.3f}", f"{result.boundary_after:.3f}")
     table.add_row("model version", result.version_before, result.version_after)
     console.print(table)
-    console.print(f"wrote {into / 'detector'}; next: depois-train export-onnx --out {into}", soft_wrap=True,
-                  highlight=False)
-    if result.warning:
-        err_console.print(f"[yellow]warning:[/yellow] {result.warning}", soft_wrap=True)
+    if result.repeats_dropped:
+        console.print(f"dropped {result.repeats_dropped:,} exact repeats of an (image, label) pair from {clean}; "
+                      f"recalibrated on the {result.samples:,} unique samples", soft_wrap=True, highlight=False,
+                      markup=False)
+    # as README, docs/method.md and --help say: written over the served file, the filter's hot
+    # reload takes it (a new folder's model.onnx is never reloaded)
+    console.print(f"wrote {into / 'detector'}; next: depois-train export-onnx --out {into} --model <served "
+                  "model.onnx> (add --sign-key KEY where the filter verifies signatures)", soft_wrap=True,
+                  highlight=False, markup=False)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True, highlight=False)
 
 
 from training.evaluate import evaluate  # noqa: E402  (torch-heavy; registered last on purpose)
