@@ -335,12 +335,14 @@ def _summary(det, out: Path) -> None:
 
 @app.command()
 def datasets() -> None:
-    """List the registered data sets, their image shape and where their files come from."""
+    """List the registered data sets, their image shape and where their files come from (your own
+    trusted pool: `fit --trusted-npz`)."""
     table = Table(title="data sets")
     for col in ("name", "shape (C,H,W)", "source"):
         table.add_column(col)
     for name, info in DATASETS.items():
         table.add_row(name, ",".join(map(str, info.shape)), info.description)
+    table.add_row("(your own)", "any", "fit/all --trusted-npz POOL.npz: images and labels you trust (fit --help)")
     console.print(table)
 
 
