@@ -51,7 +51,7 @@ BAD_FILES: dict[str, tuple[str, Callable[[Path], None], str]] = {
     "a .npy file": ("single.npy", _single_array, "is a single array, not an .npz file"),
     "an empty file": ("empty.npz", _empty, "cannot read"),
     "labels [N, 1]": ("column.npz", _column_labels, "labels of shape [5, 1]"),
-    "float pixels 0..255": ("range.npz", _pixels_out_of_range, "must be finite and in [0, 1]"),
+    "float pixels 0..255": ("range.npz", _pixels_out_of_range, "must be finite and scaled to [0, 1]"),
 }
 
 

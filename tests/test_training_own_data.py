@@ -51,6 +51,9 @@ def test_uint8_is_divided_by_255_and_three_dimensional_images_get_one_channel(tm
     (np.zeros((4, 8, 8), np.int64), np.arange(4), "pass uint8 0..255 or float"),
     (np.zeros((4, 12, 12, 3)), np.arange(4), "np.moveaxis"),                  # channels last
     (np.zeros((0, 8, 8)), np.zeros(0, np.int64), "holds no images"),
+    # review: a uint64 label of 2**64-1 came back as -1, and a code of 10**9 asked bincount for 8 GB
+    (np.zeros((2, 8, 8)), np.array([0, 2**64 - 1], np.uint64), "got 0 to 18446744073709551615"),
+    (np.zeros((2, 8, 8)), np.array([0, 10**9]), "class indices"),
 ])
 def test_what_the_reader_refuses_is_one_line_naming_the_fix(
         tmp_path: Path, images: np.ndarray, labels: np.ndarray, needle: str) -> None:
@@ -74,7 +77,7 @@ def test_the_model_shape_and_class_count_are_checked_when_given(tmp_path: Path) 
     path = _save(tmp_path / "a.npz", images=np.zeros((2, 8, 8), np.float32), labels=np.array([0, 10]))
     with pytest.raises(DatasetError, match="in 0..9"):
         read_npz(path, shape=(1, 8, 8), num_classes=10)
-    with pytest.raises(DatasetError, match=r"expected \[N, 1, 28, 28\]"):
+    with pytest.raises(DatasetError, match=r"must be \[N, 1, 28, 28\]"):
         read_npz(path, shape=(1, 28, 28))
 
 
@@ -96,6 +99,28 @@ def test_an_own_pool_needs_classes_0_to_k_minus_1_without_gaps(tmp_path: Path) -
     splits = own_dataset(_save(tmp_path / "my pool!.npz", images=np.concatenate([x, x]),
                                labels=np.tile([0, 1, 2], 4)))
     assert (splits.num_classes, splits.shape, len(splits.train), len(splits.test)) == (3, (1, 8, 8), 6, 0)
+
+
+def test_an_own_pool_needs_images_of_at_least_four_pixels_a_side(tmp_path: Path) -> None:
+    """Narrower images passed preflight and failed inside torch mid-training (the authenticator
+    halves each side twice); the review found it."""
+    x = np.random.default_rng(0).random((8, 2, 32), dtype=np.float32)
+    with pytest.raises(DatasetError, match="at least 4 x 4"):
+        own_dataset(_save(tmp_path / "rows.npz", images=x, labels=np.arange(8) % 2))
+
+
+def test_the_same_arrays_mean_the_same_to_the_detector_and_to_the_file_reader(tmp_path: Path) -> None:
+    """One rule set (contract.arrays): int64 images were scored by the Detector and refused by
+    the file reader, values a rounding step above 1 refused by one and clipped by the other."""
+    from depois_stream.contract.arrays import ArrayError, to_contract
+
+    with pytest.raises(ArrayError, match="pass uint8 0..255 or float"):
+        to_contract(np.ones((2, 1, 8, 8), np.int64), np.zeros(2, np.int64), (1, 8, 8), 10)
+    x = np.full((2, 1, 8, 8), 1.0004, np.float32)
+    images, _ = to_contract(x, np.zeros(2, np.int64), (1, 8, 8), 10)
+    assert images.max() == 1.0 and x.max() > 1.0  # clipped, the caller's array untouched
+    from_file = read_npz(_save(tmp_path / "a.npz", images=x, labels=np.zeros(2, np.int64)), (1, 8, 8), 10)
+    np.testing.assert_array_equal(from_file.images, images)
 
 
 # ---------------------------------------------------------------- the options
@@ -127,7 +152,9 @@ def test_name_steps_and_synthetic_count_of_an_own_pool(tmp_path: Path) -> None:
     assert cfg.steps().auth_steps == DEFAULT_STEPS["fashion-mnist"].auth_steps
     named_digits = FitConfig(trusted_npz=tmp_path / "digits.npz")  # a file called digits is not the registry's
     assert named_digits.steps().gan_steps == DEFAULT_STEPS["fashion-mnist"].gan_steps
+    assert named_digits.data_name == "own-digits"
     assert FitConfig().data_name == "digits"
+    assert FitConfig(trusted_npz=tmp_path / "mnist.npz").data_name == "own-mnist"  # not the registry's MNIST
     assert default_synthetic(1260, 252) == 1008 and default_synthetic(300, 300) == 1200
 
 
@@ -175,3 +202,15 @@ def test_fit_names_the_classes_too_rare_for_their_false_alarms_to_be_held() -> N
     for named in ("class 0 (9)", "class 1 (7)", "class 7 (2)"):
         assert named in text, text
     assert "class 2 (" not in text and "class 4 (" not in text
+
+
+def test_an_own_pool_with_a_one_sample_class_is_told_to_add_samples_not_to_raise_a_fraction(
+        tmp_path: Path) -> None:
+    """Review: the remedy named --trusted-fraction, which --trusted-npz refuses, with exit 2 for
+    a data problem."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 30 + [1] * 30 + [2])
+    path = _save(tmp_path / "pool.npz", images=rng.random((len(labels), 8, 8), dtype=np.float32), labels=labels)
+    result = CliRunner().invoke(app, ["fit", "--trusted-npz", str(path), "--out", str(tmp_path / "o")])
+    _one_line(result, EXIT_DATA, "class 2 has 1 sample", "add samples of it")
+    assert "--trusted-fraction" not in result.output

@@ -477,12 +477,12 @@ def test_recalibrate_refuses_a_file_that_is_not_an_npz_in_one_line(digits_run: P
 
 
 @pytest.mark.parametrize(("arrays", "needle"), [
-    ({"images": np.zeros((200, 1, 28, 28), np.float32), "labels": np.zeros(200, np.int64)}, "expected [N, 1, 8, 8]"),
+    ({"images": np.zeros((200, 1, 28, 28), np.float32), "labels": np.zeros(200, np.int64)}, "must be [N, 1, 8, 8]"),
     ({"images": np.zeros((200, 1, 8, 8), np.float32), "labels": np.int64(3)}, "labels of shape"),
     ({"images": np.full((200, 1, 8, 8), "x"), "labels": np.zeros(200, np.int64)}, "pass uint8 0..255 or float"),
     ({"images": np.zeros((0, 1, 8, 8), np.float32), "labels": np.zeros(0, np.int64)}, "no images"),
     ({"images": np.zeros((200, 1, 8, 8), np.float32), "labels": np.full(200, 10)}, "labels must be"),
-    ({"images": np.full((200, 1, 8, 8), 16.0, np.float32), "labels": np.zeros(200, np.int64)}, "in [0, 1]"),
+    ({"images": np.full((200, 1, 8, 8), 16.0, np.float32), "labels": np.zeros(200, np.int64)}, "scaled to [0, 1]"),
     ({"pictures": np.zeros((200, 1, 8, 8), np.float32)}, "no 'images' and 'labels'"),
     ({"images": np.zeros((10, 1, 8, 8), np.float32), "labels": np.zeros(10, np.int64)}, "cannot place"),
 ])

@@ -172,7 +172,15 @@ def preflight(cfg) -> None:
         # Cross-fitting trains each fold on (folds - 1) / folds of the pool, so more folds (not
         # fewer) leave a rare class a sample to train on; the split plan trains on what
         # calibration leaves over.
-        rarest = int(np.bincount(pool.labels, minlength=splits.num_classes).min())
+        counts = np.bincount(pool.labels, minlength=splits.num_classes)
+        rarest = int(counts.min())
+        if cfg.trusted_npz is not None and (rarest < 2 or plan.mode != "crossfit"):
+            # the pool is the user's file: --trusted-fraction does not apply to it
+            from training.pipeline import RARE_CLASS_SAMPLES
+
+            fail(EXIT_DATA, f"{cfg.trusted_npz}: class {int(counts.argmin())} has {rarest} sample"
+                            f"{'s' * (rarest != 1)}, too few to train and calibrate on; add samples of it "
+                            f"(>= {RARE_CLASS_SAMPLES} per class keep its false alarms near the target)")
         if plan.mode != "crossfit":
             remedy = "raise --trusted-fraction or lower --calibration-fraction"
         elif rarest < 2:  # its one sample calibrates some fold, whatever --folds is
@@ -485,8 +493,8 @@ def recalibrate_cmd(
                                      "one for all (default: as the detector was fitted).")] = None,
     max_flagged: Annotated[Optional[float], typer.Option(
         "--max-flagged", min=0.0, max=1.0, help="Refuse (exit 3) when the current model flags more than this "
-        "share of the given samples (default: 5 x the higher of its target FPR and its card's out-of-sample "
-        "FPR, at least 0.05; no limit once that rate reaches 20 %): such a file is probably not clean, and "
+        "share of the given samples (default: 5 x its target FPR, at least 0.05, or 5 x its card's out-of-sample "
+        "FPR where that is higher, up to 0.25; no limit from a 20 % target up): such a file is probably not clean, and "
         "recalibrating on it would let its kind of sample through from then on. The refusal names the value "
         "that accepts a file you vetted.")] = None,
 ) -> None:
@@ -534,6 +542,7 @@ def recalibrate_cmd(
     table.add_row("clean samples (unique)", "", f"{result.samples:,}")
     table.add_row("exact repeats dropped", "", f"{result.repeats_dropped:,}")
     table.add_row("share of them flagged", f"{result.flagged_before:.2%}", f"{result.flagged_after:.2%}")
+    table.add_row("refused above (--max-flagged)", f"{result.max_flagged:.2%}", "")
     table.add_row("out-of-sample FPR (10 folds of them)", "",
                   f"{result.out_of_sample_fpr:.2%}" if result.out_of_sample_fpr is not None else "n/a")
     table.add_row("target FPR", f"{meta.target_fpr:.2%}", f"{result.target_fpr:.2%}")

@@ -177,7 +177,10 @@ class FitConfig(BaseModel):
         replaced)."""
         if self.trusted_npz is None:
             return self.dataset
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", self.trusted_npz.stem)[:48].strip("-.") or "own"
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", self.trusted_npz.stem)[:48].strip("-.") or "own"
+        from training.data import DATASETS
+
+        return f"own-{name}" if name in DATASETS else name  # a pool file called mnist.npz is not MNIST
 
     @field_validator("members", mode="before")
     @classmethod

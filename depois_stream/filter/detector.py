@@ -34,6 +34,7 @@ from depois_stream.contract import (
     INPUT_IMAGE, INPUT_LABEL, OUTPUT_EVIDENCE, OUTPUT_P_VALUE, OUTPUT_POISONED, OUTPUT_SCORE,
     ContractError, ModelCard, ModelMetadata, card_path_for,
 )
+from depois_stream.contract.arrays import to_contract
 from depois_stream.contract.model import first_line, first_problem
 from depois_stream.contract.signing import RUN_KEY_OPTION, SignatureError, verify_or_warn
 
@@ -267,27 +268,9 @@ class Detector:
         )
 
     def _prepare(self, images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Public inputs -> the contract's (float32 [N, C, H, W] in [0, 1], int64 [N])."""
-        x = np.asarray(images)
-        y = np.asarray(labels)
-        shape = tuple(self.metadata.input_shape)
-        if x.ndim == 3 and shape[0] == 1:
-            x = x[:, None]
-        if x.ndim != 4 or tuple(x.shape[1:]) != shape:
-            raise ValueError(f"images must be [N, {', '.join(map(str, shape))}] for this model "
-                             f"(or [N, {shape[1]}, {shape[2]}] when it has one channel), got "
-                             f"{list(x.shape)}")
-        if y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"labels must be {len(x)} integers, got {y.dtype} {list(y.shape)}")
-        if len(y) and (y.min() < 0 or y.max() >= self.metadata.num_classes):
-            raise ValueError(f"labels must be in 0..{self.metadata.num_classes - 1}")
-        if x.dtype == np.uint8:
-            x = x.astype(np.float32) / np.float32(255)
-        x = x.astype(np.float32, copy=False)
-        if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
-            raise ValueError("float images must be finite and scaled to [0, 1] "
-                             "(pass uint8 0..255 to have them divided by 255)")
-        return x, y.astype(np.int64)
+        """Public inputs -> the contract's (float32 [N, C, H, W] in [0, 1], int64 [N]), by the
+        rules every entry point that takes a user's arrays applies (``contract.arrays``)."""
+        return to_contract(images, labels, tuple(self.metadata.input_shape), self.metadata.num_classes)
 
     def _run_rows(self, images: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
         """The batch in runs of at most ``max_rows`` rows, outputs joined in input order.

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from depois_stream.contract.arrays import ArrayError, to_contract
+
 CACHE_DIR = Path(os.environ.get("DEPOIS_CACHE_DIR", Path.home() / ".cache" / "depois-stream"))
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -117,21 +119,17 @@ class DatasetSplits:
 
 # --------------------------------------------------------------------------- your own .npz
 
-RANGE_TOLERANCE = 1e-3  # float pixels a rounding step outside [0, 1] are clipped, not refused
-
-
 def read_npz(path: str | Path, shape: tuple[int, ...] | None = None,
              num_classes: int | None = None) -> LabeledImages:
     """``images`` and ``labels`` of a user's .npz file, in the contract's form.
 
-    One reader, one set of rules, for every place a user hands in arrays (a trusted pool for
-    ``depois-train fit --trusted-npz``, vetted stream samples for ``recalibrate``, samples for
-    ``depois-stream produce --npz``), the rules ``Detector.predict`` applies: images [N, C, H, W]
-    or [N, H, W] (one channel), uint8 0..255 (divided by 255) or float in [0, 1]; labels integers
-    in 0..num_classes-1. ``shape`` and ``num_classes``, when given, are the model's. Anything
-    else is one ``DatasetError`` line naming the file and what to change: a silently rescaled
-    pixel range or a truncated float label would give a detector that flags everything, or
-    nothing, without a word.
+    For every place a user hands in a file of arrays (a trusted pool for ``depois-train fit
+    --trusted-npz``, vetted stream samples for ``recalibrate``, samples for ``depois-stream
+    produce --npz``), read by the rules ``Detector.predict`` applies to arrays
+    (``depois_stream.contract.arrays.to_contract``). ``shape`` and ``num_classes``, when given,
+    are the model's. Anything else is one ``DatasetError`` line naming the file and what to
+    change: a silently rescaled pixel range or a truncated float label would give a detector
+    that flags everything, or nothing, without a word.
     """
     path = Path(path)
     if not path.is_file():  # np.load of a FIFO waits for a writer for ever
@@ -153,41 +151,12 @@ def read_npz(path: str | Path, shape: tuple[int, ...] | None = None,
         raise
     except Exception as exc:  # noqa: BLE001 - a member that does not decompress or parse
         raise DatasetError(f"cannot read {path} ({type(exc).__name__}: {exc})") from None
-    return LabeledImages(*_contract_arrays(path, images, labels, shape, num_classes))
-
-
-def _contract_arrays(path: Path, images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...] | None,
-                     num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
     if images.ndim == 0 or len(images) == 0:
         raise DatasetError(f"{path} holds no images")
-    if images.ndim == 3 and (shape is None or shape[0] == 1):
-        images = images[:, None]
-    want = f"[N, {', '.join(map(str, shape))}]" if shape else "[N, C, H, W] or [N, H, W]"
-    channels_last = images.ndim == 4 and images.shape[-1] in (1, 3, 4) and images.shape[1] not in (1, 3, 4)
-    if (images.ndim != 4 or (shape is not None and tuple(images.shape[1:]) != tuple(shape))
-            or (shape is None and channels_last)):
-        hint = "; it looks like [N, H, W, C]: np.moveaxis(images, -1, 1)" if channels_last else ""
-        raise DatasetError(f"{path}: images are {images.dtype} {list(images.shape)}, expected {want}{hint}")
-    if labels.ndim != 1 or len(labels) != len(images):
-        raise DatasetError(f"{path}: {len(images)} images but labels of shape {list(labels.shape)} "
-                           "(one integer label per image)")
-    top = f"0..{num_classes - 1}" if num_classes else "0..K-1"
-    if not np.issubdtype(labels.dtype, np.integer) or labels.dtype == np.bool_:
-        raise DatasetError(f"{path}: labels are {labels.dtype}; they must be integers in {top} "
-                           "(map class names or other codes to 0..K-1 first)")
-    if labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes):
-        raise DatasetError(f"{path}: labels must be integers in {top}, got {labels.min()} to {labels.max()}")
-    if images.dtype == np.uint8:
-        images = images.astype(np.float32) / np.float32(255)
-    elif not np.issubdtype(images.dtype, np.floating):
-        raise DatasetError(f"{path}: images are {images.dtype}; pass uint8 0..255 or float in [0, 1]")
-    images = images.astype(np.float32)
-    finite = bool(np.isfinite(images).all())
-    if not finite or images.min() < -RANGE_TOLERANCE or images.max() > 1 + RANGE_TOLERANCE:
-        got = f"{images.min():g} to {images.max():g}" if finite else "NaN or infinite values"
-        raise DatasetError(f"{path}: float pixel values must be finite and in [0, 1], got {got} (divide "
-                           "by the maximum of your pixel scale, or pass uint8 0..255)")
-    return np.clip(images, 0.0, 1.0), labels.astype(np.int64)
+    try:
+        return LabeledImages(*to_contract(images, labels, shape, num_classes))
+    except ArrayError as exc:
+        raise DatasetError(f"{path}: {exc}") from None
 
 
 def drop_duplicates(data: LabeledImages) -> tuple[LabeledImages, int]:
@@ -205,23 +174,30 @@ def drop_duplicates(data: LabeledImages) -> tuple[LabeledImages, int]:
     return data.subset(keep), len(data) - len(keep)
 
 
+MIN_OWN_SIDE = 4  # the authenticator halves each side twice before its dense layer
+
+
 def own_dataset(path: str | Path) -> DatasetSplits:
     """A trusted pool the user brings (``depois-train fit --trusted-npz``): every sample is
     trusted, exact repeats dropped, the classes are 0..K-1 and each must have a sample (a gap is
-    a label code the detector would learn as a class with no data). No test split: evaluation
-    needs a registered data set."""
+    a label code the detector would learn as a class with no data), images at least
+    ``MIN_OWN_SIDE`` pixels a side (the authenticator pools twice by 2). No test split:
+    evaluation needs a registered data set."""
     pool, _ = drop_duplicates(read_npz(path))
-    counts = np.bincount(pool.labels)
-    empty = np.flatnonzero(counts == 0)
-    if len(counts) < 2:
-        raise DatasetError(f"{path}: one class only (label {counts.size - 1}); a label check needs >= 2 classes")
-    if empty.size:
-        shown = ", ".join(map(str, empty[:10])) + (" ..." if empty.size > 10 else "")
-        raise DatasetError(f"{path}: labels run 0..{len(counts) - 1} but class {shown} has no sample; "
+    classes = np.unique(pool.labels)
+    if len(classes) < 2:
+        raise DatasetError(f"{path}: one class only (label {classes[0]}); a label check needs >= 2 classes")
+    if len(classes) != int(classes[-1]) + 1:
+        gaps = np.setdiff1d(np.arange(min(int(classes[-1]) + 1, len(classes) + 10)), classes)
+        shown = ", ".join(map(str, gaps[:10])) + (" ..." if int(classes[-1]) + 1 - len(classes) > 10 else "")
+        raise DatasetError(f"{path}: labels run 0..{int(classes[-1])} but class {shown} has no sample; "
                            "number your classes 0..K-1 without gaps")
     shape = tuple(int(d) for d in pool.images.shape[1:])
+    if min(shape[1:]) < MIN_OWN_SIDE:
+        raise DatasetError(f"{path}: images are {shape[1]} x {shape[2]} pixels; the networks need at least "
+                           f"{MIN_OWN_SIDE} x {MIN_OWN_SIDE} (pad them)")
     empty_test = LabeledImages(np.zeros((0, *shape), np.float32), np.zeros(0, np.int64))
-    return DatasetSplits(Path(path).stem, shape, len(counts), pool, empty_test)
+    return DatasetSplits(Path(path).stem, shape, len(classes), pool, empty_test)
 
 
 # --------------------------------------------------------------------------- IDX files
