@@ -116,7 +116,7 @@ def test_load_clean_reads_a_file_as_the_filter_s_detector_does(tmp_path: Path, t
 
 
 @pytest.mark.parametrize(("arrays", "needle"), [
-    ({"images": np.zeros((20, 8, 8, 1), np.float32), "labels": np.zeros(20, np.int64)}, "expected [N, 1, 8, 8]"),
+    ({"images": np.zeros((20, 8, 8, 1), np.float32), "labels": np.zeros(20, np.int64)}, "must be [N, 1, 8, 8]"),
     ({"images": np.zeros((20, 1, 8, 8), np.float32), "labels": np.zeros(20, np.float32)}, "labels are float32"),
     ({"images": np.zeros((20, 1, 8, 8), np.int16), "labels": np.zeros(20, np.int64)}, "pass uint8 0..255"),
 ])
@@ -177,6 +177,9 @@ def test_the_default_guard_allows_five_times_the_model_s_own_out_of_sample_fpr()
     assert recal.default_max_flagged(0.01, 0.005) == pytest.approx(0.05)  # never below 5 x the target
     assert recal.default_max_flagged(0.01, 0.02) == pytest.approx(0.10)
     assert recal.default_max_flagged(0.05, 0.02) == pytest.approx(0.25)
+    # review: uncapped, a 20 % estimate made the limit 100 % and the guard took anything
+    assert recal.default_max_flagged(0.01, 0.2) == pytest.approx(recal.ESTIMATE_RAISES_TO_AT_MOST)
+    assert recal.default_max_flagged(0.01, 0.9) < 1.0
 
 
 def _flagged_mix(det: FittedDetector, clean: LabeledImages, share_flagged: float, n: int) -> LabeledImages:

@@ -47,9 +47,16 @@ def default_max_flagged(target_fpr: float, out_of_sample_fpr: float | None = Non
     far beyond it holds something else. Recalibrating on it would read every column's reference
     off those samples, and the kind of sample that fills the file would pass from then on: 200
     noise images labelled 0, flagged at 100 %, switched the pixel evidence off (noise caught 5 %
-    instead of 100 %; found by an independent evaluation in stop 40)."""
-    expected = max(target_fpr, out_of_sample_fpr or 0.0)
-    return max(0.05, 5.0 * expected)
+    instead of 100 %; found by an independent evaluation in stop 40). The estimate raises the
+    limit to ``ESTIMATE_RAISES_TO_AT_MOST`` at most: uncapped, a card estimate of 20 % made the
+    limit 100 % and switched the guard off for exactly the small-pool models told to recalibrate
+    (review of stop 42)."""
+    from_target = max(0.05, 5.0 * target_fpr)
+    from_estimate = min(5.0 * (out_of_sample_fpr or 0.0), ESTIMATE_RAISES_TO_AT_MOST)
+    return max(from_target, from_estimate)
+
+
+ESTIMATE_RAISES_TO_AT_MOST = 0.25  # the out-of-sample estimate never loosens the guard past this
 
 
 def model_out_of_sample_fpr(det: FittedDetector) -> float | None:
@@ -90,6 +97,7 @@ class Recalibration:
     version_before: str
     version_after: str
     warnings: tuple[str, ...]
+    max_flagged: float = 1.0  # the share of the samples above which the file was to be refused
 
 
 def recalibrate(det: FittedDetector, data: LabeledImages, target_fpr: float, per_class: bool,
@@ -133,7 +141,7 @@ def recalibrate(det: FittedDetector, data: LabeledImages, target_fpr: float, per
         out_of_sample_fpr=float(cv) if cv is not None else None,
         boundary_before=float(boundary_before), boundary_after=float(det.metadata.boundary.global_),
         version_before=version_before, version_after=det.metadata.model_version,
-        warnings=warnings)
+        warnings=warnings, max_flagged=float(limit))
 
 
 def _counted(n: int, repeats: int) -> str:
@@ -152,7 +160,8 @@ def flagged_refusal(before: float, n: int, limit: float, default_of: tuple[float
         target, estimate = default_of
         rate = f"its {target:.2%} target" + (f" and its {estimate:.2%} out-of-sample FPR" if estimate is not None
                                               else "")
-        basis = f"the default: 5 x the higher of {rate}, at least 5%"
+        basis = (f"the default: 5 x the higher of {rate}, at least 5%, the estimate raising it to "
+                 f"{ESTIMATE_RAISES_TO_AT_MOST:.0%} at most")
     accept = math.ceil(before * 100 - 1e-9) / 100  # the smallest two-decimal share >= before
     return (f"the current model flags {before:.2%} of these {n} 'clean' samples, more than {limit:.2%} ({basis}): "
             "recalibrating on them would let their kind through from then on; vet the file (drop what is not "
