@@ -151,3 +151,23 @@ def test_broker_help_documents_the_exit_codes() -> None:
                             capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
     text = " ".join(result.stdout.split())
     assert "Exit codes: 0 stopped" in text and "2 could not start" in text, text
+
+
+def test_an_unexpected_error_while_creating_topics_does_not_leave_tansu_holding_the_port(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review: only broker and Kafka errors stopped the broker; any other exception from the
+    admin client left Tansu running in its own session, and the next start found the port taken."""
+    from typer.testing import CliRunner
+
+    import depois_stream.sim.broker as broker_module
+    from depois_stream.cli import app
+    from depois_stream.sim.broker import check_port_free, free_port
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an admin-client bug")
+
+    monkeypatch.setattr(broker_module, "create_topics", boom)
+    port = free_port("127.0.0.1")
+    result = CliRunner().invoke(app, ["broker", "--port", str(port)])
+    assert isinstance(result.exception, AssertionError), result.output
+    check_port_free("127.0.0.1", port)  # raises PortInUse if Tansu were still there

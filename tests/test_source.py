@@ -140,6 +140,24 @@ def test_a_lost_partition_that_comes_back_resumes_at_the_groups_commit_if_anothe
     assert [o for b in handed for o in b.offsets.tolist()] == [7010, 7011, 7012]
 
 
+def test_only_the_partition_another_member_moved_on_is_moved_and_its_neighbours_records_stay():
+    """Review: two partitions come back in one assignment, one filtered meanwhile by another
+    member; the other's records, fetched in the same poll, must be handed on untouched."""
+    p1 = (TOPIC, 1)
+    both = RecordBatch.concat(TOPIC, [_records(0, 0, 10), _records(1, 0, 10)])
+    consumer = ScriptedConsumer([("assign", [P0, p1]), both])
+    source = _source(consumer)
+    source.next_batch()
+    source.next_batch()
+    consumer.group = {P0: 500, p1: 3}
+    came_back = RecordBatch.concat(TOPIC, [_records(0, 10, 4), _records(1, 10, 4)])
+    consumer.steps = [("lost", [P0, p1]), ("assign", [P0, p1], came_back), _records(0, 500, 2)]
+    handed = [source.next_batch() for _ in range(3)]
+    assert sorted(consumer.seeks) == sorted([(P0, 10), (p1, 10), (P0, 500)])
+    got = sorted((int(p), int(o)) for b in handed for p, o in zip(b.partitions, b.offsets))
+    assert got == [(0, 500), (0, 501), (1, 10), (1, 11), (1, 12), (1, 13)]
+
+
 def test_a_hand_back_ahead_of_the_groups_commit_stands():
     """Nobody else filtered the partition: the commit lags the records this member handed on,
     and resuming at the commit would filter them twice; at the hand-back nothing is skipped."""

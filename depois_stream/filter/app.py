@@ -27,7 +27,7 @@ from depois_stream.filter import pipeline
 from depois_stream.filter.breaker import BreakerSettings, CircuitBreaker
 from depois_stream.filter.clients import make_client
 from depois_stream.filter.clients.base import (
-    SHUTDOWN_STEP_S, ClientError, ClientSettings, Consumer, Probe, Producer, RecordBatch,
+    SHUTDOWN_STEP_S, ClientError, ClientSettings, Consumer, MissingTopic, Probe, Producer, RecordBatch,
     abandoned_calls,
 )
 from depois_stream.filter.config import ConsumerConfig
@@ -342,10 +342,14 @@ class StreamFilter:
         for topic in (cfg.clean_topic, cfg.quarantine_topic, cfg.dlq_topic):
             try:
                 counts.append(producer.partition_count(topic))
-            except ClientError as exc:
+            except MissingTopic as exc:
                 raise StartupError(f"output topic {topic!r} is not usable ({exc}): create it "
                                    "(docs/operations.md lists the topics) or fix the topic "
                                    "flags") from None
+            except ClientError as exc:  # not an answer about the topic: connection, rights
+                raise StartupError(f"cannot check output topic {topic!r} ({exc}): check "
+                                   "--bootstrap-servers, the broker and the --kafka security "
+                                   "options (the principal needs Describe and Write on it)") from None
         return counts[0], counts[1], counts[2]
 
     def _unreachable(self, exc: Exception) -> StartupError:

@@ -14,8 +14,11 @@ What it guarantees, whichever client library is behind it:
   the group's committed offset and the further of the two wins: a member whose session expired
   (a long GC pause, a frozen VM) can get its partition back after another member filtered and
   committed past the hand-back, and resuming at the hand-back filtered all of that again (over
-  7,000 duplicate outputs per 15 s freeze, in exactly-once mode too; stop 42). The commit is
-  never behind records this member handed on, so taking it skips nothing.
+  7,000 duplicate outputs per 15 s freeze, in exactly-once mode too; stop 42). Taking the commit
+  skips nothing: an offset is committed only once every record below it was delivered, by
+  whichever member. It is ahead of the hand-back only when someone moved it there: another
+  member that filtered the partition, or an operator who reset the group's offsets while this
+  member was away (which it then honours, as any member would).
 * **A batch never mixes in records read while paused.** While the circuit breaker holds the
   stream, anything a poll still returns is handed back (the partition is rewound to it).
 * **Rewinds are exact.** ``rewind`` puts a partition back to a given offset and forgets what was

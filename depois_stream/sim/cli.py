@@ -194,6 +194,9 @@ def _start_broker(port: int, log_file: Optional[Path], create_topics: bool,
         local.check_alive()
     except (BrokerError, KafkaError) as exc:
         raise fail(BROKER, _start_failure(local, exc), EXIT_USAGE) from None
+    except BaseException:  # anything else (a signal, an admin-client bug): never leave Tansu behind
+        local.stop()       # holding the port, in its own session where Ctrl-C does not reach it
+        raise
     return local
 
 

@@ -206,6 +206,13 @@ class ClientError(Exception):
         self.retriable = retriable
 
 
+class MissingTopic(ClientError):
+    """The broker answered, and the topic is not there (the filter never creates topics)."""
+
+    def __init__(self, topic: str) -> None:
+        super().__init__(f"topic {topic!r} does not exist", retriable=False)
+
+
 class ProduceError(ClientError):
     """One output record was not produced, synchronously at ``send`` or in its delivery report.
 

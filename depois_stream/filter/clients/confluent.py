@@ -33,7 +33,7 @@ from confluent_kafka.admin import AdminClient
 
 from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
-    DeliveryCallback, Header, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
+    DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
     Unreadable, call_bounded,
 )
 
@@ -448,18 +448,20 @@ class ConfluentProducer:
             conf["transactional.id"] = s.transactional_id
         self._p = Producer(conf)
         self._guard = TransactionGuard("librdkafka", s.stopping)
+        self._cluster: Any = None  # every topic's metadata, read at the first partition_count
 
     def partition_count(self, topic: str) -> int:
         # The metadata of all topics: asking for this one lets a broker that creates topics on
         # first mention (Tansu always, Apache Kafka by default) create a mistyped output topic
         # that nobody reads.
         try:
-            meta = self._p.list_topics(timeout=10)
+            if self._cluster is None:  # read once: start-up asks for three topics
+                self._cluster = self._p.list_topics(timeout=10)
         except KafkaException as exc:
             raise _exc(exc, f"metadata of {topic!r}") from exc
-        info = meta.topics.get(topic)
+        info = self._cluster.topics.get(topic)
         if info is None:
-            raise ClientError(f"topic {topic!r} does not exist", retriable=False)
+            raise MissingTopic(topic)
         if info.error is not None or not info.partitions:
             raise ClientError(f"topic {topic!r} is not available"
                               + (f" ({info.error.str()})" if info and info.error else ""),

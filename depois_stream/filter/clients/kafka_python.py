@@ -21,7 +21,7 @@ from kafka.structs import OffsetAndMetadata
 
 from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
-    DeliveryCallback, Header, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
+    DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
 )
 
 log = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ class KafkaPythonProducer:
 
     def partition_count(self, topic: str) -> int:
         if topic not in self._existing_topics():
-            raise ClientError(f"topic {topic!r} does not exist", retriable=False)
+            raise MissingTopic(topic)
         try:
             parts = self._p.partitions_for(topic)
         except KafkaError as exc:
