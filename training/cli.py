@@ -27,10 +27,12 @@ EXIT_CODES = {
                   "verdict gate of --quantize)",
     EXIT_USAGE: "invalid command line: an option value out of range or unknown (data set, members, "
                 "--quantize, --device cuda without CUDA), --out / --detector-dir without a trained detector, "
-                "an output that cannot be written, an export without --sign-key over a signed model",
+                "an output that cannot be written, an export without --sign-key over a signed model, "
+                "--dataset/--data-dir/--trusted-fraction beside --trusted-npz, --data-dir with digits",
     EXIT_DATA: "data problem: data set files missing, corrupt or not downloadable, a --trusted-npz file that "
                "is unreadable or breaks its rules, a saved detector that cannot be read back, or a "
-               "recalibrate --clean file that is unreadable, does not fit the model or holds too few samples",
+               "recalibrate --clean file that is unreadable, does not fit the model, holds too few samples or "
+               "is flagged by the current model beyond --max-flagged",
 }
 EXIT_CODES_TEXT = "Exit codes: " + "; ".join(f"{code} = {text}" for code, text in EXIT_CODES.items()) + "."
 
@@ -164,7 +166,8 @@ def preflight(cfg) -> None:
                          cfg.folds, cfg.seed)
         smallest = plan.min_class_count(splits.num_classes)
     except ValueError as exc:
-        fail(EXIT_USAGE, f"{exc} (trusted pool of {pool_size}); raise --trusted-fraction or lower --folds")
+        more = "add samples to --trusted-npz" if cfg.trusted_npz is not None else "raise --trusted-fraction"
+        fail(EXIT_USAGE, f"{exc} (trusted pool of {pool_size}); {more} or lower --folds")
     if plan.mode == "crossfit" and cfg.n_synthetic == 0:
         fail(EXIT_USAGE, "--n-synthetic 0 leaves the mimic model without training data under cross-fitting (every "
                          "trusted image calibrates); pass --n-synthetic > 0 or --folds 1")
@@ -174,8 +177,9 @@ def preflight(cfg) -> None:
         # calibration leaves over.
         counts = np.bincount(pool.labels, minlength=splits.num_classes)
         rarest = int(counts.min())
-        if cfg.trusted_npz is not None and (rarest < 2 or plan.mode != "crossfit"):
-            # the pool is the user's file: --trusted-fraction does not apply to it
+        if cfg.trusted_npz is not None:
+            # the pool is the user's file: --trusted-fraction does not apply to it, and a class too
+            # rare to reach every fold's training part is a data problem whatever --folds says
             from training.pipeline import RARE_CLASS_SAMPLES
 
             fail(EXIT_DATA, f"{cfg.trusted_npz}: class {int(counts.argmin())} has {rarest} sample"
@@ -350,7 +354,7 @@ def datasets() -> None:
         table.add_column(col)
     for name, info in DATASETS.items():
         table.add_row(name, ",".join(map(str, info.shape)), info.description)
-    table.add_row("(your own)", "any", "fit/all --trusted-npz POOL.npz: images and labels you trust (fit --help)")
+    table.add_row("(your own)", "any (>= 4 x 4)", "fit/all --trusted-npz POOL.npz: images and labels you trust (fit --help)")
     console.print(table)
 
 
@@ -407,7 +411,7 @@ def _all_body(cfg, quantize: str | None, sign_key: Path | None) -> None:
 
 app.command("fit")(_command(
     "Train the detector and save it to OUT/detector (plus losses.png and synthetic_grid.png).\n\n"
-    "Reads only the train split. Export it afterwards with `depois-train export-onnx --out OUT`.",
+    "Reads only the train split of --dataset, or all of --trusted-npz as the trusted pool. Export it afterwards with `depois-train export-onnx --out OUT`.",
     [], _fit_body))
 app.command("all")(_command(
     "Fit, then export: OUT/detector, OUT/model.onnx, OUT/model.card.json and the PNGs.",

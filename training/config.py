@@ -59,12 +59,14 @@ class FitConfig(BaseModel):
 
     dataset: str = Field("digits", description="Data set (see `depois-train datasets`).")
     data_dir: Path | None = Field(None, description="Folder with the IDX .gz files (mnist, mnist-5k test, "
-                                                    "fashion-mnist).")
+                                                    "fashion-mnist; not digits, nor with --trusted-npz).")
     trusted_npz: Path | None = Field(
         None, description="Your own trusted pool instead of --dataset: an .npz file with `images` (uint8 0..255 or "
                           "float in [0, 1], [N, C, H, W] or [N, H, W]) and `labels` (integers 0..K-1, every class "
                           "present), made e.g. with np.savez('pool.npz', images=x, labels=y). Every sample is "
-                          "trusted (--trusted-fraction does not apply) and exact repeats are dropped; the images' "
+                          "trusted (--trusted-fraction does not apply) and exact repeats are dropped; images of at least 4 x 4, "
+                          "at least 2 classes with 2 or more samples each (10 or more keep a class's false alarms "
+                          "near the target); `evaluate` needs a registered data set. The images' "
                           "shape and the class count become the model's input contract, the file's name its "
                           "data set name. Step counts default to Fashion-MNIST's; the cGAN synthesises 4x the "
                           "pool. Check that the pool covers every style the stream will carry: the boundary is "
@@ -73,7 +75,7 @@ class FitConfig(BaseModel):
     download: bool = Field(True, description="Download missing IDX files (--offline: a missing file is an error).",
                            json_schema_extra=_cli("--download/--offline"))
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of every random choice; CPU runs are reproducible.")
-    trusted_fraction: float = Field(0.2, gt=0.0, le=1.0, description="Share of the train split the defender trusts.")
+    trusted_fraction: float = Field(0.2, gt=0.0, le=1.0, description="Share of the train split the defender trusts (not with --trusted-npz).")
     calibration_fraction: float = Field(
         0.2, gt=0.0, lt=1.0, description="Share of the trusted pool held out for calibration when the pool is "
                                          "large enough for a holdout (see --folds).")
@@ -144,7 +146,7 @@ class FitConfig(BaseModel):
                                                                     "p_auth(label|x) >= this.")
     aux_weight: float = Field(1.0, ge=0.0, le=1e6, description="Weight of the authenticator's loss in the cGAN generator.")
     n_synthetic: int | None = Field(None, ge=0, le=10_000_000, description="Synthetic samples to keep (default: train size - "
-                                                             "trusted size).")
+                                                             "trusted size; 4x the pool with --trusted-npz).")
     paper_k: float = Field(1.0, description="k of the paper's mean - k * std boundary (recorded, not used).")
     out_dir: Path | None = Field(None, description="Output folder.", json_schema_extra=_cli("--out"))
 

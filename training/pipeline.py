@@ -98,7 +98,8 @@ def calibration_warning(n: int, target_fpr: float, crossfit: bool = False) -> st
     if n * target_fpr < 1.0:
         return (f"{n} calibration samples cannot estimate a {target_fpr:.2%} quantile at all (needs >= "
                 f"{int(np.ceil(1 / target_fpr))}); the boundary flags no calibration sample and the realised FPR "
-                "is unknown: use a larger trusted pool (--trusted-fraction) or a larger --target-fpr")
+                "is unknown: use a larger trusted pool (--trusted-fraction, or more samples in --trusted-npz) "
+                "or a larger --target-fpr")
     spread = fpr_standard_error(target_fpr, n)
     if spread > MAX_RELATIVE_FPR_SPREAD * target_fpr:
         message = (f"{n} calibration samples for a {target_fpr:.2%} target FPR: the FPR realised on new clean "

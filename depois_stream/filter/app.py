@@ -344,8 +344,8 @@ class StreamFilter:
                 counts.append(producer.partition_count(topic))
             except MissingTopic as exc:
                 raise StartupError(f"output topic {topic!r} is not usable ({exc}): create it "
-                                   "(docs/operations.md lists the topics) or fix the topic "
-                                   "flags") from None
+                                   "(docs/operations.md lists the topics), fix the topic flags, "
+                                   "or let the principal Describe it") from None
             except ClientError as exc:  # not an answer about the topic: connection, rights
                 raise StartupError(f"cannot check output topic {topic!r} ({exc}): check "
                                    "--bootstrap-servers, the broker and the --kafka security "

@@ -17,8 +17,9 @@ What it guarantees, whichever client library is behind it:
   7,000 duplicate outputs per 15 s freeze, in exactly-once mode too; stop 42). Taking the commit
   skips nothing: an offset is committed only once every record below it was delivered, by
   whichever member. It is ahead of the hand-back only when someone moved it there: another
-  member that filtered the partition, or an operator who reset the group's offsets while this
-  member was away (which it then honours, as any member would).
+  member that filtered the partition, or an operator who moved the group's offsets forward
+  while this member was away (honoured, as any member would; a reset backwards is not, the
+  further of the two wins).
 * **A batch never mixes in records read while paused.** While the circuit breaker holds the
   stream, anything a poll still returns is handed back (the partition is rewound to it).
 * **Rewinds are exact.** ``rewind`` puts a partition back to a given offset and forgets what was

@@ -68,7 +68,8 @@ def produce(
     npz: Optional[Path] = typer.Option(
         None, exists=True, dir_okay=False, help="Publish this .npz instead of a named data set: arrays "
         "`images` ([N, C, H, W] or [N, H, W], float in [0, 1] or uint8 0..255) and `labels` ([N] "
-        "integers 0..K-1), the rules the filter applies; any other file is refused (exit 2)."),
+        "integers 0..K-1), the rules every user array follows; any other file is refused (exit 2). "
+        "The model is not checked: records it cannot take are dead-lettered by the filter."),
     data_dir: Optional[Path] = typer.Option(None, help="Where the named data set's files are."),
     attack: AttackChoice = typer.Option(
         AttackChoice.none, help="Poison the stream with this numpy attack before publishing."),
@@ -99,7 +100,7 @@ def produce(
 
     Exit codes: 0 published; 1 Kafka did not take every record (unreachable broker, refused
     send); 2 a flag or the data is wrong (--kafka or --bootstrap-servers malformed, an unknown
-    or missing data set, an --npz file the filter would refuse, an attack the data cannot take),
+    or missing data set, an --npz file that breaks the array rules, an attack the data cannot take),
     nothing sent. Each failure is one line on stderr.
     """
     from kafka.errors import KafkaError
@@ -140,7 +141,9 @@ def broker(
         "refused (exit 2): pick another and give the same address to the other commands."),
     create_topics: bool = typer.Option(
         True, "--create-topics/--no-create-topics",
-        help="Create the default depois.* topics at start (Tansu cannot add partitions later)."),
+        help="Create the default depois.* topics at start (Tansu cannot add partitions later). With "
+        "--no-create-topics create them yourself: `depois-stream run` never creates its output topics "
+        "and refuses to start without them."),
     partitions: int = typer.Option(
         1, min=1, help="Partitions per created topic (= max consumers that share the work)."),
     log_file: Optional[Path] = typer.Option(
