@@ -164,9 +164,10 @@ class FitConfig(BaseModel):
         """--trusted-npz is the whole trusted pool: flags that pick a pool out of a registered
         data set would be silently ignored, so they are refused."""
         if self.trusted_npz is not None:
-            clashing = [flag for flag, given in (("--dataset", self.dataset != "digits"),
-                                                 ("--data-dir", self.data_dir is not None),
-                                                 ("--trusted-fraction", self.trusted_fraction != 0.2)) if given]
+            fields = type(self).model_fields
+            clashing = [flag for flag, name in (("--dataset", "dataset"), ("--data-dir", "data_dir"),
+                                                ("--trusted-fraction", "trusted_fraction"))
+                        if getattr(self, name) != fields[name].default]
             if clashing:
                 raise ValueError(f"{' and '.join(clashing)} choose a pool from a registered data set, and "
                                  "--trusted-npz is the whole trusted pool: give one or the other")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -535,9 +536,7 @@ def samples_named_once(sample_ids: list[str], release_ids: list[str]) -> list[st
     ingest record on the quarantine topic: named once per record, a release run again named the
     one sample twice ("already_released: k (in:0:7), k (in:0:7)"), which reads as two samples.
     """
-    copies: dict[tuple[str, str], int] = {}
-    for pair in zip(sample_ids, release_ids):
-        copies[pair] = copies.get(pair, 0) + 1
+    copies = Counter(zip(sample_ids, release_ids))  # first-seen order, as a dict keeps it
     return [f"{shown(sid)} ({shown(rid, RELEASE_ID_CHARS)}"
             + (f", {n} copies)" if n > 1 else ")") for (sid, rid), n in copies.items()]
 

@@ -187,9 +187,9 @@ def own_dataset(path: str | Path) -> DatasetSplits:
     classes = np.unique(pool.labels)
     if len(classes) < 2:
         raise DatasetError(f"{path}: one class only (label {classes[0]}); a label check needs >= 2 classes")
-    if len(classes) != int(classes[-1]) + 1:
-        gaps = np.setdiff1d(np.arange(min(int(classes[-1]) + 1, len(classes) + 10)), classes)
-        shown = ", ".join(map(str, gaps[:10])) + (" ..." if int(classes[-1]) + 1 - len(classes) > 10 else "")
+    gaps = np.setdiff1d(np.arange(int(classes[-1]) + 1), classes)  # labels < MAX_CLASSES (read_npz)
+    if gaps.size:
+        shown = ", ".join(map(str, gaps[:10])) + (" ..." if gaps.size > 10 else "")
         raise DatasetError(f"{path}: labels run 0..{int(classes[-1])} but class {shown} has no sample; "
                            "number your classes 0..K-1 without gaps")
     shape = tuple(int(d) for d in pool.images.shape[1:])

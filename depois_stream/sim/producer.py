@@ -86,10 +86,11 @@ def load_samples(dataset: str = "digits", split: Split = "test", npz: Path | Non
     (``depois_stream.sim.datasets``: digits is bundled with scikit-learn, the others are files).
 
     The ``.npz`` goes through ``read_npz``, the reader every user array goes through, so what is
-    published follows the rules the stream filter's Detector applies: a file it would refuse
+    published follows the contract's array rules (``contract.arrays``): a file that breaks them
     (float labels, which a cast would truncate, pixels outside [0, 1], a single ``.npy`` array,
     labels shaped [N, 1], ...) raises ``DatasetError`` in one line before anything is sent. The
-    class count is the largest label + 1, the most the file itself says about it.
+    model is not known here: the class count is the largest label + 1, the most the file itself
+    says about it.
     """
     if npz is not None:
         own = read_npz(npz)

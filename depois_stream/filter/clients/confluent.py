@@ -464,7 +464,7 @@ class ConfluentProducer:
             raise MissingTopic(topic)
         if info.error is not None or not info.partitions:
             raise ClientError(f"topic {topic!r} is not available"
-                              + (f" ({info.error.str()})" if info and info.error else ""),
+                              + (f" ({info.error.str()})" if info.error else ""),
                               retriable=True)
         return len(info.partitions)
 
