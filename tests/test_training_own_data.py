@@ -214,3 +214,16 @@ def test_an_own_pool_with_a_one_sample_class_is_told_to_add_samples_not_to_raise
     result = CliRunner().invoke(app, ["fit", "--trusted-npz", str(path), "--out", str(tmp_path / "o")])
     _one_line(result, EXIT_DATA, "class 2 has 1 sample", "add samples of it")
     assert "--trusted-fraction" not in result.output
+
+
+def test_an_own_pool_smaller_than_the_folds_names_both_remedies_that_apply(tmp_path: Path) -> None:
+    """Six images cannot be cut into the default 10 folds: the remedy names the user's file (not
+    --trusted-fraction, which --trusted-npz refuses) and --folds, and nothing is trained."""
+    rng = np.random.default_rng(0)
+    path = _save(tmp_path / "pool.npz", images=rng.integers(0, 256, (6, 8, 8), dtype=np.uint8),
+                 labels=np.array([0, 0, 1, 1, 2, 2]))
+    result = CliRunner().invoke(app, ["fit", "--trusted-npz", str(path), "--out", str(tmp_path / "o")])
+    _one_line(result, EXIT_USAGE, "cannot cut 6 trusted samples into 10 folds",
+              "add samples to --trusted-npz or lower --folds")
+    assert "--trusted-fraction" not in result.output
+    assert not (tmp_path / "o" / "detector").exists()
