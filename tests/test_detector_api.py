@@ -57,3 +57,47 @@ def test_importing_the_package_loads_no_onnxruntime_until_detector_is_used() -> 
             "assert 'onnxruntime' in sys.modules and Detector.__name__ == 'Detector'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+def test_scoring_threads_are_the_callers_choice_and_the_filters_setting(centroid_model: Path,
+                                                                         digits_arrays) -> None:
+    """Outside review: no way to bound onnxruntime's threads on a shared host (its default is one
+    per core it sees, in a container possibly the node's). Detector.load(threads=...) and
+    `depois-stream run --scorer-threads` / DEPOIS_SCORER_THREADS set them; 0 keeps the default."""
+    from depois_stream import Detector
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.filter.config import ConfigError, load_config
+    from depois_stream.filter.detector import ModelLoadError
+
+    _, _, xte, yte = digits_arrays
+    default, one = Detector.load(centroid_model), Detector.load(centroid_model, threads=1)
+    assert default.session.get_session_options().intra_op_num_threads == 0
+    assert one.session.get_session_options().intra_op_num_threads == 1
+    np.testing.assert_array_equal(one.predict(xte, yte).score, default.predict(xte, yte).score)
+    with pytest.raises(ModelLoadError, match="threads must be 0"):
+        Detector.load(centroid_model, threads=-1)
+    flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", metrics_port=None,
+                                   scorer_threads=2))
+    assert flt.detector.session.get_session_options().intra_op_num_threads == 2
+    with pytest.raises(ConfigError, match="scorer_threads"):
+        load_config(model_path=centroid_model, scorer_threads=-1)
+
+
+def test_uint8_images_on_a_small_scale_are_scored_but_warned_about(centroid_model: Path,
+                                                                    digits_arrays) -> None:
+    """Outside review: scikit-learn's digits cast to uint8 (0..16) were read as near-black 0..255
+    images and every one flagged, without a word. They are still read by the contract's rule
+    (uint8 is 0..255), with a warning that names the likely fix; full-range uint8 is silent."""
+    import warnings
+
+    from depois_stream import Detector
+    from depois_stream.contract.arrays import LowRangeWarning
+
+    _, _, xte, yte = digits_arrays
+    det = Detector.load(centroid_model)
+    with pytest.warns(LowRangeWarning, match="peak at 16.*images / 16.0"):
+        det.predict(np.round(xte * 16).astype(np.uint8), yte)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        det.predict(np.round(xte * 255).astype(np.uint8), yte)
+        det.predict(np.zeros_like(xte, dtype=np.uint8), yte)  # all black: nothing to say

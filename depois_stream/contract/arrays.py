@@ -15,14 +15,23 @@ numpy only: the stream filter, the tools and training all import it.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 RANGE_TOLERANCE = 1e-3  # float pixels a rounding step outside [0, 1] are clipped, not refused
 MAX_CLASSES = 1 << 16  # labels are class indices; a code of 10**9 is not one (and bincount would need 8 GB)
+# uint8 images that never reach this are almost surely on another scale (scikit-learn's digits
+# are 0..16): read as 0..255 they are near-black, and every one of them is flagged.
+LOW_UINT8_PEAK = 32
 
 
 class ArrayError(ValueError):
     """Arrays that break the contract's rules; the message says what to pass instead."""
+
+
+class LowRangeWarning(UserWarning):
+    """uint8 images that peak far below 255: probably pixels on a smaller scale, cast as they were."""
 
 
 def to_contract(images: np.ndarray, labels: np.ndarray, shape: tuple[int, ...] | None = None,
@@ -63,6 +72,11 @@ def _check_labels(y: np.ndarray, num_classes: int | None) -> None:
 
 def _pixels(x: np.ndarray) -> np.ndarray:
     if x.dtype == np.uint8:
+        peak = int(x.max()) if x.size else 0
+        if 0 < peak < LOW_UINT8_PEAK:
+            warnings.warn(f"uint8 images are read as 0..255 and these peak at {peak}: if their scale is "
+                          f"0..{peak}, pass float images divided by it (e.g. images / {peak}.0)",
+                          LowRangeWarning, stacklevel=5)  # the caller of Detector.predict
         out = x.astype(np.float32)
         out /= np.float32(255)
         return out

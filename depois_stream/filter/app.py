@@ -490,7 +490,8 @@ class StreamFilter:
         try:
             return Detector.load(path, device=self.cfg.device, require_gpu=self.cfg.require_gpu,
                                  verify_card=self.cfg.verify_card,
-                                 public_key=self.cfg.verify_signature)
+                                 public_key=self.cfg.verify_signature,
+                                 threads=self.cfg.scorer_threads)
         except ModelLoadError as exc:
             self.metrics.model_rejections.labels(exc.reason).inc()
             raise

@@ -85,6 +85,10 @@ class ConsumerConfig(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description=(
         "auto (CUDA when onnxruntime offers it), cuda or cpu. The provider actually used is "
         "logged and exported as depois_model_info."))
+    scorer_threads: int = Field(0, ge=0, le=1024, description=(
+        "onnxruntime threads for scoring on the CPU; 0 = onnxruntime's default, one per core it "
+        "sees (in a container on a large node that can be the node's cores: set the CPU request "
+        "instead)."))
     require_gpu: bool = Field(False, description="Refuse to start unless scoring runs on CUDA.",
                               json_schema_extra=flag("--require-gpu/--allow-cpu"))
     verify_signature: Path | None = Field(None, description=(

@@ -110,12 +110,15 @@ def requested_providers(device: Device, available: list[str]) -> list[str]:
     return [CPU]
 
 
-def session_options() -> ort.SessionOptions:
+def session_options(threads: int = 0) -> ort.SessionOptions:
     """No busy-waiting: by default onnxruntime's intra-op threads spin after every run, taking
     the cores the Kafka client's Python thread needs between batches (on 2 cores that cost the
-    pipeline a third of its rate; see docs/performance.md)."""
+    pipeline a third of its rate; see docs/performance.md). ``threads``: intra-op threads; 0
+    leaves onnxruntime's default, one per core it sees, which in a container on a large node
+    can be the node's cores rather than the container's share."""
     options = ort.SessionOptions()
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.intra_op_num_threads = threads
     return options
 
 
@@ -153,7 +156,7 @@ class Detector:
     @classmethod
     def load(cls, path: str | Path, device: Device = "auto", require_gpu: bool = False,
              verify_card: bool = True, public_key: str | Path | None = None,
-             signature_option: str = RUN_KEY_OPTION) -> Detector:
+             signature_option: str = RUN_KEY_OPTION, threads: int = 0) -> Detector:
         """Open and verify a model exported by ``depois-train export-onnx``.
 
         Checks, in order: the file exists; with ``public_key``, the model and its card are
@@ -164,7 +167,11 @@ class Detector:
         honour the contract; its ``poisoned`` output agrees with the metadata boundary.
         ``signature_option``: how the caller's user passes ``public_key``, named by the warning
         about an unsigned model (``replay rescore`` has the flag only, not the variable).
+        ``threads``: onnxruntime intra-op threads on the CPU (0: onnxruntime's default); set it
+        to the cores the process may use where other work shares the host.
         """
+        if threads < 0:
+            raise ModelLoadError(f"threads must be 0 (onnxruntime's default) or more, got {threads}", "load")
         path = Path(path)
         try:
             is_file, is_dir = path.is_file(), path.is_dir()
@@ -205,7 +212,7 @@ class Detector:
                 _verify_card(path, sha)
         requested = requested_providers(device, ort.get_available_providers())
         session = _open_session(path, source, requested,
-                                quiet=device == "auto" and requested[0] == CUDA)
+                                quiet=device == "auto" and requested[0] == CUDA, threads=threads)
         _check_io(session, path)
         try:
             meta = ModelMetadata.from_props(session.get_modelmeta().custom_metadata_map)
@@ -359,14 +366,14 @@ class Detector:
 
 
 def _open_session(path: Path, source: str | bytes, providers: list[str],
-                  quiet: bool) -> ort.InferenceSession:
+                  quiet: bool, threads: int = 0) -> ort.InferenceSession:
     """An onnxruntime session on ``providers``. ``quiet``: trying CUDA for ``--device auto``,
     where a CPU-only host is normal, so onnxruntime's own error line about missing CUDA
     libraries is silenced (the provider actually used is logged and exported instead)."""
     if quiet:
         ort.set_default_logger_severity(4)
     try:
-        return ort.InferenceSession(source, session_options(), providers=providers)
+        return ort.InferenceSession(source, session_options(threads), providers=providers)
     except Exception as exc:  # onnxruntime raises its own untyped errors for corrupt files
         first = first_line(exc) or type(exc).__name__
         raise ModelLoadError(
