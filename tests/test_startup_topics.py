@@ -35,3 +35,28 @@ def test_a_missing_output_topic_is_refused_and_not_created(broker, kafka_client:
     assert proc.returncode == 2, (proc.returncode, err[-2000:])
     assert f"{unique}-cleanx" in err and "Traceback" not in err, err[-2000:]
     assert f"{unique}-cleanx" not in _topics(broker.bootstrap)
+
+
+def test_an_output_topic_the_broker_does_not_answer_about_names_the_connection_not_the_topic(
+        centroid_model) -> None:
+    """The other refusal: the metadata call itself failed (connection, rights), so the topic may
+    well exist; the message points at the connection and the principal's rights, not at
+    creating the topic."""
+    import pytest
+
+    from depois_stream.filter.app import StartupError, StreamFilter
+    from depois_stream.filter.clients.base import ClientError
+    from depois_stream.filter.config import load_config
+
+    class Refusing:
+        def partition_count(self, topic: str) -> int:
+            if topic == "depois.quarantine":
+                raise ClientError("TopicAuthorizationFailed", retriable=False)
+            return 3
+
+    flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", metrics_port=None))
+    with pytest.raises(StartupError) as info:
+        flt._output_partitions(Refusing())
+    message = str(info.value)
+    assert message.startswith("cannot check output topic 'depois.quarantine' (TopicAuthorizationFailed)")
+    assert "Describe and Write" in message and "create it" not in message
