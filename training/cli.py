@@ -232,22 +232,59 @@ def _fit_and_save(cfg, out: Path):
 
 
 def _export(det, model: Path, quantize: str | None = None, sign_key: Path | None = None) -> None:
+    """Write the model, its card, its int8 copy and their signatures, all or nothing.
+
+    Every file is built and signed in a staging folder beside ``model`` (same file system, same
+    folder name, which the signature covers); only when everything succeeded are they renamed
+    into place, each model's card and signature before the model itself. A filter hot-reloading
+    from that folder reacts only to a new model file, so it never sees a new model beside the old
+    card or signature (before stop 43 the model landed first: a reload in that second was
+    rejected as a forged signature, and a failed signing left the new model beside the old .sig).
+    """
+    import tempfile
+
     from training.export import ExportParityError, export_onnx
 
-    try:
-        card = export_onnx(det, model)
-    except ExportParityError as exc:
-        fail(EXIT_REFUSED, f"export refused: {exc}")
-    console.print(f"wrote {model} (sha256 {card.onnx_sha256[:16]}...) and its model card")
-    written = [model]
-    if quantize == "int8":
-        from training.quantize import int8_path_for
+    model.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model.parent, prefix=".depois-export-") as tmp:
+        stage = Path(tmp) / (model.parent.resolve().name or "model")
+        stage.mkdir()
+        staged = stage / model.name
+        try:
+            card = export_onnx(det, staged)
+        except ExportParityError as exc:
+            fail(EXIT_REFUSED, f"export refused: {exc}")
+        written, lines = [staged], [f"wrote {model} (sha256 {card.onnx_sha256[:16]}...) and its model card"]
+        refused = None  # the int8 gate's refusal: the fp32 model is still published, then exit 1
+        if quantize == "int8":
+            from training.quantize import QuantizationRefused, int8_path_for, quantize_detector
 
-        _quantize(det, model)
-        written.append(int8_path_for(model))
-    if sign_key is not None:
+            try:
+                report = quantize_detector(det, staged)
+                written.append(int8_path_for(staged))
+                lines.append(f"wrote {int8_path_for(model)}: {report.summary()}")
+            except QuantizationRefused as exc:
+                refused = exc
+        if sign_key is not None:
+            for path in written:
+                sig = _sign(path, sign_key)
+                lines.append(f"signed {path.name} and its card: {model.parent / sig.name}")
         for path in written:
-            _sign(path, sign_key)
+            _publish(path, model.parent)
+    for line in lines:
+        console.print(line)
+    if refused is not None:
+        fail(EXIT_REFUSED, f"int8 model refused (only {model.name} was written): {refused}")
+
+
+def _publish(staged: Path, folder: Path) -> None:
+    """Rename a staged model's card and signature, then the model, into ``folder`` (atomic each)."""
+    from depois_stream.contract import card_path_for
+    from depois_stream.contract.signing import signature_path_for
+
+    for path in (card_path_for(staged), signature_path_for(staged), staged):
+        if path.exists():
+            os.replace(path, folder / path.name)
 
 
 SIGN_PASSWORD_ENV = "DEPOIS_SIGN_KEY_PASSWORD"
@@ -287,24 +324,13 @@ def _refuse_stale_signature(model: Path, quantize: str | None) -> None:
                              "unsigned")
 
 
-def _sign(model: Path, sign_key: Path) -> None:
+def _sign(model: Path, sign_key: Path) -> Path:
     from depois_stream.contract.signing import SignatureError, sign_model
 
     try:
-        sig = sign_model(model, sign_key, password=os.environ.get(SIGN_PASSWORD_ENV))
+        return sign_model(model, sign_key, password=os.environ.get(SIGN_PASSWORD_ENV))
     except SignatureError as exc:
-        fail(EXIT_REFUSED, f"signing {model} failed: {exc}")
-    console.print(f"signed {model.name} and its card: {sig}")
-
-
-def _quantize(det, model: Path) -> None:
-    from training.quantize import QuantizationRefused, int8_path_for, quantize_detector
-
-    try:
-        report = quantize_detector(det, model)
-    except QuantizationRefused as exc:
-        fail(EXIT_REFUSED, f"int8 model refused: {exc}")
-    console.print(f"wrote {int8_path_for(model)}: {report.summary()}")
+        fail(EXIT_REFUSED, f"signing {model.name} failed, nothing was published: {exc}")
 
 
 def _summary(det, out: Path) -> None:

@@ -297,8 +297,11 @@ def sign_model(model_path: str | Path, private_key_path: str | Path,
         folder = _write_private_copy(Path(tmp), model_path.parent.resolve().name or "model",
                                      {model_path.name: model_bytes, card_path.name: card_bytes})
         out = Path(tmp) / "model.sig"
+        # model-signing 1.x declares the password a str but hands it to cryptography, which
+        # takes bytes only: a str raised TypeError from inside it (an encrypted key never signed)
+        secret = password.encode() if password is not None else None
         ms.signing.Config().use_elliptic_key_signer(
-            private_key=private_key_path, password=password).sign(folder, out)
+            private_key=private_key_path, password=secret).sign(folder, out)  # type: ignore[arg-type]
         sig_path.parent.mkdir(parents=True, exist_ok=True)
         staged = sig_path.with_name(f".{sig_path.name}.tmp-{os.getpid()}")
         staged.write_bytes(out.read_bytes())
