@@ -110,7 +110,7 @@ def test_no_depois_variable_the_project_itself_reads_or_sets_is_called_unknown()
     # options.py's help-text placeholder (DEPOIS_<NAME>) and unknown_env's own misspelt example
     used -= {"DEPOIS_NAME", "DEPOIS_VERIFY_SIGNATUR"}
     assert len(used) > 20, sorted(used)
-    assert unknown_env(dict.fromkeys(used, "x")) == []
+    assert unknown_env(dict.fromkeys(used, "x")) == ([], [])
 
 
 def test_unreadable_config_file(tmp_path: Path) -> None:

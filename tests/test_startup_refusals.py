@@ -23,9 +23,10 @@ from depois_stream.contract import Boundary, ContractError, ModelMetadata
 NOWHERE = "127.0.0.1:1"
 
 
-def run_cli(*args: str | bytes, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "depois_stream", *args], capture_output=True,
-                          timeout=timeout, env={**os.environ, "DEPOIS_BOOTSTRAP_SERVERS": NOWHERE})
+def run_cli(*args: str | bytes, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "depois_stream", *args], capture_output=True, timeout=timeout,
+                          env={**os.environ, "DEPOIS_BOOTSTRAP_SERVERS": NOWHERE, **(env or {})})
 
 
 def one_line_exit_2(proc: subprocess.CompletedProcess[bytes], needle: str) -> None:

@@ -35,7 +35,9 @@ from depois_stream.audit.trail import (
 )
 from depois_stream.contract import utc_now_iso
 from depois_stream.filter.clients.kafka_python import check_passthrough, options_for
-from depois_stream.filter.config import MAX_SECONDS, TOPIC_NAME, describe_errors, unknown_env_matches
+from depois_stream.filter.config import (
+    MAX_SECONDS, TOPIC_NAME, describe_errors, misspells, unknown_env_matches,
+)
 from depois_stream.audit.metrics import ReplayMetrics
 
 CLIENT_ID = "depois-replay"
@@ -151,7 +153,7 @@ def unknown_replay_env(environ: Mapping[str, str]) -> tuple[list[str], list[str]
         if name.upper() in own:
             continue
         entry = f"{name} (did you mean {close}?)" if close else name
-        (refused if close in own else warned).append(entry)
+        (refused if misspells(name, close, own) else warned).append(entry)
     return refused, warned
 
 

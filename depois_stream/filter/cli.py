@@ -97,9 +97,15 @@ def _run(log_level: str, **settings: Any) -> None:
                    EXIT_STARTUP)
     configure(log_level)
     _report_native_crashes()
-    for name in unknown_env(os.environ):
+    misspelt, unknown = unknown_env(os.environ)
+    for name in unknown:
         log.warning("environment variable %s sets nothing: `depois-stream run --help` lists the "
                     "DEPOIS_* settings", name)
+    if misspelt:
+        many = len(misspelt) > 1
+        raise fail(program, f"environment variable{'s' * many} {', '.join(misspelt)} set{'' if many else 's'} "
+                            f"nothing: correct or unset {'them' if many else 'it'} (`depois-stream run --help` "
+                            "lists the DEPOIS_* settings)", EXIT_STARTUP)
     kafka = parse_pairs("kafka", settings.get("kafka"))  # a typo here is a usage error (exit 2)
     try:
         cfg = load_config(**{**settings, "kafka": kafka})

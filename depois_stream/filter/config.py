@@ -155,6 +155,16 @@ class ConsumerConfig(BaseSettings):
         "Exit 0 after this many seconds without records (demos and tests); time while the "
         "broker is unreachable does not count."))
 
+    @field_validator("config_file", "model_path", "verify_signature", "control_dir", mode="before")
+    @classmethod
+    def _no_empty_path(cls, v: Any) -> Any:
+        """An empty value (``DEPOIS_VERIFY_SIGNATURE=`` from a template whose variable was unset)
+        would become the path ".": refused with its cause named, not as "public key . cannot be
+        read", and never taken for "not set" (for the key, that would turn verification off)."""
+        if isinstance(v, str) and not v.strip():
+            raise ValueError("is empty: name a file (or folder), or unset it")
+        return v
+
     @field_validator("*", mode="after")
     @classmethod
     def _text_a_client_can_take(cls, v: Any) -> Any:
@@ -262,6 +272,25 @@ OTHER_TOOLS_ENV = frozenset({
 })
 
 
+# How alike (difflib's ratio) an unknown DEPOIS_* name must be to a setting's to be taken for a
+# misspelling of it and refused: one or two characters off a name of about twenty
+# (DEPOIS_VERIFY_SIGNATUR: 0.98). A platform's own variables stay below it, Kubernetes' service
+# links for the Service depois-consumer say (its <NAME>_PORT: 0.77 to DEPOIS_METRICS_PORT), and
+# are only warned about.
+MISSPELT_RATIO = 0.85
+
+
+def misspells(name: str, close: str | None, settings: set[str] | frozenset[str]) -> bool:
+    """Whether the unknown variable ``name`` is a misspelling of ``close``, one of ``settings``."""
+    return close is not None and close in settings and difflib.SequenceMatcher(
+        None, name.upper(), close).ratio() >= MISSPELT_RATIO
+
+
+def run_env_names() -> frozenset[str]:
+    """The DEPOIS_* variable of every `depois-stream run` setting."""
+    return frozenset(f"DEPOIS_{name.upper()}" for name in ConsumerConfig.model_fields)
+
+
 def unknown_env_matches(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """``DEPOIS_*`` variables that set nothing, each with the known variable it most likely meant
     (None when none is close). Names compare in upper case: pydantic-settings reads them in any
@@ -274,14 +303,22 @@ def unknown_env_matches(environ: Mapping[str, str]) -> list[tuple[str, str | Non
     return out
 
 
-def unknown_env(environ: Mapping[str, str]) -> list[str]:
-    """``DEPOIS_*`` variables that set nothing, each with the setting it most likely meant.
+def unknown_env(environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
+    """``DEPOIS_*`` variables that set nothing, each with the setting it most likely meant, split
+    into misspellings of a `run` setting (``misspells``: refused at start-up) and the rest (warned
+    about: a platform may add DEPOIS_* variables of its own).
 
     pydantic-settings ignores environment variables it does not know, so a misspelt
-    ``DEPOIS_VERIFY_SIGNATUR`` would silently serve unsigned models: start-up says so instead.
+    ``DEPOIS_VERIFY_SIGNATUR`` would silently serve models signed by anyone (stop 43: it was only
+    warned about, and the filter ran without verifying).
     """
-    return [f"{name} (did you mean {close}?)" if close else name
-            for name, close in unknown_env_matches(environ)]
+    own = run_env_names()
+    refused: list[str] = []
+    warned: list[str] = []
+    for name, close in unknown_env_matches(environ):
+        entry = f"{name} (did you mean {close}?)" if close else name
+        (refused if misspells(name, close, own) else warned).append(entry)
+    return refused, warned
 
 
 def describe_errors(exc: ValidationError) -> str:
