@@ -33,7 +33,7 @@ from tests.test_replay_release import (
 scratch = test_replay_release.scratch  # the same fixture (fresh topics per test), used here too
 
 # Hints that only `depois-stream run` can act on.
-RUN_ONLY = ("--model-path", "DEPOIS_MODEL_PATH", "--no-verify-card", "DEPOIS_VERIFY_SIGNATURE")
+RUN_ONLY = ("--model-path", "DEPOIS_MODEL_PATH", "--no-verify-card")
 
 
 def _put(s: Scratch, values: list[tuple[bytes, bytes]]) -> None:
@@ -128,3 +128,28 @@ def test_only_a_variable_that_meant_a_replay_setting_is_refused() -> None:
     assert refused == ["DEPOIS_CLEAN_TOPC (did you mean DEPOIS_CLEAN_TOPIC?)",
                        "depois_quarantine_topc (did you mean DEPOIS_QUARANTINE_TOPIC?)"]
     assert [w.split(" ")[0] for w in warned] == ["DEPOIS_X_SERVICE_HOST"]
+
+
+def test_rescore_verifies_with_the_filter_s_key_variable(scratch: Scratch, tmp_path: Path,
+                                                         centroid_model: Path) -> None:
+    """Operator walkthrough (stop 43): with DEPOIS_VERIFY_SIGNATURE set, as in the filter's pod,
+    rescore scored a model signed by another key ("loaded WITHOUT signature verification");
+    operations.md said the variable verifies in rescore too. An empty one is refused as empty."""
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl makes the test key")
+    private, public = tmp_path / "team.pem", tmp_path / "team.pub"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(private)],
+                   check=True)
+    subprocess.run(["openssl", "ec", "-in", str(private), "-pubout", "-out", str(public)], check=True,
+                   capture_output=True)
+    _put(scratch, [(b"s0", sample("s0")[0])])
+    hist = ("--device", "cpu", "--histogram", str(tmp_path / "h.png"))
+    code, out = replay(scratch, "rescore", "--model", str(centroid_model), *hist,
+                       env={"DEPOIS_VERIFY_SIGNATURE": str(public)})
+    assert code != 0 and "unsigned" in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "h.png").exists()
+    code, out = replay(scratch, "rescore", "--model", str(centroid_model), *hist,
+                       env={"DEPOIS_VERIFY_SIGNATURE": ""})
+    assert code == 2 and "DEPOIS_VERIFY_SIGNATURE is empty" in out, out

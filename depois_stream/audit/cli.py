@@ -186,6 +186,23 @@ def _time_ms(text: str | None, flag_name: str) -> int | None:
     return ms
 
 
+VERIFY_ENV = "DEPOIS_VERIFY_SIGNATURE"
+
+
+def _verification_key(flag: Path | None) -> Path | None:
+    """``--verify-signature``, else the filter's ``DEPOIS_VERIFY_SIGNATURE``: rescore runs in the
+    filter's environment, where that variable means "verify every model" (stop 43: rescore
+    ignored it and scored a model signed by another key)."""
+    if flag is not None:
+        return flag
+    value = os.environ.get(VERIFY_ENV)
+    if value is None:
+        return None
+    if not value.strip():
+        _fail(f"{VERIFY_ENV} is empty: name the public key, or unset it", EXIT_USAGE)
+    return Path(value)
+
+
 def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     typer.echo(f"depois-stream replay: {message}", err=True)
     raise typer.Exit(code)
@@ -429,13 +446,13 @@ def rescore_(**kw: Any) -> None:
     problem = model_file_problem(kw["model"])
     if problem is not None:
         _fail(problem, EXIT_USAGE)
+    key = _verification_key(kw["verify_signature"])
     settings = _settings(sel)
     _refuse_foreign_topic("rescore", sel, settings)
     _, chosen = _read(sel, settings)
     try:
-        detector = Detector.load(kw["model"], device=kw["device"],
-                                 public_key=kw["verify_signature"],
-                                 signature_option="--verify-signature")
+        detector = Detector.load(kw["model"], device=kw["device"], public_key=key,
+                                 signature_option=f"--verify-signature / {VERIFY_ENV}")
     except ModelLoadError as exc:
         _fail(str(exc))
     metrics = ReplayMetrics()
@@ -576,7 +593,8 @@ _register("rescore", rescore_,
                  "when offered), cuda or cpu."),
           option("verify_signature", Optional[Path], None, "--verify-signature", help=(
               "Public key: refuse the model unless its model.sig verifies with it (as "
-              "`depois-stream run --verify-signature` does).")),
+              "`depois-stream run --verify-signature` does). Default: DEPOIS_VERIFY_SIGNATURE, "
+              "the filter's own setting, when it is set.")),
           AS_JSON, *OUTPUTS)
 _register("release", release_,
           option("operator", Optional[str], None, "--operator", help="Who approves the release "
