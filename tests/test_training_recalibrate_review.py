@@ -239,6 +239,29 @@ def test_the_next_step_exports_over_the_served_model_as_the_docs_say(run: Path, 
     assert "export-onnx --out INTO --model <served model.onnx>" in help_text  # what the hint repeats
 
 
+
+def test_the_recalibrated_card_says_what_it_came_from(run: Path, test_split: LabeledImages, tmp_path: Path) -> None:
+    """Operator walkthrough (stop 43): the card of a recalibrated model named neither the model it
+    was recalibrated from nor the clean file, and kept the first fit's created_at under a new
+    model version. An auditor now finds the parent version, the file and its sha256."""
+    from depois_stream.contract import sha256_file
+
+    clean = _npz(tmp_path / "clean.npz", test_split.images, test_split.labels)
+    into = tmp_path / "recal"
+    assert _recalibrate(run, clean, into, "--max-flagged", "1").exit_code == 0
+    served = tmp_path / "served" / "model.onnx"
+    result = CliRunner().invoke(app, ["export-onnx", "--out", str(into), "--model", str(served)])
+    assert result.exit_code == 0, result.output
+    before = ModelCard.model_validate_json(card_path_for(run / "model.onnx").read_text())
+    after = ModelCard.model_validate_json(card_path_for(served).read_text())
+    note = next(n for n in after.notes if n.startswith("recalibrated on"))
+    assert f"clean.npz (sha256 {sha256_file(clean)[:16]}" in note, note
+    assert f"recalibrated from {before.metadata.model_version}" in note, note
+    assert f"first fitted as {before.metadata.model_version}" in note, note
+    assert after.metadata.model_version != before.metadata.model_version
+    assert after.metadata.created_at > before.metadata.created_at
+
+
 # ------------------------------------------------------------------ 6. exports over a signed model
 
 
@@ -348,5 +371,6 @@ def test_the_dropped_repeats_are_kept_in_the_detector_s_report(run: Path, test_s
     into = tmp_path / "recal"
     assert _recalibrate(run, clean, into, "--max-flagged", "1").exit_code == 0
     state = json.loads((into / "detector" / "detector.json").read_text())
-    assert state["report"]["calibration"] == {"source": "infer_threshold", "n": len(test_split),
-                                              "repeats_dropped": len(test_split)}
+    calibration = state["report"]["calibration"]
+    assert {k: calibration[k] for k in ("source", "n", "repeats_dropped")} == {
+        "source": "infer_threshold", "n": len(test_split), "repeats_dropped": len(test_split)}

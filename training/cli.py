@@ -563,6 +563,9 @@ def recalibrate_cmd(
                              max_flagged)
     except CleanDataError as exc:
         fail(EXIT_DATA, f"--clean: {exc}")
+    from depois_stream.contract import sha256_file
+
+    det.report["calibration"].update(clean_file=clean.name, clean_sha256=sha256_file(clean))  # for the card
     writable_folder(into, "--into")
     det.save(into / "detector")
     table = Table(title=f"depois-train recalibrate: {meta.dataset}")

@@ -261,14 +261,20 @@ class FittedDetector:
         keep = np.sort(rng.permutation(n)[:MAX_PARITY_SAMPLES])
         self.recalibration = LabeledImages(np.asarray(images, np.float32)[keep], np.asarray(labels, np.int64)[keep])
         boundary = self.union.boundary
-        version = model_version(self.config, self.metadata.weights_sha256 or "", self.union)
+        version, parent = model_version(self.config, self.metadata.weights_sha256 or "", self.union), \
+            self.metadata.model_version
         self.metadata = self.metadata.model_copy(
-            update={"boundary": boundary, "target_fpr": target_fpr, "model_version": version})
+            update={"boundary": boundary, "target_fpr": target_fpr, "model_version": version,
+                    "created_at": utc_now_iso()})
         cv = [float(x) for x in self.union.cv_fpr]
         self.report["per_class_fallback"] = self.union.fell_back
         self.report["cv_fpr"] = cv
         self.report["cv_fpr_mean"] = float(np.mean(cv)) if cv else None
-        self.report["calibration"] = {"source": "infer_threshold", "n": n}
+        # provenance for the card: which model this one was recalibrated from (a chain keeps the first fit's)
+        previous = self.report.get("calibration", {})
+        self.report["calibration"] = {"source": "infer_threshold", "n": n,
+                                      "recalibrated_from": parent, "recalibrated_at": self.metadata.created_at,
+                                      "fitted_as": previous.get("fitted_as", parent)}
         self.report.setdefault("sizes", {})["calibration"] = n
         return boundary
 

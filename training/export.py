@@ -430,10 +430,14 @@ def model_card(det: FittedDetector, path: Path, parity: dict[str, float]) -> Mod
     recalibrated = report.get("calibration", {})
     if recalibrated.get("source") == "infer_threshold":
         repeats = recalibrated.get("repeats_dropped") or 0  # exact repeats of the file, not counted in n
-        notes.append(f"recalibrated on {recalibrated.get('n')} clean samples given after training "
+        source = (f" of {recalibrated['clean_file']} (sha256 {recalibrated['clean_sha256'][:16]}...)"
+                  if recalibrated.get("clean_sha256") else "")
+        lineage = (f"; recalibrated from {recalibrated['recalibrated_from']} at {recalibrated.get('recalibrated_at')}, "
+                   f"first fitted as {recalibrated.get('fitted_as')}" if recalibrated.get("recalibrated_from") else "")
+        notes.append(f"recalibrated on {recalibrated.get('n')} clean samples{source} given after training "
                      "(`depois-train recalibrate`, FittedDetector.infer_threshold"
                      + (f"; {repeats} exact repeats in the file dropped" if repeats else "")
-                     + "), scored by the shipped "
+                     + lineage + "), scored by the shipped "
                      "networks: the member references, standardisation, boundary and out_of_sample_fpr "
                      "come from them, not from the trusted pool; the networks are unchanged")
     if report.get("weighting"):
