@@ -134,6 +134,8 @@ def test_a_null_header_value_is_released_as_an_empty_one(broker, scratch: Scratc
     for _ in range(2):  # the second run must find all three released
         code, out = replay(scratch, *RELEASE)
         assert code == 0, out
+    # and say so, not "released 0 sample(s) to ..., audit records on ..." (operator walkthrough, stop 43)
+    assert out.startswith("nothing released: every selected sample was skipped"), out
     copies = {r.sample_id: r for r in released_copies(scratch.settings)}
     assert sorted(copies) == ["s0", "s1", "s2"]
     assert ("x-trace", b"") in copies["s1"].headers

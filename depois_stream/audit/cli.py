@@ -419,9 +419,10 @@ def export_(**kw: Any) -> None:
         summary = export(chosen, folder, metrics=metrics)
     except OSError as exc:
         _fail(f"could not write the export to {str(folder)!r}: {exc}")
+    failed = (f"{summary.decode_failed} undecodable (see decode_error in manifest.jsonl)"
+              if summary.decode_failed else "none undecodable")
     typer.echo(f"exported {summary.records} records to {summary.folder}: {summary.decoded} "
-               f"images in samples.npz and {len(summary.sheets)} contact sheet(s), "
-               f"{summary.decode_failed} undecodable (see decode_error in manifest.jsonl)")
+               f"images in samples.npz and {len(summary.sheets)} contact sheet(s), {failed}")
     _publish(metrics, "export", kw)
 
 
@@ -564,8 +565,12 @@ def _print_release(report: ReleaseReport, as_json: bool, dry_run: bool,
         typer.echo(report.model_dump_json(indent=2))
         return
     verb = "would release" if dry_run else "released"
-    typer.echo(f"{verb} {len(report.released)} sample(s) to {settings.clean_topic}"
-               + ("" if dry_run else f", audit records on {settings.audit_topic}"))
+    if not report.released:  # "released 0 sample(s) ..., audit records on ..." read as if some were
+        typer.echo(f"nothing {'would be ' if dry_run else ''}released: every selected sample was skipped"
+                   if report.skipped else "nothing selected, nothing released")
+    else:
+        typer.echo(f"{verb} {len(report.released)} sample(s) to {settings.clean_topic}"
+                   + ("" if dry_run else f", audit records on {settings.audit_topic}"))
     # Key and release id: two samples may share a key, and only the release id tells them apart.
     for sid, rid in zip(report.released, report.release_ids):
         typer.echo(f"  {shown(sid)}  {shown(rid, RELEASE_ID_CHARS)}")
