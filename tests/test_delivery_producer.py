@@ -542,3 +542,74 @@ def test_a_refused_output_in_a_transaction_is_dead_lettered_at_once_not_backed_o
     assert delivery.rejected[(0, 102)].times == 1 and source.rewinds == [{("in", 0): 100}]
     assert metrics.registry.get_sample_value(
         "depois_delivery_failures_total", {"kind": "retriable"}) == 0
+
+
+def test_a_fatal_error_raised_by_poll_resends_the_batch_on_a_new_producer() -> None:
+    """SRE walkthrough (stop 43): after a broker restart librdkafka raised
+    OUT_OF_ORDER_SEQUENCE_NUMBER (fatal) from Producer.poll, not in a delivery report; it left
+    the filter as an unexpected exception (exit 3, "a bug"). It is the producer's failure: the
+    batch is sent again, on a new producer, and nothing is committed past it meanwhile."""
+    from depois_stream.filter.clients.base import ProduceError
+
+    made: list = []
+
+    class Producer:
+        def __init__(self) -> None:
+            self.fail_next_poll = not made  # only the first producer fails
+            self.sent: list = []
+            self.closed = False
+            made.append(self)
+
+        def send(self, topic, partition, key, value, headers, on_done) -> None:
+            self.sent.append(on_done)
+
+        def poll(self, timeout_s: float) -> None:
+            if self.fail_next_poll:
+                self.fail_next_poll = False
+                raise ProduceError("poll: OUT_OF_ORDER_SEQUENCE_NUMBER", retriable=False)
+            while self.sent:
+                self.sent.pop(0)(None)
+
+        def close(self, timeout_s: float) -> None:
+            self.closed = True
+
+    class Consumer:
+        def __init__(self) -> None:
+            self.commits: list = []
+
+        def commit(self, offsets, asynchronous) -> None:
+            self.commits.append(dict(offsets))
+
+    now = [0.0]
+    source, consumer = _Source(), Consumer()
+    delivery = Delivery(Producer, consumer, source, Metrics(), ("c", "q", "d"),
+                        on_delivered=lambda r: None, clock=lambda: now[0])
+    batch, routed = _batch_and_routed(3)
+    delivery.submit(batch, routed)  # its poll fails: the batch is abandoned and rewound
+    assert source.rewinds == [{("in", 0): 100}] and not consumer.commits
+    now[0] += 60.0  # past the backoff
+    delivery.service(0.0)  # nothing in flight: the failed producer is replaced
+    assert len(made) == 2 and made[0].closed and delivery.producer is made[1]
+    delivery.submit(batch, routed)  # what the source reads again after the rewind
+    assert consumer.commits == [{("in", 0): 103}]
+
+
+def test_librdkafkas_fatal_error_from_poll_and_flush_is_a_fatal_produce_error() -> None:
+    pytest.importorskip("confluent_kafka")
+    from confluent_kafka import KafkaError, KafkaException
+
+    from depois_stream.filter.clients.base import ProduceError
+    from depois_stream.filter.clients.confluent import ConfluentProducer
+
+    class Raising:
+        def poll(self, timeout_s: float) -> None:
+            raise KafkaException(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desync", fatal=True))
+
+        flush = poll
+
+    producer = ConfluentProducer.__new__(ConfluentProducer)
+    producer._p = Raising()
+    for call in (producer.poll, producer.flush):
+        with pytest.raises(ProduceError) as info:
+            call(0.0)
+        assert info.value.fatal and "OUT_OF_ORDER_SEQUENCE_NUMBER" in str(info.value)

@@ -216,7 +216,10 @@ class Delivery:
         batches in order and commit them; start the retry of a failed one."""
         self._renew_when_due()
         self._settle_unconfirmed_commit()
-        self.producer.poll(0.0 if self._reports else timeout_s)
+        try:
+            self.producer.poll(0.0 if self._reports else timeout_s)
+        except ProduceError as exc:  # the handle failed as a whole (librdkafka raises fatal errors here)
+            self._producer_failed(exc)
         self._take_reports()
         for k, item in enumerate(self._inflight):
             if item.broken:
@@ -233,6 +236,15 @@ class Delivery:
                 self._acked.update(item.batch.next_offsets())
                 self._on_delivered(item.routed)
             self._commit(asynchronous=True)
+
+    def _producer_failed(self, error: ProduceError) -> None:
+        """Every batch in flight failed with ``error`` (their reports may never come): they are
+        retried from their first records, on a new producer when the error is fatal."""
+        log.warning("the producer failed (%s); resending the %d batch(es) in flight%s", error,
+                    len(self._inflight), " on a new producer" if error.fatal else "")
+        for item in self._inflight:
+            item.failure = item.failure or error
+        self._renew = self._renew or error.fatal
 
     def _take_reports(self) -> None:
         while self._reports:
@@ -413,7 +425,11 @@ class Delivery:
         Returns False when something was still unacknowledged (it was not committed)."""
         deadline = self._clock() + timeout_s
         while self._inflight and self._clock() < deadline and not self.backing_off:
-            self.producer.flush(min(1.0, max(0.0, deadline - self._clock())))
+            try:
+                self.producer.flush(min(1.0, max(0.0, deadline - self._clock())))
+            except ProduceError as exc:  # a failed handle: what is not acknowledged is filtered again
+                self._producer_failed(exc)
+                break
             self.service(0.0)
         if self._acked:
             self._commit(asynchronous=False)

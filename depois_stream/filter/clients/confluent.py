@@ -494,10 +494,24 @@ class ConfluentProducer:
                 raise ProduceError(f"produce: {exc}", retriable=True) from exc
 
     def poll(self, timeout_s: float) -> None:
-        self._p.poll(timeout_s)
+        """Serve delivery reports. librdkafka raises a fatal producer error from here too (a
+        restarted broker that forgot the idempotent producer id: OUT_OF_ORDER_SEQUENCE_NUMBER),
+        not only in the reports: it comes out as a ``ProduceError`` whose ``fatal`` says the
+        handle must be replaced, not as an unexpected exception (exit 3, "a bug")."""
+        try:
+            self._p.poll(timeout_s)
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            raise (_produce_error(err, "poll") if err is not None
+                   else ProduceError(f"poll: {exc}", retriable=True)) from exc
 
     def flush(self, timeout_s: float) -> int:
-        return int(self._p.flush(timeout_s))
+        try:
+            return int(self._p.flush(timeout_s))
+        except KafkaException as exc:
+            err = _kafka_error(exc)
+            raise (_produce_error(err, "flush") if err is not None
+                   else ProduceError(f"flush: {exc}", retriable=True)) from exc
 
     def init_transactions(self, timeout_s: float) -> None:
         self._txn(lambda: self._p.init_transactions(timeout_s), "init_transactions", timeout_s)
