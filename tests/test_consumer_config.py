@@ -347,3 +347,16 @@ def test_liveness_stays_up_while_start_up_waits_for_the_broker(centroid_model: P
         stop.set()
         runner.join(timeout=20)
     assert not runner.is_alive() and not failed
+
+
+def test_the_ingest_is_read_committed_in_both_delivery_modes(centroid_model: Path) -> None:
+    """Fuzz run (stop 43): in at-least-once mode the filter read uncommitted, so the 28 records
+    of an aborted upstream transaction were routed (18 to clean): data its producer retracted
+    went into training data. Both clients take ``read_committed`` from these settings
+    (Tansu cannot show the difference: it shows aborted records to every reader)."""
+    from depois_stream.filter.app import StreamFilter
+
+    for exactly_once in (False, True):
+        flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", metrics_port=None,
+                                       exactly_once=exactly_once))
+        assert flt._client_settings().read_committed

@@ -305,7 +305,9 @@ class StreamFilter:
             group_id=cfg.group_id, auto_offset_reset=cfg.auto_offset_reset,
             session_timeout_ms=cfg.session_timeout_ms,
             heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_records=cfg.batch_size,
-            read_committed=cfg.exactly_once, delivery_timeout_ms=cfg.delivery_timeout_ms,
+            # Always: a record of an aborted upstream transaction was retracted by its producer and
+            # must not reach training data (at-least-once read it uncommitted before stop 43)
+            read_committed=True, delivery_timeout_ms=cfg.delivery_timeout_ms,
             transactional_id=cfg.effective_transactional_id() if cfg.exactly_once else None,
             options=dict(cfg.kafka), stopping=self._stopping)
 
