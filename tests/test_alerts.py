@@ -249,12 +249,15 @@ def test_a_poison_burst_reaches_the_page_receiver_through_alertmanager(tmp_path:
     _serve(exporter)
     metrics.target_fpr.set(0.05)
     metrics.broker_up.set(1)
+    consumed = metrics.records_consumed.labels(topic="depois.ingest")  # scraped at 0 first: a rate
+    for destination in ("clean", "quarantine"):
+        metrics.records_routed.labels(destination=destination)
     try:
         am_config = _test_alertmanager_config(tmp_path, receiver_url)
         with AlertmanagerServer(tmp_path / "am", am_config) as am, \
                 PrometheusServer(tmp_path / "prom", [f"127.0.0.1:{exporter.server_port}"],
                                  rule_files=[_fast_rules(tmp_path, "DepoisPoisonBurst",
-                                                         "DepoisCircuitOpen")],
+                                                         "DepoisCircuitOpen", "DepoisDeliverySLOFastBurn")],
                                  alertmanagers=[f"127.0.0.1:{am.port}"]) as prom:
             prom.wait_for_target_up()
             time.sleep(1.5)  # a scrape of the quiet state, so the burst is an increase
@@ -264,6 +267,8 @@ def test_a_poison_burst_reaches_the_page_receiver_through_alertmanager(tmp_path:
             metrics.forged_headers.inc(3)
             metrics.circuit_open.set(1)
             metrics.circuit_trips.inc()
+            # the batch that tripped the breaker: consumed, held (not routed) until it resumes
+            consumed.inc(537 + 512)
 
             def in_alertmanager(name: str) -> list[dict]:
                 return am.alerts(alertname=name)
@@ -284,8 +289,14 @@ def test_a_poison_burst_reaches_the_page_receiver_through_alertmanager(tmp_path:
             (tripped,) = _wait_for(lambda: in_alertmanager("DepoisCircuitBreakerTripped"), 20,
                                    "the breaker-trip ticket in Alertmanager")
             assert tripped["status"]["state"] == "suppressed" and tripped["status"]["inhibitedBy"]
+            # SRE walkthrough (stop 43): the held batch read as undelivered and paged "records
+            # dropped" beside the breaker page
+            (slo,) = _wait_for(lambda: in_alertmanager("DepoisDeliverySLOFastBurn"), 20,
+                               "the delivery SLO alert in Alertmanager")
+            assert slo["status"]["state"] == "suppressed" and slo["status"]["inhibitedBy"]
             time.sleep(2)  # a few group intervals: the suppressed ticket must stay undelivered
             assert not delivered("/ticket", "DepoisCircuitBreakerTripped")
+            assert not delivered("/page", "DepoisDeliverySLOFastBurn")
             assert not delivered("/page", "DepoisForgedHeaders"), "tickets must not page"
     finally:
         exporter.shutdown()
