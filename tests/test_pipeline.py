@@ -84,3 +84,21 @@ def test_the_error_header_is_bounded_whatever_the_producer_sent(centroid_model, 
         assert routed.destination[i] == DLQ and routed.values[i] == batch.values[i]
         assert len(fields[H.ERROR]) <= MAX_ERROR_BYTES
     assert dict(routed.headers[0])[H.ERROR_CLASS] == b"unsupported_content_type"
+
+
+def test_end_to_end_latency_is_never_negative_and_skips_records_without_a_timestamp() -> None:
+    """Fuzz run (stop 43): one record with a CreateTime of 2**62 ms made
+    depois_end_to_end_latency_seconds_sum -1.38e16, and every average read from it negative."""
+    from depois_stream.filter.metrics import Metrics
+    from depois_stream.filter.pipeline import latency_seconds
+
+    now = 1_000_000.0
+    stamps = np.array([now * 1000 - 2500, 2**62, -1, now * 1000], np.int64)
+    latency = latency_seconds(now, stamps)
+    np.testing.assert_allclose(latency[[0, 1, 3]], [2.5, 0.0, 0.0])
+    assert np.isnan(latency[2])
+    metrics = Metrics()
+    metrics.end_to_end_latency.observe_many(latency)
+    reg = metrics.registry
+    assert reg.get_sample_value("depois_end_to_end_latency_seconds_sum") == 2.5
+    assert reg.get_sample_value("depois_end_to_end_latency_seconds_count") == 3

@@ -252,7 +252,7 @@ class StreamFilter:
                                 minlength=self.detector.metadata.num_classes)
         for label in np.flatnonzero(per_label).tolist():
             m.quarantined_by_label.labels(str(label)).inc(int(per_label[label]))
-        m.end_to_end_latency.observe_many(time.time() - routed.timestamps_ms / 1000)
+        m.end_to_end_latency.observe_many(pipeline.latency_seconds(time.time(), routed.timestamps_ms))
         s.consumed += len(routed)
         s.clean += counts["clean"]
         s.quarantined += counts["quarantine"]
