@@ -179,3 +179,23 @@ def test_valid_settings_the_new_checks_must_not_refuse() -> None:
     cfg = ConsumerConfig(model_path="m.onnx", breaker_cooldown_s=1e9, ingest_topic="__a.b-c_9",
                          group_id="équipe-données", exit_when_idle_s=30 * 86400)
     assert cfg.breaker_cooldown_s == 1e9  # "never": only the operator's resume file ends it
+
+
+@pytest.mark.parametrize("client", ["kafka-python", "confluent-kafka"])
+def test_a_producer_size_limit_that_leaves_no_room_for_a_sample_is_refused(centroid_model: Path, client: str) -> None:
+    """Fuzz run (stop 43): max_request_size=100 (kafka-python) started, routed nothing and replaced
+    its producer for ever (even the dead letters were refused); 10000 dead-lettered every valid
+    sample as too large ("can forward at most -8432"). A limit that fits a sample still starts."""
+    if client == "confluent-kafka":
+        pytest.importorskip("confluent_kafka")
+    def refusal(limit: int, *extra: str) -> str:
+        proc = run_cli("run", "--model-path", str(centroid_model), "--device", "cpu", "--client", client,
+                       "--kafka", f"max_request_size={limit}", "--startup-timeout-s", "1", "--metrics-port", "0",
+                       *extra)
+        err = proc.stderr.decode("utf-8", "replace")
+        said = [line for line in err.splitlines() if line.startswith("depois-stream run:")]
+        assert proc.returncode == 2 and len(said) == 1 and "Traceback" not in err, (proc.returncode, err)
+        return said[0]  # the model's load is logged first: the check needs its input shape
+
+    assert "raise it to at least 18,530" in refusal(10000)
+    assert "cannot use Kafka" in refusal(20000)  # past the check: it waited for the (absent) broker

@@ -141,6 +141,7 @@ class StreamFilter:
         self.stats = RunStats()
         self.http_address: tuple[str, int] | None = None
         self.max_record_bytes = self.client.max_record_bytes(cfg.kafka)
+        self._check_record_limit()
         self._source: Source | None = None
         self._probe: _BrokerProbe | None = None
         self._stopping = threading.Event()  # run's stop event, once it runs
@@ -328,6 +329,26 @@ class StreamFilter:
             self._stopping.wait(1.0)
         if self._stopping.is_set():
             raise StartupError("stopped while waiting for the broker")
+
+    def _check_record_limit(self) -> None:
+        """Refuse a producer size limit (``--kafka max_request_size`` / ``message.max.bytes``) that
+        leaves no room for even the smallest sample of this model once the filter's framing and
+        headers are reserved: every record would be dead-lettered as too large, and with
+        kafka-python the dead letters themselves were refused, a stall (fuzz run, stop 43)."""
+        from depois_stream.contract.wire import encode_sample
+        from depois_stream.filter.config import ConfigError
+
+        shape = tuple(self.detector.metadata.input_shape)
+        smallest = len(encode_sample("id", np.zeros(shape, np.uint8), 0, encoding="binary", dtype="uint8")[0])
+        room = self.max_record_bytes - pipeline.HEADER_ALLOWANCE
+        if room < smallest:
+            option = self.client.size_option
+            reserved = pipeline.HEADER_ALLOWANCE - self.client.max_record_bytes({option: 0})  # headers + framing
+            default = self.client.max_record_bytes({}) + reserved - pipeline.HEADER_ALLOWANCE
+            raise ConfigError(
+                f"--kafka {option}{'' if option == 'max_request_size' else ' (or max_request_size)'} leaves {room:,} bytes per record once the filter's "
+                f"{reserved:,} for Kafka's framing and its own headers are reserved, less than one {list(shape)} "
+                f"sample ({smallest:,} bytes): raise it to at least {reserved + smallest:,} (default {default:,})")
 
     def _connect(self, settings: ClientSettings) -> Consumer:
         def on_commit(error: BaseException | None) -> None:  # an asynchronous commit's answer

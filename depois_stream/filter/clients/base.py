@@ -414,6 +414,7 @@ class Client(Protocol):
     """A Kafka client library: makes the three handles the filter uses."""
 
     name: str
+    size_option: str  # the option that bounds one produced record (max_record_bytes reads it)
 
     def consumer(self, settings: ClientSettings, on_commit: CommitCallback) -> Consumer: ...
 

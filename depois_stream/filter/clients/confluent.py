@@ -564,6 +564,7 @@ class ConfluentProbe:
 
 class ConfluentClient:
     name = NAME
+    size_option = "message.max.bytes"  # the producer's limit on one request, in this library's name
 
     def consumer(self, settings: ClientSettings, on_commit: CommitCallback) -> ConfluentConsumer:
         try:

@@ -485,6 +485,7 @@ class KafkaPythonProbe:
 
 class KafkaPythonClient:
     name = NAME
+    size_option = "max_request_size"  # the producer's limit on one request, in this library's name
 
     def consumer(self, settings: ClientSettings, on_commit: CommitCallback) -> KafkaPythonConsumer:
         try:
