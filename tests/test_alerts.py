@@ -455,3 +455,29 @@ def test_consumers_up_at_all_jobs_counts_only_consumers(tmp_path: Path) -> None:
             {"expr": expr, "eval_time": "3h", "exp_samples": [{"labels": "{}", "value": 0}]},
         ]})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+@pytest.mark.skipif(prometheus_binary() is None, reason="prometheus is needed (CI installs it)")
+def test_the_commit_age_panel_shows_a_replica_that_never_committed(tmp_path: Path) -> None:
+    """SRE walkthrough (stop 43): "Since last confirmed commit" filtered the gauge `> 0`, so a
+    replica that never committed (the case DepoisConsumerStalled pages on after 5 minutes) showed
+    "No data". It now shows the time since that replica started, and the commit age once it
+    commits."""
+    board = json.loads(DASHBOARD.read_text())
+    (panel,) = [p for p in board["panels"] if p["title"] == "Since last confirmed commit"]
+    expr = resolve_dashboard_variables(panel["targets"][0]["expr"], board)
+    metrics = Metrics()
+    exporter = make_server("127.0.0.1", 0, make_wsgi_app(metrics.registry), handler_class=_Quiet)
+    _serve(exporter)
+    try:
+        with PrometheusServer(tmp_path / "prom", [f"127.0.0.1:{exporter.server_port}"]) as prom:
+            prom.wait_for_target_up()
+            started = float(prom.query("max(process_start_time_seconds)")[0]["value"][1])
+            (never,) = prom.query(expr)
+            assert 0 <= float(never["value"][1]) <= time.time() - started + 5
+            metrics.last_batch_timestamp.set(time.time() - 42)
+            time.sleep(2.5)  # a scrape or two
+            (committed,) = prom.query(expr)
+            assert 41 <= float(committed["value"][1]) <= 50
+    finally:
+        exporter.shutdown()
