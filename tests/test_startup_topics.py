@@ -60,3 +60,59 @@ def test_an_output_topic_the_broker_does_not_answer_about_names_the_connection_n
     message = str(info.value)
     assert message.startswith("cannot check output topic 'depois.quarantine' (TopicAuthorizationFailed)")
     assert "Describe and Write" in message and "create it" not in message
+
+
+def test_a_missing_ingest_topic_is_waited_for(broker, kafka_client: str, unique: str, centroid_model) -> None:
+    """Fuzz run (stop 43): a misspelt ingest topic. Both clients wait for it (DepoisNoPartitionsOwned
+    says so) and stop cleanly on SIGTERM; librdkafka never creates it. kafka-python's subscription
+    created it: it now asks brokers not to (next test), which Apache Kafka honours and Tansu
+    ignores (Tansu creates a topic on any mention), so on Tansu only confluent-kafka's is checked."""
+    import signal
+    import time
+
+    topics = Topics.create(broker.bootstrap, unique)
+    typo = Topics(f"{unique}-ingestx", topics.clean, topics.quarantine, topics.dlq)
+    proc = subprocess.Popen(run_command(broker.bootstrap, typo, unique, centroid_model, kafka_client,
+                                        "--metrics-port", "0", "--session-timeout-ms", "3000"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(8)  # start-up, the subscription and a join's worth of metadata requests
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in err.decode(), err.decode()[-2000:]
+    finally:
+        proc.kill()
+    if kafka_client == "confluent-kafka":
+        assert f"{unique}-ingestx" not in _topics(broker.bootstrap)
+
+
+def test_kafka_python_asks_brokers_not_to_create_topics(monkeypatch) -> None:
+    """The filter never creates topics; kafka-python's metadata requests may (its default), and
+    a broker with auto.create.topics.enable (Apache Kafka's default) then creates a misspelt
+    ingest topic on subscription. Both of its handles turn that off."""
+    import kafka
+
+    from depois_stream.filter.clients import kafka_python as kp
+    from depois_stream.filter.clients.base import ClientSettings
+
+    made: dict[str, dict] = {}
+
+    def recorder(name: str):
+        def make(*args, **config):
+            made[name] = config
+            raise RuntimeError("recorded")
+        return make
+
+    monkeypatch.setattr(kp, "KafkaConsumer", recorder("consumer"))
+    monkeypatch.setattr(kp, "KafkaProducer", recorder("producer"))
+    settings = ClientSettings(bootstrap_servers="127.0.0.1:1", client_id="c", group_id="g")
+    for build in (lambda: kp.KafkaPythonConsumer(settings, lambda error: None),
+                  lambda: kp.KafkaPythonProducer(settings)):
+        try:
+            build()
+        except RuntimeError:
+            pass
+    assert made["consumer"]["allow_auto_create_topics"] is False
+    assert made["producer"]["allow_auto_create_topics"] is False
+    assert kafka.KafkaConsumer.DEFAULT_CONFIG["allow_auto_create_topics"] is True  # why it is set

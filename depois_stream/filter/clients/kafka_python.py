@@ -34,7 +34,7 @@ OWNED = frozenset({
     "acks", "transactional_id", "isolation_level", "key_deserializer", "value_deserializer",
     "key_serializer", "value_serializer", "max_poll_records", "auto_offset_reset",
     "session_timeout_ms", "heartbeat_interval_ms", "delivery_timeout_ms", "linger_ms",
-    "batch_size",
+    "batch_size", "allow_auto_create_topics",
 })
 # The producer's own batching: a short linger keeps acknowledgements, and so commits, prompt.
 PRODUCER_LINGER_MS = 20
@@ -188,6 +188,9 @@ class KafkaPythonConsumer:
             max_poll_records=s.max_poll_records, session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
             isolation_level="read_committed" if s.read_committed else "read_uncommitted",
+            # the filter never creates topics: a misspelt ingest topic was created by the
+            # subscription's metadata request (kafka-python's default; librdkafka's is off)
+            allow_auto_create_topics=False,
             **{"fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **options_for(KafkaConsumer, s.options)})
 
     def subscribe(self, topic: str, on_assign: AssignCallback, on_revoke: RevokeCallback,
@@ -339,7 +342,7 @@ class KafkaPythonProducer:
             extra["transactional_id"] = s.transactional_id
         self._p = KafkaProducer(
             bootstrap_servers=s.bootstrap_servers, client_id=s.client_id, acks="all",
-            enable_idempotence=True, linger_ms=linger, batch_size=1 << 20,
+            enable_idempotence=True, linger_ms=linger, batch_size=1 << 20, allow_auto_create_topics=False,
             delivery_timeout_ms=max(s.delivery_timeout_ms, linger + request_timeout),
             request_timeout_ms=request_timeout,
             max_block_ms=options.pop("max_block_ms", min(MAX_BLOCK_MS, s.delivery_timeout_ms)),
