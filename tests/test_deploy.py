@@ -34,7 +34,7 @@ REQUIRED_ALERTS = {
     "DepoisConsumerLagGrowing", "DepoisBrokerUnreachable", "DepoisGpuFallback",
     "DepoisDeadLetterRate", "DepoisCircuitOpen", "DepoisCircuitBreakerTripped",
     "DepoisDeliveryRejected", "DepoisProduceRetrying", "DepoisCommitFailures",
-    "DepoisModelRejected", "DepoisForgedHeaders", "DepoisFreshnessSLOFastBurn",
+    "DepoisModelRejected", "DepoisModelFileRefused", "DepoisForgedHeaders", "DepoisFreshnessSLOFastBurn",
     "DepoisFreshnessSLOSlowBurn", "DepoisDeliverySLOFastBurn", "DepoisDeliverySLOSlowBurn",
     "DepoisNoPartitionsOwned", "DepoisMemberOutOfGroup", "DepoisClientCallsStuck"}
 # The one base URL of each annotation kind (alerts.yml's header says how to change them).

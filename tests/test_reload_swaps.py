@@ -139,9 +139,9 @@ def test_the_sha256_a_detector_reports_is_that_of_the_graph_it_runs(
 
     real_open = detector_module._open_session
 
-    def open_after_a_swap(path, source, providers, quiet):
+    def open_after_a_swap(path, source, providers, quiet, **options):
         deploy(models["b"], models["live"])
-        return real_open(path, source, providers, quiet)
+        return real_open(path, source, providers, quiet, **options)
 
     monkeypatch.setattr(detector_module, "_open_session", open_after_a_swap)
     det = Detector.load(models["live"], device="cpu")
@@ -267,3 +267,33 @@ def test_every_rejected_reload_is_counted_by_reason(models: dict[str, Path], tmp
     value = flt.metrics.registry.get_sample_value
     assert value("depois_model_reloads_total", {"outcome": "rejected"}) == 1
     assert value("depois_model_rejections_total", {"reason": "contract"}) == 1
+
+
+def test_a_refused_model_file_is_a_state_that_lasts_until_the_file_is_fixed(
+        models: dict[str, Path], tmp_path: Path) -> None:
+    """SRE walkthrough (stop 43): DepoisModelRejected read a 30-minute count of rejections, so it
+    cleared while the refused file stayed (the next restart would then exit 2 on every replica)
+    and kept firing after the good file was back. depois_model_file_refused is 1 exactly while the
+    file on disk is a refused or missing model."""
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.filter.config import ConsumerConfig
+
+    live = models["live"]
+    flt = StreamFilter(ConsumerConfig(model_path=live, device="cpu", metrics_port=None, reload_interval_s=0.0))
+    watcher = flt._model_watcher()
+    refused = lambda: flt.metrics.registry.get_sample_value("depois_model_file_refused")  # noqa: E731
+    assert watcher.poll() is None and refused() == 0
+    good = tmp_path / "good"
+    good.mkdir()
+    for path in (live, card_path_for(live)):
+        (good / path.name).write_bytes(path.read_bytes())
+    live.write_bytes(live.read_bytes()[:100])  # a truncated copy: refused (card mismatch)
+    for _ in range(3):  # polled again and again: no new rejection is counted, the state stays
+        assert watcher.poll() is None and refused() == 1
+    assert flt.metrics.registry.get_sample_value("depois_model_rejections_total", {"reason": "card"}) == 1
+    live.write_bytes((good / live.name).read_bytes())  # the serving model put back
+    assert watcher.poll() is None and refused() == 0
+    live.unlink()  # gone: a restart would fail too
+    assert watcher.poll() is None and refused() == 1
+    deploy(models["b"], live)  # a good new model loads
+    assert watcher.poll() is not None and refused() == 0

@@ -555,11 +555,35 @@ TAIL = """
         exp_alerts:
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108", reason: signature}
             exp_annotations:
-              summary: "a:9108 refused a model file (signature) and keeps serving the previous one"
+              summary: "a:9108 refused a model file (signature) in the last 30 minutes and kept serving the previous one"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoismodelrejected
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=22
       - eval_time: 50m
         alertname: DepoisModelRejected
+        exp_alerts: []
+
+  # Member a's model file is replaced by one it refuses at minute 5 and fixed at minute 30;
+  # member b's file is refused for 5 minutes only (less than the alert's 10).
+  - interval: 1m
+    input_series:
+      - series: 'depois_model_file_refused{job="depois-consumer",instance="a:9108"}'
+        values: '0x4 1x25 0x10'
+      - series: 'depois_model_file_refused{job="depois-consumer",instance="b:9108"}'
+        values: '0x4 1x4 0x30'
+    alert_rule_test:
+      - eval_time: 12m
+        alertname: DepoisModelFileRefused
+        exp_alerts: []
+      - eval_time: 20m
+        alertname: DepoisModelFileRefused
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
+            exp_annotations:
+              summary: "the model file of a:9108 is not the model it serves (refused or missing): its next restart would fail"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoismodelfilerefused
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=22
+      - eval_time: 31m
+        alertname: DepoisModelFileRefused
         exp_alerts: []
 
   # Job "spoofed" receives 4 records with depois.* headers at minute 10; job "clean" none; job

@@ -524,7 +524,8 @@ class StreamFilter:
         and, for a rejection, ``depois_model_rejections_total{reason}``)."""
         return ModelWatcher(self.detector, self._load_model, self.cfg.reload_interval_s,
                             on_outcome=self._reload_outcome, now=self._check_model,
-                            on_refused=self._count_refusal)
+                            on_refused=self._count_refusal,
+                            on_file_state=lambda refused: self.metrics.model_file_refused.set(int(refused)))
 
     def _reload_outcome(self, outcome: str) -> None:
         self.metrics.model_reloads.labels(outcome).inc()

@@ -151,6 +151,10 @@ class Metrics:
         self.model_rejections = Counter(
             "model_rejections", "Model files refused (start-up or hot reload), by reason "
             "(signature|card|contract|load).", ["reason"], namespace=ns, registry=r)
+        self.model_file_refused = Gauge(
+            "model_file_refused", "1 while the file at --model-path is not the serving model "
+            "because it was refused or is missing (a restart would refuse it too); 0 once the "
+            "file is the serving model again or a new one loaded.", namespace=ns, registry=r)
         self.model_signature_verified = Gauge(
             "model_signature_verified", "1 when the serving model's signature was verified "
             "against the configured public key, 0 when it runs unsigned.",

@@ -56,15 +56,21 @@ class ModelWatcher:
                  on_outcome: Callable[[str], None] = lambda outcome: None,
                  clock: Callable[[], float] = time.monotonic,
                  now: threading.Event | None = None,
-                 on_refused: Callable[[str], None] = lambda reason: None) -> None:
+                 on_refused: Callable[[str], None] = lambda reason: None,
+                 on_file_state: Callable[[bool], None] = lambda refused: None) -> None:
         """``on_outcome``: "loaded" or "rejected" per candidate. ``on_refused``: the reason code
         of a rejection that ``load`` did not raise as a ``ModelLoadError`` (which its caller
-        counts by reason already): a contract change, or an error nobody expected."""
+        counts by reason already): a contract change, or an error nobody expected.
+        ``on_file_state``: whether the file on disk is a refused (or missing) model, after every
+        look at it: a state, unlike the rejection count, so an alert on it lasts as long as the
+        bad file does and clears when it is fixed (stop 43: a 30-minute window cleared while the
+        bad file stayed, and kept firing after the good one was back)."""
         self.current = current
         self._load = load
         self._interval_s = interval_s
         self._on_outcome = on_outcome
         self._on_refused = on_refused
+        self._on_file_state = on_file_state
         self._clock = clock
         self._now = now or threading.Event()  # set: check at the next poll (SIGHUP)
         self._paths = (current.path, card_path_for(current.path),
@@ -94,9 +100,11 @@ class ModelWatcher:
                             self.current.path, self.current.metadata.model_version,
                             self.current.sha256[:12], extra=_ALWAYS)
             self._missing = True
+            self._on_file_state(True)
             return None
         self._missing = False
         if sha == self.current.sha256:
+            self._on_file_state(False)
             return None
         try:
             candidate = self._load(self.current.path)
@@ -115,6 +123,7 @@ class ModelWatcher:
                  extra=_ALWAYS)
         self.current = candidate
         self._on_outcome("loaded")
+        self._on_file_state(False)
         return candidate
 
     def _reject(self, why: str, uncounted_reason: str | None) -> None:
@@ -124,6 +133,7 @@ class ModelWatcher:
                   self.current.metadata.model_version, self.current.sha256[:12], why,
                   extra=_ALWAYS)
         self._on_outcome("rejected")
+        self._on_file_state(True)
         if uncounted_reason is not None:
             self._on_refused(uncounted_reason)
 
