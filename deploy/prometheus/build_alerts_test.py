@@ -476,12 +476,12 @@ TAIL = """
         exp_alerts:
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
             exp_annotations:
-              summary: "a:9108 retried 0.20 produce attempts per batch over 15 minutes"
+              summary: "a:9108 retried 0.20 produce attempts per batch over the last 15 minutes (it clears 15 minutes after the last retry)"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisproduceretrying
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=21
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "c:9108"}
             exp_annotations:
-              summary: "c:9108 retried +Inf produce attempts per batch over 15 minutes"
+              summary: "c:9108 retried +Inf produce attempts per batch over the last 15 minutes (it clears 15 minutes after the last retry)"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisproduceretrying
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=c:9108&viewPanel=21
 
@@ -762,7 +762,7 @@ page as sustained; job "mild" quarantines 7.5 % (1.5x, below the 2x alert level)
     "alert_rule_test": [
         {"eval_time": "40m", "alertname": "DepoisPoisonSustained", "exp_alerts": []},
         {"eval_time": "70m", "alertname": "DepoisPoisonSustained", "exp_alerts": [
-            fire("DepoisPoisonSustained", "page", "campaign has quarantined 2.8x the model's target FPR for 30 minutes", 7, job="campaign")]},
+            fire("DepoisPoisonSustained", "page", "campaign has quarantined 2.8x the model's target FPR over the last 30 minutes (or since the job's first scrape)", 7, job="campaign")]},
     ],
     "promql_expr_test": [
         {"expr": 'max_over_time(ALERTS{alertname="DepoisPoisonBurst",alertstate="firing"}[100m])', "eval_time": "100m", "exp_samples": []},
