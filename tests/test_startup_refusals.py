@@ -199,3 +199,23 @@ def test_a_producer_size_limit_that_leaves_no_room_for_a_sample_is_refused(centr
 
     assert "raise it to at least 18,530" in refusal(10000)
     assert "cannot use Kafka" in refusal(20000)  # past the check: it waited for the (absent) broker
+
+
+def test_a_metrics_endpoint_that_cannot_be_served_names_the_setting_to_fix(centroid_model: Path) -> None:
+    """Fuzz run (stop 43): `--metrics-host 999.1.1.1` was told to "pick another --metrics-port"."""
+    import socket
+
+    def said(*args: str) -> str:
+        proc = run_cli("run", "--model-path", str(centroid_model), "--device", "cpu", "--startup-timeout-s", "1",
+                       *args)
+        err = proc.stderr.decode("utf-8", "replace")
+        lines = [line for line in err.splitlines() if line.startswith("depois-stream run:")]
+        assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in err, err
+        return lines[0]
+
+    assert "check --metrics-host" in said("--metrics-host", "999.1.1.1", "--metrics-port", "0")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        line = said("--metrics-port", str(busy.getsockname()[1]))
+    assert "pick another --metrics-port" in line and "--metrics-host" not in line

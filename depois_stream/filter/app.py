@@ -409,9 +409,13 @@ class StreamFilter:
                                   info=lambda: {"partitions_assigned": len(self.assignment)}
                                   ).start()
         except OSError as exc:
+            import errno
+
+            fix = ("pick another --metrics-port (0 = any free port)" if exc.errno in (errno.EADDRINUSE, errno.EACCES)
+                   else "check --metrics-host: an address of this host (127.0.0.1, or 0.0.0.0 for all)")
             raise StartupError(
                 f"cannot serve metrics on {self.cfg.metrics_host}:{self.cfg.metrics_port} "
-                f"({exc.strerror}): pick another --metrics-port (0 = any free port)") from None
+                f"({exc.strerror or exc}): {fix}") from None
         self.http_address = server.address
         log.info("metrics and probes on http://%s:%d/metrics", *server.address)
         return server
