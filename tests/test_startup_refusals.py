@@ -219,3 +219,9 @@ def test_a_metrics_endpoint_that_cannot_be_served_names_the_setting_to_fix(centr
         busy.listen()
         line = said("--metrics-port", str(busy.getsockname()[1]))
     assert "pick another --metrics-port" in line and "--metrics-host" not in line
+
+
+def test_a_model_path_that_is_a_device_is_not_called_missing() -> None:
+    """Fuzz run (stop 43): `--model-path /dev/null` was said not to exist."""
+    proc = run_cli("run", "--model-path", "/dev/null", "--device", "cpu")
+    one_line_exit_2(proc, "/dev/null is not a regular file")

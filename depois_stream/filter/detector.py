@@ -184,6 +184,9 @@ class Detector:
             raise ModelLoadError(
                 f"model path {path} is a folder{found}: pass the .onnx file that `depois-train "
                 "export-onnx` wrote, its .card.json beside it", "load")
+        if not is_file and path.exists():  # a device, a FIFO, a socket
+            raise ModelLoadError(f"model path {path} is not a regular file: pass the .onnx file that "
+                                 "`depois-train export-onnx` wrote", "load")
         if not is_file:
             raise ModelLoadError(
                 f"model file {path} does not exist: train and export one with "
