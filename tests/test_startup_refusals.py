@@ -225,3 +225,11 @@ def test_a_model_path_that_is_a_device_is_not_called_missing() -> None:
     """Fuzz run (stop 43): `--model-path /dev/null` was said not to exist."""
     proc = run_cli("run", "--model-path", "/dev/null", "--device", "cpu")
     one_line_exit_2(proc, "/dev/null is not a regular file")
+
+
+@pytest.mark.parametrize("servers", ["", "127.0.0.1:abc", "::::garbage::::", "kafka:0", ",,"])
+def test_a_bootstrap_list_that_is_not_host_port_is_refused_at_once(centroid_model: Path, servers: str) -> None:
+    """Fuzz run (stop 43): these passed validation and failed only after the start-up timeout,
+    as "no answer to a metadata request"; replay refused them already, by the same rule now."""
+    proc = run_cli("run", "--model-path", str(centroid_model), "--device", "cpu", "--bootstrap-servers", servers)
+    one_line_exit_2(proc, "bootstrap_servers")

@@ -36,7 +36,7 @@ from depois_stream.audit.trail import (
 from depois_stream.contract import utc_now_iso
 from depois_stream.filter.clients.kafka_python import check_passthrough, options_for
 from depois_stream.filter.config import (
-    MAX_SECONDS, TOPIC_NAME, describe_errors, misspells, unknown_env_matches,
+    MAX_SECONDS, TOPIC_NAME, describe_errors, host_port_list, misspells, unknown_env_matches,
 )
 from depois_stream.audit.metrics import ReplayMetrics
 
@@ -113,18 +113,7 @@ class ReplaySettings(BaseSettings):
     @field_validator("bootstrap_servers")
     @classmethod
     def _host_port_list(cls, v: str) -> str:
-        """kafka-python raises a bare ValueError, deep in a client, for a port it cannot read;
-        say which entry here. A host without a port is fine (the clients add 9092)."""
-        entries = [e.strip() for e in v.split(",") if e.strip()]
-        if not entries:
-            raise ValueError("is empty: name at least one HOST[:PORT]")
-        for entry in entries:
-            if entry.startswith("[") and entry.endswith("]"):  # an IPv6 address, no port
-                continue
-            host, sep, port = entry.rpartition(":")
-            if sep and not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536):
-                raise ValueError(f"{entry!r} is not HOST[:PORT] (a list is comma-separated)")
-        return v
+        return host_port_list(v)  # the rule `run` applies too
 
     @field_validator("kafka")
     @classmethod

@@ -44,6 +44,28 @@ INT32_MAX = 2**31 - 1
 MAX_SECONDS = 1e9
 
 
+def host_port_list(v: str) -> str:
+    """A bootstrap list checked where it is given (run and replay): ``HOST[:PORT]`` entries,
+    comma-separated (no port means 9092, as both clients read it; ``[IPv6]``; a ``PLAINTEXT://``
+    style prefix). Before, an empty list or a port that is not a number failed deep in a client:
+    kafka-python with a bare ValueError, run only at the start-up timeout, as "no answer" (fuzz
+    run, stop 43). Hosts are not resolved here (a broker's name may resolve only later)."""
+    entries = [e.strip() for e in v.split(",") if e.strip()]
+    if not entries:
+        raise ValueError("is empty: name at least one HOST[:PORT]")
+    for entry in entries:
+        address = entry.split("://", 1)[1] if "://" in entry else entry
+        if address.startswith("[") and address.endswith("]"):  # an IPv6 address, no port
+            continue
+        host, sep, port = address.rpartition(":")
+        if not sep:
+            host, port = address, "9092"
+        if not (host and port.isascii() and port.isdigit() and 0 < int(port) < 65536) or any(
+                c.isspace() or c == "/" for c in host):
+            raise ValueError(f"{entry!r} is not HOST[:PORT] (a list is comma-separated)")
+    return v
+
+
 def flag(name: str, *alias: str) -> dict[str, Any]:
     """``json_schema_extra`` naming a setting's command-line flag(s), when not ``--<name>``."""
     return {"flags": (name, *alias)}
@@ -154,6 +176,11 @@ class ConsumerConfig(BaseSettings):
     exit_when_idle_s: float | None = Field(None, gt=0.0, le=MAX_SECONDS, description=(
         "Exit 0 after this many seconds without records (demos and tests); time while the "
         "broker is unreachable does not count."))
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port_list(cls, v: str) -> str:
+        return host_port_list(v)
 
     @field_validator("config_file", "model_path", "verify_signature", "control_dir", mode="before")
     @classmethod
