@@ -613,3 +613,21 @@ def test_librdkafkas_fatal_error_from_poll_and_flush_is_a_fatal_produce_error() 
         with pytest.raises(ProduceError) as info:
             call(0.0)
         assert info.value.fatal and "OUT_OF_ORDER_SEQUENCE_NUMBER" in str(info.value)
+
+
+def test_confluent_producer_asks_the_broker_not_to_create_topics(monkeypatch) -> None:
+    """Review (stop 43): librdkafka's producer defaults allow.auto.create.topics to true, so an
+    output topic deleted under a running filter would be re-created with broker defaults."""
+    pytest.importorskip("confluent_kafka")
+    from depois_stream.filter.clients import confluent
+    from depois_stream.filter.clients.base import ClientSettings
+
+    seen: dict = {}
+
+    class Recording:
+        def __init__(self, conf: dict) -> None:
+            seen.update(conf)
+
+    monkeypatch.setattr(confluent, "Producer", Recording)
+    confluent.ConfluentProducer(ClientSettings(bootstrap_servers="127.0.0.1:1", client_id="c"))
+    assert seen["allow.auto.create.topics"] is False

@@ -58,3 +58,16 @@ def test_an_empty_path_is_refused_as_empty_not_read_as_the_current_folder(centro
     proc = run_cli("run", "--model-path", str(centroid_model), "--device", "cpu",
                    env={"DEPOIS_VERIFY_SIGNATURE": ""})
     one_line_exit_2(proc, "verify_signature: is empty")
+
+
+def test_service_links_of_any_service_name_are_never_refused_and_rescore_s_key_typo_is() -> None:
+    """Review (stop 43): a Service named depois-model brings DEPOIS_MODEL_PORT=tcp://..., close to
+    DEPOIS_MODEL_PATH, and the first rule refused it (run exited 2); and replay, whose rescore now
+    reads DEPOIS_VERIFY_SIGNATURE, only warned about DEPOIS_VERIFY_SIGNATUR."""
+    links = {"DEPOIS_MODEL_PORT": "tcp://10.0.0.1:80", "DEPOIS_CONTROL_PORT": "tcp://10.0.0.2:80",
+             "DEPOIS_MODEL_PORT_80_TCP": "tcp://10.0.0.1:80", "DEPOIS_MODEL_SERVICE_PORT_HTTP": "80"}
+    refused, warned = unknown_env({**links, "DEPOIS_METRIC_PORT": "9108"})
+    assert refused == ["DEPOIS_METRIC_PORT (did you mean DEPOIS_METRICS_PORT?)"]  # a typo, not a link
+    assert {w.split(" ")[0] for w in warned} == set(links)
+    assert unknown_replay_env({**links, "DEPOIS_VERIFY_SIGNATUR": "/k.pem"})[0] == [
+        "DEPOIS_VERIFY_SIGNATUR (did you mean DEPOIS_VERIFY_SIGNATURE?)"]

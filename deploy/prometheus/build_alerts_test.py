@@ -579,7 +579,7 @@ TAIL = """
         exp_alerts:
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
             exp_annotations:
-              summary: "the model file of a:9108 is not the model it serves (refused or missing): its next restart would fail"
+              summary: "the model file of a:9108 is not the model it serves (refused or missing): its next restart loads that file"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoismodelfilerefused
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=22
       - eval_time: 31m

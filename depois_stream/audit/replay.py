@@ -135,14 +135,15 @@ def unknown_replay_env(environ: Mapping[str, str]) -> tuple[list[str], list[str]
     filter's environment, where a platform may add variables of its own, such as Kubernetes'
     service variables for a Service named depois-something).
     """
-    own = {f"DEPOIS_{name.upper()}" for name in ReplaySettings.model_fields}
+    # and the filter's key variable, which `rescore` reads when --verify-signature is not given
+    own = {f"DEPOIS_{name.upper()}" for name in ReplaySettings.model_fields} | {"DEPOIS_VERIFY_SIGNATURE"}
     refused: list[str] = []
     warned: list[str] = []
     for name, close in unknown_env_matches(environ):
         if name.upper() in own:
             continue
         entry = f"{name} (did you mean {close}?)" if close else name
-        (refused if misspells(name, close, own) else warned).append(entry)
+        (refused if misspells(name, close, own, environ[name]) else warned).append(entry)
     return refused, warned
 
 

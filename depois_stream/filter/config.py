@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -307,10 +308,25 @@ OTHER_TOOLS_ENV = frozenset({
 MISSPELT_RATIO = 0.85
 
 
-def misspells(name: str, close: str | None, settings: set[str] | frozenset[str]) -> bool:
-    """Whether the unknown variable ``name`` is a misspelling of ``close``, one of ``settings``."""
-    return close is not None and close in settings and difflib.SequenceMatcher(
-        None, name.upper(), close).ratio() >= MISSPELT_RATIO
+# Kubernetes' service links for a Service NAME: NAME_SERVICE_HOST, NAME_SERVICE_PORT[_PORTNAME],
+# NAME_PORT (tcp://...), NAME_PORT_<n>_<PROTO>[_PORT|_ADDR|_PROTO]. A Service named depois-model
+# brings its <NAME>_PORT=tcp://..., which is close to DEPOIS_MODEL_PATH: the platform's, never
+# refused (review, stop 43).
+_SERVICE_LINK = re.compile(r"^[A-Z0-9_]+_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT_\d+_(TCP|UDP|SCTP)(_PORT|_ADDR|_PROTO)?)$")
+_SERVICE_URL = re.compile(r"^(tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def is_service_link(name: str, value: str) -> bool:
+    """Whether ``name=value`` is one of the variables the kubelet adds for a Service."""
+    upper = name.upper()
+    return bool(_SERVICE_LINK.match(upper)) or (upper.endswith("_PORT") and bool(_SERVICE_URL.match(value)))
+
+
+def misspells(name: str, close: str | None, settings: set[str] | frozenset[str], value: str = "") -> bool:
+    """Whether the unknown variable ``name`` is a misspelling of ``close``, one of ``settings``
+    (a Kubernetes service-link variable never is)."""
+    return close is not None and close in settings and not is_service_link(name, value) and \
+        difflib.SequenceMatcher(None, name.upper(), close).ratio() >= MISSPELT_RATIO
 
 
 def run_env_names() -> frozenset[str]:
@@ -344,7 +360,7 @@ def unknown_env(environ: Mapping[str, str]) -> tuple[list[str], list[str]]:
     warned: list[str] = []
     for name, close in unknown_env_matches(environ):
         entry = f"{name} (did you mean {close}?)" if close else name
-        (refused if misspells(name, close, own) else warned).append(entry)
+        (refused if misspells(name, close, own, environ[name]) else warned).append(entry)
     return refused, warned
 
 

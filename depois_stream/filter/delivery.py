@@ -244,6 +244,7 @@ class Delivery:
                     len(self._inflight), " on a new producer" if error.fatal else "")
         for item in self._inflight:
             item.failure = item.failure or error
+            item.failed = max(item.failed, item.pending)  # unacknowledged, for the metric and the log
         self._renew = self._renew or error.fatal
 
     def _take_reports(self) -> None:

@@ -443,6 +443,9 @@ class ConfluentProducer:
             "acks": "all", "enable.idempotence": True, "linger.ms": PRODUCER_LINGER_MS,
             "message.timeout.ms": s.delivery_timeout_ms, "logger": rdkafka_log,
             "error_cb": _on_error,
+            # the filter never creates topics: librdkafka's producer would ask the broker to create
+            # an output topic deleted under it (its default, unlike its consumer's)
+            "allow.auto.create.topics": False,
         }
         if s.transactional_id:
             conf["transactional.id"] = s.transactional_id
