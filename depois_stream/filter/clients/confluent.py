@@ -163,6 +163,12 @@ def _produce_error(err: KafkaError, what: str) -> ProduceError:
     return ProduceError(str(e), e.retriable and not err.fatal())
 
 
+def _produce_exc(exc: KafkaException, what: str) -> ProduceError:
+    """``_exc`` for a producer call: the KafkaError it carries as a ``ProduceError``."""
+    err = _kafka_error(exc)
+    return _produce_error(err, what) if err is not None else ProduceError(f"{what}: {exc}", retriable=True)
+
+
 def _on_error(err: KafkaError) -> None:
     rdkafka_log.warning("%s (%s)", err.str(), err.name())
 
@@ -491,10 +497,7 @@ class ConfluentProducer:
                     raise ProduceError("local producer queue stayed full", retriable=True) from None
                 self._p.poll(0.05)
             except KafkaException as exc:
-                err = _kafka_error(exc)
-                if err is not None:
-                    raise _produce_error(err, "produce") from exc
-                raise ProduceError(f"produce: {exc}", retriable=True) from exc
+                raise _produce_exc(exc, "produce") from exc
 
     def poll(self, timeout_s: float) -> None:
         """Serve delivery reports. librdkafka raises a fatal producer error from here too (a
@@ -504,17 +507,13 @@ class ConfluentProducer:
         try:
             self._p.poll(timeout_s)
         except KafkaException as exc:
-            err = _kafka_error(exc)
-            raise (_produce_error(err, "poll") if err is not None
-                   else ProduceError(f"poll: {exc}", retriable=True)) from exc
+            raise _produce_exc(exc, "poll") from exc
 
     def flush(self, timeout_s: float) -> int:
         try:
             return int(self._p.flush(timeout_s))
         except KafkaException as exc:
-            err = _kafka_error(exc)
-            raise (_produce_error(err, "flush") if err is not None
-                   else ProduceError(f"flush: {exc}", retriable=True)) from exc
+            raise _produce_exc(exc, "flush") from exc
 
     def init_transactions(self, timeout_s: float) -> None:
         self._txn(lambda: self._p.init_transactions(timeout_s), "init_transactions", timeout_s)
