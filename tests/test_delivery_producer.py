@@ -631,3 +631,26 @@ def test_confluent_producer_asks_the_broker_not_to_create_topics(monkeypatch) ->
     monkeypatch.setattr(confluent, "Producer", Recording)
     confluent.ConfluentProducer(ClientSettings(bootstrap_servers="127.0.0.1:1", client_id="c"))
     assert seen["allow.auto.create.topics"] is False
+
+
+def test_a_fatal_error_raised_while_a_full_queue_drains_is_a_fatal_produce_error() -> None:
+    """Re-read (stop 43): send's wait for a full local queue called librdkafka's poll directly, so
+    the fatal error the previous test pins for poll escaped there as a bare KafkaException."""
+    pytest.importorskip("confluent_kafka")
+    from confluent_kafka import KafkaError, KafkaException
+
+    from depois_stream.filter.clients.base import ProduceError
+    from depois_stream.filter.clients.confluent import ConfluentProducer
+
+    class FullAndBroken:
+        def produce(self, *args, **kwargs) -> None:
+            raise BufferError("queue full")
+
+        def poll(self, timeout_s: float) -> None:
+            raise KafkaException(KafkaError(KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, "sequence desync", fatal=True))
+
+    producer = ConfluentProducer.__new__(ConfluentProducer)
+    producer._p = FullAndBroken()
+    with pytest.raises(ProduceError) as info:
+        producer.send("t", 0, None, b"v", [], lambda error: None)
+    assert info.value.fatal

@@ -495,7 +495,7 @@ class ConfluentProducer:
                 deadline = deadline or time.monotonic() + MAX_BLOCK_S
                 if time.monotonic() > deadline:
                     raise ProduceError("local producer queue stayed full", retriable=True) from None
-                self._p.poll(0.05)
+                self.poll(0.05)  # a fatal error raised here is the producer's too
             except KafkaException as exc:
                 raise _produce_exc(exc, "produce") from exc
 
