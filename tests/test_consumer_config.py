@@ -85,6 +85,8 @@ def test_a_kafka_python_only_option_under_librdkafka_says_how_to_fix_it() -> Non
     ({"model_path": "m", "kafka": {"sasl_pasword": "x"}}, "not kafka-python client options"),
     ({"model_path": "m", "clean_topic": "depois.ingest"}, "topics must differ"),
     ({"model_path": "m", "heartbeat_interval_ms": 5000, "session_timeout_ms": 6000}, "a third"),
+    # the window never holds 200 samples at batches under 200: a breaker that can never open
+    ({"model_path": "m", "breaker_window": 100, "breaker_min_samples": 200}, "breaker_min_samples"),
 ])
 def test_bad_settings_name_the_problem(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

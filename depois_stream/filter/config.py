@@ -221,6 +221,11 @@ class ConsumerConfig(BaseSettings):
             raise ValueError("a topic cannot be named '.' or '..'")
         if len(set(topics)) != len(topics):
             raise ValueError(f"ingest, clean, quarantine and dlq topics must differ, got {topics}")
+        if self.breaker_min_samples > self.breaker_window:
+            # the window holds about breaker_window samples: the breaker could never open
+            raise ValueError(f"breaker_min_samples ({self.breaker_min_samples}) must be at most "
+                             f"breaker_window ({self.breaker_window}): the window never holds "
+                             "that many samples, so the circuit breaker could never open")
         if self.kafka:
             from depois_stream.filter.clients import ClientUnavailable, make_client
 
