@@ -438,6 +438,18 @@ def test_replay_settings_refuse_a_group_id_and_route_options_per_client() -> Non
     assert s.client_options(KafkaProducer) == {"security_protocol": "SSL", "linger_ms": 5}
 
 
+@pytest.mark.parametrize("topics", [
+    {"audit_topic": "depois.clean"},  # the audit trail written into the training topic
+    {"clean_topic": "depois.quarantine"},  # released copies quarantined again, for ever
+    {"audit_topic": "depois.quarantine"},
+])
+def test_replay_settings_refuse_topics_that_coincide(topics: dict) -> None:
+    """`run` refuses an output topic equal to another; replay read the same variables and took
+    them, so DEPOIS_AUDIT_TOPIC=depois.clean wrote audit JSON into the training topic."""
+    with pytest.raises(ValueError, match="must differ"):
+        ReplaySettings(**topics)
+
+
 def test_audit_record_round_trips() -> None:
     from depois_stream.audit.replay import audit_record_for
 

@@ -21,7 +21,8 @@ from typing import Any, Literal
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError, KafkaTimeoutError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from depois_stream.contract import headers as H
@@ -121,6 +122,16 @@ class ReplaySettings(BaseSettings):
         check_passthrough(v, _OWNED_KAFKA_KEYS, "are chosen by replay itself: it reads without a "
                           "consumer group so that it can never commit the live consumer's offsets")
         return v
+
+    @model_validator(mode="after")
+    def _distinct_topics(self) -> "ReplaySettings":
+        """The rule `run` applies to its topics: release reads quarantine, writes clean and
+        audit; any two the same and audit JSON lands in the training topic, or released copies
+        in quarantine again."""
+        topics = [self.quarantine_topic, self.clean_topic, self.audit_topic]
+        if len(set(topics)) != len(topics):
+            raise ValueError(f"quarantine, clean and audit topics must differ, got {topics}")
+        return self
 
     def client_options(self, client: type[KafkaConsumer] | type[KafkaProducer]) -> dict[str, Any]:
         """The ``kafka`` options ``client`` understands (kafka-python rejects the others)."""
