@@ -330,3 +330,17 @@ def test_a_settled_rewind_replaces_the_hand_back_of_a_revoked_partition():
     consumer.steps = [("assign", [P0])]
     source.next_batch()
     assert consumer.seeks[-1] == (P0, 104)
+
+
+def test_a_batch_out_of_offset_order_rewinds_to_its_first_offset_and_commits_past_its_last():
+    """librdkafka can hand over records past an unreadable legacy message set before the
+    placeholder for it, which the adapter appends: [105, 106, 107, 100]. Read by position, the
+    batch rewound to 105 (the dead letter for 100 never produced after a retry) and its commit
+    said 101, behind records already filtered."""
+    batch = RecordBatch.concat("t", [
+        RecordBatch("t", np.array([0, 0, 0], np.int32), np.array([105, 106, 107], np.int64),
+                    np.zeros(3, np.int64), [b"k"] * 3, [b"v"] * 3, [[]] * 3),
+        RecordBatch.unreadable("t", [0], [100], ["cannot read"]),
+    ])
+    assert batch.first_offsets() == {("t", 0): 100}
+    assert batch.next_offsets() == {("t", 0): 108}

@@ -283,17 +283,21 @@ class RecordBatch:
                            [self.values[i] for i in idx], [self.headers[i] for i in idx])
 
     def first_offsets(self) -> dict[TP, int]:
-        """Per partition, the offset of its first record here (where to rewind to)."""
+        """Per partition, its smallest offset here (where to rewind to). By offset, not by
+        position: a client may append a placeholder for an unreadable record after records
+        it read past it."""
         out: dict[TP, int] = {}
         for p, o in zip(self.partitions.tolist(), self.offsets.tolist()):
-            out.setdefault((self.topic, p), o)
+            tp = (self.topic, p)
+            out[tp] = min(out.get(tp, o), o)
         return out
 
     def next_offsets(self) -> dict[TP, int]:
-        """Per partition, one past its last record here (what a commit of this batch says)."""
+        """Per partition, one past its largest offset here (what a commit of this batch says)."""
         out: dict[TP, int] = {}
         for p, o in zip(self.partitions.tolist(), self.offsets.tolist()):
-            out[(self.topic, p)] = o + 1
+            tp = (self.topic, p)
+            out[tp] = max(out.get(tp, o + 1), o + 1)
         return out
 
 
