@@ -31,15 +31,15 @@ def _running(flt: StreamFilter) -> Iterator[threading.Thread]:
 
 
 def _tripping_filter(kafka_client, broker, unique, tmp_path: Path, digits_arrays, control: Path,
-                     version: str = "broken"):
-    """A filter whose model quarantines every sample, over 200 published records; the breaker
-    trips on 32 samples and never closes by itself."""
+                     version: str = "broken", headers: list[tuple[str, bytes]] = ()):
+    """A filter whose model quarantines every sample, over 200 published records (``headers``
+    on each); the breaker trips on 32 samples and never closes by itself."""
     _, _, xte, yte = digits_arrays
     model = tmp_path / "model.onnx"
     _deploy(model, digits_arrays, version, boundary=10.0)  # every sample quarantined
     topics = Topics.create(broker.bootstrap, unique)
     ids = [f"{unique}-{i}" for i in range(200)]
-    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200])
+    ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200], headers=headers)
     metrics = Metrics()
     cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
                           exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
@@ -54,7 +54,8 @@ def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
     control = tmp_path / "control"
     control.mkdir()
     flt, metrics, topics, ids, ends = _tripping_filter(
-        kafka_client, broker, unique, tmp_path, digits_arrays, control, "miscalibrated")
+        kafka_client, broker, unique, tmp_path, digits_arrays, control, "miscalibrated",
+        headers=[("depois.verdict", b"clean")])
     stop = threading.Event()
     runner = threading.Thread(target=flt.run, args=(stop,))
     sample = metrics.registry.get_sample_value
@@ -92,6 +93,10 @@ def test_breaker_pauses_then_operator_resume_routes_the_held_batch(
     # delivery SLO (routed / consumed) paged for a loss at every trip while both reads counted.
     assert sample("depois_records_consumed_total", {"topic": topics.ingest}) == len(ids)
     assert sample("depois_records_routed_total", {"destination": "clean"}) == len(ids)
+    # Scored twice, counted once: the held batch's forged headers were counted again at its
+    # re-read (DepoisForgedHeaders then named more forged records than there were).
+    assert sample("depois_score_count") == len(ids)
+    assert sample("depois_forged_headers_total") == len(ids)
 
 
 def test_an_operator_resume_during_a_campaign_quarantines_it_instead_of_tripping_again(

@@ -112,7 +112,7 @@ def _batch_and_routed(n: int, first: int = 100):
                         np.zeros(n, np.int64), [None] * n, [b"x"] * n, [[] for _ in range(n)])
     routed = Routed(np.zeros(n, np.int8), np.zeros(n, np.int64), [None] * n, [b"x"] * n,
                     [[] for _ in range(n)], np.zeros(n, np.int64), {"clean": n}, Counter(), Counter(),
-                    np.zeros(0, np.int64))
+                    np.zeros(0, np.int64), np.zeros(0, np.float32), 0)
     return batch, routed
 
 

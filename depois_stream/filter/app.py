@@ -224,7 +224,6 @@ class StreamFilter:
         t0 = time.perf_counter()
         scored = pipeline.score(batch, det, self.max_record_bytes, delivery.rejected)
         m.inference_duration.labels(det.provider).observe(time.perf_counter() - t0)
-        m.forged_headers.inc(scored.ingest.forged)
         acknowledged = self.breaker.acknowledged
         if self.breaker.observe(scored.scored, scored.quarantined, time.monotonic()):
             self._trip(source, batch)  # not routed: handed back and held until resumed
@@ -234,7 +233,6 @@ class StreamFilter:
             log.warning("circuit breaker armed again: the quarantine rate is back under %.0f%%",
                         100 * self.cfg.breaker_max_rate)
         m.poison_rate.set(self.breaker.rate)
-        m.score.observe_many(scored.prediction.score)
         routed = pipeline.route(batch, scored, det.metadata.model_version, det.sha256,
                                 self._partition_counts, self.max_record_bytes)
         delivery.submit(batch, routed)
@@ -253,6 +251,8 @@ class StreamFilter:
                                 minlength=self.detector.metadata.num_classes)
         for label in np.flatnonzero(per_label).tolist():
             m.quarantined_by_label.labels(str(label)).inc(int(per_label[label]))
+        m.score.observe_many(routed.scores)
+        m.forged_headers.inc(routed.forged)
         m.end_to_end_latency.observe_many(pipeline.latency_seconds(time.time(), routed.timestamps_ms))
         s.consumed += len(routed)
         s.clean += counts["clean"]

@@ -65,7 +65,8 @@ class Metrics:
             "quarantined_by_label", "Quarantined records by their claimed class label.",
             ["label"], namespace=ns, registry=r)
         self.score = BatchHistogram(
-            "score", "Detector score of every scored record (higher = more trustworthy).",
+            "score", "Detector score of every scored record, counted once when it is routed "
+            "(higher = more trustworthy).",
             SCORE_BUCKETS, namespace=ns, registry=r)
         self.poison_rate = Gauge(
             "poison_rate", "Quarantined fraction of scored records over the sliding window.",
@@ -121,7 +122,7 @@ class Metrics:
             ["kind"], namespace=ns, registry=r)
         self.forged_headers = Counter(
             "forged_headers", "Ingest records that carried depois.* headers (removed before "
-            "forwarding: only the filter writes them).", namespace=ns, registry=r)
+            "forwarding: only the filter writes them), counted once when routed.", namespace=ns, registry=r)
         self.detection_boundary = Gauge(
             "detection_boundary", "Global detection boundary of the loaded model.",
             namespace=ns, registry=r)

@@ -181,7 +181,8 @@ def score(batch: RecordBatch, detector: Detector, max_record_bytes: int,
 @dataclass(frozen=True)
 class Routed:
     """What to produce for one batch, one entry per input record, and what to count once the
-    broker acknowledged it."""
+    broker acknowledged it (counted then, a record is counted once however often a breaker
+    trip or a retried delivery made the filter score it)."""
 
     destination: np.ndarray  # int8 [n]: router.CLEAN | QUARANTINE | DLQ
     partitions: np.ndarray  # int [n]: output partition (source partition modulo the topic's)
@@ -193,6 +194,8 @@ class Routed:
     dead_letter_reasons: Counter[str]
     quarantine_reasons: Counter[str]
     quarantine_labels: np.ndarray  # int64: claimed labels of the quarantined records
+    scores: np.ndarray  # float32 [m]: detector score of each scored record
+    forged: int  # records that carried forged depois.* headers
 
     def __len__(self) -> int:
         return len(self.destination)
@@ -238,7 +241,8 @@ def route(batch: RecordBatch, scored: Scored, model_version: str, model_sha256: 
         timestamps_ms=batch.timestamps_ms, counts=plan.counts(),
         dead_letter_reasons=Counter(reason for _, reason, _ in scored.failures),
         quarantine_reasons=Counter(r for r in reasons if r),
-        quarantine_labels=scored.labels[quarantined])
+        quarantine_labels=scored.labels[quarantined], scores=pred.score,
+        forged=scored.ingest.forged)
 
 
 def latency_seconds(now_s: float, timestamps_ms: np.ndarray) -> np.ndarray:

@@ -49,8 +49,10 @@ def consumer_config(bootstrap: str, topics: Topics, group: str, model_path,
 
 
 def publish(bootstrap: str, topic: str, ids: list[str], images: np.ndarray, labels: np.ndarray,
-            extra: list[tuple[bytes | None, bytes | None]] = ()) -> dict[int, int]:
-    """Send binary-encoded samples (key = id) plus raw ``(value, content_type)`` records.
+            extra: list[tuple[bytes | None, bytes | None]] = (),
+            headers: list[tuple[str, bytes]] = ()) -> dict[int, int]:
+    """Send binary-encoded samples (key = id, ``headers`` added to each) plus raw
+    ``(value, content_type)`` records.
 
     Returns the end offset per partition from the broker's acks (Tansu's ListOffsets answer
     lags behind, so tests must not compare against ``end_offsets``)."""
@@ -59,7 +61,7 @@ def publish(bootstrap: str, topic: str, ids: list[str], images: np.ndarray, labe
     try:
         for sid, (value, ctype) in zip(ids, encode_batch(ids, images, labels, encoding="binary")):
             futures.append(producer.send(topic, value=value, key=sid.encode(),
-                                         headers=[(H.CONTENT_TYPE, ctype.encode())]))
+                                         headers=[(H.CONTENT_TYPE, ctype.encode()), *headers]))
         for k, (value, ctype) in enumerate(extra):
             hdrs = [(H.CONTENT_TYPE, ctype)] if ctype is not None else []
             futures.append(producer.send(topic, value=value, key=f"bad-{k}".encode(), headers=hdrs))
