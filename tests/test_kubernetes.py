@@ -527,3 +527,23 @@ def test_each_member_is_given_the_core_the_docs_say_it_needs(overlay: str) -> No
     purpose: one member on a laptop cluster.)"""
     cpu = container(render(overlay))["resources"]["requests"]["cpu"]
     assert _quantity(str(cpu)) >= 1, cpu
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_scorer_uses_as_many_threads_as_the_pod_requests_cores(overlay: str) -> None:
+    """Left at 0, onnxruntime starts a thread per core the pod sees: every core of the node,
+    since the pods set no CPU limit. Several members on a 64-core node each ran 64 scoring
+    threads over their one requested core (docs/operations.md told the operator to set it;
+    no manifest did)."""
+    env = {e["name"]: e for e in container(render(overlay)).get("env", [])}
+    ref = env["DEPOIS_SCORER_THREADS"]["valueFrom"]["resourceFieldRef"]
+    assert ref["resource"] == "requests.cpu" and str(ref.get("divisor", "1")) == "1"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_drain_during_a_broker_outage_can_evict_unready_members(overlay: str) -> None:
+    """During a Kafka outage every member is unready (/readyz); with the default eviction policy
+    the budget then counts them all as disrupted and blocks every eviction: a node drain hangs
+    until Kafka is back."""
+    pdb = one(render(overlay), "PodDisruptionBudget")
+    assert pdb["spec"].get("unhealthyPodEvictionPolicy") == "AlwaysAllow"
