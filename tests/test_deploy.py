@@ -146,6 +146,10 @@ def test_compose_file_is_valid_and_wires_the_stack(compose_env: dict[str, str]) 
     assert re.search(r"--topic depois\.ingest [^\n]*\\\n[^\n]*--config message\.timestamp\.type=LogAppendTime",
                      init_script), init_script
 
+    # The demo image inherits the runtime's /healthz check; `produce` serves no HTTP.
+    check = services["demo-producer"]["healthcheck"]
+    assert check.get("disable") is True or check.get("test") == ["NONE"], check
+
     consumer = services["depois-consumer"]
     assert "container_name" not in consumer and "ports" not in consumer, \
         "a fixed name or host port would break `--scale depois-consumer=N`"

@@ -183,3 +183,18 @@ def test_training_image_can_sign_the_models_production_requires() -> None:
     installs = " ".join(re.findall(r"pip install ([^\n&]+)", re.sub(r"\\\n", " ", text)))
     extras = set(re.findall(r"\.\[([^\]]*)\]", installs)[0].split(","))
     assert {"train", "signing"} <= extras, installs
+
+
+def test_every_command_the_runtime_image_keeps_has_its_package_in_the_image() -> None:
+    """The image copies only depois_stream/, but the wheel's entry points name every script
+    of pyproject.toml: `depois-train` was in the image's PATH and failed with a
+    ModuleNotFoundError traceback. A script whose package the image lacks must be removed."""
+    runtime = _stages(DOCKERFILE.read_text())["runtime"]
+    copied = set(re.findall(r"^COPY\s+(\w+)\s", runtime, re.MULTILINE))
+    removed = set(re.findall(r'rm\s+(?:-f\s+)?"\$\(command -v ([\w-]+)\)"', runtime))
+    scripts = _pyproject()["scripts"]
+    kept = {name: target for name, target in scripts.items() if name not in removed}
+    assert "depois-stream" in kept
+    missing = {name: target for name, target in kept.items()
+               if target.split(".")[0] not in copied}
+    assert not missing, f"commands in the runtime image whose package it lacks: {missing}"
