@@ -75,6 +75,21 @@ def test_a_kafka_python_only_option_under_librdkafka_says_how_to_fix_it() -> Non
                     kafka={"api_version_auto_timeout_ms": 5})
 
 
+@pytest.mark.parametrize("kafka", [
+    {"partition.assignment.strategy": "cooperative-sticky"},
+    {"partition.assignment.strategy": "range,cooperative-sticky"},
+    {"group.protocol": "consumer"},
+])
+def test_incremental_rebalancing_is_refused_at_start_up(kafka: dict) -> None:
+    """The filter takes and hands back whole assignments (eager rebalancing). Under
+    cooperative-sticky librdkafka refused its assign() at the first rebalance with an error
+    that is no Exception: the filter died with status 1 at every start, after start-up had
+    accepted the option."""
+    pytest.importorskip("confluent_kafka")
+    with pytest.raises(ConfigError, match="incremental"):
+        load_config(model_path="m.onnx", client="confluent-kafka", kafka=kafka)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({}, "model_path: Field required"),
     ({"model_path": "m", "batch_size": 0}, "batch_size"),

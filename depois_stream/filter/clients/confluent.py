@@ -115,6 +115,22 @@ _PRODUCER_PREFIXES = ("batch.", "compression.", "queue.buffering.", "retries", "
                       "message.max.bytes")
 
 
+def _refuse_incremental_rebalancing(conf: Mapping[str, Any]) -> None:
+    """The filter takes and hands back whole assignments (``assign``/``unassign``, eager
+    rebalancing: ``Source`` rewinds and settles per assignment). librdkafka's cooperative
+    assignor and the KIP-848 group protocol hand out increments instead, and refuse ``assign``
+    at the first rebalance: refused here, at start-up, rather than there."""
+    strategy = str(conf.get("partition.assignment.strategy", "")).lower()
+    if "cooperative" in strategy:
+        raise ValueError(f"partition.assignment.strategy={strategy}: incremental (cooperative) "
+                         "rebalancing is not supported; use range or roundrobin (the default "
+                         "is range,roundrobin)")
+    protocol = str(conf.get("group.protocol", "classic")).lower()
+    if protocol != "classic":
+        raise ValueError(f"group.protocol={protocol}: its rebalancing is incremental, which is "
+                         "not supported; use classic (the default)")
+
+
 def _consumer_only(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if not k.startswith(_PRODUCER_PREFIXES)}
 
@@ -598,6 +614,7 @@ class ConfluentClient:
             raise ValueError(f"{snake} are not confluent-kafka options: use librdkafka's dotted "
                              "names (security.protocol, sasl.mechanisms, ssl.ca.location, ...) "
                              "or --client kafka-python")
+        _refuse_incremental_rebalancing(conf)
         for make, only in ((Producer, _producer_only), (Consumer, _consumer_only)):
             try:  # librdkafka validates names and values when a handle is made
                 # the filter's own group settings at their smallest allowed values, so that
