@@ -79,3 +79,25 @@ def test_every_record_routed_exactly_once(data: st.DataObject) -> None:
         assert verdict == expected
         assert routed.destination[i] == {H.VERDICT_CLEAN: CLEAN, H.VERDICT_QUARANTINE: QUARANTINE,
                                          H.VERDICT_DLQ: DLQ}[verdict]
+
+
+def test_the_filters_own_headers_fit_the_allowance_at_every_contract_bound() -> None:
+    """pipeline reserves HEADER_ALLOWANCE bytes for the headers the filter adds and forwards a
+    record whose own bytes fit the rest: that holds only while each header is bounded. The
+    model version and the member names had no bound, so a hand-built model pushed routed
+    records over the producer's limit (refused, then dead-lettered instead of routed)."""
+    from depois_stream.contract.model import MAX_MEMBER_NAME, MAX_MODEL_VERSION
+    from depois_stream.filter.pipeline import HEADER_ALLOWANCE, HEADER_OVERHEAD
+
+    version, member, topic = "v" * MAX_MODEL_VERSION, "m" * MAX_MEMBER_NAME, "t" * 249
+    big = np.iinfo(np.int64).min
+    verdicts = Verdicts(
+        n=2, index=np.array([0]), labels=np.array([-(2**62)]), score=np.array([-1.2345678e-38], np.float32),
+        poisoned=np.array([True]), threshold=np.array([-3.4028235e38], np.float32),
+        p_value=np.array([1.1754944e-38], np.float32),
+        failures=[(1, "x" * 64, "é" * 4000)], reasons=[member])
+    prov = Provenance(topics=[topic, topic], partitions=np.array([2**31 - 1] * 2),
+                      offsets=np.array([big] * 2), timestamps_ms=np.array([big] * 2))
+    for headers in plan(verdicts, prov, version, "f" * 64).headers:
+        size = sum(len(k.encode()) + len(v) + HEADER_OVERHEAD for k, v in headers)
+        assert size <= HEADER_ALLOWANCE, size

@@ -267,6 +267,17 @@ def test_evidence_weights_travel_in_the_metadata_and_old_models_mean_equal_weigh
     assert ModelMetadata.from_props(old).member_weights() == (1.0, 1.0, 1.0)
 
 
+@pytest.mark.parametrize("changes", [
+    {"model_version": "v" * 129},
+    {"evidence_members": ("critic", "m" * 65, "knn")},
+])
+def test_header_values_a_model_names_are_bounded(changes: dict) -> None:
+    """The model version and the member names travel in every routed record's headers, inside
+    the pipeline's fixed allowance (test_router): a longer one is a contract error at load."""
+    with pytest.raises(ValueError, match="at most"):
+        _union_metadata(**changes)
+
+
 @pytest.mark.parametrize("weights", ["0.2,1.4", "0,1,2", "-1,2,2", "nan,1,1", "x,1,1"])
 def test_bad_evidence_weights_are_a_contract_error(weights: str) -> None:
     props = {**_union_metadata().to_props(), "depois.evidence_weights": weights}

@@ -47,6 +47,10 @@ META_BOUNDARY = "depois.boundary"
 META_TARGET_FPR = "depois.target_fpr"
 META_INPUT_SHAPE = "depois.input_shape"
 MAX_CLASSES = 1_000_000
+# A model's version and member names travel in the headers of every routed record, inside the
+# pipeline's fixed allowance for the filter's own headers (HEADER_ALLOWANCE): bounded here.
+MAX_MODEL_VERSION = 128
+MAX_MEMBER_NAME = 64
 MAX_INPUT_VALUES = 1 << 26  # C x H x W of one sample: 64 M values, far past any image model
 META_NUM_CLASSES = "depois.num_classes"
 META_DATASET = "depois.dataset"
@@ -110,7 +114,7 @@ class ModelMetadata(BaseModel):
     num_classes: int = Field(ge=2, le=MAX_CLASSES)
     dataset: str
     score_kind: ScoreKind
-    model_version: str = Field(min_length=1)
+    model_version: str = Field(min_length=1, max_length=MAX_MODEL_VERSION)
     created_at: str
     weights_sha256: str | None = None
     has_p_value: bool = False
@@ -132,6 +136,9 @@ class ModelMetadata(BaseModel):
         for name in v:
             if not name or not all(c.isalnum() or c == "_" for c in name):
                 raise ValueError(f"evidence member names must be non-empty [A-Za-z0-9_], got {name!r}")
+            if len(name) > MAX_MEMBER_NAME:
+                raise ValueError(f"evidence member names must be at most {MAX_MEMBER_NAME} "
+                                 f"characters, got one of {len(name)}")
         if len(set(v)) != len(v):
             raise ValueError(f"evidence member names must be unique, got {list(v)}")
         return v
