@@ -31,7 +31,8 @@ def _running(flt: StreamFilter) -> Iterator[threading.Thread]:
 
 
 def _tripping_filter(kafka_client, broker, unique, tmp_path: Path, digits_arrays, control: Path,
-                     version: str = "broken", headers: list[tuple[str, bytes]] = ()):
+                     version: str = "broken", headers: list[tuple[str, bytes]] = (),
+                     exit_when_idle_s: float | None = None):
     """A filter whose model quarantines every sample, over 200 published records (``headers``
     on each); the breaker trips on 32 samples and never closes by itself."""
     _, _, xte, yte = digits_arrays
@@ -42,7 +43,7 @@ def _tripping_filter(kafka_client, broker, unique, tmp_path: Path, digits_arrays
     ends = publish(broker.bootstrap, topics.ingest, ids, xte[:200], yte[:200], headers=headers)
     metrics = Metrics()
     cfg = consumer_config(broker.bootstrap, topics, unique, model, client=kafka_client,
-                          exit_when_idle_s=None, breaker_window=1000, breaker_min_samples=32,
+                          exit_when_idle_s=exit_when_idle_s, breaker_window=1000, breaker_min_samples=32,
                           control_dir=control, breaker_cooldown_s=3600)
     return StreamFilter(cfg, metrics), metrics, topics, ids, ends
 
@@ -230,3 +231,31 @@ def test_a_resume_flag_that_cannot_be_removed_is_ignored_not_fatal(
         wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == ends)
     errors = [r for r in caplog.records if "cannot remove the resume flag" in r.getMessage()]
     assert len(errors) == 2  # once per unremovable flag, not once per loop
+
+
+def test_exit_when_idle_waits_while_the_breaker_holds_a_batch(
+        kafka_client, broker, unique, tmp_path: Path, digits_arrays):
+    """An open breaker pauses consumption, so nothing arrives: the idle clock ran and the
+    filter exited 0 with the held batch never filtered (it stays in the topic, uncommitted, but
+    the run said it was done). It waits for the breaker to close, then finishes the stream."""
+    model = tmp_path / "model.onnx"
+    control = tmp_path / "control"
+    control.mkdir()
+    flt, metrics, topics, ids, ends = _tripping_filter(
+        kafka_client, broker, unique, tmp_path, digits_arrays, control, "idle",
+        exit_when_idle_s=1.0)
+    sample = metrics.registry.get_sample_value
+    runner = threading.Thread(target=flt.run)
+    runner.start()
+    try:
+        wait_for(lambda: sample("depois_circuit_breaker_trips_total") == 1)
+        runner.join(timeout=4.0)  # four idle limits with the breaker open
+        assert runner.is_alive(), "exited with the breaker holding a batch"
+        _deploy(model, digits_arrays, "fixed", boundary=-10.0)
+        wait_for(lambda: sample("depois_model_reloads_total", {"outcome": "loaded"}) == 1)
+        (control / RESUME_FLAG).touch()
+    finally:
+        runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert sorted(r.key.decode() for r in read_all(broker.bootstrap, topics.clean)) == sorted(ids)
+    assert committed(broker.bootstrap, unique, topics.ingest) == ends

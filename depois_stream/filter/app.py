@@ -201,9 +201,11 @@ class StreamFilter:
             if len(batch):
                 self._filter(batch, source, delivery)
                 idle_since = now
-            elif delivery.in_flight or not source.assigned or not self._probe_up():
-                # waiting for acknowledgements, a partition or the broker: not idle (an
-                # outage must not end a run whose last offsets are still to be committed)
+            elif (delivery.in_flight or not source.assigned or not self._probe_up()
+                  or self.breaker.is_open):
+                # waiting for acknowledgements, a partition, the broker or a breaker holding a
+                # batch: not idle (an outage must not end a run whose last offsets are still
+                # to be committed, nor an open breaker one whose held batch is unfiltered)
                 idle_since = now
             delivery.service(0.0)
             if now >= next_lag:

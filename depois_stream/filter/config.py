@@ -176,7 +176,7 @@ class ConsumerConfig(BaseSettings):
         "delivery semantics are refused."))
     exit_when_idle_s: float | None = Field(None, gt=0.0, le=MAX_SECONDS, description=(
         "Exit 0 after this many seconds without records (demos and tests); time while the "
-        "broker is unreachable does not count."))
+        "broker is unreachable or the circuit breaker is open does not count."))
 
     @field_validator("bootstrap_servers")
     @classmethod
