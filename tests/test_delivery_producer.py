@@ -654,3 +654,51 @@ def test_a_fatal_error_raised_while_a_full_queue_drains_is_a_fatal_produce_error
     with pytest.raises(ProduceError) as info:
         producer.send("t", 0, None, b"v", [], lambda error: None)
     assert info.value.fatal
+
+
+def test_an_ownership_that_ended_commits_nothing_for_its_partition() -> None:
+    """At-least-once: an acknowledgement recorded before a revocation, or arriving after it,
+    belongs to an ownership that ended. Kept, it was committed with the next batch of another
+    partition once the revoked partition came back, moving the group's commit for it backwards
+    (behind what the other member had committed meanwhile): everything between was filtered
+    again after the next rebalance or crash."""
+    held: list = []
+
+    class Producer(_TxnProducer):
+        def send(self, topic, partition, key, value, headers, on_done) -> None:
+            held.append(on_done)
+
+    class Consumer:
+        commits: list[dict] = []
+
+        def commit(self, offsets, asynchronous: bool) -> None:
+            self.commits.append(dict(offsets))
+
+    class Source(_Source):
+        assigned = frozenset({("in", 0), ("in", 1)})
+
+    def on(partition: int, first: int):
+        batch, routed = _batch_and_routed(4, first)
+        batch.partitions[:] = partition
+        return batch, routed
+
+    consumer = Consumer()
+    delivery = Delivery(Producer, consumer, Source(), Metrics(), ("c", "q", "d"),
+                        on_delivered=lambda r: None)
+    delivery.submit(*on(0, 100))
+    for done in held:
+        done(None)
+    held.clear()
+    delivery.service(0.0)
+    assert consumer.commits[-1] == {("in", 0): 104}
+    delivery.submit(*on(0, 104))  # in flight when partition 0 is revoked
+    delivery.revoked({("in", 0)})  # ... and it comes back (another member committed 900)
+    for done in held:
+        done(None)
+    held.clear()
+    delivery.submit(*on(1, 7))
+    for done in held:
+        done(None)
+    delivery.service(0.0)
+    assert consumer.commits[-1] == {("in", 1): 11}
+    assert [c for c in consumer.commits if ("in", 0) in c] == [{("in", 0): 104}]

@@ -297,6 +297,7 @@ class StreamFilter:
                                        f"({exc}); check that the broker supports them") from None
                 raise self._unreachable(exc) from None
             stack.callback(self._close_producer, delivery)
+            source.on_revoked(delivery.revoked)
             self._partition_counts = self._output_partitions(delivery.producer)
             source.subscribe()
             yield source, delivery

@@ -81,6 +81,9 @@ class _InFlight:
     failure: ProduceError | None = None  # first retriable failure
     rejected: dict[int, str] = field(default_factory=dict)  # output index -> why refused
     failed: int = 0  # records not acknowledged
+    # partitions revoked while it was in flight: its acknowledgement commits nothing for them,
+    # and its retry rewinds nothing of theirs (the ownership it was read under ended)
+    disowned: set[TP] = field(default_factory=set)
 
     @property
     def broken(self) -> bool:
@@ -233,7 +236,8 @@ class Delivery:
         if done:
             self._attempts = 0
             for item in done:
-                self._acked.update(item.batch.next_offsets())
+                self._acked.update({tp: off for tp, off in item.batch.next_offsets().items()
+                                    if tp not in item.disowned})
                 self._on_delivered(item.routed)
             self._commit(asynchronous=True)
 
@@ -263,6 +267,17 @@ class Delivery:
                 item.failure = item.failure or error
                 self._renew = self._renew or error.fatal
 
+    def revoked(self, tps: set[TP]) -> None:
+        """Partitions this member no longer owns (``Source``'s revocation, before any new
+        assignment): what was acknowledged for them and not committed, and what is in flight,
+        belong to the ownership that ended. Its new owner, this member again included, resumes
+        at the group's commit or the hand-back and filters those records again; committing
+        them later could move the group's commit backwards, behind the new owner's."""
+        for tp in tps:
+            self._acked.pop(tp, None)
+        for item in self._inflight:
+            item.disowned |= tps
+
     def _commit(self, asynchronous: bool) -> None:
         owned = {tp: off for tp, off in self._acked.items() if tp in self._source.assigned}
         self._acked = owned  # a partition that moved away is its new owner's to commit
@@ -285,7 +300,8 @@ class Delivery:
         rewind: dict[TP, int] = {}
         for a in abandoned:  # oldest first: its first offset per partition is the smallest
             for tp, off in a.batch.first_offsets().items():
-                rewind.setdefault(tp, off)
+                if tp not in a.disowned:
+                    rewind.setdefault(tp, off)
         if item.rejected:
             item.failure = item.failure or self._remember_rejections(item)
         if item.failure is not None:

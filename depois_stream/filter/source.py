@@ -80,7 +80,7 @@ class Source:
         self._batch_size = batch_size
         self._linger_s = linger_ms / 1000
         self._metrics = metrics
-        self._on_revoked = on_revoked
+        self._on_revoked = [on_revoked]
         self._lock = threading.Lock()
         self._buffer: list[RecordBatch] = []
         self._next: dict[TP, int] = {}  # offset after the last record handed on, per partition
@@ -125,9 +125,14 @@ class Source:
         self.rebalances += 1
         self._forget_series(gone)
         self._metrics.partitions_assigned.set(len(self.assigned))
-        self._on_revoked(gone)
+        for listener in self._on_revoked:
+            listener(gone)
         if gone:
             log.info("partitions revoked: %s", sorted(p for _, p in gone))
+
+    def on_revoked(self, listener: Callable[[set[TP]], None]) -> None:
+        """Also call ``listener`` with the partitions of every revocation (and loss)."""
+        self._on_revoked.append(listener)
 
     def _lost(self, tps: list[TP]) -> None:
         log.warning("left the group involuntarily (session expired?): partitions %s lost; "
