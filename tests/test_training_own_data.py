@@ -127,8 +127,14 @@ def test_the_same_arrays_mean_the_same_to_the_detector_and_to_the_file_reader(tm
 
 def test_flags_that_pick_a_registered_pool_are_refused_beside_trusted_npz(tmp_path: Path) -> None:
     path = tmp_path / "pool.npz"
+    from training.config import FitConfig
+
+    default_fraction = str(FitConfig.model_fields["trusted_fraction"].default)
+    # Given on the command line, a flag is refused even at its default value: `--dataset digits`
+    # beside --trusted-npz was accepted and silently ignored, as the help says it is not.
     for args, needle in ((["--dataset", "mnist"], "--dataset"), (["--trusted-fraction", "0.5"], "--trusted-fraction"),
-                         (["--data-dir", str(tmp_path)], "--data-dir")):
+                         (["--data-dir", str(tmp_path)], "--data-dir"), (["--dataset", "digits"], "--dataset"),
+                         (["--trusted-fraction", default_fraction], "--trusted-fraction")):
         result = CliRunner().invoke(app, ["fit", "--trusted-npz", str(path), *args, "--out", str(tmp_path / "o")])
         _one_line(result, EXIT_USAGE, needle, "--trusted-npz")
         assert "Value error" not in result.output

@@ -12,7 +12,7 @@ Fashion-MNIST on 2 CPU cores with one torch thread (measured numbers in docs/eva
 from __future__ import annotations
 
 import re
-
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -50,6 +50,20 @@ def _cli(flag: str) -> dict[str, str]:
 
 
 MAX_SEED = 2**32 - 1  # numpy's seeds are uint32
+
+
+# The options that pick a trusted pool out of a registered data set, by field name.
+REGISTRY_FIELDS = ("dataset", "data_dir", "trusted_fraction")
+
+
+def own_pool_clash(given: Iterable[str]) -> str | None:
+    """What is wrong with giving these ``REGISTRY_FIELDS`` beside --trusted-npz, or None."""
+    given = set(given)
+    clashing = ["--" + name.replace("_", "-") for name in REGISTRY_FIELDS if name in given]
+    if not clashing:
+        return None
+    return (f"{' and '.join(clashing)} choose a pool from a registered data set, and "
+            "--trusted-npz is the whole trusted pool: give one or the other")
 
 
 class FitConfig(BaseModel):
@@ -162,15 +176,14 @@ class FitConfig(BaseModel):
     @model_validator(mode="after")
     def _own_pool_replaces_the_registry(self) -> FitConfig:
         """--trusted-npz is the whole trusted pool: flags that pick a pool out of a registered
-        data set would be silently ignored, so they are refused."""
+        data set would be silently ignored, so they are refused (here when they differ from
+        their defaults; the command line also refuses them given at their defaults)."""
         if self.trusted_npz is not None:
             fields = type(self).model_fields
-            clashing = [flag for flag, name in (("--dataset", "dataset"), ("--data-dir", "data_dir"),
-                                                ("--trusted-fraction", "trusted_fraction"))
-                        if getattr(self, name) != fields[name].default]
-            if clashing:
-                raise ValueError(f"{' and '.join(clashing)} choose a pool from a registered data set, and "
-                                 "--trusted-npz is the whole trusted pool: give one or the other")
+            problem = own_pool_clash(name for name in REGISTRY_FIELDS
+                                     if getattr(self, name) != fields[name].default)
+            if problem:
+                raise ValueError(problem)
         return self
 
     @property
