@@ -95,3 +95,32 @@ def test_the_packaged_dashboard_is_the_deployed_one_and_the_default_from_anywher
         capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 2 and "cannot reach Prometheus" in result.stderr
     assert "does not exist" not in result.stderr
+
+
+def test_every_bar_label_of_the_png_lies_inside_the_figure(tmp_path: Path, monkeypatch) -> None:
+    """"Quarantine by reason" drew its member names as y tick labels left of the bars, and the
+    fixed margin cut them: label_agreement and pixel_agreement both read `el_agreement`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from depois_stream.audit.report import Panel, PanelData, render_png
+
+    kept = []
+    monkeypatch.setattr(plt, "close", lambda fig: kept.append(fig))
+    names = ["label_agreement", "pixel_agreement", "pixel_mahalanobis", "critic", "below_boundary"]
+    panels = [PanelData(Panel(id=i, type="bargauge", title=f"bars {i}"),
+                        [(n, Series(labels={}, times=[0.0], values=[float(k + 1)]))
+                         for k, n in enumerate(names)]) for i in range(3)]
+    render_png(panels, tmp_path / "r.png", title="t", subtitle="s")
+    fig = kept[0]
+    renderer = fig.canvas.get_renderer()
+    shown = []
+    for ax in fig.axes:
+        for text in [*ax.get_yticklabels(), *ax.texts]:
+            if text.get_text() in names:
+                box = text.get_window_extent(renderer)
+                assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (text.get_text(), box)
+                shown.append(text.get_text())
+    assert sorted(shown) == sorted(names * 3)

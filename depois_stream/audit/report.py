@@ -357,7 +357,13 @@ def _draw_heatmap(ax: Any, data: PanelData, mdates: Any) -> None:
 def _draw_bars(ax: Any, data: PanelData) -> None:
     rows = sorted(((name, s.values[-1]) for name, s in data.series if s.values),
                   key=lambda r: _natural(r[0]))
-    ax.barh([r[0] for r in rows], [r[1] for r in rows], color="tab:orange")
+    ax.barh(range(len(rows)), [r[1] for r in rows], color="tab:orange")
+    # Names inside the plot, over their bars: as tick labels left of the axis the figure's
+    # fixed margin cut them (evidence member names are up to 17 characters).
+    ax.set_yticks([])
+    for i, (name, _) in enumerate(rows):
+        ax.text(0.01, i, name, transform=ax.get_yaxis_transform(), va="center", ha="left",
+                fontsize=9)
     ax.invert_yaxis()
     ax.set_xlabel(_unit_label(data.panel.unit) or "records")
     ax.grid(axis="x", alpha=0.3)
