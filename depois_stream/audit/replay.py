@@ -26,6 +26,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_valid
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from depois_stream.contract import headers as H
+from depois_stream.contract.headers import Header
 from depois_stream.audit.trail import (
     DEFAULT_AUDIT_TOPIC,
     AuditRecord,
@@ -52,7 +53,6 @@ _OWNED_KAFKA_KEYS = frozenset({
     "acks", "key_deserializer", "value_deserializer", "key_serializer", "value_serializer",
 })
 
-Header = tuple[str, bytes]
 Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
 
 SkipReason = Literal["already_released", "loop_guard", "not_quarantined", "no_value",

@@ -7,6 +7,8 @@ UTF-8 strings (numbers formatted with ``repr`` so they round-trip exactly).
 
 from __future__ import annotations
 
+Header = tuple[str, bytes]  # (name, value): one Kafka record header, as both clients give it
+
 VERDICT = "depois.verdict"  # "clean" | "quarantine" | "dlq" | "released"
 SCORE = "depois.score"
 BOUNDARY = "depois.boundary"  # the threshold applied to this sample (its class's, if per-class)

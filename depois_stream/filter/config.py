@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from depois_stream.contract.files import read_small
+from depois_stream.filter.clients import ClientName
 from depois_stream.contract.model import first_line
 
 
@@ -85,7 +86,7 @@ class ConsumerConfig(BaseSettings):
         "beside it. Replacing the file hot-reloads it."),
         json_schema_extra=flag("--model-path", "-m"))
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap host:port list.")
-    client: Literal["kafka-python", "confluent-kafka", "auto"] = Field(
+    client: ClientName = Field(
         "auto", description=(
             "Kafka client library: kafka-python (pure Python) or confluent-kafka (librdkafka, "
             "its own cost per record about a third of kafka-python's; pip install 'depois-stream[fast]'); auto "

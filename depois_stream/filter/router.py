@@ -16,12 +16,11 @@ from typing import Sequence
 import numpy as np
 
 from depois_stream.contract import headers as H
+from depois_stream.contract.headers import Header
 
 CLEAN, QUARANTINE, DLQ = 0, 1, 2
 DESTINATION_NAMES = ("clean", "quarantine", "dlq")  # index = destination code
 VERDICTS = (H.VERDICT_CLEAN.encode(), H.VERDICT_QUARANTINE.encode(), H.VERDICT_DLQ.encode())
-
-Header = tuple[str, bytes]
 
 # The longest ``depois.error`` value written (UTF-8 bytes). Error messages may quote what the
 # producer sent (a content type, a number, the broker's refusal); unbounded, a 300 kB header

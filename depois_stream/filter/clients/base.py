@@ -22,10 +22,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from depois_stream.contract.headers import Header
+
 log = logging.getLogger(__name__)
 
 TP = tuple[str, int]  # (topic, partition): client-neutral and hashable
-Header = tuple[str, bytes]
 
 # Each step of the way out that waits on the broker (the final synchronous commit, closing the
 # producer, leaving the group) waits at most this long: with the drain of the batches in flight
