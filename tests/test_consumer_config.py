@@ -377,3 +377,19 @@ def test_the_ingest_is_read_committed_in_both_delivery_modes(centroid_model: Pat
         flt = StreamFilter(load_config(model_path=centroid_model, device="cpu", metrics_port=None,
                                        exactly_once=exactly_once))
         assert flt._client_settings().read_committed
+
+
+def test_the_log_level_is_a_depois_variable_like_every_other_setting(tmp_path: Path) -> None:
+    """--log-level was the one run option without a DEPOIS_* variable: DEPOIS_LOG_LEVEL=DEBUG
+    was warned about as setting nothing and the level stayed INFO."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DEPOIS_")}
+    args = [sys.executable, "-m", "depois_stream", "run", "--model-path", str(tmp_path / "m.onnx")]
+    quiet = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                           env={**base, "DEPOIS_LOG_LEVEL": "ERROR"})
+    assert quiet.returncode == 2
+    assert "sets nothing" not in quiet.stderr and " WARNING " not in quiet.stderr, quiet.stderr
+    loud = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                          env={**base, "DEPOIS_LOG_LEVEL": "LOUD"})
+    assert loud.returncode == 2 and "LOUD" in loud.stderr and "Traceback" not in loud.stderr

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from depois_stream.filter.config import ConfigError, ConsumerConfig, load_config, unknown_env
+from depois_stream.filter.config import (
+    LOG_LEVEL_ENV, ConfigError, ConsumerConfig, load_config, unknown_env,
+)
 from depois_stream.filter.options import command, parse_pairs
 
 EXIT_DELIVERY = 1  # the broker would not take the output: nothing was committed past it
@@ -144,6 +146,6 @@ def _crashed(program: str, exc: Exception) -> typer.Exit:
 
 LOG_LEVEL = inspect.Parameter(
     "log_level", inspect.Parameter.KEYWORD_ONLY, annotation=str,
-    default=typer.Option("INFO", help="DEBUG, INFO, WARNING or ERROR."))
+    default=typer.Option("INFO", envvar=LOG_LEVEL_ENV, help="DEBUG, INFO, WARNING or ERROR."))
 
 run = command(_run, ConsumerConfig, extra=[LOG_LEVEL])

@@ -335,16 +335,21 @@ def misspells(name: str, close: str | None, settings: set[str] | frozenset[str],
         difflib.SequenceMatcher(None, name.upper(), close).ratio() >= MISSPELT_RATIO
 
 
+# `run`'s one option outside ConsumerConfig: logging is set up before the settings are read,
+# so that reading them can log.
+LOG_LEVEL_ENV = "DEPOIS_LOG_LEVEL"
+
+
 def run_env_names() -> frozenset[str]:
     """The DEPOIS_* variable of every `depois-stream run` setting."""
-    return frozenset(f"DEPOIS_{name.upper()}" for name in ConsumerConfig.model_fields)
+    return frozenset(f"DEPOIS_{name.upper()}" for name in ConsumerConfig.model_fields) | {LOG_LEVEL_ENV}
 
 
 def unknown_env_matches(environ: Mapping[str, str]) -> list[tuple[str, str | None]]:
     """``DEPOIS_*`` variables that set nothing, each with the known variable it most likely meant
     (None when none is close). Names compare in upper case: pydantic-settings reads them in any
     case, so ``depois_clean_topic`` sets something and ``depois_clean_topc`` is a typo."""
-    known = {f"DEPOIS_{name.upper()}" for name in ConsumerConfig.model_fields} | OTHER_TOOLS_ENV
+    known = run_env_names() | OTHER_TOOLS_ENV
     out: list[tuple[str, str | None]] = []
     for name in sorted(k for k in environ if k.upper().startswith("DEPOIS_") and k.upper() not in known):
         close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
