@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from depois_stream.audit.replay import unknown_replay_env
+from depois_stream.audit.settings import unknown_replay_env
 from depois_stream.filter.config import ConfigError, load_config, unknown_env
 from tests.test_startup_refusals import one_line_exit_2, run_cli
 

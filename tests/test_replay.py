@@ -27,20 +27,16 @@ from depois_stream.sim.broker import (
 )
 from depois_stream.cli import app
 from depois_stream.audit.metrics import ReplayMetrics as Metrics
-from depois_stream.audit.replay import (
+from depois_stream.audit.reading import read_audit, read_quarantine, read_raw
+from depois_stream.audit.records import (
     QuarantinedRecord,
     ReadWindow,
     ReplayError,
     ReplayFilter,
-    ReplaySettings,
     parse_offsets,
-    plan_release,
-    read_audit,
-    read_quarantine,
-    read_raw,
-    release,
-    release_headers,
 )
+from depois_stream.audit.release import plan_release, release, release_headers
+from depois_stream.audit.settings import ReplaySettings
 
 N_SAMPLES = 60
 INGEST_PARTITIONS = 2
@@ -451,7 +447,7 @@ def test_replay_settings_refuse_topics_that_coincide(topics: dict) -> None:
 
 
 def test_audit_record_round_trips() -> None:
-    from depois_stream.audit.replay import audit_record_for
+    from depois_stream.audit.release import audit_record_for
 
     rec = audit_record_for(_record("a"), "alice", "why", "2026-01-01T00:00:00+00:00", "clean")
     assert AuditRecord.model_validate_json(rec.to_bytes()) == rec

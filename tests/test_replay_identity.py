@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from depois_stream.contract import headers as H
-from depois_stream.audit.replay import QuarantinedRecord, plan_release
+from depois_stream.audit.records import QuarantinedRecord
+from depois_stream.audit.release import plan_release
 from depois_stream.audit.export import export
 from depois_stream.contract.wire import (
     CONTENT_TYPE_BINARY, CONTENT_TYPE_JSON, DecodeError, decode_image, encode_sample,

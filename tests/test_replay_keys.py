@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from depois_stream.audit.replay import read_audit, read_raw
+from depois_stream.audit.reading import read_audit, read_raw
 from depois_stream.contract import headers as H
 from tests import test_replay_release
 from tests.test_replay_release import (
@@ -93,7 +93,7 @@ def test_a_key_shaped_like_a_release_id_does_not_join_a_selection_by_release_id(
 
 def test_release_id_tokens_match_release_ids_only_and_other_tokens_keys() -> None:
     """F2, the rule itself (``ReplayFilter`` is pure)."""
-    from depois_stream.audit import replay as r
+    from depois_stream.audit import records as r
 
     forged = r.QuarantinedRecord.from_kafka("q", 0, 5, 1000, b"in:0:1", b"v",
                                             quarantine_headers("in", 7))
@@ -109,7 +109,7 @@ def test_a_keyless_record_is_counted_among_the_samples_its_key_token_names() -> 
     """Review of the fix: a keyless record whose hand-written provenance is not of release-id
     shape is named by that text, a key token, which also matches a keyed record: two samples,
     so release must refuse, as for two keys."""
-    from depois_stream.audit import replay as r
+    from depois_stream.audit import records as r
 
     odd = [(k, v) for k, v in quarantine_headers("in", 3) if k != H.SOURCE_TOPIC] + [(H.SOURCE_TOPIC, b"bad topic")]
     keyless = r.QuarantinedRecord.from_kafka("q", 0, 5, 1000, None, b"v", odd)
@@ -121,7 +121,7 @@ def test_a_keyless_record_is_counted_among_the_samples_its_key_token_names() -> 
 
 def test_shown_never_cuts_an_escape_in_half() -> None:
     """Review of the fix: cut after escaping, ``\\x1b`` could end as ``\\x``."""
-    from depois_stream.audit.replay import shown
+    from depois_stream.audit.records import shown
 
     assert shown("a" * 78 + "\x1b[2J", 80) == "a" * 78 + "… (82 characters)"
     assert shown("\x1b" * 10, 5, note=False) == "\\x1b…"

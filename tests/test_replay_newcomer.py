@@ -17,7 +17,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from depois_stream.audit.replay import read_audit
+from depois_stream.audit.reading import read_audit
 from depois_stream.cli import app
 from depois_stream.contract import headers as H
 from depois_stream.filter.config import ConsumerConfig

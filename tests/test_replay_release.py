@@ -17,16 +17,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from depois_stream.audit.replay import (
-    QuarantinedRecord,
-    ReleaseIncomplete,
-    ReplayError,
-    ReplaySettings,
-    read_audit,
-    read_quarantine,
-    read_raw,
-    release,
-)
+from depois_stream.audit.reading import read_audit, read_quarantine, read_raw
+from depois_stream.audit.records import QuarantinedRecord, ReplayError
+from depois_stream.audit.release import ReleaseIncomplete, release
+from depois_stream.audit.settings import ReplaySettings
 from depois_stream.cli import app
 from depois_stream.contract import headers as H
 from depois_stream.contract.wire import encode_sample
@@ -307,11 +301,11 @@ def test_a_release_that_stops_part_way_audits_exactly_what_went_out(
     audited, and released again by the rerun the error invited. A review of the first fix found
     two more ways to that end: an expired batch (sent, maybe written) called "not released", and
     kafka-python's close(timeout=0) raising over the detailed message."""
-    import depois_stream.audit.replay as replay_module
+    import depois_stream.audit.release as release_module
 
-    monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
-    monkeypatch.setattr(replay_module, "read_audit", lambda s: ([], 0))
-    monkeypatch.setattr(replay_module, "require_topic", lambda *_: None)  # no broker here
+    monkeypatch.setattr(release_module, "KafkaProducer", _Producer)
+    monkeypatch.setattr(release_module, "read_audit", lambda s: ([], 0))
+    monkeypatch.setattr(release_module, "require_topic", lambda *_: None)  # no broker here
     monkeypatch.setattr(_Producer, "plan", plan)
     monkeypatch.setattr(_Producer, "sent", {})
     settings = ReplaySettings(bootstrap_servers="127.0.0.1:1", clean_topic="clean",
@@ -330,7 +324,7 @@ def test_the_reader_skips_records_of_aborted_transactions(monkeypatch: pytest.Mo
     the aborted quarantine copy and released a sample that was already on the clean topic.
     (Tansu shows aborted records to read_committed readers too, so this is checked on the
     client settings; Apache Kafka honours them.)"""
-    import depois_stream.audit.replay as replay_module
+    import depois_stream.audit.reading as reading_module
 
     seen: dict[str, object] = {}
 
@@ -338,10 +332,10 @@ def test_the_reader_skips_records_of_aborted_transactions(monkeypatch: pytest.Mo
         def __init__(self, **kwargs: object) -> None:
             seen.update(kwargs)
 
-    monkeypatch.setattr(replay_module, "KafkaConsumer", Consumer)
-    replay_module._consumer("127.0.0.1:1", {})
+    monkeypatch.setattr(reading_module, "KafkaConsumer", Consumer)
+    reading_module._consumer("127.0.0.1:1", {})
     assert seen["isolation_level"] == "read_committed"
-    replay_module._consumer("127.0.0.1:1", {"isolation_level": "read_uncommitted"})
+    reading_module._consumer("127.0.0.1:1", {"isolation_level": "read_uncommitted"})
     assert seen["isolation_level"] == "read_uncommitted"  # DEPOIS_KAFKA still decides
 
 
@@ -350,23 +344,23 @@ def test_a_short_read_timeout_also_bounds_the_wait_for_a_broker_that_is_down(
     """kafka-python waits 30 s for a first broker whatever DEPOIS_READ_TIMEOUT_S said: a down
     broker took 30 s to report with a 3 s read timeout. The bootstrap wait is now the shorter of
     the two, and DEPOIS_KAFKA's own bootstrap_timeout_ms still decides."""
-    import depois_stream.audit.replay as replay_module
+    import depois_stream.audit.reading as reading_module
 
     seen: dict[str, object] = {}
 
     class Consumer:
-        DEFAULT_CONFIG = replay_module.KafkaConsumer.DEFAULT_CONFIG
+        DEFAULT_CONFIG = reading_module.KafkaConsumer.DEFAULT_CONFIG
 
         def __init__(self, **kwargs: object) -> None:
             seen.update(kwargs)
             raise OSError("no broker")
 
-    monkeypatch.setattr(replay_module, "KafkaConsumer", Consumer)
+    monkeypatch.setattr(reading_module, "KafkaConsumer", Consumer)
     for kafka, timeout_s, expected in (({}, 3.0, 3000), ({}, 600.0, 30000),
                                        ({"bootstrap_timeout_ms": 7000}, 3.0, 7000)):
         seen.clear()
         with pytest.raises(Exception):
-            replay_module.read_raw("127.0.0.1:1", "t", kafka=kafka, timeout_s=timeout_s)
+            reading_module.read_raw("127.0.0.1:1", "t", kafka=kafka, timeout_s=timeout_s)
         assert seen["bootstrap_timeout_ms"] == expected, (kafka, timeout_s, seen)
 
 
@@ -421,11 +415,11 @@ def test_a_sample_that_cannot_be_audited_stops_the_release_before_anything_is_se
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A quarantine record written by something other than the filter, with a replay count the
     audit schema refuses: before, its copy went out and the audit step failed with a traceback."""
-    import depois_stream.audit.replay as replay_module
+    import depois_stream.audit.release as release_module
 
-    monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
-    monkeypatch.setattr(replay_module, "read_audit", lambda s: ([], 0))
-    monkeypatch.setattr(replay_module, "require_topic", lambda *_: None)  # no broker here
+    monkeypatch.setattr(release_module, "KafkaProducer", _Producer)
+    monkeypatch.setattr(release_module, "read_audit", lambda s: ([], 0))
+    monkeypatch.setattr(release_module, "require_topic", lambda *_: None)  # no broker here
     monkeypatch.setattr(_Producer, "plan", ["ok", "ok"])
     monkeypatch.setattr(_Producer, "sent", {})
     odd = QuarantinedRecord.from_kafka("q", 0, 1, 1000, b"s1", b"v", [
@@ -446,13 +440,13 @@ def test_a_release_stopped_in_a_later_chunk_reports_every_sample_exactly(
     audit records: the first chunk and the rest of the second; possibly on clean: that one; not
     released: the third chunk, never handed over. Before: every copy went out before any audit
     record, so the third chunk was on the clean topic too."""
-    import depois_stream.audit.replay as replay_module
+    import depois_stream.audit.release as release_module
 
-    n, chunk = 250, replay_module.RELEASE_CHUNK
+    n, chunk = 250, release_module.RELEASE_CHUNK
     assert n > 2 * chunk
-    monkeypatch.setattr(replay_module, "KafkaProducer", _Producer)
-    monkeypatch.setattr(replay_module, "read_audit", lambda s: ([], 0))
-    monkeypatch.setattr(replay_module, "require_topic", lambda *_: None)  # no broker here
+    monkeypatch.setattr(release_module, "KafkaProducer", _Producer)
+    monkeypatch.setattr(release_module, "read_audit", lambda s: ([], 0))
+    monkeypatch.setattr(release_module, "require_topic", lambda *_: None)  # no broker here
     stalled = chunk + 49
     monkeypatch.setattr(_Producer, "plan", ["pending" if i == stalled else "ok" for i in range(n)])
     monkeypatch.setattr(_Producer, "sent", {})
@@ -490,7 +484,7 @@ def test_a_release_killed_part_way_leaves_at_most_one_chunk_without_audit_record
 
     from kafka import KafkaProducer
 
-    import depois_stream.audit.replay as replay_module
+    import depois_stream.audit.release as release_module
     from depois_stream.audit.trail import released_ids
 
     n, s = 250, scratch.settings
@@ -507,12 +501,12 @@ def test_a_release_killed_part_way_leaves_at_most_one_chunk_without_audit_record
                 raise _Killed
             return super().send(topic, **kwargs)
 
-    monkeypatch.setattr(replay_module, "KafkaProducer", DiesAt)
+    monkeypatch.setattr(release_module, "KafkaProducer", DiesAt)
     with pytest.raises(_Killed):
         release(s, read_quarantine(s), "alice", "ticket 7")
     monkeypatch.undo()
     unaudited = {r.release_id for r in released_copies(s)} - released_ids(read_audit(s)[0])
-    assert 0 < len(unaudited) <= replay_module.RELEASE_CHUNK, len(unaudited)
+    assert 0 < len(unaudited) <= release_module.RELEASE_CHUNK, len(unaudited)
     code, out = replay(scratch, *RELEASE)
     assert code == 0, out
     copies = Counter(r.release_id for r in released_copies(s))
@@ -532,7 +526,7 @@ def test_a_release_cut_by_a_frozen_broker_leaves_nothing_to_print_at_exit(
 
     from kafka import KafkaProducer
 
-    import depois_stream.audit.replay as replay_module
+    import depois_stream.audit.release as release_module
     from depois_stream.sim.broker import LocalBroker
 
     with LocalBroker(log_path=tmp_path / "tansu.log") as own:
@@ -554,7 +548,7 @@ def test_a_release_cut_by_a_frozen_broker_leaves_nothing_to_print_at_exit(
                 return super().send(topic, **kwargs)
 
         unraisable: list[object] = []
-        monkeypatch.setattr(replay_module, "KafkaProducer", FreezesTheBroker)
+        monkeypatch.setattr(release_module, "KafkaProducer", FreezesTheBroker)
         monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
         records = read_quarantine(settings)
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from depois_stream.audit.replay import read_audit
+from depois_stream.audit.reading import read_audit
 from depois_stream.contract.model import card_path_for
 from depois_stream.contract.wire import encode_sample
 from tests import test_replay_release
@@ -120,7 +120,7 @@ def test_only_a_variable_that_meant_a_replay_setting_is_refused() -> None:
     """Review of the fix: a platform's own DEPOIS_* variables (Kubernetes adds
     DEPOIS_X_SERVICE_HOST for a Service named depois-x) must not stop replay, and names compare
     in any case, as pydantic-settings reads them."""
-    from depois_stream.audit.replay import unknown_replay_env
+    from depois_stream.audit.settings import unknown_replay_env
 
     refused, warned = unknown_replay_env({
         "DEPOIS_CLEAN_TOPC": "x", "depois_quarantine_topc": "y", "DEPOIS_Clean_Topic": "z",

@@ -162,7 +162,7 @@ def test_recalibrate_refuses_a_fifo_instead_of_waiting_on_it(tmp_path: Path) -> 
 
 def test_valid_settings_the_new_checks_must_not_refuse() -> None:
     """From a review for regressions: each of these worked before the checks and must still."""
-    from depois_stream.audit.replay import ReplaySettings
+    from depois_stream.audit.settings import ReplaySettings
     from depois_stream.filter.clients.kafka_python import check_passthrough
     from depois_stream.filter.config import ConsumerConfig
 

@@ -416,7 +416,7 @@ def _exported_samples(folder: Path, images: np.ndarray, labels: np.ndarray) -> P
     """samples.npz exactly as `depois-stream replay export --topic <ingest>` writes it: the records
     are ingest-topic records (wire-encoded, no router headers)."""
     from depois_stream.audit.export import SAMPLES, export
-    from depois_stream.audit.replay import QuarantinedRecord
+    from depois_stream.audit.records import QuarantinedRecord
     from depois_stream.contract import headers as H
     from depois_stream.contract.wire import encode_batch
 

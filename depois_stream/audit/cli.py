@@ -22,27 +22,24 @@ import typer
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from depois_stream.audit.metrics import ReplayMetrics
-from depois_stream.audit.replay import (
-    MISSING,
-    RELEASE_ID_CHARS,
-    QuarantinedRecord,
+from depois_stream.audit.reading import read_quarantine
+from depois_stream.audit.records import (
     Listing,
+    MISSING,
+    QuarantinedRecord,
+    RELEASE_ID_CHARS,
     ReadWindow,
     ReplayError,
-    ReleaseReport,
     ReplayFilter,
-    ReplaySettings,
     as_text,
     parse_offsets,
-    read_quarantine,
-    release,
-    require_operator_and_reason,
     require_unambiguous_keys,
     select,
     shown,
     summarize,
-    unknown_replay_env,
 )
+from depois_stream.audit.release import ReleaseReport, release, require_operator_and_reason
+from depois_stream.audit.settings import ReplaySettings, unknown_replay_env
 from depois_stream.contract.model import card_path_for, first_line
 from depois_stream.filter.config import TOPIC_NAME, describe_errors, flag
 from depois_stream.filter.options import command, flags_of, option, reflow

@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from depois_stream.audit.trail import RecordLocation
 from depois_stream.audit.metrics import ReplayMetrics
-from depois_stream.audit.replay import QuarantinedRecord
+from depois_stream.audit.records import QuarantinedRecord
 from depois_stream.contract.wire import DecodeError, decode_image
 
 if TYPE_CHECKING:  # onnxruntime is loaded only by the commands that score

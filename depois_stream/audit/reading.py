@@ -1,0 +1,166 @@
+"""Reading topics back for replay: thin and conservative Kafka I/O.
+
+It reads with manual ``assign()`` and no group id, so it can never commit, and therefore never
+move, the live consumer's offsets, whatever topic or group the operator points it at.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
+
+from depois_stream.audit.records import QuarantinedRecord, ReadWindow, ReplayError
+from depois_stream.audit.settings import CLIENT_ID, ReplaySettings
+from depois_stream.audit.trail import AuditRecord, parse_audit_values
+
+
+@contextmanager
+def kafka_errors(bootstrap: str) -> Iterator[None]:
+    """Client errors become one ReplayError line instead of a kafka-python traceback."""
+    try:
+        yield
+    except KafkaError as exc:
+        raise ReplayError(f"Kafka at {bootstrap} failed: {exc}; check --bootstrap-servers / "
+                          "DEPOIS_BOOTSTRAP_SERVERS and the DEPOIS_KAFKA security options") from exc
+
+
+def _consumer(bootstrap: str, kafka: dict[str, Any]) -> KafkaConsumer:
+    # group_id=None: no group membership, no offset commits, ever. read_committed: a record of
+    # an aborted transaction (an exactly-once filter's batch that was retried) was never written
+    # as far as its readers are concerned; releasing it would put the sample on the clean topic
+    # twice. DEPOIS_KAFKA may still say otherwise.
+    options = {"isolation_level": "read_committed", **kafka}
+    return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                         auto_offset_reset="earliest", client_id=CLIENT_ID, **options)
+
+
+def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
+             kafka: dict[str, Any] | None = None, timeout_s: float = 60.0,
+             missing_hint: str = "check --topic and DEPOIS_BOOTSTRAP_SERVERS",
+             grace_s: float = 0.5) -> list[ConsumerRecord]:
+    """Read ``window`` of ``topic`` (all of it by default) and return kafka ConsumerRecords.
+
+    Reading stops once every partition reached the end offset snapshotted at start and one
+    poll came back empty (at most ``grace_s`` later). The extra poll is for brokers whose end
+    offset is a batch base rather than the last offset (Tansu); on Kafka it costs one poll.
+    """
+    window = window or ReadWindow()
+    kafka = dict(kafka or {})
+    if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:
+        # kafka-python waits this long for a first broker (30 s) before any read can time out.
+        default_ms = KafkaConsumer.DEFAULT_CONFIG["bootstrap_timeout_ms"]
+        kafka.setdefault("bootstrap_timeout_ms", int(min(timeout_s * 1000, default_ms)))
+    with kafka_errors(bootstrap):
+        consumer = _consumer(bootstrap, kafka)
+        try:
+            parts = _partitions(consumer, bootstrap, topic, missing_hint)
+            if window.offsets is not None:
+                unknown = sorted(set(window.offsets) - parts)
+                if unknown:
+                    raise ReplayError(f"{topic!r} has partitions {sorted(parts)}, not {unknown}")
+                parts = set(window.offsets)
+            tps = [TopicPartition(topic, p) for p in sorted(parts)]
+            consumer.assign(tps)
+            starts, stops = _bounds(consumer, tps, window)
+            for tp in tps:
+                consumer.seek(tp, starts[tp])
+            return _drain(consumer, tps, stops, window, timeout_s, grace_s)
+        finally:
+            consumer.close(autocommit=False)
+
+
+def _partitions(consumer: KafkaConsumer, bootstrap: str, topic: str, missing_hint: str) -> set[int]:
+    """The partitions of ``topic``; ReplayError when it does not exist.
+
+    kafka-python asks for the metadata of all topics here, not of this one, so the check cannot
+    make a broker that creates topics on a metadata request (or first write) create it.
+    """
+    parts = consumer.partitions_for_topic(topic)
+    if not parts:
+        raise ReplayError(f"topic {topic!r} does not exist on {bootstrap}; {missing_hint}")
+    return set(parts)
+
+
+def require_topic(settings: ReplaySettings, topic: str, missing_hint: str) -> None:
+    """Refuse to go on when ``topic`` does not exist (see ``_partitions``)."""
+    with kafka_errors(settings.bootstrap_servers):
+        consumer = _consumer(settings.bootstrap_servers, settings.client_options(KafkaConsumer))
+        try:
+            _partitions(consumer, settings.bootstrap_servers, topic, missing_hint)
+        finally:
+            consumer.close(autocommit=False)
+
+
+def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[TopicPartition, int],
+           window: ReadWindow, timeout_s: float, grace_s: float) -> list[ConsumerRecord]:
+    out: list[ConsumerRecord] = []
+    deadline = time.monotonic() + timeout_s
+    caught_up_at: float | None = None
+    while True:
+        batch = consumer.poll(timeout_ms=200)
+        for recs in batch.values():
+            out.extend(r for r in recs if window.contains(r.partition, r.offset, r.timestamp))
+        now = time.monotonic()
+        if caught_up_at is None and all(consumer.position(tp) >= stops[tp] for tp in tps):
+            caught_up_at = now
+        if caught_up_at is not None and (not batch or now - caught_up_at > grace_s):
+            return out
+        if now > deadline:
+            raise ReplayError(f"reading {tps[0].topic!r} did not reach its end within "
+                              f"{timeout_s} s; narrow the window (--since/--offsets) or raise "
+                              "DEPOIS_READ_TIMEOUT_S")
+
+
+def _bounds(consumer: KafkaConsumer, tps: list[TopicPartition],
+            window: ReadWindow) -> tuple[dict[TopicPartition, int], dict[TopicPartition, int]]:
+    """Start and stop offset per partition: stop is exclusive and never before start."""
+    begin, end = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+    starts, stops = dict(begin), dict(end)
+    if window.since_ms is not None:
+        found = consumer.offsets_for_times({tp: window.since_ms for tp in tps})
+        for tp in tps:
+            starts[tp] = found[tp].offset if found.get(tp) is not None else end[tp]
+    if window.offsets is not None:
+        for tp in tps:
+            first, last = window.offsets[tp.partition]
+            # Past the end would make the client reset to the beginning; clamp instead.
+            starts[tp] = min(max(first, starts[tp]), end[tp])
+            if last is not None:
+                stops[tp] = min(last + 1, end[tp])
+    for tp in tps:
+        stops[tp] = max(stops[tp], starts[tp])
+    return starts, stops
+
+
+def read_quarantine(settings: ReplaySettings, window: ReadWindow | None = None,
+                    topic: str | None = None) -> list[QuarantinedRecord]:
+    """Records of the quarantine topic (or ``topic``) in time order, as a reviewer reads them."""
+    recs = read_raw(settings.bootstrap_servers, topic or settings.quarantine_topic, window,
+                    kafka=settings.client_options(KafkaConsumer),
+                    timeout_s=settings.read_timeout_s)
+    return [QuarantinedRecord.from_kafka(r.topic, r.partition, r.offset, r.timestamp, r.key,
+                                         r.value, r.headers)
+            for r in sorted(recs, key=lambda r: (r.timestamp, r.partition, r.offset))]
+
+
+def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:
+    """All audit records (and how many values were unreadable).
+
+    The audit topic must exist. It is release's memory: read as empty, a mistyped
+    ``DEPOIS_AUDIT_TOPIC`` would make every earlier release releasable again (and a broker that
+    creates topics on first write would keep the typo's own, separate memory from then on).
+    """
+    recs = read_raw(settings.bootstrap_servers, settings.audit_topic,
+                    kafka=settings.client_options(KafkaConsumer),
+                    timeout_s=settings.read_timeout_s, missing_hint=(
+                        "release reads it to refuse samples released before: check "
+                        "DEPOIS_AUDIT_TOPIC, or create it once with unlimited retention (e.g. "
+                        f"kafka-topics.sh --create --topic {settings.audit_topic} --config "
+                        "retention.ms=-1; docs/replay.md)"))
+    return parse_audit_values(r.value for r in recs)
