@@ -341,3 +341,35 @@ def test_a_broker_that_comes_back_empty_is_recovered_from_without_dead_letters(
     finally:
         proc.kill()
         second.stop()
+
+
+def test_produce_retries_gives_up_when_the_broker_stays_away(
+        kafka_client, tmp_path, centroid_model, digits_arrays):
+    """--produce-retries N promises exit 1 after N failed attempts. With the broker gone the
+    failed batch cannot even be read back to be sent again, so no further attempt was ever
+    counted: the filter waited for ever (240 s in a chaos run, both clients). Each retry that
+    cannot start within a delivery timeout of its turn now counts as a failed attempt."""
+    ids, images, labels = tiled_stream(3000, digits_arrays, "r")
+    with LocalBroker(log_path=tmp_path / "tansu.log") as own:
+        topics = Topics.create(own.bootstrap, "retries", partitions=2)
+        port = free_port()
+        proc = _start(own.bootstrap, topics, "retries", centroid_model, port, "--batch-size", "64",
+                      "--produce-retries", "1", "--delivery-timeout-ms", "3000",
+                      "--retry-backoff-max-s", "1", client=kafka_client)
+        try:
+            wait_for(lambda: readiness(port).get("ready"), timeout_s=30)
+            publish(own.bootstrap, topics.ingest, ids, images, labels)
+            wait_for(lambda: _commits(port) > 0, timeout_s=30)
+            own.freeze()
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+            finally:
+                own.thaw()
+        finally:
+            proc.kill()
+        assert proc.returncode == 1, f"exit {proc.returncode}:\n{err[-3000:]}"
+        assert "Traceback" not in err
+        _committed_is_out(own.bootstrap, "retries", topics)

@@ -142,7 +142,8 @@ class ConsumerConfig(BaseSettings):
         "its batch is sent again."))
     produce_retries: int | None = Field(None, ge=0, le=INT32_MAX, description=(
         "Give up (exit 1, nothing committed past the failure) after this many consecutive "
-        "failed attempts; unset retries until the broker takes the batch."))
+        "failed attempts (a retry that cannot start because the broker is gone counts once a "
+        "delivery timeout has passed); unset retries until the broker takes the batch."))
     retry_backoff_max_s: float = Field(30.0, gt=0.0, le=MAX_SECONDS, description=(
         "Longest wait between two attempts (the wait doubles from 0.5 s)."))
     startup_timeout_s: float = Field(30.0, gt=0.0, le=MAX_SECONDS, description=(

@@ -123,6 +123,11 @@ class Delivery:
         # completed); they resume at the group's committed offsets once that is settled
         self._unsettled: tuple[TP, ...] | None = None
         self._attempts = 0  # consecutive failed attempts
+        # partitions a failed attempt rewound, whose batch is still to be sent again, and the
+        # outputs it failed (for the give-up message); cleared once a batch is acknowledged
+        self._owed: set[TP] = set()
+        self._owed_records = 0
+        self._retry_turn: float | None = None  # since when the owed retry could have started
         self._blocked_until = 0.0
         self._renew = False  # replace the producer once nothing is in flight on it
         self.rejected: OrderedDict[tuple[int, int], Refusal] = OrderedDict()
@@ -219,6 +224,7 @@ class Delivery:
         batches in order and commit them; start the retry of a failed one."""
         self._renew_when_due()
         self._settle_unconfirmed_commit()
+        self._count_a_retry_that_cannot_start()
         try:
             self.producer.poll(0.0 if self._reports else timeout_s)
         except ProduceError as exc:  # the handle failed as a whole (librdkafka raises fatal errors here)
@@ -235,6 +241,7 @@ class Delivery:
             done.append(item)
         if done:
             self._attempts = 0
+            self._owed.clear()
             for item in done:
                 self._acked.update({tp: off for tp, off in item.batch.next_offsets().items()
                                     if tp not in item.disowned})
@@ -277,6 +284,7 @@ class Delivery:
             self._acked.pop(tp, None)
         for item in self._inflight:
             item.disowned |= tps
+        self._owed -= tps  # their retry is the next owner's
 
     def _commit(self, asynchronous: bool) -> None:
         owned = {tp: off for tp, off in self._acked.items() if tp in self._source.assigned}
@@ -307,7 +315,7 @@ class Delivery:
         if item.failure is not None:
             self._metrics.delivery_failures.labels("retriable").inc(item.failed
                                                                     - len(item.rejected))
-            self._backoff(item.failure, item, rewind)
+            self._backoff(item.failure, item.failed, rewind)
         self._source.rewind(rewind)
 
     def _remember_rejections(self, item: _InFlight) -> ProduceError | None:
@@ -340,23 +348,46 @@ class Delivery:
                     len(item.rejected), next(iter(item.rejected.values())))
         return None
 
-    def _backoff(self, error: BaseException, item: _InFlight, rewind: Mapping[TP, int]) -> None:
+    def _count_a_retry_that_cannot_start(self) -> None:
+        """With a retry limit, a retry that has not started a delivery timeout after its turn
+        came counts as one more failed attempt. The batch to send again is read back from the
+        broker first; with the broker gone it never is, no attempt was ever counted again, and
+        ``--produce-retries`` never gave up. Not while the partitions are revoked (nothing is
+        owed then), a batch is in flight (its own outcome counts) or the source is paused."""
+        if (self._retries is None or not self._owed or self._inflight or self.backing_off
+                or self._source.paused):  # a breaker holding the stream is no failed attempt
+            self._retry_turn = None
+            return
+        now = self._clock()
+        if self._retry_turn is None:
+            self._retry_turn = now
+        if now - self._retry_turn < self._timeout_s:
+            return
+        self._retry_turn = None
+        self._backoff(ProduceError("the batch could not be read back from the broker to send "
+                                   "again within the delivery timeout", retriable=True),
+                      self._owed_records, {})
+
+    def _backoff(self, error: BaseException, failed: int, rewind: Mapping[TP, int]) -> None:
         self._attempts += 1
+        self._owed |= set(rewind)
+        self._owed_records = failed
         self._metrics.produce_retries.inc()
         limit = self._retries
         if limit is not None and self._attempts > limit:
             raise DeliveryError(
-                f"{item.failed} output record(s) were not acknowledged after {limit} "
+                f"{failed} output record(s) were not acknowledged after {limit} "
                 f"retr{'y' if limit == 1 else 'ies'} ({error}); nothing past the first of them "
                 "was committed, a restart filters them again")
         if self._attempts >= RENEW_AFTER:
             self._renew = True
         wait = min(self._backoff_max_s, BACKOFF_START_S * 2 ** (self._attempts - 1))
         self._blocked_until = self._clock() + wait
+        where = ({f"{t}[{p}]": o for (t, p), o in sorted(rewind.items())} if rewind
+                 else "where they were left")
         log.warning("%d output record(s) not acknowledged (%s); attempt %d%s failed, sending "
-                    "again from offsets %s in %.1f s", item.failed, error, self._attempts,
-                    f" of {limit + 1}" if limit is not None else "",
-                    {f"{t}[{p}]": o for (t, p), o in sorted(rewind.items())}, wait)
+                    "again from offsets %s in %.1f s", failed, error, self._attempts,
+                    f" of {limit + 1}" if limit is not None else "", where, wait)
 
     # ---------------------------------------------------------------- exactly-once
 
@@ -397,11 +428,11 @@ class Delivery:
             if item.rejected:
                 refused_bare = self._remember_rejections(item)
                 if refused_bare is not None:
-                    self._backoff(refused_bare, item, item.batch.first_offsets())
+                    self._backoff(refused_bare, item.failed, item.batch.first_offsets())
             else:
                 item.failed = item.failed or len(item.routed)
                 self._metrics.delivery_failures.labels("retriable").inc(item.failed)
-                self._backoff(exc, item, item.batch.first_offsets())
+                self._backoff(exc, item.failed, item.batch.first_offsets())
             self._source.rewind(item.batch.first_offsets())
             if committing:
                 # the coordinator may have received the commit and completed it: re-sending
@@ -412,6 +443,7 @@ class Delivery:
         self._take_reports()
         self._by_seq.pop(item.seq, None)
         self._attempts = 0
+        self._owed.clear()
         commit_answered(self._metrics, None)
         self._on_delivered(item.routed)
 
