@@ -702,3 +702,30 @@ def test_an_ownership_that_ended_commits_nothing_for_its_partition() -> None:
     delivery.service(0.0)
     assert consumer.commits[-1] == {("in", 1): 11}
     assert [c for c in consumer.commits if ("in", 0) in c] == [{("in", 0): 104}]
+
+
+def test_a_kafka_python_producer_is_made_or_given_up_on_within_ten_seconds(monkeypatch) -> None:
+    """kafka-python's producer waits up to 30 s for a first broker while it is made. The filter
+    makes a new one during an outage (after a fatal error or three failed attempts): a SIGTERM
+    that landed in that wait took 30 s to exit, past the documented 20 s and at docker
+    compose's 30 s grace period. The wait is now the shorter of 10 s and the delivery
+    timeout; a failed renewal is tried again later."""
+    import depois_stream.filter.clients.kafka_python as kp
+    from depois_stream.filter.clients.base import ClientSettings
+
+    seen: dict = {}
+
+    class Producer:
+        DEFAULT_CONFIG = kp.KafkaProducer.DEFAULT_CONFIG
+
+        def __init__(self, **kwargs) -> None:
+            seen.update(kwargs)
+
+    monkeypatch.setattr(kp, "KafkaProducer", Producer)
+    for delivery_ms, bound in ((120_000, 10_000), (4_000, 4_000)):
+        kp.KafkaPythonProducer(ClientSettings(bootstrap_servers="127.0.0.1:1", client_id="t",
+                                              delivery_timeout_ms=delivery_ms))
+        assert seen["bootstrap_timeout_ms"] == bound
+    kp.KafkaPythonProducer(ClientSettings(bootstrap_servers="127.0.0.1:1", client_id="t",
+                                          options={"bootstrap_timeout_ms": 30_000}))
+    assert seen["bootstrap_timeout_ms"] == 30_000  # DEPOIS_KAFKA still decides

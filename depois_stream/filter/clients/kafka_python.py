@@ -39,6 +39,10 @@ OWNED = frozenset({
 # The producer's own batching: a short linger keeps acknowledgements, and so commits, prompt.
 PRODUCER_LINGER_MS = 20
 MAX_BLOCK_MS = 10000  # send() waits at most this for metadata or buffer room
+# How long making a producer may wait for a first broker (kafka-python's default is 30 s): the
+# filter makes new ones during outages, and a stop that lands in the wait must fit the grace period.
+PRODUCER_BOOTSTRAP_MS = 10000
+_BOUNDED_BOOTSTRAP = "bootstrap_timeout_ms" in KafkaProducer.DEFAULT_CONFIG  # where this kafka-python has it
 # A fetch returns when data arrives, or after this: brokers that hold an empty fetch for the whole
 # wait (Tansu does, Kafka returns early) would otherwise add up to 500 ms to every record.
 FETCH_MAX_WAIT_MS = 100
@@ -340,6 +344,9 @@ class KafkaPythonProducer:
         extra: dict[str, Any] = {}
         if s.transactional_id:
             extra["transactional_id"] = s.transactional_id
+        if _BOUNDED_BOOTSTRAP:
+            extra["bootstrap_timeout_ms"] = options.pop(
+                "bootstrap_timeout_ms", min(PRODUCER_BOOTSTRAP_MS, s.delivery_timeout_ms))
         self._p = KafkaProducer(
             bootstrap_servers=s.bootstrap_servers, client_id=s.client_id, acks="all",
             enable_idempotence=True, linger_ms=linger, batch_size=1 << 20, allow_auto_create_topics=False,
