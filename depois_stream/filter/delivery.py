@@ -81,9 +81,6 @@ class _InFlight:
     failure: ProduceError | None = None  # first retriable failure
     rejected: dict[int, str] = field(default_factory=dict)  # output index -> why refused
     failed: int = 0  # records not acknowledged
-    # partitions revoked while it was in flight: its acknowledgement commits nothing for them,
-    # and its retry rewinds nothing of theirs (the ownership it was read under ended)
-    disowned: set[TP] = field(default_factory=set)
 
     @property
     def broken(self) -> bool:
@@ -243,8 +240,7 @@ class Delivery:
             self._attempts = 0
             self._owed.clear()
             for item in done:
-                self._acked.update({tp: off for tp, off in item.batch.next_offsets().items()
-                                    if tp not in item.disowned})
+                self._acked.update(item.batch.next_offsets())
                 self._on_delivered(item.routed)
             self._commit(asynchronous=True)
 
@@ -276,15 +272,17 @@ class Delivery:
 
     def revoked(self, tps: set[TP]) -> None:
         """Partitions this member no longer owns (``Source``'s revocation, before any new
-        assignment): what was acknowledged for them and not committed, and what is in flight,
-        belong to the ownership that ended. Its new owner, this member again included, resumes
-        at the group's commit or the hand-back and filters those records again; committing
-        them later could move the group's commit backwards, behind the new owner's."""
+        assignment). What was acknowledged for them and not committed belongs to the ownership
+        that ended: kept, it was committed with another partition's next batch once the
+        partition came back, moving the group's commit behind the new owner's. Those records
+        were delivered, so nothing is lost by dropping it: a member that gets the partition
+        resumes at the group's commit (filtering them again) or, this member, past them.
+        Batches still in flight stay as they are: this member resumes a returning partition
+        after them, so a failed one must still rewind it (``_retry``), or its records would
+        be skipped. A retry owed for them is the next owner's."""
         for tp in tps:
             self._acked.pop(tp, None)
-        for item in self._inflight:
-            item.disowned |= tps
-        self._owed -= tps  # their retry is the next owner's
+        self._owed -= tps
 
     def _commit(self, asynchronous: bool) -> None:
         owned = {tp: off for tp, off in self._acked.items() if tp in self._source.assigned}
@@ -308,8 +306,7 @@ class Delivery:
         rewind: dict[TP, int] = {}
         for a in abandoned:  # oldest first: its first offset per partition is the smallest
             for tp, off in a.batch.first_offsets().items():
-                if tp not in a.disowned:
-                    rewind.setdefault(tp, off)
+                rewind.setdefault(tp, off)
         if item.rejected:
             item.failure = item.failure or self._remember_rejections(item)
         if item.failure is not None:
