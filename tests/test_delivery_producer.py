@@ -11,8 +11,8 @@ from collections import Counter
 import pytest
 
 from depois_stream.filter.clients import base
-from depois_stream.filter.clients.base import ClientError
-from depois_stream.filter.delivery import Delivery
+from depois_stream.filter.clients.base import ClientError, ProduceError
+from depois_stream.filter.delivery import Delivery, DeliveryError
 from depois_stream.filter.metrics import Metrics
 
 
@@ -729,3 +729,85 @@ def test_a_kafka_python_producer_is_made_or_given_up_on_within_ten_seconds(monke
     kp.KafkaPythonProducer(ClientSettings(bootstrap_servers="127.0.0.1:1", client_id="t",
                                           options={"bootstrap_timeout_ms": 30_000}))
     assert seen["bootstrap_timeout_ms"] == 30_000  # DEPOIS_KAFKA still decides
+
+
+def _retrying(exactly_once: bool = False, committed_at: int | None = None,
+              broker_up: bool = True):
+    """A Delivery with --produce-retries 3, a fake clock, a producer whose sends are held (or, for
+    exactly-once, whose commit_transaction fails without saying whether it committed), a
+    source whose assignment a test changes and a broker probe that says ``broker_up``."""
+    held: list = []
+    now = [0.0]
+
+    class Producer(_TxnProducer):
+        def send(self, topic, partition, key, value, headers, on_done) -> None:
+            if exactly_once:
+                on_done(None)
+            else:
+                held.append(on_done)
+
+        def commit_transaction(self, timeout_s: float) -> None:
+            raise ClientError("commit_transaction: timed out", True)
+
+    class Consumer(_TxnConsumer):
+        def commit(self, offsets, asynchronous: bool) -> None: ...
+
+        def committed(self, tps, timeout_s: float) -> dict:
+            return {tp: committed_at for tp in tps}
+
+    class Source(_Source):
+        paused = False
+
+    source = Source()
+    delivery = Delivery(Producer, Consumer(), source, Metrics(), ("c", "q", "d"),
+                        on_delivered=lambda r: None, retries=3, exactly_once=exactly_once,
+                        clock=lambda: now[0], broker_up=lambda: broker_up)
+    return delivery, source, held, now
+
+
+def _idle(delivery, now, seconds: int) -> None:
+    for _ in range(seconds):
+        now[0] += 1.0
+        delivery.service(0.0)
+
+
+def test_a_retry_owed_for_a_partition_that_moved_away_never_ends_the_run() -> None:
+    """Review of the --produce-retries fix: a batch in flight when its partition went to
+    another member failed afterwards; its partition was owed a retry this member can never
+    make, and every delivery timeout counted one more failure until exit 1."""
+    delivery, source, held, now = _retrying()
+    delivery.submit(*_batch_and_routed(4))
+    source.assigned = frozenset()
+    delivery.revoked({("in", 0)})
+    for done in held:
+        done(ProduceError("timed out", retriable=True))
+    held.clear()
+    delivery.service(0.0)
+    _idle(delivery, now, 400)  # no DeliveryError
+
+
+def test_a_transaction_that_did_commit_is_owed_no_retry() -> None:
+    """Review of the --produce-retries fix: commit_transaction failed without saying whether
+    it committed; the group's commit showed it had, the filter resumed past it, and yet every
+    delivery timeout of an idle stream counted one more failure until exit 1 ("4 output
+    records were not acknowledged")."""
+    delivery, source, _, now = _retrying(exactly_once=True, committed_at=104)
+    delivery.submit(*_batch_and_routed(4))
+    _idle(delivery, now, 400)  # no DeliveryError
+    assert source.rewinds[-1] == {("in", 0): 104}
+
+
+def test_a_retry_that_cannot_start_while_the_broker_is_unreachable_counts() -> None:
+    """The property the fix is for, without a broker: the failed batch is never read back, and
+    the third retry that cannot start ends the run, though the partition was lost meanwhile (a
+    session timeout during the outage took it before the probe noticed: a real-broker run)."""
+    delivery, source, held, now = _retrying(broker_up=False)
+    delivery.submit(*_batch_and_routed(4))
+    for done in held:
+        done(ProduceError("timed out", retriable=True))
+    held.clear()
+    delivery.service(0.0)
+    source.assigned = frozenset()
+    delivery.revoked({("in", 0)})
+    with pytest.raises(DeliveryError, match="not acknowledged after 3 retries"):
+        _idle(delivery, now, 400)

@@ -290,7 +290,8 @@ class StreamFilter:
                     on_delivered=self._delivered, max_in_flight=cfg.max_in_flight,
                     retries=cfg.produce_retries, retry_backoff_max_s=cfg.retry_backoff_max_s,
                     delivery_timeout_s=cfg.delivery_timeout_ms / 1000,
-                    exactly_once=cfg.exactly_once, stopping=self._stopping)
+                    exactly_once=cfg.exactly_once, stopping=self._stopping,
+                    broker_up=self._probe_up)
             except ClientError as exc:
                 if cfg.exactly_once:
                     raise StartupError(f"cannot start transactions on {cfg.bootstrap_servers} "

@@ -96,7 +96,8 @@ class Delivery:
                  max_in_flight: int = 4, retries: int | None = None,
                  retry_backoff_max_s: float = 30.0, delivery_timeout_s: float = 30.0,
                  exactly_once: bool = False, clock: Callable[[], float] = time.monotonic,
-                 stopping: threading.Event | None = None) -> None:
+                 stopping: threading.Event | None = None,
+                 broker_up: Callable[[], bool] = lambda: False) -> None:
         # set when the filter is asked to stop (``StreamFilter.run``'s event)
         self._make_producer = make_producer
         self._stopping = stopping or threading.Event()
@@ -107,6 +108,7 @@ class Delivery:
         self._on_delivered = on_delivered
         self._max_in_flight = 1 if exactly_once else max(1, max_in_flight)
         self._retries = retries
+        self._broker_up = broker_up  # the direct probe's answer (unknown: False)
         self._backoff_max_s = retry_backoff_max_s
         self._timeout_s = delivery_timeout_s
         self._exactly_once = exactly_once
@@ -120,11 +122,8 @@ class Delivery:
         # completed); they resume at the group's committed offsets once that is settled
         self._unsettled: tuple[TP, ...] | None = None
         self._attempts = 0  # consecutive failed attempts
-        # partitions a failed attempt rewound, whose batch is still to be sent again, and the
-        # outputs it failed (for the give-up message); cleared once a batch is acknowledged
-        self._owed: set[TP] = set()
-        self._owed_records = 0
-        self._retry_turn: float | None = None  # since when the owed retry could have started
+        self._failed_records = 0  # outputs the last failed attempt left unacknowledged
+        self._retry_turn: float | None = None  # since when the next attempt could have started
         self._blocked_until = 0.0
         self._renew = False  # replace the producer once nothing is in flight on it
         self.rejected: OrderedDict[tuple[int, int], Refusal] = OrderedDict()
@@ -238,7 +237,6 @@ class Delivery:
             done.append(item)
         if done:
             self._attempts = 0
-            self._owed.clear()
             for item in done:
                 self._acked.update(item.batch.next_offsets())
                 self._on_delivered(item.routed)
@@ -279,10 +277,9 @@ class Delivery:
         resumes at the group's commit (filtering them again) or, this member, past them.
         Batches still in flight stay as they are: this member resumes a returning partition
         after them, so a failed one must still rewind it (``_retry``), or its records would
-        be skipped. A retry owed for them is the next owner's."""
+        be skipped."""
         for tp in tps:
             self._acked.pop(tp, None)
-        self._owed -= tps
 
     def _commit(self, asynchronous: bool) -> None:
         owned = {tp: off for tp, off in self._acked.items() if tp in self._source.assigned}
@@ -304,9 +301,9 @@ class Delivery:
             gone = self._inflight.pop()
             self._by_seq.pop(gone.seq, None)
         rewind: dict[TP, int] = {}
-        for a in abandoned:  # oldest first: its first offset per partition is the smallest
+        for a in abandoned:  # the smallest first offset per partition, whatever the order
             for tp, off in a.batch.first_offsets().items():
-                rewind.setdefault(tp, off)
+                rewind[tp] = min(rewind.get(tp, off), off)
         if item.rejected:
             item.failure = item.failure or self._remember_rejections(item)
         if item.failure is not None:
@@ -346,13 +343,17 @@ class Delivery:
         return None
 
     def _count_a_retry_that_cannot_start(self) -> None:
-        """With a retry limit, a retry that has not started a delivery timeout after its turn
-        came counts as one more failed attempt. The batch to send again is read back from the
-        broker first; with the broker gone it never is, no attempt was ever counted again, and
-        ``--produce-retries`` never gave up. Not while the partitions are revoked (nothing is
-        owed then), a batch is in flight (its own outcome counts) or the source is paused."""
-        if (self._retries is None or not self._owed or self._inflight or self.backing_off
-                or self._source.paused):  # a breaker holding the stream is no failed attempt
+        """With a retry limit, after a failed attempt, every delivery timeout that passes with
+        the broker unreachable and no attempt under way counts as one more failed attempt. The
+        batch to send again is read back from the broker first; with the broker gone it never
+        is, no attempt was ever counted again, and ``--produce-retries`` never gave up (the
+        partitions may even be lost to a session timeout first). Never while the broker answers
+        the direct probe: the batch is then read back and sent, or nothing is left to send (a
+        transaction that did commit, partitions another member took or moved past it). Nor
+        while a batch is in flight (its own outcome counts) or the source is paused (a breaker
+        holding the stream)."""
+        if (self._retries is None or not self._attempts or self._inflight or self.backing_off
+                or self._source.paused or self._broker_up()):
             self._retry_turn = None
             return
         now = self._clock()
@@ -363,12 +364,11 @@ class Delivery:
         self._retry_turn = None
         self._backoff(ProduceError("the batch could not be read back from the broker to send "
                                    "again within the delivery timeout", retriable=True),
-                      self._owed_records, {})
+                      self._failed_records, {})
 
     def _backoff(self, error: BaseException, failed: int, rewind: Mapping[TP, int]) -> None:
         self._attempts += 1
-        self._owed |= set(rewind)
-        self._owed_records = failed
+        self._failed_records = failed
         self._metrics.produce_retries.inc()
         limit = self._retries
         if limit is not None and self._attempts > limit:
@@ -440,7 +440,6 @@ class Delivery:
         self._take_reports()
         self._by_seq.pop(item.seq, None)
         self._attempts = 0
-        self._owed.clear()
         commit_answered(self._metrics, None)
         self._on_delivered(item.routed)
 

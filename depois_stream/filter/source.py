@@ -112,7 +112,7 @@ class Source:
             for part in self._buffer:
                 mask = ~np.isin(part.partitions, [p for _, p in gone])
                 for tp, off in part.select(~mask).first_offsets().items():
-                    self._handback.setdefault(tp, off)
+                    self._handback[tp] = min(self._handback.get(tp, off), off)
                 kept.append(part.select(mask))
             self._buffer = [p for p in kept if len(p)]
             for tp in gone:  # nothing buffered: resume right after what was handed on
