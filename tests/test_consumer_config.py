@@ -75,6 +75,14 @@ def test_a_kafka_python_only_option_under_librdkafka_says_how_to_fix_it() -> Non
                     kafka={"api_version_auto_timeout_ms": 5})
 
 
+def test_a_breaker_that_judges_each_large_batch_alone_is_accepted() -> None:
+    """A one-sample window still holds the newest batch whole: with batches of 512 the breaker
+    judges each on its own, and 200 samples are reached (review: the first rule refused it)."""
+    cfg = load_config(model_path="m", client="kafka-python", breaker_window=1, batch_size=512,
+                      breaker_min_samples=200)
+    assert cfg.breaker_min_samples == 200
+
+
 @pytest.mark.parametrize("kafka", [
     {"partition.assignment.strategy": "cooperative-sticky"},
     {"partition.assignment.strategy": "range,cooperative-sticky"},
@@ -100,8 +108,9 @@ def test_incremental_rebalancing_is_refused_at_start_up(kafka: dict) -> None:
     ({"model_path": "m", "kafka": {"sasl_pasword": "x"}}, "not kafka-python client options"),
     ({"model_path": "m", "clean_topic": "depois.ingest"}, "topics must differ"),
     ({"model_path": "m", "heartbeat_interval_ms": 5000, "session_timeout_ms": 6000}, "a third"),
-    # the window never holds 200 samples at batches under 200: a breaker that can never open
-    ({"model_path": "m", "breaker_window": 100, "breaker_min_samples": 200}, "breaker_min_samples"),
+    # the window holds at most 100 + 64 - 1 samples: a breaker that can never open
+    ({"model_path": "m", "breaker_window": 100, "batch_size": 64, "breaker_min_samples": 200},
+     "breaker_min_samples"),
 ])
 def test_bad_settings_name_the_problem(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

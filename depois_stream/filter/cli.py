@@ -95,7 +95,8 @@ def _run(log_level: str, **settings: Any) -> None:
 
     program = "depois-stream run"
     if log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise fail(program, f"--log-level {log_level!r}: use DEBUG, INFO, WARNING or ERROR",
+        raise fail(program, f"--log-level / {LOG_LEVEL_ENV} {log_level!r}: use DEBUG, INFO, "
+                            "WARNING or ERROR",
                    EXIT_STARTUP)
     configure(log_level)
     _report_native_crashes()

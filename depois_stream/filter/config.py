@@ -142,8 +142,8 @@ class ConsumerConfig(BaseSettings):
         "its batch is sent again."))
     produce_retries: int | None = Field(None, ge=0, le=INT32_MAX, description=(
         "Give up (exit 1, nothing committed past the failure) after this many consecutive "
-        "failed attempts (a retry that cannot start because the broker is gone counts once a "
-        "delivery timeout has passed); unset retries until the broker takes the batch."))
+        "failed attempts (a retry that cannot start while the broker is unreachable counts "
+        "once a delivery timeout has passed); unset retries until the broker takes the batch."))
     retry_backoff_max_s: float = Field(30.0, gt=0.0, le=MAX_SECONDS, description=(
         "Longest wait between two attempts (the wait doubles from 0.5 s)."))
     startup_timeout_s: float = Field(30.0, gt=0.0, le=MAX_SECONDS, description=(
@@ -223,11 +223,11 @@ class ConsumerConfig(BaseSettings):
             raise ValueError("a topic cannot be named '.' or '..'")
         if len(set(topics)) != len(topics):
             raise ValueError(f"ingest, clean, quarantine and dlq topics must differ, got {topics}")
-        if self.breaker_min_samples > self.breaker_window:
-            # the window holds about breaker_window samples: the breaker could never open
-            raise ValueError(f"breaker_min_samples ({self.breaker_min_samples}) must be at most "
-                             f"breaker_window ({self.breaker_window}): the window never holds "
-                             "that many samples, so the circuit breaker could never open")
+        most = self.breaker_window + self.batch_size - 1  # the window's fullest (breaker.py)
+        if self.breaker_min_samples > most:
+            raise ValueError(f"breaker_min_samples ({self.breaker_min_samples}) is more than the "
+                             f"breaker's window ever holds (breaker_window + batch_size - 1 = "
+                             f"{most}), so the circuit breaker could never open")
         if self.kafka:
             from depois_stream.filter.clients import ClientUnavailable, make_client
 
