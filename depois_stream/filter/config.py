@@ -28,8 +28,8 @@ from pydantic_settings import (
 )
 
 from depois_stream.contract.files import read_small
-from depois_stream.filter.clients import ClientName
 from depois_stream.contract.model import first_line
+from depois_stream.filter.clients import ClientName
 
 
 class ConfigError(ValueError):
