@@ -191,15 +191,57 @@ def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_comm
     batch, routed = _batch_and_routed(4)
     now = [0.0]
     source = _Source()
+    delivered: list = []
     delivery = Delivery(TxnProducer, Consumer(), source, Metrics(), ("c", "q", "d"),
-                        on_delivered=lambda r: None, exactly_once=True, clock=lambda: now[0])
+                        on_delivered=delivered.append, exactly_once=True, clock=lambda: now[0])
     delivery.submit(batch, routed)
     assert group[("in", 0)] == 104  # committed, though the filter was told otherwise
+    assert delivered == []  # not known yet
     now[0] += 60.0  # past the backoff
     delivery.service(0.0)
     assert not delivery.backing_off
     assert TxnProducer.made == 2, "the producer was not replaced"
     assert source.rewinds[-1] == {("in", 0): 104}, f"resumed at {source.rewinds[-1]}: the batch would be written twice"
+    # the committed offsets say the batch was delivered: it is counted (routed, scores, forged
+    # headers) once, like any acknowledged batch
+    assert delivered == [routed], "a committed batch was left out of the routed metrics"
+
+
+def test_a_transaction_whose_unconfirmed_commit_did_not_happen_is_not_counted_and_is_sent_again() -> None:
+    """The other outcome of the same race: the coordinator never got the commit, the new
+    producer's init_transactions aborts it, the group's offsets still point at the batch, and it
+    is read and sent again (counted then, once)."""
+    group: dict[tuple[str, int], int] = {("in", 0): 100}
+
+    class TxnProducer(_TxnProducer):
+        made = 0
+
+        def __init__(self) -> None:
+            TxnProducer.made += 1
+            self.first = TxnProducer.made == 1
+
+        def commit_transaction(self, timeout_s: float) -> None:
+            if self.first:
+                raise ClientError("commit_transaction: timed out", True)
+
+        def abort_transaction(self, timeout_s: float) -> None:
+            raise ClientError("abort_transaction: not in an abortable state", False)
+
+    class Consumer(_TxnConsumer):
+        def committed(self, tps, timeout_s: float) -> dict:
+            return {tp: group.get(tp) for tp in tps}
+
+    batch, routed = _batch_and_routed(4)
+    now = [0.0]
+    source = _Source()
+    delivered: list = []
+    delivery = Delivery(TxnProducer, Consumer(), source, Metrics(), ("c", "q", "d"),
+                        on_delivered=delivered.append, exactly_once=True, clock=lambda: now[0])
+    delivery.submit(batch, routed)
+    now[0] += 60.0
+    delivery.service(0.0)
+    assert source.rewinds[-1] == {("in", 0): 100}
+    assert delivered == []
 
 
 def test_once_stopping_a_transactional_call_waiting_on_the_broker_is_abandoned_sooner(

@@ -120,7 +120,9 @@ class Delivery:
         self._acked: dict[TP, int] = {}  # next offsets of everything acknowledged
         # exactly-once: partitions of a transaction whose commit was not confirmed (it may have
         # completed); they resume at the group's committed offsets once that is settled
-        self._unsettled: tuple[TP, ...] | None = None
+        # an exactly-once batch whose commit was not confirmed: its commit offsets and what it
+        # routed, counted once the group's committed offsets say it did commit
+        self._unsettled: tuple[dict[TP, int], Routed] | None = None
         self._attempts = 0  # consecutive failed attempts
         self._failed_records = 0  # outputs the last failed attempt left unacknowledged
         self._retry_turn: float | None = None  # since when the next attempt could have started
@@ -434,7 +436,7 @@ class Delivery:
             if committing:
                 # the coordinator may have received the commit and completed it: re-sending
                 # from the first offsets could write the batch twice
-                self._unsettled = tuple(offsets)
+                self._unsettled = (dict(offsets), item.routed)
                 self._renew = True
             return
         self._take_reports()
@@ -451,8 +453,9 @@ class Delivery:
         other failure). Until then the loop backs off (reads nothing)."""
         if self._unsettled is None or self._renew or self._clock() < self._blocked_until:
             return
+        offsets, routed = self._unsettled
         try:
-            committed = self._consumer.committed(self._unsettled, self._timeout_s)
+            committed = self._consumer.committed(tuple(offsets), self._timeout_s)
         except ClientError as exc:
             log.warning("could not read the committed offsets yet (%s)", exc)
             self._blocked_until = self._clock() + BACKOFF_START_S
@@ -462,6 +465,8 @@ class Delivery:
                     "offsets %s", {f"{t}[{p}]": o for (t, p), o in sorted(resume.items())})
         self._source.rewind(resume, settled=True)
         self._unsettled = None
+        if all(resume.get(tp, -1) >= off for tp, off in offsets.items()):
+            self._on_delivered(routed)  # it did commit: count it once, as an acknowledged batch
 
     # ---------------------------------------------------------------- shutdown, rebalance
 
