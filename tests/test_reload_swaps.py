@@ -231,9 +231,10 @@ def test_sighup_checks_the_model_now_and_does_not_end_the_filter(
 
 
 def test_a_model_with_another_input_contract_is_not_hot_reloaded(
-        models: dict[str, Path], tmp_path: Path) -> None:
+        models: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Before: accepted, and every record after it was dead-lettered as shape_mismatch (the
-    breaker counts scored records only, so it stayed closed)."""
+    breaker counts scored records only, so it stayed closed). The log says it in one line: it
+    also said "loaded model v6x6" at INFO just before the rejection, which read as a swap."""
     rng = np.random.default_rng(0)
     images, labels = rng.random((50, 1, 6, 6), dtype=np.float32), np.arange(50) % 5
     other = tmp_path / "other" / "model.onnx"
@@ -242,8 +243,13 @@ def test_a_model_with_another_input_contract_is_not_hot_reloaded(
     outcomes: list[str] = []
     watcher = watcher_on(models["live"], outcomes)
     deploy(other, models["live"])
-    assert watcher.poll() is None
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert watcher.poll() is None
     assert outcomes == ["rejected"] and watcher.current.metadata.model_version == "vA"
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [m for m in said if "loaded" in m], said
+    assert said[-1].startswith("model reload rejected"), said
     assert load(models["live"]).metadata.input_shape == (1, 6, 6)  # a restart would take it
 
 

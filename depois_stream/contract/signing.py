@@ -381,7 +381,7 @@ def verify_or_warn(model_path: str | Path, public_key_path: str | Path | None,
     that warning (`run` has a flag and a variable, `replay rescore` the flag only).
     """
     if public_key_path is None:
-        log.warning("model %s loaded WITHOUT signature verification (no %s): acceptable for "
+        log.warning("model %s read WITHOUT signature verification (no %s): acceptable for "
                     "local use only", Path(model_path).name, option)
         return None
     verified = verify_model(model_path, public_key_path, signature_path)

@@ -130,6 +130,9 @@ class StreamFilter:
         self.client = make_client(cfg.client)
         # Load (and verify) the model before touching Kafka: a bad model must refuse to start.
         self.detector = self._load_model(cfg.model_path)
+        log.info("serving model %s version=%s sha256=%s provider=%s", cfg.model_path.name,
+                 self.detector.metadata.model_version, self.detector.sha256[:12],
+                 self.detector.provider)
         self._publish_model(self.detector)
         self.metrics.build_info.info({"version": __version__, "client": self.client.name})
         self.metrics.client_calls_abandoned.set_function(abandoned_calls)

@@ -236,8 +236,10 @@ class Detector:
                 "install the CUDA and cuDNN libraries that onnxruntime-gpu needs and make a GPU "
                 "visible, or drop --require-gpu to accept CPU scoring", "load")
         det._check_boundary_agrees()
-        log.info("loaded model %s version=%s sha256=%s provider=%s", path.name,
-                 meta.model_version, sha[:12], det.provider)
+        # DEBUG: the caller says what it does with the model (the filter's start-up says it
+        # serves it; a hot reload may still refuse it for a contract change)
+        log.debug("opened model %s version=%s sha256=%s provider=%s", path.name,
+                  meta.model_version, sha[:12], det.provider)
         return det
 
     # ---------------------------------------------------------------- the detector API
