@@ -83,9 +83,25 @@ def models(tmp_path: Path, digits_arrays) -> dict[str, Path]:
     return {"a": a, "b": b, "live": live}
 
 
-@pytest.mark.parametrize("breakage", ["folder", "symlink loop", "deleted"])
+def _bounded(call, timeout_s: float = 10.0):
+    """``call()`` in a daemon thread: a poll that blocks forever fails the test instead of
+    hanging it."""
+    import threading
+
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    t.start()
+    t.join(timeout_s)
+    assert not t.is_alive(), f"{call} blocked for {timeout_s} s: the filter's loop would stall"
+    return out[0]
+
+
+@pytest.mark.parametrize("breakage", ["folder", "symlink loop", "deleted", "fifo", "device"])
 def test_a_model_path_that_cannot_be_read_keeps_the_serving_model(
         models: dict[str, Path], breakage: str, caplog: pytest.LogCaptureFixture) -> None:
+    """fifo and device (stop 45, a reload adversary): a named pipe in the model's place blocked
+    the loop in ``open`` until something wrote to it, and a symlink to /dev/zero read it forever
+    at 100 % CPU (SIGTERM could not stop it), with no log line or metric."""
     live = models["live"]
     outcomes: list[str] = []
     watcher = watcher_on(live, outcomes)
@@ -94,9 +110,13 @@ def test_a_model_path_that_cannot_be_read_keeps_the_serving_model(
         live.mkdir()
     elif breakage == "symlink loop":
         live.symlink_to(live)
+    elif breakage == "fifo":
+        os.mkfifo(live)
+    elif breakage == "device":
+        live.symlink_to("/dev/zero")
     with caplog.at_level(logging.WARNING):
-        assert watcher.poll() is None  # before: IsADirectoryError / OSError, and exit 3
-        assert watcher.poll() is None
+        assert _bounded(watcher.poll) is None  # before: IsADirectoryError / OSError, and exit 3
+        assert _bounded(watcher.poll) is None
     assert watcher.current.metadata.model_version == "vA"
     said = [r.getMessage() for r in caplog.records if "missing or unreadable" in r.getMessage()]
     assert len(said) == 1 and "vA" in said[0]  # once, not at every poll

@@ -28,6 +28,8 @@ from typing import Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from depois_stream.contract.files import open_regular
+
 SCHEMA_VERSION = "1"
 
 INPUT_IMAGE = "image"
@@ -280,8 +282,10 @@ def card_path_for(model_path: str | Path) -> Path:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 of regular file ``path`` (``OSError`` for a FIFO or device, which would block or
+    never end: the hot-reload watcher hashes whatever a deployment put at the model path)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()

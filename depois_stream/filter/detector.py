@@ -35,6 +35,7 @@ from depois_stream.contract import (
     ContractError, ModelCard, ModelMetadata, card_path_for,
 )
 from depois_stream.contract.arrays import to_contract
+from depois_stream.contract.files import read_regular
 from depois_stream.contract.model import first_line, first_problem
 from depois_stream.contract.signing import RUN_KEY_OPTION, SignatureError, verify_or_warn
 
@@ -206,7 +207,7 @@ class Detector:
             # two (a deployment copying while the filter reloads) cannot leave a detector whose
             # sha256, in every routed record's headers, names a graph it does not run.
             try:
-                source = path.read_bytes()
+                source = read_regular(path)  # not a FIFO or device swapped in since the check
             except OSError as exc:
                 raise ModelLoadError(f"model file {path} cannot be read ({exc.strerror or exc})",
                                      "load") from None

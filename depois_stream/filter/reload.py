@@ -89,15 +89,16 @@ class ModelWatcher:
         if signature == self._signature:
             return None
         self._signature = signature
+        why = "absent"
         try:
             sha = sha256_file(self.current.path) if signature[0] is not None else None
-        except OSError:  # a folder in its place, or gone since the stat
-            sha = None
+        except OSError as exc:  # a folder, FIFO or device in its place, or gone since the stat
+            sha, why = None, exc.strerror or str(exc)
         if sha is None:
             if not self._missing:
-                log.warning("model file %s is missing or unreadable; keeping version %s (%s…), "
-                            "but a restart would fail until a model is back",
-                            self.current.path, self.current.metadata.model_version,
+                log.warning("model file %s is missing or unreadable (%s); keeping version %s "
+                            "(%s…), but a restart would fail until a model is back",
+                            self.current.path, why, self.current.metadata.model_version,
                             self.current.sha256[:12], extra=_ALWAYS)
             self._missing = True
             self._on_file_state(True)
