@@ -23,6 +23,7 @@ from depois_stream.filter.config import (
     LOG_LEVEL_ENV, ConfigError, ConsumerConfig, load_config, unknown_env,
 )
 from depois_stream.filter.options import command, parse_pairs
+from depois_stream.filter.signals import on_signal
 
 EXIT_DELIVERY = 1  # the broker would not take the output: nothing was committed past it
 EXIT_STARTUP = 2  # configuration, model or start-up problem: fix and restart
@@ -35,16 +36,17 @@ log = logging.getLogger("depois_stream")
 
 
 def stop_on_signals() -> threading.Event:
-    """SIGTERM and SIGINT ask for a graceful stop: finish the batch, commit, leave the group."""
+    """SIGTERM and SIGINT ask for a graceful stop: finish the batch, commit, leave the group.
+    (Acted on by ``signals``' relay thread, never inside the handler.)"""
     stop = threading.Event()
 
-    def handler(signum: int, _frame: object) -> None:
+    def stop_now(signum: signal.Signals) -> None:
         log.info("%s received: finishing the batches in flight, committing, leaving the group",
-                 signal.Signals(signum).name)
+                 signum.name)
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    on_signal(signal.SIGTERM, stop_now)
+    on_signal(signal.SIGINT, stop_now)
     return stop
 
 
@@ -52,11 +54,11 @@ def check_model_on_sighup(flt: StreamFilter) -> None:
     """SIGHUP asks for a model check now instead of at the next ``--reload-interval-s`` (as
     Prometheus and most daemons read it); its default action would end the filter without a
     graceful stop."""
-    def handler(signum: int, _frame: object) -> None:
+    def check_now(signum: signal.Signals) -> None:
         log.info("SIGHUP received: checking the model file now")
         flt.request_model_check()
 
-    signal.signal(signal.SIGHUP, handler)
+    on_signal(signal.SIGHUP, check_now)
 
 
 def _report_native_crashes() -> None:

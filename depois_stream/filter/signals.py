@@ -1,0 +1,66 @@
+"""Signals, acted on outside their handlers.
+
+Python runs a signal handler in the main thread between two bytecodes, whatever that thread
+holds. A handler that logs waited for good when the signal landed inside a log call (the rate
+limiter's lock is the main thread's own), and each further signal nested one more waiting handler
+until ``RecursionError`` (stop 45: 1,000 SIGHUPs a second ended the filter with exit 3 in about
+6 s). So the handler only writes the signal's number to a pipe, which takes no Python lock, and
+a relay thread reads it and does the work: log, set the stop flag, ask for a model check. A burst
+of the same signal read in one go is acted on once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+Action = Callable[[signal.Signals], None]
+
+
+class SignalRelay:
+    """One per process (signal dispositions are): ``on(signum, action)`` from the main thread."""
+
+    def __init__(self) -> None:
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._write_fd, False)
+        self._actions: dict[int, Action] = {}
+        threading.Thread(target=self._relay, name="depois-signals", daemon=True).start()
+
+    def on(self, signum: signal.Signals, action: Action) -> None:
+        self._actions[int(signum)] = action
+        signal.signal(signum, self._handler)
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        try:
+            os.write(self._write_fd, bytes([signum]))
+        except OSError:  # the pipe is full: a flood, and this signal is queued there already
+            pass
+
+    def _relay(self) -> None:
+        while True:
+            received = os.read(self._read_fd, 512)
+            for signum in dict.fromkeys(received):  # once per burst, in arrival order
+                action = self._actions.get(signum)
+                if action is None:
+                    continue
+                try:
+                    action(signal.Signals(signum))
+                except Exception:  # an action's bug must not end signal handling
+                    log.exception("acting on %s failed", signal.Signals(signum).name)
+
+
+_relay: SignalRelay | None = None
+
+
+def on_signal(signum: signal.Signals, action: Action) -> None:
+    """Run ``action(signum)`` in the relay thread whenever ``signum`` arrives (main thread only,
+    like ``signal.signal``)."""
+    global _relay
+    if _relay is None:
+        _relay = SignalRelay()
+    _relay.on(signum, action)

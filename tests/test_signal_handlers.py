@@ -1,0 +1,54 @@
+"""Signal handlers that cannot deadlock or nest (stop 45, a reload adversary).
+
+The SIGTERM/SIGINT and SIGHUP handlers used to log. Python runs a handler in the main thread
+between two bytecodes, so one that arrived while the main thread held the log rate limiter's
+lock waited on its own thread for good (the loop stalled), and each further signal nested one
+more handler until ``RecursionError`` ended the filter with exit 3: 1,000 SIGHUPs a second did it
+in about 6 s, 50 a second during a reload storm in 12 s. The handlers now only hand the signal
+to a relay thread, which logs and acts. The signal is made to land inside a log call, which a
+flood only does by chance; each case runs in its own interpreter, bounded, because the failure
+is a hang.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import logging, os, signal, sys
+    from depois_stream.filter import cli, logs
+    logs.configure("INFO")
+    checked = []
+    class Filter:
+        def request_model_check(self):
+            checked.append(1)
+    cli.check_model_on_sighup(Filter())
+    stop = cli.stop_on_signals()
+    limiter = logging.getLogger().handlers[0].filters[0]
+    with limiter._lock:                  # the main thread is inside a log call ...
+        for _ in range(50):              # ... when the signals land (a burst)
+            os.kill(os.getpid(), signal.{name})
+            for _ in range(1_000):       # bytecodes: a handler runs here
+                pass
+    if signal.{name} == signal.SIGHUP:
+        os.kill(os.getpid(), signal.SIGTERM)
+    ok = stop.wait(10)
+    sys.exit(0 if ok and (checked or signal.{name} != signal.SIGHUP) else 1)
+""")
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_signals_landing_inside_a_log_call_are_acted_on(name: str) -> None:
+    try:
+        done = subprocess.run([sys.executable, "-c", SCRIPT.format(name=name)],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"the process hung on a {name} inside a log call: "
+                             f"{(exc.stderr or b'')[-2000:]!r}") from None
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"{name} received" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
