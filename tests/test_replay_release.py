@@ -559,3 +559,27 @@ def test_a_release_cut_by_a_frozen_broker_leaves_nothing_to_print_at_exit(
         gc.collect()
         assert made and made[0]() is None  # collected: its __del__ has run
         assert [str(getattr(u, "exc_value", u)) for u in unraisable] == []
+
+
+def test_a_read_does_not_stop_inside_a_large_last_batch(broker, unique: str) -> None:
+    """Stop 45, a replay adversary: Tansu reports a partition's end offset as the base offset of
+    its last batch (1 record, then 20,000 in one batch: end offset 2). The read took that for its
+    end and stopped 0.5 s after reaching it, while the big batch was still being read: `list`
+    said 16,000 of 20,001 and `release` released part of the selection, both with exit 0.
+    Records written before the read began belong to it, whatever the end offset says."""
+    from kafka import KafkaProducer
+
+    topic = f"{unique}-big"
+    create_topics(broker.bootstrap, [topic])
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=1000, batch_size=4_000_000,
+                      max_request_size=8_000_000)
+    try:
+        p.send(topic, b"first").get(timeout=20)
+        for i in range(20_000):
+            p.send(topic, str(i).encode() * 20)
+        p.flush(timeout=30)
+    finally:
+        p.close()
+    # one record a poll: reading the batch takes far longer than the grace after the end offset
+    got = read_raw(broker.bootstrap, topic, kafka={"max_poll_records": 1}, timeout_s=60)
+    assert len(got) == 20_001

@@ -47,8 +47,11 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
     """Read ``window`` of ``topic`` (all of it by default) and return kafka ConsumerRecords.
 
     Reading stops once every partition reached the end offset snapshotted at start and one
-    poll came back empty (at most ``grace_s`` later). The extra poll is for brokers whose end
-    offset is a batch base rather than the last offset (Tansu); on Kafka it costs one poll.
+    poll came back empty, or ``grace_s`` after that when the topic is written to as it is read.
+    The end offset cannot be trusted alone: Tansu reports the base offset of a partition's last
+    batch, so a large last batch lies past it. Records written before the read began are part of
+    the read: while polls still return some, no grace applies (``timeout_s`` bounds the read,
+    with an error, never a silently shorter result). On Kafka the extra poll costs one poll.
     """
     window = window or ReadWindow()
     kafka = dict(kafka or {})
@@ -101,14 +104,19 @@ def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[Topic
            window: ReadWindow, timeout_s: float, grace_s: float) -> list[ConsumerRecord]:
     out: list[ConsumerRecord] = []
     deadline = time.monotonic() + timeout_s
+    began_ms = time.time() * 1000
     caught_up_at: float | None = None
     while True:
         batch = consumer.poll(timeout_ms=200)
+        older = False  # a record written before the read began: the snapshot is not read yet
         for recs in batch.values():
             out.extend(r for r in recs if window.contains(r.partition, r.offset, r.timestamp))
+            older = older or any(r.timestamp < began_ms for r in recs)
         now = time.monotonic()
         if caught_up_at is None and all(consumer.position(tp) >= stops[tp] for tp in tps):
             caught_up_at = now
+        if caught_up_at is not None and older:
+            caught_up_at = now  # the grace counts from the last of the snapshot's records
         if caught_up_at is not None and (not batch or now - caught_up_at > grace_s):
             return out
         if now > deadline:
