@@ -583,3 +583,48 @@ def test_a_read_does_not_stop_inside_a_large_last_batch(broker, unique: str) -> 
     # one record a poll: reading the batch takes far longer than the grace after the end offset
     got = read_raw(broker.bootstrap, topic, kafka={"max_poll_records": 1}, timeout_s=60)
     assert len(got) == 20_001
+
+
+def test_ctrl_c_mid_release_finishes_the_chunk_audits_it_and_reports_the_rest(
+        broker, scratch: Scratch, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stop 45, a replay adversary: Ctrl-C or SIGTERM during a release exited 130/143 with
+    nothing printed, and in 4 of 5 trials left a chunk of clean copies without audit records,
+    which the rerun released a second time. Now the chunk in flight finishes with its audit
+    records, the release stops there and says what was not sent (exit 1), and the rerun
+    releases exactly the rest. The SIGINT is sent as the 150th copy is handed over."""
+    import os
+    import signal
+    from collections import Counter
+
+    from kafka import KafkaProducer
+
+    import depois_stream.audit.release as release_module
+    from depois_stream.audit.trail import released_ids
+
+    n, s = 1000, scratch.settings
+    put(broker.bootstrap, s.quarantine_topic,
+        [(f"s{i}".encode(), sample(f"s{i}")[0], quarantine_headers(scratch.ingest, i))
+         for i in range(n)])
+
+    class InterruptedAt(KafkaProducer):
+        sends = 0
+
+        def send(self, topic, **kwargs):  # type: ignore[no-untyped-def]
+            InterruptedAt.sends += 1
+            if InterruptedAt.sends == 150:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().send(topic, **kwargs)
+
+    monkeypatch.setattr(release_module, "KafkaProducer", InterruptedAt)
+    code, out = replay(scratch, *RELEASE)
+    monkeypatch.undo()
+    assert code == 1, out
+    assert "release stopped part-way" in out and "stopped on request" in out, out
+    copies = {r.release_id for r in released_copies(s)}
+    audited = released_ids(read_audit(s)[0])
+    assert copies == audited and 0 < len(copies) < n, (len(copies), len(audited))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # left as found
+    code, out = replay(scratch, *RELEASE)
+    assert code == 0, out
+    again = Counter(r.release_id for r in released_copies(s))
+    assert len(again) == n and max(again.values()) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timezone
@@ -43,6 +44,7 @@ from depois_stream.audit.settings import ReplaySettings, unknown_replay_env
 from depois_stream.contract.model import card_path_for, first_line
 from depois_stream.filter.config import TOPIC_NAME, describe_errors, flag
 from depois_stream.filter.options import command, flags_of, option, reflow
+from depois_stream.filter.signals import stop_on
 
 if TYPE_CHECKING:
     from depois_stream.audit.export import RescoreReport
@@ -533,8 +535,12 @@ def release_(**kw: Any) -> None:
         _fail(str(exc), code=EXIT_USAGE)
     metrics = ReplayMetrics()
     try:
-        report = release(settings, chosen, operator, reason, dry_run=kw["dry_run"],
-                         metrics=metrics)
+        # Ctrl-C or SIGTERM mid-release: finish the chunk in flight, audit it, report the rest
+        # (the default KeyboardInterrupt left copies without audit records, and said nothing)
+        with stop_on((signal.SIGINT, signal.SIGTERM), "finishing the chunk in flight (its "
+                     "clean copies and their audit records), then stopping") as stop:
+            report = release(settings, chosen, operator, reason, dry_run=kw["dry_run"],
+                             metrics=metrics, stop=stop)
     except ReplayError as exc:
         typer.echo(f"depois-stream replay: {exc}", err=True)
         _publish(metrics, "release", kw)  # what did go out is counted

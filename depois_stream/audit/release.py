@@ -7,6 +7,7 @@ failure reads every sample's state correctly.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -136,7 +137,8 @@ def require_operator_and_reason(operator: str | None, reason: str | None) -> tup
 
 def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], operator: str | None,
             reason: str | None, *, dry_run: bool = False,
-            metrics: ReplayMetrics | None = None) -> ReleaseReport:
+            metrics: ReplayMetrics | None = None,
+            stop: threading.Event | None = None) -> ReleaseReport:
     """Publish ``selected`` to the clean topic and audit each one; see ``plan_release``.
 
     Every sample ends in one of two states that a rerun reads correctly: released with its audit
@@ -144,7 +146,9 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
     part-way, the ``ReplayError`` names the samples of each state and any sample whose fate the
     broker never answered; see ``_publish``. ``selected`` is released as given: a caller that
     selected by key should ``require_unambiguous_keys`` first (the command line does), since a
-    key can stand for more than one sample.
+    key can stand for more than one sample. ``stop``: once set, the chunk in flight finishes
+    (its copies and their audit records) and the release stops there, reported like a failure
+    part-way (the command line sets it on SIGINT and SIGTERM).
     """
     operator, reason = require_operator_and_reason(operator, reason)
     audit, unreadable = read_audit(settings)
@@ -159,7 +163,7 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
     messages = _messages(settings, plan.release, operator, reason) if plan.release else None
     if not dry_run and messages is not None:
         try:
-            _publish(settings, plan.release, messages)
+            _publish(settings, plan.release, messages, stop)
         except ReleaseIncomplete as exc:
             failure, released = exc, exc.released
     skipped = _group_skips(plan.skipped)
@@ -241,7 +245,7 @@ def _messages(settings: ReplaySettings, records: Sequence[QuarantinedRecord], op
 
 
 def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord],
-             messages: _Messages) -> None:
+             messages: _Messages, stop: threading.Event | None = None) -> None:
     """Chunk by chunk (see ``release_chunks``): the chunk's clean copies, then an audit record
     for each copy the broker acknowledged, then the next chunk.
 
@@ -258,11 +262,16 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord],
     copies, audits, producer_options = messages.copies, messages.audits, messages.producer_options
     wait_s = producer_options["delivery_timeout_ms"] / 1000 + 10
     clean, audited = Sent.nothing(), Sent.nothing()
+    stopped: str | None = None
     with kafka_errors(settings.bootstrap_servers):
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
                                  client_id=CLIENT_ID, **producer_options)
         try:
             for part in release_chunks(messages.copy_sizes):
+                if stop is not None and stop.is_set():  # between chunks: nothing half-done
+                    stopped = "stopped on request"
+                    clean = clean.then(Sent([], {}, list(range(part.start, len(records))), {}), 0)
+                    break
                 out = _send_all(producer, settings.clean_topic, copies[part.start:part.stop],
                                 wait_s)
                 logged = _send_all(producer, settings.audit_topic,
@@ -276,7 +285,8 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord],
         finally:
             _close(producer, gave_up=bool(clean.unknown or audited.unknown))
     if not (clean.complete and audited.complete):
-        raise ReleaseIncomplete(_incomplete(records, clean, audited, settings.clean_topic),
+        raise ReleaseIncomplete(_incomplete(records, clean, audited, settings.clean_topic,
+                                            stopped),
                                 [records[clean.acknowledged[i]] for i in audited.acknowledged])
 
 
@@ -330,7 +340,7 @@ def _close(producer: KafkaProducer, gave_up: bool) -> None:
 
 
 def _incomplete(records: Sequence[QuarantinedRecord], clean: Sent, audited: Sent,
-                clean_topic: str) -> str:
+                clean_topic: str, stopped: str | None = None) -> str:
     """The error of a release that stopped part-way: each selected sample in the state a rerun
     must know (``audited`` indexes the acknowledged clean copies, in order)."""
     out = [records[i] for i in clean.acknowledged]
@@ -350,7 +360,8 @@ def _incomplete(records: Sequence[QuarantinedRecord], clean: Sent, audited: Sent
     if clean.failed:
         parts.append(f"not released ({clean.first_error}): {names(sorted(clean.failed), records)}")
     if clean.unsent:
-        parts.append("not sent (a release stops at its first failure, a rerun releases them): "
+        why = stopped or "a release stops at its first failure"
+        parts.append(f"not sent ({why}, a rerun releases them): "
                      f"{names(sorted(clean.unsent), records)}")
     if clean.unknown:
         why = next(iter(clean.unknown.values()))

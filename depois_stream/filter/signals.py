@@ -15,7 +15,9 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +33,9 @@ class SignalRelay:
         self._actions: dict[int, Action] = {}
         threading.Thread(target=self._relay, name="depois-signals", daemon=True).start()
 
-    def on(self, signum: signal.Signals, action: Action) -> None:
+    def on(self, signum: signal.Signals, action: Action) -> Any:
         self._actions[int(signum)] = action
-        signal.signal(signum, self._handler)
+        return signal.signal(signum, self._handler)
 
     def _handler(self, signum: int, _frame: object) -> None:
         try:
@@ -57,10 +59,29 @@ class SignalRelay:
 _relay: SignalRelay | None = None
 
 
-def on_signal(signum: signal.Signals, action: Action) -> None:
+def on_signal(signum: signal.Signals, action: Action) -> Any:
     """Run ``action(signum)`` in the relay thread whenever ``signum`` arrives (main thread only,
-    like ``signal.signal``)."""
+    like ``signal.signal``). Returns the previous handler, as ``signal.signal`` does."""
     global _relay
     if _relay is None:
         _relay = SignalRelay()
-    _relay.on(signum, action)
+    return _relay.on(signum, action)
+
+
+@contextmanager
+def stop_on(signums: Iterable[signal.Signals], says: str) -> Iterator[threading.Event]:
+    """An event set when one of ``signums`` arrives (logged with ``says``), for the length of
+    the block; the previous handlers come back after it (a command run in-process, by a test
+    or a notebook, leaves Ctrl-C as it found it)."""
+    stop = threading.Event()
+
+    def stop_now(signum: signal.Signals) -> None:
+        log.warning("%s received: %s", signum.name, says)
+        stop.set()
+
+    previous = {s: on_signal(s, stop_now) for s in signums}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
