@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -375,3 +376,90 @@ def test_a_bundle_model_signing_cannot_parse_is_refused_in_one_line(
     with pytest.raises(SignatureError) as caught:
         verify_model(signed, keys["team"][1])
     assert "\n" not in str(caught.value)
+
+
+def _signed_filter(model: Path, public: Path):
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.filter.config import load_config
+
+    flt = StreamFilter(load_config(model_path=model, device="cpu", metrics_port=None,
+                                   verify_signature=public, reload_interval_s=0.0))
+    return flt, flt._model_watcher()
+
+
+def test_a_public_key_replaced_after_start_up_does_not_admit_its_signer(
+        signed: Path, tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+    """Stop 45, a reload adversary: the key was read again at every reload, so whoever could
+    write the key path got a model signed with their own key hot-loaded (signature_verified 1,
+    an INFO line with a new key id). Trust is fixed at start-up; rotating keys is a restart
+    (docs/operations.md)."""
+    live_key = tmp_path / "live.pub"
+    shutil.copy(keys["team"][1], live_key)
+    flt, watcher = _signed_filter(signed, live_key)
+    shutil.copy(keys["attacker"][1], live_key)
+    other = _model(tmp_path / "other", seed=1, version="attacker-1")
+    sign_model(other, keys["attacker"][0])
+    for f in (card_path_for(other), signature_path_for(other), other):
+        shutil.copy(f, signed.parent / f.name)
+    assert watcher.poll() is None
+    assert flt.detector.metadata.model_version == "signed-test-1"
+    reg = flt.metrics.registry
+    assert reg.get_sample_value("depois_model_rejections_total", {"reason": "signature"}) == 1
+
+
+@pytest.mark.parametrize("change", ["card tampered", "signature deleted", "signature swapped"])
+def test_a_card_or_signature_changed_beside_the_serving_model_is_flagged(
+        signed: Path, tmp_path: Path, keys: dict[str, tuple[Path, Path]], change: str) -> None:
+    """Stop 45, a reload adversary: with the model file unchanged the watcher looked no further,
+    so a tampered card, a deleted signature or another model's signature went unnoticed (no log
+    line, depois_model_file_refused 0) until the next restart refused to start. The serving model
+    stays; the files on disk are flagged as refused, and cleared when they are fixed."""
+    flt, watcher = _signed_filter(signed, keys["team"][1])
+    reg = flt.metrics.registry
+    card, sig = card_path_for(signed), signature_path_for(signed)
+    good_card, good_sig = card.read_bytes(), sig.read_bytes()
+    if change == "card tampered":
+        _rewrite_card(signed, target_fpr=0.5)
+    elif change == "signature deleted":
+        sig.unlink()
+    else:
+        other = _model(tmp_path / "other", seed=1, version="other-1")
+        sign_model(other, keys["team"][0])
+        shutil.copy(signature_path_for(other), sig)
+    assert watcher.poll() is None
+    assert flt.detector.metadata.model_version == "signed-test-1"
+    assert reg.get_sample_value("depois_model_file_refused") == 1, change
+    card.write_bytes(good_card)
+    sig.write_bytes(good_sig)
+    assert watcher.poll() is None
+    assert reg.get_sample_value("depois_model_file_refused") == 0
+
+
+def test_sighup_retries_a_reload_refused_for_a_reason_outside_the_model_files(
+        signed: Path, tmp_path: Path, keys: dict[str, tuple[Path, Path]]) -> None:
+    """Stop 45, a reload adversary: a new signed model arrived while the public key could not be
+    read; once the key was back, SIGHUP did nothing (the files' stats had not changed since the
+    refusal), so the old model served until someone touched a model file."""
+    live_key = tmp_path / "live.pub"
+    shutil.copy(keys["team"][1], live_key)
+    flt, watcher = _signed_filter(signed, live_key)
+    other = _model(tmp_path / "other", seed=1, version="signed-test-2")
+    sign_model(other, keys["team"][0])
+    live_key.chmod(0)
+    if os.access(live_key, os.R_OK):  # root reads anything: a folder in its place instead
+        live_key.chmod(0o644)
+        live_key.unlink()
+        live_key.mkdir()
+    for f in (card_path_for(other), signature_path_for(other), other):
+        shutil.copy(f, signed.parent / f.name)
+    assert watcher.poll() is None
+    assert flt.metrics.registry.get_sample_value("depois_model_file_refused") == 1
+    if live_key.is_dir():
+        live_key.rmdir()
+    else:
+        live_key.unlink()
+    shutil.copy(keys["team"][1], live_key)
+    assert watcher.poll() is None  # nothing about the model files changed: not looked at again
+    flt.request_model_check()  # SIGHUP
+    new = watcher.poll()
+    assert new is not None and new.metadata.model_version == "signed-test-2"

@@ -130,6 +130,7 @@ class StreamFilter:
         self.client = make_client(cfg.client)
         # Load (and verify) the model before touching Kafka: a bad model must refuse to start.
         self.detector = self._load_model(cfg.model_path)
+        self._trusted_key_id = self.detector.signature_key_id  # see _load_model
         log.info("serving model %s version=%s sha256=%s provider=%s", cfg.model_path.name,
                  self.detector.metadata.model_version, self.detector.sha256[:12],
                  self.detector.provider)
@@ -521,11 +522,22 @@ class StreamFilter:
                         "probe: the next window over the limit trips it again)")
 
     def _load_model(self, path: Path) -> Detector:
+        """Start-up and every hot reload. A reload must be signed by the key the filter started
+        with: the key file is read again at each verification, and whoever could replace it
+        must not get their own model hot-loaded; rotating keys is a restart."""
         try:
-            return Detector.load(path, device=self.cfg.device, require_gpu=self.cfg.require_gpu,
-                                 verify_card=self.cfg.verify_card,
-                                 public_key=self.cfg.verify_signature,
-                                 threads=self.cfg.scorer_threads)
+            det = Detector.load(path, device=self.cfg.device, require_gpu=self.cfg.require_gpu,
+                                verify_card=self.cfg.verify_card,
+                                public_key=self.cfg.verify_signature,
+                                threads=self.cfg.scorer_threads)
+            trusted = getattr(self, "_trusted_key_id", None)  # None at start-up or unsigned
+            if trusted is not None and det.signature_key_id != trusted:
+                raise ModelLoadError(
+                    f"{path.name} is signed by key id {str(det.signature_key_id)[:12]}…, not by "
+                    f"the key this filter started with ({trusted[:12]}…): the public key file "
+                    f"{self.cfg.verify_signature} changed since start-up; rotating keys is a "
+                    "restart (docs/operations.md)", "signature")
+            return det
         except ModelLoadError as exc:
             self.metrics.model_rejections.labels(exc.reason).inc()
             raise

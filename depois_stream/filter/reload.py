@@ -76,18 +76,24 @@ class ModelWatcher:
         self._paths = (current.path, card_path_for(current.path),
                        signature_path_for(current.path))
         self._signature: Signature | None = None  # the first poll compares the file's sha256
+        self._at_start = file_signature(*self._paths)  # the card's and signature's baseline
         self._next_check = clock() + interval_s
         self._missing = False
+        self._refused = False  # the files on disk were refused at the last look
 
     def poll(self) -> Detector | None:
         now = self._clock()
-        if now < self._next_check and not self._now.is_set():
+        asked = self._now.is_set()  # SIGHUP
+        if now < self._next_check and not asked:
             return None
         self._now.clear()
         self._next_check = now + self._interval_s
         signature = file_signature(*self._paths)
-        if signature == self._signature:
+        # Unchanged files are not looked at again, but for SIGHUP after a refusal: what was
+        # refused may be fixed outside them (a public key that could not be read).
+        if signature == self._signature and not (asked and self._refused):
             return None
+        companions_changed = signature[1:] != (self._signature or self._at_start)[1:]
         self._signature = signature
         why = "absent"
         try:
@@ -105,7 +111,10 @@ class ModelWatcher:
             return None
         self._missing = False
         if sha == self.current.sha256:
-            self._on_file_state(False)
+            if companions_changed or self._refused:
+                self._check_companions()  # flags a set a restart would refuse, or clears it
+            else:
+                self._on_file_state(False)
             return None
         try:
             candidate = self._load(self.current.path)
@@ -124,8 +133,35 @@ class ModelWatcher:
                  extra=_ALWAYS)
         self.current = candidate
         self._on_outcome("loaded")
-        self._on_file_state(False)
+        self._set_refused(False)
         return candidate
+
+    def _check_companions(self) -> None:
+        """The serving model's own file, with its card or signature changed (or a SIGHUP after
+        a refusal): verify the set as a restart would. The serving model stays either way, but
+        a set that a restart would refuse (a tampered card, a deleted or swapped signature) is
+        flagged now, not found by the next pod that fails to start."""
+        try:
+            self._load(self.current.path)
+        except Exception as exc:  # ModelLoadError counted by reason where raised; anything else
+            why = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+            log.error("the serving model's card or signature changed and a restart would refuse "
+                      "them: %s; still serving version %s (%s…)", why,
+                      self.current.metadata.model_version, self.current.sha256[:12],
+                      extra=_ALWAYS)
+            self._on_outcome("rejected")
+            self._set_refused(True)
+            if not isinstance(exc, ModelLoadError):
+                self._on_refused("load")
+            return
+        if self._refused:
+            log.info("the model files verify again (version %s, %s…)",
+                     self.current.metadata.model_version, self.current.sha256[:12], extra=_ALWAYS)
+        self._set_refused(False)
+
+    def _set_refused(self, refused: bool) -> None:
+        self._refused = refused
+        self._on_file_state(refused)
 
     def _reject(self, why: str, uncounted_reason: str | None) -> None:
         """Keep the serving model, say why in one line and count the rejection (by reason too
@@ -134,7 +170,7 @@ class ModelWatcher:
                   self.current.metadata.model_version, self.current.sha256[:12], why,
                   extra=_ALWAYS)
         self._on_outcome("rejected")
-        self._on_file_state(True)
+        self._set_refused(True)
         if uncounted_reason is not None:
             self._on_refused(uncounted_reason)
 
