@@ -92,10 +92,10 @@ def test_a_sample_too_large_to_release_stops_the_release_before_anything_is_sent
     """Before: the first sample went out, the second (2 MB, written by a filter configured for
     large records) was refused by the producer, and the error hid that the first was released
     without an audit record, so every rerun released it again."""
-    big = b"x" * 2_000_000
+    big = [("note", b"x" * 2_000_000)]  # kept on the released copy, as every header is
     put(broker.bootstrap, scratch.settings.quarantine_topic, [
         (b"s0", sample("s0")[0], quarantine_headers(scratch.ingest, 0)),
-        (b"s1", big, quarantine_headers(scratch.ingest, 1)),
+        (b"s1", sample("s1")[0], quarantine_headers(scratch.ingest, 1) + big),
         (b"s2", sample("s2")[0], quarantine_headers(scratch.ingest, 2))],
         max_request_size=4_000_000)
     for _ in range(2):
@@ -285,7 +285,7 @@ class _Producer:
 
 
 def _quarantined(n: int) -> list[QuarantinedRecord]:
-    return [QuarantinedRecord.from_kafka("q", 0, i, 1000, f"s{i}".encode(), b"v",
+    return [QuarantinedRecord.from_kafka("q", 0, i, 1000, f"s{i}".encode(), sample(f"s{i}")[0],
                                          quarantine_headers("in", i)) for i in range(n)]
 
 
@@ -422,7 +422,7 @@ def test_a_sample_that_cannot_be_audited_stops_the_release_before_anything_is_se
     monkeypatch.setattr(release_module, "require_topic", lambda *_: None)  # no broker here
     monkeypatch.setattr(_Producer, "plan", ["ok", "ok"])
     monkeypatch.setattr(_Producer, "sent", {})
-    odd = QuarantinedRecord.from_kafka("q", 0, 1, 1000, b"s1", b"v", [
+    odd = QuarantinedRecord.from_kafka("q", 0, 1, 1000, b"s1", sample("s1")[0], [
         *quarantine_headers("in", 1), (H.REPLAY_COUNT, b"-1")])
     settings = ReplaySettings(bootstrap_servers="127.0.0.1:1", clean_topic="clean",
                               audit_topic="audit")
@@ -628,3 +628,32 @@ def test_ctrl_c_mid_release_finishes_the_chunk_audits_it_and_reports_the_rest(
     assert code == 0, out
     again = Counter(r.release_id for r in released_copies(s))
     assert len(again) == n and max(again.values()) == 1
+
+
+def test_a_quarantine_record_the_filter_could_not_have_decoded_is_skipped_not_released(
+        broker, scratch: Scratch) -> None:
+    """Stop 45, a replay adversary: records written straight to the quarantine topic with
+    garbage bytes, NaN or out-of-range pixels, an odd shape, or a value whose label is not its
+    depois.label header were released to the clean (training) topic: the filter would have
+    dead-lettered each. Release decodes what it publishes and skips the rest as
+    `undecodable`."""
+    import json
+
+    s = scratch.settings
+    good = [(f"s{i}".encode(), sample(f"s{i}")[0], quarantine_headers(scratch.ingest, i))
+            for i in range(5)]
+    nan = json.dumps({"id": "nan", "label": 3, "shape": [1, 4, 4],
+                      "pixels": [0.5] * 15 + [float("nan")]}).encode()
+    big = json.dumps({"id": "big", "label": 3, "shape": [1, 4, 4], "pixels": [7.0] * 16}).encode()
+    wrong_label = encode_sample("lab", np.full((1, 4, 4), 0.5, np.float32), 9, encoding="json")[0]
+    odd_shape = encode_sample("odd", np.full((1, 6, 6), 0.5, np.float32), 3, encoding="json")[0]
+    bad = [(b"garbage", b"\x00\x01not a sample", quarantine_headers(scratch.ingest, 10)),
+           (b"nan", nan, quarantine_headers(scratch.ingest, 11)),
+           (b"big", big, quarantine_headers(scratch.ingest, 12)),
+           (b"lab", wrong_label, quarantine_headers(scratch.ingest, 13)),
+           (b"odd", odd_shape, quarantine_headers(scratch.ingest, 14))]
+    put(broker.bootstrap, s.quarantine_topic, good + bad)
+    code, out = replay(scratch, *RELEASE)
+    assert code == 0, out
+    assert {r.sample_id for r in released_copies(s)} == {f"s{i}" for i in range(5)}, out
+    assert "skipped 5 (undecodable)" in out, out

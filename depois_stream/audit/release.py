@@ -8,7 +8,7 @@ failure reads every sample's state correctly.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,6 +16,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import BaseModel, ValidationError
 
+from depois_stream.audit.export import decode_records
 from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.reading import kafka_errors, read_audit, require_topic
 from depois_stream.audit.records import RELEASE_ID_CHARS, QuarantinedRecord, ReplayError, shown
@@ -29,7 +30,7 @@ from depois_stream.filter.config import describe_errors
 Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
 
 SkipReason = Literal["already_released", "loop_guard", "not_quarantined", "no_value",
-                     "duplicate"]
+                     "undecodable", "duplicate"]
 
 
 # ---------------------------------------------------------------- release planning (pure)
@@ -40,7 +41,8 @@ class ReleasePlan:
     skipped: list[tuple[QuarantinedRecord, SkipReason]]
 
 
-def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str]) -> ReleasePlan:
+def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str],
+                 undecodable: Collection[int] = ()) -> ReleasePlan:
     """Decide per selected record whether it may go to the clean topic.
 
     Records are identified by ``release_id`` (the ingest record they came from), never by key.
@@ -50,10 +52,13 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
     records without a value (a tombstone written by hand: released, it would delete the key's
     sample from a compacted clean topic) and a second copy of the same ingest record in the
     selection (at-least-once delivery can write one ingest record to quarantine twice).
+    ``undecodable``: positions of records whose value the filter could not have decoded (see
+    ``undecodable_records``): a record written to the quarantine topic by hand, not by the
+    filter, must not reach the training topic.
     """
     plan = ReleasePlan(release=[], skipped=[])
     seen: set[str] = set()
-    for r in records:
+    for i, r in enumerate(records):
         sid = r.release_id
         why: SkipReason | None = None
         if sid in already_released:
@@ -64,6 +69,8 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
             why = "not_quarantined"
         elif r.value is None:
             why = "no_value"
+        elif i in undecodable:
+            why = "undecodable"
         elif sid in seen:
             why = "duplicate"
         if why is None:
@@ -72,6 +79,19 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
         else:
             plan.skipped.append((r, why))
     return plan
+
+
+def undecodable_records(records: Sequence[QuarantinedRecord]) -> set[int]:
+    """Positions of the records the stream filter would have dead-lettered: values that do not
+    decode (garbage, NaN or out-of-range pixels), a shape other than most of the selection's
+    (no model at hand: the one ``export`` holds to), or a label in the value that is not the
+    ``depois.label`` header the filter wrote from it."""
+    decoded = decode_records(records)
+    bad = set(decoded.errors)
+    for row, label in zip(decoded.rows, decoded.labels.tolist()):
+        if records[row].label is not None and records[row].label != label:
+            bad.add(row)
+    return bad
 
 
 _OVERWRITTEN = {H.VERDICT, H.REPLAY_COUNT, H.RELEASED_BY, H.RELEASED_AT, H.RELEASED_REASON}
@@ -156,7 +176,7 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
     # audit trail would say released, and the rerun with the right name would skip the sample.
     require_topic(settings, settings.clean_topic, "release publishes there: check "
                   "DEPOIS_CLEAN_TOPIC (the stream filter's clean topic)")
-    plan = plan_release(selected, released_ids(audit))
+    plan = plan_release(selected, released_ids(audit), undecodable_records(selected))
     failure: ReplayError | None = None
     released = plan.release
     # built (and size-checked) for a dry run too: it must refuse what the real run would refuse
