@@ -380,6 +380,8 @@ def test_a_short_read_timeout_also_bounds_the_wait_for_a_broker_that_is_down(
     (("list", "--min-score", "nan"), "--min-score"),
     (("release", "--max-score", "nan", "--operator", "a", "--reason", "r"), "--max-score"),
     (("list", "--min-score", "0.5", "--max-score", "-0.5"), "--min-score"),
+    # stop 45: a reversed time window selected nothing, silently, after a full read
+    (("list", "--since", "2026-02-01T00:00:00Z", "--until", "2026-01-01T00:00:00Z"), "--since"),
 ])
 def test_bad_options_are_one_line_and_exit_2_before_anything_is_read(
         args: tuple[str, ...], flag: str) -> None:

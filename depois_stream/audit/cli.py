@@ -138,9 +138,13 @@ class Selection(BaseModel):
         return self
 
     def window(self) -> ReadWindow:
+        since_ms, until_ms = _time_ms(self.since, "--since"), _time_ms(self.until, "--until")
+        if since_ms is not None and until_ms is not None and since_ms >= until_ms:
+            # like swapped score bounds: nothing can match, found only after a full read
+            raise typer.BadParameter(f"{self.since} is not before --until {self.until}: nothing "
+                                     "can match; swap them", param_hint="--since")
         try:
-            return ReadWindow(since_ms=_time_ms(self.since, "--since"),
-                              until_ms=_time_ms(self.until, "--until"),
+            return ReadWindow(since_ms=since_ms, until_ms=until_ms,
                               offsets=parse_offsets(self.offsets) if self.offsets else None)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--offsets") from None
