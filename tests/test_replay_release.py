@@ -659,3 +659,26 @@ def test_a_quarantine_record_the_filter_could_not_have_decoded_is_skipped_not_re
     assert code == 0, out
     assert {r.sample_id for r in released_copies(s)} == {f"s{i}" for i in range(5)}, out
     assert "skipped 5 (undecodable)" in out, out
+
+
+def test_copies_of_one_ingest_record_that_disagree_are_not_released() -> None:
+    """Stop 45, a replay adversary: a forged quarantine record naming a real record's
+    provenance, with an older timestamp, was released in place of the genuine one (reported as
+    the `duplicate`). At-least-once delivery writes identical copies; copies whose bytes differ
+    mean one was not written by the filter, and neither is released."""
+    from depois_stream.audit.release import plan_release
+
+    genuine = QuarantinedRecord.from_kafka("q", 0, 5, 2000, b"s1", sample("s1")[0],
+                                           quarantine_headers("in", 1))
+    forged = QuarantinedRecord.from_kafka("q", 0, 9, 1000, b"s1", sample("evil")[0],
+                                          quarantine_headers("in", 1))
+    again = QuarantinedRecord.from_kafka("q", 0, 7, 2001, b"s1", sample("s1")[0],
+                                         quarantine_headers("in", 1))
+    other = QuarantinedRecord.from_kafka("q", 0, 6, 1500, b"s2", sample("s2")[0],
+                                         quarantine_headers("in", 2))
+    plan = plan_release([forged, genuine, other], set())
+    assert [r.sample_id for r in plan.release] == ["s2"]
+    assert sorted(why for _, why in plan.skipped) == ["conflicting_copies"] * 2
+    plan = plan_release([genuine, again, other], set())  # identical copies: one goes out
+    assert [r.location for r in plan.release] == [genuine.location, other.location]
+    assert [why for _, why in plan.skipped] == ["duplicate"]

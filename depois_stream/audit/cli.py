@@ -517,7 +517,8 @@ def release_(**kw: Any) -> None:
     Skipped, and reported: samples already released (found on the audit topic; a second run
     publishes nothing), records released before (replay_count >= 1), records that are not
     quarantine verdicts, records without a value, records whose value the filter could not have
-    decoded (undecodable), and a second quarantine copy of the same ingest record. The clean and audit topics must exist (exit 1 otherwise). Only the
+    decoded (undecodable), copies of one ingest record whose values differ (one was forged),
+    and a second quarantine copy of the same ingest record. The clean and audit topics must exist (exit 1 otherwise). Only the
     quarantine topic is released from: --topic naming another is refused (exit 2).
     """
     sel = _split(kw)

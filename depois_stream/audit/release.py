@@ -30,7 +30,7 @@ from depois_stream.filter.config import describe_errors
 Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
 
 SkipReason = Literal["already_released", "loop_guard", "not_quarantined", "no_value",
-                     "undecodable", "duplicate"]
+                     "undecodable", "conflicting_copies", "duplicate"]
 
 
 # ---------------------------------------------------------------- release planning (pure)
@@ -54,8 +54,16 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
     selection (at-least-once delivery can write one ingest record to quarantine twice).
     ``undecodable``: positions of records whose value the filter could not have decoded (see
     ``undecodable_records``): a record written to the quarantine topic by hand, not by the
-    filter, must not reach the training topic.
+    filter, must not reach the training topic. Copies of one ingest record whose values differ
+    are all skipped (``conflicting_copies``): at-least-once copies are identical.
     """
+    records = list(records)
+    # At-least-once delivery writes identical copies of one ingest record; copies that differ
+    # mean one was not written by the filter (a forged provenance): release neither.
+    values: dict[str, set[bytes | None]] = {}
+    for r in records:
+        values.setdefault(r.release_id, set()).add(r.value)
+    conflicting = {sid for sid, v in values.items() if len(v) > 1}
     plan = ReleasePlan(release=[], skipped=[])
     seen: set[str] = set()
     for i, r in enumerate(records):
@@ -71,6 +79,8 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
             why = "no_value"
         elif i in undecodable:
             why = "undecodable"
+        elif sid in conflicting:
+            why = "conflicting_copies"
         elif sid in seen:
             why = "duplicate"
         if why is None:
