@@ -682,3 +682,34 @@ def test_copies_of_one_ingest_record_that_disagree_are_not_released() -> None:
     plan = plan_release([genuine, again, other], set())  # identical copies: one goes out
     assert [r.location for r in plan.release] == [genuine.location, other.location]
     assert [why for _, why in plan.skipped] == ["duplicate"]
+
+
+def test_a_read_cut_by_a_broker_that_went_away_says_so() -> None:
+    """Stop 45, a replay adversary: the broker killed mid-list, the read ended after its timeout
+    advising to raise DEPOIS_READ_TIMEOUT_S, which cannot help. When no bootstrap server accepts
+    a connection any more, the error says the broker is gone. (A consumer that never catches up
+    plays the read; the bootstrap address is a closed port.)"""
+    import socket
+
+    from kafka import TopicPartition
+
+    from depois_stream.audit.reading import _drain
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"  # bound, not listening: connections refused
+
+        class Stuck:
+            def poll(self, timeout_ms: int) -> dict:
+                return {}
+
+            def position(self, tp) -> int:
+                return 0
+
+        tp = TopicPartition("q", 0)
+        from depois_stream.audit.records import ReadWindow
+
+        with pytest.raises(ReplayError) as err:
+            _drain(Stuck(), [tp], {tp: 10}, ReadWindow(), 0.3, 0.5, bootstrap=closed)
+    assert "no longer accepts connections" in str(err.value)
+    assert "DEPOIS_READ_TIMEOUT_S" not in str(err.value)

@@ -6,6 +6,7 @@ move, the live consumer's offsets, whatever topic or group the operator points i
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,7 +74,7 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
             starts, stops = _bounds(consumer, tps, window)
             for tp in tps:
                 consumer.seek(tp, starts[tp])
-            return _drain(consumer, tps, stops, window, timeout_s, grace_s)
+            return _drain(consumer, tps, stops, window, timeout_s, grace_s, bootstrap=bootstrap)
         finally:
             consumer.close(autocommit=False)
 
@@ -101,7 +102,8 @@ def require_topic(settings: ReplaySettings, topic: str, missing_hint: str) -> No
 
 
 def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[TopicPartition, int],
-           window: ReadWindow, timeout_s: float, grace_s: float) -> list[ConsumerRecord]:
+           window: ReadWindow, timeout_s: float, grace_s: float, *,
+           bootstrap: str = "") -> list[ConsumerRecord]:
     out: list[ConsumerRecord] = []
     deadline = time.monotonic() + timeout_s
     began_ms = time.time() * 1000
@@ -120,9 +122,26 @@ def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[Topic
         if caught_up_at is not None and (not batch or now - caught_up_at > grace_s):
             return out
         if now > deadline:
+            if bootstrap and not _accepts_connections(bootstrap):
+                raise ReplayError(f"reading {tps[0].topic!r} stopped: the broker at {bootstrap} "
+                                  "no longer accepts connections; nothing was changed, run the "
+                                  "command again once it is back")
             raise ReplayError(f"reading {tps[0].topic!r} did not reach its end within "
                               f"{timeout_s} s; narrow the window (--since/--offsets) or raise "
                               "DEPOIS_READ_TIMEOUT_S")
+
+
+def _accepts_connections(bootstrap: str, timeout_s: float = 2.0) -> bool:
+    """Whether any bootstrap server accepts a TCP connection (a frozen broker still does: only
+    a broker that is gone is told apart from a slow read)."""
+    for server in bootstrap.split(","):
+        host, _, port = server.strip().split("//")[-1].rpartition(":")  # PLAINTEXT://h:p too
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+                return True
+        except (OSError, ValueError):
+            continue
+    return False
 
 
 def _bounds(consumer: KafkaConsumer, tps: list[TopicPartition],
