@@ -61,6 +61,15 @@ class ScriptedConsumer:
         """The group's committed offsets: none, unless a test sets ``group``."""
         return {tp: getattr(self, "group", {}).get(tp) for tp in tps}
 
+    def watermarks(self, tps, timeout_s: float) -> dict:
+        """(log start, log end) per partition when a test sets ``logs``; otherwise no answer,
+        and a partition that comes back without a commit resumes at its hand-back."""
+        from depois_stream.filter.clients.base import ClientError
+
+        if not hasattr(self, "logs"):
+            raise ClientError("log offsets: no answer", True)
+        return {tp: self.logs[tp] for tp in tps}
+
     def pause(self, tps) -> None:
         pass
 
@@ -344,3 +353,51 @@ def test_a_batch_out_of_offset_order_rewinds_to_its_first_offset_and_commits_pas
     ])
     assert batch.first_offsets() == {("t", 0): 100}
     assert batch.next_offsets() == {("t", 0): 108}
+
+
+def test_a_partition_that_comes_back_with_no_commit_restarts_at_the_log_start() -> None:
+    """Stop 45, an SRE drill: the broker came back empty (new logs, no group commits) and the
+    member resumed its partition where it had left the old log (12,000), so every record of the
+    new log before that offset was skipped. With no commit of the group, the partition restarts
+    at the new log's start (auto_offset_reset=earliest); at worst records are filtered twice."""
+    consumer = ScriptedConsumer([
+        ("assign", [P0]),
+        _records(0, 100, 5),
+        ("lost", [P0]),
+        ("assign", [P0], _records(0, 105, 3)),  # the client resumed at the hand-back
+    ])
+    consumer.logs = {P0: (0, 40)}
+    source = _source(consumer)
+    source.next_batch()  # joined
+    assert len(source.next_batch()) == 5
+    source.next_batch()  # lost
+    assert len(source.next_batch()) == 0  # the records read at 105 are dropped ...
+    assert consumer.seeks[-1] == (P0, 0)  # ... and the partition restarts at the log start
+
+
+def test_an_owned_partition_whose_log_ends_before_its_position_restarts_when_idle() -> None:
+    """The other path of the same loss: the partition stays assigned across the broker's
+    restart, the member's position (105) lies past the new log's end (40), the group has no
+    commit, and Tansu answers each fetch with nothing. After LOG_LOST_S of that while idle the
+    partition restarts at the log's start; with a commit of the group (a log end that merely
+    lags, as Tansu lists it) it never does."""
+    from depois_stream.filter import source as source_module
+
+    for group, expected in (({}, (P0, 0)), ({P0: 105}, None)):
+        consumer = ScriptedConsumer([("assign", [P0]), _records(0, 100, 5)])
+        consumer.logs = {P0: (0, 40)}
+        consumer.group = group
+        now = [0.0]
+        source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=Metrics(),
+                        clock=lambda: now[0])
+        source.subscribe()
+        source.next_batch()
+        assert len(source.next_batch()) == 5
+        seeks = len(consumer.seeks)
+        for _ in range(5):  # idle: every poll comes back empty
+            now[0] += source_module.LOG_CHECK_S
+            source.next_batch()
+        if expected is None:
+            assert len(consumer.seeks) == seeks
+        else:
+            assert consumer.seeks[-1] == expected

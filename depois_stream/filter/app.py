@@ -284,7 +284,8 @@ class StreamFilter:
             self._probe.start()
             consumer = self._connect(settings)
             source = Source(consumer, cfg.ingest_topic, cfg.batch_size, cfg.linger_ms,
-                            self.metrics, stall_restart_s=cfg.stall_restart_s)
+                            self.metrics, stall_restart_s=cfg.stall_restart_s,
+                            reset_to=cfg.auto_offset_reset)
             self._source = source
             stack.callback(self._leave, consumer)
             try:

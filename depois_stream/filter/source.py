@@ -57,6 +57,8 @@ IDLE_POLL_S = 0.2  # longest single poll while waiting for a first record
 # backlog a partition's records may wait behind the others' (full batches do not count).
 STALL_MIN_ASKS = 20
 SETTLE_TIMEOUT_S = 5.0  # reading the group's commit for partitions that came back
+LOG_CHECK_S = 5.0  # while idle: how often to look for a position past the end of the log
+LOG_LOST_S = 10.0  # how long a position past the end, with no commit, lasts before a reset
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Source:
 
     def __init__(self, consumer: Consumer, topic: str, batch_size: int, linger_ms: int,
                  metrics: Metrics, on_revoked: Callable[[set[TP]], None] = lambda tps: None,
-                 stall_restart_s: float = 0.0) -> None:
+                 stall_restart_s: float = 0.0, reset_to: str = "earliest",
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._consumer = consumer
         self._topic = topic
         self._batch_size = batch_size
@@ -97,6 +100,10 @@ class Source:
         # batches asked for that came back under-full: the client had nothing more to give,
         # so a partition with records to give was not merely queued behind the others
         self._asks = 0
+        self._reset_to = reset_to  # auto_offset_reset: where a lost log's partition restarts
+        self._clock = clock
+        self._next_log_check = clock() + LOG_CHECK_S
+        self._past_end: dict[TP, float] = {}  # since when a position lies past its log's end
 
     # ---------------------------------------------------------------- group membership
 
@@ -178,6 +185,7 @@ class Source:
             if deadline is None:
                 if not self._buffered():
                     self._asks += 1
+                    self._check_for_lost_logs()
                     return RecordBatch.empty(self._topic)
                 deadline = time.monotonic() + self._linger_s
             if (self._buffered() >= self._batch_size or time.monotonic() >= deadline
@@ -238,21 +246,96 @@ class Source:
             return got
         ahead = {tp: int(off) for tp, off in committed.items()
                  if tp in pending and off is not None and off > pending[tp]}
-        if not ahead:
+        restart = self._restarts_without_commit(
+            [tp for tp in pending if committed.get(tp) is None], pending)
+        if not (ahead or restart):
             return got
-        moved = [p for _, p in ahead]
+        moved = [p for _, p in {**ahead, **restart}]
         with self._lock:
             self._buffer = [b for b in (part.select(~np.isin(part.partitions, moved))
                                         for part in self._buffer) if len(b)]
-            for tp, off in ahead.items():
+            for tp, off in {**ahead, **restart}.items():
                 self._consumer.seek(tp, off)
                 self._next[tp] = off
                 self._stalls.pop(tp, None)
-        log.warning("partitions %s came back after another member filtered and committed past where "
-                    "this one left them (its session had expired?): resuming at the group's commit %s, "
-                    "not filtering those records again", sorted(moved),
-                    {p: off for (_, p), off in sorted(ahead.items())})
+        if ahead:
+            log.warning("partitions %s came back after another member filtered and committed past "
+                        "where this one left them (its session had expired?): resuming at the "
+                        "group's commit %s, not filtering those records again",
+                        sorted(p for _, p in ahead), {p: off for (_, p), off in sorted(ahead.items())})
+        if restart:
+            log.warning("partitions %s came back with no commit of the group for them (a broker "
+                        "that came back empty, or a re-created topic): restarting them at the "
+                        "log's start %s instead of where this member left them %s; records may "
+                        "be filtered twice, none skipped", sorted(p for _, p in restart),
+                        {p: off for (_, p), off in sorted(restart.items())},
+                        {p: pending[(t, p)] for (t, p) in sorted(restart)})
         return got.select(~np.isin(got.partitions, moved))
+
+    def _restarts_without_commit(self, tps: list[TP], pending: Mapping[TP, int]) -> dict[TP, int]:
+        """Where to restart partitions that came back with no commit of the group: the log's
+        start, under ``auto_offset_reset=earliest``, where it lies before the hand-back.
+
+        A broker that came back empty (Tansu restarted; on Kafka a lost log) or a topic deleted
+        and re-created holds a new log: this member's position in the old one means nothing
+        there, and resuming at it skipped every record of the new log before it (stop 45, an SRE
+        drill). With no commit the group never settled that partition anyway, so the log's start
+        is where any new owner would begin; at worst records are filtered twice, never skipped.
+        Under ``latest`` the hand-back stands (a restart at the end would skip records)."""
+        if not tps or self._reset_to != "earliest":
+            return {}
+        try:
+            marks = self._consumer.watermarks(sorted(tps), SETTLE_TIMEOUT_S)
+        except ClientError as exc:
+            log.warning("could not read the log start of partitions %s that came back with no "
+                        "commit (%s): resuming them where this member left them",
+                        sorted(p for _, p in tps), exc)
+            return {}
+        return {tp: marks[tp][0] for tp in tps if tp in marks and marks[tp][0] < pending[tp]}
+
+    def _check_for_lost_logs(self) -> None:
+        """While idle, every ``LOG_CHECK_S``: a partition whose position lies past the end of its
+        log, with no commit of the group for it, for ``LOG_LOST_S``, lost its log at the broker
+        (a broker that came back empty, a topic deleted and re-created): restart it at the new
+        log's start (``auto_offset_reset=latest``: its end). Apache Kafka answers a fetch past
+        the end with OFFSET_OUT_OF_RANGE and the client resets; Tansu answers with nothing, and
+        the member waited, filtering nothing, until the new log grew past the old position:
+        the records before it were never filtered (stop 45, an SRE drill: 441 records on the new
+        broker, old position 12,000). A log end that lags (Tansu lists the base offset of the last
+        batch) never resets a partition on its own: the group's commit is there. Only records
+        filtered again can come of a wrong reset, never records skipped."""
+        now = self._clock()
+        if now < self._next_log_check or self.paused:
+            return
+        self._next_log_check = now + LOG_CHECK_S
+        with self._lock:
+            known = {tp: off for tp, off in self._next.items() if tp in self.assigned}
+        if not known:
+            self._past_end.clear()
+            return
+        try:
+            marks = self._consumer.watermarks(sorted(known), SETTLE_TIMEOUT_S)
+            past = {tp: marks[tp] for tp, off in known.items() if tp in marks and off > marks[tp][1]}
+            committed = self._consumer.committed(sorted(past), SETTLE_TIMEOUT_S) if past else {}
+        except ClientError as exc:  # the broker is away: nothing to decide now
+            log.debug("could not check the partitions' log ends: %s", exc)
+            return
+        lost = {tp: mark for tp, mark in past.items() if committed.get(tp) is None}
+        self._past_end = {tp: self._past_end.get(tp, now) for tp in lost}
+        due = {tp: lost[tp] for tp, since in self._past_end.items() if now - since >= LOG_LOST_S}
+        for tp, (low, high) in sorted(due.items()):
+            target = high if self._reset_to == "latest" else low
+            with self._lock:
+                self._consumer.seek(tp, target)
+                self._next[tp] = target
+                self._stalls.pop(tp, None)
+            self._past_end.pop(tp, None)
+            self._metrics.partition_log_resets.labels(*tp[:1], str(tp[1])).inc()
+            log.error("partition %d: its log ends at offset %d, before this member's position %d, "
+                      "and the group has no commit for it: the broker lost the log (it came back "
+                      "empty, or the topic was re-created); restarting the partition at offset %d "
+                      "(auto_offset_reset=%s). Records the old log held past the last commit were "
+                      "not filtered", tp[1], high, known[tp], target, self._reset_to)
 
     def _first_reads(self, got: RecordBatch) -> int:
         """How many of ``got`` this process reads for the first time. A record handed back (a

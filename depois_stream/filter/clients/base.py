@@ -362,6 +362,11 @@ class Consumer(Protocol):
         """Records between this member's position and the end of each partition."""
         ...
 
+    def watermarks(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, tuple[int, int]]:
+        """(first offset, end offset) of each partition's log, as the broker lists them now;
+        raises ClientError when it does not answer within ``timeout_s``."""
+        ...
+
     def group_metadata(self) -> Any: ...
 
     def close(self, timeout_s: float = SHUTDOWN_STEP_S) -> None:

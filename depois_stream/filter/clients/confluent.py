@@ -418,6 +418,19 @@ class ConfluentConsumer:
             raise _exc(exc, "committed offsets") from exc
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in parts}
 
+    def watermarks(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, tuple[int, int]]:
+        out: dict[TP, tuple[int, int]] = {}
+        try:
+            for t, p in tps:
+                marks = self._c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s,
+                                                      cached=False)
+                if marks is None:  # older librdkafka bindings: a timeout
+                    raise ClientError(f"log offsets: no answer within {timeout_s:g} s", True)
+                out[(t, p)] = (int(marks[0]), int(marks[1]))
+        except KafkaException as exc:
+            raise _exc(exc, "log offsets") from exc
+        return out
+
     def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
         out: dict[TP, int] = {}
         try:

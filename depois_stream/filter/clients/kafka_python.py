@@ -328,6 +328,18 @@ class KafkaPythonConsumer:
         except KafkaError as exc:
             raise _error(exc) from exc
 
+    def watermarks(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, tuple[int, int]]:
+        parts = [TopicPartition(*tp) for tp in tps]
+        ms = int(timeout_s * 1000)
+        try:
+            lows = self._c.beginning_offsets(parts, timeout_ms=ms)
+            highs = self._c.end_offsets(parts, timeout_ms=ms)
+        except KafkaTimeoutError:
+            raise ClientError(f"log offsets: no answer within {timeout_s:g} s", retriable=True) from None
+        except KafkaError as exc:
+            raise _error(exc) from exc
+        return {(tp.topic, tp.partition): (int(lows[tp]), int(highs[tp])) for tp in parts}
+
     def group_metadata(self) -> Any:
         return self._c.group_metadata()
 
