@@ -675,7 +675,7 @@ inp += traffic("steady", "b:9108", steps, 300, 0.05, rng)
 inp += traffic("steady", "c:9108", steps, 60, 0.01, rng)   # another model, another target FPR
 inp += traffic("steady", "d:9108", steps, 3, 0.05, rng)    # a trickle
 inp += traffic("steady", "e:9108", steps, 150, 0.15, rng)  # a model calibrated for 15 %
-burst_fire = fire("DepoisPoisonBurst", "page", "burst: 173 more records quarantined in 2 minutes than the model's target FPR predicts", 7, job="burst")
+burst_fire = fire("DepoisPoisonBurst", "page", "burst: 176 more records quarantined in 2 minutes than the model's target FPR predicts", 7, job="burst")
 group("""\
 The issue's burst: 537 records, 204 (38 %) of them quarantined, within one minute (40:00 to
 41:00, 4 scrapes) on member a of job "burst", whose two members otherwise score 2 records/s each
@@ -712,7 +712,26 @@ above what the target FPR predicts.""", {
     "alert_rule_test": [
         {"eval_time": "29m", "alertname": "DepoisPoisonBurst", "exp_alerts": []},
         {"eval_time": "32m", "alertname": "DepoisPoisonBurst", "exp_alerts": [
-            fire("DepoisPoisonBurst", "page", "busy: 173 more records quarantined in 2 minutes than the model's target FPR predicts", 7, job="busy")]},
+            fire("DepoisPoisonBurst", "page", "busy: 179 more records quarantined in 2 minutes than the model's target FPR predicts", 7, job="busy")]},
+    ]})
+
+# --- 2b. a model quieter than its target does not hide a burst (stop 45) -------------------------
+rng = np.random.default_rng(45)
+steps = 90 * S
+QUIET_BURST = [(50, 25), (50, 25), (50, 25), (50, 25)]  # 100 quarantined in one minute
+inp = traffic("quiet", "a:9108", steps, 750, 0.002, rng, bursts=[(80 * S + 1, QUIET_BURST)],
+              target=0.01)
+inp += traffic("quiet", "b:9108", steps, 750, 0.002, rng, target=0.01)
+group("""\
+An SRE drill (stop 45): a model that quarantines 0.2 % of clean traffic against its 1 % target
+(100 records/s over two members). A burst of 100 quarantines within a minute at 80:00 is 70 more
+than the job's own last hour predicts, but 20 fewer than the target FPR alone does: judged
+against the target (the expectation never went below it), it never paged.""", {
+    "interval": "15s", "input_series": inp,
+    "alert_rule_test": [
+        {"eval_time": "79m", "alertname": "DepoisPoisonBurst", "exp_alerts": []},
+        {"eval_time": "81m30s", "alertname": "DepoisPoisonBurst", "exp_alerts": [
+            fire("DepoisPoisonBurst", "page", "quiet: 91 more records quarantined in 2 minutes than the model's target FPR predicts", 7, job="quiet")]},
     ]})
 
 # --- 3. a drifted model does not page as a burst; the baseline -----------------------------------
