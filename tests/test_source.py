@@ -383,13 +383,17 @@ def test_an_owned_partition_whose_log_ends_before_its_position_restarts_when_idl
     lags, as Tansu lists it) it never does."""
     from depois_stream.filter import source as source_module
 
-    for group, expected in (({}, (P0, 0)), ({P0: 105}, None)):
+    # quiet False: the batch is still in flight, so no commit yet is expected (a diff review:
+    # on a healthy Tansu a new group's first batch, slow to deliver, was sought back)
+    for group, quiet, expected in (({}, True, (P0, 0)), ({P0: 105}, True, None),
+                                   ({}, False, None)):
         consumer = ScriptedConsumer([("assign", [P0]), _records(0, 100, 5)])
         consumer.logs = {P0: (0, 40)}
         consumer.group = group
         now = [0.0]
         source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=Metrics(),
                         clock=lambda: now[0])
+        source.quiet = lambda: quiet
         source.subscribe()
         source.next_batch()
         assert len(source.next_batch()) == 5

@@ -297,6 +297,8 @@ class StreamFilter:
                     delivery_timeout_s=cfg.delivery_timeout_ms / 1000,
                     exactly_once=cfg.exactly_once, stopping=self._stopping,
                     broker_up=self._probe_up)
+                source.quiet = lambda: (not delivery.in_flight and not delivery.backing_off
+                                        and self._probe_up())
             except ClientError as exc:
                 if cfg.exactly_once:
                     raise StartupError(f"cannot start transactions on {cfg.bootstrap_servers} "

@@ -465,7 +465,10 @@ class Delivery:
                     "offsets %s", {f"{t}[{p}]": o for (t, p), o in sorted(resume.items())})
         self._source.rewind(resume, settled=True)
         self._unsettled = None
-        if all(resume.get(tp, -1) >= off for tp, off in offsets.items()):
+        # counted only while this member still owns the batch's partitions: past a rebalance a
+        # commit at or past the batch may be another member's, after this transaction aborted
+        if all(tp in self._source.assigned and resume.get(tp, -1) >= off
+               for tp, off in offsets.items()):
             self._on_delivered(routed)  # it did commit: count it once, as an acknowledged batch
 
     # ---------------------------------------------------------------- shutdown, rebalance

@@ -59,6 +59,7 @@ STALL_MIN_ASKS = 20
 SETTLE_TIMEOUT_S = 5.0  # reading the group's commit for partitions that came back
 LOG_CHECK_S = 5.0  # while idle: how often to look for a position past the end of the log
 LOG_LOST_S = 10.0  # how long a position past the end, with no commit, lasts before a reset
+LOG_CHECK_TIMEOUT_S = 1.0  # each broker call of that check: it runs on the loop's thread
 
 
 @dataclass
@@ -104,6 +105,9 @@ class Source:
         self._clock = clock
         self._next_log_check = clock() + LOG_CHECK_S
         self._past_end: dict[TP, float] = {}  # since when a position lies past its log's end
+        # whether nothing of this member's is in flight or unsettled (set by the app once its
+        # Delivery exists): a first batch not yet committed must not look like a lost log
+        self.quiet: Callable[[], bool] = lambda: True
 
     # ---------------------------------------------------------------- group membership
 
@@ -263,6 +267,8 @@ class Source:
                         "where this one left them (its session had expired?): resuming at the "
                         "group's commit %s, not filtering those records again",
                         sorted(p for _, p in ahead), {p: off for (_, p), off in sorted(ahead.items())})
+        for t, p in restart:
+            self._metrics.partition_log_resets.labels(t, str(p)).inc()
         if restart:
             log.warning("partitions %s came back with no commit of the group for them (a broker "
                         "that came back empty, or a re-created topic): restarting them at the "
@@ -305,7 +311,10 @@ class Source:
         batch) never resets a partition on its own: the group's commit is there. Only records
         filtered again can come of a wrong reset, never records skipped."""
         now = self._clock()
-        if now < self._next_log_check or self.paused:
+        if self.paused or not self.quiet():  # records in flight: no commit yet is expected
+            self._past_end.clear()
+            return
+        if now < self._next_log_check:
             return
         self._next_log_check = now + LOG_CHECK_S
         with self._lock:
@@ -314,9 +323,9 @@ class Source:
             self._past_end.clear()
             return
         try:
-            marks = self._consumer.watermarks(sorted(known), SETTLE_TIMEOUT_S)
+            marks = self._consumer.watermarks(sorted(known), LOG_CHECK_TIMEOUT_S)
             past = {tp: marks[tp] for tp, off in known.items() if tp in marks and off > marks[tp][1]}
-            committed = self._consumer.committed(sorted(past), SETTLE_TIMEOUT_S) if past else {}
+            committed = self._consumer.committed(sorted(past), LOG_CHECK_TIMEOUT_S) if past else {}
         except ClientError as exc:  # the broker is away: nothing to decide now
             log.debug("could not check the partitions' log ends: %s", exc)
             return

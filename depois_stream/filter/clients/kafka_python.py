@@ -338,7 +338,10 @@ class KafkaPythonConsumer:
             raise ClientError(f"log offsets: no answer within {timeout_s:g} s", retriable=True) from None
         except KafkaError as exc:
             raise _error(exc) from exc
-        return {(tp.topic, tp.partition): (int(lows[tp]), int(highs[tp])) for tp in parts}
+        # as in lag(): fetch responses carry a later end than Tansu's ListOffsets answer
+        return {(tp.topic, tp.partition): (int(lows[tp]),
+                                           max(int(highs[tp]), self._c.highwater(tp) or 0))
+                for tp in parts}
 
     def group_metadata(self) -> Any:
         return self._c.group_metadata()
