@@ -713,3 +713,17 @@ def test_a_read_cut_by_a_broker_that_went_away_says_so() -> None:
             _drain(Stuck(), [tp], {tp: 10}, ReadWindow(), 0.3, 0.5, bootstrap=closed)
     assert "no longer accepts connections" in str(err.value)
     assert "DEPOIS_READ_TIMEOUT_S" not in str(err.value)
+
+
+def test_a_filter_option_cannot_select_a_forged_copy_without_its_genuine_twin() -> None:
+    """A diff review (stop 45): the conflict check saw only the selection, so `--label 7` (or a
+    score bound) could select a forged copy whose headers say 7 and leave the genuine copy out;
+    the forged one was released and the genuine one later skipped as already released."""
+    from depois_stream.audit.release import plan_release
+
+    genuine = QuarantinedRecord.from_kafka("q", 0, 5, 2000, b"s1", sample("s1")[0],
+                                           quarantine_headers("in", 1))
+    forged = QuarantinedRecord.from_kafka("q", 0, 9, 1000, b"s1", sample("evil")[0],
+                                          quarantine_headers("in", 1))
+    plan = plan_release([forged], set(), copies=[genuine, forged])
+    assert plan.release == [] and [why for _, why in plan.skipped] == ["conflicting_copies"]

@@ -52,3 +52,29 @@ def test_signals_landing_inside_a_log_call_are_acted_on(name: str) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert f"{name} received" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_stop_on_gives_back_the_relay_action_it_replaced() -> None:
+    """A diff review (stop 45): after `replay release`'s block, a signal the relay served
+    before (the filter's stop, run in the same process) still went to the block's stale
+    action. And a second signal inside the block stops at once (KeyboardInterrupt)."""
+    script = textwrap.dedent("""
+        import os, signal, sys, threading, time
+        from depois_stream.filter.signals import on_signal, stop_on
+        before = threading.Event()
+        on_signal(signal.SIGUSR1, lambda s: before.set())
+        with stop_on([signal.SIGUSR1], "testing") as stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert stop.wait(5) and not before.is_set()
+            try:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                time.sleep(5)
+                sys.exit(3)  # the second signal did not stop at once
+            except KeyboardInterrupt:
+                pass
+        os.kill(os.getpid(), signal.SIGUSR1)
+        sys.exit(0 if before.wait(5) else 1)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -254,12 +254,19 @@ def _refuse_foreign_topic(command_name: str, sel: Selection, settings: ReplaySet
 
 
 def _read(sel: Selection, settings: ReplaySettings) -> tuple[int, list[QuarantinedRecord]]:
+    records, chosen = _read_all(sel, settings)
+    return len(records), chosen
+
+
+def _read_all(sel: Selection, settings: ReplaySettings
+              ) -> tuple[list[QuarantinedRecord], list[QuarantinedRecord]]:
+    """Every record of the read window, and those the selection's filters keep."""
     window, flt = sel.window(), sel.filter()
     try:
         records = read_quarantine(settings, window, sel.topic)
     except ReplayError as exc:
         _fail(str(exc))
-    return len(records), select(records, flt)
+    return records, select(records, flt)
 
 
 def _check_outputs(kw: dict[str, Any]) -> None:
@@ -533,7 +540,7 @@ def release_(**kw: Any) -> None:
               code=EXIT_USAGE)
     settings = _settings(sel)
     _refuse_foreign_topic("release", sel, settings)
-    _, chosen = _read(sel, settings)
+    read, chosen = _read_all(sel, settings)
     try:
         require_unambiguous_keys(sel.filter(), chosen)
     except ReplayError as exc:
@@ -545,7 +552,7 @@ def release_(**kw: Any) -> None:
         with stop_on((signal.SIGINT, signal.SIGTERM), "finishing the chunk in flight (its "
                      "clean copies and their audit records), then stopping") as stop:
             report = release(settings, chosen, operator, reason, dry_run=kw["dry_run"],
-                             metrics=metrics, stop=stop)
+                             metrics=metrics, stop=stop, read=read)
     except ReplayError as exc:
         typer.echo(f"depois-stream replay: {exc}", err=True)
         _publish(metrics, "release", kw)  # what did go out is counted

@@ -16,7 +16,7 @@ from kafka import KafkaProducer
 from kafka.errors import KafkaError, KafkaTimeoutError
 from pydantic import BaseModel, ValidationError
 
-from depois_stream.audit.export import decode_records
+from depois_stream.audit.export import common_shape
 from depois_stream.audit.metrics import ReplayMetrics
 from depois_stream.audit.reading import kafka_errors, read_audit, require_topic
 from depois_stream.audit.records import RELEASE_ID_CHARS, QuarantinedRecord, ReplayError, shown
@@ -25,6 +25,7 @@ from depois_stream.audit.trail import AuditRecord, released_ids
 from depois_stream.contract import headers as H
 from depois_stream.contract import utc_now_iso
 from depois_stream.contract.headers import Header
+from depois_stream.contract.wire import DecodeError, decode_image
 from depois_stream.filter.config import describe_errors
 
 Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
@@ -42,7 +43,8 @@ class ReleasePlan:
 
 
 def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str],
-                 undecodable: Collection[int] = ()) -> ReleasePlan:
+                 undecodable: Collection[int] = (),
+                 copies: Iterable[QuarantinedRecord] = ()) -> ReleasePlan:
     """Decide per selected record whether it may go to the clean topic.
 
     Records are identified by ``release_id`` (the ingest record they came from), never by key.
@@ -55,7 +57,9 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
     ``undecodable``: positions of records whose value the filter could not have decoded (see
     ``undecodable_records``): a record written to the quarantine topic by hand, not by the
     filter, must not reach the training topic. Copies of one ingest record whose values differ
-    are all skipped (``conflicting_copies``): at-least-once copies are identical.
+    are all skipped (``conflicting_copies``): at-least-once copies are identical. ``copies``:
+    every quarantine record read besides the selection (the command line passes its whole read
+    window), so a filter option cannot select a forged copy and leave the genuine one out.
     """
     records = list(records)
     # At-least-once delivery writes identical copies of one ingest record; copies that differ
@@ -63,6 +67,9 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
     values: dict[str, set[bytes | None]] = {}
     for r in records:
         values.setdefault(r.release_id, set()).add(r.value)
+    for r in copies:
+        if r.release_id in values and r.verdict == H.VERDICT_QUARANTINE:
+            values[r.release_id].add(r.value)
     conflicting = {sid for sid, v in values.items() if len(v) > 1}
     plan = ReleasePlan(release=[], skipped=[])
     seen: set[str] = set()
@@ -96,12 +103,21 @@ def undecodable_records(records: Sequence[QuarantinedRecord]) -> set[int]:
     decode (garbage, NaN or out-of-range pixels), a shape other than most of the selection's
     (no model at hand: the one ``export`` holds to), or a label in the value that is not the
     ``depois.label`` header the filter wrote from it."""
-    decoded = decode_records(records)
-    bad = set(decoded.errors)
-    for row, label in zip(decoded.rows, decoded.labels.tolist()):
-        if records[row].label is not None and records[row].label != label:
-            bad.add(row)
-    return bad
+    bad: set[int] = set()
+    shapes: dict[int, tuple[int, ...]] = {}
+    for i, r in enumerate(records):  # one image at a time: a selection can be large
+        if r.value is None:
+            continue  # skipped as no_value
+        try:
+            _, label, image = decode_image(r.value, r.content_type)
+        except DecodeError:
+            bad.add(i)
+            continue
+        shapes[i] = image.shape
+        if r.label is not None and r.label != label:
+            bad.add(i)
+    common = common_shape(list(shapes.values()))
+    return bad | {i for i, shape in shapes.items() if shape != common}
 
 
 _OVERWRITTEN = {H.VERDICT, H.REPLAY_COUNT, H.RELEASED_BY, H.RELEASED_AT, H.RELEASED_REASON}
@@ -168,7 +184,8 @@ def require_operator_and_reason(operator: str | None, reason: str | None) -> tup
 def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], operator: str | None,
             reason: str | None, *, dry_run: bool = False,
             metrics: ReplayMetrics | None = None,
-            stop: threading.Event | None = None) -> ReleaseReport:
+            stop: threading.Event | None = None,
+            read: Sequence[QuarantinedRecord] = ()) -> ReleaseReport:
     """Publish ``selected`` to the clean topic and audit each one; see ``plan_release``.
 
     Every sample ends in one of two states that a rerun reads correctly: released with its audit
@@ -178,7 +195,8 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
     selected by key should ``require_unambiguous_keys`` first (the command line does), since a
     key can stand for more than one sample. ``stop``: once set, the chunk in flight finishes
     (its copies and their audit records) and the release stops there, reported like a failure
-    part-way (the command line sets it on SIGINT and SIGTERM).
+    part-way (the command line sets it on SIGINT and SIGTERM). ``read``: every record read
+    with the selection (before its filters), checked for copies that conflict with it.
     """
     operator, reason = require_operator_and_reason(operator, reason)
     audit, unreadable = read_audit(settings)
@@ -186,7 +204,7 @@ def release(settings: ReplaySettings, selected: Sequence[QuarantinedRecord], ope
     # audit trail would say released, and the rerun with the right name would skip the sample.
     require_topic(settings, settings.clean_topic, "release publishes there: check "
                   "DEPOIS_CLEAN_TOPIC (the stream filter's clean topic)")
-    plan = plan_release(selected, released_ids(audit), undecodable_records(selected))
+    plan = plan_release(selected, released_ids(audit), undecodable_records(selected), read)
     failure: ReplayError | None = None
     released = plan.release
     # built (and size-checked) for a dry run too: it must refuse what the real run would refuse

@@ -11,6 +11,7 @@ of the same signal read in one go is acted on once.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -33,9 +34,14 @@ class SignalRelay:
         self._actions: dict[int, Action] = {}
         threading.Thread(target=self._relay, name="depois-signals", daemon=True).start()
 
-    def on(self, signum: signal.Signals, action: Action) -> Any:
+    def on(self, signum: signal.Signals, action: Action | None) -> tuple[Any, Action | None]:
+        """Relay ``signum`` to ``action``; returns the previous OS handler and relay action.
+        ``action=None`` only forgets the relay's action (the caller restores the OS handler)."""
+        previous = self._actions.pop(int(signum), None)
+        if action is None:
+            return signal.getsignal(signum), previous
         self._actions[int(signum)] = action
-        return signal.signal(signum, self._handler)
+        return signal.signal(signum, self._handler), previous
 
     def _handler(self, signum: int, _frame: object) -> None:
         try:
@@ -59,9 +65,9 @@ class SignalRelay:
 _relay: SignalRelay | None = None
 
 
-def on_signal(signum: signal.Signals, action: Action) -> Any:
+def on_signal(signum: signal.Signals, action: Action | None) -> tuple[Any, Action | None]:
     """Run ``action(signum)`` in the relay thread whenever ``signum`` arrives (main thread only,
-    like ``signal.signal``). Returns the previous handler, as ``signal.signal`` does."""
+    like ``signal.signal``). Returns the previous OS handler and relay action, to restore."""
     global _relay
     if _relay is None:
         _relay = SignalRelay()
@@ -76,12 +82,20 @@ def stop_on(signums: Iterable[signal.Signals], says: str) -> Iterator[threading.
     stop = threading.Event()
 
     def stop_now(signum: signal.Signals) -> None:
-        log.warning("%s received: %s", signum.name, says)
+        if stop.is_set():  # asked twice: stop at once, as Ctrl-C would without this block
+            log.warning("%s received again: stopping at once", signum.name)
+            _thread.interrupt_main()
+            return
+        log.warning("%s received: %s (again to stop at once)", signum.name, says)
         stop.set()
 
     previous = {s: on_signal(s, stop_now) for s in signums}
     try:
         yield stop
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, (handler, action) in previous.items():
+            if action is not None:  # the relay served it before: give the action back
+                on_signal(s, action)
+            else:
+                on_signal(s, None)
+                signal.signal(s, handler)
