@@ -259,9 +259,7 @@ class Source:
             self._buffer = [b for b in (part.select(~np.isin(part.partitions, moved))
                                         for part in self._buffer) if len(b)]
             for tp, off in {**ahead, **restart}.items():
-                self._consumer.seek(tp, off)
-                self._next[tp] = off
-                self._stalls.pop(tp, None)
+                self._seek(tp, off)
         if ahead:
             log.warning("partitions %s came back after another member filtered and committed past "
                         "where this one left them (its session had expired?): resuming at the "
@@ -335,9 +333,7 @@ class Source:
         for tp, (low, high) in sorted(due.items()):
             target = high if self._reset_to == "latest" else low
             with self._lock:
-                self._consumer.seek(tp, target)
-                self._next[tp] = target
-                self._stalls.pop(tp, None)
+                self._seek(tp, target)
             self._past_end.pop(tp, None)
             self._metrics.partition_log_resets.labels(*tp[:1], str(tp[1])).inc()
             log.error("partition %d: its log ends at offset %d, before this member's position %d, "
@@ -389,9 +385,14 @@ class Source:
                 kept.append(part.select(~drop))
             self._buffer = [p for p in kept if len(p)]
             for tp, off in owned.items():
-                self._consumer.seek(tp, off)
-                self._next[tp] = off
-                self._stalls.pop(tp, None)  # read again from here: a new start, not a stall
+                self._seek(tp, off)
+
+    def _seek(self, tp: TP, offset: int) -> None:
+        """Resume ``tp`` at ``offset`` (the caller holds the lock): the consumer, this source's
+        position, and a new start for the stall watch (read again from here, not a stall)."""
+        self._consumer.seek(tp, offset)
+        self._next[tp] = offset
+        self._stalls.pop(tp, None)
 
     @property
     def paused(self) -> bool:
