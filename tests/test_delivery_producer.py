@@ -156,14 +156,10 @@ class _TxnConsumer:
         return None
 
 
-def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_committed_offsets() -> None:
-    """Exactly-once: commit_transaction can fail (a timeout, or a call abandoned as wedged) after
-    the coordinator received the commit, which then completes anyway. Rewinding to the batch's
-    first offsets would write the batch twice for read_committed readers. The outcome is known
-    once a new producer's init_transactions under the same transactional.id has settled the old
-    transaction, so the filter replaces the producer and resumes at the group's committed
-    offsets. No real broker can be made to lose that one reply on cue; these fakes play the
-    coordinator that committed it."""
+def _unconfirmed_commit(committed_by_coordinator: bool):
+    """A transactional producer whose first commit_transaction fails after the coordinator
+    did (or did not) commit, a consumer that reads the coordinator's offsets, and a Delivery
+    on them that has just submitted a 4-record batch at offsets 100 to 103."""
     group: dict[tuple[str, int], int] = {("in", 0): 100}  # the coordinator's committed offsets
 
     class TxnProducer(_TxnProducer):
@@ -177,7 +173,8 @@ def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_comm
             self.offsets = dict(offsets)
 
         def commit_transaction(self, timeout_s: float) -> None:
-            group.update(self.offsets)  # the coordinator commits ...
+            if committed_by_coordinator or not self.first:
+                group.update(self.offsets)  # the coordinator commits ...
             if self.first:
                 raise ClientError("commit_transaction: timed out", True)  # ... the reply is lost
 
@@ -195,6 +192,18 @@ def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_comm
     delivery = Delivery(TxnProducer, Consumer(), source, Metrics(), ("c", "q", "d"),
                         on_delivered=delivered.append, exactly_once=True, clock=lambda: now[0])
     delivery.submit(batch, routed)
+    return delivery, TxnProducer, group, source, routed, delivered, now
+
+
+def test_a_transaction_whose_commit_was_not_confirmed_resumes_at_the_groups_committed_offsets() -> None:
+    """Exactly-once: commit_transaction can fail (a timeout, or a call abandoned as wedged) after
+    the coordinator received the commit, which then completes anyway. Rewinding to the batch's
+    first offsets would write the batch twice for read_committed readers. The outcome is known
+    once a new producer's init_transactions under the same transactional.id has settled the old
+    transaction, so the filter replaces the producer and resumes at the group's committed
+    offsets. No real broker can be made to lose that one reply on cue; these fakes play the
+    coordinator that committed it."""
+    delivery, TxnProducer, group, source, routed, delivered, now = _unconfirmed_commit(True)
     assert group[("in", 0)] == 104  # committed, though the filter was told otherwise
     assert delivered == []  # not known yet
     now[0] += 60.0  # past the backoff
@@ -211,33 +220,7 @@ def test_a_transaction_whose_unconfirmed_commit_did_not_happen_is_not_counted_an
     """The other outcome of the same race: the coordinator never got the commit, the new
     producer's init_transactions aborts it, the group's offsets still point at the batch, and it
     is read and sent again (counted then, once)."""
-    group: dict[tuple[str, int], int] = {("in", 0): 100}
-
-    class TxnProducer(_TxnProducer):
-        made = 0
-
-        def __init__(self) -> None:
-            TxnProducer.made += 1
-            self.first = TxnProducer.made == 1
-
-        def commit_transaction(self, timeout_s: float) -> None:
-            if self.first:
-                raise ClientError("commit_transaction: timed out", True)
-
-        def abort_transaction(self, timeout_s: float) -> None:
-            raise ClientError("abort_transaction: not in an abortable state", False)
-
-    class Consumer(_TxnConsumer):
-        def committed(self, tps, timeout_s: float) -> dict:
-            return {tp: group.get(tp) for tp in tps}
-
-    batch, routed = _batch_and_routed(4)
-    now = [0.0]
-    source = _Source()
-    delivered: list = []
-    delivery = Delivery(TxnProducer, Consumer(), source, Metrics(), ("c", "q", "d"),
-                        on_delivered=delivered.append, exactly_once=True, clock=lambda: now[0])
-    delivery.submit(batch, routed)
+    delivery, _, _, source, _, delivered, now = _unconfirmed_commit(False)
     now[0] += 60.0
     delivery.service(0.0)
     assert source.rewinds[-1] == {("in", 0): 100}
