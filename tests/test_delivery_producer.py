@@ -836,3 +836,18 @@ def test_a_retry_that_cannot_start_while_the_broker_is_unreachable_counts() -> N
     delivery.revoked({("in", 0)})
     with pytest.raises(DeliveryError, match="not acknowledged after 3 retries"):
         _idle(delivery, now, 400)
+
+
+def test_a_log_restart_forgets_what_was_remembered_by_offset_in_the_old_log() -> None:
+    """The broker lost a partition's log and the source restarted it in the new one. A refusal
+    remembered for offset 5 of the old log dead-lettered the new log's record at offset 5 as
+    refused, without sending it; an acknowledgement of the old log committed its offset into the
+    new one (a diff review, stop 46). The other partition's memory stays."""
+    from depois_stream.filter.pipeline import Refusal
+
+    delivery = Delivery(_Producer, None, None, Metrics(), ("c", "q", "d"), on_delivered=lambda r: None)
+    delivery.rejected[(0, 5)] = Refusal("too large")
+    delivery.rejected[(1, 5)] = Refusal("too large")
+    delivery._acked.update({("in", 0): 712, ("in", 1): 40})
+    delivery.log_restarted({("in", 0)})
+    assert list(delivery.rejected) == [(1, 5)] and delivery._acked == {("in", 1): 40}

@@ -280,7 +280,7 @@ def test_sigterm_during_an_outage_mid_transaction_exits_within_the_grace_period(
 
 @pytest.mark.parametrize("delivery", ["at-least-once", "exactly-once"])
 def test_a_broker_that_comes_back_empty_is_recovered_from_without_dead_letters(
-        kafka_client, delivery, tmp_path, centroid_model, digits_arrays, request):
+        kafka_client, delivery, tmp_path, centroid_model, digits_arrays):
     """Tansu restarted: topics, offsets and the idempotent producer's id are gone. The filter
     must neither exit nor dead-letter anything (a producer-state error is not the record's
     fault); it replaces its producer and filters what the new broker gets.
@@ -301,14 +301,12 @@ def test_a_broker_that_comes_back_empty_is_recovered_from_without_dead_letters(
 
     With --exactly-once the new broker also has no transaction state: librdkafka 2.16's
     send_offsets_to_transaction then blocked for minutes past its timeout (2 of 2 runs before
-    the confluent client bounded its transactional calls); kafka-python recovered in 7 s."""
-    if kafka_client == "kafka-python" and delivery == "exactly-once":
-        # Stop 45: 4 of 7 runs left the new log's first 200 records unfiltered (no reset logged,
-        # so the member did not see a partition without a commit); 3 passed. Not understood in
-        # the time left: reported in the closing note, not hidden.
-        request.applymarker(pytest.mark.xfail(
-            reason="kafka-python exactly-once after a broker restart: the log-start reset does "
-                   "not always happen (4 of 7 runs)", strict=False))
+    the confluent client bounded its transactional calls); kafka-python recovered in 7 s.
+
+    kafka-python with --exactly-once failed 4 of 7 runs in stop 45 and 3 of 4 in stop 46 (then
+    marked xfail): its transaction committed the new log at the old position before the group
+    noticed the restart, and the partition came back with that commit. The topic's new id now
+    restarts it at the new log's start (5 of 5 runs passed)."""
     _, _, xte, yte = digits_arrays
     first = LocalBroker(log_path=tmp_path / "a.log").start()
     port = free_port()

@@ -76,6 +76,21 @@ class ScriptedConsumer:
     def resume(self, tps) -> None:
         pass
 
+    def topic_id(self, topic: str):
+        """The topic's id in the client's metadata: None (not known) unless a test sets ``ident``."""
+        return getattr(self, "ident", None)
+
+    def commit(self, offsets, asynchronous: bool, timeout_s: float = 1.0) -> None:
+        """Recorded in ``commits``; raises ClientError while a test sets ``refuse_commits``."""
+        from depois_stream.filter.clients.base import ClientError
+
+        if getattr(self, "refuse_commits", 0):
+            self.refuse_commits -= 1
+            raise ClientError("offset commit: unknown member", True)
+        self.commits = [*getattr(self, "commits", []), dict(offsets)]
+        if not asynchronous:
+            self.group = {**getattr(self, "group", {}), **offsets}
+
 
 P0 = (TOPIC, 0)
 
@@ -405,3 +420,91 @@ def test_an_owned_partition_whose_log_ends_before_its_position_restarts_when_idl
             assert len(consumer.seeks) == seeks
         else:
             assert consumer.seeks[-1] == expected
+
+
+def _replaced_log(refuse_commits: int):
+    """A member that filtered the old log to 200, then sees the topic under a new id with a
+    stray commit at 712 in the new log, while the group refuses ``refuse_commits`` commits."""
+    consumer = ScriptedConsumer([("assign", [P0]), _records(0, 190, 10)])
+    consumer.ident = "old"
+    consumer.logs = {P0: (0, 1200)}
+    source = _source(consumer)
+    source.next_batch()
+    assert len(source.next_batch()) == 10  # the old log, delivered
+    consumer.ident = "new"  # the broker came back empty ...
+    consumer.group = {P0: 712}  # ... and a batch read at 200 committed in its new log
+    consumer.refuse_commits = refuse_commits
+    return consumer, source
+
+
+def test_a_topic_under_a_new_id_restarts_at_the_new_logs_start_whatever_the_group_committed():
+    """Stop 45's open case (kafka-python, exactly-once, 4 of 7 runs): the broker came back empty
+    and, before the group noticed, the member read the new log at its old position (200) and its
+    transaction committed there (712). When the partition came back, a commit existed, so nothing
+    looked lost, and the commit looked like another member's progress: the new log's records
+    0 to 711 were never filtered. The client's metadata names the change (the topic's id,
+    KIP-516): the partition restarts at the new log's start, and that start is committed so
+    that the stray commit cannot move it on later. A commit refused while the group re-forms is
+    tried again, and nothing is handed on meanwhile: not the records read at the old position in
+    the poll that saw the change, nor those read at the stray commit when the partition came
+    back (a diff review: with the commit taken at once, the first poll's records went on)."""
+    for refused in (0, 1, 2, 3):
+        consumer, source = _replaced_log(refused)
+        # the group resumes the partition at its commit: the stray one until the restart's
+        back_at = 0 if refused == 0 else 712
+        consumer.steps = [_records(0, 200, 12), ("lost", [P0]),
+                          ("assign", [P0], _records(0, back_at, 4))]
+        handed_on = [source.next_batch() for _ in range(6)]
+        offsets = [o for b in handed_on for o in b.offsets.tolist()]
+        assert all(o < 200 for o in offsets), (refused, offsets)
+        assert consumer.seeks[-1] == (P0, 0) and (P0, 712) not in consumer.seeks, refused
+        assert consumer.group[P0] == 0, f"{refused}: the stray commit was left to move it on"
+        assert not source.paused, refused
+        consumer.steps = [_records(0, 0, 5)]
+        assert source.next_batch().offsets.tolist() == list(range(5)), refused
+
+
+def test_a_replaced_log_holds_the_stream_until_its_restart_is_committed():
+    consumer, source = _replaced_log(refuse_commits=100)
+    consumer.steps = [_records(0, 200, 12)]
+    assert len(source.next_batch()) == 0
+    assert source.paused, "records of the new log could be read at the old position"
+    consumer.refuse_commits = 0
+    source.next_batch()
+    assert not source.paused and consumer.group[P0] == 0
+
+
+def test_a_replaced_partition_that_went_to_another_member_is_not_restarted_when_it_returns():
+    """The restart belongs to the ownership that saw the change. A partition that went to
+    another member meanwhile is that member's; coming back days later it resumes at the group's
+    commit, not at the log's start (a diff review: it stayed marked and was restarted, filtering
+    the whole partition again)."""
+    consumer, source = _replaced_log(refuse_commits=100)
+    consumer.steps = [_records(0, 200, 12), ("lost", [P0]), ("assign", [(TOPIC, 1)])]
+    for _ in range(3):
+        source.next_batch()
+    consumer.refuse_commits = 0
+    source.next_batch()
+    assert not source.paused
+    consumer.group = {P0: 50_000}
+    seeks = len(consumer.seeks)
+    consumer.steps = [("revoke", [(TOPIC, 1)]), ("assign", [P0], _records(0, 50_000, 3))]
+    got = [source.next_batch() for _ in range(2)]
+    assert [o for b in got for o in b.offsets.tolist()] == [50_000, 50_001, 50_002]
+    assert consumer.seeks[seeks:] == []
+
+
+def test_an_old_topic_id_seen_again_is_not_a_new_replacement():
+    """A broker whose metadata is stale can still answer with the replaced id; taking it as one
+    more replacement filtered the whole partition again (a diff review)."""
+    consumer, source = _replaced_log(refuse_commits=0)
+    consumer.steps = [_records(0, 200, 12)]
+    source.next_batch()
+    assert consumer.group[P0] == 0
+    seeks, commits = len(consumer.seeks), len(consumer.commits)
+    consumer.ident = "old"
+    consumer.steps = [_records(0, 0, 5)]
+    assert source.next_batch().offsets.tolist() == list(range(5))
+    consumer.ident = "new"
+    source.next_batch()
+    assert len(consumer.seeks) == seeks and len(consumer.commits) == commits

@@ -306,6 +306,7 @@ class StreamFilter:
                 raise self._unreachable(exc) from None
             stack.callback(self._close_producer, delivery)
             source.on_revoked(delivery.revoked)
+            source.on_log_restarted(delivery.log_restarted)
             self._partition_counts = self._output_partitions(delivery.producer)
             source.subscribe()
             yield source, delivery

@@ -283,6 +283,18 @@ class Delivery:
         for tp in tps:
             self._acked.pop(tp, None)
 
+    def log_restarted(self, tps: set[TP]) -> None:
+        """Partitions the source restarted in a new log (the broker lost the old one). What was
+        acknowledged for them, and the broker's refusals remembered by offset, were about the
+        old log's records: a new record at a remembered offset was dead-lettered as refused
+        without being sent (a diff review, stop 46), and an old acknowledgement committed an
+        offset of the old log into the new one."""
+        parts = {p for _, p in tps}
+        for tp in tps:
+            self._acked.pop(tp, None)
+        for key in [k for k in self.rejected if k[0] in parts]:
+            del self.rejected[key]
+
     def _commit(self, asynchronous: bool) -> None:
         owned = {tp: off for tp, off in self._acked.items() if tp in self._source.assigned}
         self._acked = owned  # a partition that moved away is its new owner's to commit

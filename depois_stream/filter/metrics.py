@@ -96,12 +96,13 @@ class Metrics:
             "--stall-restart-s while the filter kept asking: the client library had stopped "
             "fetching them.", ["topic", "partition"], namespace=ns, registry=r)
         self.partition_log_resets = Counter(
-            "partition_log_resets", "Owned partitions whose log ended before this member's "
-            "position, with no commit of the group for them, for 10 s while idle: the broker "
-            "lost the log (it came back empty, or the topic "
-            "was deleted and re-created). Sought to the start of the new log (or its end under "
-            "auto_offset_reset=latest), since Tansu, unlike Kafka, answers a fetch past the end "
-            "with nothing and the client resets nothing.", ["topic", "partition"],
+            "partition_log_resets", "Owned partitions restarted at the start of a new log "
+            "(or its end under auto_offset_reset=latest) because the broker lost the old one "
+            "(it came back empty, or the topic was deleted and re-created): the topic came "
+            "back under a new id (kafka-python), the partition came back with no commit of the "
+            "group, or its position lay past the log's end with no commit for 10 s while idle "
+            "(Tansu, unlike Kafka, answers a fetch past the end with nothing).",
+            ["topic", "partition"],
             namespace=ns, registry=r)
         self.broker_up = Gauge(
             "broker_up", "1 when the last direct broker probe (a metadata request) succeeded.",

@@ -108,6 +108,11 @@ class Source:
         # whether nothing of this member's is in flight or unsettled (set by the app once its
         # Delivery exists): a first batch not yet committed must not look like a lost log
         self.quiet: Callable[[], bool] = lambda: True
+        self._log_id: str | None = None  # the topic's id (KIP-516) in the client's metadata
+        self._old_ids: set[str] = set()  # ids replaced since: never taken back
+        self._replaced: set[TP] = set()  # partitions whose log was replaced, not yet restarted
+        self._switching = False  # a replacement seen, its restart not yet done
+        self._on_log_restarted: list[Callable[[set[TP]], None]] = []
 
     # ---------------------------------------------------------------- group membership
 
@@ -153,8 +158,13 @@ class Source:
         self._revoked(tps)
 
     def _assigned(self, tps: list[TP]) -> Mapping[TP, int]:
+        # A replaced log's partition restarts at the new start (_restart_replaced), not at a
+        # position in the old log, if it comes straight back; one that went to another member
+        # is that member's now (it resumes at the group's commit).
+        self._replaced &= set(tps)
         with self._lock:
-            starts = {tp: self._handback[tp] for tp in tps if tp in self._handback}
+            starts = {tp: self._handback[tp] for tp in tps
+                      if tp in self._handback and tp not in self._replaced}
             self._handback.clear()
             self._unsettled.update(starts)
             for tp, off in starts.items():
@@ -162,6 +172,7 @@ class Source:
         self.assigned = self.assigned | set(tps)
         for t, p in tps:  # exported from 0, so that increase() sees the first restart
             self._metrics.partition_restarts.labels(t, str(p))
+            self._metrics.partition_log_resets.labels(t, str(p))
         self.joined = True
         self._metrics.group_joined.set(1)
         self._metrics.partitions_assigned.set(len(self.assigned))
@@ -218,6 +229,9 @@ class Source:
             log.warning("poll failed: %s", exc)
             time.sleep(min(timeout_s, 0.5))
             got = RecordBatch.empty(self._topic)
+        got = self._watch_log_identity(got)
+        if self._replaced & self.assigned:
+            self.pause("log replaced")  # assigned again before its restart
         if self._unsettled:
             got = self._settle(got)
         if self.paused:
@@ -258,8 +272,11 @@ class Source:
         with self._lock:
             self._buffer = [b for b in (part.select(~np.isin(part.partitions, moved))
                                         for part in self._buffer) if len(b)]
-            for tp, off in {**ahead, **restart}.items():
+            for tp, off in ahead.items():
                 self._seek(tp, off)
+            for tp, off in restart.items():
+                self._restart_log(tp, off)
+        self._log_restarted(set(restart))
         if ahead:
             log.warning("partitions %s came back after another member filtered and committed past "
                         "where this one left them (its session had expired?): resuming at the "
@@ -333,7 +350,8 @@ class Source:
         for tp, (low, high) in sorted(due.items()):
             target = high if self._reset_to == "latest" else low
             with self._lock:
-                self._seek(tp, target)
+                self._restart_log(tp, target)
+            self._log_restarted({tp})
             self._past_end.pop(tp, None)
             self._metrics.partition_log_resets.labels(*tp[:1], str(tp[1])).inc()
             log.error("partition %d: its log ends at offset %d, before this member's position %d, "
@@ -341,6 +359,104 @@ class Source:
                       "empty, or the topic was re-created); restarting the partition at offset %d "
                       "(auto_offset_reset=%s). Records the old log held past the last commit were "
                       "not filtered", tp[1], high, known[tp], target, self._reset_to)
+
+    def _watch_log_identity(self, got: RecordBatch) -> RecordBatch:
+        """Notice the topic coming back under a new id (KIP-516) and restart the partitions this
+        member held at the new log's start; ``got`` without records of partitions waiting for
+        that restart, or restarted by this call (they were read at a position in the old log).
+
+        A broker that came back empty, or a topic deleted and re-created, holds new logs under
+        the old name. Offsets in the old log mean nothing there, and neither does a commit made
+        at one: a member that read the new log at its old position before the group noticed
+        could commit there (kafka-python, exactly-once: 4 of 7 broker restarts, stop 45), and
+        the partition then came back with a commit, so nothing looked lost and the new log's
+        records before that commit were never filtered. The id is the surest sign there is, as
+        fresh as the client's metadata (refreshed at once after the connection errors of a
+        restart, and after a deleted topic's errors); the commit and log-end checks
+        (``_settle``, ``_check_for_lost_logs``) remain for clients that give no id. An id seen
+        before and replaced is never taken back (a broker with stale metadata)."""
+        ident = self._consumer.topic_id(self._topic)
+        if ident is not None and ident != self._log_id and ident not in self._old_ids:
+            if self._log_id is not None:
+                self._old_ids.add(self._log_id)
+                self._log_replaced(self._log_id, ident)
+            self._log_id = ident
+        if not (self._switching or self._replaced & self.assigned):
+            return got
+        # read at positions in the old log, before the restart (the pause hands back the rest)
+        stale = [p for _, p in self._replaced]
+        self._restart_replaced()
+        return got.select(~np.isin(got.partitions, stale))
+
+    def _log_replaced(self, was: str, now: str) -> None:
+        with self._lock:
+            held = set(self.assigned) | set(self._handback) | set(self._next)
+            self._buffer = []  # the linger window's records: read again from the new start
+            self._handback.clear()
+            self._unsettled.clear()
+        self._replaced |= held
+        self._switching = True
+        self._past_end.clear()
+        log.error("topic %s is listed under a new id (%s, was %s): the broker lost its logs (it "
+                  "came back empty) or the topic was deleted and re-created. Positions and "
+                  "commits in the old log mean nothing in the new one: partitions %s restart at "
+                  "the new log's %s once nothing is in flight. Records only the old log held "
+                  "past the last commit are gone with it", self._topic, now, was,
+                  sorted(p for _, p in held), "end" if self._reset_to == "latest" else "start")
+        self.pause("log replaced")
+
+    def _restart_replaced(self) -> None:
+        """Seek the replaced partitions this member owns to the new log's start (``latest``: its
+        end) and commit that, once nothing of this member's is in flight: a batch of the old
+        log that failed later would rewind into the new one. The commit replaces any commit an
+        old position left in the new log, which would otherwise move the partition on when
+        it changes owner. Everything stays paused from the change until every replaced
+        partition owned here is restarted and its commit taken (a group re-forming refuses
+        it: tried again at the next poll), through any rebalance in between; a replaced
+        partition assigned again later is paused again until it is restarted."""
+        due = sorted(self._replaced & self.assigned)
+        if not self.quiet():
+            return
+        if due:
+            try:
+                marks = self._consumer.watermarks(due, LOG_CHECK_TIMEOUT_S)
+                targets = {tp: marks[tp][1 if self._reset_to == "latest" else 0]
+                           for tp in due if tp in marks}
+                with self._lock:
+                    moved = [p for _, p in targets]
+                    self._buffer = [b for b in (part.select(~np.isin(part.partitions, moved))
+                                                for part in self._buffer) if len(b)]
+                    for tp, off in targets.items():
+                        self._restart_log(tp, off)
+                self._log_restarted(set(targets))
+                self._consumer.commit(targets, asynchronous=False, timeout_s=LOG_CHECK_TIMEOUT_S)
+            except ClientError as exc:  # tried again at the next poll
+                log.info("replaced log: could not restart partitions %s yet (%s)",
+                         [p for _, p in due], exc)
+                return
+            self._replaced -= set(targets)
+            for t, p in targets:
+                self._metrics.partition_log_resets.labels(t, str(p)).inc()
+            log.error("partitions %s restarted at offsets %s of the new log and committed there",
+                      [p for _, p in targets], {p: off for (_, p), off in sorted(targets.items())})
+        if not self._replaced & self.assigned:
+            self._switching = False
+            self.resume("log replaced")
+
+    def on_log_restarted(self, listener: Callable[[set[TP]], None]) -> None:
+        """Also call ``listener`` with the partitions of every restart in a new log: what the
+        delivery side remembers by offset (acknowledgements, refusals) was about the old one."""
+        self._on_log_restarted.append(listener)
+
+    def _log_restarted(self, tps: set[TP]) -> None:
+        for listener in self._on_log_restarted:
+            listener(tps)
+
+    def _restart_log(self, tp: TP, offset: int) -> None:
+        """``_seek`` into a new log (the caller holds the lock): its records are read for the
+        first time, whatever offsets the old log's records had."""
+        self._seek(tp, offset)
+        self._counted[tp[1]] = offset - 1
 
     def _first_reads(self, got: RecordBatch) -> int:
         """How many of ``got`` this process reads for the first time. A record handed back (a

@@ -367,6 +367,13 @@ class Consumer(Protocol):
         raises ClientError when it does not answer within ``timeout_s``."""
         ...
 
+    def topic_id(self, topic: str) -> str | None:
+        """``topic``'s id (KIP-516) in the client's latest metadata, or None where the client
+        does not say (older brokers; librdkafka, which keeps it to itself). A new id under the
+        same name is a new log: the topic was re-created, or the broker lost its logs. Cheap
+        (no broker call): the source asks at every poll."""
+        ...
+
     def group_metadata(self) -> Any: ...
 
     def close(self, timeout_s: float = SHUTDOWN_STEP_S) -> None:

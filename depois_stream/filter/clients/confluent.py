@@ -457,6 +457,9 @@ class ConfluentConsumer:
             raise _exc(exc, "lag") from exc
         return out
 
+    def topic_id(self, topic: str) -> str | None:
+        return None  # confluent-kafka's metadata carries no topic id: the source's other checks stand
+
     def group_metadata(self) -> Any:
         return self._c.consumer_group_metadata()
 

@@ -343,6 +343,15 @@ class KafkaPythonConsumer:
                                            max(int(highs[tp]), self._c.highwater(tp) or 0))
                 for tp in parts}
 
+    def topic_id(self, topic: str) -> str | None:
+        # kafka-python keeps the ids of its MetadataResponse (v10+) on the cluster object, and
+        # logs "topic_id changed ... likely recreated" when one changes
+        try:
+            ident = self._c._client.cluster.topic_id(topic)
+        except AttributeError:  # another kafka-python layout: no id, the other checks stand
+            return None
+        return None if ident is None else str(ident)
+
     def group_metadata(self) -> Any:
         return self._c.group_metadata()
 
