@@ -299,8 +299,11 @@ def test_every_alert_is_actionable_and_uses_exported_metrics() -> None:
     for rule in alert_rules():
         name, annotations = rule["alert"], rule["annotations"]
         assert rule["labels"]["severity"] in {"page", "ticket"}, name
-        assert set(annotations) == {"summary", "runbook_url", "dashboard_url"}, name
+        assert set(annotations) == {"summary", "description", "runbook_url", "dashboard_url"}, name
         assert annotations["summary"], name
+        # the description says what is at stake for the data and where to look first, in plain
+        # text (promtool's expected annotations repeat it, so no template values)
+        assert "First check:" in annotations["description"] and "{{" not in annotations["description"], name
         assert annotations["runbook_url"] == RUNBOOK_BASE + name.lower(), name
         assert annotations["dashboard_url"].startswith(DASHBOARD_BASE + "&var-job="), name
         used = metric_names(rule["expr"])

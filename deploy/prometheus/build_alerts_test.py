@@ -8,7 +8,7 @@ annotation values (the excess in a summary) are read off promtool's output once 
 hand against the scenario (e.g. 537 x (38 % - 5 %) = 177 extra quarantines for the issue's
 burst, less the window's noise).
 """
-import sys, textwrap
+import json, os, re, sys, textwrap
 import numpy as np
 import yaml
 
@@ -413,6 +413,46 @@ TAIL = """
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=31
       - eval_time: 70m
         alertname: DepoisPartitionRestarted
+        exp_alerts: []
+
+  # Member a (an old process) restarts two partitions at minute 5 after the broker came back
+  # empty (the series are exported from 0 at assignment); the ticket stays for an hour. Member
+  # c, started at 5m30s, reset one before its first scrape. Member b never resets.
+  - interval: 1m
+    input_series:
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="a:9108",topic="depois.ingest",partition="0"}'
+        values: '0x4 1x76'
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="a:9108",topic="depois.ingest",partition="1"}'
+        values: '0x4 1x76'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="a:9108"}'
+        values: '-7200x80'
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="c:9108",topic="depois.ingest",partition="2"}'
+        values: '_x6 1x74'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="c:9108"}'
+        values: '_x6 330x74'
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="b:9108",topic="depois.ingest",partition="3"}'
+        values: '0x80'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="b:9108"}'
+        values: '0x80'
+    alert_rule_test:
+      - eval_time: 4m
+        alertname: DepoisPartitionLogReset
+        exp_alerts: []
+      - eval_time: 10m
+        alertname: DepoisPartitionLogReset
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
+            exp_annotations:
+              summary: "depois consumer a:9108 restarted 2 partition(s) at the start of a new log in the last hour: the broker lost the old log (it came back empty, or the topic was re-created)"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoispartitionlogreset
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=31
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "c:9108"}
+            exp_annotations:
+              summary: "depois consumer c:9108 restarted 1 partition(s) at the start of a new log in the last hour: the broker lost the old log (it came back empty, or the topic was re-created)"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoispartitionlogreset
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=c:9108&viewPanel=31
+      - eval_time: 70m
+        alertname: DepoisPartitionLogReset
         exp_alerts: []
 
   # Member a: the broker rejects 3 output records at minute 5 and nothing after; the ticket
@@ -837,10 +877,27 @@ member b exports 0.05.""", {
             fire("DepoisTargetFprMissing", "ticket", "a:9108 scores records but exports no target FPR: the poison alerts cannot see it", 6, job="depois-consumer", instance="a:9108")]},
     ]})
 
+def with_descriptions(text):
+    """Each expected alert's annotations with its description, as alerts.yml states it (static
+    text: promtool compares annotations exactly, so every firing case repeats it)."""
+    rules = yaml.safe_load(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "alerts.yml")))
+    said = {r["alert"]: r["annotations"]["description"]
+            for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    out, alert = [], None
+    for line in text.split("\n"):
+        named = re.match(r"\s+(?:- )?alertname: (\w+)$", line)
+        alert = named.group(1) if named else alert
+        out.append(line)
+        url = re.match(r"(\s+)runbook_url: ", line)
+        if url:
+            out.append(f"{url.group(1)}description: {json.dumps(said[alert])}")
+    return "\n".join(out)
+
+text = HEADER
+for comment, g in groups:
+    text += "\n" + textwrap.indent(comment, "  # ") + "\n"
+    body = yaml.safe_dump([g], sort_keys=False, width=100000, default_flow_style=False)
+    text += textwrap.indent(body, "  ")
+text += TAIL
 with open(OUT, "w") as f:
-    f.write(HEADER)
-    for comment, g in groups:
-        f.write("\n" + textwrap.indent(comment, "  # ") + "\n")
-        body = yaml.safe_dump([g], sort_keys=False, width=100000, default_flow_style=False)
-        f.write(textwrap.indent(body, "  "))
-    f.write(TAIL)
+    f.write(with_descriptions(text))
