@@ -130,7 +130,13 @@ class QuarantinedRecord:
 
     @property
     def replay_count(self) -> int:
-        return _int(self.h.get(H.REPLAY_COUNT)) or 0
+        """How often this sample was released before: 0 without the header; -1 for a value the
+        filter never writes (negative, not a number), which only a hand-written record has."""
+        text = self.h.get(H.REPLAY_COUNT)
+        if text is None:
+            return 0
+        count = _int(text)
+        return count if count is not None and count >= 0 else -1
 
     @property
     def source(self) -> RecordLocation | None:

@@ -49,7 +49,8 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
 
     Records are identified by ``release_id`` (the ingest record they came from), never by key.
     Refused: records with a release on the audit topic (idempotence), records that were already
-    released once (replay_count >= 1: a loop guard should a released copy ever be routed back),
+    released once (replay_count >= 1: a loop guard should a released copy ever be routed back;
+    a count the filter never writes, such as -1, is held back too),
     records that are not quarantine verdicts (dead letters cannot be decoded downstream),
     records without a value (a tombstone written by hand: released, it would delete the key's
     sample from a compacted clean topic) and a second copy of the same ingest record in the
@@ -78,7 +79,7 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
         why: SkipReason | None = None
         if sid in already_released:
             why = "already_released"
-        elif r.replay_count >= 1:
+        elif r.replay_count != 0:  # released before, or a count the filter never writes
             why = "loop_guard"
         elif r.verdict != H.VERDICT_QUARANTINE:
             why = "not_quarantined"
