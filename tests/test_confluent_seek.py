@@ -49,3 +49,30 @@ def test_records_before_a_waiting_seek_are_not_handed_on(broker, unique, digits_
         assert offsets == list(range(10, 20))
     finally:
         consumer._c.close()
+
+
+def test_the_topic_id_is_known_without_waiting_and_follows_a_re_created_topic(broker, unique) -> None:
+    """confluent-kafka's consumer metadata carries no topic id, so the source could not see a
+    broker that came back empty (or a re-created topic) under confluent-kafka, only the weaker
+    commit and log-end signs. The id is now asked in the background; the poll never waits."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+
+    from tests.helpers.kafka_io import wait_for
+
+    topic = f"{unique}-ids"
+    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)
+    consumer = _consumer(broker.bootstrap, unique)
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1)])
+        started = time.monotonic()
+        assert consumer.topic_id(topic) is None  # asked, not waited for
+        assert time.monotonic() - started < 0.5
+        wait_for(lambda: consumer.topic_id(topic) is not None, timeout_s=20)
+        first = consumer.topic_id(topic)
+        admin.delete_topics([topic])
+        time.sleep(1)
+        admin.create_topics([NewTopic(topic, 1, 1)])
+        wait_for(lambda: consumer.topic_id(topic) not in (None, first), timeout_s=20)
+    finally:
+        consumer._c.close()
+        admin.close()

@@ -99,7 +99,7 @@ class Metrics:
             "partition_log_resets", "Owned partitions restarted at the start of a new log "
             "(or its end under auto_offset_reset=latest) because the broker lost the old one "
             "(it came back empty, or the topic was deleted and re-created): the topic came "
-            "back under a new id (kafka-python), the partition came back with no commit of the "
+            "back under a new id, the partition came back with no commit of the "
             "group, or its position lay past the log's end with no commit for 10 s while idle "
             "(Tansu, unlike Kafka, answers a fetch past the end with nothing).",
             ["topic", "partition"],

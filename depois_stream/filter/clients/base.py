@@ -368,10 +368,11 @@ class Consumer(Protocol):
         ...
 
     def topic_id(self, topic: str) -> str | None:
-        """``topic``'s id (KIP-516) in the client's latest metadata, or None where the client
-        does not say (older brokers; librdkafka, which keeps it to itself). A new id under the
-        same name is a new log: the topic was re-created, or the broker lost its logs. Cheap
-        (no broker call): the source asks at every poll."""
+        """``topic``'s id (KIP-516) as the client last learnt it, or None while it does not
+        know (older brokers give none). A new id under the same name is a new log: the topic
+        was re-created, or the broker lost its logs. Never waits on the broker: the source asks
+        at every poll (kafka-python reads its metadata; confluent-kafka asks an AdminClient in
+        the background every few seconds, its consumer metadata having no id)."""
         ...
 
     def group_metadata(self) -> Any: ...

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 from confluent_kafka import (
-    Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition,
+    Consumer, KafkaError, KafkaException, Message, Producer, TopicCollection, TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 
@@ -72,6 +72,7 @@ _FRAMING = 16 * 1024
 PRODUCER_LINGER_MS = 5
 MAX_BLOCK_S = 10.0  # how long send() waits for room in a full local queue
 FETCH_WAIT_MAX_MS = 100  # as kafka_python.FETCH_MAX_WAIT_MS: bounded latency on any broker
+TOPIC_ID_EVERY_S = 2.0  # how often the consumer asks for its topic's id (one metadata request)
 
 
 def translate(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -223,7 +224,13 @@ class ConfluentConsumer:
             on_commit(None if err is None else _error(err, "offset commit"))
 
         self._topic = ""
+        self._settings = s
         self._stuck: str | None = None  # a bounded call left running inside librdkafka
+        # the topic's id (topic_id): the last answer, the request in flight, when to ask again
+        self._topic_id: str | None = None
+        self._id_asked: Any = None
+        self._id_next = 0.0
+        self._id_admin: AdminClient | None = None
         # partition -> an offset its position is known to be at or past: the last seek made here
         # (a rewind, a start offset, a skip past an unreadable record). librdkafka reports an
         # unreadable batch at its first offset whatever the position, and position() does not
@@ -458,7 +465,34 @@ class ConfluentConsumer:
         return out
 
     def topic_id(self, topic: str) -> str | None:
-        return None  # confluent-kafka's metadata carries no topic id: the source's other checks stand
+        """librdkafka's consumer metadata carries no topic id (KIP-516); an AdminClient's
+        ``describe_topics`` does. It is asked in the background (a future) at most every
+        ``TOPIC_ID_EVERY_S``, and the last answer is returned meanwhile: the poll never waits
+        on the broker, and a change is seen within a few seconds. No answer yet, a broker away
+        or the topic missing: the last id known (None at first)."""
+        asked = self._id_asked
+        if asked is not None and asked.done():
+            try:
+                self._topic_id = str(asked.result().topic_id)
+            except Exception:  # noqa: BLE001 - any failure: keep the last id known
+                pass
+            self._id_asked = None
+        now = time.monotonic()
+        if self._id_asked is None and now >= self._id_next:
+            self._id_next = now + TOPIC_ID_EVERY_S
+            try:
+                self._id_asked = self._admin().describe_topics(TopicCollection([topic]))[topic]
+            except (KafkaException, ValueError, TypeError) as exc:
+                log.debug("could not ask for topic %s's id: %s", topic, exc)
+        return self._topic_id
+
+    def _admin(self) -> AdminClient:
+        if self._id_admin is None:
+            self._id_admin = AdminClient({**_global_only(translate(self._settings.options)),
+                                          "bootstrap.servers": self._settings.bootstrap_servers,
+                                          "client.id": f"{self._settings.client_id}-topic-id",
+                                          "logger": rdkafka_log, "error_cb": lambda _err: None})
+        return self._id_admin
 
     def group_metadata(self) -> Any:
         return self._c.consumer_group_metadata()
