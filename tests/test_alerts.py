@@ -366,6 +366,8 @@ def test_every_consumer_panel_and_annotation_reads_the_declared_metrics(tmp_path
     m.consumer_lag.labels(topic="depois.ingest", partition="0").set(0)
     m.consumer_lag_seconds.labels(topic="depois.ingest", partition="0").set(0)
     m.partition_restarts.labels(topic="depois.ingest", partition="0")  # at assignment, from 0
+    for cause in ("new_id", "past_end"):  # as Source._assigned exports them
+        m.partition_log_resets.labels(topic="depois.ingest", partition="0", cause=cause)
     m.records_consumed.labels(topic="depois.ingest").inc(0)
     m.quarantined_by_label.labels(label="3").inc(0)
     m.quarantined_by_reason.labels(reason="below_boundary").inc(0)

@@ -61,14 +61,17 @@ class ScriptedConsumer:
         """The group's committed offsets: none, unless a test sets ``group``."""
         return {tp: getattr(self, "group", {}).get(tp) for tp in tps}
 
-    def watermarks(self, tps, timeout_s: float) -> dict:
+    def watermarks(self, tps, timeout_s: float, listed: bool = False) -> dict:
         """(log start, log end) per partition when a test sets ``logs``; otherwise no answer,
-        and a partition that comes back without a commit resumes at its hand-back."""
+        and a partition that comes back without a commit resumes at its hand-back. A test's
+        ``fetched_end`` plays kafka-python's cached fetch high watermark, taken unless ``listed``."""
         from depois_stream.filter.clients.base import ClientError
 
         if not hasattr(self, "logs"):
             raise ClientError("log offsets: no answer", True)
-        return {tp: self.logs[tp] for tp in tps}
+        cached = getattr(self, "fetched_end", 0)
+        return {tp: (self.logs[tp][0], self.logs[tp][1] if listed else max(self.logs[tp][1], cached))
+                for tp in tps}
 
     def pause(self, tps) -> None:
         pass
@@ -422,13 +425,15 @@ def test_an_owned_partition_whose_log_ends_before_its_position_restarts_when_idl
             assert consumer.seeks[-1] == expected
 
 
-def _replaced_log(refuse_commits: int):
+def _replaced_log(refuse_commits: int, reset_to: str = "earliest"):
     """A member that filtered the old log to 200, then sees the topic under a new id with a
     stray commit at 712 in the new log, while the group refuses ``refuse_commits`` commits."""
     consumer = ScriptedConsumer([("assign", [P0]), _records(0, 190, 10)])
     consumer.ident = "old"
     consumer.logs = {P0: (0, 1200)}
-    source = _source(consumer)
+    source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=Metrics(),
+                    reset_to=reset_to)
+    source.subscribe()
     source.next_batch()
     assert len(source.next_batch()) == 10  # the old log, delivered
     consumer.ident = "new"  # the broker came back empty ...
@@ -462,6 +467,22 @@ def test_a_topic_under_a_new_id_restarts_at_the_new_logs_start_whatever_the_grou
         assert not source.paused, refused
         consumer.steps = [_records(0, 0, 5)]
         assert source.next_batch().offsets.tolist() == list(range(5)), refused
+        counted = {s.labels["cause"]: s.value for m in source._metrics.partition_log_resets.collect()
+                   for s in m.samples if s.name.endswith("_total")}
+        assert counted == {"new_id": 1, "past_end": 0}, counted
+
+
+def test_under_latest_a_replaced_log_restarts_at_its_listed_end_not_the_old_logs():
+    """auto_offset_reset=latest restarts a replaced log at its end. kafka-python's log end also
+    takes the high watermark of its last fetch, which after the replacement is the old log's
+    (12,000; the new log ends at 441): the partition was sought and committed past the new
+    log's end, and Tansu answers such a fetch with nothing (a second review)."""
+    consumer, source = _replaced_log(refuse_commits=0, reset_to="latest")
+    consumer.logs = {P0: (0, 441)}
+    consumer.fetched_end = 12_000
+    consumer.steps = [_records(0, 200, 12)]
+    source.next_batch()
+    assert consumer.seeks[-1] == (P0, 441) and consumer.group[P0] == 441
 
 
 def test_a_replaced_log_holds_the_stream_until_its_restart_is_committed():

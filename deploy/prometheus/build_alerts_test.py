@@ -417,21 +417,24 @@ TAIL = """
 
   # Member a (an old process) restarts two partitions at minute 5 after the broker came back
   # empty (the series are exported from 0 at assignment); the ticket stays for an hour. Member
-  # c, started at 5m30s, reset one before its first scrape. Member b never resets.
+  # c, started at 5m30s, reset one before its first scrape. Member b restarts a partition that
+  # came back without a commit (a new group's first commit lost to a rebalance): no ticket.
   - interval: 1m
     input_series:
-      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="a:9108",topic="depois.ingest",partition="0"}'
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="a:9108",topic="depois.ingest",partition="0",cause="new_id"}'
         values: '0x4 1x76'
-      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="a:9108",topic="depois.ingest",partition="1"}'
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="a:9108",topic="depois.ingest",partition="1",cause="past_end"}'
         values: '0x4 1x76'
       - series: 'process_start_time_seconds{job="depois-consumer",instance="a:9108"}'
         values: '-7200x80'
-      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="c:9108",topic="depois.ingest",partition="2"}'
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="c:9108",topic="depois.ingest",partition="2",cause="new_id"}'
         values: '_x6 1x74'
       - series: 'process_start_time_seconds{job="depois-consumer",instance="c:9108"}'
         values: '_x6 330x74'
-      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="b:9108",topic="depois.ingest",partition="3"}'
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="b:9108",topic="depois.ingest",partition="3",cause="new_id"}'
         values: '0x80'
+      - series: 'depois_partition_log_resets_total{job="depois-consumer",instance="b:9108",topic="depois.ingest",partition="3",cause="no_commit"}'
+        values: '0x4 1x76'
       - series: 'process_start_time_seconds{job="depois-consumer",instance="b:9108"}'
         values: '0x80'
     alert_rule_test:
@@ -443,12 +446,12 @@ TAIL = """
         exp_alerts:
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
             exp_annotations:
-              summary: "depois consumer a:9108 restarted 2 partition(s) at the start of a new log in the last hour: the broker lost the old log (it came back empty, or the topic was re-created)"
+              summary: "depois consumer a:9108 made 2 partition restart(s) in a new log in the last hour: the broker lost the old log (it came back empty, or the topic was re-created)"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoispartitionlogreset
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=31
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "c:9108"}
             exp_annotations:
-              summary: "depois consumer c:9108 restarted 1 partition(s) at the start of a new log in the last hour: the broker lost the old log (it came back empty, or the topic was re-created)"
+              summary: "depois consumer c:9108 made 1 partition restart(s) in a new log in the last hour: the broker lost the old log (it came back empty, or the topic was re-created)"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoispartitionlogreset
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=c:9108&viewPanel=31
       - eval_time: 70m

@@ -206,10 +206,11 @@ class StreamFilter:
                 self._filter(batch, source, delivery)
                 idle_since = now
             elif (delivery.in_flight or not source.assigned or not self._probe_up()
-                  or self.breaker.is_open):
-                # waiting for acknowledgements, a partition, the broker or a breaker holding a
-                # batch: not idle (an outage must not end a run whose last offsets are still
-                # to be committed, nor an open breaker one whose held batch is unfiltered)
+                  or self.breaker.is_open or source.switching):
+                # waiting for acknowledgements, a partition, the broker, a breaker holding a
+                # batch or a replaced log's restart: not idle (an outage must not end a run
+                # whose last offsets are still to be committed, nor an open breaker one whose
+                # held batch is unfiltered, nor a log restart one with a stray commit left)
                 idle_since = now
             delivery.service(0.0)
             if now >= next_lag:

@@ -101,8 +101,10 @@ class Metrics:
             "(it came back empty, or the topic was deleted and re-created): the topic came "
             "back under a new id, the partition came back with no commit of the "
             "group, or its position lay past the log's end with no commit for 10 s while idle "
-            "(Tansu, unlike Kafka, answers a fetch past the end with nothing).",
-            ["topic", "partition"],
+            "(Tansu, unlike Kafka, answers a fetch past the end with nothing). cause: new_id, "
+            "no_commit or past_end; no_commit is also what a new group's first commit lost to a "
+            "rebalance looks like (records filtered twice, nothing lost at the broker).",
+            ["topic", "partition", "cause"],
             namespace=ns, registry=r)
         self.broker_up = Gauge(
             "broker_up", "1 when the last direct broker probe (a metadata request) succeeded.",

@@ -161,8 +161,8 @@ class Source:
         # A replaced log's partition restarts at the new start (_restart_replaced), not at a
         # position in the old log, if it comes straight back; one that went to another member
         # is that member's now (it resumes at the group's commit).
-        self._replaced &= set(tps)
         with self._lock:
+            self._replaced = self._replaced & set(tps)
             starts = {tp: self._handback[tp] for tp in tps
                       if tp in self._handback and tp not in self._replaced}
             self._handback.clear()
@@ -172,7 +172,8 @@ class Source:
         self.assigned = self.assigned | set(tps)
         for t, p in tps:  # exported from 0, so that increase() sees the first restart
             self._metrics.partition_restarts.labels(t, str(p))
-            self._metrics.partition_log_resets.labels(t, str(p))
+            for cause in ("new_id", "past_end"):  # the causes DepoisPartitionLogReset counts
+                self._metrics.partition_log_resets.labels(t, str(p), cause)
         self.joined = True
         self._metrics.group_joined.set(1)
         self._metrics.partitions_assigned.set(len(self.assigned))
@@ -283,7 +284,7 @@ class Source:
                         "group's commit %s, not filtering those records again",
                         sorted(p for _, p in ahead), {p: off for (_, p), off in sorted(ahead.items())})
         for t, p in restart:
-            self._metrics.partition_log_resets.labels(t, str(p)).inc()
+            self._metrics.partition_log_resets.labels(t, str(p), "no_commit").inc()
         if restart:
             log.warning("partitions %s came back with no commit of the group for them (a broker "
                         "that came back empty, or a re-created topic): restarting them at the "
@@ -353,7 +354,7 @@ class Source:
                 self._restart_log(tp, target)
             self._log_restarted({tp})
             self._past_end.pop(tp, None)
-            self._metrics.partition_log_resets.labels(*tp[:1], str(tp[1])).inc()
+            self._metrics.partition_log_resets.labels(tp[0], str(tp[1]), "past_end").inc()
             log.error("partition %d: its log ends at offset %d, before this member's position %d, "
                       "and the group has no commit for it: the broker lost the log (it came back "
                       "empty, or the topic was re-created); restarting the partition at offset %d "
@@ -391,18 +392,21 @@ class Source:
     def _log_replaced(self, was: str, now: str) -> None:
         with self._lock:
             held = set(self.assigned) | set(self._handback) | set(self._next)
+            reached = {p: off for (_, p), off in sorted({**self._next, **self._handback}.items())}
             self._buffer = []  # the linger window's records: read again from the new start
             self._handback.clear()
             self._unsettled.clear()
-        self._replaced |= held
+            self._replaced = self._replaced | held
         self._switching = True
         self._past_end.clear()
         log.error("topic %s is listed under a new id (%s, was %s): the broker lost its logs (it "
                   "came back empty) or the topic was deleted and re-created. Positions and "
                   "commits in the old log mean nothing in the new one: partitions %s restart at "
-                  "the new log's %s once nothing is in flight. Records only the old log held "
-                  "past the last commit are gone with it", self._topic, now, was,
-                  sorted(p for _, p in held), "end" if self._reset_to == "latest" else "start")
+                  "the new log's %s once nothing is in flight. This member had read the old log "
+                  "up to offsets %s; what it held from there (or from the group's last commit, "
+                  "if lower) to its end was never filtered and is gone with it", self._topic,
+                  now, was, sorted(p for _, p in held),
+                  "end" if self._reset_to == "latest" else "start", reached)
         self.pause("log replaced")
 
     def _restart_replaced(self) -> None:
@@ -419,7 +423,7 @@ class Source:
             return
         if due:
             try:
-                marks = self._consumer.watermarks(due, LOG_CHECK_TIMEOUT_S)
+                marks = self._consumer.watermarks(due, LOG_CHECK_TIMEOUT_S, listed=True)
                 targets = {tp: marks[tp][1 if self._reset_to == "latest" else 0]
                            for tp in due if tp in marks}
                 with self._lock:
@@ -434,9 +438,9 @@ class Source:
                 log.info("replaced log: could not restart partitions %s yet (%s)",
                          [p for _, p in due], exc)
                 return
-            self._replaced -= set(targets)
+            self._replaced = self._replaced - set(targets)
             for t, p in targets:
-                self._metrics.partition_log_resets.labels(t, str(p)).inc()
+                self._metrics.partition_log_resets.labels(t, str(p), "new_id").inc()
             log.error("partitions %s restarted at offsets %s of the new log and committed there",
                       [p for _, p in targets], {p: off for (_, p), off in sorted(targets.items())})
         if not self._replaced & self.assigned:
@@ -509,6 +513,12 @@ class Source:
         self._consumer.seek(tp, offset)
         self._next[tp] = offset
         self._stalls.pop(tp, None)
+
+    @property
+    def switching(self) -> bool:
+        """Whether a replaced log's partitions are waiting for their restart (not idle: a run
+        that ended now would leave a stray commit in the new log)."""
+        return self._switching or bool(self._replaced & self.assigned)
 
     @property
     def paused(self) -> bool:

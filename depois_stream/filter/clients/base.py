@@ -362,9 +362,12 @@ class Consumer(Protocol):
         """Records between this member's position and the end of each partition."""
         ...
 
-    def watermarks(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, tuple[int, int]]:
+    def watermarks(self, tps: Sequence[TP], timeout_s: float,
+                   listed: bool = False) -> dict[TP, tuple[int, int]]:
         """(first offset, end offset) of each partition's log, as the broker lists them now;
-        raises ClientError when it does not answer within ``timeout_s``."""
+        raises ClientError when it does not answer within ``timeout_s``. The end may be taken
+        further by the high watermark of the client's last fetch (Tansu's listing lags it),
+        unless ``listed``: after the broker replaced a log, that cached value is the old log's."""
         ...
 
     def topic_id(self, topic: str) -> str | None:

@@ -425,8 +425,9 @@ class ConfluentConsumer:
             raise _exc(exc, "committed offsets") from exc
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in parts}
 
-    def watermarks(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, tuple[int, int]]:
-        out: dict[TP, tuple[int, int]] = {}
+    def watermarks(self, tps: Sequence[TP], timeout_s: float,
+                   listed: bool = False) -> dict[TP, tuple[int, int]]:
+        out: dict[TP, tuple[int, int]] = {}  # always the broker's listing (cached=False)
         try:
             for t, p in tps:
                 marks = self._c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s,

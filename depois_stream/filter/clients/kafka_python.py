@@ -282,7 +282,10 @@ class KafkaPythonConsumer:
                 if isinstance(exc, CorruptRecordError) else "")])
 
     def seek(self, tp: TP, offset: int) -> None:
-        self._c.seek(TopicPartition(*tp), offset)
+        try:
+            self._c.seek(TopicPartition(*tp), offset)
+        except (KafkaError, ValueError, AssertionError) as exc:  # not (or no longer) assigned
+            raise ClientError(f"seek of {tp[0]}[{tp[1]}] to {offset}: {exc}", retriable=True) from exc
 
     def pause(self, tps: Iterable[TP]) -> None:
         self._c.pause(*(TopicPartition(*tp) for tp in tps))
@@ -328,20 +331,23 @@ class KafkaPythonConsumer:
         except KafkaError as exc:
             raise _error(exc) from exc
 
-    def watermarks(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, tuple[int, int]]:
+    def watermarks(self, tps: Sequence[TP], timeout_s: float,
+                   listed: bool = False) -> dict[TP, tuple[int, int]]:
         parts = [TopicPartition(*tp) for tp in tps]
         ms = int(timeout_s * 1000)
         try:
             lows = self._c.beginning_offsets(parts, timeout_ms=ms)
             highs = self._c.end_offsets(parts, timeout_ms=ms)
+            # as in lag(): fetch responses carry a later end than Tansu's ListOffsets answer
+            # (not with ``listed``: after a log replacement the cached one is the old log's)
+            return {(tp.topic, tp.partition): (
+                        int(lows[tp]),
+                        int(highs[tp]) if listed else max(int(highs[tp]), self._c.highwater(tp) or 0))
+                    for tp in parts}
         except KafkaTimeoutError:
             raise ClientError(f"log offsets: no answer within {timeout_s:g} s", retriable=True) from None
-        except KafkaError as exc:
+        except KafkaError as exc:  # IllegalStateError: a partition no longer assigned
             raise _error(exc) from exc
-        # as in lag(): fetch responses carry a later end than Tansu's ListOffsets answer
-        return {(tp.topic, tp.partition): (int(lows[tp]),
-                                           max(int(highs[tp]), self._c.highwater(tp) or 0))
-                for tp in parts}
 
     def topic_id(self, topic: str) -> str | None:
         # kafka-python keeps the ids of its MetadataResponse (v10+) on the cluster object, and
