@@ -76,3 +76,38 @@ def test_the_topic_id_is_known_without_waiting_and_follows_a_re_created_topic(br
     finally:
         consumer._c.close()
         admin.close()
+
+
+def test_the_all_zero_topic_id_is_no_id() -> None:
+    """A broker below Metadata v10 (a cluster mid-upgrade) answers with the all-zero id. Taken
+    as the topic's id, the real one given by the upgrade looked like a replaced log, and every
+    member restarted its partitions at the log's start (a review). No broker needed: the answer
+    is played by a finished future."""
+    from confluent_kafka import Uuid
+
+    class Answer:
+        def __init__(self, ident) -> None:
+            self.topic_id = ident
+
+    class Done:
+        def __init__(self, ident) -> None:
+            self._answer = Answer(ident)
+
+        def done(self) -> bool:
+            return True
+
+        def result(self):
+            return self._answer
+
+    consumer = _consumer("127.0.0.1:9", "g")
+    try:
+        consumer._id_next = float("inf")  # ask nothing of the (absent) broker
+        for ident in (Uuid(0, 0), None):
+            consumer._id_asked = Done(ident)
+            assert consumer.topic_id("t") is None
+        consumer._id_asked = Done(Uuid(7, 9))
+        real = consumer.topic_id("t")
+        consumer._id_asked = Done(Uuid(0, 0))
+        assert real is not None and consumer.topic_id("t") == real
+    finally:
+        consumer._c.close()

@@ -397,8 +397,8 @@ def test_plan_release_refuses_released_looped_dead_letter_and_repeated_records()
 def test_a_replay_count_the_filter_never_writes_is_skipped_not_fatal() -> None:
     """A quarantine record written by hand with depois.replay_count=-1 made the whole release
     fail on one line (its audit record's count, 0, failed validation): nothing was released.
-    The filter writes no count or a count of at least 1, so any other value is a forged record
-    held back by the loop guard, and the rest of the selection is released."""
+    The filter forwards no count or a whole number (a producer's 0 included), so any other
+    value is a forged record held back by the loop guard; the rest of the selection is released."""
     plan = plan_release(
         [_record("a", source_offset=1), _record("b", source_offset=2, **{H.REPLAY_COUNT: "-1"}),
          _record("c", source_offset=3, **{H.REPLAY_COUNT: "one"})],

@@ -131,7 +131,8 @@ class QuarantinedRecord:
     @property
     def replay_count(self) -> int:
         """How often this sample was released before: 0 without the header; -1 for a value the
-        filter never writes (negative, not a number), which only a hand-written record has."""
+        filter never forwards (negative, empty, not a number), which only a record written to
+        the quarantine topic by hand has."""
         text = self.h.get(H.REPLAY_COUNT)
         if text is None:
             return 0

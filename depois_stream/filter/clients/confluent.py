@@ -73,6 +73,17 @@ PRODUCER_LINGER_MS = 5
 MAX_BLOCK_S = 10.0  # how long send() waits for room in a full local queue
 FETCH_WAIT_MAX_MS = 100  # as kafka_python.FETCH_MAX_WAIT_MS: bounded latency on any broker
 TOPIC_ID_EVERY_S = 2.0  # how often the consumer asks for its topic's id (one metadata request)
+TOPIC_ID_WARN_S = 60.0  # unknown this long: one WARNING
+
+
+def topic_id_text(ident: Any) -> str | None:
+    """A librdkafka ``Uuid`` as text, or None for no id: None, or the all-zero id a broker
+    gives below Metadata v10 (kafka-python turns that one into None as well)."""
+    if ident is None:
+        return None
+    if ident.get_most_significant_bits() == 0 and ident.get_least_significant_bits() == 0:
+        return None
+    return str(ident)
 
 
 def translate(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,6 +242,8 @@ class ConfluentConsumer:
         self._id_asked: Any = None
         self._id_next = 0.0
         self._id_admin: AdminClient | None = None
+        self._id_failing_since: float | None = None
+        self._id_warned = False
         # partition -> an offset its position is known to be at or past: the last seek made here
         # (a rewind, a start offset, a skip past an unreadable record). librdkafka reports an
         # unreadable batch at its first offset whatever the position, and position() does not
@@ -469,23 +482,47 @@ class ConfluentConsumer:
         """librdkafka's consumer metadata carries no topic id (KIP-516); an AdminClient's
         ``describe_topics`` does. It is asked in the background (a future) at most every
         ``TOPIC_ID_EVERY_S``, and the last answer is returned meanwhile: the poll never waits
-        on the broker, and a change is seen within a few seconds. No answer yet, a broker away
-        or the topic missing: the last id known (None at first)."""
+        on the broker, and a change is seen within a few seconds. No answer yet, a broker away,
+        the topic missing or an answer without an id (the all-zero id of a broker that has
+        none, below Metadata v10): the last id known (None at first). Taking the zero id as an
+        id made the real one, given by a broker upgrade, look like a replaced log (a review)."""
+        assert topic == self._topic or not self._topic, "one topic per consumer"
         asked = self._id_asked
         if asked is not None and asked.done():
-            try:
-                self._topic_id = str(asked.result().topic_id)
-            except Exception:  # noqa: BLE001 - any failure: keep the last id known
-                pass
             self._id_asked = None
+            try:
+                ident = topic_id_text(asked.result().topic_id)
+            except Exception as exc:  # noqa: BLE001 - any failure: keep the last id known
+                ident, why = None, f"{type(exc).__name__}: {exc}"
+            else:
+                why = "the broker gave no id"
+            if ident is not None:
+                if self._id_failing_since is not None and self._id_warned:
+                    log.info("topic %s's id is known again", topic)
+                self._topic_id, self._id_failing_since, self._id_warned = ident, None, False
+            else:
+                self._id_failed(topic, why)
         now = time.monotonic()
         if self._id_asked is None and now >= self._id_next:
             self._id_next = now + TOPIC_ID_EVERY_S
             try:
-                self._id_asked = self._admin().describe_topics(TopicCollection([topic]))[topic]
+                admin = self._admin()
+                admin.poll(0)  # serve its log and error callbacks
+                self._id_asked = admin.describe_topics(TopicCollection([topic]))[topic]
             except (KafkaException, ValueError, TypeError) as exc:
-                log.debug("could not ask for topic %s's id: %s", topic, exc)
+                self._id_failed(topic, f"{type(exc).__name__}: {exc}")
         return self._topic_id
+
+    def _id_failed(self, topic: str, why: str) -> None:
+        """One WARNING once the id has been unknown for ``TOPIC_ID_WARN_S``: the check for a
+        broker that lost its logs then stands on the commit and log-end signs alone."""
+        now = time.monotonic()
+        self._id_failing_since = self._id_failing_since or now
+        if not self._id_warned and now - self._id_failing_since >= TOPIC_ID_WARN_S:
+            self._id_warned = True
+            log.warning("could not learn topic %s's id for %.0f s (%s): a broker that loses its "
+                        "logs is noticed later, by commits and log ends only", topic,
+                        now - self._id_failing_since, why)
 
     def _admin(self) -> AdminClient:
         if self._id_admin is None:
@@ -499,6 +536,7 @@ class ConfluentConsumer:
         return self._c.consumer_group_metadata()
 
     def close(self, timeout_s: float = SHUTDOWN_STEP_S) -> None:
+        self._id_asked = self._id_admin = None  # the id's AdminClient goes with the consumer
         if self._stuck is not None:  # close would wait for it too, then destroy the handle under it
             raise ClientError(f"leaving the group skipped: {self._stuck}; the partitions move after "
                               "the session timeout", retriable=True)

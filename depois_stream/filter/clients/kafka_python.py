@@ -284,8 +284,11 @@ class KafkaPythonConsumer:
     def seek(self, tp: TP, offset: int) -> None:
         try:
             self._c.seek(TopicPartition(*tp), offset)
-        except (KafkaError, ValueError, AssertionError) as exc:  # not (or no longer) assigned
-            raise ClientError(f"seek of {tp[0]}[{tp[1]}] to {offset}: {exc}", retriable=True) from exc
+        except (KafkaError, ValueError, AssertionError) as exc:
+            # retriable only for a partition no longer assigned (a rebalance under the call);
+            # a bad offset is not fixed by trying again
+            raise ClientError(f"seek of {tp[0]}[{tp[1]}] to {offset}: {exc}",
+                              retriable="nassigned" in str(exc)) from exc
 
     def pause(self, tps: Iterable[TP]) -> None:
         self._c.pause(*(TopicPartition(*tp) for tp in tps))
