@@ -112,6 +112,7 @@ class Source:
         self._old_ids: set[str] = set()  # ids replaced since: never taken back
         self._replaced: set[TP] = set()  # partitions whose log was replaced, not yet restarted
         self._switching = False  # a replacement seen, its restart not yet done
+        self._restart_refused = False  # its last attempt failed (said once at INFO)
         self._on_log_restarted: list[Callable[[set[TP]], None]] = []
 
     # ---------------------------------------------------------------- group membership
@@ -434,10 +435,13 @@ class Source:
                         self._restart_log(tp, off)
                 self._log_restarted(set(targets))
                 self._consumer.commit(targets, asynchronous=False, timeout_s=LOG_CHECK_TIMEOUT_S)
-            except ClientError as exc:  # tried again at the next poll
-                log.info("replaced log: could not restart partitions %s yet (%s)",
-                         [p for _, p in due], exc)
+            except ClientError as exc:  # tried again at the next poll: said once
+                log.log(logging.DEBUG if self._restart_refused else logging.INFO,
+                        "replaced log: could not restart partitions %s yet (%s); trying again at "
+                        "every poll", [p for _, p in due], exc)
+                self._restart_refused = True
                 return
+            self._restart_refused = False
             self._replaced = self._replaced - set(targets)
             for t, p in targets:
                 self._metrics.partition_log_resets.labels(t, str(p), "new_id").inc()
