@@ -415,8 +415,11 @@ def test_a_repeated_header_reads_as_its_first_value_as_the_filter_reads_it() -> 
 
 def test_a_sample_that_cannot_be_audited_stops_the_release_before_anything_is_sent(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A quarantine record written by something other than the filter, with a replay count the
-    audit schema refuses: before, its copy went out and the audit step failed with a traceback."""
+    """A quarantine record written by something other than the filter, that the audit schema
+    refuses: before, its copy went out and the audit step failed with a traceback. The case
+    found then, a replay count of -1, is held back by the loop guard since stop 46 (planned out,
+    test_replay.py); the guard stays for whatever else the schema refuses, played here by an
+    audit record built with an empty operator for that one sample."""
     import depois_stream.audit.release as release_module
 
     monkeypatch.setattr(release_module, "KafkaProducer", _Producer)
@@ -424,8 +427,14 @@ def test_a_sample_that_cannot_be_audited_stops_the_release_before_anything_is_se
     monkeypatch.setattr(release_module, "require_topic", lambda *_: None)  # no broker here
     monkeypatch.setattr(_Producer, "plan", ["ok", "ok"])
     monkeypatch.setattr(_Producer, "sent", {})
-    odd = QuarantinedRecord.from_kafka("q", 0, 1, 1000, b"s1", sample("s1")[0], [
-        *quarantine_headers("in", 1), (H.REPLAY_COUNT, b"-1")])
+    audit_record_for = release_module.audit_record_for
+
+    def refused_for_s1(r, operator, *args):
+        return audit_record_for(r, "" if r.sample_id == "s1" else operator, *args)
+
+    monkeypatch.setattr(release_module, "audit_record_for", refused_for_s1)
+    odd = QuarantinedRecord.from_kafka("q", 0, 1, 1000, b"s1", sample("s1")[0],
+                                       quarantine_headers("in", 1))
     settings = ReplaySettings(bootstrap_servers="127.0.0.1:1", clean_topic="clean",
                               audit_topic="audit")
     with pytest.raises(ReplayError, match=r"s1 \(in:0:1\) cannot be audited"):
