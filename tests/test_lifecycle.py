@@ -350,6 +350,49 @@ def test_a_broker_that_comes_back_empty_is_recovered_from_without_dead_letters(
         second.stop()
 
 
+def test_a_topic_re_created_after_its_member_rejoined_without_it_is_filtered(
+        tmp_path, centroid_model, digits_arrays):
+    """A broker that came back empty and got the ingest topic back only later (an operator's
+    script, 15 s on): the confluent-kafka member rejoined while the topic was missing, held no
+    partition, and librdkafka's group took the re-created topic for the old one until its
+    periodic metadata refresh (5 minutes): nothing was filtered, readiness stayed green (an
+    outside drill: 1,980 records, still unfiltered after 6 minutes). The member now subscribes
+    again when the topic's id changes while it holds no partition. (kafka-python sees the new
+    partitions by itself: Tansu creates the topic on its metadata request.)"""
+    pytest.importorskip("confluent_kafka")
+    _, _, xte, yte = digits_arrays
+    first = LocalBroker(log_path=tmp_path / "a.log").start()
+    port = free_port()
+    try:
+        topics = Topics.create(first.bootstrap, "late")
+        publish(first.bootstrap, topics.ingest, [f"a{i}" for i in range(100)], xte[:100], yte[:100])
+        proc = _start(first.bootstrap, topics, "late", centroid_model, port,
+                      "--session-timeout-ms", "6000", "--delivery-timeout-ms", "5000",
+                      client="confluent-kafka")
+        wait_for(lambda: len(_keys(first.bootstrap, topics)) >= 100, timeout_s=60)
+    finally:
+        first.stop()
+    second = LocalBroker(port=first.port, log_path=tmp_path / "b.log").start()
+    try:
+        time.sleep(12)  # the member rejoins the group while the topic does not exist
+        Topics.create(second.bootstrap, "late")
+        ids = [f"b{i}" for i in range(300)]
+        publish(second.bootstrap, topics.ingest, ids, xte[:300], yte[:300])
+        try:
+            wait_for(lambda: set(ids) <= set(_keys(second.bootstrap, topics))
+                     or proc.poll() is not None, timeout_s=60)
+            assert set(ids) <= set(_keys(second.bootstrap, topics))
+        except AssertionError:
+            _, err = _stop(proc)
+            raise AssertionError(f"the re-created topic was not filtered (exit status "
+                                 f"{proc.returncode}); the filter's log:\n" + err[-5000:]) from None
+        took, err = _stop(proc)
+        assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    finally:
+        proc.kill()
+        second.stop()
+
+
 def test_produce_retries_gives_up_when_the_broker_stays_away(
         kafka_client, tmp_path, centroid_model, digits_arrays):
     """--produce-retries N promises exit 1 after N failed attempts. With the broker gone the

@@ -79,6 +79,9 @@ class ScriptedConsumer:
     def resume(self, tps) -> None:
         pass
 
+    def topic_replaced(self) -> None:
+        self.resubscribed = getattr(self, "resubscribed", 0) + 1
+
     def topic_id(self, topic: str):
         """The topic's id in the client's metadata: None (not known) unless a test sets ``ident``."""
         return getattr(self, "ident", None)
@@ -529,3 +532,20 @@ def test_an_old_topic_id_seen_again_is_not_a_new_replacement():
     consumer.ident = "new"
     source.next_batch()
     assert len(consumer.seeks) == seeks and len(consumer.commits) == commits
+
+
+def test_a_member_without_partitions_asks_the_group_to_look_again_when_the_topic_is_replaced():
+    """A member that rejoined while the topic was missing holds no partition, and librdkafka's
+    group does not look at the re-created topic for minutes (an outside drill): it subscribes
+    again. A member that holds partitions restarts them instead, without a rebalance."""
+    consumer = ScriptedConsumer([])
+    consumer.ident = "old"
+    source = _source(consumer)
+    source.next_batch()
+    consumer.ident = "new"
+    source.next_batch()
+    assert getattr(consumer, "resubscribed", 0) == 1
+    held, member = _replaced_log(refuse_commits=0)
+    held.steps = [_records(0, 200, 1)]
+    member.next_batch()
+    assert held.group[P0] == 0 and getattr(held, "resubscribed", 0) == 0

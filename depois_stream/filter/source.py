@@ -400,6 +400,8 @@ class Source:
             self._replaced = self._replaced | held
         self._switching = True
         self._past_end.clear()
+        if not self.assigned:  # rejoined while the topic was missing: the group may not know it
+            self._consumer.topic_replaced()
         log.error("topic %s is listed under a new id (%s, was %s): the broker lost its logs (it "
                   "came back empty) or the topic was deleted and re-created. Positions and "
                   "commits in the old log mean nothing in the new one: partitions %s restart at "

@@ -378,6 +378,12 @@ class Consumer(Protocol):
         the background every few seconds, its consumer metadata having no id)."""
         ...
 
+    def topic_replaced(self) -> None:
+        """The subscribed topic came back under a new id (``topic_id``): make sure the group
+        sees the new log's partitions (a member may have rejoined while the topic was missing
+        and hold none)."""
+        ...
+
     def group_metadata(self) -> Any: ...
 
     def close(self, timeout_s: float = SHUTDOWN_STEP_S) -> None:

@@ -235,6 +235,7 @@ class ConfluentConsumer:
             on_commit(None if err is None else _error(err, "offset commit"))
 
         self._topic = ""
+        self._subscription: dict[str, Any] | None = None  # subscribe()'s callbacks
         self._settings = s
         self._stuck: str | None = None  # a bounded call left running inside librdkafka
         # the topic's id (topic_id): the last answer, the request in flight, when to ask again
@@ -282,10 +283,23 @@ class ConfluentConsumer:
             if partitions:
                 consumer.resume(partitions)
 
-        self._c.subscribe(
-            [topic], on_assign=assign,
-            on_revoke=lambda _c, ps: self._gone(ps, on_revoke),
-            on_lost=lambda _c, ps: self._gone(ps, on_lost))
+        self._subscription = {"on_assign": assign,
+                              "on_revoke": lambda _c, ps: self._gone(ps, on_revoke),
+                              "on_lost": lambda _c, ps: self._gone(ps, on_lost)}
+        self._c.subscribe([topic], **self._subscription)
+
+    def topic_replaced(self) -> None:
+        """Subscribe again: librdkafka's group takes a topic that came back under a new id for
+        the old one, whose partitions it may have dropped while the topic was missing, and
+        refreshes that only with its periodic metadata (5 minutes). Members that rejoined while
+        the topic did not exist stayed standbys with no partition, filtering nothing, long
+        after it was re-created (an outside drill: 1,980 records, still unfiltered after 6
+        minutes). Subscribing again makes the group look again and rebalance."""
+        if self._subscription is not None:
+            log.info("subscribing to %s again, so that the group sees its new log's partitions",
+                     self._topic)
+            self._c.unsubscribe()  # the same subscription again is a no-op to librdkafka
+            self._c.subscribe([self._topic], **self._subscription)
 
     def _gone(self, partitions: list[TopicPartition], then: RevokeCallback) -> None:
         for tp in partitions:

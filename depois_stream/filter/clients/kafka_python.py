@@ -352,6 +352,9 @@ class KafkaPythonConsumer:
         except KafkaError as exc:  # IllegalStateError: a partition no longer assigned
             raise _error(exc) from exc
 
+    def topic_replaced(self) -> None:
+        pass  # kafka-python's metadata refresh sees the new log's partitions and rejoins itself
+
     def topic_id(self, topic: str) -> str | None:
         # kafka-python keeps the ids of its MetadataResponse (v10+) on the cluster object, and
         # logs "topic_id changed ... likely recreated" when one changes
