@@ -522,8 +522,8 @@ def release_(**kw: Any) -> None:
     (its release id: source topic, partition, offset), never by its key: a key given to --id
     that matches more than one sample is refused (exit 2), name the sample by its release id.
     Skipped, and reported: samples already released (found on the audit topic; a second run
-    publishes nothing), records released before (replay_count >= 1, or a count the filter never writes), records that are not
-    quarantine verdicts, records without a value, records whose value the filter could not have
+    publishes nothing), records released before (replay_count >= 1, or a count the filter
+    never writes), records that are not quarantine verdicts, records without a value, records whose value the filter could not have
     decoded (undecodable), copies of one ingest record whose values differ (one was forged),
     and a second quarantine copy of the same ingest record. The clean and audit topics must exist (exit 1 otherwise). Only the
     quarantine topic is released from: --topic naming another is refused (exit 2).

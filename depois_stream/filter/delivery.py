@@ -289,9 +289,8 @@ class Delivery:
         old log's records: a new record at a remembered offset was dead-lettered as refused
         without being sent (a diff review, stop 46), and an old acknowledgement committed an
         offset of the old log into the new one."""
+        self.revoked(tps)  # its acknowledgements go as a revocation's do
         parts = {p for _, p in tps}
-        for tp in tps:
-            self._acked.pop(tp, None)
         for key in [k for k in self.rejected if k[0] in parts]:
             del self.rejected[key]
 

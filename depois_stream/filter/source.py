@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -272,20 +272,15 @@ class Source:
             return got
         moved = [p for _, p in {**ahead, **restart}]
         with self._lock:
-            self._buffer = [b for b in (part.select(~np.isin(part.partitions, moved))
-                                        for part in self._buffer) if len(b)]
+            self._drop_buffered(ahead)
             for tp, off in ahead.items():
                 self._seek(tp, off)
-            for tp, off in restart.items():
-                self._restart_log(tp, off)
-        self._log_restarted(set(restart))
+        self._restart_logs(restart, "no_commit")
         if ahead:
             log.warning("partitions %s came back after another member filtered and committed past "
                         "where this one left them (its session had expired?): resuming at the "
                         "group's commit %s, not filtering those records again",
                         sorted(p for _, p in ahead), {p: off for (_, p), off in sorted(ahead.items())})
-        for t, p in restart:
-            self._metrics.partition_log_resets.labels(t, str(p), "no_commit").inc()
         if restart:
             log.warning("partitions %s came back with no commit of the group for them (a broker "
                         "that came back empty, or a re-created topic): restarting them at the "
@@ -349,18 +344,16 @@ class Source:
         lost = {tp: mark for tp, mark in past.items() if committed.get(tp) is None}
         self._past_end = {tp: self._past_end.get(tp, now) for tp in lost}
         due = {tp: lost[tp] for tp, since in self._past_end.items() if now - since >= LOG_LOST_S}
-        for tp, (low, high) in sorted(due.items()):
-            target = high if self._reset_to == "latest" else low
-            with self._lock:
-                self._restart_log(tp, target)
-            self._log_restarted({tp})
+        targets = {tp: high if self._reset_to == "latest" else low
+                   for tp, (low, high) in sorted(due.items())}
+        self._restart_logs(targets, "past_end")
+        for tp, target in targets.items():
             self._past_end.pop(tp, None)
-            self._metrics.partition_log_resets.labels(tp[0], str(tp[1]), "past_end").inc()
             log.error("partition %d: its log ends at offset %d, before this member's position %d, "
                       "and the group has no commit for it: the broker lost the log (it came back "
                       "empty, or the topic was re-created); restarting the partition at offset %d "
                       "(auto_offset_reset=%s). Records the old log held past the last commit were "
-                      "not filtered", tp[1], high, known[tp], target, self._reset_to)
+                      "not filtered", tp[1], due[tp][1], known[tp], target, self._reset_to)
 
     def _watch_log_identity(self, got: RecordBatch) -> RecordBatch:
         """Notice the topic coming back under a new id (KIP-516) and restart the partitions this
@@ -429,14 +422,9 @@ class Source:
                 marks = self._consumer.watermarks(due, LOG_CHECK_TIMEOUT_S, listed=True)
                 targets = {tp: marks[tp][1 if self._reset_to == "latest" else 0]
                            for tp in due if tp in marks}
-                with self._lock:
-                    moved = [p for _, p in targets]
-                    self._buffer = [b for b in (part.select(~np.isin(part.partitions, moved))
-                                                for part in self._buffer) if len(b)]
-                    for tp, off in targets.items():
-                        self._restart_log(tp, off)
-                self._log_restarted(set(targets))
+                # committed first: until it is taken nothing moves (the partitions are paused)
                 self._consumer.commit(targets, asynchronous=False, timeout_s=LOG_CHECK_TIMEOUT_S)
+                self._restart_logs(targets, "new_id")
             except ClientError as exc:  # tried again at the next poll: said once
                 log.log(logging.DEBUG if self._restart_refused else logging.INFO,
                         "replaced log: could not restart partitions %s yet (%s); trying again at "
@@ -445,8 +433,6 @@ class Source:
                 return
             self._restart_refused = False
             self._replaced = self._replaced - set(targets)
-            for t, p in targets:
-                self._metrics.partition_log_resets.labels(t, str(p), "new_id").inc()
             log.error("partitions %s restarted at offsets %s of the new log and committed there",
                       [p for _, p in targets], {p: off for (_, p), off in sorted(targets.items())})
         if not self._replaced & self.assigned:
@@ -458,15 +444,28 @@ class Source:
         delivery side remembers by offset (acknowledgements, refusals) was about the old one."""
         self._on_log_restarted.append(listener)
 
-    def _log_restarted(self, tps: set[TP]) -> None:
+    def _restart_logs(self, targets: Mapping[TP, int], cause: str) -> None:
+        """Restart partitions in a new log at these offsets, the one way all three checks do it:
+        what is buffered of them goes, each is sought there, its records count as read for the
+        first time (whatever offsets the old log's records had), the delivery side forgets what
+        it remembered by offset, and each restart is counted under ``cause``."""
+        if not targets:
+            return
+        with self._lock:
+            self._drop_buffered(targets)
+            for tp, off in targets.items():
+                self._seek(tp, off)
+                self._counted[tp[1]] = off - 1
         for listener in self._on_log_restarted:
-            listener(tps)
+            listener(set(targets))
+        for t, p in targets:
+            self._metrics.partition_log_resets.labels(t, str(p), cause).inc()
 
-    def _restart_log(self, tp: TP, offset: int) -> None:
-        """``_seek`` into a new log (the caller holds the lock): its records are read for the
-        first time, whatever offsets the old log's records had."""
-        self._seek(tp, offset)
-        self._counted[tp[1]] = offset - 1
+    def _drop_buffered(self, tps: Iterable[TP]) -> None:
+        """Forget what the linger window holds of these partitions (the caller holds the lock)."""
+        gone = [p for _, p in tps]
+        self._buffer = [b for b in (part.select(~np.isin(part.partitions, gone))
+                                    for part in self._buffer) if len(b)]
 
     def _first_reads(self, got: RecordBatch) -> int:
         """How many of ``got`` this process reads for the first time. A record handed back (a

@@ -511,7 +511,7 @@ class ConfluentConsumer:
             else:
                 why = "the broker gave no id"
             if ident is not None:
-                if self._id_failing_since is not None and self._id_warned:
+                if self._id_warned:
                     log.info("topic %s's id is known again", topic)
                 self._topic_id, self._id_failing_since, self._id_warned = ident, None, False
             else:
@@ -540,10 +540,7 @@ class ConfluentConsumer:
 
     def _admin(self) -> AdminClient:
         if self._id_admin is None:
-            self._id_admin = AdminClient({**_global_only(translate(self._settings.options)),
-                                          "bootstrap.servers": self._settings.bootstrap_servers,
-                                          "client.id": f"{self._settings.client_id}-topic-id",
-                                          "logger": rdkafka_log, "error_cb": lambda _err: None})
+            self._id_admin = _admin_client(self._settings, "topic-id")
         return self._id_admin
 
     def group_metadata(self) -> Any:
@@ -665,12 +662,18 @@ class ConfluentProducer:
             self._p.flush(timeout_s)
 
 
+def _admin_client(s: ClientSettings, role: str) -> AdminClient:
+    """An AdminClient with the member's connection settings (TLS, SASL), named for its role;
+    its errors are the caller's to report (the probe's answer, the topic id's warning)."""
+    return AdminClient({**_global_only(translate(s.options)),
+                        "bootstrap.servers": s.bootstrap_servers,
+                        "client.id": f"{s.client_id}-{role}", "logger": rdkafka_log,
+                        "error_cb": lambda _err: None})
+
+
 class ConfluentProbe:
     def __init__(self, s: ClientSettings) -> None:
-        self._admin = AdminClient({**_global_only(translate(s.options)),
-                                   "bootstrap.servers": s.bootstrap_servers,
-                                   "client.id": f"{s.client_id}-probe", "logger": rdkafka_log,
-                                   "error_cb": lambda _err: None})
+        self._admin = _admin_client(s, "probe")
 
     def check(self, timeout_s: float) -> bool:
         try:
