@@ -102,3 +102,22 @@ def test_end_to_end_latency_is_never_negative_and_skips_records_without_a_timest
     reg = metrics.registry
     assert reg.get_sample_value("depois_end_to_end_latency_seconds_sum") == 2.5
     assert reg.get_sample_value("depois_end_to_end_latency_seconds_count") == 3
+
+
+def test_a_value_above_the_decoders_16_mib_is_too_large_whatever_the_forwarding_limit(
+        centroid_model, digits_arrays) -> None:
+    """docs/wire-format.md and replay bound a value at 16 MiB; with the producer's limit raised
+    past it (``--kafka max_request_size=...``) the filter decoded a 17 MB sample and sent it to
+    the clean topic, which replay then called too large."""
+    from depois_stream.contract.wire import DEFAULT_MAX_BYTES
+
+    _, _, xte, yte = digits_arrays
+    (value, ct), = encode_batch(["a"], xte[:1], yte[:1], encoding="json")
+    big = value + b" " * DEFAULT_MAX_BYTES  # still a valid JSON sample
+    batch = RecordBatch("in", np.zeros(2, np.int32), np.arange(2, dtype=np.int64), np.zeros(2, np.int64),
+                        [b"a", b"b"], [value, big], [[(H.CONTENT_TYPE, ct.encode())]] * 2)
+    detector = Detector.load(centroid_model, device="cpu")
+    scored = score(batch, detector, max_record_bytes=40 << 20)
+    assert scored.index.tolist() == [0]
+    assert [(i, why) for i, why, _ in scored.failures] == [(1, "too_large")]
+    assert f"the {DEFAULT_MAX_BYTES}-byte limit" in scored.failures[0][2]

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from depois_stream.contract import headers as H
-from depois_stream.contract.wire import decode_batch
+from depois_stream.contract.wire import DEFAULT_MAX_BYTES, decode_batch
 from depois_stream.filter import router
 from depois_stream.filter.clients.base import Header, RecordBatch, Unreadable
 from depois_stream.filter.detector import Detector, Prediction
@@ -167,8 +167,10 @@ def score(batch: RecordBatch, detector: Detector, max_record_bytes: int,
         cts = [ingest.content_types[i] for i in todo.tolist()]
     else:
         todo, values, cts = None, batch.values, ingest.content_types
-    decoded = decode_batch(values, cts, input_shape=meta.input_shape,
-                           num_classes=meta.num_classes, max_bytes=max_record_bytes)
+    # the decoder's own bound holds even where the producer's limit was raised past it: replay
+    # reads with the same bound, and a value it refuses must not have reached the clean topic
+    decoded = decode_batch(values, cts, input_shape=meta.input_shape, num_classes=meta.num_classes,
+                           max_bytes=min(max_record_bytes, DEFAULT_MAX_BYTES))
     index = decoded.index if todo is None else todo[decoded.index]
     failures += [(f.index if todo is None else int(todo[f.index]), f.reason, f.message)
                  for f in decoded.failures]
