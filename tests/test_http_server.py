@@ -37,3 +37,23 @@ def test_a_connection_that_sends_nothing_is_closed_and_probes_still_answer(monke
             assert reply.status == 200
     finally:
         server.close()
+
+
+def test_a_client_that_hangs_up_before_its_answer_leaves_no_traceback_in_the_log(capfd) -> None:
+    """socketserver printed a full BrokenPipeError traceback ("Exception occurred during
+    processing of request") for each scrape whose client left early (a timed-out Prometheus, a
+    probe killed mid-answer): in the filter's log it reads like a crash (fuzz drill)."""
+    server = HealthServer(CollectorRegistry(), readiness=lambda: {"ok": True}, port=0).start()
+    try:
+        host, port = server.address
+        for _ in range(5):
+            s = socket.create_connection((host, port))
+            s.sendall(b"GET /metrics HTTP/1.1\r\n")  # gone before the blank line and the answer
+            s.close()
+        time.sleep(1.0)
+        with urllib.request.urlopen(f"http://{host}:{port}/readyz", timeout=5) as reply:
+            assert reply.status == 200
+    finally:
+        server.close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err[-2000:]

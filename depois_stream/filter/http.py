@@ -15,16 +15,34 @@ are not conditions (``partitions_assigned``: how many partitions this member own
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+log = logging.getLogger(__name__)
+
 Checks = Callable[[], dict[str, bool]]
 # A connection that has not sent its request (or read its answer) in this long is closed: each
 # holds a server thread, and a scanner or slow client on a 0.0.0.0 port would pile them up.
 IDLE_TIMEOUT_S = 10.0
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: tuple[str, int]) -> None:
+        """A client that hung up before its answer (a scrape that timed out, a probe killed
+        mid-answer) is routine: socketserver's default printed a whole traceback for it, which
+        reads like a crash in the filter's log. Anything else is a bug and keeps its traceback."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("HTTP client %s left before its answer: %r", client_address[0], exc)
+            return
+        log.exception("HTTP request from %s failed", client_address[0])
 
 
 class HealthServer:
@@ -34,8 +52,7 @@ class HealthServer:
                  liveness: Checks = lambda: {}, host: str = "127.0.0.1", port: int = 9108,
                  info: Callable[[], dict[str, object]] = lambda: {}) -> None:
         handler = _make_handler(registry, readiness, liveness, info)
-        self._server = ThreadingHTTPServer((host, port), handler)
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="depois-http",
                                         daemon=True)
 
