@@ -23,7 +23,7 @@ import typer
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from depois_stream.audit.metrics import ReplayMetrics
-from depois_stream.audit.reading import read_quarantine
+from depois_stream.audit.reading import Unread, describe_unread, read_quarantine
 from depois_stream.audit.records import (
     Listing,
     MISSING,
@@ -262,10 +262,13 @@ def _read_all(sel: Selection, settings: ReplaySettings
               ) -> tuple[list[QuarantinedRecord], list[QuarantinedRecord]]:
     """Every record of the read window, and those the selection's filters keep."""
     window, flt = sel.window(), sel.filter()
+    unread: list[Unread] = []
     try:
-        records = read_quarantine(settings, window, sel.topic)
+        records = read_quarantine(settings, window, sel.topic, unread)
     except ReplayError as exc:
         _fail(str(exc))
+    if unread:
+        typer.echo(f"depois-stream replay: warning: {describe_unread(unread)}", err=True)
     return records, select(records, flt)
 
 

@@ -6,10 +6,12 @@ move, the live consumer's offsets, whatever topic or group the operator points i
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -19,6 +21,33 @@ from kafka.errors import KafkaError
 from depois_stream.audit.records import QuarantinedRecord, ReadWindow, ReplayError
 from depois_stream.audit.settings import CLIENT_ID, ReplaySettings
 from depois_stream.audit.trail import AuditRecord, parse_audit_values
+from depois_stream.filter.clients.kafka_python import raised_by_parser, skip_unreadable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Unread:
+    """A record kafka-python could not parse (a header name that is not UTF-8, a bad CRC, a
+    batch that does not decompress) and the read left out: its bytes stay in the topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    why: str
+
+
+def describe_unread(unread: list[Unread], shown: int = 10) -> str:
+    """One warning line for what a read left out (empty when nothing was)."""
+    if not unread:
+        return ""
+    n, topic = len(unread), unread[0].topic
+    where = ", ".join(f"[{u.partition}]@{u.offset}" for u in unread[:shown])
+    more = f" and {n - shown} more" if n > shown else ""
+    return (f"{n} record{'s' if n > 1 else ''} of {topic!r} could not be read and "
+            f"{'are' if n > 1 else 'is'} left out: {where}{more} ({unread[0].why}); the bytes stay "
+            "in the topic at those offsets (a confluent-kafka consumer reads a record whose "
+            "header name is not UTF-8)")
 
 
 @contextmanager
@@ -44,8 +73,13 @@ def _consumer(bootstrap: str, kafka: dict[str, Any]) -> KafkaConsumer:
 def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
              kafka: dict[str, Any] | None = None, timeout_s: float = 60.0,
              missing_hint: str = "check --topic and DEPOIS_BOOTSTRAP_SERVERS",
-             grace_s: float = 0.5) -> list[ConsumerRecord]:
+             grace_s: float = 0.5, unread: list[Unread] | None = None) -> list[ConsumerRecord]:
     """Read ``window`` of ``topic`` (all of it by default) and return kafka ConsumerRecords.
+
+    A record kafka-python cannot parse is left out, not the whole read: it is appended to
+    ``unread`` when a list is given (the CLI prints it), logged as a warning otherwise.
+    (kafka-python parses a record batch from its start, so the records after it in the same
+    producer batch are left out with it; other batches are read as usual.)
 
     Reading stops once every partition reached the end offset snapshotted at start and one
     poll came back empty, or ``grace_s`` after that when the topic is written to as it is read.
@@ -74,9 +108,16 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
             starts, stops = _bounds(consumer, tps, window)
             for tp in tps:
                 consumer.seek(tp, starts[tp])
-            return _drain(consumer, tps, stops, window, timeout_s, grace_s, bootstrap=bootstrap)
+            left_out: list[Unread] = []
+            got = _drain(consumer, tps, stops, window, timeout_s, grace_s, bootstrap=bootstrap,
+                         unread=left_out)
         finally:
             consumer.close(autocommit=False)
+    if unread is not None:
+        unread.extend(left_out)
+    elif left_out:
+        log.warning("%s", describe_unread(left_out))
+    return got
 
 
 def _partitions(consumer: KafkaConsumer, bootstrap: str, topic: str, missing_hint: str) -> set[int]:
@@ -103,13 +144,23 @@ def require_topic(settings: ReplaySettings, topic: str, missing_hint: str) -> No
 
 def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[TopicPartition, int],
            window: ReadWindow, timeout_s: float, grace_s: float, *,
-           bootstrap: str = "") -> list[ConsumerRecord]:
+           bootstrap: str = "", unread: list[Unread]) -> list[ConsumerRecord]:
     out: list[ConsumerRecord] = []
     deadline = time.monotonic() + timeout_s
     began_ms = time.time() * 1000
     caught_up_at: float | None = None
     while True:
-        batch = consumer.poll(timeout_ms=200)
+        try:
+            batch = consumer.poll(timeout_ms=200)
+        except Exception as exc:  # noqa: BLE001 - only the parser's errors are handled here
+            if not raised_by_parser(exc):
+                raise
+            try:
+                tp, offset, why = skip_unreadable(consumer, exc)
+            except Exception as err:  # noqa: BLE001 - kafka-python's state is not as tested
+                raise exc from err
+            unread.append(Unread(tp.topic, tp.partition, offset, why))
+            batch = {}
         older = False  # a record written before the read began: the snapshot is not read yet
         for recs in batch.values():
             out.extend(r for r in recs if window.contains(r.partition, r.offset, r.timestamp))
@@ -166,11 +217,13 @@ def _bounds(consumer: KafkaConsumer, tps: list[TopicPartition],
 
 
 def read_quarantine(settings: ReplaySettings, window: ReadWindow | None = None,
-                    topic: str | None = None) -> list[QuarantinedRecord]:
-    """Records of the quarantine topic (or ``topic``) in time order, as a reviewer reads them."""
+                    topic: str | None = None, unread: list[Unread] | None = None
+                    ) -> list[QuarantinedRecord]:
+    """Records of the quarantine topic (or ``topic``) in time order, as a reviewer reads them
+    (``unread``: see ``read_raw``)."""
     recs = read_raw(settings.bootstrap_servers, topic or settings.quarantine_topic, window,
                     kafka=settings.client_options(KafkaConsumer),
-                    timeout_s=settings.read_timeout_s)
+                    timeout_s=settings.read_timeout_s, unread=unread)
     return [QuarantinedRecord.from_kafka(r.topic, r.partition, r.offset, r.timestamp, r.key,
                                          r.value, r.headers)
             for r in sorted(recs, key=lambda r: (r.timestamp, r.partition, r.offset))]
@@ -183,11 +236,13 @@ def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:
     ``DEPOIS_AUDIT_TOPIC`` would make every earlier release releasable again (and a broker that
     creates topics on first write would keep the typo's own, separate memory from then on).
     """
+    unread: list[Unread] = []  # counted with the unreadable values: release warns of both
     recs = read_raw(settings.bootstrap_servers, settings.audit_topic,
-                    kafka=settings.client_options(KafkaConsumer),
+                    kafka=settings.client_options(KafkaConsumer), unread=unread,
                     timeout_s=settings.read_timeout_s, missing_hint=(
                         "release reads it to refuse samples released before: check "
                         "DEPOIS_AUDIT_TOPIC, or create it once with unlimited retention (e.g. "
                         f"kafka-topics.sh --create --topic {settings.audit_topic} --config "
                         "retention.ms=-1; docs/replay.md)"))
-    return parse_audit_values(r.value for r in recs)
+    records, unreadable = parse_audit_values(r.value for r in recs)
+    return records, unreadable + len(unread)

@@ -149,7 +149,7 @@ def missing_codecs() -> list[str]:
     return [name for name in ("gzip", "snappy", "lz4", "zstd") if not getattr(codec, f"has_{name}")()]
 
 
-def _raised_by_parser(exc: BaseException | None) -> bool:
+def raised_by_parser(exc: BaseException | None) -> bool:
     """Whether kafka-python's record parser raised ``exc``: a record it cannot read (a bad
     CRC, a header name that is not UTF-8) or a batch it cannot decompress (garbage gzip data, a
     codec id no client knows; brokers that do not validate batches store them).
@@ -182,6 +182,25 @@ def _stuck_at(stopped: int, position: int, exc: BaseException) -> tuple[int, str
                     f"({type(exc).__name__}: {exc})")
 
 
+def skip_unreadable(consumer: KafkaConsumer, exc: BaseException) -> tuple[TopicPartition, int, str]:
+    """Move ``consumer`` past the record its parser could not read (``exc``, for which
+    ``raised_by_parser`` holds): the partition, the offset skipped and why.
+
+    kafka-python's fetcher knows where it stopped (the partition, and the offset after the last
+    record it parsed); the seek past the record makes it drop the stuck fetch and fetch again,
+    and the spent parser is drained so that a pause cannot park it (``_drop_parked``). Shared
+    by the filter and replay's readers; anything unexpected here raises (kafka-python other than
+    the 3.0 line tested keeps other state)."""
+    part = consumer._fetcher._next_partition_records
+    tp = part.topic_partition
+    offset, why = _stuck_at(int(part.next_fetch_offset),
+                            int(consumer._subscription.assignment[tp].position.offset), exc)
+    consumer.seek(tp, offset + 1)
+    part.drain()
+    consumer._fetcher._next_partition_records = None
+    return tp, offset, why
+
+
 class KafkaPythonConsumer:
     def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
         self._on_commit = on_commit
@@ -207,7 +226,7 @@ class KafkaPythonConsumer:
         try:
             polled = self._c.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
         except Exception as exc:  # noqa: BLE001 - sorted just below
-            if _raised_by_parser(exc):
+            if raised_by_parser(exc):
                 return self._unreadable(exc)
             if isinstance(exc, KafkaError):
                 raise _error(exc) from exc
@@ -223,7 +242,7 @@ class KafkaPythonConsumer:
         # next poll, but drops it if the partition is paused meanwhile (the breaker, a backoff),
         # after which every poll spins on the stuck fetch: handle it now instead.
         held = getattr(getattr(self._c, "_fetcher", None), "_next_in_line_exception_metadata", None)
-        if held is not None and _raised_by_parser(getattr(held, "exception", None)):
+        if held is not None and raised_by_parser(getattr(held, "exception", None)):
             self._c._fetcher._next_in_line_exception_metadata = None
             return RecordBatch.concat(self._topic, [got, self._unreadable(held.exception)])
         return got
@@ -264,13 +283,7 @@ class KafkaPythonConsumer:
         one and keeps their payloads. Without the fetcher's state (kafka-python other than the
         3.0 line tested), the error goes up as before."""
         try:
-            part = self._c._fetcher._next_partition_records
-            tp = part.topic_partition
-            offset, why = _stuck_at(int(part.next_fetch_offset),
-                                    int(self._c._subscription.assignment[tp].position.offset), exc)
-            self._c.seek(tp, offset + 1)
-            part.drain()  # the stuck parser is spent: a pause must not park it (see above)
-            self._c._fetcher._next_partition_records = None
+            tp, offset, why = skip_unreadable(self._c, exc)
         except Exception as err:  # noqa: BLE001 - anything here is "cannot recover"
             raise _error(exc) from err
         log.error("%s[%d]@%d: %s; dead-lettered without its bytes, which stay in the topic",
