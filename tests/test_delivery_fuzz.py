@@ -278,6 +278,78 @@ def test_a_random_mix_of_records_over_three_partitions_is_each_routed_once(
     assert len(outputs[topics.clean]) + len(outputs[topics.quarantine]) > n // 2
 
 
+@pytest.mark.parametrize("codec", ["gzip", "snappy", "lz4", "zstd"])
+def test_kafka_python_decompresses_a_record_batch_only_up_to_the_bound(codec, monkeypatch) -> None:
+    """kafka-python decompressed a whole record batch in memory, however large: a zstd batch of
+    a few tens of kB on the wire (1,000 records of 1 MiB of zeros) took the filter to 2.1 GiB,
+    past the shipped 1 GiB memory limit (fuzz drill). The bounded decoders refuse to go past
+    MAX_BATCH_BYTES and give back what fits, byte for byte."""
+    from kafka import codec as kc
+
+    import depois_stream.filter.clients.bounded_codecs as kp
+
+    monkeypatch.setattr(kp, "MAX_BATCH_BYTES", 1 << 20)
+    encode = {"gzip": kc.gzip_encode, "snappy": kc.snappy_encode, "lz4": kc.lz4_encode,
+              "zstd": kc.zstd_encode}[codec]
+    decode = kp.BOUNDED_DECODERS[codec]
+    fits = bytes(range(256)) * 4096  # exactly the bound
+    assert bytes(decode(encode(fits))) == fits
+    with pytest.raises(kp.BatchTooLarge, match="decompresses past 1048576 bytes"):
+        decode(encode(fits + b"x"))
+    if codec == "snappy":  # raw snappy (no xerial framing) is bounded by its length prefix
+        import snappy
+
+        assert bytes(decode(snappy.compress(fits))) == fits
+        with pytest.raises(kp.BatchTooLarge):
+            decode(snappy.compress(fits + b"x"))
+        xerial = encode(b"abc")
+        with pytest.raises(ValueError):  # a negative block size: kafka-python looped for ever
+            decode(xerial[:16] + (-8).to_bytes(4, "big", signed=True) + xerial[20:])
+
+
+@pytest.mark.timeout(120)
+def test_a_compression_bomb_costs_kafka_python_one_bounded_batch(broker, unique, centroid_model,
+                                                                 digits_arrays):
+    """One zstd batch of 72 records of 1 MiB of zeros (about 2 kB on the wire) between good
+    batches. Before: kafka-python unpacked all 72 MiB, and the records reached the data path
+    (1,000 of them took the filter past 2 GiB). Now the batch is refused at the bound, its
+    offsets are dead-lettered as malformed (stamped with no timestamp: kafka-python cannot read
+    one), and the batches around it are filtered."""
+    import depois_stream.filter.clients.bounded_codecs as kp
+
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    good = [f"{unique}-{i}" for i in range(20)]
+    enc = encode_batch(good, xte[:20], yte[:20], encoding="binary")
+    bomb = kp.MAX_BATCH_BYTES // (1 << 20) + 8
+    offsets: list[int] = []
+    for part in range(3):
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", compression_type="zstd",
+                                 linger_ms=1000, batch_size=(bomb + 2) << 20, max_request_size=(bomb + 4) << 20)
+        if part == 1:
+            futures = [producer.send(topics.ingest, key=b"bomb", value=bytes(1 << 20)) for _ in range(bomb)]
+        else:
+            futures = [producer.send(topics.ingest, value=value, key=sid.encode(),
+                                     headers=[(H.CONTENT_TYPE, ctype.encode())])
+                       for sid, (value, ctype) in list(zip(good, enc))[part // 2 * 10:(part // 2 + 1) * 10]]
+        producer.flush()
+        offsets += [f.get(timeout=30).offset for f in futures]
+        producer.close()
+    end = bomb + 20
+    assert offsets == list(range(end))
+
+    outputs = filter_until_committed("kafka-python", broker, topics, unique, centroid_model, {0: end})
+    sources = Counter(int(H.as_dict(r.headers)[H.SOURCE_OFFSET]) for rs in outputs.values() for r in rs)
+    assert sorted(sources) == list(range(end)) and set(sources.values()) == {1}
+    dead = {int(H.as_dict(r.headers)[H.SOURCE_OFFSET]): H.as_dict(r.headers) for r in outputs[topics.dlq]}
+    assert set(dead) == set(range(10, 10 + bomb))
+    assert {h[H.ERROR_CLASS] for h in dead.values()} == {"malformed"}
+    assert all("decompresses past" in h[H.ERROR] for h in dead.values()), next(iter(dead.values()))
+    assert {h[H.SOURCE_TIMESTAMP] for h in dead.values()} == {"-1"}  # unknown, not made up
+    forwarded = [r.key.decode() for t in (topics.clean, topics.quarantine) for r in outputs[t]]
+    assert sorted(forwarded) == sorted(good)
+
+
 def test_stuck_at_names_the_first_offset_kafka_python_cannot_hand_over() -> None:
     from depois_stream.filter.clients.kafka_python import _stuck_at
 

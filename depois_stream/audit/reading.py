@@ -21,6 +21,7 @@ from kafka.errors import KafkaError
 from depois_stream.audit.records import QuarantinedRecord, ReadWindow, ReplayError
 from depois_stream.audit.settings import CLIENT_ID, ReplaySettings
 from depois_stream.audit.trail import AuditRecord, parse_audit_values
+from depois_stream.filter.clients.bounded_codecs import bound_decompression
 from depois_stream.filter.clients.kafka_python import raised_by_parser, skip_unreadable
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ def _consumer(bootstrap: str, kafka: dict[str, Any]) -> KafkaConsumer:
     # as far as its readers are concerned; releasing it would put the sample on the clean topic
     # twice. DEPOIS_KAFKA may still say otherwise.
     options = {"isolation_level": "read_committed", **kafka}
+    bound_decompression()  # a compression bomb in a topic read back must not exhaust memory
     return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                          auto_offset_reset="earliest", client_id=CLIENT_ID, **options)
 
@@ -156,10 +158,10 @@ def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[Topic
             if not raised_by_parser(exc):
                 raise
             try:
-                tp, offset, why = skip_unreadable(consumer, exc)
+                tp, offsets, why = skip_unreadable(consumer, exc)
             except Exception as err:  # noqa: BLE001 - kafka-python's state is not as tested
                 raise exc from err
-            unread.append(Unread(tp.topic, tp.partition, offset, why))
+            unread += [Unread(tp.topic, tp.partition, o, why) for o in offsets]
             batch = {}
         older = False  # a record written before the read began: the snapshot is not read yet
         for recs in batch.values():

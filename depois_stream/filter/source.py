@@ -563,10 +563,11 @@ class Source:
             self._metrics.consumer_lag.labels(*labels).set(lags[tp])
             first = self._first_ts.get(tp)
             # The oldest unfiltered record is at least as old as the first record of the
-            # latest batch read from the partition; with no batch read yet it is unknown.
+            # latest batch read from the partition; with no batch read yet, or a first record
+            # without a timestamp (-1: unreadable, or an old format), it is unknown.
             if lags[tp] == 0:
                 self._metrics.consumer_lag_seconds.labels(*labels).set(0.0)
-            elif first is not None:
+            elif first is not None and first >= 0:
                 self._metrics.consumer_lag_seconds.labels(*labels).set(
                     max(0.0, (now_ms - first) / 1000))
         self._watch_stalls(lags, time.monotonic())

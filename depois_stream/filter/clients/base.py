@@ -257,10 +257,12 @@ class RecordBatch:
     def unreadable(cls, topic: str, partitions: Sequence[int], offsets: Sequence[int],
                    reasons: Sequence[str]) -> RecordBatch:
         """Placeholders for records the client cannot read: no key, no value, an
-        ``Unreadable`` marker as headers (dead-lettered as malformed), stamped now."""
+        ``Unreadable`` marker as headers (dead-lettered as malformed), and no timestamp (-1, as
+        Kafka writes "none"): stamped with the time of reading, the dead letter's source
+        timestamp was made up, and fed the end-to-end latency metric."""
         n = len(partitions)
         return cls(topic, np.array(partitions, np.int32), np.array(offsets, np.int64),
-                   np.full(n, int(time.time() * 1000), np.int64), [None] * n, [None] * n,
+                   np.full(n, -1, np.int64), [None] * n, [None] * n,
                    [Unreadable(why) for why in reasons])
 
     @classmethod

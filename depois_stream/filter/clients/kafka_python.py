@@ -23,6 +23,7 @@ from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
     DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
 )
+from depois_stream.filter.clients.bounded_codecs import bound_decompression
 
 log = logging.getLogger(__name__)
 
@@ -182,29 +183,53 @@ def _stuck_at(stopped: int, position: int, exc: BaseException) -> tuple[int, str
                     f"({type(exc).__name__}: {exc})")
 
 
-def skip_unreadable(consumer: KafkaConsumer, exc: BaseException) -> tuple[TopicPartition, int, str]:
-    """Move ``consumer`` past the record its parser could not read (``exc``, for which
-    ``raised_by_parser`` holds): the partition, the offset skipped and why.
+# The most offsets of one unreadable record batch handed over at once: a batch header is the
+# producer's to write (brokers that do not validate batches keep it), so its last offset is not
+# trusted further than this per poll.
+MAX_SKIP = 1000
+
+
+def _batch_end(exc: BaseException) -> int | None:
+    """The offset after the record batch the parser failed in (from the parser's frame in the
+    traceback; v2 batches carry their last offset delta in the uncompressed header), or None."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "_unpack_records":
+            batch = tb.tb_frame.f_locals.get("batch")
+            if getattr(batch, "magic", None) == 2:
+                return int(batch.next_offset)
+        tb = tb.tb_next
+    return None
+
+
+def skip_unreadable(consumer: KafkaConsumer, exc: BaseException) -> tuple[TopicPartition, list[int], str]:
+    """Move ``consumer`` past the record batch its parser could not read (``exc``, for which
+    ``raised_by_parser`` holds): the partition, the offsets skipped and why.
 
     kafka-python's fetcher knows where it stopped (the partition, and the offset after the last
-    record it parsed); the seek past the record makes it drop the stuck fetch and fetch again,
-    and the spent parser is drained so that a pause cannot park it (``_drop_parked``). Shared
-    by the filter and replay's readers; anything unexpected here raises (kafka-python other than
-    the 3.0 line tested keeps other state)."""
+    record it parsed), and the failed batch's header where its last record is: kafka-python
+    parses a batch from its start, so no record after the bad one in the same batch can be
+    read, and all of them are skipped at once (at most MAX_SKIP per call; one per poll made a
+    1,000-record compression bomb cost minutes). The seek past them makes the fetcher drop the
+    stuck fetch and fetch again, and the spent parser is drained so that a pause cannot park
+    it (``_drop_parked``). Shared by the filter and replay's readers; anything unexpected here
+    raises (kafka-python other than the 3.0 line tested keeps other state)."""
     part = consumer._fetcher._next_partition_records
     tp = part.topic_partition
     offset, why = _stuck_at(int(part.next_fetch_offset),
                             int(consumer._subscription.assignment[tp].position.offset), exc)
-    consumer.seek(tp, offset + 1)
+    end = min(max(_batch_end(exc) or 0, offset + 1), offset + MAX_SKIP)
+    consumer.seek(tp, end)
     part.drain()
     consumer._fetcher._next_partition_records = None
-    return tp, offset, why
+    return tp, list(range(offset, end)), why
 
 
 class KafkaPythonConsumer:
     def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
         self._on_commit = on_commit
         self._topic = ""
+        bound_decompression()
         self._c = KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers, group_id=s.group_id, client_id=s.client_id,
             enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
@@ -266,33 +291,33 @@ class KafkaPythonConsumer:
             parked.pop(tp).drain()
 
     def _unreadable(self, exc: Exception) -> RecordBatch:
-        """The record kafka-python cannot parse, as one ``Unreadable`` record, and the partition
-        moved past it.
+        """The records kafka-python cannot parse, as ``Unreadable`` records, and the partition
+        moved past them.
 
         kafka-python raises once when a record of a fetch does not parse (a header name that is
-        not UTF-8, a bad CRC) or its batch does not decompress; its fetcher then keeps the stuck
-        fetch, and later polls spin on it (the partition stalls for good) or, for a batch that
-        did not decompress, loop inside kafka-python without returning at all. The fetcher
-        knows where it stopped (the partition, and the offset after the last record it parsed);
-        that record is handed over without key or value (kafka-python never gives them), and
-        the seek past it makes kafka-python drop the stuck fetch and fetch again. Within the
-        same record batch kafka-python parses from the batch's start, so it cannot read past
-        the bad record at all: each later offset of that batch is handed over the same way, one
-        per poll, until the fetch position leaves the batch. Their bytes stay in the topic
+        not UTF-8, a bad CRC) or its batch does not decompress (or decompresses past
+        MAX_BATCH_BYTES); its fetcher then keeps the stuck fetch, and later polls spin on it
+        (the partition stalls for good) or, for a batch that did not decompress, loop inside
+        kafka-python without returning at all. ``skip_unreadable`` moves past the bad record
+        and, since kafka-python parses a batch from its start and so cannot read past it, the
+        rest of its record batch: each of those offsets is handed over without key or value
+        (kafka-python never gives them), all in this poll. Their bytes stay in the topic
         (offsets in the dead letters' provenance headers); confluent-kafka reads records one by
         one and keeps their payloads. Without the fetcher's state (kafka-python other than the
         3.0 line tested), the error goes up as before."""
         try:
-            tp, offset, why = skip_unreadable(self._c, exc)
+            tp, offsets, why = skip_unreadable(self._c, exc)
         except Exception as err:  # noqa: BLE001 - anything here is "cannot recover"
             raise _error(exc) from err
-        log.error("%s[%d]@%d: %s; dead-lettered without its bytes, which stay in the topic",
-                  tp.topic, tp.partition, offset, why)
+        first, last = offsets[0], offsets[-1]
+        log.error("%s[%d]@%s: %s; dead-lettered without %s bytes, which stay in the topic",
+                  tp.topic, tp.partition, first if first == last else f"{first}..{last}", why,
+                  "its" if first == last else f"their ({len(offsets)} offsets of one record batch)")
+        hint = (" (confluent-kafka reads records one by one: --client confluent-kafka)"
+                if isinstance(exc, CorruptRecordError) else "")
         return RecordBatch.unreadable(
-            self._topic, [tp.partition], [offset],
-            [f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{offset}"
-             + (" (confluent-kafka reads records one by one: --client confluent-kafka)"
-                if isinstance(exc, CorruptRecordError) else "")])
+            self._topic, [tp.partition] * len(offsets), offsets,
+            [f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{o}{hint}" for o in offsets])
 
     def seek(self, tp: TP, offset: int) -> None:
         try:
