@@ -549,3 +549,24 @@ def test_a_member_without_partitions_asks_the_group_to_look_again_when_the_topic
     held.steps = [_records(0, 200, 1)]
     member.next_batch()
     assert held.group[P0] == 0 and getattr(held, "resubscribed", 0) == 0
+
+
+def test_a_member_between_a_revocation_and_its_next_assignment_is_not_in_a_settled_group():
+    """A rebalance that never completes (Tansu's coordinator wedges when membership changes
+    overlap a join) left /readyz at group_joined true and depois_group_joined at 1 on every
+    member that had been in the group: "joined, 0 partitions", a healthy standby to look at
+    (rebalance drill). A member is in its group from an assignment (empty or not) to the next
+    revocation; DepoisMemberOutOfGroup then sees a join that does not end."""
+    metrics = Metrics()
+    consumer = ScriptedConsumer([("assign", [P0])])
+    source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=metrics)
+    source.subscribe()
+    joined = lambda: (source.joined, metrics.group_joined._value.get())  # noqa: E731
+    source.next_batch()
+    assert joined() == (True, 1)
+    consumer.steps = [("revoke", [P0])]
+    source.next_batch()
+    assert joined() == (False, 0)
+    consumer.steps = [("assign", [])]  # a standby: in the group, with no partition
+    source.next_batch()
+    assert joined() == (True, 1)

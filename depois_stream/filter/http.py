@@ -8,6 +8,8 @@ readiness probes meaningless; this one keeps the three apart while still using i
 * ``/readyz`` (readiness): 200 when the model is loaded, the broker answered a direct probe
   recently and the member is in its consumer group, with or without partitions: a standby
   member of a group with more members than partitions is ready, or rollouts would never finish.
+  During a rebalance (from the revocation to the next assignment) it is not: a join that never
+  ends must not look like a standby.
 Both answer JSON naming each check, so a failing probe says why; ``/readyz`` adds facts that
 are not conditions (``partitions_assigned``: how many partitions this member owns).
 """

@@ -115,7 +115,8 @@ class Metrics:
             "/healthz fails above a cap, so that a restart frees them.", namespace=ns, registry=r)
         self.group_joined = Gauge(
             "group_joined", "1 while this member is in its consumer group (with or without "
-            "partitions).", namespace=ns, registry=r)
+            "partitions); 0 from a revocation (every rebalance starts with one) to the next "
+            "assignment.", namespace=ns, registry=r)
         self.partitions_assigned = Gauge(
             "partitions_assigned", "Ingest partitions currently assigned to this member.",
             namespace=ns, registry=r)

@@ -123,6 +123,11 @@ class Source:
                  self._topic)
 
     def _revoked(self, tps: list[TP]) -> None:
+        # Between a revocation and the next assignment the member is in no settled group (both
+        # clients rebalance eagerly: every join revokes everything first). Reported as joined, a
+        # join that never ended looked like a healthy standby on /readyz and the metric.
+        self.joined = False
+        self._metrics.group_joined.set(0)
         gone = set(tps)
         with self._lock:
             kept: list[RecordBatch] = []
@@ -154,8 +159,6 @@ class Source:
     def _lost(self, tps: list[TP]) -> None:
         log.warning("left the group involuntarily (session expired?): partitions %s lost; "
                     "rejoining", sorted(p for _, p in tps))
-        self.joined = False
-        self._metrics.group_joined.set(0)
         self._revoked(tps)
 
     def _assigned(self, tps: list[TP]) -> Mapping[TP, int]:
