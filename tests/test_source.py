@@ -9,6 +9,7 @@ between, at will. Nothing here stands in for Kafka in a delivery test.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import numpy as np
@@ -570,3 +571,17 @@ def test_a_member_between_a_revocation_and_its_next_assignment_is_not_in_a_settl
     consumer.steps = [("assign", [])]  # a standby: in the group, with no partition
     source.next_batch()
     assert joined() == (True, 1)
+
+
+def test_a_revocation_names_only_the_partitions_the_member_held(caplog):
+    """kafka-python revokes at close what the last rebalance had already taken: the log said
+    "partitions revoked: [0, 1, 2]" a second time, for partitions it no longer held."""
+    consumer = ScriptedConsumer([("assign", [P0])])
+    source = _source(consumer)
+    source.next_batch()
+    with caplog.at_level(logging.INFO, logger="depois_stream.filter.source"):
+        consumer.steps = [("revoke", [P0]), ("revoke", [P0])]
+        source.next_batch()
+        source.next_batch()
+    assert [r.getMessage() for r in caplog.records if "revoked" in r.getMessage()] == [
+        "partitions revoked: [0]"]

@@ -143,14 +143,15 @@ class Source:
                 self._next.pop(tp, None)
                 self._first_ts.pop(tp, None)
                 self._stalls.pop(tp, None)
+        held = gone & self.assigned  # kafka-python revokes again at close what a rebalance took
         self.assigned = self.assigned - gone
         self.rebalances += 1
         self._forget_series(gone)
         self._metrics.partitions_assigned.set(len(self.assigned))
         for listener in self._on_revoked:
             listener(gone)
-        if gone:
-            log.info("partitions revoked: %s", sorted(p for _, p in gone))
+        if held:
+            log.info("partitions revoked: %s", sorted(p for _, p in held))
 
     def on_revoked(self, listener: Callable[[set[TP]], None]) -> None:
         """Also call ``listener`` with the partitions of every revocation (and loss)."""
