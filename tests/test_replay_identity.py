@@ -62,6 +62,17 @@ def test_crafted_envelopes_are_decode_errors_without_a_model_shape(value: bytes)
         decode_image(value, CONTENT_TYPE_JSON)
 
 
+@pytest.mark.parametrize("shape", [[-1, -8, 8], [0, 3, 3], [70000, 1, 1]])
+def test_a_shape_error_without_a_model_names_no_model_shape(shape) -> None:
+    """Without a model, the fallback shape leaked into the message: "image shape [-1, -8, 8]
+    does not match the model input shape [1, 1, 1]" (fuzz drill; replay export of a DLQ)."""
+    value = json.dumps({"id": "x", "label": 1, "shape": shape, "dtype": "uint8", "data": ""}).encode()
+    with pytest.raises(DecodeError) as err:
+        decode_image(value, CONTENT_TYPE_JSON)
+    assert err.value.reason == "shape_mismatch"
+    assert "model" not in str(err.value) and "1 to 65535" in str(err.value), str(err.value)
+
+
 @settings(max_examples=300, deadline=None)
 @given(value=st.binary(max_size=200),
        ct=st.sampled_from([None, CONTENT_TYPE_JSON, CONTENT_TYPE_BINARY, b"\xff", "text/csv"]))

@@ -501,5 +501,8 @@ def decode_image(value: bytes, content_type: str | bytes | None, *,
                          num_classes=num_classes, max_bytes=max_bytes)
     if batch.failures:
         f = batch.failures[0]
+        if f.reason == "shape_mismatch" and input_shape is None:  # no model: no shape to name
+            raise DecodeError(f.reason, "the record declares no usable image shape (three "
+                                        "dimensions of 1 to 65535 each)")
         raise DecodeError(f.reason, f.message)
     return batch.ids[0], int(batch.labels[0]), batch.images[0]
