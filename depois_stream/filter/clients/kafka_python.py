@@ -219,6 +219,11 @@ def skip_unreadable(consumer: KafkaConsumer, exc: BaseException) -> tuple[TopicP
     offset, why = _stuck_at(int(part.next_fetch_offset),
                             int(consumer._subscription.assignment[tp].position.offset), exc)
     end = min(max(_batch_end(exc) or 0, offset + 1), offset + MAX_SKIP)
+    # nor past the log's end as last fetched: a seek there is out of range, and the reset policy
+    # (earliest) would read the whole partition again
+    high = consumer.highwater(tp)
+    if high is not None and high > offset:
+        end = min(end, high)
     consumer.seek(tp, end)
     part.drain()
     consumer._fetcher._next_partition_records = None
