@@ -9,6 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 from kafka import KafkaProducer
+from kafka.errors import CorruptRecordError
 
 from depois_stream.contract import headers as H
 from depois_stream.contract.wire import encode_batch
@@ -286,7 +287,7 @@ def test_kafka_python_decompresses_a_record_batch_only_up_to_the_bound(codec, mo
     MAX_BATCH_BYTES and give back what fits, byte for byte."""
     from kafka import codec as kc
 
-    import depois_stream.filter.clients.bounded_codecs as kp
+    import depois_stream.filter.clients.kafka_python_parsing as kp
 
     monkeypatch.setattr(kp, "MAX_BATCH_BYTES", 1 << 20)
     encode = {"gzip": kc.gzip_encode, "snappy": kc.snappy_encode, "lz4": kc.lz4_encode,
@@ -315,7 +316,7 @@ def test_a_compression_bomb_costs_kafka_python_one_bounded_batch(broker, unique,
     (1,000 of them took the filter past 2 GiB). Now the batch is refused at the bound, its
     offsets are dead-lettered as malformed (stamped with no timestamp: kafka-python cannot read
     one), and the batches around it are filtered."""
-    import depois_stream.filter.clients.bounded_codecs as kp
+    import depois_stream.filter.clients.kafka_python_parsing as kp
 
     _, _, xte, yte = digits_arrays
     topics = Topics.create(broker.bootstrap, unique, partitions=1)
@@ -351,7 +352,7 @@ def test_a_compression_bomb_costs_kafka_python_one_bounded_batch(broker, unique,
 
 
 def test_stuck_at_names_the_first_offset_kafka_python_cannot_hand_over() -> None:
-    from depois_stream.filter.clients.kafka_python import _stuck_at
+    from depois_stream.filter.clients.kafka_python_parsing import _stuck_at
 
     err = ValueError("bad header")
     assert _stuck_at(7, 7, err)[0] == 7 and "cannot read this record" in _stuck_at(7, 7, err)[1]
@@ -534,3 +535,61 @@ def test_partitions_resumed_while_others_have_a_backlog_are_fetched_again(broker
     finally:
         consumer.close()
     assert all(got[p] == set(range(sizes[p])) for p in (0, 1))
+
+
+def test_a_record_without_a_timestamp_is_stamped_unknown_not_a_crash() -> None:
+    """kafka-python gives a v0 record's timestamp as None: the int64 column raised TypeError
+    outside any handler, and the filter exited 3 and re-read the same record at every restart
+    (review of stop 47)."""
+    from kafka.consumer.fetcher import ConsumerRecord
+
+    from depois_stream.filter.clients.kafka_python import KafkaPythonConsumer
+
+    rec = ConsumerRecord("t", 0, -1, 5, None, -1, b"k", b"v", [], None, 1, 1, -1)
+
+    class _Polled:
+        def poll(self, timeout_ms: int, max_records: int) -> dict:
+            return {("t", 0): [rec]}
+
+    consumer = object.__new__(KafkaPythonConsumer)
+    consumer._topic, consumer._c = "t", _Polled()
+    batch = consumer.poll(0.1, 10)
+    assert batch.offsets.tolist() == [5] and batch.timestamps_ms.tolist() == [-1]
+
+
+def test_the_rest_of_an_unreadable_batch_is_skipped_only_when_its_header_can_be_believed() -> None:
+    """The CRC covers a batch's last offset delta: after a CRC failure it is garbage. Believed,
+    a delta of 500 over 5 records dead-lettered the readable batches after it, unread, and
+    sought past the log's end (review of stop 47)."""
+    from kafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+
+    from depois_stream.filter.clients.kafka_python_parsing import _batch_end
+
+    builder = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=False,
+                                        producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                                        batch_size=100000)
+    for i in range(5):
+        builder.append(i, timestamp=1, key=b"k", value=b"v",
+                       headers=[(_RawKey(b"x\xff"), b"")] if i == 2 else [])
+    good = bytes(builder.build())
+    forged = good[:23] + (500).to_bytes(4, "big") + good[27:]  # lastOffsetDelta, under the CRC
+
+    class _Partition:  # plays kafka-python's PartitionRecords._unpack_records
+        def __init__(self, check_crcs: bool) -> None:
+            self.check_crcs = check_crcs
+
+        def _unpack_records(self, batch):
+            if self.check_crcs and not batch.validate_crc():
+                raise CorruptRecordError("Record batch failed crc check")
+            yield from batch
+
+    def end(data: bytes, check_crcs: bool = True):
+        try:
+            list(_Partition(check_crcs)._unpack_records(DefaultRecordBatch(data)))
+        except Exception as exc:  # noqa: BLE001 - whatever the parser raised
+            return _batch_end(exc)
+        raise AssertionError("the batch parsed")
+
+    assert end(good) == 5  # a bad header name in a sound batch: the rest of it goes too
+    assert end(forged) is None  # a CRC failure: nothing past the record itself
+    assert end(good, check_crcs=False) is None  # never checked: not believed either

@@ -178,12 +178,14 @@ def test_export_of_a_topic_with_a_record_kafka_python_cannot_parse_leaves_out_on
     assert code == 0 and "[0]@1" in out, out
 
 
-def test_an_audit_record_kafka_python_cannot_parse_is_counted_as_unreadable(scratch: Scratch) -> None:
-    """Release warns of audit records it could not read (its memory of earlier releases):
-    one that kafka-python cannot parse is counted with them, not fatal and not silent."""
+def test_an_audit_record_kafka_python_cannot_parse_stops_a_release(scratch: Scratch) -> None:
+    """Release's memory of earlier releases must be read whole: a record that cannot be read
+    may be a whole producer batch of releases (each of which would be released again). Before,
+    the read failed blaming the connection; now it names the record, and nothing is released."""
+    from depois_stream.audit.records import ReplayError
     from tests.test_delivery_fuzz import _RawKey
 
     put(scratch.settings.bootstrap_servers, scratch.settings.audit_topic,
         [(b"a", b"{}", [(_RawKey(b"x-\xff"), b"")])])
-    records, unreadable = read_audit(scratch.settings)
-    assert records == [] and unreadable == 1
+    with pytest.raises(ReplayError, match=r"audit topic cannot be read whole: 1 record .*\[0\]@0"):
+        read_audit(scratch.settings)

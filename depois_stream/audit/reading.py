@@ -21,8 +21,9 @@ from kafka.errors import KafkaError
 from depois_stream.audit.records import QuarantinedRecord, ReadWindow, ReplayError
 from depois_stream.audit.settings import CLIENT_ID, ReplaySettings
 from depois_stream.audit.trail import AuditRecord, parse_audit_values
-from depois_stream.filter.clients.bounded_codecs import bound_decompression
-from depois_stream.filter.clients.kafka_python import raised_by_parser, skip_unreadable
+from depois_stream.filter.clients.kafka_python_parsing import (
+    bound_decompression, raised_by_parser, skip_unreadable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,16 +40,19 @@ class Unread:
 
 
 def describe_unread(unread: list[Unread], shown: int = 10) -> str:
-    """One warning line for what a read left out (empty when nothing was)."""
+    """One warning line for what a read left out (empty when nothing was), each reason once."""
     if not unread:
         return ""
     n, topic = len(unread), unread[0].topic
     where = ", ".join(f"[{u.partition}]@{u.offset}" for u in unread[:shown])
     more = f" and {n - shown} more" if n > shown else ""
+    whys = list(dict.fromkeys(u.why for u in unread))
+    why = "; ".join(whys[:3]) + (f"; and {len(whys) - 3} other reasons" if len(whys) > 3 else "")
+    hint = (" (a confluent-kafka consumer reads a record whose header name is not UTF-8)"
+            if any("UnicodeDecodeError" in w for w in whys) else "")
     return (f"{n} record{'s' if n > 1 else ''} of {topic!r} could not be read and "
-            f"{'are' if n > 1 else 'is'} left out: {where}{more} ({unread[0].why}); the bytes stay "
-            "in the topic at those offsets (a confluent-kafka consumer reads a record whose "
-            "header name is not UTF-8)")
+            f"{'are' if n > 1 else 'is'} left out: {where}{more} ({why}); the bytes stay in the "
+            f"topic at those offsets{hint}")
 
 
 @contextmanager
@@ -161,7 +165,8 @@ def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[Topic
                 tp, offsets, why = skip_unreadable(consumer, exc)
             except Exception as err:  # noqa: BLE001 - kafka-python's state is not as tested
                 raise exc from err
-            unread += [Unread(tp.topic, tp.partition, o, why) for o in offsets]
+            unread += [Unread(tp.topic, tp.partition, o, why) for o in offsets
+                       if o < stops[tp]]  # past the snapshot: not part of this read
             batch = {}
         older = False  # a record written before the read began: the snapshot is not read yet
         for recs in batch.values():
@@ -238,7 +243,7 @@ def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:
     ``DEPOIS_AUDIT_TOPIC`` would make every earlier release releasable again (and a broker that
     creates topics on first write would keep the typo's own, separate memory from then on).
     """
-    unread: list[Unread] = []  # counted with the unreadable values: release warns of both
+    unread: list[Unread] = []
     recs = read_raw(settings.bootstrap_servers, settings.audit_topic,
                     kafka=settings.client_options(KafkaConsumer), unread=unread,
                     timeout_s=settings.read_timeout_s, missing_hint=(
@@ -246,5 +251,11 @@ def read_audit(settings: ReplaySettings) -> tuple[list[AuditRecord], int]:
                         "DEPOIS_AUDIT_TOPIC, or create it once with unlimited retention (e.g. "
                         f"kafka-topics.sh --create --topic {settings.audit_topic} --config "
                         "retention.ms=-1; docs/replay.md)"))
-    records, unreadable = parse_audit_values(r.value for r in recs)
-    return records, unreadable + len(unread)
+    if unread:
+        # Not counted and passed over like a value that does not parse: a record that cannot
+        # be read may be a whole producer batch of releases, which would be released again.
+        raise ReplayError(f"the audit topic cannot be read whole: {describe_unread(unread)}; "
+                          "release refuses to run without its memory of earlier releases (read "
+                          "those records with a confluent-kafka consumer and take them to the "
+                          "Kafka operators)")
+    return parse_audit_values(r.value for r in recs)

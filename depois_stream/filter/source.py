@@ -216,9 +216,12 @@ class Source:
             batch = RecordBatch.concat(self._topic, self._buffer)
             self._buffer = []
             self._next.update(batch.next_offsets())
+            # the first record with a timestamp (-1: unreadable, or an old format without one)
+            stamped = batch.timestamps_ms >= 0
             self._first_ts.update(
-                {tp: int(batch.timestamps_ms[np.argmax(batch.partitions == tp[1])])
-                 for tp in batch.first_offsets()})
+                {tp: int(batch.timestamps_ms[np.argmax((batch.partitions == tp[1]) & stamped)])
+                 for tp in batch.first_offsets()
+                 if ((batch.partitions == tp[1]) & stamped).any()})
         if len(batch) < self._batch_size:  # the client had no more to give just now
             self._asks += 1
         return batch

@@ -23,7 +23,9 @@ from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
     DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
 )
-from depois_stream.filter.clients.bounded_codecs import bound_decompression
+from depois_stream.filter.clients.kafka_python_parsing import (
+    bound_decompression, raised_by_parser, skip_unreadable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -150,86 +152,6 @@ def missing_codecs() -> list[str]:
     return [name for name in ("gzip", "snappy", "lz4", "zstd") if not getattr(codec, f"has_{name}")()]
 
 
-def raised_by_parser(exc: BaseException | None) -> bool:
-    """Whether kafka-python's record parser raised ``exc``: a record it cannot read (a bad
-    CRC, a header name that is not UTF-8) or a batch it cannot decompress (garbage gzip data, a
-    codec id no client knows; brokers that do not validate batches store them).
-
-    Such an error leaves the parser spent in kafka-python's in-hand slot, and the next poll
-    loops on it forever without returning, so it must be recovered from at once. Told apart
-    from network and group errors by the parser's frame in the traceback: the exception types
-    alone overlap (a codec error is a KafkaError, a gzip error is not)."""
-    if isinstance(exc, CorruptRecordError):
-        return True
-    tb = exc.__traceback__ if exc is not None else None
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_unpack_records":
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def _stuck_at(stopped: int, position: int, exc: BaseException) -> tuple[int, str]:
-    """The offset kafka-python cannot hand over, and why, from where its parser stopped (the
-    offset after the last record it parsed) and the partition's fetch position.
-
-    The larger of the two: below the position, the parser re-read a record batch from its start
-    and failed before reaching the position (so the position is the first record it cannot
-    reach); above it, it skipped transaction markers or aborted batches first."""
-    offset = max(stopped, position)
-    if offset == stopped:
-        return offset, f"kafka-python cannot read this record ({type(exc).__name__}: {exc})"
-    return offset, (f"kafka-python cannot read past offset {stopped} of the same record batch "
-                    f"({type(exc).__name__}: {exc})")
-
-
-# The most offsets of one unreadable record batch handed over at once: a batch header is the
-# producer's to write (brokers that do not validate batches keep it), so its last offset is not
-# trusted further than this per poll.
-MAX_SKIP = 1000
-
-
-def _batch_end(exc: BaseException) -> int | None:
-    """The offset after the record batch the parser failed in (from the parser's frame in the
-    traceback; v2 batches carry their last offset delta in the uncompressed header), or None."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_unpack_records":
-            batch = tb.tb_frame.f_locals.get("batch")
-            if getattr(batch, "magic", None) == 2:
-                return int(batch.next_offset)
-        tb = tb.tb_next
-    return None
-
-
-def skip_unreadable(consumer: KafkaConsumer, exc: BaseException) -> tuple[TopicPartition, list[int], str]:
-    """Move ``consumer`` past the record batch its parser could not read (``exc``, for which
-    ``raised_by_parser`` holds): the partition, the offsets skipped and why.
-
-    kafka-python's fetcher knows where it stopped (the partition, and the offset after the last
-    record it parsed), and the failed batch's header where its last record is: kafka-python
-    parses a batch from its start, so no record after the bad one in the same batch can be
-    read, and all of them are skipped at once (at most MAX_SKIP per call; one per poll made a
-    1,000-record compression bomb cost minutes). The seek past them makes the fetcher drop the
-    stuck fetch and fetch again, and the spent parser is drained so that a pause cannot park
-    it (``_drop_parked``). Shared by the filter and replay's readers; anything unexpected here
-    raises (kafka-python other than the 3.0 line tested keeps other state)."""
-    part = consumer._fetcher._next_partition_records
-    tp = part.topic_partition
-    offset, why = _stuck_at(int(part.next_fetch_offset),
-                            int(consumer._subscription.assignment[tp].position.offset), exc)
-    end = min(max(_batch_end(exc) or 0, offset + 1), offset + MAX_SKIP)
-    # nor past the log's end as last fetched: a seek there is out of range, and the reset policy
-    # (earliest) would read the whole partition again
-    high = consumer.highwater(tp)
-    if high is not None and high > offset:
-        end = min(end, high)
-    consumer.seek(tp, end)
-    part.drain()
-    consumer._fetcher._next_partition_records = None
-    return tp, list(range(offset, end)), why
-
-
 class KafkaPythonConsumer:
     def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
         self._on_commit = on_commit
@@ -266,7 +188,8 @@ class KafkaPythonConsumer:
         got = RecordBatch.empty(self._topic) if not recs else RecordBatch(
             self._topic, np.fromiter((r.partition for r in recs), np.int32, n),
             np.fromiter((r.offset for r in recs), np.int64, n),
-            np.fromiter((r.timestamp for r in recs), np.int64, n),
+            # a v0 record has no timestamp (None): -1, as Kafka writes "none"
+            np.fromiter((-1 if r.timestamp is None else r.timestamp for r in recs), np.int64, n),
             [r.key for r in recs], [r.value for r in recs], [r.headers for r in recs])
         # A poll that returned records and then met an unparseable one keeps that error for the
         # next poll, but drops it if the partition is paused meanwhile (the breaker, a backoff),
