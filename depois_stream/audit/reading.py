@@ -150,7 +150,8 @@ def require_topic(settings: ReplaySettings, topic: str, missing_hint: str) -> No
 
 def _drain(consumer: KafkaConsumer, tps: list[TopicPartition], stops: dict[TopicPartition, int],
            window: ReadWindow, timeout_s: float, grace_s: float, *,
-           bootstrap: str = "", unread: list[Unread]) -> list[ConsumerRecord]:
+           bootstrap: str = "", unread: list[Unread] | None = None) -> list[ConsumerRecord]:
+    unread = [] if unread is None else unread  # what could not be parsed (see read_raw)
     out: list[ConsumerRecord] = []
     deadline = time.monotonic() + timeout_s
     began_ms = time.time() * 1000
