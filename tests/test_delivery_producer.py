@@ -851,3 +851,21 @@ def test_a_log_restart_forgets_what_was_remembered_by_offset_in_the_old_log() ->
     delivery._acked.update({("in", 0): 712, ("in", 1): 40})
     delivery.log_restarted({("in", 0)})
     assert list(delivery.rejected) == [(1, 5)] and delivery._acked == {("in", 1): 40}
+
+
+def test_a_batch_whose_delivery_reports_never_come_is_sent_again_on_a_new_producer() -> None:
+    """Outage drill (stop 47): after a 45 s broker freeze, a kafka-python producer's resent
+    batch was neither acknowledged nor timed out for the 3 minutes until SIGTERM (its close then
+    timed out too): nothing was consumed, committed or counted, and /readyz stayed green. The
+    client's delivery timeout bounds its reports; one that still never comes means the handle
+    is wedged: the batch is retried from its first record on a new producer."""
+    delivery, source, held, now = _retrying()
+    first = delivery.producer
+    delivery.submit(*_batch_and_routed(4))
+    _idle(delivery, now, 59)
+    assert delivery.in_flight == 1 and not source.rewinds  # within twice the delivery timeout
+    _idle(delivery, now, 2)
+    assert delivery.in_flight == 0 and source.rewinds == [{("in", 0): 100}]
+    assert delivery._metrics.produce_retries._value.get() == 1
+    _idle(delivery, now, 2)  # the back-off over: the new producer is made
+    assert delivery.producer is not first

@@ -141,9 +141,10 @@ class ConsumerConfig(BaseSettings):
         "How long one attempt to produce a record may take before it counts as failed and "
         "its batch is sent again."))
     produce_retries: int | None = Field(None, ge=0, le=INT32_MAX, description=(
-        "Give up (exit 1, nothing committed past the failure) after this many consecutive "
-        "failed attempts (a retry that cannot start while the broker is unreachable counts "
-        "once a delivery timeout has passed); unset retries until the broker takes the batch."))
+        "Give up (exit 1, nothing committed past the failure) once this many retries in a "
+        "row have failed too (N retries: N + 1 attempts; a retry that cannot start while the "
+        "broker is unreachable counts once a delivery timeout has passed); unset retries until "
+        "the broker takes the batch."))
     retry_backoff_max_s: float = Field(30.0, gt=0.0, le=MAX_SECONDS, description=(
         "Longest wait between two attempts (the wait doubles from 0.5 s)."))
     startup_timeout_s: float = Field(30.0, gt=0.0, le=MAX_SECONDS, description=(

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 BACKOFF_START_S = 0.5
 MAX_REMEMBERED_REJECTIONS = 10_000
 RENEW_AFTER = 3  # failed attempts in a row after which the producer is replaced
+# Delivery timeouts a batch may wait for its reports before its producer counts as wedged.
+REPORTS_WITHIN = 2
 
 
 def commit_answered(metrics: Metrics, error: BaseException | None) -> None:
@@ -81,6 +83,7 @@ class _InFlight:
     failure: ProduceError | None = None  # first retriable failure
     rejected: dict[int, str] = field(default_factory=dict)  # output index -> why refused
     failed: int = 0  # records not acknowledged
+    sent_at: float = 0.0  # the delivery clock when its outputs were handed to the producer
 
     @property
     def broken(self) -> bool:
@@ -185,7 +188,7 @@ class Delivery:
     def submit(self, batch: RecordBatch, routed: Routed) -> None:
         """Send every output of ``batch`` (asynchronously unless exactly-once)."""
         self._seq += 1
-        item = _InFlight(self._seq, batch, routed, pending=len(routed))
+        item = _InFlight(self._seq, batch, routed, pending=len(routed), sent_at=self._clock())
         if self._exactly_once:
             self._transaction(item)
             return
@@ -228,6 +231,7 @@ class Delivery:
         except ProduceError as exc:  # the handle failed as a whole (librdkafka raises fatal errors here)
             self._producer_failed(exc)
         self._take_reports()
+        self._give_up_on_silent_reports()
         for k, item in enumerate(self._inflight):
             if item.broken:
                 self._retry(k, item)
@@ -243,6 +247,24 @@ class Delivery:
                 self._acked.update(item.batch.next_offsets())
                 self._on_delivered(item.routed)
             self._commit(asynchronous=True)
+
+    def _give_up_on_silent_reports(self) -> None:
+        """Fail what is in flight once the oldest batch has waited twice the delivery timeout
+        for its reports. Both clients report every send within the delivery timeout, success or
+        failure; after a 45 s broker freeze a kafka-python producer never did (its close timed
+        out too), and with no report nothing was retried, committed or counted, for good (the
+        outage drill of stop 47). A producer that silent is wedged: it is replaced, and the
+        batches are sent again from their first records."""
+        if not self._inflight:
+            return
+        oldest = self._inflight[0]
+        waited = self._clock() - oldest.sent_at
+        if oldest.broken or oldest.pending <= 0 or waited < REPORTS_WITHIN * self._timeout_s:
+            return
+        self._producer_failed(ProduceError(
+            f"no delivery report for {oldest.pending} output record(s) {waited:.0f} s after they "
+            f"were sent (the delivery timeout is {self._timeout_s:.0f} s): the producer is wedged",
+            retriable=False))
 
     def _producer_failed(self, error: ProduceError) -> None:
         """Every batch in flight failed with ``error`` (their reports may never come): they are
