@@ -83,7 +83,7 @@ class _InFlight:
     failure: ProduceError | None = None  # first retriable failure
     rejected: dict[int, str] = field(default_factory=dict)  # output index -> why refused
     failed: int = 0  # records not acknowledged
-    sent_at: float = 0.0  # the delivery clock when its outputs were handed to the producer
+    sent_at: float = 0.0  # the delivery clock once its outputs were handed to the producer
 
     @property
     def broken(self) -> bool:
@@ -188,13 +188,14 @@ class Delivery:
     def submit(self, batch: RecordBatch, routed: Routed) -> None:
         """Send every output of ``batch`` (asynchronously unless exactly-once)."""
         self._seq += 1
-        item = _InFlight(self._seq, batch, routed, pending=len(routed), sent_at=self._clock())
+        item = _InFlight(self._seq, batch, routed, pending=len(routed))
         if self._exactly_once:
             self._transaction(item)
             return
         self._inflight.append(item)
         self._by_seq[item.seq] = item
         self._send(item)
+        item.sent_at = self._clock()  # each report is due a delivery timeout after its send returned
         self.service(0.0)
 
     def _send(self, item: _InFlight) -> None:
