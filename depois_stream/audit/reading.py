@@ -114,14 +114,12 @@ def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,
             starts, stops = _bounds(consumer, tps, window)
             for tp in tps:
                 consumer.seek(tp, starts[tp])
-            left_out: list[Unread] = []
+            left_out: list[Unread] = [] if unread is None else unread
             got = _drain(consumer, tps, stops, window, timeout_s, grace_s, bootstrap=bootstrap,
                          unread=left_out)
         finally:
             consumer.close(autocommit=False)
-    if unread is not None:
-        unread.extend(left_out)
-    elif left_out:
+    if unread is None and left_out:
         log.warning("%s", describe_unread(left_out))
     return got
 

@@ -216,12 +216,13 @@ class Source:
             batch = RecordBatch.concat(self._topic, self._buffer)
             self._buffer = []
             self._next.update(batch.next_offsets())
-            # the first record with a timestamp (-1: unreadable, or an old format without one)
+            # per partition, its first record with a timestamp (-1: unreadable, or an old
+            # format without one), in one pass over the batch
             stamped = batch.timestamps_ms >= 0
-            self._first_ts.update(
-                {tp: int(batch.timestamps_ms[np.argmax((batch.partitions == tp[1]) & stamped)])
-                 for tp in batch.first_offsets()
-                 if ((batch.partitions == tp[1]) & stamped).any()})
+            stamps = batch.timestamps_ms[stamped]
+            parts, first = np.unique(batch.partitions[stamped], return_index=True)
+            self._first_ts.update({(batch.topic, int(p)): int(stamps[i])
+                                   for p, i in zip(parts.tolist(), first.tolist())})
         if len(batch) < self._batch_size:  # the client had no more to give just now
             self._asks += 1
         return batch
@@ -569,12 +570,11 @@ class Source:
             labels = (tp[0], str(tp[1]))
             self._metrics.consumer_lag.labels(*labels).set(lags[tp])
             first = self._first_ts.get(tp)
-            # The oldest unfiltered record is at least as old as the first record of the
-            # latest batch read from the partition; with no batch read yet, or a first record
-            # without a timestamp (-1: unreadable, or an old format), it is unknown.
+            # The oldest unfiltered record is at least as old as the first stamped record of
+            # the latest batch read from the partition; with none read yet it is unknown.
             if lags[tp] == 0:
                 self._metrics.consumer_lag_seconds.labels(*labels).set(0.0)
-            elif first is not None and first >= 0:
+            elif first is not None:
                 self._metrics.consumer_lag_seconds.labels(*labels).set(
                     max(0.0, (now_ms - first) / 1000))
         self._watch_stalls(lags, time.monotonic())

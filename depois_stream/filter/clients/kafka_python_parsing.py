@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import io
 from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
@@ -153,14 +154,18 @@ def raised_by_parser(exc: BaseException | None) -> bool:
     loops on it forever without returning, so it must be recovered from at once. Told apart
     from network and group errors by the parser's frame in the traceback: the exception types
     alone overlap (a codec error is a KafkaError, a gzip error is not)."""
-    if isinstance(exc, CorruptRecordError):
-        return True
+    return isinstance(exc, CorruptRecordError) or _parser_frame(exc) is not None
+
+
+def _parser_frame(exc: BaseException | None) -> FrameType | None:
+    """kafka-python's record-parsing frame (``PartitionRecords._unpack_records``) in the
+    traceback of ``exc``, if it was raised there."""
     tb = exc.__traceback__ if exc is not None else None
     while tb is not None:
         if tb.tb_frame.f_code.co_name == "_unpack_records":
-            return True
+            return tb.tb_frame
         tb = tb.tb_next
-    return False
+    return None
 
 
 def _stuck_at(stopped: int, position: int, exc: BaseException) -> tuple[int, str]:
@@ -191,21 +196,19 @@ def _batch_end(exc: BaseException) -> int | None:
     over 3 records dead-lettered the readable batch after it), and never past its base offset
     plus its record count (a delta larger than the records it carries is the producer's
     word; a compacted batch's remaining gaps then go one per poll)."""
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_name == "_unpack_records":
-            batch, part = tb.tb_frame.f_locals.get("batch"), tb.tb_frame.f_locals.get("self")
-            if getattr(batch, "magic", None) != 2:
-                return None
-            if getattr(batch, "_decompressed", True):  # iterated: its CRC was checked first, if at all
-                believed = bool(getattr(part, "check_crcs", False))
-            else:  # failed at (or before) its CRC check
-                believed = batch.validate_crc()
-            if believed:
-                return min(int(batch.next_offset), int(batch.base_offset) + int(batch.records_count))
-            return None
-        tb = tb.tb_next
-    return None
+    frame = _parser_frame(exc)
+    if frame is None:
+        return None
+    batch, part = frame.f_locals.get("batch"), frame.f_locals.get("self")
+    if getattr(batch, "magic", None) != 2:
+        return None
+    if getattr(batch, "_decompressed", True):  # iterated: its CRC was checked first, if at all
+        believed = bool(getattr(part, "check_crcs", False))
+    else:  # failed at (or before) its CRC check
+        believed = batch.validate_crc()
+    if not believed:
+        return None
+    return min(int(batch.next_offset), int(batch.base_offset) + int(batch.records_count))
 
 
 def skip_unreadable(consumer: KafkaConsumer, exc: BaseException) -> tuple[TopicPartition, list[int], str]:
