@@ -351,6 +351,103 @@ def test_a_compression_bomb_costs_kafka_python_one_bounded_batch(broker, unique,
     assert sorted(forwarded) == sorted(good)
 
 
+@pytest.mark.timeout(120)
+def test_one_kafka_python_poll_holds_a_bounded_number_of_bytes(broker, unique, monkeypatch) -> None:
+    """The decompression bound is per record batch; many small batches of one large record
+    each (25 zstd batches of 20 MiB of zeros are 18 kB on the wire) still added up within one
+    poll of --batch-size records: a reviewer measured +465 MiB in one kafka-python poll, and
+    512 such records would have been 10 GiB. A poll now stops taking records once it holds
+    MAX_HELD_BYTES (the rest stay in the fetch for the next poll: nothing skipped, nothing
+    read twice). Scaled down here: 12 records of 2 MiB against a 5 MiB bound."""
+    import depois_stream.filter.clients.base as base
+    from depois_stream.filter.clients.base import ClientSettings
+    from depois_stream.filter.clients.kafka_python import KafkaPythonConsumer
+
+    monkeypatch.setattr(base, "MAX_HELD_BYTES", 5 << 20, raising=False)
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", compression_type="zstd",
+                             linger_ms=0, max_request_size=4 << 20)
+    for i in range(12):  # one batch each: flushed one at a time
+        producer.send(topics.ingest, key=str(i).encode(), value=bytes([i]) * (2 << 20)).get(timeout=30)
+    producer.close()
+
+    consumer = KafkaPythonConsumer(ClientSettings(bootstrap_servers=broker.bootstrap,
+                                                  client_id=unique, group_id=unique), lambda e: None)
+    consumer.subscribe(topics.ingest, lambda tps: {}, lambda tps: None, lambda tps: None)
+    polls: list[list[int]] = []
+    seen: list[int] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(seen) < 12 and time.monotonic() < deadline:
+            got = consumer.poll(1.0, 512)
+            if len(got):
+                polls.append([len(v) for v in got.values])
+                seen += got.offsets.tolist()
+                assert all(v == bytes([k]) * (2 << 20) for k, v in zip(got.offsets.tolist(), got.values))
+    finally:
+        consumer.close()
+    assert seen == list(range(12)), seen  # in order, none skipped, none twice
+    import gc
+
+    from depois_stream.filter.clients.kafka_python_parsing import _PollFull
+    # a poll's end must not leave its frames (and records) in a reference cycle: that kept
+    # 80 MiB per poll alive until the next full collection
+    assert not [o for o in gc.get_objects() if isinstance(o, _PollFull)]
+    assert max(sum(p) for p in polls) <= (5 << 20) + (2 << 20), polls  # the bound, plus one record
+    assert len(polls) >= 4, polls  # 3 records (6 MiB) a poll at most
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_in_hand_holds_a_bounded_number_of_bytes(broker, unique, centroid_model,
+                                                         monkeypatch) -> None:
+    """The linger window gathered polls until --batch-size records, whatever their size, so 25
+    records of 20 MiB (18 kB of zstd on the wire) became one 500 MiB batch (peak RSS 673 MiB).
+    A batch now stops growing once it holds MAX_HELD_BYTES, and a kafka-python poll stops
+    taking records there too; every record is still dead-lettered (too large to forward) and
+    committed once. Scaled down: 12 records of 2 MiB against a 5 MiB bound. Not
+    confluent-kafka: librdkafka decompresses what it prefetches, so the bytes are spent inside
+    it before a poll could refuse them (docs/wire-format.md)."""
+    kafka_client = "kafka-python"
+    import threading
+
+    import depois_stream.filter.clients.base as base
+    from depois_stream.filter import pipeline
+    from depois_stream.filter.app import StreamFilter
+    from depois_stream.filter.metrics import Metrics
+    from tests.helpers.kafka_io import consumer_config, read_all, wait_for
+
+    monkeypatch.setattr(base, "MAX_HELD_BYTES", 5 << 20, raising=False)
+    held: list[int] = []
+    score = pipeline.score
+
+    def spy(batch, *args, **kwargs):
+        held.append(sum(len(v) for v in batch.values if v))
+        return score(batch, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "score", spy)
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", compression_type="zstd",
+                             linger_ms=0, max_request_size=4 << 20)
+    for i in range(12):  # one batch each
+        producer.send(topics.ingest, key=str(i).encode(), value=bytes(2 << 20)).get(timeout=30)
+    producer.close()
+    flt = StreamFilter(consumer_config(broker.bootstrap, topics, unique, centroid_model, client=kafka_client,
+                                       batch_size=512, linger_ms=2000, exit_when_idle_s=None), Metrics())
+    stop = threading.Event()
+    runner = threading.Thread(target=flt.run, args=(stop,))
+    runner.start()
+    try:
+        wait_for(lambda: committed(broker.bootstrap, unique, topics.ingest) == {0: 12}, timeout_s=60)
+    finally:
+        stop.set()
+        runner.join(timeout=30)
+    assert not runner.is_alive()
+    dead = sorted(int(H.as_dict(r.headers)[H.SOURCE_OFFSET]) for r in read_all(broker.bootstrap, topics.dlq))
+    assert dead == list(range(12))
+    assert max(held) <= 2 * (5 << 20) + (2 << 20), held  # the batch's bound, one poll's, one record
+    assert len([h for h in held if h]) >= 2, held
+
+
 def test_stuck_at_names_the_first_offset_kafka_python_cannot_hand_over() -> None:
     from depois_stream.filter.clients.kafka_python_parsing import _stuck_at
 

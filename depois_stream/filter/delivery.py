@@ -188,7 +188,9 @@ class Delivery:
     def submit(self, batch: RecordBatch, routed: Routed) -> None:
         """Send every output of ``batch`` (asynchronously unless exactly-once)."""
         self._seq += 1
-        item = _InFlight(self._seq, batch, routed, pending=len(routed))
+        # where the records came from is all an item needs of its batch (a retry reads them
+        # again): their payloads, records too large to forward included, are not kept in flight
+        item = _InFlight(self._seq, batch.positions(), routed, pending=len(routed))
         if self._exactly_once:
             self._transaction(item)
             return

@@ -9,12 +9,16 @@ labels; never a sample id.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
 from depois_stream.contract.wire import DLQ_REASONS
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NAMESPACE = "depois"
 
@@ -218,7 +222,7 @@ class BatchHistogram:
         """One value (prometheus-client's Histogram interface)."""
         self.observe_many([value])
 
-    def observe_many(self, values: "np.ndarray") -> None:
+    def observe_many(self, values: np.ndarray | list[float]) -> None:
         import numpy as np
 
         values = np.asarray(values, dtype=np.float64).ravel()

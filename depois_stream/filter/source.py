@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from depois_stream.filter.clients import base
 from depois_stream.filter.clients.base import TP, ClientError, Consumer, RecordBatch
 from depois_stream.filter.metrics import Metrics
 
@@ -73,7 +74,8 @@ class _Stall:
 
 
 class Source:
-    """Collects batches of at most ``batch_size`` records, lingering ``linger_ms`` to fill them."""
+    """Collects batches of at most ``batch_size`` records, lingering ``linger_ms`` to fill them,
+    and stops filling one once it holds ``MAX_HELD_BYTES`` of keys and values."""
 
     def __init__(self, consumer: Consumer, topic: str, batch_size: int, linger_ms: int,
                  metrics: Metrics, on_revoked: Callable[[set[TP]], None] = lambda tps: None,
@@ -196,11 +198,13 @@ class Source:
     def next_batch(self, should_stop: Callable[[], bool] = lambda: False) -> RecordBatch:
         """The next batch, or an empty one after ``IDLE_POLL_S`` without records."""
         deadline: float | None = None
+        held = 0  # bytes gathered for this batch (a revocation's drop does not give them back)
         while True:
             room = self._batch_size - self._buffered()
             wait = IDLE_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
             got = self._poll(wait, room)
             if len(got):
+                held += got.held_bytes
                 with self._lock:
                     self._buffer.append(got)
             if deadline is None:
@@ -210,7 +214,7 @@ class Source:
                     return RecordBatch.empty(self._topic)
                 deadline = time.monotonic() + self._linger_s
             if (self._buffered() >= self._batch_size or time.monotonic() >= deadline
-                    or should_stop()):
+                    or held >= base.MAX_HELD_BYTES or should_stop()):
                 break
         with self._lock:
             batch = RecordBatch.concat(self._topic, self._buffer)

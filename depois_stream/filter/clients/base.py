@@ -34,6 +34,14 @@ TP = tuple[str, int]  # (topic, partition): client-neutral and hashable
 # compose's 30 s stop grace period and the manifests' 45 s. A healthy broker answers in ms.
 SHUTDOWN_STEP_S = 3.0
 
+# The key and value bytes the filter holds in hand for one batch before it stops reading more
+# into it: the linger window stops there (source.Source), and so does a kafka-python poll
+# (librdkafka decompresses what it prefetches, before any poll could refuse it). Without it,
+# --batch-size records of any size were gathered: 25 records of 20 MiB of zeros, 18 kB of zstd
+# on the wire, made one 500 MiB batch (a reviewer's find, stop 47). A batch of 512 digits
+# images is 0.4 MB; images of 1 MiB make batches of 64, at the same rate.
+MAX_HELD_BYTES = 64 << 20
+
 
 # A transactional call that has not returned this long after its own timeout is taken as wedged
 # (bound = TXN_BOUND_FACTOR * timeout + TXN_GRACE_S: 50 s at the default 30 s delivery timeout;
@@ -248,6 +256,11 @@ class RecordBatch:
     def __len__(self) -> int:
         return len(self.values)
 
+    @property
+    def held_bytes(self) -> int:
+        """Key and value bytes (what MAX_HELD_BYTES bounds)."""
+        return sum(len(v) for v in self.values if v) + sum(len(k) for k in self.keys if k)
+
     @classmethod
     def empty(cls, topic: str) -> RecordBatch:
         return cls(topic, np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64),
@@ -277,6 +290,12 @@ class RecordBatch:
                    np.concatenate([p.timestamps_ms for p in parts]),
                    [k for p in parts for k in p.keys], [v for p in parts for v in p.values],
                    [h for p in parts for h in p.headers])
+
+    def positions(self) -> RecordBatch:
+        """The same records without keys, values or headers: where they came from, no more."""
+        n = len(self)
+        return RecordBatch(self.topic, self.partitions, self.offsets, self.timestamps_ms,
+                           [None] * n, [None] * n, [None] * n)
 
     def select(self, mask: np.ndarray) -> RecordBatch:
         """The records where ``mask`` is true (a boolean array of length n)."""

@@ -7,8 +7,10 @@ consumer and by replay's reader.
   the filter to 2.1 GiB, past the shipped 1 GiB memory limit (fuzz drill, stop 47). Its parsers
   call module-level decoder names; ``bound_decompression`` points them at the decoders below,
   which stop at ``MAX_BATCH_BYTES`` and raise, so the batch is unreadable (its offsets
-  dead-lettered as malformed) as a batch that does not decompress is. The bound is per batch:
-  many batches of one large record each still add up (see docs/wire-format.md).
+  dead-lettered as malformed) as a batch that does not decompress is.
+* That bound is per batch, and many batches of one large record each (25 zstd batches of 20 MiB
+  of zeros are 18 kB on the wire) added up within one poll of --batch-size records: a poll now
+  stops taking records once it holds ``base.MAX_HELD_BYTES`` (``bound_polls``).
 * A record it cannot parse (a header name that is not UTF-8, a bad CRC, a batch that does not
   decompress) makes it raise once and then spin on the stuck fetch: ``skip_unreadable`` moves
   the consumer past it, and past the rest of its batch, which kafka-python cannot reach.
@@ -18,12 +20,16 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
+import threading
 from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import CorruptRecordError
+
+from depois_stream.filter.clients import base
 
 # The most bytes one record batch may decompress to when kafka-python reads it (the filter and
 # replay). A legitimate batch is far smaller: producers batch 16 kB (Java) to 1 MB (librdkafka)
@@ -143,6 +149,74 @@ def bound_decompression() -> None:
         for name, decode in BOUNDED_DECODERS.items():
             if hasattr(module, f"{name}_decode"):
                 setattr(module, f"{name}_decode", decode)
+    bound_polls()
+
+
+class _PollFull(Exception):
+    """Raised by a bounded ``take`` to end a poll that holds MAX_HELD_BYTES (never escapes)."""
+
+
+_poll = threading.local()  # per thread: what the poll being made holds so far, [bytes, records]
+
+
+def bound_polls() -> None:
+    """Make one kafka-python poll stop taking records once they hold ``base.MAX_HELD_BYTES``.
+
+    kafka-python decompresses record batches lazily, as its per-partition record iterator is
+    taken from, and a poll takes up to ``max_records`` records whatever their size. The
+    patched ``PartitionRecords.take`` counts the bytes the poll has taken and stops pulling
+    from the iterator at the bound, so the records past it stay undecompressed in the fetch,
+    next in line for the next poll. ``Fetcher.fetched_records`` loops until ``max_records`` or
+    an exception: a full poll's next ``take`` raises ``_PollFull``, which the patched
+    ``fetched_records`` drops once the records drained so far are returned (kafka-python
+    would otherwise raise it at the next poll). Idempotent; called with
+    ``bound_decompression``."""
+    from kafka.consumer.fetcher import Fetcher
+
+    records_class = Fetcher.PartitionRecords
+    if getattr(records_class.take, "_depois_bounded", False):
+        return
+    take, fetched_records = records_class.take, Fetcher.fetched_records
+
+    def bounded_take(self: Any, n: int | None = None) -> list[Any]:
+        held = getattr(_poll, "held", None)
+        if held is None:  # not inside fetched_records (kafka-python's own use): as it was
+            return take(self, n)
+        self._maybe_raise_next_inline_exception()
+        if held[1] and held[0] >= base.MAX_HELD_BYTES:
+            raise _PollFull
+        records: list[Any] = []
+        try:
+            for record in itertools.islice(self.record_iterator, 0, n):
+                records.append(record)
+                held[0] += max(record.serialized_key_size, 0) + max(record.serialized_value_size, 0)
+                held[1] += 1
+                if held[0] >= base.MAX_HELD_BYTES:
+                    break
+        except Exception as e:  # as kafka-python's take: raised at its next call
+            if not records:
+                raise
+            self._next_inline_exception = e
+        return records
+
+    def bounded_fetched_records(self: Any, max_records: int | None = None,
+                                update_offsets: bool = True) -> tuple[dict[Any, list[Any]], bool]:
+        _poll.held = [0, 0]
+        try:
+            drained, partial = fetched_records(self, max_records, update_offsets)
+        finally:
+            _poll.held = None
+        if isinstance(getattr(self._next_in_line_exception_metadata, "exception", None), _PollFull):
+            # the in-hand records go on at the next poll; the traceback is dropped, or its
+            # frames (this one's caller included) and the poll's records live in a reference
+            # cycle until the next full garbage collection (measured: 80 MiB per poll kept)
+            self._next_in_line_exception_metadata.exception.__traceback__ = None
+            self._next_in_line_exception_metadata = None
+        return drained, partial
+
+    bounded_take._depois_bounded = True  # type: ignore[attr-defined]
+    records_class.take = bounded_take
+    Fetcher.fetched_records = bounded_fetched_records
 
 
 def raised_by_parser(exc: BaseException | None) -> bool:
