@@ -345,6 +345,24 @@ def test_full_batches_of_other_partitions_are_not_asks():
     assert _restarts(source) == 1
 
 
+def test_batches_full_in_bytes_of_other_partitions_are_not_asks(monkeypatch):
+    """A batch cut short by MAX_HELD_BYTES (large records of another partition) is as full as
+    one of --batch-size records: the partition whose records wait behind them is queued, not
+    stalled, and restarting it would read its records twice."""
+    from depois_stream.filter.clients import base
+
+    monkeypatch.setattr(base, "MAX_HELD_BYTES", 10)
+    source, consumer = _stalled_source([_records(0, 0, 10)])
+    source._watch_stalls({P0: 5}, now=0.0)
+    consumer.steps = [_records(1, k * 10, 10) for k in range(STALL_MIN_ASKS)]  # 10 bytes each
+    _asked(source, STALL_MIN_ASKS)
+    source._watch_stalls({P0: 5}, now=60.0)
+    assert _restarts(source) == 0
+    _asked(source, STALL_MIN_ASKS)  # worked off: nothing for P0 all the same
+    source._watch_stalls({P0: 5}, now=61.0)
+    assert _restarts(source) == 1
+
+
 def test_a_settled_rewind_replaces_the_hand_back_of_a_revoked_partition():
     """Exactly-once, kafka-python: a commit whose reply was lost rewinds the batch (100), the
     partition is revoked while the filter backs off, then the group's committed offset (104:

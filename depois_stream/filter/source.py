@@ -227,8 +227,8 @@ class Source:
             parts, first = np.unique(batch.partitions[stamped], return_index=True)
             self._first_ts.update({(batch.topic, int(p)): int(stamps[i])
                                    for p, i in zip(parts.tolist(), first.tolist())})
-        if len(batch) < self._batch_size:  # the client had no more to give just now
-            self._asks += 1
+        if len(batch) < self._batch_size and held < base.MAX_HELD_BYTES:
+            self._asks += 1  # the client had no more to give just now
         return batch
 
     def idle(self, timeout_s: float) -> None:
