@@ -352,7 +352,8 @@ def test_a_compression_bomb_costs_kafka_python_one_bounded_batch(broker, unique,
 
 
 @pytest.mark.timeout(120)
-def test_one_kafka_python_poll_holds_a_bounded_number_of_bytes(broker, unique, monkeypatch) -> None:
+@pytest.mark.parametrize("carrier", ["value", "header"])
+def test_one_kafka_python_poll_holds_a_bounded_number_of_bytes(carrier, broker, unique, monkeypatch) -> None:
     """The decompression bound is per record batch; many small batches of one large record
     each (25 zstd batches of 20 MiB of zeros are 18 kB on the wire) still added up within one
     poll of --batch-size records: a reviewer measured +465 MiB in one kafka-python poll, and
@@ -368,7 +369,9 @@ def test_one_kafka_python_poll_holds_a_bounded_number_of_bytes(broker, unique, m
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", compression_type="zstd",
                              linger_ms=0, max_request_size=4 << 20)
     for i in range(12):  # one batch each: flushed one at a time
-        producer.send(topics.ingest, key=str(i).encode(), value=bytes([i]) * (2 << 20)).get(timeout=30)
+        big = bytes([i]) * (2 << 20)  # a header is inside the compressed batch too
+        producer.send(topics.ingest, key=str(i).encode(), value=big if carrier == "value" else b"",
+                      headers=[] if carrier == "value" else [("h", big)]).get(timeout=30)
     producer.close()
 
     consumer = KafkaPythonConsumer(ClientSettings(bootstrap_servers=broker.bootstrap,
@@ -381,9 +384,10 @@ def test_one_kafka_python_poll_holds_a_bounded_number_of_bytes(broker, unique, m
         while len(seen) < 12 and time.monotonic() < deadline:
             got = consumer.poll(1.0, 512)
             if len(got):
-                polls.append([len(v) for v in got.values])
+                polls.append([len(v) + sum(len(x) for _, x in h) for v, h in zip(got.values, got.headers)])
                 seen += got.offsets.tolist()
-                assert all(v == bytes([k]) * (2 << 20) for k, v in zip(got.offsets.tolist(), got.values))
+                big = [v if carrier == "value" else h[0][1] for v, h in zip(got.values, got.headers)]
+                assert all(b == bytes([k]) * (2 << 20) for k, b in zip(got.offsets.tolist(), big))
     finally:
         consumer.close()
     assert seen == list(range(12)), seen  # in order, none skipped, none twice

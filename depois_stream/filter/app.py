@@ -212,6 +212,7 @@ class StreamFilter:
                 # whose last offsets are still to be committed, nor an open breaker one whose
                 # held batch is unfiltered, nor a log restart one with a stray commit left)
                 idle_since = now
+            del batch  # not held while the next one is gathered (MAX_HELD_BYTES)
             delivery.service(0.0)
             if now >= next_lag:
                 next_lag = now + self.cfg.lag_interval_s

@@ -75,7 +75,7 @@ class _Stall:
 
 class Source:
     """Collects batches of at most ``batch_size`` records, lingering ``linger_ms`` to fill them,
-    and stops filling one once it holds ``MAX_HELD_BYTES`` of keys and values."""
+    and stops filling one once it holds ``MAX_HELD_BYTES`` of keys, values and headers."""
 
     def __init__(self, consumer: Consumer, topic: str, batch_size: int, linger_ms: int,
                  metrics: Metrics, on_revoked: Callable[[set[TP]], None] = lambda tps: None,
@@ -204,7 +204,8 @@ class Source:
             wait = IDLE_POLL_S if deadline is None else max(0.0, deadline - time.monotonic())
             got = self._poll(wait, room)
             if len(got):
-                held += got.held_bytes
+                if len(got) < room:  # a full batch ends here anyway: only a partial one is counted
+                    held += got.held_bytes
                 with self._lock:
                     self._buffer.append(got)
             if deadline is None:

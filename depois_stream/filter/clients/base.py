@@ -34,9 +34,11 @@ TP = tuple[str, int]  # (topic, partition): client-neutral and hashable
 # compose's 30 s stop grace period and the manifests' 45 s. A healthy broker answers in ms.
 SHUTDOWN_STEP_S = 3.0
 
-# The key and value bytes the filter holds in hand for one batch before it stops reading more
-# into it: the linger window stops there (source.Source), and so does a kafka-python poll
-# (librdkafka decompresses what it prefetches, before any poll could refuse it). Without it,
+# The key, value and header bytes the filter holds in hand for one batch before it stops reading
+# more into it: the linger window stops there (source.Source), and so does a kafka-python poll.
+# A confluent-kafka poll hands over what librdkafka prefetched and decompressed, up to
+# --batch-size records, before anything could refuse it (its prefetch limit counts bytes on the
+# wire): with that client the bound holds between polls only. Without it,
 # --batch-size records of any size were gathered: 25 records of 20 MiB of zeros, 18 kB of zstd
 # on the wire, made one 500 MiB batch (a reviewer's find, stop 47). A batch of 512 digits
 # images is 0.4 MB; images of 1 MiB make batches of 64, at the same rate.
@@ -258,8 +260,10 @@ class RecordBatch:
 
     @property
     def held_bytes(self) -> int:
-        """Key and value bytes (what MAX_HELD_BYTES bounds)."""
-        return sum(len(v) for v in self.values if v) + sum(len(k) for k in self.keys if k)
+        """Key, value and header value bytes (what MAX_HELD_BYTES bounds): a header is inside
+        the compressed record batch too, so it can be a bomb as well."""
+        return (sum(len(v) for v in self.values if v) + sum(len(k) for k in self.keys if k)
+                + sum(len(v) for h in self.headers if isinstance(h, list) for _, v in h if v))
 
     @classmethod
     def empty(cls, topic: str) -> RecordBatch:

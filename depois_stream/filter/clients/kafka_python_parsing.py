@@ -189,7 +189,8 @@ def bound_polls() -> None:
         try:
             for record in itertools.islice(self.record_iterator, 0, n):
                 records.append(record)
-                held[0] += max(record.serialized_key_size, 0) + max(record.serialized_value_size, 0)
+                held[0] += (max(record.serialized_key_size, 0) + max(record.serialized_value_size, 0)
+                            + max(record.serialized_header_size, 0))
                 held[1] += 1
                 if held[0] >= base.MAX_HELD_BYTES:
                     break
