@@ -94,6 +94,8 @@ class Source:
         self._handback: dict[TP, int] = {}  # where a revoked partition must resume if it returns
         self._unsettled: dict[TP, int] = {}  # hand-backs applied, not yet checked against the commit
         self._first_ts: dict[TP, int] = {}  # timestamp of the first record of the last batch
+        # when the last lag read that the broker answered, with nothing left to read, began
+        self.caught_up_at: float | None = None
         self.assigned: frozenset[TP] = frozenset()
         self.joined = False
         self._pause_reasons: set[str] = set()  # "breaker", "backoff": paused while non-empty
@@ -563,11 +565,14 @@ class Source:
         owned = sorted(self.assigned)
         if not owned:
             return
+        began = time.monotonic()
         try:
             lags = self._consumer.lag(owned, timeout_s)
         except ClientError as exc:
             log.warning("could not read end offsets for the lag metrics: %s", exc)
             return
+        if all(lag <= 0 for lag in lags.values()):
+            self.caught_up_at = began
         now_ms = time.time() * 1000
         for tp in owned:
             if tp not in lags:
