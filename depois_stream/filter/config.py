@@ -178,7 +178,8 @@ class ConsumerConfig(BaseSettings):
         "ssl_cafile, ssl_certfile, ssl_keyfile, max_request_size, ...). Options that decide "
         "delivery semantics are refused."))
     exit_when_idle_s: float | None = Field(None, gt=0.0, le=MAX_SECONDS, description=(
-        "Exit 0 after this many seconds without records (demos and tests); time while the "
+        "Exit 0 after this many seconds without records (demos and tests), once a lag read "
+        "the broker answered after the quiet began finds nothing left to read; time while the "
         "broker is unreachable or the circuit breaker is open does not count."))
 
     @field_validator("bootstrap_servers")
