@@ -182,7 +182,7 @@ class StreamFilter:
         """The filter's loop: model reload, breaker, backoff, then one batch at a time."""
         _quiet_garbage_collector()
         watcher = self._model_watcher()
-        idle_since = next_lag = time.monotonic()
+        idle_since = next_lag = lag_asked = time.monotonic()
         while not stop.is_set():
             self._loop_at = now = time.monotonic()
             if (new := watcher.poll()) is not None:
@@ -215,7 +215,7 @@ class StreamFilter:
             del batch  # not held while the next one is gathered (MAX_HELD_BYTES)
             delivery.service(0.0)
             if now >= next_lag:
-                next_lag = now + self.cfg.lag_interval_s
+                next_lag, lag_asked = now + self.cfg.lag_interval_s, now
                 source.update_lag()
             if (self.cfg.exit_when_idle_s is not None
                     and now - idle_since >= self.cfg.exit_when_idle_s):
@@ -225,7 +225,8 @@ class StreamFilter:
                 if (source.caught_up_at or float("-inf")) >= idle_since:
                     log.info("no records for %.1f s: exiting", self.cfg.exit_when_idle_s)
                     break
-                next_lag = min(next_lag, now)  # ask now (then every --lag-interval-s)
+                if lag_asked < idle_since:
+                    next_lag = now  # ask once now, then every --lag-interval-s
         if not delivery.drain(SHUTDOWN_DRAIN_S):
             log.warning("stopping with outputs unacknowledged; they were not committed and "
                         "will be filtered again")
