@@ -156,7 +156,7 @@ class _PollFull(Exception):
     """Raised by a bounded ``take`` to end a poll that holds MAX_HELD_BYTES (never escapes)."""
 
 
-_poll = threading.local()  # per thread: what the poll being made holds so far, [bytes, records]
+_poll = threading.local()  # per thread: the bytes the poll being made holds so far (``held``)
 
 
 def bound_polls() -> None:
@@ -183,26 +183,26 @@ def bound_polls() -> None:
         if held is None:  # not inside fetched_records (kafka-python's own use): as it was
             return take(self, n)
         self._maybe_raise_next_inline_exception()
-        if held[1] and held[0] >= base.MAX_HELD_BYTES:
+        if held >= base.MAX_HELD_BYTES:  # only after a record: the bound is positive
             raise _PollFull
         records: list[Any] = []
         try:
             for record in itertools.islice(self.record_iterator, 0, n):
                 records.append(record)
-                held[0] += (max(record.serialized_key_size, 0) + max(record.serialized_value_size, 0)
-                            + max(record.serialized_header_size, 0))
-                held[1] += 1
-                if held[0] >= base.MAX_HELD_BYTES:
+                held += (max(record.serialized_key_size, 0) + max(record.serialized_value_size, 0)
+                         + max(record.serialized_header_size, 0))
+                if held >= base.MAX_HELD_BYTES:
                     break
         except Exception as e:  # as kafka-python's take: raised at its next call
             if not records:
                 raise
             self._next_inline_exception = e
+        _poll.held = held
         return records
 
     def bounded_fetched_records(self: Any, max_records: int | None = None,
                                 update_offsets: bool = True) -> tuple[dict[Any, list[Any]], bool]:
-        _poll.held = [0, 0]
+        _poll.held = 0
         try:
             drained, partial = fetched_records(self, max_records, update_offsets)
         finally:
