@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import socket
 import os
 import subprocess
 import sys
@@ -189,6 +190,8 @@ def _check(title: str, ref: str, s: Scenario, series: list) -> None:
     elif (title, ref) == ("Model version and provider", "E"):
         (build,) = series
         assert build.labels["version"] and build.labels["client"] in {"kafka-python", "confluent-kafka"}
+        # what a page's "(host ...)" names: the container id on compose, the pod on Kubernetes
+        assert build.labels["hostname"] == socket.gethostname()
     elif title == "Consumers up":
         assert v == [1.0]
     elif title in {"Broker reachable", "Broker reachable and group membership"}:

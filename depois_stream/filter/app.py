@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -135,7 +136,10 @@ class StreamFilter:
                  self.detector.metadata.model_version, self.detector.sha256[:12],
                  self.detector.provider)
         self._publish_model(self.detector)
-        self.metrics.build_info.info({"version": __version__, "client": self.client.name})
+        # hostname: on compose an alert names a replica by its container IP, which no docker
+        # command takes; the host name is the container id there (the pod name on Kubernetes).
+        self.metrics.build_info.info({"version": __version__, "client": self.client.name,
+                                      "hostname": socket.gethostname()})
         self.metrics.client_calls_abandoned.set_function(abandoned_calls)
         self._tripped_by = ""  # sha256 of the model serving when the breaker last opened
         self._flag_complaint = ""  # the last resume-flag error logged (said once, not per loop)
