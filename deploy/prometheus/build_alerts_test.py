@@ -68,6 +68,8 @@ TAIL = """
         values: '_x5 -7200x75'
       - series: 'depois_circuit_breaker_open{job="depois-consumer",instance="a:9108"}'
         values: '0 0 1x80'
+      - series: 'depois_build_info{job="depois-consumer",instance="a:9108",version="1",client="kafka-python",hostname="3f2a9c1b7d4e"}'
+        values: '1x82'
       - series: 'depois_circuit_breaker_trips_total{job="depois-consumer",instance="a:9108"}'
         values: '0 0 1x80'
       - series: 'depois_circuit_breaker_open{job="depois-consumer",instance="b:9108"}'
@@ -87,7 +89,7 @@ TAIL = """
         exp_alerts:
           - exp_labels: {severity: page, job: depois-consumer, instance: "a:9108"}
             exp_annotations:
-              summary: "Circuit breaker open on a:9108: consumption is paused"
+              summary: "Circuit breaker open on a:9108 (host 3f2a9c1b7d4e): consumption is paused"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoiscircuitopen
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=7
       - eval_time: 0m
@@ -663,6 +665,64 @@ TAIL = """
               summary: "7 ingest records of restarted carried forged depois.* headers in 30 minutes"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisforgedheaders
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=restarted&viewPanel=23
+
+  # Member a restarts at minutes 5, 10 and 15 (a crash loop that lives long enough to be
+  # scraped); its summary names its host (the container id on compose). Member b restarted
+  # once. Prometheus' own process restarted three times but exports no depois_build_info.
+  - interval: 1m
+    input_series:
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="a:9108"}'
+        values: '0x4 300x4 600x4 900x10'
+      - series: 'depois_build_info{job="depois-consumer",instance="a:9108",version="1",client="kafka-python",hostname="3f2a9c1b7d4e"}'
+        values: '1x25'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="b:9108"}'
+        values: '0x9 600x15'
+      - series: 'depois_build_info{job="depois-consumer",instance="b:9108",version="1",client="kafka-python",hostname="9e8d7c6b5a41"}'
+        values: '1x25'
+      - series: 'process_start_time_seconds{job="prometheus",instance="localhost:9090"}'
+        values: '0x4 300x4 600x4 900x10'
+    alert_rule_test:
+      - eval_time: 14m
+        alertname: DepoisConsumerRestarting
+        exp_alerts: []
+      - eval_time: 16m
+        alertname: DepoisConsumerRestarting
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
+            exp_annotations:
+              summary: "depois consumer a:9108 (host 3f2a9c1b7d4e) restarted 3 times in 30 minutes"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisconsumerrestarting
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=25
+
+  # Job depois-consumer: three replicas until replica c stops at minute 30 (on compose its
+  # target leaves service discovery: the series goes stale, it never reads 0). Job rolling: a
+  # rolling restart takes each of its three replicas away for one minute, in turn: quiet.
+  - interval: 1m
+    input_series:
+      - series: 'depois_build_info{job="depois-consumer",instance="a:9108"}'
+        values: '1x60'
+      - series: 'depois_build_info{job="depois-consumer",instance="b:9108"}'
+        values: '1x60'
+      - series: 'depois_build_info{job="depois-consumer",instance="c:9108"}'
+        values: '1x29 stale'
+      - series: 'depois_build_info{job="rolling",instance="a:9108"}'
+        values: '1x29 stale 1x30'
+      - series: 'depois_build_info{job="rolling",instance="b:9108"}'
+        values: '1x31 stale 1x28'
+      - series: 'depois_build_info{job="rolling",instance="c:9108"}'
+        values: '1x33 stale 1x26'
+    alert_rule_test:
+      - eval_time: 40m
+        alertname: DepoisReplicasMissing
+        exp_alerts: []
+      - eval_time: 46m
+        alertname: DepoisReplicasMissing
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer}
+            exp_annotations:
+              summary: "depois-consumer: fewer consumer replicas answer than in the last hour (on average 2.0 over 15 minutes)"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisreplicasmissing
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&viewPanel=25
 """
 
 def ann(alert, summary, panel, job, instance=None):
