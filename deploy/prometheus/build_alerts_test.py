@@ -694,22 +694,29 @@ TAIL = """
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisconsumerrestarting
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=25
 
-  # Job depois-consumer: three replicas until replica c stops at minute 30 (on compose its
-  # target leaves service discovery: the series goes stale, it never reads 0). Job rolling: a
-  # rolling restart takes each of its three replicas away for one minute, in turn: quiet.
+  # Job depois-consumer: three compose replicas until replica c stops at minute 30 (its target
+  # leaves Docker's DNS: the series goes stale, it never reads 0). Job rolling: a rolling
+  # restart takes each of its three replicas away for one minute, in turn: quiet. Job kube: an
+  # autoscaler on Kubernetes scales from three pods to two (no discovery label): quiet.
   - interval: 1m
     input_series:
-      - series: 'depois_build_info{job="depois-consumer",instance="a:9108"}'
+      - series: 'depois_build_info{job="depois-consumer",discovery="docker-dns",instance="a:9108"}'
         values: '1x60'
-      - series: 'depois_build_info{job="depois-consumer",instance="b:9108"}'
+      - series: 'depois_build_info{job="depois-consumer",discovery="docker-dns",instance="b:9108"}'
         values: '1x60'
-      - series: 'depois_build_info{job="depois-consumer",instance="c:9108"}'
+      - series: 'depois_build_info{job="depois-consumer",discovery="docker-dns",instance="c:9108"}'
         values: '1x29 stale'
-      - series: 'depois_build_info{job="rolling",instance="a:9108"}'
+      - series: 'depois_build_info{job="kube",instance="a:9108"}'
+        values: '1x60'
+      - series: 'depois_build_info{job="kube",instance="b:9108"}'
+        values: '1x60'
+      - series: 'depois_build_info{job="kube",instance="c:9108"}'
+        values: '1x29 stale'
+      - series: 'depois_build_info{job="rolling",discovery="docker-dns",instance="a:9108"}'
         values: '1x29 stale 1x30'
-      - series: 'depois_build_info{job="rolling",instance="b:9108"}'
+      - series: 'depois_build_info{job="rolling",discovery="docker-dns",instance="b:9108"}'
         values: '1x31 stale 1x28'
-      - series: 'depois_build_info{job="rolling",instance="c:9108"}'
+      - series: 'depois_build_info{job="rolling",discovery="docker-dns",instance="c:9108"}'
         values: '1x33 stale 1x26'
     alert_rule_test:
       - eval_time: 40m
