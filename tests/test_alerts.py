@@ -29,6 +29,8 @@ from tests.helpers.prometheus import (
     AlertmanagerServer, PrometheusServer, PushgatewayServer, alertmanager_binary,
     prometheus_binary, pushgateway_binary, resolve_dashboard_variables)
 
+pytestmark = pytest.mark.serial  # a page must reach Alertmanager within a minute
+
 REPO = Path(__file__).resolve().parents[1]
 PROM_DIR = REPO / "deploy" / "prometheus"
 ALERTS = PROM_DIR / "alerts.yml"

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.serial  # a seek must answer within half a second
+
 confluent = pytest.importorskip("depois_stream.filter.clients.confluent")
 from confluent_kafka import TopicPartition  # noqa: E402
 

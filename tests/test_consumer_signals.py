@@ -7,12 +7,15 @@ import subprocess
 from collections import defaultdict
 from pathlib import Path
 
+import pytest
 from kafka import KafkaConsumer, TopicPartition
 
 from depois_stream.contract import headers as H
 from depois_stream.sim.broker import TEST_HEARTBEAT_INTERVAL_MS, TEST_SESSION_TIMEOUT_MS
 from tests.helpers.kafka_io import (Topics, committed, publish, read_all, run_command,
                                     tiled_stream, wait_for)
+
+pytestmark = pytest.mark.serial  # SIGTERM must end the filter within 10 s
 
 
 def _start(bootstrap: str, topics: Topics, group: str, model: Path, *extra: str,

@@ -15,6 +15,8 @@ from depois_stream.filter.clients.base import ClientError, ProduceError
 from depois_stream.filter.delivery import Delivery, DeliveryError
 from depois_stream.filter.metrics import Metrics
 
+pytestmark = pytest.mark.serial  # bounds how long a failing send or commit blocks
+
 
 class _Producer:
     def __init__(self) -> None:

@@ -11,10 +11,13 @@ import socket
 import time
 import urllib.request
 
+import pytest
 from prometheus_client import CollectorRegistry
 
 import depois_stream.filter.http as http_module
 from depois_stream.filter.http import HealthServer
+
+pytestmark = pytest.mark.serial  # an idle connection must be closed within 5 s
 
 
 def test_a_connection_that_sends_nothing_is_closed_and_probes_still_answer(monkeypatch) -> None:

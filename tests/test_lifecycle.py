@@ -18,7 +18,7 @@ from depois_stream.sim.broker import LocalBroker, free_port
 from tests.helpers.kafka_io import (Topics, committed, publish, read_all, readiness,
                                     run_command, tiled_stream, wait_for)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.serial]  # bounds start-up, stop and resume times
 
 
 def _start(bootstrap: str, topics: Topics, group: str, model: Path, port: int,

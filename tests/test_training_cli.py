@@ -15,6 +15,8 @@ from typer.testing import CliRunner
 from training.cli import EXIT_CODES, EXIT_DATA, EXIT_USAGE, app
 from training.config import FitConfig
 
+pytestmark = pytest.mark.serial  # a refusal must come within 10 s, before any training
+
 
 def _run(args: list[str]):
     started = time.perf_counter()
