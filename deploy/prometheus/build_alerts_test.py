@@ -100,7 +100,7 @@ TAIL = """
         exp_alerts:
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
             exp_annotations:
-              summary: "The circuit breaker of a:9108 tripped in the last hour"
+              summary: "The circuit breaker of a:9108 (host 3f2a9c1b7d4e) tripped in the last hour"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoiscircuitbreakertripped
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=7
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "b:9108"}
@@ -666,26 +666,33 @@ TAIL = """
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisforgedheaders
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=restarted&viewPanel=23
 
-  # Member a restarts at minutes 5, 10 and 15 (a crash loop that lives long enough to be
-  # scraped); its summary names its host (the container id on compose). Member b restarted
-  # once. Prometheus' own process restarted three times but exports no depois_build_info.
+  # Member a crash-loops: each restart misses a scrape (stale at minutes 5, 10, 15 and 20)
+  # and comes back with a new process start. The ticket opens with the third restart and stays
+  # open through the fourth one's gap (an instant match on depois_build_info resolved it
+  # there); its summary names the host (the container id on compose), also in the gap. Member
+  # c restarts as often but runs a version without the hostname label: no "(host )". Member b
+  # restarted once. Prometheus' own process restarted three times but is no depois consumer.
   - interval: 1m
     input_series:
       - series: 'process_start_time_seconds{job="depois-consumer",instance="a:9108"}'
-        values: '0x4 300x4 600x4 900x10'
+        values: '0x4 stale 300x3 stale 600x3 stale 900x3 stale 1200x5'
       - series: 'depois_build_info{job="depois-consumer",instance="a:9108",version="1",client="kafka-python",hostname="3f2a9c1b7d4e"}'
-        values: '1x25'
+        values: '1x4 stale 1x3 stale 1x3 stale 1x3 stale 1x5'
       - series: 'process_start_time_seconds{job="depois-consumer",instance="b:9108"}'
-        values: '0x9 600x15'
+        values: '0x9 600x16'
       - series: 'depois_build_info{job="depois-consumer",instance="b:9108",version="1",client="kafka-python",hostname="9e8d7c6b5a41"}'
-        values: '1x25'
+        values: '1x26'
+      - series: 'process_start_time_seconds{job="depois-consumer",instance="c:9108"}'
+        values: '0x5 360x4 660x4 960x11'
+      - series: 'depois_build_info{job="depois-consumer",instance="c:9108",version="0.9"}'
+        values: '1x26'
       - series: 'process_start_time_seconds{job="prometheus",instance="localhost:9090"}'
-        values: '0x4 300x4 600x4 900x10'
+        values: '0x4 300x4 600x4 900x11'
     alert_rule_test:
       - eval_time: 14m
         alertname: DepoisConsumerRestarting
         exp_alerts: []
-      - eval_time: 16m
+      - eval_time: 20m
         alertname: DepoisConsumerRestarting
         exp_alerts:
           - exp_labels: {severity: ticket, job: depois-consumer, instance: "a:9108"}
@@ -693,11 +700,18 @@ TAIL = """
               summary: "depois consumer a:9108 (host 3f2a9c1b7d4e) restarted 3 times in 30 minutes"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisconsumerrestarting
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=a:9108&viewPanel=25
+          - exp_labels: {severity: ticket, job: depois-consumer, instance: "c:9108"}
+            exp_annotations:
+              summary: "depois consumer c:9108 restarted 3 times in 30 minutes"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisconsumerrestarting
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&var-instance=c:9108&viewPanel=25
 
   # Job depois-consumer: three compose replicas until replica c stops at minute 30 (its target
   # leaves Docker's DNS: the series goes stale, it never reads 0). Job rolling: a rolling
   # restart takes each of its three replicas away for one minute, in turn: quiet. Job kube: an
-  # autoscaler on Kubernetes scales from three pods to two (no discovery label): quiet.
+  # autoscaler on Kubernetes scales from three pods to two (no discovery label): quiet. Job
+  # scaled: scaled out from two compose replicas to three at minute 40: quiet (against the
+  # most of the whole hour, the average trailed it for 7 minutes and opened a ticket).
   - interval: 1m
     input_series:
       - series: 'depois_build_info{job="depois-consumer",discovery="docker-dns",instance="a:9108"}'
@@ -712,6 +726,12 @@ TAIL = """
         values: '1x60'
       - series: 'depois_build_info{job="kube",instance="c:9108"}'
         values: '1x29 stale'
+      - series: 'depois_build_info{job="scaled",discovery="docker-dns",instance="a:9108"}'
+        values: '1x60'
+      - series: 'depois_build_info{job="scaled",discovery="docker-dns",instance="b:9108"}'
+        values: '1x60'
+      - series: 'depois_build_info{job="scaled",discovery="docker-dns",instance="c:9108"}'
+        values: '_x40 1x20'
       - series: 'depois_build_info{job="rolling",discovery="docker-dns",instance="a:9108"}'
         values: '1x29 stale 1x30'
       - series: 'depois_build_info{job="rolling",discovery="docker-dns",instance="b:9108"}'
@@ -727,7 +747,23 @@ TAIL = """
         exp_alerts:
           - exp_labels: {severity: ticket, job: depois-consumer}
             exp_annotations:
-              summary: "depois-consumer: fewer consumer replicas answer than in the last hour (on average 2.0 over 15 minutes)"
+              summary: "depois-consumer: fewer consumer replicas answer than earlier in the hour (on average 2.0 over 15 minutes)"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisreplicasmissing
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&viewPanel=25
+      - eval_time: 47m
+        alertname: DepoisReplicasMissing
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer}
+            exp_annotations:
+              summary: "depois-consumer: fewer consumer replicas answer than earlier in the hour (on average 2.0 over 15 minutes)"
+              runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisreplicasmissing
+              dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&viewPanel=25
+      - eval_time: 48m
+        alertname: DepoisReplicasMissing
+        exp_alerts:
+          - exp_labels: {severity: ticket, job: depois-consumer}
+            exp_annotations:
+              summary: "depois-consumer: fewer consumer replicas answer than earlier in the hour (on average 2.0 over 15 minutes)"
               runbook_url: https://github.com/depois-stream/depois-stream/blob/main/docs/operations.md#depoisreplicasmissing
               dashboard_url: http://localhost:3000/d/depois-stream/depois-stream?orgId=1&var-job=depois-consumer&viewPanel=25
 """
