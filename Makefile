@@ -33,14 +33,17 @@ demo: install
 # a 2-core machine; the tests that bound how long the product takes (a start, a stop, a page)
 # would measure a neighbour's load as well, so they run after, alone. Both parts always run;
 # exit status 5 (nothing selected, e.g. by a -k in PYTEST_ADDOPTS) is not a failure.
-test: install
-	@rc=0; \
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial" || [ $$? -eq 5 ] || rc=1; \
-	$(BIN)/python -m pytest -q -m serial || [ $$? -eq 5 ] || rc=1; \
+# $(call two_parts, and MARKERS) narrows both parts.
+two_parts = rc=0; \
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial$(1)" || [ $$? -eq 5 ] || rc=1; \
+	$(BIN)/python -m pytest -q -m "serial$(1)" || [ $$? -eq 5 ] || rc=1; \
 	exit $$rc
 
+test: install
+	@$(call two_parts,)
+
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	@$(call two_parts, and not slow)
 
 # Quix Streams (the peer of benchmarks/bench_peers.py) pins confluent-kafka < 2.13; depois-stream
 # needs 2.16 or later, so Quix gets an environment of its own.
