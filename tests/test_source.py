@@ -603,3 +603,21 @@ def test_a_revocation_names_only_the_partitions_the_member_held(caplog):
         source.next_batch()
     assert [r.getMessage() for r in caplog.records if "revoked" in r.getMessage()] == [
         "partitions revoked: [0]"]
+
+
+def test_caught_up_only_when_every_owned_partition_was_measured_at_0():
+    """``--exit-when-idle-s`` ends a run only once the broker said nothing is left
+    (``caught_up_at``). A partition the client could not measure (no answer for it) is not a
+    partition with nothing left: the run must wait, not end with its records unread."""
+    p1 = (TOPIC, 1)
+    consumer = _StallingConsumer([("assign", [P0, p1])])
+    source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=Metrics())
+    source.subscribe()
+    source.next_batch()
+    assert source.assigned == {P0, p1}
+    for answer, caught_up in (({P0: 0}, False), ({}, False), ({P0: 0, p1: 3}, False),
+                              ({P0: 0, p1: 0}, True)):
+        consumer.lag = lambda tps, timeout_s, answer=answer: dict(answer)
+        source.caught_up_at = None
+        source.update_lag()
+        assert (source.caught_up_at is not None) == caught_up, answer

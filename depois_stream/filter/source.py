@@ -571,7 +571,7 @@ class Source:
         except ClientError as exc:
             log.warning("could not read end offsets for the lag metrics: %s", exc)
             return
-        if all(lag <= 0 for lag in lags.values()):
+        if all(lags.get(tp, 1) <= 0 for tp in owned):  # one not measured is not caught up
             self.caught_up_at = began
         now_ms = time.time() * 1000
         for tp in owned:

@@ -384,7 +384,10 @@ class Consumer(Protocol):
         ...
 
     def lag(self, tps: Sequence[TP], timeout_s: float) -> dict[TP, int]:
-        """Records between this member's position and the end of each partition."""
+        """Records between this member's position and the end of each partition, every one of
+        ``tps`` included: one that has handed no record yet is measured from where it will
+        start (the group's commit, else where ``auto_offset_reset`` puts it); a partition left
+        out is never counted as caught up."""
         ...
 
     def watermarks(self, tps: Sequence[TP], timeout_s: float,

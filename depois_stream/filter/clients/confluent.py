@@ -250,6 +250,7 @@ class ConfluentConsumer:
         # unreadable batch at its first offset whatever the position, and position() does not
         # follow seeks, so skipping one offset per poll needs this.
         self._floor: dict[int, int] = {}
+        self._reset = s.auto_offset_reset  # where a partition with no position nor commit starts
         # partition -> offset of a seek librdkafka refused because the partition was not
         # fetching yet (``seek``); made at the next poll, before records are handed on
         self._pending_seek: dict[int, int] = {}
@@ -473,8 +474,8 @@ class ConfluentConsumer:
                          for tp in self._c.position(_tps(tps))}
             committed = None
             for t, p in tps:
-                _, high = self._c.get_watermark_offsets(TopicPartition(t, p), timeout=timeout_s,
-                                                        cached=False)
+                low, high = self._c.get_watermark_offsets(TopicPartition(t, p),
+                                                          timeout=timeout_s, cached=False)
                 # fetch responses carry the high watermark too; Tansu's ListOffsets answer lags
                 # behind it, so take whichever is further (as the kafka-python adapter does)
                 high = max(high, self._c.get_watermark_offsets(TopicPartition(t, p), cached=True)[1])
@@ -486,8 +487,9 @@ class ConfluentConsumer:
                         committed = {(x.topic, x.partition): x.offset
                                      for x in self._c.committed(_tps(tps), timeout=timeout_s)}
                     pos = committed.get((t, p), -1)
-                if pos >= 0:
-                    out[(t, p)] = max(0, high - pos)
+                if pos < 0:  # no commit either: it starts where auto_offset_reset puts it
+                    pos = low if self._reset == "earliest" else high
+                out[(t, p)] = max(0, high - pos)
         except KafkaException as exc:
             raise _exc(exc, "lag") from exc
         return out
