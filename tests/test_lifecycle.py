@@ -205,6 +205,28 @@ def test_a_broker_that_does_not_answer_at_start_up_is_given_up_on_at_the_startup
     assert "--startup-timeout-s 6" in err and "Traceback" not in err
 
 
+def test_a_tls_setting_against_a_plaintext_listener_fails_start_up_at_its_timeout(
+        kafka_client, broker, unique, centroid_model):
+    """A broker that accepts the connection and never answers the TLS hello (a plaintext
+    listener, or a proxy in front of one): kafka-python's admin client waited on the handshake
+    past every timeout it was given, so `run --kafka security_protocol=SSL` never ended start-up
+    and ignored SIGTERM (an outside drill: still running 40 s after it). It now fails like a
+    silent broker, at --startup-timeout-s, exit 2."""
+    topics = Topics.create(broker.bootstrap, unique)
+    t0 = time.monotonic()
+    proc = _start(broker.bootstrap, topics, unique, centroid_model, free_port(),
+                  "--startup-timeout-s", "6", "--kafka", "security_protocol=SSL",
+                  client=kafka_client)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    took = time.monotonic() - t0
+    assert proc.returncode == 2, err[-2000:]
+    assert took < 20, f"start-up gave up after {took:.1f} s, not at its 6 s timeout"
+    assert "--startup-timeout-s 6" in err and "Traceback" not in err
+
+
 def test_sigterm_while_waiting_for_the_broker_at_start_up_stops_at_once_with_exit_0(
         kafka_client, tmp_path, centroid_model):
     """An orchestrator that stops a member still waiting for its broker (a rollout during an

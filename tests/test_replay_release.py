@@ -364,6 +364,23 @@ def test_a_short_read_timeout_also_bounds_the_wait_for_a_broker_that_is_down(
         assert seen["bootstrap_timeout_ms"] == expected, (kafka, timeout_s, seen)
 
 
+@pytest.mark.timeout(90)
+def test_a_tls_setting_against_a_plaintext_listener_is_reported_not_waited_on(broker) -> None:
+    """kafka-python's first bootstrap waits on a TLS handshake the broker never answers (a
+    plaintext listener reads the hello as a request and waits for the rest of it), past its own
+    bootstrap_timeout_ms: `DEPOIS_KAFKA='{"security_protocol": "SSL"}' replay list` printed
+    nothing for 400 s (an outside drill). The wait is bounded like a silent broker's."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(ReplayError, match="no answer|bootstrap") as caught:
+        read_raw(broker.bootstrap, "depois.quarantine", kafka={"security_protocol": "SSL"},
+                 timeout_s=5)
+    took = time.monotonic() - t0
+    assert took < 20, f"gave up after {took:.0f} s with a 5 s read timeout"
+    assert "security" in str(caught.value), caught.value  # the likely cause is named
+
+
 # ---------------------------------------------------------------- command line, no broker
 
 @pytest.mark.parametrize("args, flag", [

@@ -9,23 +9,30 @@ from __future__ import annotations
 import logging
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.errors import KafkaError
+from kafka.errors import KafkaError, KafkaTimeoutError
 
 from depois_stream.audit.records import QuarantinedRecord, ReadWindow, ReplayError
 from depois_stream.audit.settings import CLIENT_ID, ReplaySettings
 from depois_stream.audit.trail import AuditRecord, parse_audit_values
+from depois_stream.filter.clients.base import ClientError, construct
 from depois_stream.filter.clients.kafka_python_parsing import (
     bound_decompression, raised_by_parser, skip_unreadable,
 )
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# kafka-python's own bound on its first bootstrap where a caller sets none, and how much longer
+# a client being made is waited for (a healthy bootstrap ends well inside its bound)
+DEFAULT_BOOTSTRAP_MS = 30_000
+BOOTSTRAP_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,21 @@ def _consumer(bootstrap: str, kafka: dict[str, Any]) -> KafkaConsumer:
     # twice. DEPOIS_KAFKA may still say otherwise.
     options = {"isolation_level": "read_committed", **kafka}
     bound_decompression()  # a compression bomb in a topic read back must not exhaust memory
-    return KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                         auto_offset_reset="earliest", client_id=CLIENT_ID, **options)
+    return bootstrapped(lambda: KafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+        auto_offset_reset="earliest", client_id=CLIENT_ID, **options), options, "reader")
+
+
+def bootstrapped(make: Callable[[], T], options: Mapping[str, Any], what: str) -> T:
+    """A kafka-python client made within its own ``bootstrap_timeout_ms`` (plus a grace), not
+    later: once a connection is open it waits on it past that bound (a TLS hello a plaintext
+    listener never answers: `replay list` printed nothing for 400 s). Raises KafkaTimeoutError,
+    which ``kafka_errors`` turns into the one line that names the security options."""
+    bound_s = options.get("bootstrap_timeout_ms", DEFAULT_BOOTSTRAP_MS) / 1000 + BOOTSTRAP_GRACE_S
+    try:
+        return construct(make, bound_s, f"kafka-python {what}")
+    except ClientError as exc:
+        raise KafkaTimeoutError(str(exc)) from None
 
 
 def read_raw(bootstrap: str, topic: str, window: ReadWindow | None = None, *,

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from depois_stream.audit.export import common_shape
 from depois_stream.audit.metrics import ReplayMetrics
-from depois_stream.audit.reading import kafka_errors, read_audit, require_topic
+from depois_stream.audit.reading import bootstrapped, kafka_errors, read_audit, require_topic
 from depois_stream.audit.records import RELEASE_ID_CHARS, QuarantinedRecord, ReplayError, shown
 from depois_stream.audit.settings import CLIENT_ID, ReplaySettings
 from depois_stream.audit.trail import AuditRecord, released_ids
@@ -313,8 +313,9 @@ def _publish(settings: ReplaySettings, records: Sequence[QuarantinedRecord],
     clean, audited = Sent.nothing(), Sent.nothing()
     stopped: str | None = None
     with kafka_errors(settings.bootstrap_servers):
-        producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all",
-                                 client_id=CLIENT_ID, **producer_options)
+        producer = bootstrapped(lambda: KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers, acks="all", client_id=CLIENT_ID,
+            **producer_options), producer_options, "producer")
         try:
             for part in release_chunks(messages.copy_sizes):
                 if stop is not None and stop.is_set():  # between chunks: nothing half-done

@@ -15,12 +15,18 @@ import _thread
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+# A second stop signal interrupts the main thread; one that is waiting on a lock or inside a C
+# call sees that only when the wait ends (a delivery during a broker outage: over two minutes).
+# If the process is still there this long after, it exits as the signal itself would.
+STOP_AT_ONCE_S = 2.0
 
 Action = Callable[[signal.Signals], None]
 
@@ -80,11 +86,16 @@ def stop_on(signums: Iterable[signal.Signals], says: str) -> Iterator[threading.
     the block; the previous handlers come back after it (a command run in-process, by a test
     or a notebook, leaves Ctrl-C as it found it)."""
     stop = threading.Event()
+    exits: list[threading.Timer] = []
 
     def stop_now(signum: signal.Signals) -> None:
         if stop.is_set():  # asked twice: stop at once, as Ctrl-C would without this block
             log.warning("%s received again: stopping at once", signum.name)
             _thread.interrupt_main()
+            if not exits:
+                exits.append(threading.Timer(STOP_AT_ONCE_S, _exit_as, args=(signum,)))
+                exits[0].daemon = True
+                exits[0].start()
             return
         log.warning("%s received: %s (again to stop at once)", signum.name, says)
         stop.set()
@@ -93,9 +104,25 @@ def stop_on(signums: Iterable[signal.Signals], says: str) -> Iterator[threading.
     try:
         yield stop
     finally:
+        for timer in exits:  # the interrupt ended the block: no exit behind its back
+            timer.cancel()
         for s, (handler, action) in previous.items():
             if action is not None:  # the relay served it before: give the action back
                 on_signal(s, action)
             else:
                 on_signal(s, None)
                 signal.signal(s, handler)
+
+
+def _exit_as(signum: signal.Signals) -> None:
+    """End the process now, with the status the signal's default action gives (128 + its
+    number), after the interrupt did not: the main thread is blocked where no interrupt
+    reaches it."""
+    log.warning("%s: the main thread is still waiting (on the broker?) %.0f s after the "
+                "interrupt: exiting now, status %d", signum.name, STOP_AT_ONCE_S, 128 + signum)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001  (a closed stream: nothing more to say)
+            pass
+    os._exit(128 + int(signum))

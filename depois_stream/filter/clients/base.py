@@ -134,6 +134,83 @@ def call_bounded(call: Callable[[], object], timeout_s: float, name: str,
     return True
 
 
+class Construction:
+    """A client built on a thread of its own, waited for a bounded time, possibly more than once.
+
+    kafka-python bootstraps inside its constructors and, once a connection is open, waits on it
+    past its own ``bootstrap_timeout_ms``: against a listener that accepts the connection and
+    never answers the TLS hello (``security_protocol=SSL`` against a plaintext port: the broker
+    reads the hello as the start of a request and waits for the rest) the filter's start-up
+    probe and replay's reads waited forever, deaf to SIGTERM. ``result`` waits at most its
+    timeout and may be asked again (the probe's next check waits on the same attempt instead of
+    starting another); ``drop`` gives up on it: a client that is still made later is closed at
+    once, and a thread that never returns is counted in ``abandoned_calls``."""
+
+    def __init__(self, make: Callable[[], Any], name: str) -> None:
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._dropped = False
+        self._thread = threading.Thread(target=self._run, args=(make,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self, make: Callable[[], Any]) -> None:
+        try:
+            value = make()
+        except BaseException as exc:  # handed to whoever asks for the result
+            with self._lock:
+                self._error = exc
+                self._done.set()
+            return
+        with self._lock:
+            self._value = value
+            self._done.set()
+            dropped = self._dropped
+        if dropped:
+            _close_quietly(value)
+
+    def result(self, timeout_s: float) -> Any:
+        """The client once made (an error its constructor raised is raised here); None while it
+        is still being made after ``timeout_s``."""
+        if not self._done.wait(timeout_s):
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def drop(self) -> None:
+        with self._lock:
+            self._dropped = True
+            value, done = self._value, self._done.is_set()
+        if done:
+            _close_quietly(value)
+        else:
+            with _abandoned_lock:
+                _abandoned.append(self._thread)
+
+
+def _close_quietly(client: Any) -> None:
+    try:
+        if client is not None:
+            client.close()
+    except Exception:  # noqa: BLE001  (a client given up on: nothing left to report to)
+        log.debug("closing a client given up on failed", exc_info=True)
+
+
+def construct(make: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    """``make()``, or a retriable ``ClientError`` naming ``what`` once ``timeout_s`` passed
+    without it returning (see ``Construction``)."""
+    attempt = Construction(make, what)
+    value = attempt.result(timeout_s)
+    if value is None:
+        attempt.drop()
+        raise ClientError(f"{what}: no answer from the broker within {timeout_s:g} s (a broker "
+                          "that accepts connections but does not answer, or a TLS setting "
+                          "against a plaintext listener)", retriable=True)
+    return value
+
+
 class TransactionGuard:
     """Transactional calls that talk to the broker, bounded, and the producer they wedge.
 

@@ -21,7 +21,8 @@ from kafka.structs import OffsetAndMetadata
 
 from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
-    DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
+    Construction, DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback,
+    TransactionGuard,
 )
 from depois_stream.filter.clients.kafka_python_parsing import (
     bound_decompression, raised_by_parser, skip_unreadable,
@@ -464,22 +465,33 @@ class KafkaPythonProbe:
     def __init__(self, s: ClientSettings) -> None:
         self._settings = s
         self._admin: KafkaAdminClient | None = None
+        self._making: Construction | None = None  # an admin client still bootstrapping
 
     def check(self, timeout_s: float) -> bool:
         try:
             if self._admin is None:
-                s = self._settings
-                # both bounds: the first bootstrap waited 30 s (its own default) on a broker
-                # that accepts connections but does not answer, past --startup-timeout-s
-                bound_ms = int(timeout_s * 1000)
-                bootstrap = ({"bootstrap_timeout_ms": bound_ms}
-                             if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {})
-                self._admin = KafkaAdminClient(
-                    bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-probe",
-                    request_timeout_ms=bound_ms, **bootstrap,
-                    **options_for(KafkaAdminClient, {k: v for k, v in s.options.items()
-                                               if k not in ("request_timeout_ms",
-                                                            "bootstrap_timeout_ms")}))
+                if self._making is None:
+                    s = self._settings
+                    # both bounds: the first bootstrap waited 30 s (its own default) on a
+                    # broker that accepts connections but does not answer, past
+                    # --startup-timeout-s
+                    bound_ms = int(timeout_s * 1000)
+                    bootstrap = ({"bootstrap_timeout_ms": bound_ms}
+                                 if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG
+                                 else {})
+                    options = options_for(KafkaAdminClient, {
+                        k: v for k, v in s.options.items()
+                        if k not in ("request_timeout_ms", "bootstrap_timeout_ms")})
+                    self._making = Construction(lambda: KafkaAdminClient(
+                        bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-probe",
+                        request_timeout_ms=bound_ms, **bootstrap, **options),
+                        "kafka-python-probe")
+                # and a third: a bootstrap that hangs past its own bound (a TLS hello nobody
+                # answers) is waited on again at the next check, never started twice
+                made = self._making.result(timeout_s + 1.0)
+                if made is None:
+                    return False
+                self._making, self._admin = None, made
             self._admin.describe_cluster()
             return True
         except Exception:  # noqa: BLE001  (any failure means: not reachable now)
@@ -487,6 +499,9 @@ class KafkaPythonProbe:
             return False
 
     def close(self) -> None:
+        making, self._making = self._making, None
+        if making is not None:  # given up on: closed once made, if it ever is
+            making.drop()
         if self._admin is not None:
             try:
                 self._admin.close()
