@@ -41,7 +41,10 @@ def one_line_exit_2(proc: subprocess.CompletedProcess[bytes], needle: str) -> No
     (("--client", "confluent-kafka", "--ingest-topic", b"in\xff"), "ingest_topic"),
     (("--client", "confluent-kafka", "--ingest-topic", "bad topic!"), "ingest_topic"),
     (("--client", "kafka-python", "--clean-topic", ""), "clean_topic"),
-], ids=["empty-group", "non-utf8-topic", "illegal-topic", "empty-topic"])
+    # an outside drill (stop 50): kafka-python refused the codec only after its bootstrap,
+    # with a traceback
+    (("--client", "kafka-python", "--kafka", "compression_type=bogus"), "compression_type"),
+], ids=["empty-group", "non-utf8-topic", "illegal-topic", "empty-topic", "unknown-codec"])
 def test_settings_a_client_library_would_crash_on_are_refused(
         centroid_model: Path, args: tuple, needle: str) -> None:
     proc = run_cli("run", "--model-path", str(centroid_model), "--device", "cpu", *args)
@@ -106,6 +109,9 @@ def test_a_model_whose_boundary_is_nan_or_whose_class_count_is_absurd_is_refused
     (("list",), {"DEPOIS_KAFKA": '{"fetch_max_wait_ms": [1]}'}, "fetch_max_wait_ms"),
     (("list", "--topic", "a b"), {}, "topic"),
     (("rescore", "--model", "m.onnx", "--histogram", "h.xyz"), {}, "--histogram"),
+    # a dry run said "would release 133" where the real run failed with a traceback
+    (("release", "--dry-run", "--label", "3", "--operator", "o", "--reason", "r"),
+     {"DEPOIS_KAFKA": '{"compression_type": "bogus"}'}, "compression_type"),
 ])
 def test_replay_refuses_bad_settings_with_exit_2(args: tuple, env: dict, needle: str) -> None:
     from depois_stream.cli import app

@@ -101,6 +101,16 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
     if protocol is not None and protocol not in SECURITY_PROTOCOLS:
         raise ValueError(f"security_protocol {protocol!r} is not one of "
                          f"{', '.join(SECURITY_PROTOCOLS)}")
+    # kafka-python checks the codec only after its bootstrap, with a traceback
+    codecs: dict[Any, Any] = getattr(KafkaProducer, "_COMPRESSORS", {})
+    if "compression_type" in options and codecs:
+        codec = options["compression_type"]
+        if codec not in codecs:
+            raise ValueError(f"compression_type {codec!r} is not one of "
+                             f"{', '.join(str(c) for c in codecs if c)} (or null for none)")
+        if not codecs[codec][0]():
+            raise ValueError(f"compression_type {codec!r} needs its compression library, which "
+                             "is not installed (python-snappy, lz4 or zstandard)")
 
 
 # Errors that concern the record itself (kafka.errors class names): dead-letter it. Every other
