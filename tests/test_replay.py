@@ -286,6 +286,25 @@ def test_release_refuses_without_operator_or_reason(quarantine: Quarantine) -> N
     assert read_audit(quarantine.settings)[0] == []
 
 
+def test_an_id_that_matches_nothing_is_named_and_refuses_a_release(quarantine: Quarantine) -> None:
+    """An outside drill (stop 50): `release --id good,typo-xyz,in:9:99` printed "would release
+    1", exit 0, with no word about the two ids that matched nothing; a reviewer who mistyped
+    one id of twenty got no signal. Release publishes only a selection every id of which was
+    found (exit 2, nothing sent); list, export and rescore name the unmatched ids on stderr."""
+    good = sorted(quarantine.expected)[0]
+    before = _released(quarantine)
+    typos = ["typo-xyz", "depois.ingest:9:99"]
+    for dry in (("--dry-run",), ()):
+        code, out = replay(quarantine, "release", "--id", ",".join([good, *typos]),
+                           "--operator", "alice", "--reason", "checked", *dry)
+        assert code == 2, out
+        assert all(t in out for t in typos) and "nothing" in out, out
+    assert _released(quarantine) == before
+    code, out = replay(quarantine, "list", "--id", ",".join([good, *typos]))
+    assert code == 0 and good in out, out
+    assert all(t in out for t in typos) and "match" in out, out
+
+
 def test_release_publishes_exactly_the_chosen_ids_once(quarantine: Quarantine) -> None:
     chosen = sorted(quarantine.expected)[:3]
     before = _released(quarantine)

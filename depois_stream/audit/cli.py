@@ -38,6 +38,7 @@ from depois_stream.audit.records import (
     select,
     shown,
     summarize,
+    unmatched_ids,
 )
 from depois_stream.audit.release import ReleaseReport, release, require_operator_and_reason
 from depois_stream.audit.settings import ReplaySettings, unknown_replay_env
@@ -258,9 +259,10 @@ def _read(sel: Selection, settings: ReplaySettings) -> tuple[int, list[Quarantin
     return len(records), chosen
 
 
-def _read_all(sel: Selection, settings: ReplaySettings
+def _read_all(sel: Selection, settings: ReplaySettings, warn_unmatched: bool = True
               ) -> tuple[list[QuarantinedRecord], list[QuarantinedRecord]]:
-    """Every record of the read window, and those the selection's filters keep."""
+    """Every record of the read window, and those the selection's filters keep; a warning names
+    the --id tokens that kept nothing (release refuses them instead)."""
     window, flt = sel.window(), sel.filter()
     unread: list[Unread] = []
     try:
@@ -269,7 +271,17 @@ def _read_all(sel: Selection, settings: ReplaySettings
         _fail(str(exc))
     if unread:
         typer.echo(f"depois-stream replay: warning: {describe_unread(unread)}", err=True)
-    return records, select(records, flt)
+    chosen = select(records, flt)
+    if warn_unmatched and (missing := unmatched_ids(flt, chosen)):
+        typer.echo(f"depois-stream replay: warning: {_unmatched(missing)}", err=True)
+    return records, chosen
+
+
+def _unmatched(ids: list[str]) -> str:
+    more = f" and {len(ids) - 10} more" if len(ids) > 10 else ""
+    return (f"--id {', '.join(shown(i, RELEASE_ID_CHARS) for i in ids[:10])}{more} "
+            f"match{'es' if len(ids) == 1 else ''} no record of the selection (a typo, or outside "
+            "the read window or the other filters; `replay list` shows what there is)")
 
 
 def _check_outputs(kw: dict[str, Any]) -> None:
@@ -543,11 +555,14 @@ def release_(**kw: Any) -> None:
               code=EXIT_USAGE)
     settings = _settings(sel)
     _refuse_foreign_topic("release", sel, settings)
-    read, chosen = _read_all(sel, settings)
+    read, chosen = _read_all(sel, settings, warn_unmatched=False)
     try:
         require_unambiguous_keys(sel.filter(), chosen)
     except ReplayError as exc:
         _fail(str(exc), code=EXIT_USAGE)
+    if missing := unmatched_ids(sel.filter(), chosen):  # all or nothing
+        _fail(f"nothing released: {_unmatched(missing)}; release only what you named, by "
+              "fixing or dropping those ids", code=EXIT_USAGE)
     metrics = ReplayMetrics()
     try:
         # Ctrl-C or SIGTERM mid-release: finish the chunk in flight, audit it, report the rest

@@ -226,6 +226,18 @@ def select(records: Iterable[QuarantinedRecord], flt: ReplayFilter) -> list[Quar
     return [r for r in records if flt.matches(r)]
 
 
+def unmatched_ids(flt: ReplayFilter, chosen: Iterable[QuarantinedRecord]) -> list[str]:
+    """The ``--id`` tokens that selected no record (a typo, a sample outside the read window or
+    excluded by the other filters), in a stable order: a release of "the other nineteen" is
+    not what a reviewer who named twenty asked for."""
+    if flt.ids is None:
+        return []
+    chosen = list(chosen)
+    releases, keys = {r.release_id for r in chosen}, {r.sample_id for r in chosen}
+    return sorted([i for i in flt.release_ids if i not in releases]
+                  + [i for i in flt.key_ids if i not in keys])
+
+
 def ambiguous_keys(flt: ReplayFilter, chosen: Iterable[QuarantinedRecord]) -> dict[str, list[str]]:
     """Each key of ``flt.ids`` that selected more than one distinct sample, with their release
     ids in selection order. Keys are the producer's choice: an attacker can reuse the key of a
