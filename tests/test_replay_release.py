@@ -688,6 +688,23 @@ def test_a_quarantine_record_the_filter_could_not_have_decoded_is_skipped_not_re
     assert "skipped 5 (undecodable)" in out, out
 
 
+def test_a_label_header_that_is_not_a_number_is_undecodable_not_a_missing_label() -> None:
+    """An outside drill (stop 50): a hand-written quarantine record whose depois.label header is
+    `abc` was released (audited with label null): the header read as absent, so its agreement
+    with the value's label was never checked. The filter writes the value's label there; a
+    header that is present and says anything else is not the filter's."""
+    from depois_stream.audit.release import undecodable_records
+
+    def record(label: bytes | None) -> QuarantinedRecord:
+        headers = [(k, v) for k, v in quarantine_headers("in", 1) if k != H.LABEL]
+        if label is not None:
+            headers.append((H.LABEL, label))
+        return QuarantinedRecord.from_kafka("q", 0, 5, 1000, b"s1", sample("s1")[0], headers)
+
+    cases = [b"3", b"abc", b"", b"3.0", b"9", None]
+    assert undecodable_records([record(c) for c in cases]) == {1, 2, 3, 4}
+
+
 def test_copies_of_one_ingest_record_that_disagree_are_not_released() -> None:
     """Stop 45, a replay adversary: a forged quarantine record naming a real record's
     provenance, with an older timestamp, was released in place of the genuine one (reported as

@@ -115,7 +115,9 @@ def undecodable_records(records: Sequence[QuarantinedRecord]) -> set[int]:
             bad.add(i)
             continue
         shapes[i] = image.shape
-        if r.label is not None and r.label != label:
+        # the filter writes the value's label as a decimal integer; a header that says
+        # anything else (another label, or text that is no label at all) is not the filter's
+        if r.h.get(H.LABEL) is not None and r.h[H.LABEL] != str(label):
             bad.add(i)
     common = common_shape(list(shapes.values()))
     return bad | {i for i, shape in shapes.items() if shape != common}

@@ -45,8 +45,10 @@ class ReplaySettings(BaseSettings):
     @field_validator("kafka")
     @classmethod
     def _passthrough_only(cls, v: dict[str, Any]) -> dict[str, Any]:
-        check_passthrough(v, _OWNED_KAFKA_KEYS, "are chosen by replay itself: it reads without a "
-                          "consumer group so that it can never commit the live consumer's offsets")
+        check_passthrough(v, _OWNED_KAFKA_KEYS, "are chosen by replay itself (it reads without "
+                          "a consumer group, so it can never commit the live consumer's offsets, "
+                          "and writes with acks=all, so a release is on every replica before "
+                          "its audit record); DEPOIS_KAFKA is for security and size options")
         return v
 
     @model_validator(mode="after")
