@@ -402,3 +402,32 @@ def test_the_log_level_is_a_depois_variable_like_every_other_setting(tmp_path: P
     loud = subprocess.run(args, capture_output=True, text=True, timeout=60,
                           env={**base, "DEPOIS_LOG_LEVEL": "LOUD"})
     assert loud.returncode == 2 and "LOUD" in loud.stderr and "Traceback" not in loud.stderr
+
+
+def test_a_probe_that_cannot_reach_a_broker_leaves_no_thread_behind() -> None:
+    """kafka-python starts a network thread before its first bootstrap and leaves it running
+    when the bootstrap fails; the broker probe builds a new admin client at each check while the
+    broker is away, so an outage grew one thread (and its selector) per check, without bound
+    and without showing in depois_client_calls_abandoned (a reviewer's find, stop 50)."""
+    import threading
+    import time
+
+    from depois_stream.filter.clients import make_client
+    from depois_stream.filter.clients.base import ClientSettings
+    from depois_stream.sim.broker import free_port
+
+    def io_threads() -> int:
+        return sum(t.name.startswith("kafka-io") for t in threading.enumerate())
+
+    before = io_threads()
+    probe = make_client("kafka-python").probe(ClientSettings(
+        bootstrap_servers=f"127.0.0.1:{free_port()}", client_id="p", group_id="p"))
+    try:
+        for _ in range(3):
+            assert probe.check(0.5) is False
+    finally:
+        probe.close()
+    deadline = time.monotonic() + 5
+    while io_threads() > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert io_threads() == before, [t.name for t in threading.enumerate()]

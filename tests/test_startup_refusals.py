@@ -112,6 +112,7 @@ def test_a_model_whose_boundary_is_nan_or_whose_class_count_is_absurd_is_refused
     # a dry run said "would release 133" where the real run failed with a traceback
     (("release", "--dry-run", "--label", "3", "--operator", "o", "--reason", "r"),
      {"DEPOIS_KAFKA": '{"compression_type": "bogus"}'}, "compression_type"),
+    (("list",), {"DEPOIS_KAFKA": '{"compression_type": ["gzip"]}'}, "compression_type"),
 ])
 def test_replay_refuses_bad_settings_with_exit_2(args: tuple, env: dict, needle: str) -> None:
     from depois_stream.cli import app

@@ -15,7 +15,6 @@ import _thread
 import logging
 import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -87,15 +86,26 @@ def stop_on(signums: Iterable[signal.Signals], says: str) -> Iterator[threading.
     or a notebook, leaves Ctrl-C as it found it)."""
     stop = threading.Event()
     exits: list[threading.Timer] = []
+    lock = threading.Lock()  # closing the block and exiting the process exclude each other
+    closed: list[bool] = []
+
+    def exit_now(signum: signal.Signals) -> None:
+        with lock:  # held into os._exit: the block cannot end halfway through an exit
+            if not closed:
+                _exit_as(signum)
 
     def stop_now(signum: signal.Signals) -> None:
-        if stop.is_set():  # asked twice: stop at once, as Ctrl-C would without this block
-            log.warning("%s received again: stopping at once", signum.name)
-            _thread.interrupt_main()
-            if not exits:
-                exits.append(threading.Timer(STOP_AT_ONCE_S, _exit_as, args=(signum,)))
+        with lock:
+            if closed:  # the block ended: the handlers are being given back
+                return
+            again = stop.is_set()
+            if again and not exits:
+                exits.append(threading.Timer(STOP_AT_ONCE_S, exit_now, args=(signum,)))
                 exits[0].daemon = True
                 exits[0].start()
+        if again:  # asked twice: stop at once, as Ctrl-C would without this block
+            log.warning("%s received again: stopping at once", signum.name)
+            _thread.interrupt_main()
             return
         log.warning("%s received: %s (again to stop at once)", signum.name, says)
         stop.set()
@@ -104,8 +114,10 @@ def stop_on(signums: Iterable[signal.Signals], says: str) -> Iterator[threading.
     try:
         yield stop
     finally:
-        for timer in exits:  # the interrupt ended the block: no exit behind its back
-            timer.cancel()
+        with lock:  # the interrupt ended the block: no exit behind its back, and no new one
+            closed.append(True)
+            for timer in exits:
+                timer.cancel()
         for s, (handler, action) in previous.items():
             if action is not None:  # the relay served it before: give the action back
                 on_signal(s, action)
@@ -117,12 +129,12 @@ def stop_on(signums: Iterable[signal.Signals], says: str) -> Iterator[threading.
 def _exit_as(signum: signal.Signals) -> None:
     """End the process now, with the status the signal's default action gives (128 + its
     number), after the interrupt did not: the main thread is blocked where no interrupt
-    reaches it."""
-    log.warning("%s: the main thread is still waiting (on the broker?) %.0f s after the "
-                "interrupt: exiting now, status %d", signum.name, STOP_AT_ONCE_S, 128 + signum)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001  (a closed stream: nothing more to say)
-            pass
+    reaches it. One line straight to file descriptor 2: the blocked main thread may hold the
+    logging or stdio locks (a write to a full pipe), which would keep this from ever exiting."""
+    line = (f"{signum.name}: the main thread is still waiting (on the broker?) "
+            f"{STOP_AT_ONCE_S:.0f} s after the interrupt: exiting now, status {128 + signum}\n")
+    try:
+        os.write(2, line.encode())
+    except OSError:  # no stderr: exit all the same
+        pass
     os._exit(128 + int(signum))

@@ -160,7 +160,9 @@ class Construction:
             value = make()
         except BaseException as exc:  # handed to whoever asks for the result
             with self._lock:
-                self._error = exc
+                # without its traceback, which holds this frame and so this object: a cycle
+                # only a full collection frees (rare in the filter), kept per failed check
+                self._error = exc.with_traceback(None)
                 self._done.set()
             return
         with self._lock:

@@ -478,7 +478,8 @@ class ConfluentConsumer:
                                                           timeout=timeout_s, cached=False)
                 # fetch responses carry the high watermark too; Tansu's ListOffsets answer lags
                 # behind it, so take whichever is further (as the kafka-python adapter does)
-                high = max(high, self._c.get_watermark_offsets(TopicPartition(t, p), cached=True)[1])
+                fetched_high = self._c.get_watermark_offsets(TopicPartition(t, p), cached=True)[1]
+                high = max(high, fetched_high)
                 pos = positions.get((t, p), -1)
                 if pos < 0:  # librdkafka forgets the position on a seek until a record is read
                     pos = self._floor.get(p, -1)
@@ -487,7 +488,9 @@ class ConfluentConsumer:
                         committed = {(x.topic, x.partition): x.offset
                                      for x in self._c.committed(_tps(tps), timeout=timeout_s)}
                     pos = committed.get((t, p), -1)
-                if pos < 0:  # no commit either: it starts where auto_offset_reset puts it
+                if pos < 0:  # no commit either: it starts where auto_offset_reset puts it,
+                    if fetched_high < 0:  # but no fetch answered yet: Tansu's ListOffsets end
+                        continue          # can read 0 with records there; unknown, left out
                     pos = low if self._reset == "earliest" else high
                 out[(t, p)] = max(0, high - pos)
         except KafkaException as exc:

@@ -105,7 +105,7 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
     codecs: dict[Any, Any] = getattr(KafkaProducer, "_COMPRESSORS", {})
     if "compression_type" in options and codecs:
         codec = options["compression_type"]
-        if codec not in codecs:
+        if not isinstance(codec, (str, type(None))) or codec not in codecs:
             raise ValueError(f"compression_type {codec!r} is not one of "
                              f"{', '.join(str(c) for c in codecs if c)} (or null for none)")
         if not codecs[codec][0]():
@@ -163,13 +163,41 @@ def missing_codecs() -> list[str]:
     return [name for name in ("gzip", "snappy", "lz4", "zstd") if not getattr(codec, f"has_{name}")()]
 
 
+def built(cls: Any, **config: Any) -> Any:
+    """``cls(**config)`` for a kafka-python client class, closing what a failed constructor
+    leaves running: kafka-python 3 starts the client's network thread before its first
+    bootstrap and leaves it (and its selector) behind when the bootstrap fails, so a probe or a
+    producer rebuilt every few seconds through an outage leaked one thread per try."""
+    made: list[Any] = []
+    default = cls.DEFAULT_CONFIG.get("kafka_client")
+    if default is None or "kafka_client" in config:  # a release without the hook
+        return cls(**config)
+
+    def network_client(**cfg: Any) -> Any:
+        made.append(default(**cfg))
+        return made[-1]
+
+    try:
+        return cls(kafka_client=network_client, **config)
+    except BaseException:
+        for net in made:
+            for close in (getattr(net, "close", None),
+                          getattr(getattr(getattr(net, "_manager", None), "_net", None), "stop", None)):
+                try:
+                    if close is not None:
+                        close()
+                except Exception:  # noqa: BLE001  (already failing: the constructor's error wins)
+                    log.debug("closing a client whose constructor failed", exc_info=True)
+        raise
+
+
 class KafkaPythonConsumer:
     def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
         self._on_commit = on_commit
         self._topic = ""
         bound_decompression()
-        self._c = KafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers, group_id=s.group_id, client_id=s.client_id,
+        self._c = built(
+            KafkaConsumer, bootstrap_servers=s.bootstrap_servers, group_id=s.group_id, client_id=s.client_id,
             enable_auto_commit=False, auto_offset_reset=s.auto_offset_reset,
             max_poll_records=s.max_poll_records, session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=s.heartbeat_interval_ms,
@@ -360,8 +388,8 @@ class KafkaPythonProducer:
         if _BOUNDED_BOOTSTRAP:
             extra["bootstrap_timeout_ms"] = options.pop(
                 "bootstrap_timeout_ms", min(PRODUCER_BOOTSTRAP_MS, s.delivery_timeout_ms))
-        self._p = KafkaProducer(
-            bootstrap_servers=s.bootstrap_servers, client_id=s.client_id, acks="all",
+        self._p = built(
+            KafkaProducer, bootstrap_servers=s.bootstrap_servers, client_id=s.client_id, acks="all",
             enable_idempotence=True, linger_ms=linger, batch_size=1 << 20, allow_auto_create_topics=False,
             delivery_timeout_ms=max(s.delivery_timeout_ms, linger + request_timeout),
             request_timeout_ms=request_timeout,
@@ -392,8 +420,9 @@ class KafkaPythonProducer:
         if self._topics is None:
             s = self._settings
             try:
-                admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-topics",
-                                         **options_for(KafkaAdminClient, s.options))
+                admin = built(KafkaAdminClient, bootstrap_servers=s.bootstrap_servers,
+                              client_id=f"{s.client_id}-topics",
+                              **options_for(KafkaAdminClient, s.options))
                 try:
                     self._topics = set(admin.list_topics())
                 finally:
@@ -492,8 +521,8 @@ class KafkaPythonProbe:
                     options = options_for(KafkaAdminClient, {
                         k: v for k, v in s.options.items()
                         if k not in ("request_timeout_ms", "bootstrap_timeout_ms")})
-                    self._making = Construction(lambda: KafkaAdminClient(
-                        bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-probe",
+                    self._making = Construction(lambda: built(
+                        KafkaAdminClient, bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-probe",
                         request_timeout_ms=bound_ms, **bootstrap, **options),
                         "kafka-python-probe")
                 # and a third: a bootstrap that hangs past its own bound (a TLS hello nobody
