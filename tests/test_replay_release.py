@@ -705,6 +705,25 @@ def test_a_label_header_that_is_not_a_number_is_undecodable_not_a_missing_label(
     assert undecodable_records([record(c) for c in cases]) == {1, 2, 3, 4}
 
 
+def test_a_record_with_a_repeated_router_header_is_not_released() -> None:
+    """An outside drill (stop 50): a hand-written quarantine record with two
+    depois.source.offset headers was released by the first, while its clean copy forwarded
+    both, so a consumer that reads the last (Java's lastHeader) took another sample's
+    provenance. The filter writes each depois.* header once and drops producers' own."""
+    from depois_stream.audit.release import plan_release
+
+    ok = QuarantinedRecord.from_kafka("q", 0, 5, 1000, b"s1", sample("s1")[0],
+                                      quarantine_headers("in", 1))
+    twice = QuarantinedRecord.from_kafka("q", 0, 6, 1000, b"s2", sample("s2")[0],
+                                         [*quarantine_headers("in", 2), (H.SOURCE_OFFSET, b"1")])
+    other = QuarantinedRecord.from_kafka("q", 0, 7, 1000, b"s3", sample("s3")[0],
+                                         [*quarantine_headers("in", 3), ("trace", b"a"),
+                                          ("trace", b"b")])  # not the router's: forwarded as is
+    plan = plan_release([ok, twice, other], set())
+    assert [r.sample_id for r in plan.release] == ["s1", "s3"]
+    assert [(r.sample_id, why) for r, why in plan.skipped] == [("s2", "repeated_headers")]
+
+
 def test_copies_of_one_ingest_record_that_disagree_are_not_released() -> None:
     """Stop 45, a replay adversary: a forged quarantine record naming a real record's
     provenance, with an older timestamp, was released in place of the genuine one (reported as

@@ -538,8 +538,9 @@ def release_(**kw: Any) -> None:
     that matches more than one sample is refused (exit 2), name the sample by its release id.
     Skipped, and reported: samples already released (found on the audit topic; a second run
     publishes nothing), records released before (replay_count >= 1, or a count the filter
-    never writes), records that are not quarantine verdicts, records without a value, records whose value the filter could not have
-    decoded (undecodable), copies of one ingest record whose values differ (one was forged),
+    never writes), records that are not quarantine verdicts, records without a value, records
+    with a depois.* header more than once (repeated_headers), records whose value the filter
+    could not have decoded (undecodable), copies of one ingest record whose values differ (one was forged),
     and a second quarantine copy of the same ingest record. The clean and audit topics must exist (exit 1 otherwise). Only the
     quarantine topic is released from: --topic naming another is refused (exit 2).
     """

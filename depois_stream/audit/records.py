@@ -82,6 +82,12 @@ class QuarantinedRecord:
                    key, value, raw, H.as_dict(list(raw)))
 
     @property
+    def repeated_router_headers(self) -> bool:
+        """A ``depois.*`` header more than once: not as the filter writes a record."""
+        names = [k for k, _ in self.headers if k.startswith(H.PREFIX)]
+        return len(names) != len(set(names))
+
+    @property
     def sample_id(self) -> str:
         """What people call the sample: its Kafka key as text (bytes that are not UTF-8 shown
         as replacement characters), or its release id when it has no key. A label only: keys

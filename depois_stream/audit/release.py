@@ -31,7 +31,7 @@ from depois_stream.filter.config import describe_errors
 Message = tuple[bytes | None, bytes | None, list[Header]]  # key, value, headers
 
 SkipReason = Literal["already_released", "loop_guard", "not_quarantined", "no_value",
-                     "undecodable", "conflicting_copies", "duplicate"]
+                     "repeated_headers", "undecodable", "conflicting_copies", "duplicate"]
 
 
 # ---------------------------------------------------------------- release planning (pure)
@@ -54,7 +54,10 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
     records that are not quarantine verdicts (dead letters cannot be decoded downstream),
     records without a value (a tombstone written by hand: released, it would delete the key's
     sample from a compacted clean topic) and a second copy of the same ingest record in the
-    selection (at-least-once delivery can write one ingest record to quarantine twice).
+    selection (at-least-once delivery can write one ingest record to quarantine twice), and
+    records with a ``depois.*`` header more than once (``repeated_headers``: the filter writes
+    each once and drops producers' own, and a clean copy forwarding both would let a consumer
+    that reads the last one take another sample's provenance).
     ``undecodable``: positions of records whose value the filter could not have decoded (see
     ``undecodable_records``): a record written to the quarantine topic by hand, not by the
     filter, must not reach the training topic. Copies of one ingest record whose values differ
@@ -85,6 +88,8 @@ def plan_release(records: Iterable[QuarantinedRecord], already_released: set[str
             why = "not_quarantined"
         elif r.value is None:
             why = "no_value"
+        elif r.repeated_router_headers:
+            why = "repeated_headers"
         elif i in undecodable:
             why = "undecodable"
         elif sid in conflicting:
