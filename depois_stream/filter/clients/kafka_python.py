@@ -169,7 +169,7 @@ def built(cls: Any, **config: Any) -> Any:
     bootstrap and leaves it (and its selector) behind when the bootstrap fails, so a probe or a
     producer rebuilt every few seconds through an outage leaked one thread per try."""
     made: list[Any] = []
-    default = cls.DEFAULT_CONFIG.get("kafka_client")
+    default = getattr(cls, "DEFAULT_CONFIG", {}).get("kafka_client")
     if default is None or "kafka_client" in config:  # a release without the hook
         return cls(**config)
 
