@@ -170,7 +170,7 @@ class Construction:
             self._done.set()
             dropped = self._dropped
         if dropped:
-            _close_quietly(value)
+            close_quietly(value)
 
     def result(self, timeout_s: float) -> Any:
         """The client once made (an error its constructor raised is raised here); None while it
@@ -186,13 +186,14 @@ class Construction:
             self._dropped = True
             value, done = self._value, self._done.is_set()
         if done:
-            _close_quietly(value)
+            close_quietly(value)
         else:
             with _abandoned_lock:
                 _abandoned.append(self._thread)
 
 
-def _close_quietly(client: Any) -> None:
+def close_quietly(client: Any) -> None:
+    """``client.close()`` for a client given up on, an error only logged at DEBUG."""
     try:
         if client is not None:
             client.close()

@@ -22,7 +22,7 @@ from kafka.structs import OffsetAndMetadata
 from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
     Construction, DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback,
-    TransactionGuard,
+    TransactionGuard, close_quietly,
 )
 from depois_stream.filter.clients.kafka_python_parsing import (
     bound_decompression, raised_by_parser, skip_unreadable,
@@ -63,6 +63,7 @@ def options_for(client: type, options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+CODECS = ("gzip", "snappy", "lz4", "zstd")  # kafka-python's compression types (None: none)
 
 
 def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_owned: str) -> None:
@@ -102,15 +103,13 @@ def check_passthrough(options: Mapping[str, Any], owned: frozenset[str], why_own
         raise ValueError(f"security_protocol {protocol!r} is not one of "
                          f"{', '.join(SECURITY_PROTOCOLS)}")
     # kafka-python checks the codec only after its bootstrap, with a traceback
-    codecs: dict[Any, Any] = getattr(KafkaProducer, "_COMPRESSORS", {})
-    if "compression_type" in options and codecs:
-        codec = options["compression_type"]
-        if not isinstance(codec, (str, type(None))) or codec not in codecs:
-            raise ValueError(f"compression_type {codec!r} is not one of "
-                             f"{', '.join(str(c) for c in codecs if c)} (or null for none)")
-        if not codecs[codec][0]():
-            raise ValueError(f"compression_type {codec!r} needs its compression library, which "
-                             "is not installed (python-snappy, lz4 or zstandard)")
+    codec = options.get("compression_type")
+    if codec is not None and codec not in CODECS:
+        raise ValueError(f"compression_type {codec!r} is not one of {', '.join(CODECS)} "
+                         "(or null for none)")
+    if codec in missing_codecs():
+        raise ValueError(f"compression_type {codec!r} needs its compression library, which "
+                         "is not installed (python-snappy, lz4 or zstandard)")
 
 
 # Errors that concern the record itself (kafka.errors class names): dead-letter it. Every other
@@ -160,7 +159,7 @@ def missing_codecs() -> list[str]:
     is not a bad batch."""
     from kafka import codec
 
-    return [name for name in ("gzip", "snappy", "lz4", "zstd") if not getattr(codec, f"has_{name}")()]
+    return [name for name in CODECS if not getattr(codec, f"has_{name}")()]
 
 
 def built(cls: Any, **config: Any) -> Any:
@@ -180,14 +179,8 @@ def built(cls: Any, **config: Any) -> Any:
     try:
         return cls(kafka_client=network_client, **config)
     except BaseException:
-        for net in made:
-            for close in (getattr(net, "close", None),
-                          getattr(getattr(getattr(net, "_manager", None), "_net", None), "stop", None)):
-                try:
-                    if close is not None:
-                        close()
-                except Exception:  # noqa: BLE001  (already failing: the constructor's error wins)
-                    log.debug("closing a client whose constructor failed", exc_info=True)
+        for net in made:  # its close() stops the network thread; the constructor's error wins
+            close_quietly(net)
         raise
 
 
@@ -509,24 +502,11 @@ class KafkaPythonProbe:
     def check(self, timeout_s: float) -> bool:
         try:
             if self._admin is None:
+                # a bootstrap that hangs past its own bound (a TLS hello nobody answers) is
+                # waited on again at the next check, never started twice
                 if self._making is None:
-                    s = self._settings
-                    # both bounds: the first bootstrap waited 30 s (its own default) on a
-                    # broker that accepts connections but does not answer, past
-                    # --startup-timeout-s
-                    bound_ms = int(timeout_s * 1000)
-                    bootstrap = ({"bootstrap_timeout_ms": bound_ms}
-                                 if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG
-                                 else {})
-                    options = options_for(KafkaAdminClient, {
-                        k: v for k, v in s.options.items()
-                        if k not in ("request_timeout_ms", "bootstrap_timeout_ms")})
-                    self._making = Construction(lambda: built(
-                        KafkaAdminClient, bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-probe",
-                        request_timeout_ms=bound_ms, **bootstrap, **options),
-                        "kafka-python-probe")
-                # and a third: a bootstrap that hangs past its own bound (a TLS hello nobody
-                # answers) is waited on again at the next check, never started twice
+                    self._making = Construction(lambda: self._admin_client(timeout_s),
+                                                "kafka-python-probe")
                 made = self._making.result(timeout_s + 1.0)
                 if made is None:
                     return False
@@ -536,6 +516,20 @@ class KafkaPythonProbe:
         except Exception:  # noqa: BLE001  (any failure means: not reachable now)
             self.close()
             return False
+
+    def _admin_client(self, timeout_s: float) -> KafkaAdminClient:
+        """Bounded both ways: the first bootstrap waited 30 s (its own default) on a broker that
+        accepts connections but does not answer, past --startup-timeout-s."""
+        s = self._settings
+        bound_ms = int(timeout_s * 1000)
+        bootstrap = ({"bootstrap_timeout_ms": bound_ms}
+                     if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG else {})
+        options = options_for(KafkaAdminClient, {
+            k: v for k, v in s.options.items()
+            if k not in ("request_timeout_ms", "bootstrap_timeout_ms")})
+        return built(KafkaAdminClient, bootstrap_servers=s.bootstrap_servers,
+                     client_id=f"{s.client_id}-probe", request_timeout_ms=bound_ms,
+                     **bootstrap, **options)
 
     def close(self) -> None:
         making, self._making = self._making, None
