@@ -221,6 +221,114 @@ def test_a_record_batch_that_does_not_decompress_is_dead_lettered_and_passed(
     assert sorted(forwarded) == sorted(ids[start:10] + ids[20:])
 
 
+def _varint(n: int) -> bytes:
+    """Kafka's zigzag varint (record fields of the v2 format)."""
+    n = ((n << 1) ^ (n >> 63)) & ((1 << 64) - 1)
+    out = bytearray()
+    while True:
+        low, n = n & 0x7F, n >> 7
+        if not n:
+            return bytes(out + bytes([low]))
+        out.append(low | 0x80)
+
+
+def _record(delta: int, key: bytes, value: bytes, ctype: bytes, length_off: int = 0,
+            key_length: int | None = None) -> bytes:
+    """One v2 record, its length prefix off by ``length_off`` or its key length a lie."""
+    body = (b"\0" + _varint(0) + _varint(delta)
+            + _varint(len(key) if key_length is None else key_length) + key
+            + _varint(len(value)) + value
+            + _varint(1) + _varint(len(H.CONTENT_TYPE)) + H.CONTENT_TYPE.encode()
+            + _varint(len(ctype)) + ctype)
+    return _varint(len(body) + length_off) + body
+
+
+def _v2_batch(records: list[bytes]) -> bytes:
+    """A v2 record batch around ``records``, with a valid CRC (what a broker checks, if it
+    checks anything)."""
+    import struct
+
+    from kafka.record.util import calc_crc32c
+
+    now = int(time.time() * 1000)
+    after_crc = struct.pack(">hiqqqhii", 0, len(records) - 1, now, now, -1, -1, -1,
+                            len(records)) + b"".join(records)
+    return (struct.pack(">qiib", 0, 9 + len(after_crc), -1, 2)
+            + struct.pack(">I", calc_crc32c(after_crc)) + after_crc)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("lie", ["record length short", "record length long", "key length past the end"])
+def test_a_record_no_client_can_parse_inside_an_uncompressed_batch_does_not_stall_it(
+        kafka_client, broker, unique, centroid_model, digits_arrays, monkeypatch, lie):
+    """An uncompressed record batch with a valid CRC whose second record lies about its length
+    (or its key's): Apache Kafka validates records on produce and refuses it, Tansu stores it.
+
+    Before: librdkafka parsed the batch up to the lie, handed on what came before it, and then
+    said nothing at all: no error, no record, the same fetch again and again. The partition
+    stalled for good, the later batch too, and the stall watch's restart at the same offset
+    changed nothing (an outside fuzz drill, stop 51). kafka-python raises on it and its
+    adapter skips the rest of the batch. Now every offset lands in exactly one output topic
+    and the group commits to the end, with either client."""
+    import kafka.record.memory_records as memory_records
+
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    ids = [f"{unique}-{i}" for i in range(13)]
+    enc = encode_batch(ids, xte[:13], yte[:13], encoding="binary")
+    bad = {"record length short": dict(length_off=-5), "record length long": dict(length_off=5),
+           "key length past the end": dict(key_length=10_000)}[lie]
+    raw = _v2_batch([_record(i, ids[i].encode(), enc[i][0], enc[i][1].encode(),
+                             **(bad if i == 1 else {})) for i in range(3)])
+    close = memory_records.MemoryRecordsBuilder.close
+
+    def close_with_raw(self):  # the producer's batch becomes the hand-made one
+        close(self)
+        self._buffer = raw
+
+    # not idempotent: the hand-made batch carries no producer id, so no sequence to check
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=0,
+                             enable_idempotence=False)
+    try:
+        monkeypatch.setattr(memory_records.MemoryRecordsBuilder, "close", close_with_raw)
+        first = producer.send(topics.ingest, key=b"ignored", value=b"ignored", partition=0).get(timeout=10)
+        monkeypatch.undo()
+        acks = [producer.send(topics.ingest, key=sid.encode(), value=value, partition=0,
+                              headers=[(H.CONTENT_TYPE, ctype.encode())]).get(timeout=10).offset
+                for sid, (value, ctype) in zip(ids[3:], enc[3:])]
+    finally:
+        producer.close()
+    assert (first.offset, acks) == (0, list(range(3, 13)))
+
+    outputs = filter_until_committed(kafka_client, broker, topics, unique, centroid_model,
+                                     {0: 13}, stall_restart_s=1.0, lag_interval_s=0.5)
+    sources = Counter(int(H.as_dict(r.headers)[H.SOURCE_OFFSET]) for rs in outputs.values() for r in rs)
+    assert sorted(sources) == list(range(13)) and set(sources.values()) == {1}
+    dead = {int(H.as_dict(r.headers)[H.SOURCE_OFFSET]) for r in outputs[topics.dlq]}
+    assert 0 not in dead and dead <= {1, 2}  # the first record reads; the later batch never dies
+    forwarded = [r.key.decode() for t in (topics.clean, topics.quarantine) for r in outputs[t]]
+    assert set(ids[3:]) <= set(forwarded)
+
+
+def test_the_second_opinion_finds_nothing_where_records_read(broker, unique, digits_arrays) -> None:
+    """kafka-python's second opinion on a partition whose records it reads, or with nothing
+    to read: nothing unreadable, so the stall watch only restarts it (never dead-letters)."""
+    from depois_stream.filter.clients.base import ClientSettings
+    from depois_stream.filter.clients.kafka_python import second_opinion
+
+    _, _, xte, yte = digits_arrays
+    topics = Topics.create(broker.bootstrap, unique, partitions=1)
+    value, ctype = encode_batch([unique], xte[:1], yte[:1], encoding="binary")[0]
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    producer.send(topics.ingest, value=value, headers=[(H.CONTENT_TYPE, ctype.encode())]).get(timeout=10)
+    producer.close()
+    settings = ClientSettings(bootstrap_servers=broker.bootstrap, client_id=unique)
+    started = time.monotonic()
+    assert len(second_opinion(settings, (topics.ingest, 0), 0, timeout_s=5.0)) == 0
+    assert time.monotonic() - started < 4.0  # it reads the record: no need to wait it out
+    assert len(second_opinion(settings, (topics.ingest, 0), 1, timeout_s=1.0)) == 0  # the end
+
+
 def test_a_random_mix_of_records_over_three_partitions_is_each_routed_once(
         kafka_client, broker, unique, centroid_model, digits_arrays):
     """Seeded fuzz: valid samples, truncated and bit-flipped ones, random bytes, random header

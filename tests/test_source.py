@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from depois_stream.filter.clients.base import TP, RecordBatch
+from depois_stream.filter.clients.base import TP, RecordBatch, Unreadable
 from depois_stream.filter.metrics import Metrics
 from depois_stream.filter.source import STALL_MIN_ASKS, Source
 
@@ -57,6 +57,11 @@ class ScriptedConsumer:
 
     def seek(self, tp, offset) -> None:
         self.seeks.append((tp, offset))
+
+    def unreadable_at(self, tp, offset: int, timeout_s: float) -> RecordBatch:
+        """What a test sets in ``unreadable`` (offset -> RecordBatch), asked for in ``asked``."""
+        self.asked = [*getattr(self, "asked", []), (tp, offset)]
+        return getattr(self, "unreadable", {}).get(offset, RecordBatch.empty(TOPIC))
 
     def committed(self, tps, timeout_s: float) -> dict:
         """The group's committed offsets: none, unless a test sets ``group``."""
@@ -271,6 +276,38 @@ def test_a_partition_with_lag_and_no_progress_while_asked_is_restarted_where_it_
     source._watch_stalls({P0: 5}, now=119.0)
     source._watch_stalls({P0: 5}, now=120.0)  # still stuck: again, a limit after the first
     assert consumer.seeks == [(P0, 10), (P0, 10)] and _restarts(source) == 2
+
+
+def test_a_partition_a_restart_did_not_move_is_passed_only_on_the_clients_own_finding():
+    """Still stalled at the offset of its restart: the client is asked what it cannot read
+    there. Nothing found (a transaction left open upstream, a slow broker): restarted again,
+    nothing dead-lettered. Found: those offsets are handed on as unreadable (the pipeline
+    dead-letters them) and the partition sought past them."""
+    source, consumer = _stalled_source([_records(0, 0, 10)])
+    source._watch_stalls({P0: 5}, now=0.0)
+    _asked(source, STALL_MIN_ASKS)
+    source._watch_stalls({P0: 5}, now=60.0)
+    assert consumer.seeks == [(P0, 10)] and getattr(consumer, "asked", []) == []  # a restart first
+    _asked(source, STALL_MIN_ASKS)
+    source._watch_stalls({P0: 5}, now=120.0)
+    assert consumer.asked == [(P0, 10)]  # nothing found: restarted again
+    assert consumer.seeks == [(P0, 10), (P0, 10)] and _restarts(source) == 2
+
+    why = ["cannot parse", "cannot parse"]
+    consumer.unreadable = {10: RecordBatch.unreadable(TOPIC, [0, 0], [10, 11], why)}
+    _asked(source, STALL_MIN_ASKS)
+    source._watch_stalls({P0: 5}, now=180.0)
+    assert consumer.asked == [(P0, 10), (P0, 10)] and consumer.seeks[-1] == (P0, 12)
+    assert _restarts(source) == 2
+    batch = source.next_batch()
+    assert batch.offsets.tolist() == [10, 11] and all(isinstance(h, Unreadable) for h in batch.headers)
+    consumed = source._metrics.registry.get_sample_value(
+        "depois_records_consumed_total", {"topic": TOPIC})
+    assert consumed == 12  # counted once, as read
+    source._watch_stalls({P0: 3}, now=181.0)  # progress: a new episode, no question yet
+    _asked(source, STALL_MIN_ASKS)
+    source._watch_stalls({P0: 3}, now=241.0)
+    assert consumer.asked == [(P0, 10), (P0, 10)] and consumer.seeks[-1] == (P0, 12)
 
 
 def test_no_restart_while_progressing_paused_caught_up_or_not_asked():

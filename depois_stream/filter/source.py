@@ -61,16 +61,20 @@ SETTLE_TIMEOUT_S = 5.0  # reading the group's commit for partitions that came ba
 LOG_CHECK_S = 5.0  # while idle: how often to look for a position past the end of the log
 LOG_LOST_S = 10.0  # how long a position past the end, with no commit, lasts before a reset
 LOG_CHECK_TIMEOUT_S = 1.0  # each broker call of that check: it runs on the loop's thread
+# A stall watch's second opinion on a partition a restart did not move (it runs on the loop's
+# thread; a reader is made, fetches once and is closed, well under a second on a live broker)
+SECOND_OPINION_TIMEOUT_S = 5.0
 
 
 @dataclass
 class _Stall:
-    """A partition seen with lag and no progress: since when, and how many under-full batches
-    had been asked for by then."""
+    """A partition seen with lag and no progress: since when, how many under-full batches had
+    been asked for by then, and whether the episode began with a restart at this offset."""
 
     next_offset: int | None
     since: float
     asks: int
+    restarted: bool = False
 
 
 class Source:
@@ -609,8 +613,42 @@ class Source:
                 self._stalls[tp] = _Stall(at, now, self._asks)
             elif (now - seen.since >= self._stall_restart_s
                     and self._asks - seen.asks >= STALL_MIN_ASKS):
+                if seen.restarted and at is not None and self._pass_unreadable(tp, at):
+                    continue
                 self._restart(tp, lags[tp], now - seen.since)
-                self._stalls[tp] = _Stall(self._next.get(tp), now, self._asks)
+                self._stalls[tp] = _Stall(self._next.get(tp), now, self._asks, restarted=True)
+
+    def _pass_unreadable(self, tp: TP, at: int) -> bool:
+        """For a partition still stalled at ``at`` after a restart there: ask the client for
+        records from ``at`` on that it cannot read and does not say so (``unreadable_at``);
+        hand them on as ``Unreadable`` (the pipeline dead-letters them, each with its reason,
+        and commits past them) and seek past them. Whether any were found.
+
+        librdkafka stops silently at a record whose lengths lie inside an uncompressed batch:
+        a restart lands on the same bytes, and the partition stalled for good, its later
+        batches never filtered (stop 51, an outside fuzz drill). Only the client's positive
+        finding moves the partition on: a partition held back by anything else (an upstream
+        transaction left open, a slow broker) gets nothing from the second opinion and is
+        restarted as before, its records never dead-lettered for it."""
+        try:
+            found = self._consumer.unreadable_at(tp, at, SECOND_OPINION_TIMEOUT_S)
+        except ClientError as exc:
+            log.warning("partition %s[%d] stalled at offset %d after a restart there; the "
+                        "second opinion on it failed (%s)", tp[0], tp[1], at, exc)
+            return False
+        found = found.select(found.partitions == tp[1]) if len(found) else found
+        if not len(found) or int(found.offsets.min()) != at:
+            return False
+        past = int(found.offsets.max()) + 1
+        with self._lock:
+            self._buffer.append(found)
+            self._seek(tp, past)
+        self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(found))
+        log.error("partition %s[%d] stalled at offset %d, a restart there did not help, and "
+                  "the client cannot read offsets %d to %d (it said nothing about them): "
+                  "dead-lettering them without their bytes, which stay in the topic, and "
+                  "going on at %d", tp[0], tp[1], at, at, past - 1, past)
+        return True
 
     def _restart(self, tp: TP, lag: int, stalled_s: float) -> None:
         """Resume ``tp`` and seek it to the first record not yet handed on (from the last

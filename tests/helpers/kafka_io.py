@@ -148,9 +148,11 @@ def committed(bootstrap: str, group: str, topic: str) -> dict[int, int | None]:
 
 
 def filter_until_committed(kafka_client: str, broker, topics: Topics, group: str, model,
-                           ends: dict[int, int], timeout_s: float = 60) -> dict[str, list]:
+                           ends: dict[int, int], timeout_s: float = 60,
+                           **overrides) -> dict[str, list]:
     """Run an in-process filter until the group has committed ``ends`` (partition -> end
     offset), stop it (it must stop), and return every record of the three output topics.
+    ``overrides``: settings other than ``consumer_config``'s.
 
     Stopped from outside rather than on idleness: a record refused over and over would keep
     it busy for ever, and the commit is what shows that nothing stalled."""
@@ -160,7 +162,7 @@ def filter_until_committed(kafka_client: str, broker, topics: Topics, group: str
     from depois_stream.filter.metrics import Metrics
 
     flt = StreamFilter(consumer_config(broker.bootstrap, topics, group, model, client=kafka_client,
-                                       exit_when_idle_s=None), Metrics())
+                                       exit_when_idle_s=None, **overrides), Metrics())
     stop = threading.Event()
     runner = threading.Thread(target=flt.run, args=(stop,))
     runner.start()

@@ -447,6 +447,13 @@ class Consumer(Protocol):
 
     def seek(self, tp: TP, offset: int) -> None: ...
 
+    def unreadable_at(self, tp: TP, offset: int, timeout_s: float) -> RecordBatch:
+        """The records from ``offset`` on that this client cannot read and does not say so, as
+        ``Unreadable`` records (empty when there are none, or it cannot tell within
+        ``timeout_s``); the caller dead-letters them and seeks past. Asked by the stall watch
+        when a restart at ``offset`` did not help; raises ClientError."""
+        ...
+
     def pause(self, tps: Iterable[TP]) -> None: ...
 
     def resume(self, tps: Iterable[TP]) -> None: ...

@@ -36,6 +36,7 @@ from depois_stream.filter.clients.base import (
     DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback, TransactionGuard,
     Unreadable, call_bounded,
 )
+from depois_stream.filter.clients.kafka_python import second_opinion
 
 log = logging.getLogger(__name__)
 rdkafka_log = logging.getLogger("librdkafka")
@@ -388,6 +389,14 @@ class ConfluentConsumer:
             why.append(f"librdkafka cannot read the record batch ({err.str()}); its bytes stay "
                        f"at {topic}[{partition}]@{offset}")
         return RecordBatch.unreadable(self._topic, parts, offsets, why)
+
+    def unreadable_at(self, tp: TP, offset: int, timeout_s: float) -> RecordBatch:
+        """A second opinion from kafka-python (``kafka_python.second_opinion``): librdkafka
+        stops without a word at a record whose lengths lie inside an uncompressed batch (a
+        broker that does not validate batches stores it), handing on the records before it and
+        then nothing, fetch after fetch. An outside fuzz drill (stop 51) stalled a partition
+        for good that way, the stall watch's restarts at the same offset changing nothing."""
+        return second_opinion(self._settings, tp, offset, timeout_s)
 
     def seek(self, tp: TP, offset: int) -> None:
         """Move ``tp`` to ``offset``. A partition assigned but not fetching yet cannot be

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ from kafka.structs import OffsetAndMetadata
 from depois_stream.filter.clients.base import (
     SHUTDOWN_STEP_S, TP, AssignCallback, ClientError, ClientSettings, CommitCallback,
     Construction, DeliveryCallback, Header, MissingTopic, ProduceError, RecordBatch, RevokeCallback,
-    TransactionGuard, close_quietly,
+    TransactionGuard, close_quietly, construct,
 )
 from depois_stream.filter.clients.kafka_python_parsing import (
     bound_decompression, raised_by_parser, skip_unreadable,
@@ -184,6 +185,74 @@ def built(cls: Any, **config: Any) -> Any:
         raise
 
 
+def unreadable_batch(consumer: KafkaConsumer, topic: str, exc: BaseException,
+                     hint: str = "") -> RecordBatch:
+    """The records ``consumer`` cannot parse (``exc``, raised by its parser), as ``Unreadable``
+    records, and the consumer moved past them.
+
+    kafka-python raises once when a record of a fetch does not parse (a header name that is
+    not UTF-8, a bad CRC, a record whose lengths lie) or its batch does not decompress (or
+    decompresses past MAX_BATCH_BYTES); its fetcher then keeps the stuck fetch, and later polls
+    spin on it (the partition stalls for good) or, for a batch that did not decompress, loop
+    inside kafka-python without returning at all. ``skip_unreadable`` moves past the bad record
+    and, since kafka-python parses a batch from its start and so cannot read past it, the rest
+    of its record batch: each of those offsets is handed over without key or value (kafka-python
+    never gives them), all at once. Their bytes stay in the topic (offsets in the dead letters'
+    provenance headers). Raises whatever ``skip_unreadable`` raises."""
+    tp, offsets, why = skip_unreadable(consumer, exc)
+    first, last = offsets[0], offsets[-1]
+    log.error("%s[%d]@%s: %s; dead-lettered without %s bytes, which stay in the topic",
+              tp.topic, tp.partition, first if first == last else f"{first}..{last}", why,
+              "its" if first == last else f"their ({len(offsets)} offsets of one record batch)")
+    return RecordBatch.unreadable(
+        topic, [tp.partition] * len(offsets), offsets,
+        [f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{o}{hint}" for o in offsets])
+
+
+def second_opinion(s: ClientSettings, tp: TP, offset: int, timeout_s: float) -> RecordBatch:
+    """What kafka-python makes of ``tp`` from ``offset``: the records there that it cannot
+    parse, as ``Unreadable`` records (``unreadable_batch``), or an empty batch when it reads a
+    record there, or nothing within ``timeout_s``.
+
+    For the confluent-kafka consumer's stall watch: librdkafka stops silently at a record whose
+    lengths lie inside an uncompressed batch (no error, no record, the same fetch again and
+    again), which a broker that does not validate batches stores (Tansu; Apache Kafka refuses
+    it on produce). kafka-python parses the same bytes strictly and says where they end. A
+    consumer of no group, so nothing is committed or rebalanced; the settings' security
+    options are those of the filter's own kafka-python clients."""
+    deadline = time.monotonic() + timeout_s
+    bound_decompression()
+    consumer = construct(lambda: built(
+        KafkaConsumer, bootstrap_servers=s.bootstrap_servers, client_id=f"{s.client_id}-second-opinion",
+        group_id=None, enable_auto_commit=False,
+        isolation_level="read_committed" if s.read_committed else "read_uncommitted",
+        allow_auto_create_topics=False,
+        **{"fetch_max_wait_ms": FETCH_MAX_WAIT_MS, **options_for(KafkaConsumer, s.options)}),
+        timeout_s, "a second-opinion reader")
+    try:
+        part = TopicPartition(*tp)
+        consumer.assign([part])
+        consumer.seek(part, offset)
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                polled = consumer.poll(timeout_ms=max(1, int(left * 1000)), max_records=1)
+            except Exception as exc:  # noqa: BLE001 - sorted just below
+                if not raised_by_parser(exc):
+                    raise _error(exc) if isinstance(exc, KafkaError) else ClientError(
+                        f"second opinion on {tp[0]}[{tp[1]}]@{offset}: {exc}", retriable=True) from exc
+                try:
+                    return unreadable_batch(consumer, tp[0], exc)
+                except Exception as err:  # noqa: BLE001 - kafka-python other than 3.0's
+                    raise ClientError(f"second opinion on {tp[0]}[{tp[1]}]@{offset}: could "
+                                      f"not move past what it cannot parse ({err})",
+                                      retriable=False) from exc
+            if any(polled.values()):
+                return RecordBatch.empty(tp[0])  # it reads a record there
+        return RecordBatch.empty(tp[0])
+    finally:
+        close_quietly(consumer)
+
+
 class KafkaPythonConsumer:
     def __init__(self, s: ClientSettings, on_commit: CommitCallback) -> None:
         self._on_commit = on_commit
@@ -252,32 +321,19 @@ class KafkaPythonConsumer:
 
     def _unreadable(self, exc: Exception) -> RecordBatch:
         """The records kafka-python cannot parse, as ``Unreadable`` records, and the partition
-        moved past them.
-
-        kafka-python raises once when a record of a fetch does not parse (a header name that is
-        not UTF-8, a bad CRC) or its batch does not decompress (or decompresses past
-        MAX_BATCH_BYTES); its fetcher then keeps the stuck fetch, and later polls spin on it
-        (the partition stalls for good) or, for a batch that did not decompress, loop inside
-        kafka-python without returning at all. ``skip_unreadable`` moves past the bad record
-        and, since kafka-python parses a batch from its start and so cannot read past it, the
-        rest of its record batch: each of those offsets is handed over without key or value
-        (kafka-python never gives them), all in this poll. Their bytes stay in the topic
-        (offsets in the dead letters' provenance headers); confluent-kafka reads records one by
-        one and keeps their payloads. Without the fetcher's state (kafka-python other than the
-        3.0 line tested), the error goes up as before."""
+        moved past them (``unreadable_batch``). Without the fetcher's state (kafka-python other
+        than the 3.0 line tested), the error goes up as before."""
         try:
-            tp, offsets, why = skip_unreadable(self._c, exc)
+            return unreadable_batch(self._c, self._topic, exc, hint=(
+                " (confluent-kafka reads records one by one: --client confluent-kafka)"
+                if isinstance(exc, CorruptRecordError) else ""))
         except Exception as err:  # noqa: BLE001 - anything here is "cannot recover"
             raise _error(exc) from err
-        first, last = offsets[0], offsets[-1]
-        log.error("%s[%d]@%s: %s; dead-lettered without %s bytes, which stay in the topic",
-                  tp.topic, tp.partition, first if first == last else f"{first}..{last}", why,
-                  "its" if first == last else f"their ({len(offsets)} offsets of one record batch)")
-        hint = (" (confluent-kafka reads records one by one: --client confluent-kafka)"
-                if isinstance(exc, CorruptRecordError) else "")
-        return RecordBatch.unreadable(
-            self._topic, [tp.partition] * len(offsets), offsets,
-            [f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{o}{hint}" for o in offsets])
+
+    def unreadable_at(self, tp: TP, offset: int, timeout_s: float) -> RecordBatch:
+        """Nothing: kafka-python raises on every record it cannot parse, and ``poll`` hands
+        those over itself."""
+        return RecordBatch.empty(tp[0])
 
     def seek(self, tp: TP, offset: int) -> None:
         try:
