@@ -645,9 +645,10 @@ class Source:
             self._seek(tp, past)
         self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(found))
         log.error("partition %s[%d] stalled at offset %d, a restart there did not help, and "
-                  "the client cannot read offsets %d to %d (it said nothing about them): "
-                  "dead-lettering them without their bytes, which stay in the topic, and "
-                  "going on at %d", tp[0], tp[1], at, at, past - 1, past)
+                  "the client cannot read %s (it said nothing about %s): dead-lettering %s "
+                  "without bytes, which stay in the topic, and going on at %d", tp[0], tp[1], at,
+                  f"offset {at}" if past == at + 1 else f"offsets {at} to {past - 1}",
+                  *(("it", "it") if past == at + 1 else ("them", "them")), past)
         return True
 
     def _restart(self, tp: TP, lag: int, stalled_s: float) -> None:
