@@ -658,3 +658,28 @@ def test_caught_up_only_when_every_owned_partition_was_measured_at_0():
         source.caught_up_at = None
         source.update_lag()
         assert (source.caught_up_at is not None) == caught_up, answer
+
+
+def test_a_member_that_did_not_run_past_its_session_timeout_moves_on_to_the_groups_commit() -> None:
+    """A frozen member (stop 51, an outside drill) still believes it owns its partitions when it
+    wakes, while another member filtered and committed past its position: the first poll after
+    a gap longer than the session timeout reads the group's commits, and drops and skips what
+    another member committed. A commit behind, none at all (never a restart at the log's start
+    for a partition that did not come back), or a gap within the timeout change nothing."""
+    for gap, group, got, seek in ((30.0, {P0: 500}, 0, (P0, 500)),  # another member moved on
+                                  (30.0, {P0: 100}, 3, None),  # the commit is behind: stay
+                                  (30.0, {}, 3, None),  # nobody committed: stay, no restart
+                                  (5.0, {P0: 500}, 3, None)):  # within the timeout: not asked
+        consumer = ScriptedConsumer([("assign", [P0]), _records(0, 100, 5), _records(0, 105, 3)])
+        consumer.logs = {P0: (0, 600)}
+        consumer.group = group
+        now = [0.0]
+        source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=Metrics(),
+                        clock=lambda: now[0], session_timeout_s=10.0)
+        source.subscribe()
+        source.next_batch()  # joined
+        assert len(source.next_batch()) == 5
+        seeks = list(consumer.seeks)
+        now[0] += gap  # frozen here; the poll that returns the records read after it
+        assert len(source.next_batch()) == got, (gap, group)
+        assert consumer.seeks[len(seeks):] == ([seek] if seek else []), (gap, group)

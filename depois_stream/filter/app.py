@@ -297,7 +297,8 @@ class StreamFilter:
             consumer = self._connect(settings)
             source = Source(consumer, cfg.ingest_topic, cfg.batch_size, cfg.linger_ms,
                             self.metrics, stall_restart_s=cfg.stall_restart_s,
-                            reset_to=cfg.auto_offset_reset)
+                            reset_to=cfg.auto_offset_reset,
+                            session_timeout_s=cfg.session_timeout_ms / 1000)
             self._source = source
             stack.callback(self._leave, consumer)
             try:
