@@ -431,3 +431,22 @@ def test_a_probe_that_cannot_reach_a_broker_leaves_no_thread_behind() -> None:
     while io_threads() > before and time.monotonic() < deadline:
         time.sleep(0.1)
     assert io_threads() == before, [t.name for t in threading.enumerate()]
+
+
+def test_the_second_opinion_reader_gets_the_security_options_in_kafka_python_names() -> None:
+    """confluent-kafka's second opinion (a kafka-python reader) must authenticate as the filter
+    does: librdkafka's names of the security options become kafka-python's, and one with no
+    equivalent refuses the reader rather than letting it connect without it (a diff review,
+    stop 51: they were dropped, and the reader connected in plain text)."""
+    from depois_stream.filter.clients.confluent import kafka_python_options
+
+    given = {"security.protocol": "SASL_SSL", "sasl.mechanisms": "PLAIN", "sasl.username": "u",
+             "sasl.password": "p", "ssl.ca.location": "/ca.pem",
+             "ssl.endpoint.identification.algorithm": "none", "fetch.min.bytes": 1,
+             "ssl_certfile": "/c.pem"}
+    assert kafka_python_options(given) == {
+        "security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN", "sasl_plain_username": "u",
+        "sasl_plain_password": "p", "ssl_cafile": "/ca.pem", "ssl_check_hostname": False,
+        "fetch.min.bytes": 1, "ssl_certfile": "/c.pem"}
+    with pytest.raises(ValueError, match="sasl.oauthbearer.config"):
+        kafka_python_options({"sasl.oauthbearer.config": "x"})

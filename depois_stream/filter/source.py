@@ -64,6 +64,22 @@ LOG_CHECK_TIMEOUT_S = 1.0  # each broker call of that check: it runs on the loop
 # A stall watch's second opinion on a partition a restart did not move (it runs on the loop's
 # thread; a reader is made, fetches once and is closed, well under a second on a live broker)
 SECOND_OPINION_TIMEOUT_S = 5.0
+# After an unreadable offset was passed: how long (and STALL_MIN_ASKS under-full asks) the
+# client has to read on before the rest of that record batch counts as unreadable too
+PASS_PROBE_S = 2.0
+
+
+@dataclass
+class _Passing:
+    """A partition sought past an offset its client cannot read: the rest of that offset's
+    record batch as the second opinion named it (``Unreadable`` placeholders, maybe none),
+    where the partition now stands, since when, and how many under-full batches had been asked
+    for by then."""
+
+    rest: RecordBatch
+    at: int
+    since: float
+    asks: int
 
 
 @dataclass
@@ -111,6 +127,7 @@ class Source:
         self.rebalances = 0
         self._stall_restart_s = stall_restart_s  # 0: never restart a partition
         self._stalls: dict[TP, _Stall] = {}
+        self._passing: dict[TP, _Passing] = {}  # sought past an unreadable offset, on watch
         # batches asked for that came back under-full: the client had nothing more to give,
         # so a partition with records to give was not merely queued behind the others
         self._asks = 0
@@ -156,6 +173,7 @@ class Source:
                 self._next.pop(tp, None)
                 self._first_ts.pop(tp, None)
                 self._stalls.pop(tp, None)
+                self._passing.pop(tp, None)
         held = gone & self.assigned  # kafka-python revokes again at close what a rebalance took
         self.assigned = self.assigned - gone
         self.rebalances += 1
@@ -268,6 +286,7 @@ class Source:
                 self.rewind(got.first_offsets())
                 got = RecordBatch.empty(self._topic)
         self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(got))
+        self._check_passing(got)
         return got
 
     def _watch_wake_up(self, timeout_s: float) -> None:
@@ -577,6 +596,7 @@ class Source:
         self._consumer.seek(tp, offset)
         self._next[tp] = offset
         self._stalls.pop(tp, None)
+        self._passing.pop(tp, None)
 
     @property
     def switching(self) -> bool:
@@ -635,7 +655,9 @@ class Source:
 
     def _watch_stalls(self, lags: Mapping[TP, int], now: float) -> None:
         """Restart each owned partition that has had records to give, and given none, for
-        ``stall_restart_s`` while the loop asked for batches (see the module's docstring).
+        ``stall_restart_s`` while the loop asked for batches (see the module's docstring); one
+        still stalled where it was restarted gets a second opinion (``_pass_unreadable``), at
+        most one per call (each may hold the loop up to SECOND_OPINION_TIMEOUT_S).
 
         Progress is the offset after the last record handed on; the lag is measured from the
         client's position, so records the client holds back (a partition it stopped fetching)
@@ -644,6 +666,7 @@ class Source:
         harmless: the seek is to where it stands."""
         if self._stall_restart_s <= 0:
             return
+        asked = False
         for tp in sorted(self.assigned):
             at = self._next.get(tp)
             seen = self._stalls.get(tp)
@@ -653,43 +676,96 @@ class Source:
                 self._stalls[tp] = _Stall(at, now, self._asks)
             elif (now - seen.since >= self._stall_restart_s
                     and self._asks - seen.asks >= STALL_MIN_ASKS):
-                if seen.restarted and at is not None and self._pass_unreadable(tp, at):
-                    continue
+                if seen.restarted and at is not None:
+                    if asked:
+                        continue  # due at the next check: one second opinion per check
+                    asked = True
+                    if self._pass_unreadable(tp, at):
+                        continue
                 self._restart(tp, lags[tp], now - seen.since)
                 self._stalls[tp] = _Stall(self._next.get(tp), now, self._asks, restarted=True)
 
+    def _second_opinion(self, tp: TP, at: int) -> RecordBatch:
+        """The records of ``tp`` from ``at`` on that the client cannot read and does not say so
+        (``Consumer.unreadable_at``), the partition's only; empty when there are none or the
+        question failed (logged: a diagnosis never takes the filter down)."""
+        try:
+            found = self._consumer.unreadable_at(tp, at, SECOND_OPINION_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - ClientError, or a client's surprise
+            log.warning("partition %s[%d] stalled at offset %d after a restart there; the "
+                        "second opinion on it failed (%s)", tp[0], tp[1], at, exc)
+            return RecordBatch.empty(self._topic)
+        return found.select((found.partitions == tp[1]) & (found.offsets >= at))
+
     def _pass_unreadable(self, tp: TP, at: int) -> bool:
-        """For a partition still stalled at ``at`` after a restart there: ask the client for
-        records from ``at`` on that it cannot read and does not say so (``unreadable_at``);
-        hand them on as ``Unreadable`` (the pipeline dead-letters them, each with its reason,
-        and commits past them) and seek past them. Whether any were found.
+        """For a partition still stalled at ``at`` after a restart there: ask the client what it
+        cannot read from there (``_second_opinion``) and, if it names anything, hand on the
+        first such offset as ``Unreadable`` (the pipeline dead-letters it with its reason and
+        commits past it), seek past it and watch whether the client reads on from there
+        (``_check_passing``). Whether anything was found.
 
         librdkafka stops silently at a record whose lengths lie inside an uncompressed batch:
         a restart lands on the same bytes, and the partition stalled for good, its later
         batches never filtered (stop 51, an outside fuzz drill). Only the client's positive
         finding moves the partition on: a partition held back by anything else (an upstream
         transaction left open, a slow broker) gets nothing from the second opinion and is
-        restarted as before, its records never dead-lettered for it."""
-        try:
-            found = self._consumer.unreadable_at(tp, at, SECOND_OPINION_TIMEOUT_S)
-        except ClientError as exc:
-            log.warning("partition %s[%d] stalled at offset %d after a restart there; the "
-                        "second opinion on it failed (%s)", tp[0], tp[1], at, exc)
+        restarted as before, its records never dead-lettered for it. Offsets between ``at``
+        and the first one named hold no record (a transaction marker, a compacted gap): the
+        second opinion returns at the first record it reads.
+
+        Only the first offset, because the rest of the batch may be readable by this client:
+        kafka-python cannot reach past a bad record, librdkafka can when the record's own
+        length is right (a key length that lies): a diff review dead-lettered four readable
+        records that way. Whether it can is what ``_check_passing`` finds out."""
+        found = self._second_opinion(tp, at)
+        if not len(found):
             return False
-        found = found.select(found.partitions == tp[1]) if len(found) else found
-        if not len(found) or int(found.offsets.min()) != at:
-            return False
-        past = int(found.offsets.max()) + 1
-        with self._lock:
-            self._buffer.append(found)
-            self._seek(tp, past)
-        self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(found))
-        log.error("partition %s[%d] stalled at offset %d, a restart there did not help, and "
-                  "the client cannot read %s (it said nothing about %s): dead-lettering %s "
-                  "without bytes, which stay in the topic, and going on at %d", tp[0], tp[1], at,
-                  f"offset {at}" if past == at + 1 else f"offsets {at} to {past - 1}",
-                  *(("it", "it") if past == at + 1 else ("them", "them")), past)
+        first = int(found.offsets.min())
+        self._hand_on_unreadable(tp, found.select(found.offsets == first))
+        rest = found.select(found.offsets > first)
+        self._passing[tp] = _Passing(rest, first + 1, self._clock(), self._asks)
+        log.error("partition %s[%d] stalled at offset %d, a restart there did not help, and the "
+                  "client cannot read offset %d (it said nothing about it): dead-lettering it "
+                  "without its bytes, which stay in the topic, and going on at %d%s", tp[0],
+                  tp[1], at, first, first + 1,
+                  f" (offsets to {int(rest.offsets.max())} share its record batch: passed too "
+                  "if the client cannot read on from there either)" if len(rest) else "")
         return True
+
+    def _hand_on_unreadable(self, tp: TP, records: RecordBatch) -> None:
+        """Put ``records`` (``Unreadable`` placeholders of ``tp``) in the next batch, count them
+        as read and seek ``tp`` past them."""
+        with self._lock:
+            self._buffer.append(records)
+            self._seek(tp, int(records.offsets.max()) + 1)
+        self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(records))
+
+    def _check_passing(self, got: RecordBatch) -> None:
+        """After an unreadable offset was passed (``_pass_unreadable``): a record of the
+        partition read since means the client reads on, and the watch ends. None for
+        PASS_PROBE_S and STALL_MIN_ASKS under-full asks means it cannot read from there either:
+        the rest of the record batch, as the second opinion named it, is passed at once (one
+        dead letter per offset), or, where it could not name the rest (a batch whose header
+        cannot be believed), the second opinion is asked again at the new position. Seconds
+        per batch, not two ``stall_restart_s`` per offset."""
+        if not self._passing:
+            return
+        now = self._clock()
+        for tp, p in list(self._passing.items()):
+            if tp not in self.assigned or bool(np.any(got.partitions == tp[1])):
+                self._passing.pop(tp, None)
+            elif self.paused:  # nothing is read while paused: the watch starts over afterwards
+                self._passing[tp] = _Passing(p.rest, p.at, now, self._asks)
+            elif now - p.since >= PASS_PROBE_S and self._asks - p.asks >= STALL_MIN_ASKS:
+                self._passing.pop(tp, None)
+                if len(p.rest) and int(p.rest.offsets.min()) == p.at:
+                    self._hand_on_unreadable(tp, p.rest)
+                    log.error("partition %s[%d]: the client cannot read on from offset %d either: "
+                              "dead-lettering the rest of that record batch, offsets %d to %d, "
+                              "without their bytes, and going on at %d", tp[0], tp[1], p.at, p.at,
+                              int(p.rest.offsets.max()), int(p.rest.offsets.max()) + 1)
+                else:
+                    self._pass_unreadable(tp, p.at)
 
     def _restart(self, tp: TP, lag: int, stalled_s: float) -> None:
         """Resume ``tp`` and seek it to the first record not yet handed on (from the last

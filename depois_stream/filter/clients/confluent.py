@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import operator
 import time
+from dataclasses import replace
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -94,6 +95,23 @@ def translate(options: Mapping[str, Any]) -> dict[str, Any]:
     if "ssl_check_hostname" in options:
         out["ssl.endpoint.identification.algorithm"] = (
             "https" if _flag("ssl_check_hostname", options["ssl_check_hostname"]) else "none")
+    return out
+
+
+def kafka_python_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` in kafka-python's names, for the kafka-python reader of a second opinion
+    (``ConfluentConsumer.unreadable_at``): librdkafka's names of the common security options
+    (the reverse of ``TRANSLATE``) become kafka-python's; the rest is left as given.
+    ValueError names a security property that has no kafka-python equivalent here (OAUTHBEARER,
+    Kerberos keytabs, ...): a reader without it would connect unauthenticated."""
+    back = {dotted: name for name, dotted in TRANSLATE.items()}
+    out = {back.get(k, k): v for k, v in options.items()
+           if k != "ssl.endpoint.identification.algorithm"}
+    if "ssl.endpoint.identification.algorithm" in options:
+        out["ssl_check_hostname"] = str(options["ssl.endpoint.identification.algorithm"]).lower() != "none"
+    unmapped = sorted(k for k in out if k.startswith(("sasl.", "ssl.")))
+    if unmapped:
+        raise ValueError(f"{', '.join(unmapped)} has no kafka-python equivalent")
     return out
 
 
@@ -395,8 +413,15 @@ class ConfluentConsumer:
         stops without a word at a record whose lengths lie inside an uncompressed batch (a
         broker that does not validate batches stores it), handing on the records before it and
         then nothing, fetch after fetch. An outside fuzz drill (stop 51) stalled a partition
-        for good that way, the stall watch's restarts at the same offset changing nothing."""
-        return second_opinion(self._settings, tp, offset, timeout_s)
+        for good that way, the stall watch's restarts at the same offset changing nothing.
+        The reader gets the filter's security options in kafka-python's names; one that has no
+        equivalent there makes this a ``ClientError`` (retried at the next stall), never an
+        unauthenticated connection."""
+        try:
+            options = kafka_python_options(self._settings.options)
+        except ValueError as exc:
+            raise ClientError(f"no second opinion from kafka-python: {exc}", retriable=False) from None
+        return second_opinion(replace(self._settings, options=options), tp, offset, timeout_s)
 
     def seek(self, tp: TP, offset: int) -> None:
         """Move ``tp`` to ``offset``. A partition assigned but not fetching yet cannot be

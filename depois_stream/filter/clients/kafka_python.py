@@ -186,7 +186,7 @@ def built(cls: Any, **config: Any) -> Any:
 
 
 def unreadable_batch(consumer: KafkaConsumer, topic: str, exc: BaseException,
-                     hint: str = "") -> RecordBatch:
+                     hint: str = "", announce: bool = True) -> RecordBatch:
     """The records ``consumer`` cannot parse (``exc``, raised by its parser), as ``Unreadable``
     records, and the consumer moved past them.
 
@@ -198,12 +198,14 @@ def unreadable_batch(consumer: KafkaConsumer, topic: str, exc: BaseException,
     and, since kafka-python parses a batch from its start and so cannot read past it, the rest
     of its record batch: each of those offsets is handed over without key or value (kafka-python
     never gives them), all at once. Their bytes stay in the topic (offsets in the dead letters'
-    provenance headers). Raises whatever ``skip_unreadable`` raises."""
+    provenance headers). ``announce``: log what is dead-lettered (not for a second opinion,
+    whose caller decides what to make of it). Raises whatever ``skip_unreadable`` raises."""
     tp, offsets, why = skip_unreadable(consumer, exc)
     first, last = offsets[0], offsets[-1]
-    log.error("%s[%d]@%s: %s; dead-lettered without %s bytes, which stay in the topic",
-              tp.topic, tp.partition, first if first == last else f"{first}..{last}", why,
-              "its" if first == last else f"their ({len(offsets)} offsets of one record batch)")
+    if announce:
+        log.error("%s[%d]@%s: %s; dead-lettered without %s bytes, which stay in the topic",
+                  tp.topic, tp.partition, first if first == last else f"{first}..{last}", why,
+                  "its" if first == last else f"their ({len(offsets)} offsets of one record batch)")
     return RecordBatch.unreadable(
         topic, [tp.partition] * len(offsets), offsets,
         [f"{why}; its bytes stay at {tp.topic}[{tp.partition}]@{o}{hint}" for o in offsets])
@@ -211,15 +213,27 @@ def unreadable_batch(consumer: KafkaConsumer, topic: str, exc: BaseException,
 
 def second_opinion(s: ClientSettings, tp: TP, offset: int, timeout_s: float) -> RecordBatch:
     """What kafka-python makes of ``tp`` from ``offset``: the records there that it cannot
-    parse, as ``Unreadable`` records (``unreadable_batch``), or an empty batch when it reads a
-    record there, or nothing within ``timeout_s``.
+    parse, as ``Unreadable`` records (``unreadable_batch``: the bad one and the rest of its
+    batch, which kafka-python cannot reach), or an empty batch when it reads a record there,
+    or when a fetch came back with nothing to give (the log's end, a transaction still open),
+    or when it cannot tell within ``timeout_s``. Any failure is a ``ClientError``.
 
     For the confluent-kafka consumer's stall watch: librdkafka stops silently at a record whose
     lengths lie inside an uncompressed batch (no error, no record, the same fetch again and
     again), which a broker that does not validate batches stores (Tansu; Apache Kafka refuses
-    it on produce). kafka-python parses the same bytes strictly and says where they end. A
-    consumer of no group, so nothing is committed or rebalanced; the settings' security
-    options are those of the filter's own kafka-python clients."""
+    it on produce). kafka-python parses the same bytes strictly and says where they stop. A
+    consumer of no group, so nothing is committed or rebalanced; ``s.options`` must be in
+    kafka-python's names (``confluent.kafka_python_options``)."""
+    try:
+        return _second_opinion(s, tp, offset, timeout_s)
+    except ClientError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a diagnosis must never take the filter down
+        raise ClientError(f"second opinion on {tp[0]}[{tp[1]}]@{offset}: "
+                          f"{type(exc).__name__}: {exc}", retriable=True) from exc
+
+
+def _second_opinion(s: ClientSettings, tp: TP, offset: int, timeout_s: float) -> RecordBatch:
     deadline = time.monotonic() + timeout_s
     bound_decompression()
     consumer = construct(lambda: built(
@@ -233,21 +247,23 @@ def second_opinion(s: ClientSettings, tp: TP, offset: int, timeout_s: float) -> 
         part = TopicPartition(*tp)
         consumer.assign([part])
         consumer.seek(part, offset)
+        empty_answers = 0
         while (left := deadline - time.monotonic()) > 0:
             try:
-                polled = consumer.poll(timeout_ms=max(1, int(left * 1000)), max_records=1)
+                polled = consumer.poll(timeout_ms=max(1, int(min(left, 0.2) * 1000)), max_records=1)
             except Exception as exc:  # noqa: BLE001 - sorted just below
                 if not raised_by_parser(exc):
-                    raise _error(exc) if isinstance(exc, KafkaError) else ClientError(
-                        f"second opinion on {tp[0]}[{tp[1]}]@{offset}: {exc}", retriable=True) from exc
-                try:
-                    return unreadable_batch(consumer, tp[0], exc)
-                except Exception as err:  # noqa: BLE001 - kafka-python other than 3.0's
-                    raise ClientError(f"second opinion on {tp[0]}[{tp[1]}]@{offset}: could "
-                                      f"not move past what it cannot parse ({err})",
-                                      retriable=False) from exc
+                    raise
+                return unreadable_batch(consumer, tp[0], exc, announce=False)
             if any(polled.values()):
                 return RecordBatch.empty(tp[0])  # it reads a record there
+            # A fetch response was parsed (it sets the high watermark) and gave nothing: the
+            # log's end, or records a read_committed reader may not see yet. Twice, so that a
+            # response that held only what lies before ``offset`` is not taken for it.
+            if consumer.highwater(part) is not None:
+                empty_answers += 1
+                if empty_answers >= 2:
+                    return RecordBatch.empty(tp[0])
         return RecordBatch.empty(tp[0])
     finally:
         close_quietly(consumer)
