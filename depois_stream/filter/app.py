@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 RESUME_FLAG = "resume"  # `touch <control_dir>/resume` closes an open circuit breaker
 SHUTDOWN_DRAIN_S = 10.0  # SIGTERM: wait at most this for outputs in flight
+ASSIGNED_LAG_DELAY_S = 1.0  # after an assignment: when to read the new partitions' lag
 # Liveness fails once more client calls than this were abandoned inside the library and are
 # still stuck there (each may hold a producer handle; a restart frees them). Against a broker
 # that never answers, an exactly-once member abandons about one a minute, so this is a quarter
@@ -187,6 +188,7 @@ class StreamFilter:
         _quiet_garbage_collector()
         watcher = self._model_watcher()
         idle_since = next_lag = lag_asked = time.monotonic()
+        owned: frozenset = frozenset()  # the assignment the lag was last scheduled for
         while not stop.is_set():
             self._loop_at = now = time.monotonic()
             if (new := watcher.poll()) is not None:
@@ -218,6 +220,12 @@ class StreamFilter:
                 idle_since = now
             del batch  # not held while the next one is gathered (MAX_HELD_BYTES)
             delivery.service(0.0)
+            if source.assigned - owned:
+                # new partitions have no lag series until it is read: read it a second from now
+                # (a first fetch carries their end), not up to --lag-interval-s later (an
+                # outside drill: 12 s without them after a takeover, a sum of the lag read 0)
+                next_lag = min(next_lag, now + ASSIGNED_LAG_DELAY_S)
+            owned = source.assigned
             if now >= next_lag:
                 next_lag, lag_asked = now + self.cfg.lag_interval_s, now
                 source.update_lag()

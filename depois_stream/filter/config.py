@@ -162,7 +162,8 @@ class ConsumerConfig(BaseSettings):
     reload_interval_s: float = Field(5.0, ge=0.0, le=MAX_SECONDS, description=(
         "How often to check the model file for a new version (SIGHUP checks at once)."))
     lag_interval_s: float = Field(10.0, gt=0.0, le=MAX_SECONDS, description=(
-        "How often to refresh the consumer lag metrics."))
+        "How often to refresh the consumer lag metrics (also about a second after an "
+        "assignment brings new partitions)."))
     stall_restart_s: float = Field(60.0, ge=0.0, le=MAX_SECONDS, description=(
         "Restart the fetch of an owned partition that had records to give and gave none for "
         "this long while the filter kept asking (a client library that stopped fetching it): "
