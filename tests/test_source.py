@@ -697,23 +697,45 @@ def test_caught_up_only_when_every_owned_partition_was_measured_at_0():
 def test_a_member_that_did_not_run_past_its_session_timeout_moves_on_to_the_groups_commit() -> None:
     """A frozen member (stop 51, an outside drill) still believes it owns its partitions when it
     wakes, while another member filtered and committed past its position: the first poll after
-    a gap longer than the session timeout reads the group's commits, and drops and skips what
+    the freeze watch reports a pause reads the group's commits, and drops and skips what
     another member committed. A commit behind, none at all (never a restart at the log's start
-    for a partition that did not come back), or a gap within the timeout change nothing."""
-    for gap, group, got, seek in ((30.0, {P0: 500}, 0, (P0, 500)),  # another member moved on
-                                  (30.0, {P0: 100}, 3, None),  # the commit is behind: stay
-                                  (30.0, {}, 3, None),  # nobody committed: stay, no restart
-                                  (5.0, {P0: 500}, 3, None)):  # within the timeout: not asked
+    for a partition that did not come back), or no pause reported change nothing."""
+    for frozen, group, got, seek in ((30.0, {P0: 500}, 0, (P0, 500)),  # another member moved on
+                                     (30.0, {P0: 100}, 3, None),  # the commit is behind: stay
+                                     (30.0, {}, 3, None),  # nobody committed: stay, no restart
+                                     (0.0, {P0: 500}, 3, None)):  # no pause: not asked
         consumer = ScriptedConsumer([("assign", [P0]), _records(0, 100, 5), _records(0, 105, 3)])
         consumer.logs = {P0: (0, 600)}
         consumer.group = group
-        now = [0.0]
+        pause = [0.0]
         source = Source(consumer, TOPIC, batch_size=100, linger_ms=0, metrics=Metrics(),
-                        clock=lambda: now[0], session_timeout_s=10.0)
+                        frozen_for=lambda: pause.pop() if len(pause) > 1 else 0.0)
         source.subscribe()
         source.next_batch()  # joined
         assert len(source.next_batch()) == 5
         seeks = list(consumer.seeks)
-        now[0] += gap  # frozen here; the poll that returns the records read after it
-        assert len(source.next_batch()) == got, (gap, group)
-        assert consumer.seeks[len(seeks):] == ([seek] if seek else []), (gap, group)
+        pause.append(frozen)  # frozen here; the poll that returns the records read after it
+        assert len(source.next_batch()) == got, (frozen, group)
+        assert consumer.seeks[len(seeks):] == ([seek] if seek else []), (frozen, group)
+
+
+def test_the_freeze_watch_tells_a_stopped_process_from_a_slow_loop() -> None:
+    """A slow loop leaves the watch's thread ticking (nothing reported); a stopped process stops
+    it too: the pause is reported once, whether the thread ticked after waking or not yet."""
+    from depois_stream.filter.freeze import FreezeWatch
+
+    now = [0.0]
+    watch = FreezeWatch(threshold_s=9.0, clock=lambda: now[0], tick_s=1.0)
+    for _ in range(30):  # ticking while the loop is slow: 30 s without a frozen_for() call
+        now[0] += 1.0
+        watch.tick(now[0])
+    assert watch.frozen_for() == 0.0
+    now[0] += 25.0  # stopped: no tick for 25 s; the loop asks before the thread ticks again
+    assert watch.frozen_for() == 24.0 and watch.frozen_for() == 0.0
+    now[0] += 20.0
+    watch.tick(now[0])  # this time the thread ticks first
+    now[0] += 0.5
+    assert watch.frozen_for() == 19.0 and watch.frozen_for() == 0.0
+    now[0] += 5.0  # a pause below the threshold
+    watch.tick(now[0])
+    assert watch.frozen_for() == 0.0

@@ -34,6 +34,7 @@ from depois_stream.filter.clients.base import (
 from depois_stream.filter.config import ConsumerConfig
 from depois_stream.filter.delivery import Delivery, DeliveryError, commit_answered
 from depois_stream.filter.detector import Detector, ModelLoadError
+from depois_stream.filter.freeze import FreezeWatch
 from depois_stream.filter.http import HealthServer
 from depois_stream.filter.metrics import Metrics
 from depois_stream.filter.reload import ModelWatcher
@@ -189,6 +190,7 @@ class StreamFilter:
         watcher = self._model_watcher()
         idle_since = next_lag = lag_asked = time.monotonic()
         owned: frozenset = frozenset()  # the assignment the lag was last scheduled for
+        rebalances = 0  # and the revocations seen then (each drops the lag series)
         while not stop.is_set():
             self._loop_at = now = time.monotonic()
             if (new := watcher.poll()) is not None:
@@ -220,12 +222,13 @@ class StreamFilter:
                 idle_since = now
             del batch  # not held while the next one is gathered (MAX_HELD_BYTES)
             delivery.service(0.0)
-            if source.assigned - owned:
-                # new partitions have no lag series until it is read: read it a second from now
-                # (a first fetch carries their end), not up to --lag-interval-s later (an
-                # outside drill: 12 s without them after a takeover, a sum of the lag read 0)
+            if source.assigned - owned or source.rebalances != rebalances:
+                # new partitions, or partitions revoked and given back, have no lag series until
+                # it is read: read it a second from now (a first fetch carries their end), not
+                # up to --lag-interval-s later (an outside drill: 12 s without them after a
+                # takeover, a sum of the lag read 0)
                 next_lag = min(next_lag, now + ASSIGNED_LAG_DELAY_S)
-            owned = source.assigned
+            owned, rebalances = source.assigned, source.rebalances
             if now >= next_lag:
                 next_lag, lag_asked = now + self.cfg.lag_interval_s, now
                 source.update_lag()
@@ -303,10 +306,13 @@ class StreamFilter:
             self._wait_for_broker()
             self._probe.start()
             consumer = self._connect(settings)
+            # a pause this long can let the session expire: the last heartbeat may have been
+            # up to one interval before it
+            freeze = FreezeWatch((cfg.session_timeout_ms - cfg.heartbeat_interval_ms) / 1000).start()
+            stack.callback(freeze.stop)
             source = Source(consumer, cfg.ingest_topic, cfg.batch_size, cfg.linger_ms,
                             self.metrics, stall_restart_s=cfg.stall_restart_s,
-                            reset_to=cfg.auto_offset_reset,
-                            session_timeout_s=cfg.session_timeout_ms / 1000)
+                            reset_to=cfg.auto_offset_reset, frozen_for=freeze.frozen_for)
             self._source = source
             stack.callback(self._leave, consumer)
             try:

@@ -101,7 +101,7 @@ class Source:
                  metrics: Metrics, on_revoked: Callable[[set[TP]], None] = lambda tps: None,
                  stall_restart_s: float = 0.0, reset_to: str = "earliest",
                  clock: Callable[[], float] = time.monotonic,
-                 session_timeout_s: float = 0.0) -> None:
+                 frozen_for: Callable[[], float] = lambda: 0.0) -> None:
         self._consumer = consumer
         self._topic = topic
         self._batch_size = batch_size
@@ -116,8 +116,9 @@ class Source:
         self._unsettled: dict[TP, int] = {}  # hand-backs applied, not yet checked against the commit
         # positions of a member that woke past its session timeout, not yet checked against it
         self._woken: dict[TP, int] = {}
-        self._session_timeout_s = session_timeout_s  # 0: never look for a wake-up
-        self._last_polled: float | None = None  # when the last poll returned (``_clock``)
+        # how long this process did not run since the last call, if long enough for its group
+        # session to expire (``freeze.FreezeWatch.frozen_for``), else 0.0
+        self._frozen_for = frozen_for
         self._first_ts: dict[TP, int] = {}  # timestamp of the first record of the last batch
         # when the last lag read that the broker answered, with nothing left to read, began
         self.caught_up_at: float | None = None
@@ -273,7 +274,7 @@ class Source:
             log.warning("poll failed: %s", exc)
             time.sleep(min(timeout_s, 0.5))
             got = RecordBatch.empty(self._topic)
-        self._watch_wake_up(timeout_s)
+        self._watch_wake_up()
         got = self._watch_log_identity(got)
         if self._replaced & self.assigned:
             self.pause("log replaced")  # assigned again before its restart
@@ -289,35 +290,34 @@ class Source:
         self._check_passing(got)
         return got
 
-    def _watch_wake_up(self, timeout_s: float) -> None:
-        """Notice that this member did not run for longer than its session timeout (a frozen
-        process or VM, a long pause; the monotonic clock runs on meanwhile) and have
-        ``_settle`` check its owned partitions' positions against the group's commits before
-        anything more of them is handed on.
+    def _watch_wake_up(self) -> None:
+        """Notice that this process did not run for long enough for its group session to expire
+        (``frozen_for``: stopped, a frozen VM, a pause of every thread) and have ``_settle``
+        check its owned partitions' positions against the group's commits before anything more
+        of them is handed on.
 
-        Its group has moved on without it by then: another member took its partitions over and
-        filtered and committed past where this one stands. Until its client learns that the
-        session expired (kafka-python: its first heartbeat answer, about half a second) it
-        still believes it owns them and filtered on from its old position, every record the
+        Its group may have moved on without it by then: another member took its partitions
+        over and filtered and committed past where this one stands. Until its client learns
+        that the session expired (kafka-python: its first heartbeat answer, about half a second)
+        it still believes it owns them and filtered on from its old position, every record the
         other member had already committed (an outside drill, stop 51: 5,126 duplicates of
         12,000 records in 1.5 s, kafka-python exactly-once; on Tansu, which does not fence
         such a member, they were all published). Taking the commit where it is further skips
-        nothing (the module's docstring); a false alarm (a loop held up for that long) costs
-        one read of the commits."""
-        now = self._clock()
-        last, self._last_polled = self._last_polled, now
-        if (self._session_timeout_s <= 0 or last is None
-                or now - last - timeout_s <= self._session_timeout_s):
+        nothing (the module's docstring). Batches handed on before the freeze are the delivery
+        side's, filtered again at worst."""
+        frozen = self._frozen_for()
+        if frozen <= 0:
             return
         with self._lock:
-            mine = {tp: off for tp, off in self._next.items() if tp in self.assigned}
+            # a partition with nothing handed on yet: -1, so that any commit of the group wins
+            mine = {tp: self._next.get(tp, -1) for tp in self.assigned}
             self._woken.update(mine)
         if mine:
-            log.warning("this member did not run for %.0f s, longer than its session timeout "
-                        "(%.0f s: a frozen process or VM, a long pause): another member may have "
-                        "filtered its partitions %s meanwhile; checking the group's commits "
-                        "before handing on more of them", now - last - timeout_s,
-                        self._session_timeout_s, sorted(p for _, p in mine))
+            log.warning("this process did not run for %.0f s (stopped, a frozen VM, a pause of "
+                        "every thread), long enough for its group session to expire: another "
+                        "member may have filtered partitions %s meanwhile; reading the group's "
+                        "commits before handing on more of them", frozen,
+                        sorted(p for _, p in mine))
 
     def _settle(self, got: RecordBatch) -> RecordBatch:
         """Check the hand-backs just applied against the group's committed offsets, and move a
@@ -721,7 +721,8 @@ class Source:
         if not len(found):
             return False
         first = int(found.offsets.min())
-        self._hand_on_unreadable(tp, found.select(found.offsets == first))
+        if not self._hand_on_unreadable(tp, found.select(found.offsets == first)):
+            return False
         rest = found.select(found.offsets > first)
         self._passing[tp] = _Passing(rest, first + 1, self._clock(), self._asks)
         log.error("partition %s[%d] stalled at offset %d, a restart there did not help, and the "
@@ -732,13 +733,22 @@ class Source:
                   "if the client cannot read on from there either)" if len(rest) else "")
         return True
 
-    def _hand_on_unreadable(self, tp: TP, records: RecordBatch) -> None:
-        """Put ``records`` (``Unreadable`` placeholders of ``tp``) in the next batch, count them
-        as read and seek ``tp`` past them."""
+    def _hand_on_unreadable(self, tp: TP, records: RecordBatch) -> bool:
+        """Seek ``tp`` past ``records`` (``Unreadable`` placeholders of it), then put them in
+        the next batch and count them as read. Whether the seek was made (a refused one is
+        logged, and nothing is handed on: the caller tries again later)."""
+        past = int(records.offsets.max()) + 1
         with self._lock:
+            try:
+                self._seek(tp, past)
+            except ClientError as exc:
+                log.warning("partition %s[%d]: could not seek past the unreadable offsets %d to "
+                            "%d (%s); trying again later", tp[0], tp[1],
+                            int(records.offsets.min()), past - 1, exc)
+                return False
             self._buffer.append(records)
-            self._seek(tp, int(records.offsets.max()) + 1)
         self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(records))
+        return True
 
     def _check_passing(self, got: RecordBatch) -> None:
         """After an unreadable offset was passed (``_pass_unreadable``): a record of the
@@ -757,14 +767,15 @@ class Source:
             elif self.paused:  # nothing is read while paused: the watch starts over afterwards
                 self._passing[tp] = _Passing(p.rest, p.at, now, self._asks)
             elif now - p.since >= PASS_PROBE_S and self._asks - p.asks >= STALL_MIN_ASKS:
-                self._passing.pop(tp, None)
                 if len(p.rest) and int(p.rest.offsets.min()) == p.at:
-                    self._hand_on_unreadable(tp, p.rest)
+                    if not self._hand_on_unreadable(tp, p.rest):  # kept: tried at the next poll
+                        continue
                     log.error("partition %s[%d]: the client cannot read on from offset %d either: "
                               "dead-lettering the rest of that record batch, offsets %d to %d, "
                               "without their bytes, and going on at %d", tp[0], tp[1], p.at, p.at,
                               int(p.rest.offsets.max()), int(p.rest.offsets.max()) + 1)
                 else:
+                    self._passing.pop(tp, None)
                     self._pass_unreadable(tp, p.at)
 
     def _restart(self, tp: TP, lag: int, stalled_s: float) -> None:
