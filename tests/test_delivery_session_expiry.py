@@ -87,7 +87,7 @@ def _owns_a_partition(log: Path) -> bool:
     return at >= 0 and not text.startswith("partitions assigned: []", at)
 
 
-@pytest.mark.parametrize("mode", ["--at-least-once", "--exactly-once"])
+@pytest.mark.parametrize("mode", ["--exactly-once"])  # where it was worst; at-least-once shares the path
 def test_a_member_woken_while_another_took_over_does_not_filter_again_what_that_one_committed(
         broker, kafka_client: str, unique: str, centroid_model: Path, digits_arrays,
         tmp_path: Path, mode: str) -> None:
