@@ -326,6 +326,29 @@ def test_a_partition_a_restart_did_not_move_is_passed_only_on_the_clients_own_fi
     assert _consumed(source) == 13 and len(consumer.asked) == 2  # no new question
 
 
+def test_offsets_passed_as_unreadable_are_passed_again_at_once_after_a_rewind():
+    """A retried delivery rewinds the partition back before offsets already passed as
+    unreadable: the client stalls on the same bytes, and they are passed again after
+    PASS_PROBE_S and STALL_MIN_ASKS asks, without a restart or another second opinion."""
+    clock = [0.0]
+    source, consumer = _stalled_twice([], clock)
+    consumer.unreadable = {10: RecordBatch.unreadable(TOPIC, [0, 0], [10, 11], ["x"] * 2)}
+    _asked(source, STALL_MIN_ASKS)
+    source._watch_stalls({P0: 5}, now=120.0)
+    source.next_batch()
+    clock[0] += PASS_PROBE_S
+    _asked(source, STALL_MIN_ASKS)
+    assert consumer.seeks[-1] == (P0, 12) and len(consumer.asked) == 1
+    source.rewind({P0: 10})  # the delivery of that batch failed: read again from 10
+    source._watch_stalls({P0: 5}, now=200.0)
+    _asked(source, STALL_MIN_ASKS)
+    source._watch_stalls({P0: 5}, now=200.0 + PASS_PROBE_S)
+    assert consumer.seeks[-1] == (P0, 12) and len(consumer.asked) == 1
+    batch = source.next_batch()
+    assert batch.offsets.tolist() == [10, 11] and _restarts(source) == 1
+    assert _consumed(source) == 12  # read again, counted once
+
+
 def test_a_partition_that_reads_on_after_the_passed_offset_keeps_the_rest_of_its_batch():
     """librdkafka can step over a record whose key length lies (its own length is right): the
     records after it in the batch are read, not dead-lettered (a diff review, stop 51). And an

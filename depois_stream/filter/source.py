@@ -67,6 +67,7 @@ SECOND_OPINION_TIMEOUT_S = 5.0
 # After an unreadable offset was passed: how long (and STALL_MIN_ASKS under-full asks) the
 # client has to read on before the rest of that record batch counts as unreadable too
 PASS_PROBE_S = 2.0
+MAX_KNOWN_UNREADABLE = 10_000  # unreadable offsets remembered per partition
 
 
 @dataclass
@@ -129,6 +130,9 @@ class Source:
         self._stall_restart_s = stall_restart_s  # 0: never restart a partition
         self._stalls: dict[TP, _Stall] = {}
         self._passing: dict[TP, _Passing] = {}  # sought past an unreadable offset, on watch
+        # offsets passed as unreadable, per partition, with their placeholders: a rewind back
+        # over them (a retried delivery) passes them again without another second opinion
+        self._unreadable: dict[TP, dict[int, RecordBatch]] = {}
         # batches asked for that came back under-full: the client had nothing more to give,
         # so a partition with records to give was not merely queued behind the others
         self._asks = 0
@@ -534,6 +538,7 @@ class Source:
             for tp, off in targets.items():
                 self._seek(tp, off)
                 self._counted[tp[1]] = off - 1
+                self._unreadable.pop(tp, None)  # offsets of the old log
         for listener in self._on_log_restarted:
             listener(set(targets))
         for t, p in targets:
@@ -674,6 +679,9 @@ class Source:
                 self._stalls.pop(tp, None)
             elif seen is None or seen.next_offset != at:
                 self._stalls[tp] = _Stall(at, now, self._asks)
+            elif (at in self._unreadable.get(tp, {}) and now - seen.since >= PASS_PROBE_S
+                    and self._asks - seen.asks >= STALL_MIN_ASKS):
+                self._pass_known(tp, at)
             elif (now - seen.since >= self._stall_restart_s
                     and self._asks - seen.asks >= STALL_MIN_ASKS):
                 if seen.restarted and at is not None:
@@ -733,6 +741,20 @@ class Source:
                   "if the client cannot read on from there either)" if len(rest) else "")
         return True
 
+    def _pass_known(self, tp: TP, at: int) -> None:
+        """Pass again the unreadable offsets from ``at`` on that were passed before: a rewind
+        (a retried delivery, a breaker's hand-back) put the partition back before them, and the
+        client stalls on the same bytes; without this each such rewind cost two
+        ``stall_restart_s`` and another second opinion (a diff review)."""
+        known = self._unreadable[tp]
+        end = at
+        while end in known:
+            end += 1
+        if self._hand_on_unreadable(tp, RecordBatch.concat(self._topic, [known[o] for o in range(at, end)])):
+            log.error("partition %s[%d]: back at offsets %d to %d, which the client could not "
+                      "read before: dead-lettered again, going on at %d", tp[0], tp[1], at,
+                      end - 1, end)
+
     def _hand_on_unreadable(self, tp: TP, records: RecordBatch) -> bool:
         """Seek ``tp`` past ``records`` (``Unreadable`` placeholders of it), then put them in
         the next batch and count them as read. Whether the seek was made (a refused one is
@@ -747,6 +769,10 @@ class Source:
                             int(records.offsets.min()), past - 1, exc)
                 return False
             self._buffer.append(records)
+            known = self._unreadable.setdefault(tp, {})
+            for i, offset in enumerate(records.offsets.tolist()):
+                if len(known) < MAX_KNOWN_UNREADABLE:
+                    known[offset] = records.select(np.arange(len(records)) == i)
         self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(records))
         return True
 
