@@ -269,13 +269,15 @@ _LIES = {  # lie -> (the record's fields, offsets of the 6-record batch librdkaf
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("lie, after_marker", [(lie, False) for lie in _LIES]
-                         + [("key length past the end", True)])
+@pytest.mark.parametrize("lie, where", [(lie, "second record") for lie in _LIES]
+                         + [("key length past the end", "first record after a marker"),
+                            ("key length past the end", "first record of the partition")])
 def test_a_record_no_client_can_parse_inside_an_uncompressed_batch_does_not_stall_it(
-        kafka_client, broker, unique, centroid_model, digits_arrays, monkeypatch, lie, after_marker):
+        kafka_client, broker, unique, centroid_model, digits_arrays, monkeypatch, lie, where):
     """An uncompressed record batch of 6 with a valid CRC whose second record (or, after a
-    committed transaction and its marker, its first) lies about its length or its key's:
-    Apache Kafka validates records on produce and refuses it, Tansu stores it.
+    committed transaction and its marker, or as the partition's very first record, its first)
+    lies about its length or its key's: Apache Kafka validates records on produce and refuses
+    it, Tansu stores it.
 
     Before: librdkafka parsed the batch up to the lie, handed on what came before it, and then
     said nothing at all: no error, no record, the same fetch again and again. The partition
@@ -284,7 +286,8 @@ def test_a_record_no_client_can_parse_inside_an_uncompressed_batch_does_not_stal
     output topic, the group commits to the end, and only what the client cannot read is
     dead-lettered: a first fix also dead-lettered the records librdkafka reads past a key
     length that lies (a diff review), and left a lying batch after a transaction marker
-    stalled. kafka-python raises on these records itself and dead-letters the rest of the batch."""
+    stalled, and one at the start of a partition no group had committed (a fuzz drill).
+    kafka-python raises on these records itself and dead-letters the rest of the batch."""
     import kafka.record.memory_records as memory_records
 
     _, _, xte, yte = digits_arrays
@@ -293,6 +296,8 @@ def test_a_record_no_client_can_parse_inside_an_uncompressed_batch_does_not_stal
     ids = [f"{unique}-{i}" for i in range(n)]
     enc = encode_batch(ids, xte[:n], yte[:n], encoding="binary")
     fields, unread = _LIES[lie]
+    after_marker = where == "first record after a marker"
+    bad = 1 if where == "second record" else 0
     start = 0
     if after_marker:  # offsets 0 to 2, the commit marker at 3
         tx = KafkaProducer(bootstrap_servers=broker.bootstrap, transactional_id=f"{unique}-tx")
@@ -303,8 +308,8 @@ def test_a_record_no_client_can_parse_inside_an_uncompressed_batch_does_not_stal
                     headers=[(H.CONTENT_TYPE, enc[i][1].encode())])
         tx.commit_transaction()
         tx.close()
-        start, unread = 4, {4 + o - 1 for o in unread}  # the lie moves to the batch's first record
-    bad = 0 if after_marker else 1
+        start = 4
+    unread = {start + o - 1 + bad for o in unread}  # _LIES counts from a lie at index 1
     raw = _v2_batch([_record(i, ids[start + i].encode(), enc[start + i][0], enc[start + i][1].encode(),
                              **(fields if i == bad else {})) for i in range(6)])
     close = memory_records.MemoryRecordsBuilder.close

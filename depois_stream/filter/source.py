@@ -684,14 +684,30 @@ class Source:
                 self._pass_known(tp, at)
             elif (now - seen.since >= self._stall_restart_s
                     and self._asks - seen.asks >= STALL_MIN_ASKS):
-                if seen.restarted and at is not None:
+                if seen.restarted:
                     if asked:
                         continue  # due at the next check: one second opinion per check
                     asked = True
-                    if self._pass_unreadable(tp, at):
+                    where = at if at is not None else self._start_of(tp)
+                    if where is not None and self._pass_unreadable(tp, where):
                         continue
                 self._restart(tp, lags[tp], now - seen.since)
                 self._stalls[tp] = _Stall(self._next.get(tp), now, self._asks, restarted=True)
+
+    def _start_of(self, tp: TP) -> int | None:
+        """Where a partition that has handed nothing on since its assignment stands: the
+        group's commit, else the log's start under ``auto_offset_reset=earliest``; None when
+        neither can be read, or under ``latest`` (its end: nothing there to be stuck on). A
+        lying record at the very start of a partition no group had committed stalled it for
+        good: the second opinion needs an offset to look at (a fuzz drill, stop 51)."""
+        try:
+            start = self._consumer.committed([tp], LOG_CHECK_TIMEOUT_S).get(tp)
+            if start is None and self._reset_to == "earliest":
+                start = self._consumer.watermarks([tp], LOG_CHECK_TIMEOUT_S)[tp][0]
+        except (ClientError, KeyError) as exc:
+            log.debug("partition %s[%d]: where it starts is unknown (%s)", tp[0], tp[1], exc)
+            return None
+        return start
 
     def _second_opinion(self, tp: TP, at: int) -> RecordBatch:
         """The records of ``tp`` from ``at`` on that the client cannot read and does not say so
