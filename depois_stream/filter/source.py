@@ -130,9 +130,9 @@ class Source:
         self._stall_restart_s = stall_restart_s  # 0: never restart a partition
         self._stalls: dict[TP, _Stall] = {}
         self._passing: dict[TP, _Passing] = {}  # sought past an unreadable offset, on watch
-        # offsets passed as unreadable, per partition, with their placeholders: a rewind back
-        # over them (a retried delivery) passes them again without another second opinion
-        self._unreadable: dict[TP, dict[int, RecordBatch]] = {}
+        # offsets passed as unreadable, per partition, and why: a rewind back over them (a
+        # retried delivery) passes them again without another second opinion
+        self._unreadable: dict[TP, dict[int, str]] = {}
         # batches asked for that came back under-full: the client had nothing more to give,
         # so a partition with records to give was not merely queued behind the others
         self._asks = 0
@@ -766,7 +766,10 @@ class Source:
         end = at
         while end in known:
             end += 1
-        if self._hand_on_unreadable(tp, RecordBatch.concat(self._topic, [known[o] for o in range(at, end)])):
+        offsets = range(at, end)
+        again = RecordBatch.unreadable(self._topic, [tp[1]] * len(offsets), offsets,
+                                       [known[o] for o in offsets])
+        if self._hand_on_unreadable(tp, again):
             log.error("partition %s[%d]: back at offsets %d to %d, which the client could not "
                       "read before: dead-lettered again, going on at %d", tp[0], tp[1], at,
                       end - 1, end)
@@ -786,9 +789,9 @@ class Source:
                 return False
             self._buffer.append(records)
             known = self._unreadable.setdefault(tp, {})
-            for i, offset in enumerate(records.offsets.tolist()):
+            for offset, why in zip(records.offsets.tolist(), records.headers):
                 if len(known) < MAX_KNOWN_UNREADABLE:
-                    known[offset] = records.select(np.arange(len(records)) == i)
+                    known[offset] = why.error
         self._metrics.records_consumed.labels(self._topic).inc(self._first_reads(records))
         return True
 
